@@ -1,0 +1,23 @@
+"""lossforge_kernels: fused loss kernels for PyTorch.
+
+    import lossforge_kernels as lf
+    loss = lf.cross_entropy(logits, target, label_smoothing=0.1)
+
+Every loss takes backend="auto" | "cuda" | "triton" | "reference" (LOSSFORGE_BACKEND overrides
+"auto"); lf.available_backends() says what runs here and why not.
+"""
+from . import ops as _ops  # noqa: F401  (defines the torch.library ops before any extension loads)
+from ._backends import BackendInfo, BackendUnavailableError, available_backends
+from .functional import (cross_entropy, focal_loss, info_nce, linear_cross_entropy, sigmoid_focal_loss,
+                         siglip_loss, supcon_loss, triplet_loss)
+from .modules import (CrossEntropyLoss, FocalLoss, InfoNCELoss, LinearCrossEntropyLoss, SigLIPLoss,
+                      SigmoidFocalLoss, SupConLoss, TripletLoss)
+
+__version__ = "0.1.0"
+__all__ = [
+    "available_backends", "BackendInfo", "BackendUnavailableError",
+    "cross_entropy", "focal_loss", "linear_cross_entropy", "sigmoid_focal_loss",
+    "info_nce", "supcon_loss", "siglip_loss", "triplet_loss",
+    "CrossEntropyLoss", "FocalLoss", "LinearCrossEntropyLoss", "SigmoidFocalLoss",
+    "InfoNCELoss", "SupConLoss", "SigLIPLoss", "TripletLoss",
+]

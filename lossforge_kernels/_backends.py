@@ -1,0 +1,157 @@
+"""Backend registry: which implementations exist, which are usable here, which one a call gets.
+
+Backends: "reference" (plain PyTorch, any device), "triton" and "cuda" (fused kernels, CUDA
+tensors; Triton also runs CPU tensors under TRITON_INTERPRET=1). Availability is probed once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import logging
+import os
+from typing import Callable
+
+import torch
+
+BACKENDS = ("auto", "cuda", "triton", "reference")
+KERNEL_BACKENDS = ("cuda", "triton")
+ENV_BACKEND = "LOSSFORGE_BACKEND"
+
+_log = logging.getLogger("lossforge_kernels")
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run this call; the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    available: bool
+    reason: str  # why not, or what it runs on
+
+    def __repr__(self) -> str:
+        state = "available" if self.available else "unavailable"
+        return f"<backend {self.name}: {state} ({self.reason})>"
+
+
+def triton_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def _triton_problem() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return f"Triton is not importable ({type(exc).__name__}: {exc})"
+    if triton_interpreter():
+        return None
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible to torch (set TRITON_INTERPRET=1 to run Triton kernels on CPU tensors)"
+    return None
+
+
+@functools.cache
+def _cuda_extension_problem() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible to torch"
+    try:
+        importlib.import_module("lossforge_kernels._C")
+    except Exception as exc:
+        _log.warning(
+            "lossforge_kernels: the CUDA extension could not be loaded (%s: %s); "
+            "the 'cuda' backend is off, the others carry on.", type(exc).__name__, exc)
+        return f"the CUDA extension lossforge_kernels._C is not built or failed to load ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _problem(name: str) -> str | None:
+    if name == "reference":
+        return None
+    if name == "triton":
+        return _triton_problem()
+    if name == "cuda":
+        return _cuda_extension_problem()
+    raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+
+
+def available_backends() -> dict[str, BackendInfo]:
+    """Every backend with whether it can run here and, if not, why not."""
+    out = {"reference": BackendInfo("reference", True, "plain PyTorch, any device and dtype")}
+    for name, what in (("triton", "Triton kernels"), ("cuda", "CUDA C++ kernels")):
+        problem = _problem(name)
+        if problem is None:
+            where = "CPU tensors through the Triton interpreter" if name == "triton" and triton_interpreter() \
+                else "CUDA tensors"
+            out[name] = BackendInfo(name, True, f"{what} on {where}")
+        else:
+            out[name] = BackendInfo(name, False, problem)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class LossKernels:
+    """What one loss family offers beyond the reference: kernel backends and how auto picks."""
+    backends: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+    # (device, dtype, shape) -> ordered preference among `backends`; measured per family.
+    prefer: Callable[[torch.device, torch.dtype, tuple], tuple[str, ...]] | None = None
+
+
+_FAMILIES: dict[str, LossKernels] = {}
+
+
+def register_kernels(family: str, kernels: LossKernels) -> None:
+    _FAMILIES[family] = kernels
+
+
+def _runs_on(name: str, device: torch.device) -> bool:
+    if device.type == "cuda":
+        return True
+    return name == "triton" and triton_interpreter() and device.type == "cpu"
+
+
+def resolve_backend(backend: str, family: str, sample: torch.Tensor) -> str:
+    """Pick the backend for one call on `sample` (the tensor whose device, dtype and shape decide)."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    from_env = False
+    if backend == "auto":
+        env = os.environ.get(ENV_BACKEND, "").strip()
+        if env and env != "auto":
+            if env not in BACKENDS:
+                raise ValueError(f"environment variable {ENV_BACKEND} must be one of {BACKENDS}, got {env!r}")
+            backend, from_env = env, True
+    if backend == "reference":
+        return backend
+    kernels = _FAMILIES.get(family)
+    if backend == "auto":
+        if kernels is None or sample.dtype not in kernels.dtypes:
+            return "reference"
+        order = kernels.prefer(sample.device, sample.dtype, tuple(sample.shape)) if kernels.prefer \
+            else kernels.backends
+        for name in order:
+            if _runs_on(name, sample.device) and sample.device.type == "cuda" and _problem(name) is None:
+                return name
+        return "reference"
+    # An explicit request (argument or environment): run it or say why not.
+    source = f"{ENV_BACKEND}={backend!r}" if from_env else f"backend={backend!r}"
+    if kernels is None or backend not in kernels.backends:
+        if from_env:  # a global preference: losses without such a kernel keep their automatic choice
+            return resolve_backend("reference", family, sample)
+        have = ", ".join(kernels.backends) if kernels else "none"
+        raise BackendUnavailableError(
+            f"{source}: {family} has no {backend} kernel (kernel backends for it: {have}); "
+            f"use backend='reference' or 'auto'")
+    problem = _problem(backend)
+    if problem is not None:
+        raise BackendUnavailableError(f"{source} is unavailable: {problem}")
+    if not _runs_on(backend, sample.device):
+        raise BackendUnavailableError(
+            f"{source} needs CUDA tensors, got a tensor on {sample.device}")
+    if sample.dtype not in kernels.dtypes:
+        raise BackendUnavailableError(
+            f"{source}: {family} kernels take {[str(d) for d in kernels.dtypes]}, got {sample.dtype}")
+    return backend

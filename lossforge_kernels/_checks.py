@@ -1,0 +1,81 @@
+"""Argument checks shared by every loss: each error names the argument, its value and what was expected.
+
+Only metadata is inspected here (shapes, dtypes, devices, Python scalars), so nothing synchronises
+with the device; value checks that would need a sync run only where they are free (CPU tensors) or
+when LOSSFORGE_CHECK_INPUTS=1 asks for them.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+REDUCTIONS = ("none", "mean", "sum")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def eager_value_checks(t: torch.Tensor) -> bool:
+    """Whether to run value checks that read tensor contents (free on CPU, a sync on a GPU)."""
+    if torch.compiler.is_compiling():  # a data-dependent branch would break the graph
+        return False
+    if t.device.type == "cpu":
+        return True
+    return os.environ.get("LOSSFORGE_CHECK_INPUTS", "0") not in ("", "0")
+
+
+def check_reduction(reduction) -> str:
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return reduction
+
+
+def check_tensor(name: str, t, *, ndim=None, min_ndim=None, float_only=False, integer_only=False) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(t.shape)}")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got shape {tuple(t.shape)}")
+    if float_only and t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if integer_only and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer tensor, got dtype {t.dtype}")
+    return t
+
+
+def check_same_device(ref_name: str, ref: torch.Tensor, **others) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; they must share a device")
+
+
+def check_float(name: str, value, *, low=None, high=None, low_open=False, allow_none=False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
+    value = float(value)
+    bad = math.isnan(value)
+    if low is not None:
+        bad |= value <= low if low_open else value < low
+    if high is not None:
+        bad |= value > high
+    if bad:
+        lo = "-inf" if low is None else low
+        hi = "inf" if high is None else high
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{name} must be in {bracket}{lo}, {hi}], got {value!r}")
+    return value
+
+
+def check_choice(name: str, value, choices) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_no_process_group(process_group) -> None:
+    if process_group is not None:
+        raise NotImplementedError(
+            "process_group: distributed (all-gathered) losses are not implemented yet; pass process_group=None")

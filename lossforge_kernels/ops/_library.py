@@ -1,0 +1,53 @@
+"""The `lossforge` torch.library namespace: kernel op schemas and fakes, defined once per backend.
+
+Every kernel op exists twice with one schema, `<name>_triton` and `<name>_cuda`. Schemas and fake
+(meta) implementations live here in Python, so the ops exist where nothing was compiled; the CUDA
+extension (csrc/) registers the `_cuda` implementations for the CUDA key, and the Triton module
+registers the `_triton` ones lazily (for CPU too, so the Triton interpreter can run them).
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from .._backends import KERNEL_BACKENDS, triton_interpreter
+
+lib = torch.library.Library("lossforge", "FRAGMENT")
+
+
+def define_kernel_op(name: str, schema: str, fake) -> None:
+    """Define `lossforge::<name>_<backend>` for each kernel backend with the same schema and fake."""
+    for backend in KERNEL_BACKENDS:
+        lib.define(f"{name}_{backend}{schema}")
+        torch.library.register_fake(f"lossforge::{name}_{backend}", fake, lib=lib)
+
+
+def register_triton_impl(name: str, module: str, function: str) -> None:
+    """Route `lossforge::<name>_triton` to lossforge_kernels.triton_kernels.<module>.<function>.
+
+    The Triton module is imported at the first call, so `import lossforge_kernels` never needs Triton.
+    """
+    def impl(*args):
+        kernels = importlib.import_module(f"lossforge_kernels.triton_kernels.{module}")
+        return getattr(kernels, function)(*args)
+
+    lib.impl(f"{name}_triton", impl, "CUDA")
+    if triton_interpreter():
+        lib.impl(f"{name}_triton", impl, "CPU")
+
+
+def kernel_op(name: str, backend: str):
+    return getattr(torch.ops.lossforge, f"{name}_{backend}").default
+
+
+# grad *= grad_output / applied, skipped on the device when they are equal; then applied = grad_output.
+# Losses whose gradient is computed in the forward hand this the saved gradient in the backward:
+# a grad_output of 1 (the usual case) costs one launch and no pass over the gradient, and a second
+# backward through a retained graph rescales correctly instead of compounding.
+define_kernel_op(
+    "scale_grad",
+    "(Tensor(a!) grad, Tensor grad_output, Tensor(b!) applied) -> ()",
+    lambda grad, grad_output, applied: None,
+)
+register_triton_impl("scale_grad", "scale_grad", "scale_grad")

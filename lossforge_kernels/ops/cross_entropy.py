@@ -1,0 +1,114 @@
+"""Kernel ops and autograd for the softmax cross-entropy family (CE, smoothing, focal, z-loss, softcap).
+
+Kernel contract, the same for the Triton and the CUDA implementation (M rows of C classes):
+
+cross_entropy_fwd_<b>(logits, target, weight, alpha, grad_scale, grad, ignore_index, label_smoothing,
+                      z_loss, softcap, focal_gamma, focal_alpha) -> (loss_rows, stats)
+  logits   (M, C) fp32/fp16/bf16, stride(1) == 1, any stride(0)
+  target   (M,) int64 contiguous class indices, or (M, C) class probabilities in logits' dtype,
+           stride(1) == 1 (any stride(0))
+  weight   (C,) fp32 contiguous class weights, or None
+  alpha    (C,) fp32 contiguous focal alpha per class, or None (then the float focal_alpha is used)
+  grad_scale  0-dim fp32: the gradient's multiplier (1/divisor for 'mean', 1 for 'sum'), read on device
+  grad     (M, C) buffer in logits' dtype, stride(1) == 1, or None for no gradient. It may be the
+           logits themselves (inplace_backward): every element is read before it is overwritten.
+  softcap  0 means off; focal_gamma 0 and focal_alpha 1 mean no focal term.
+  returns  loss_rows (M,) fp32, the unreduced loss; stats (M, 4) fp32, what the backward needs:
+           class targets: [lse, smoothed weighted CE before the focal factor, log(1 - p_t), log p_t]
+           probabilities: [lse, sum_c w_c q_c (q the smoothed target), 0, 0]
+  Ignored rows: loss 0, gradient 0. A target outside [0, C) that is not ignore_index: loss NaN,
+  gradient NaN, and nothing outside the row is read or written.
+
+cross_entropy_bwd_<b>(grad_rows, logits, target, weight, alpha, stats, grad, ignore_index, ...) -> ()
+  grad_rows (M,) fp32 contiguous: d(total)/d(loss_rows); writes grad = sum_i grad_rows[i] * d loss_i / d logits.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..reference.cross_entropy import mean_divisor
+from ._library import define_kernel_op, kernel_op, register_triton_impl
+
+_PARAMS = "int ignore_index, float label_smoothing, float z_loss, float softcap, float focal_gamma, float focal_alpha"
+
+
+def _fwd_fake(logits, target, weight, alpha, grad_scale, grad, *params):
+    rows = logits.shape[0]
+    return logits.new_empty(rows, dtype=torch.float32), logits.new_empty(rows, 4, dtype=torch.float32)
+
+
+define_kernel_op(
+    "cross_entropy_fwd",
+    f"(Tensor logits, Tensor target, Tensor? weight, Tensor? alpha, Tensor grad_scale, Tensor(a!)? grad, {_PARAMS})"
+    " -> (Tensor, Tensor)",
+    _fwd_fake,
+)
+define_kernel_op(
+    "cross_entropy_bwd",
+    f"(Tensor grad_rows, Tensor logits, Tensor target, Tensor? weight, Tensor? alpha, Tensor stats, Tensor(a!) grad,"
+    f" {_PARAMS}) -> ()",
+    lambda *args: None,
+)
+register_triton_impl("cross_entropy_fwd", "cross_entropy", "cross_entropy_fwd")
+register_triton_impl("cross_entropy_bwd", "cross_entropy", "cross_entropy_bwd")
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """Rows (M, C) -> loss. 'mean'/'sum': gradient computed in the forward, scaled in the backward.
+
+    A Function rather than a custom op with registered autograd because with inplace_backward the
+    gradient is the logits' own buffer, which a functional op could not hand back.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, alpha, reduction, want_grad, inplace, backend,
+                ignore_index, label_smoothing, z_loss, softcap, focal_gamma, focal_alpha):
+        params = (ignore_index, label_smoothing, z_loss, softcap, focal_gamma, focal_alpha)
+        fused = want_grad and reduction != "none"
+        if reduction == "mean":
+            divisor = mean_divisor(target, weight, ignore_index, logits.shape[0])
+            grad_scale = torch.reciprocal(divisor)
+        else:
+            divisor = None
+            grad_scale = torch.ones((), device=logits.device, dtype=torch.float32)
+        grad = None
+        if fused:
+            grad = logits.detach() if inplace else torch.empty_like(logits)
+        rows, stats = kernel_op("cross_entropy_fwd", backend)(
+            logits, target, weight, alpha, grad_scale, grad, *params)
+        if reduction == "none":
+            loss = rows
+        elif reduction == "sum":
+            loss = rows.sum()
+        else:
+            loss = rows.sum() / divisor
+        ctx.reduction, ctx.backend, ctx.params = reduction, backend, params
+        if fused:
+            ctx.save_for_backward(grad, torch.ones((), device=logits.device, dtype=torch.float32))
+        elif want_grad:
+            ctx.save_for_backward(logits, target, weight, alpha, stats)
+        ctx.mark_non_differentiable(stats)
+        return loss.to(logits.dtype), stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        if ctx.reduction != "none":
+            grad, applied = ctx.saved_tensors
+            kernel_op("scale_grad", ctx.backend)(grad, grad_loss, applied)
+        else:
+            logits, target, weight, alpha, stats = ctx.saved_tensors
+            grad = torch.empty_like(logits)
+            grad_rows = grad_loss.reshape(-1).to(torch.float32).contiguous()
+            kernel_op("cross_entropy_bwd", ctx.backend)(
+                grad_rows, logits, target, weight, alpha, stats, grad, *ctx.params)
+        return (grad,) + (None,) * 13
+
+
+def cross_entropy_rows(logits, target, weight, alpha, *, reduction, inplace, backend, ignore_index,
+                       label_smoothing, z_loss, softcap, focal_gamma, focal_alpha):
+    """Kernel-backed loss over prepared rows (see the module docstring for the layout)."""
+    want_grad = torch.is_grad_enabled() and logits.requires_grad
+    loss, _ = CrossEntropyFunction.apply(
+        logits, target, weight, alpha, reduction, want_grad, inplace, backend,
+        ignore_index, label_smoothing, z_loss, softcap, focal_gamma, focal_alpha)
+    return loss

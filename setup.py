@@ -1,0 +1,58 @@
+"""Build: pure Python everywhere; the CUDA extension lossforge_kernels._C where CUDA can build it.
+
+LOSSFORGE_SKIP_CUDA_BUILD=1 never builds it, LOSSFORGE_FORCE_CUDA=1 always tries (for a machine
+with nvcc and a CUDA torch but no GPU), LOSSFORGE_CUDA_ARCHS="80;90" picks the architectures
+(default: sm_80 and sm_90, plus PTX), DEBUG=1 builds with -O0 -g.
+"""
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+PACKAGES = ["lossforge_kernels", "lossforge_kernels.reference", "lossforge_kernels.losses",
+            "lossforge_kernels.ops", "lossforge_kernels.triton_kernels"]
+# Our Triton kernels live in ./triton_kernels but install as lossforge_kernels.triton_kernels: the
+# top-level name `triton_kernels` belongs to another distribution and must not be clobbered.
+PACKAGE_DIR = {"lossforge_kernels.triton_kernels": "triton_kernels"}
+
+
+def _flag(name):
+    return os.environ.get(name, "0") not in ("", "0")
+
+
+def _notice(msg):
+    print(f"lossforge_kernels: {msg}", file=sys.stderr)
+
+
+def cuda_extensions():
+    if _flag("LOSSFORGE_SKIP_CUDA_BUILD"):
+        _notice("LOSSFORGE_SKIP_CUDA_BUILD is set: CUDA extension skipped (Triton and reference backends only)")
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except Exception as exc:  # no torch at build time: a pure Python install
+        _notice(f"torch is not importable at build time ({exc}): CUDA extension skipped")
+        return [], {}
+    if not _flag("LOSSFORGE_FORCE_CUDA"):
+        if torch.version.cuda is None or CUDA_HOME is None:
+            _notice("no CUDA build of torch or no CUDA toolkit found: CUDA extension skipped "
+                    "(Triton and reference backends only)")
+            return [], {}
+    archs = os.environ.get("LOSSFORGE_CUDA_ARCHS", "80;90").split(";")
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
+    opt = ["-O0", "-g"] if _flag("DEBUG") else ["-O3"]
+    nvcc = opt + ["-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"] + gencode
+    sources = sorted(glob.glob("csrc/*.cu")) + sorted(glob.glob("csrc/*.cpp"))
+    ext = CUDAExtension(
+        "lossforge_kernels._C", sources,
+        extra_compile_args={"cxx": opt + ["-std=c++17"], "nvcc": nvcc},
+        py_limited_api=False,
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = cuda_extensions()
+setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,0 +1,51 @@
+"""Shared fixtures: which backends and device the tests run on here.
+
+Kernel backends are tested where they run: on a GPU ("cuda", "triton"), or on CPU tensors for
+"triton" when TRITON_INTERPRET=1 was set before the first import.
+"""
+import os
+
+import pytest
+import torch
+
+import lossforge_kernels as lf
+
+HAS_GPU = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def kernel_backends():
+    found = [name for name in ("cuda", "triton") if lf.available_backends()[name].available]
+    return found
+
+
+def device_for(backend):
+    if backend == "reference":
+        return "cuda" if HAS_GPU else "cpu"
+    return "cpu" if (backend == "triton" and INTERPRET and not HAS_GPU) else "cuda"
+
+
+@pytest.fixture(params=kernel_backends() or [pytest.param("none", marks=pytest.mark.skip(
+    reason="no kernel backend here: needs a CUDA GPU, or TRITON_INTERPRET=1 for the Triton kernels on CPU"))])
+def kernel_backend(request):
+    return request.param
+
+
+@pytest.fixture(params=["reference"] + kernel_backends())
+def any_backend(request):
+    return request.param
+
+
+def rel_err(actual, expected):
+    """||a - e|| / ||e|| in float64; NaN anywhere fails (returns inf)."""
+    a, e = actual.double(), expected.double()
+    if torch.isnan(a).any() or torch.isnan(e).any():
+        return float("inf") if not torch.equal(torch.isnan(a), torch.isnan(e)) else \
+            rel_err(torch.nan_to_num(a), torch.nan_to_num(e))
+    denom = e.norm()
+    return ((a - e).norm() / denom).item() if denom > 0 else (a - e).norm().item()
+
+
+def assert_close_rel(actual, expected, tol, what=""):
+    err = rel_err(actual, expected)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"

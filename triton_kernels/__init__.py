@@ -1,0 +1,1 @@
+"""Triton kernels, installed as lossforge_kernels.triton_kernels (one module per loss family)."""
