@@ -1,0 +1,192 @@
+"""Public contrastive losses: info_nce (InfoNCE / CLIP), supcon_loss, siglip_loss and their modules.
+
+Checks arguments (metadata only, nothing synchronises), picks the backend and runs it. No fused
+kernels exist for these losses yet, so every call runs reference/contrastive.py; an explicit
+kernel backend raises BackendUnavailableError.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .. import _checks as C
+from .._backends import resolve_backend
+from ..reference import contrastive as ref
+
+INFO_NCE, SUPCON, SIGLIP = "info_nce", "supcon", "siglip"
+
+
+def _check_bool(name, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check_pair(query, key):
+    """query (B, D) and key (M, D) with M >= B, same dtype and device."""
+    C.check_tensor("query", query, ndim=2, float_only=True)
+    C.check_tensor("key", key, ndim=2, float_only=True)
+    if key.dtype != query.dtype:
+        raise TypeError(f"key must have the query's dtype {query.dtype}, got {key.dtype}")
+    if key.shape[1] != query.shape[1]:
+        raise ValueError(f"key must have the query's feature size D={query.shape[1]}, got shape {tuple(key.shape)}")
+    if key.shape[0] < query.shape[0]:
+        raise ValueError(f"key must have at least as many rows as query (M >= B = {query.shape[0]}), "
+                         f"got shape {tuple(key.shape)}")
+    C.check_same_device("query", query, key=key)
+
+
+def _check_scalar(name, value, ref_tensor, *, positive):
+    """A Python float, or a 0-dim float tensor on ref_tensor's device (or a CPU scalar, as torch allows)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0:
+            raise ValueError(f"{name} must be a 0-dim tensor (a scalar), got shape {tuple(value.shape)}")
+        C.check_tensor(name, value, float_only=True)
+        if value.device.type != "cpu":
+            C.check_same_device("query", ref_tensor, **{name: value})
+        return value
+    return C.check_float(name, value, low=0.0 if positive else None, low_open=True)
+
+
+def info_nce(query, key, *, logit_scale=None, temperature=0.07, symmetric=True, normalize=True, reduction="mean",
+             process_group=None, backend="auto"):
+    """InfoNCE / CLIP contrastive loss between query (B, D) and key (M, D), M >= B.
+
+    logits_ij = s * <q_i, k_j> (rows L2-normalised first when `normalize`), s = `logit_scale` (a
+    0-dim tensor or float, the multiplier itself; a tensor gets a gradient) or else 1/temperature.
+    Row i's positive is key i; keys B..M-1 are extra negatives. Row loss: logsumexp_j logits_ij -
+    logits_ii. `symmetric` (M == B) averages it with the column loss, as CLIP does. 'mean' is over
+    the B rows, 'sum' their sum, 'none' the (B,) per-row losses.
+    """
+    C.check_no_process_group(process_group)
+    _check_pair(query, key)
+    temperature = C.check_float("temperature", temperature, low=0.0, low_open=True)
+    if logit_scale is not None:
+        logit_scale = _check_scalar("logit_scale", logit_scale, query, positive=True)
+    symmetric = _check_bool("symmetric", symmetric)
+    normalize = _check_bool("normalize", normalize)
+    if symmetric and key.shape[0] != query.shape[0]:
+        raise ValueError(f"symmetric=True needs as many keys as queries (M == B = {query.shape[0]}), got key shape "
+                         f"{tuple(key.shape)}; pass symmetric=False to use extra keys as negatives")
+    reduction = C.check_reduction(reduction)
+    resolve_backend(backend, INFO_NCE, query)  # reference only for now: kernels would dispatch here
+    scale = 1.0 / temperature if logit_scale is None else logit_scale
+    return ref.info_nce(query, key, scale, symmetric=symmetric, normalize=normalize, reduction=reduction)
+
+
+def supcon_loss(features, labels, *, temperature=0.07, normalize=True, reduction="mean", process_group=None,
+                backend="auto"):
+    """Supervised contrastive loss (Khosla et al. 2020, L_out) over features (B, D) and labels (B,).
+
+    For anchor i the positives are all j != i with labels[j] == labels[i]; the softmax runs over all
+    j != i. Anchors without a positive are left out: 'mean' averages the others (nan when none are
+    left, like torch's mean over nothing), 'sum' adds them, 'none' gives (B,) with 0 for those left out.
+    """
+    C.check_no_process_group(process_group)
+    C.check_tensor("features", features, ndim=2, float_only=True)
+    C.check_tensor("labels", labels, ndim=1, integer_only=True)
+    if labels.shape[0] != features.shape[0]:
+        raise ValueError(f"labels must have one entry per row of features (B={features.shape[0]}), "
+                         f"got shape {tuple(labels.shape)}")
+    C.check_same_device("features", features, labels=labels)
+    temperature = C.check_float("temperature", temperature, low=0.0, low_open=True)
+    normalize = _check_bool("normalize", normalize)
+    reduction = C.check_reduction(reduction)
+    resolve_backend(backend, SUPCON, features)
+    return ref.supcon_loss(features, labels, temperature, normalize=normalize, reduction=reduction)
+
+
+def siglip_loss(query, key, logit_scale, logit_bias, *, normalize=True, reduction="mean", process_group=None,
+                backend="auto"):
+    """SigLIP pairwise sigmoid loss: -(1/B) sum_ij log sigmoid(z_ij * (s * <q_i, k_j> + b)).
+
+    z_ij = +1 on the diagonal (i == j), -1 elsewhere; keys B..M-1 are extra negatives. `logit_scale`
+    (s) and `logit_bias` (b) are 0-dim tensors (which get gradients) or floats. 'mean' is the formula
+    above (divided by B, not B * M), 'sum' the double sum, 'none' the (B,) per-row sums over j.
+    """
+    C.check_no_process_group(process_group)
+    _check_pair(query, key)
+    logit_scale = _check_scalar("logit_scale", logit_scale, query, positive=True)
+    logit_bias = _check_scalar("logit_bias", logit_bias, query, positive=False)
+    normalize = _check_bool("normalize", normalize)
+    reduction = C.check_reduction(reduction)
+    resolve_backend(backend, SIGLIP, query)
+    return ref.siglip_loss(query, key, logit_scale, logit_bias, normalize=normalize, reduction=reduction)
+
+
+class InfoNCELoss(nn.Module):
+    """info_nce as a module; with `learn_temperature` it owns the CLIP-style learnable scale.
+
+    The Parameter `log_logit_scale` starts at log(1/temperature); the scale used is its exp,
+    clamped at `max_logit_scale` so that training cannot sharpen the softmax without bound.
+    """
+
+    def __init__(self, temperature=0.07, symmetric=True, normalize=True, reduction="mean", learn_temperature=False,
+                 max_logit_scale=100.0, process_group=None, backend="auto"):
+        super().__init__()
+        self.temperature = C.check_float("temperature", temperature, low=0.0, low_open=True)
+        self.max_logit_scale = C.check_float("max_logit_scale", max_logit_scale, low=0.0, low_open=True)
+        self.symmetric = _check_bool("symmetric", symmetric)
+        self.normalize = _check_bool("normalize", normalize)
+        self.learn_temperature = _check_bool("learn_temperature", learn_temperature)
+        self.reduction = C.check_reduction(reduction)
+        C.check_no_process_group(process_group)
+        self.process_group, self.backend = process_group, backend
+        if learn_temperature:
+            self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / self.temperature)))
+        else:
+            self.register_parameter("log_logit_scale", None)
+
+    def logit_scale(self):
+        """The multiplier the next forward uses: a tensor when learnt, else 1/temperature."""
+        if self.log_logit_scale is None:
+            return 1.0 / self.temperature
+        return self.log_logit_scale.exp().clamp(max=self.max_logit_scale)
+
+    def forward(self, query, key):
+        scale = self.logit_scale() if self.learn_temperature else None
+        return info_nce(query, key, logit_scale=scale, temperature=self.temperature, symmetric=self.symmetric,
+                        normalize=self.normalize, reduction=self.reduction, process_group=self.process_group,
+                        backend=self.backend)
+
+
+class SupConLoss(nn.Module):
+    """supcon_loss as a module."""
+
+    def __init__(self, temperature=0.07, normalize=True, reduction="mean", process_group=None, backend="auto"):
+        super().__init__()
+        self.temperature = C.check_float("temperature", temperature, low=0.0, low_open=True)
+        self.normalize = _check_bool("normalize", normalize)
+        self.reduction = C.check_reduction(reduction)
+        C.check_no_process_group(process_group)
+        self.process_group, self.backend = process_group, backend
+
+    def forward(self, features, labels):
+        return supcon_loss(features, labels, temperature=self.temperature, normalize=self.normalize,
+                           reduction=self.reduction, process_group=self.process_group, backend=self.backend)
+
+
+class SigLIPLoss(nn.Module):
+    """siglip_loss as a module owning the learnable `log_logit_scale` and `logit_bias` of the SigLIP paper.
+
+    The defaults (scale 10, bias -10) start the sigmoid far on the negative side, since all but
+    one pair per row are negatives.
+    """
+
+    def __init__(self, init_logit_scale=10.0, init_logit_bias=-10.0, normalize=True, reduction="mean",
+                 process_group=None, backend="auto"):
+        super().__init__()
+        init_logit_scale = C.check_float("init_logit_scale", init_logit_scale, low=0.0, low_open=True)
+        init_logit_bias = C.check_float("init_logit_bias", init_logit_bias)
+        self.normalize = _check_bool("normalize", normalize)
+        self.reduction = C.check_reduction(reduction)
+        C.check_no_process_group(process_group)
+        self.process_group, self.backend = process_group, backend
+        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(init_logit_scale)))
+        self.logit_bias = nn.Parameter(torch.tensor(init_logit_bias))
+
+    def forward(self, query, key):
+        return siglip_loss(query, key, self.log_logit_scale.exp(), self.logit_bias, normalize=self.normalize,
+                           reduction=self.reduction, process_group=self.process_group, backend=self.backend)
