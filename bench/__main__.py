@@ -1,0 +1,89 @@
+"""Command line: python -m bench [--suite a,b] [--providers p,q] [--quick] [--out DIR] [--no-plot]."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from . import ceilings, cross_entropy, harness, sigmoid_focal
+
+SUITES = {s.name: s for s in (cross_entropy.SUITE, sigmoid_focal.SUITE)}
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
+# profile -> (warm-up calls, repetitions (the minimum on a GPU), GPU ms budget per provider)
+PROFILES = {"gpu": (3, 10, 1000.0), "gpu-quick": (2, 5, 300.0), "cpu": (2, 10, 0.0), "cpu-quick": (1, 5, 0.0),
+            "tiny": (1, 2, 0.0)}
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="python -m bench", description="Benchmark the lossforge_kernels losses "
+                                "against stock torch, torch.compile and other libraries (see bench/__init__.py "
+                                "for how rows are timed).")
+    p.add_argument("--suite", default=",".join(SUITES), help=f"comma-separated, from: {', '.join(SUITES)}")
+    p.add_argument("--providers", default=None,
+                   help="comma-separated provider names to run (torch, torch.compile, lf-cuda, lf-triton, "
+                        "lf-reference, liger, torchvision; 'lf' selects every lf-*); default: all available")
+    p.add_argument("--quick", action="store_true", help="a reduced set of cases and repetitions")
+    p.add_argument("--out", default=DEFAULT_OUT, help="output folder (default: bench/out)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG files")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument("--no-graph", action="store_true", help="time GPU steps as plain launches, not graph replays")
+    p.add_argument("--warmup-limit", type=float, default=None, metavar="S",
+                   help="drop a provider whose warm-up (compilation) takes over S seconds (default 300 GPU, "
+                        "120 CPU)")
+    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # odd tiny shapes for the smoke test
+    args = p.parse_args(argv)
+    unknown = [s for s in args.suite.split(",") if s not in SUITES]
+    if unknown:
+        p.error(f"--suite: unknown suite(s) {unknown}; expected some of {list(SUITES)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU is visible to torch")
+    return args
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda") if use_cuda else torch.device("cpu")
+    profile = "tiny" if args.tiny else ("gpu" if use_cuda else "cpu") + ("-quick" if args.quick else "")
+    warmup, reps, budget = PROFILES[profile]
+    limit = args.warmup_limit if args.warmup_limit is not None else (300.0 if use_cuda else 120.0)
+    only = frozenset(args.providers.split(",")) if args.providers else None
+    settings = harness.Settings(device, profile, warmup, reps, budget, graphs=not args.no_graph,
+                                warmup_limit_s=limit, only=only)
+    if not use_cuda:
+        print("no CUDA GPU: CPU timings of small shapes; not comparable with GPU results")
+    env = harness.environment(device)
+    settings.copy_rate = ceilings.copy_bytes_per_s(device, 4 << 20 if args.tiny else None)
+    print(f"device: {env['device']}; torch {env['torch_version']}; triton {env['triton_version']}; "
+          f"copy rate {settings.copy_rate / 1e12:.3g} TB/s (read + write)")
+
+    rows = []
+    for name in args.suite.split(","):
+        rows += harness.run_suite(SUITES[name], settings, env)
+    if only is not None:
+        missing = only - {r["provider"] for r in rows} - {r["provider"].split("-")[0] for r in rows}
+        if missing:
+            print(f"requested provider(s) not run: {sorted(missing)} (unknown or unavailable here, see above)")
+
+    print()
+    print(harness.format_table(rows))
+    os.makedirs(args.out, exist_ok=True)
+    harness.upsert_csv(os.path.join(args.out, "results.csv"), rows)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(harness.format_markdown(rows, env, settings.copy_rate) + "\n")
+    if not args.no_plot:
+        for name in dict.fromkeys(r["suite"] for r in rows):
+            try:
+                harness.plot_suite(os.path.join(args.out, f"{name}.png"), name, rows, env)
+            except ImportError as exc:
+                print(f"no plot for {name}: {exc}")
+    errors = sum(r["status"].startswith("error") for r in rows)
+    print(f"\nwrote {args.out}/results.csv, results.md{'' if args.no_plot else ' and a PNG per suite'}; "
+          f"{len(rows)} rows, {errors} with errors")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""The benchmark harness on CPU with tiny odd shapes: outputs, error handling, correctness column."""
+import csv
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from bench import __main__ as cli
+from bench import cross_entropy, harness, sigmoid_focal
+
+CPU_PROVIDERS = ("torch", "lf-reference")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny ops on a busy 2-core machine spend most of their time in thread hand-offs.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _settings():
+    return harness.Settings(torch.device("cpu"), "tiny", warmup=1, reps=2, copy_rate=1e9)
+
+
+def _read_csv(path):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+def test_cli_writes_csv_png_and_markdown(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["--tiny", "--providers", ",".join(CPU_PROVIDERS), "--device", "cpu", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "no CUDA GPU: CPU timings of small shapes; not comparable with GPU results" in printed
+
+    fields, rows = _read_csv(out / "results.csv")
+    assert tuple(fields) == harness.COLUMNS
+    for suite in (cross_entropy.SUITE, sigmoid_focal.SUITE):
+        cases = suite.cases("tiny")
+        for provider in CPU_PROVIDERS:
+            mine = [r for r in rows if r["suite"] == suite.name and r["provider"] == provider]
+            assert len(mine) == len(cases), (suite.name, provider, [r["status"] for r in mine])
+            for r in mine:
+                assert r["status"] == "ok", r
+                assert r["device"] == "cpu" and r["extra_mb"] == ""  # the column exists, empty on CPU
+                p20, median, p80 = float(r["p20_ms"]), float(r["median_ms"]), float(r["p80_ms"])
+                assert 0 < p20 <= median <= p80
+                assert float(r["tb_per_s"]) > 0 and float(r["pct_copy"]) > 0
+                # Every option's eager formula computes what lossforge computes (float32 vs float32 reference).
+                assert float(r["max_rel_err"]) < 1e-5, r
+        png = (out / f"{suite.name}.png").read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 5000
+    markdown = (out / "results.md").read_text()
+    assert "### cross_entropy" in markdown and "### sigmoid_focal" in markdown and "| lf-reference |" in markdown
+
+    # A second run upserts: same keys, no duplicated rows.
+    cli.main(["--tiny", "--suite", "sigmoid_focal", "--providers", "torch", "--device", "cpu", "--out", str(out),
+              "--no-plot"])
+    _, again = _read_csv(out / "results.csv")
+    assert len(again) == len(rows)
+
+
+def test_upsert_replaces_same_key_and_appends_new(tmp_path):
+    path = str(tmp_path / "r.csv")
+    row = {k: "x" for k in harness.COLUMNS} | {"median_ms": 1.0, "extra_mb": math.nan}
+    harness.upsert_csv(path, [row])
+    harness.upsert_csv(path, [row | {"median_ms": 2.5}, row | {"provider": "other"}])
+    _, rows = _read_csv(path)
+    assert [(r["provider"], r["median_ms"], r["extra_mb"]) for r in rows] == [("x", "2.5", ""), ("other", "1", "")]
+
+
+def _suite_with(*providers):
+    base = cross_entropy.SUITE
+    return dataclasses.replace(base, cases=lambda profile: base.cases("tiny")[:1],
+                               providers=lambda settings: (list(providers), {}))
+
+
+def test_failures_become_rows_and_the_run_continues():
+    def broken(case):
+        def fn(inputs):
+            raise RuntimeError("kernel exploded\nsecond line")
+        return fn
+
+    def lacks_option(case):
+        raise harness.Unsupported("no such option")
+
+    good = harness.Provider("torch", cross_entropy._bind_eager)
+    suite = _suite_with(harness.Provider("broken", broken), harness.Provider("partial", lacks_option), good)
+    rows = harness.run_suite(suite, _settings(), harness.environment(torch.device("cpu")), log=lambda *a: None)
+    status = {r["provider"]: r["status"] for r in rows}
+    assert status == {"broken": "error: RuntimeError: kernel exploded", "partial": "unsupported: no such option",
+                      "torch": "ok"}
+    table = harness.format_table(rows)
+    assert "error: RuntimeError: kernel exploded" in table and "unsupported: no such option" in table
+
+
+def test_wrong_results_show_in_the_error_column():
+    wrong = harness.Provider("wrong", lambda case: lambda inputs: 1.1 * cross_entropy._bind_eager(case)(inputs))
+    rows = harness.run_suite(_suite_with(wrong), _settings(), harness.environment(torch.device("cpu")),
+                             log=lambda *a: None)
+    assert rows[0]["status"] == "ok"
+    assert rows[0]["max_rel_err"] == pytest.approx(0.1, rel=1e-3)
+
+
+def test_a_provider_that_overwrites_its_input_sees_the_original_every_time():
+    seen = []
+
+    def bind(case):
+        def fn(inputs):
+            x = inputs["input"]
+            seen.append(x.detach().double().sum().item())
+            loss = cross_entropy._bind_eager(case)(inputs)
+            with torch.no_grad():
+                x.mul_(-3.0)  # like a loss that writes its gradient into the logits
+            return loss
+        return fn
+
+    rows = harness.run_suite(_suite_with(harness.Provider("mutating", bind, mutates_input=True)), _settings(),
+                             harness.environment(torch.device("cpu")), log=lambda *a: None)
+    assert rows[0]["status"] == "ok" and len(seen) >= 4
+    assert all(s == seen[0] for s in seen)
+
+
+def test_bytes_models_and_gpu_cases_follow_the_plan():
+    bf16 = torch.bfloat16
+    n, v = 8192, 128256
+    ce_cases = cross_entropy.cases("gpu")
+    assert {(c.shape, c.mode) for c in ce_cases if c.name == "mean"} == {
+        ((8192, 32000), "fwd+bwd"), ((8192, 128256), "fwd+bwd"), ((4096, 256000), "fwd+bwd"),
+        ((8192, 128256), "fwd")}
+    assert {c.name for c in ce_cases} >= {"label_smoothing=0.1", "focal gamma=2 alpha=0.25", "z_loss=1e-4",
+                                          "reduction=none"}
+    assert all(c.dtype == bf16 for c in ce_cases)
+    assert cross_entropy.bytes_model(harness.Case("mean", (n, v), bf16, "fwd+bwd"))[0] == 4 * n * v
+    assert cross_entropy.bytes_model(harness.Case("mean", (n, v), bf16, "fwd"))[0] == 2 * n * v
+    sf = sigmoid_focal.cases("gpu-quick")
+    assert [(c.shape, c.dtype, c.mode, c.options["reduction"]) for c in sf] == [((262144, 80), bf16, "fwd+bwd", "mean")]
+    assert sigmoid_focal.bytes_model(sf[0])[0] == 3 * 2 * 262144 * 80
