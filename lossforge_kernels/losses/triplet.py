@@ -1,0 +1,69 @@
+"""Public triplet loss with online mining (batch_hard, semi_hard, batch_all) and its module.
+
+Checks arguments and picks the backend; the maths lives in reference/triplet.py.
+"""
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from .. import _checks as C
+from .._backends import resolve_backend
+from ..reference import triplet as ref
+
+FAMILY = "triplet"
+
+
+def _check_options(margin, mining, distance, soft_margin, normalize, reduction):
+    margin = C.check_float("margin", margin)
+    if not math.isfinite(margin):
+        raise ValueError(f"margin must be a finite number, got {margin!r}")
+    C.check_choice("mining", mining, ref.MININGS)
+    C.check_choice("distance", distance, ref.DISTANCES)
+    for name, flag in (("soft_margin", soft_margin), ("normalize", normalize)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__} {flag!r}")
+    C.check_reduction(reduction)
+    return margin
+
+
+def triplet_loss(embeddings, labels, *, margin=0.2, mining="batch_hard", distance="euclidean", soft_margin=False,
+                 normalize=False, reduction="mean", process_group=None, backend="auto"):
+    """Triplet loss over a labelled batch, with the triplets mined inside the batch.
+
+    embeddings (B, D) float, labels (B,) integer. See reference/triplet.py for the mining rules and
+    what each reduction averages over. Any finite `margin` is accepted (zero or negative included);
+    it is unused when `soft_margin=True`.
+    """
+    C.check_tensor("embeddings", embeddings, ndim=2, float_only=True)
+    C.check_tensor("labels", labels, ndim=1, integer_only=True)
+    if labels.shape[0] != embeddings.shape[0]:
+        raise ValueError(f"labels must have shape ({embeddings.shape[0]},), one label per row of embeddings "
+                         f"{tuple(embeddings.shape)}, got {tuple(labels.shape)}")
+    C.check_same_device("embeddings", embeddings, labels=labels)
+    margin = _check_options(margin, mining, distance, soft_margin, normalize, reduction)
+    C.check_no_process_group(process_group)
+    resolve_backend(backend, FAMILY, embeddings)  # only the reference exists: raises for explicit kernels
+    return ref.triplet_loss(embeddings, labels, margin=margin, mining=mining, distance=distance,
+                            soft_margin=soft_margin, normalize=normalize, reduction=reduction)
+
+
+class TripletLoss(nn.Module):
+    def __init__(self, margin=0.2, mining="batch_hard", distance="euclidean", soft_margin=False, normalize=False,
+                 reduction="mean", process_group=None, backend="auto"):
+        super().__init__()
+        _check_options(margin, mining, distance, soft_margin, normalize, reduction)
+        C.check_no_process_group(process_group)
+        self.margin, self.mining, self.distance = margin, mining, distance
+        self.soft_margin, self.normalize, self.reduction = soft_margin, normalize, reduction
+        self.process_group, self.backend = process_group, backend
+
+    def forward(self, embeddings, labels):
+        return triplet_loss(embeddings, labels, margin=self.margin, mining=self.mining, distance=self.distance,
+                            soft_margin=self.soft_margin, normalize=self.normalize, reduction=self.reduction,
+                            process_group=self.process_group, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"margin={self.margin}, mining={self.mining!r}, distance={self.distance!r}, "
+                f"soft_margin={self.soft_margin}, normalize={self.normalize}, reduction={self.reduction!r}")
