@@ -215,7 +215,10 @@ def test_kernel_matches_reference_fp32(kernel_backend, opts, reduction):
         loss, want, grad, want_grad = run_both(kernel_backend, opts, n, c, reduction)
         assert loss.dtype == torch.float32 and loss.shape == want.shape
         assert_close_rel(loss, want, 1e-5, f"loss n={n} c={c}")
-        assert_close_rel(grad, want_grad, 1e-5, f"grad n={n} c={c}")
+        # One class of probability targets: the gradient p*S - w*q' is pure cancellation (0 but for
+        # the z-loss/softcap terms), so fp32 rounding of O(1) terms dominates the small result.
+        tol = 1e-4 if opts.get("soft") and c == 1 else 1e-5
+        assert_close_rel(grad, want_grad, tol, f"grad n={n} c={c}")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -509,3 +512,22 @@ def test_gpu_cuda_graph_capture():
     torch.cuda.synchronize()
     want = F.cross_entropy(x.detach(), t)
     torch.testing.assert_close(loss, want)
+
+
+def test_opcheck_kernel_ops(kernel_backend):
+    """Schema, fake tensor and functionalization of the raw kernel ops (not the maths: see above)."""
+    device = device_for(kernel_backend)
+    ops = torch.ops.lossforge
+    x, t, w = make_inputs(4, 10, device=device)
+    alpha = torch.rand(10, device=device)
+    scale = torch.full((), 0.25, device=device)
+    params = (-100, 0.1, 1e-3, 3.0, 2.0, 1.0)
+    fwd = getattr(ops, f"cross_entropy_fwd_{kernel_backend}").default
+    torch.library.opcheck(fwd, (x, t, w, alpha, scale, torch.empty_like(x), *params))
+    torch.library.opcheck(fwd, (x, t, None, None, scale, None, *params))
+    _, stats = fwd(x, t, w, alpha, scale, None, *params)
+    bwd = getattr(ops, f"cross_entropy_bwd_{kernel_backend}").default
+    torch.library.opcheck(bwd, (torch.rand(4, device=device), x, t, w, alpha, stats, torch.empty_like(x), *params))
+    scale_grad = getattr(ops, f"scale_grad_{kernel_backend}").default
+    torch.library.opcheck(scale_grad, (torch.randn(4, 10, device=device), torch.tensor(0.5, device=device),
+                                       torch.ones((), device=device)))

@@ -112,3 +112,16 @@ def test_module_and_bad_input():
         lf.sigmoid_focal_loss(x, t, reduction="batchmean")
     with pytest.raises(TypeError, match="alpha must be a float"):
         lf.sigmoid_focal_loss(x, t, alpha=None)
+
+
+def test_opcheck_kernel_ops(kernel_backend):
+    device = device_for(kernel_backend)
+    ops = torch.ops.lossforge
+    x, t = make((6, 7), dtype=torch.float32, device=device)
+    scale = torch.full((), 0.5, device=device)
+    fwd = getattr(ops, f"sigmoid_focal_fwd_{kernel_backend}").default
+    for reduce in (True, False):
+        torch.library.opcheck(fwd, (x, t, scale, torch.empty_like(x), 0.25, 2.0, reduce))
+    torch.library.opcheck(fwd, (x, t, scale, None, -1.0, 0.5, False))
+    bwd = getattr(ops, f"sigmoid_focal_bwd_{kernel_backend}").default
+    torch.library.opcheck(bwd, (torch.rand_like(x), x, t, torch.empty_like(x), 0.25, 2.0))

@@ -38,8 +38,8 @@ def cross_entropy_rows(logits, target, weight=None, *, ignore_index=-100, label_
     num_classes = x.shape[1]
     if softcap is not None:
         x = softcap * torch.tanh(x / softcap)
-    logp = torch.log_softmax(x, dim=1)
     lse = torch.logsumexp(x, dim=1)
+    logp = x - lse[:, None]
     w = None if weight is None else weight.to(x.dtype)
     eps = label_smoothing
 
