@@ -16,8 +16,9 @@ cross_entropy_fwd_<b>(logits, target, weight, alpha, grad_scale, grad, ignore_in
   returns  loss_rows (M,) fp32, the unreduced loss; stats (M, 4) fp32, what the backward needs:
            class targets: [lse, smoothed weighted CE before the focal factor, log(1 - p_t), log p_t]
            probabilities: [lse, sum_c w_c q_c (q the smoothed target), 0, 0]
-  Ignored rows: loss 0, gradient 0. A target outside [0, C) that is not ignore_index: loss NaN,
-  gradient NaN, and nothing outside the row is read or written.
+  Ignored rows: loss 0, gradient 0, stats 0. A target outside [0, C) that is not ignore_index: loss,
+  gradient and stats NaN, and nothing outside the row is read or written. A row whose logits are
+  all -inf gives a NaN loss and gradient, as torch does.
 
 cross_entropy_bwd_<b>(grad_rows, logits, target, weight, alpha, stats, grad, ignore_index, ...) -> ()
   grad_rows (M,) fp32 contiguous: d(total)/d(loss_rows); writes grad = sum_i grad_rows[i] * d loss_i / d logits.
