@@ -10,7 +10,6 @@ import functools
 import importlib
 import logging
 import os
-from typing import Callable
 
 import torch
 
@@ -93,11 +92,9 @@ def available_backends() -> dict[str, BackendInfo]:
 
 @dataclasses.dataclass(frozen=True)
 class LossKernels:
-    """What one loss family offers beyond the reference: kernel backends and how auto picks."""
+    """What one loss family offers beyond the reference: its kernel backends, in auto's order."""
     backends: tuple[str, ...]
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
-    # (device, dtype, shape) -> ordered preference among `backends`; measured per family.
-    prefer: Callable[[torch.device, torch.dtype, tuple], tuple[str, ...]] | None = None
 
 
 _FAMILIES: dict[str, LossKernels] = {}
@@ -130,10 +127,8 @@ def resolve_backend(backend: str, family: str, sample: torch.Tensor) -> str:
     if backend == "auto":
         if kernels is None or sample.dtype not in kernels.dtypes:
             return "reference"
-        order = kernels.prefer(sample.device, sample.dtype, tuple(sample.shape)) if kernels.prefer \
-            else kernels.backends
-        for name in order:
-            if _runs_on(name, sample.device) and sample.device.type == "cuda" and _problem(name) is None:
+        for name in kernels.backends:
+            if sample.device.type == "cuda" and _problem(name) is None:
                 return name
         return "reference"
     # An explicit request (argument or environment): run it or say why not.
