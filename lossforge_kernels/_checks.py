@@ -69,6 +69,22 @@ def check_float(name: str, value, *, low=None, high=None, low_open=False, allow_
     return value
 
 
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_rows_and_labels(name: str, rows, labels) -> None:
+    """rows (B, D) float and labels (B,) integer on the same device."""
+    check_tensor(name, rows, ndim=2, float_only=True)
+    check_tensor("labels", labels, ndim=1, integer_only=True)
+    if labels.shape[0] != rows.shape[0]:
+        raise ValueError(f"labels must have shape ({rows.shape[0]},), one label per row of {name} "
+                         f"{tuple(rows.shape)}, got {tuple(labels.shape)}")
+    check_same_device(name, rows, labels=labels)
+
+
 def check_choice(name: str, value, choices) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")

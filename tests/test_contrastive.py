@@ -372,7 +372,7 @@ def test_info_nce_bad_input(override, exc, message):
 BAD_SUPCON = [
     (dict(features=Q[0]), ValueError, r"features must have 2 dimension\(s\), got shape \(3,\)"),
     (dict(features=Q.int()), TypeError, "features must be a floating-point tensor, got dtype torch.int32"),
-    (dict(labels=LABELS[:3]), ValueError, r"labels must have one entry per row of features \(B=4\), got shape \(3,\)"),
+    (dict(labels=LABELS[:3]), ValueError, r"labels must have shape \(4,\), one label per row of features .* got \(3,\)"),
     (dict(labels=LABELS[:, None]), ValueError, r"labels must have 1 dimension\(s\), got shape \(4, 1\)"),
     (dict(labels=LABELS.float()), TypeError, "labels must be an integer tensor, got dtype torch.float32"),
     (dict(labels=LABELS.bool()), TypeError, "labels must be an integer tensor, got dtype torch.bool"),

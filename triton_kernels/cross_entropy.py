@@ -128,6 +128,22 @@ def _class_target(target_ptr, row, C, ignore_index):
 
 
 @triton.jit
+def _target_coefs(weight_ptr, alpha_ptr, wsum_ptr, ts, C, focal_alpha, HAS_WEIGHT: tl.constexpr,
+                  HAS_ALPHA: tl.constexpr, SMOOTH: tl.constexpr):
+    """The row's class weight w_t, focal alpha a_t, and the weight sum W used by smoothing."""
+    w_t = 1.0
+    if HAS_WEIGHT:
+        w_t = tl.load(weight_ptr + ts)
+    a_t = focal_alpha
+    if HAS_ALPHA:
+        a_t = tl.load(alpha_ptr + ts)
+    wsum = C * 1.0
+    if SMOOTH and HAS_WEIGHT:
+        wsum = tl.load(wsum_ptr)
+    return w_t, a_t, wsum
+
+
+@triton.jit
 def _ce_class_fwd_kernel(
         logits_ptr, logits_stride, target_ptr, weight_ptr, wsum_ptr, alpha_ptr, scale_ptr, grad_ptr, grad_stride,
         loss_ptr, stats_ptr, C, ignore_index, eps, z_loss, softcap, inv_softcap, gamma, focal_alpha,
@@ -186,16 +202,9 @@ def _ce_class_fwd_kernel(
         # all -inf row takes the second form and gives NaN, as torch does.
         nll = tl.where((y_t == m) & (m > float("-inf")), log1p(sx), (m - y_t) + log_s)
         log1mp = tl.log(sx) - log_s
-        w_t = 1.0
-        if HAS_WEIGHT:
-            w_t = tl.load(weight_ptr + ts)
-        a_t = focal_alpha
-        if HAS_ALPHA:
-            a_t = tl.load(alpha_ptr + ts)
-        wsum = C * 1.0
+        w_t, a_t, wsum = _target_coefs(weight_ptr, alpha_ptr, wsum_ptr, ts, C, focal_alpha, HAS_WEIGHT, HAS_ALPHA,
+                                       SMOOTH)
         if SMOOTH:
-            if HAS_WEIGHT:
-                wsum = tl.load(wsum_ptr)
             ce = (1.0 - eps) * w_t * nll + (eps / C) * (wsum * lse - swy)
         else:
             ce = w_t * nll
@@ -248,15 +257,8 @@ def _ce_class_bwd_kernel(
         ce = tl.load(stats_ptr + row * 4 + 1)
         log1mp = tl.load(stats_ptr + row * 4 + 2)
         logp_t = tl.load(stats_ptr + row * 4 + 3)
-        w_t = 1.0
-        if HAS_WEIGHT:
-            w_t = tl.load(weight_ptr + ts)
-        a_t = focal_alpha
-        if HAS_ALPHA:
-            a_t = tl.load(alpha_ptr + ts)
-        wsum = C * 1.0
-        if SMOOTH and HAS_WEIGHT:
-            wsum = tl.load(wsum_ptr)
+        w_t, a_t, wsum = _target_coefs(weight_ptr, alpha_ptr, wsum_ptr, ts, C, focal_alpha, HAS_WEIGHT, HAS_ALPHA,
+                                       SMOOTH)
         A, Fe, B, G_t, lse_x = _class_coefs(lse, ce, log1mp, logp_t, w_t, a_t, wsum, C, eps, z_loss, gamma,
                                             SMOOTH, FOCAL, Z_LOSS)
         _class_grad_pass(x_row, g_row, weight_ptr, C, ts, tl.load(grad_rows_ptr + row), lse, lse_x, A, Fe, B,

@@ -18,12 +18,6 @@ from ..reference import contrastive as ref
 INFO_NCE, SUPCON, SIGLIP = "info_nce", "supcon", "siglip"
 
 
-def _check_bool(name, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
-    return value
-
-
 def _check_pair(query, key):
     """query (B, D) and key (M, D) with M >= B, same dtype and device."""
     C.check_tensor("query", query, ndim=2, float_only=True)
@@ -65,8 +59,8 @@ def info_nce(query, key, *, logit_scale=None, temperature=0.07, symmetric=True, 
     temperature = C.check_float("temperature", temperature, low=0.0, low_open=True)
     if logit_scale is not None:
         logit_scale = _check_scalar("logit_scale", logit_scale, query, positive=True)
-    symmetric = _check_bool("symmetric", symmetric)
-    normalize = _check_bool("normalize", normalize)
+    symmetric = C.check_bool("symmetric", symmetric)
+    normalize = C.check_bool("normalize", normalize)
     if symmetric and key.shape[0] != query.shape[0]:
         raise ValueError(f"symmetric=True needs as many keys as queries (M == B = {query.shape[0]}), got key shape "
                          f"{tuple(key.shape)}; pass symmetric=False to use extra keys as negatives")
@@ -85,14 +79,9 @@ def supcon_loss(features, labels, *, temperature=0.07, normalize=True, reduction
     left, like torch's mean over nothing), 'sum' adds them, 'none' gives (B,) with 0 for those left out.
     """
     C.check_no_process_group(process_group)
-    C.check_tensor("features", features, ndim=2, float_only=True)
-    C.check_tensor("labels", labels, ndim=1, integer_only=True)
-    if labels.shape[0] != features.shape[0]:
-        raise ValueError(f"labels must have one entry per row of features (B={features.shape[0]}), "
-                         f"got shape {tuple(labels.shape)}")
-    C.check_same_device("features", features, labels=labels)
+    C.check_rows_and_labels("features", features, labels)
     temperature = C.check_float("temperature", temperature, low=0.0, low_open=True)
-    normalize = _check_bool("normalize", normalize)
+    normalize = C.check_bool("normalize", normalize)
     reduction = C.check_reduction(reduction)
     resolve_backend(backend, SUPCON, features)
     return ref.supcon_loss(features, labels, temperature, normalize=normalize, reduction=reduction)
@@ -110,7 +99,7 @@ def siglip_loss(query, key, logit_scale, logit_bias, *, normalize=True, reductio
     _check_pair(query, key)
     logit_scale = _check_scalar("logit_scale", logit_scale, query, positive=True)
     logit_bias = _check_scalar("logit_bias", logit_bias, query, positive=False)
-    normalize = _check_bool("normalize", normalize)
+    normalize = C.check_bool("normalize", normalize)
     reduction = C.check_reduction(reduction)
     resolve_backend(backend, SIGLIP, query)
     return ref.siglip_loss(query, key, logit_scale, logit_bias, normalize=normalize, reduction=reduction)
@@ -128,9 +117,9 @@ class InfoNCELoss(nn.Module):
         super().__init__()
         self.temperature = C.check_float("temperature", temperature, low=0.0, low_open=True)
         self.max_logit_scale = C.check_float("max_logit_scale", max_logit_scale, low=0.0, low_open=True)
-        self.symmetric = _check_bool("symmetric", symmetric)
-        self.normalize = _check_bool("normalize", normalize)
-        self.learn_temperature = _check_bool("learn_temperature", learn_temperature)
+        self.symmetric = C.check_bool("symmetric", symmetric)
+        self.normalize = C.check_bool("normalize", normalize)
+        self.learn_temperature = C.check_bool("learn_temperature", learn_temperature)
         self.reduction = C.check_reduction(reduction)
         C.check_no_process_group(process_group)
         self.process_group, self.backend = process_group, backend
@@ -158,7 +147,7 @@ class SupConLoss(nn.Module):
     def __init__(self, temperature=0.07, normalize=True, reduction="mean", process_group=None, backend="auto"):
         super().__init__()
         self.temperature = C.check_float("temperature", temperature, low=0.0, low_open=True)
-        self.normalize = _check_bool("normalize", normalize)
+        self.normalize = C.check_bool("normalize", normalize)
         self.reduction = C.check_reduction(reduction)
         C.check_no_process_group(process_group)
         self.process_group, self.backend = process_group, backend
@@ -180,7 +169,7 @@ class SigLIPLoss(nn.Module):
         super().__init__()
         init_logit_scale = C.check_float("init_logit_scale", init_logit_scale, low=0.0, low_open=True)
         init_logit_bias = C.check_float("init_logit_bias", init_logit_bias)
-        self.normalize = _check_bool("normalize", normalize)
+        self.normalize = C.check_bool("normalize", normalize)
         self.reduction = C.check_reduction(reduction)
         C.check_no_process_group(process_group)
         self.process_group, self.backend = process_group, backend

@@ -102,8 +102,7 @@ def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="m
     if soft and (focal_gamma != 0.0 or focal_alpha is not None):
         raise ValueError("focal_gamma/focal_alpha need class-index targets; got class probabilities "
                          f"(target dtype {target.dtype})")
-    if not isinstance(inplace_backward, bool):
-        raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
+    C.check_bool("inplace_backward", inplace_backward)
     if not soft:
         _check_target_range(target, num_classes, ignore_index)
 
@@ -185,26 +184,33 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     return loss.reshape(target.shape) if reduction == "none" else loss
 
 
-class CrossEntropyLoss(nn.Module):
-    """Module form of cross_entropy; `weight` and a tensor `focal_alpha` are buffers, as in torch."""
+class _CrossEntropyOptions(nn.Module):
+    """The cross-entropy keywords a module holds; `weight` and a tensor `focal_alpha` are buffers, as in torch."""
 
-    def __init__(self, weight=None, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
-                 softcap=None, focal_gamma=0.0, focal_alpha=None, inplace_backward=False, backend="auto"):
+    def __init__(self, weight, focal_alpha, **options):
         super().__init__()
         self.register_buffer("weight", weight)
         if isinstance(focal_alpha, torch.Tensor):
             self.register_buffer("focal_alpha", focal_alpha)
         else:
             self.focal_alpha = focal_alpha
-        self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
-        self.z_loss, self.softcap, self.focal_gamma = z_loss, softcap, focal_gamma
-        self.inplace_backward, self.backend = inplace_backward, backend
+        self.options = options
+
+    def _keywords(self):
+        return dict(weight=self.weight, focal_alpha=self.focal_alpha, **self.options)
+
+
+class CrossEntropyLoss(_CrossEntropyOptions):
+    """Module form of cross_entropy."""
+
+    def __init__(self, weight=None, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
+                 softcap=None, focal_gamma=0.0, focal_alpha=None, inplace_backward=False, backend="auto"):
+        super().__init__(weight, focal_alpha, ignore_index=ignore_index, reduction=reduction,
+                         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, focal_gamma=focal_gamma,
+                         inplace_backward=inplace_backward, backend=backend)
 
     def forward(self, input, target):
-        return cross_entropy(input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
-                             label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
-                             focal_gamma=self.focal_gamma, focal_alpha=self.focal_alpha,
-                             inplace_backward=self.inplace_backward, backend=self.backend)
+        return cross_entropy(input, target, **self._keywords())
 
 
 class FocalLoss(CrossEntropyLoss):
@@ -216,22 +222,14 @@ class FocalLoss(CrossEntropyLoss):
                          focal_gamma=gamma, focal_alpha=alpha, backend=backend)
 
 
-class LinearCrossEntropyLoss(nn.Module):
+class LinearCrossEntropyLoss(_CrossEntropyOptions):
     """Module form of linear_cross_entropy: forward(input, linear_weight, target, linear_bias=None)."""
 
     def __init__(self, weight=None, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
                  softcap=None, focal_gamma=0.0, focal_alpha=None, backend="auto"):
-        super().__init__()
-        self.register_buffer("weight", weight)
-        if isinstance(focal_alpha, torch.Tensor):
-            self.register_buffer("focal_alpha", focal_alpha)
-        else:
-            self.focal_alpha = focal_alpha
-        self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
-        self.z_loss, self.softcap, self.focal_gamma, self.backend = z_loss, softcap, focal_gamma, backend
+        super().__init__(weight, focal_alpha, ignore_index=ignore_index, reduction=reduction,
+                         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, focal_gamma=focal_gamma,
+                         backend=backend)
 
     def forward(self, input, linear_weight, target, linear_bias=None):
-        return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
-                                    reduction=self.reduction, ignore_index=self.ignore_index,
-                                    label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
-                                    focal_gamma=self.focal_gamma, focal_alpha=self.focal_alpha, backend=self.backend)
+        return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, **self._keywords())

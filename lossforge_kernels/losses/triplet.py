@@ -21,9 +21,8 @@ def _check_options(margin, mining, distance, soft_margin, normalize, reduction):
         raise ValueError(f"margin must be a finite number, got {margin!r}")
     C.check_choice("mining", mining, ref.MININGS)
     C.check_choice("distance", distance, ref.DISTANCES)
-    for name, flag in (("soft_margin", soft_margin), ("normalize", normalize)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__} {flag!r}")
+    C.check_bool("soft_margin", soft_margin)
+    C.check_bool("normalize", normalize)
     C.check_reduction(reduction)
     return margin
 
@@ -36,12 +35,7 @@ def triplet_loss(embeddings, labels, *, margin=0.2, mining="batch_hard", distanc
     what each reduction averages over. Any finite `margin` is accepted (zero or negative included);
     it is unused when `soft_margin=True`.
     """
-    C.check_tensor("embeddings", embeddings, ndim=2, float_only=True)
-    C.check_tensor("labels", labels, ndim=1, integer_only=True)
-    if labels.shape[0] != embeddings.shape[0]:
-        raise ValueError(f"labels must have shape ({embeddings.shape[0]},), one label per row of embeddings "
-                         f"{tuple(embeddings.shape)}, got {tuple(labels.shape)}")
-    C.check_same_device("embeddings", embeddings, labels=labels)
+    C.check_rows_and_labels("embeddings", embeddings, labels)
     margin = _check_options(margin, mining, distance, soft_margin, normalize, reduction)
     C.check_no_process_group(process_group)
     resolve_backend(backend, FAMILY, embeddings)  # only the reference exists: raises for explicit kernels
