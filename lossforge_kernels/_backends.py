@@ -66,6 +66,7 @@ def _cuda_extension_problem() -> str | None:
     return None
 
 
+@torch.compiler.assume_constant_result  # probed once, eagerly: nothing for the compiler to trace
 def _problem(name: str) -> str | None:
     if name == "reference":
         return None
