@@ -1,0 +1,208 @@
+// Device helpers shared by the lossforge kernels: element conversion, 16-byte packets, cache-hinted
+// loads and stores, and the walk over a row split into a scalar head, 16-byte body and scalar tail.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+namespace lossforge {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kWarpSize = 32;
+constexpr int kMaxThreads = 1024;
+
+// How one element type is stored and converted. All arithmetic is in float.
+template <typename T>
+struct Elem;
+
+template <>
+struct Elem<float> {
+  using Raw = float;
+  static constexpr int kPerPacket = 4;
+  __device__ __forceinline__ static float load(Raw r) { return r; }
+  __device__ __forceinline__ static Raw store(float v) { return v; }
+};
+
+template <>
+struct Elem<c10::Half> {
+  using Raw = uint16_t;
+  static constexpr int kPerPacket = 8;
+  __device__ __forceinline__ static float load(Raw r) { return __half2float(__ushort_as_half(r)); }
+  __device__ __forceinline__ static Raw store(float v) { return __half_as_ushort(__float2half_rn(v)); }
+};
+
+template <>
+struct Elem<c10::BFloat16> {
+  using Raw = uint16_t;
+  static constexpr int kPerPacket = 8;
+  __device__ __forceinline__ static float load(Raw r) { return __uint_as_float(static_cast<uint32_t>(r) << 16); }
+  __device__ __forceinline__ static Raw store(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
+};
+
+template <typename T>
+__device__ __forceinline__ float load_elem(const T* p) {
+  return Elem<T>::load(*reinterpret_cast<const typename Elem<T>::Raw*>(p));
+}
+
+template <typename T>
+__device__ __forceinline__ void store_elem(T* p, float v) {
+  *reinterpret_cast<typename Elem<T>::Raw*>(p) = Elem<T>::store(v);
+}
+
+// 16-byte packet <-> kPerPacket floats.
+template <typename T>
+__device__ __forceinline__ void unpack(const uint4& u, float (&v)[Elem<T>::kPerPacket]) {
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+  if constexpr (Elem<T>::kPerPacket == 4) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) v[i] = __uint_as_float(w[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      v[i] = Elem<T>::load(static_cast<uint16_t>(i % 2 ? w[i / 2] >> 16 : w[i / 2] & 0xffffu));
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  return static_cast<uint32_t>(Elem<T>::store(lo)) | (static_cast<uint32_t>(Elem<T>::store(hi)) << 16);
+}
+
+// One cvt instruction for two values on sm_80+.
+template <>
+__device__ __forceinline__ uint32_t pack2<c10::BFloat16>(float lo, float hi) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+template <>
+__device__ __forceinline__ uint32_t pack2<c10::Half>(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+template <typename T>
+__device__ __forceinline__ uint4 pack(const float (&v)[Elem<T>::kPerPacket]) {
+  if constexpr (Elem<T>::kPerPacket == 4) {
+    return make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3]));
+  } else {
+    return make_uint4(pack2<T>(v[0], v[1]), pack2<T>(v[2], v[3]), pack2<T>(v[4], v[5]), pack2<T>(v[6], v[7]));
+  }
+}
+
+// Loads of data read once (evict-first) and of data we want to find again in L2 (default policy).
+// Plain (coherent) loads rather than the read-only path: the gradient may alias the logits.
+__device__ __forceinline__ uint4 ld_once(const void* p) { return __ldcs(reinterpret_cast<const uint4*>(p)); }
+__device__ __forceinline__ uint4 ld_keep(const void* p) { return *reinterpret_cast<const uint4*>(p); }
+// Outputs are not read again by the kernel: streaming stores keep them from evicting the logits.
+__device__ __forceinline__ void st_once(void* p, const uint4& v) { __stcs(reinterpret_cast<uint4*>(p), v); }
+
+// The 16 bytes of kPerPacket elements of T at p: one 16-byte load when `vec`, else element by
+// element (for an array whose alignment differs from the one the row walk was aligned to).
+template <typename T, bool kKeep = false>
+__device__ __forceinline__ uint4 load_raw(const T* p, bool vec) {
+  if (vec) return kKeep ? ld_keep(p) : ld_once(p);
+  using Raw = typename Elem<T>::Raw;
+  uint32_t w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (sizeof(Raw) == 4) {
+      w[i] = *reinterpret_cast<const uint32_t*>(p + i);
+    } else {
+      const Raw* r = reinterpret_cast<const Raw*>(p);
+      w[i] = static_cast<uint32_t>(r[2 * i]) | (static_cast<uint32_t>(r[2 * i + 1]) << 16);
+    }
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_packet(T* p, bool vec, const float (&v)[Elem<T>::kPerPacket]) {
+  if (vec) {
+    st_once(p, pack<T>(v));
+  } else {
+#pragma unroll
+    for (int i = 0; i < Elem<T>::kPerPacket; ++i) store_elem(p + i, v[i]);
+  }
+}
+
+// N fp32 values at p (class weights): float4 loads when p is 16-byte aligned.
+template <int N>
+__device__ __forceinline__ void load_floats(const float* p, bool vec, float (&v)[N]) {
+  if (vec) {
+#pragma unroll
+    for (int i = 0; i < N; i += 4) {
+      const float4 f = __ldg(reinterpret_cast<const float4*>(p + i));
+      v[i] = f.x, v[i + 1] = f.y, v[i + 2] = f.z, v[i + 3] = f.w;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) v[i] = __ldg(p + i);
+  }
+}
+
+__device__ __forceinline__ bool same_phase(const void* a, const void* b) {
+  return ((reinterpret_cast<uintptr_t>(a) ^ reinterpret_cast<uintptr_t>(b)) & 15u) == 0;
+}
+
+// A row of n elements of T split so that the body starts on a 16-byte boundary of `base`:
+// [0, head) scalar, packets k = 0..packets-1 at head + k*kPerPacket, [body_end, n) scalar.
+template <typename T>
+struct RowSplit {
+  static constexpr int kN = Elem<T>::kPerPacket;
+  int64_t head, packets, body_end;
+
+  __device__ __forceinline__ RowSplit(const T* base, int64_t n) {
+    const int64_t mis = static_cast<int64_t>((16u - (reinterpret_cast<uintptr_t>(base) & 15u)) & 15u) / sizeof(T);
+    head = mis < n ? mis : n;
+    packets = (n - head) / kN;
+    body_end = head + packets * kN;
+  }
+  __device__ __forceinline__ int64_t first(int64_t k) const { return head + k * kN; }
+};
+
+// use(k, load(k)) for k = start, start + step, ... < end, with the loads of U consecutive k issued
+// before any use so that U packets per thread are in flight. Returns the first k >= end.
+template <int U, typename Load, typename Use>
+__device__ __forceinline__ int64_t stream_packets(int64_t k, int64_t end, int64_t step, Load load, Use use) {
+  using Loaded = decltype(load(k));
+  for (; k + (U - 1) * step < end; k += U * step) {
+    Loaded buf[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) buf[u] = load(k + u * step);
+#pragma unroll
+    for (int u = 0; u < U; ++u) use(k + u * step, buf[u]);
+  }
+  for (; k < end; k += step) use(k, load(k));
+  return k;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = kWarpSize / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// Sum over the block in a fixed order (deterministic); the result is valid in thread 0.
+// `scratch` holds one float per warp; the caller syncs before reusing it.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  v = warp_sum(v);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    const int warps = blockDim.x / kWarpSize;
+    v = lane < warps ? scratch[lane] : 0.f;
+    v = warp_sum(v);
+  }
+  return v;
+}
+
+}  // namespace lossforge

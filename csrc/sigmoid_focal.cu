@@ -1,0 +1,298 @@
+// Sigmoid focal loss with torchvision's semantics, elementwise over n elements (contract:
+// ops/sigmoid_focal.py's docstring).
+//
+// Grid-stride over 16-byte packets of input and target, 2 packets in flight per thread; a scalar
+// loop covers the tail (and whole tensors whose pointers are not 16-byte aligned). The forward
+// writes the elementwise loss, or with reduce=True one fp32 partial sum per block (summed in a
+// fixed order by at::sum afterwards: deterministic, no atomics); with a gradient buffer it also
+// writes grad_scale * d loss / d input in the same pass.
+// Designed traffic per element (bf16): forward reduced 4 B (input + target), elementwise +2 B,
+// gradient +2 B; backward 8 B (input, target, grad_out, grad). Nothing is read twice.
+// Compile facts (nvcc 13.0, -O3, ptxas -v): 38-48 registers forward, 48-64 backward, no spills and
+// no stack frame on sm_80 and sm_90.
+
+#include <cmath>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "common.cuh"
+#include "host_utils.h"
+#include "ops.h"
+
+namespace lossforge {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kUnroll = 2;
+
+struct SfArgs {
+  const void* x;
+  const void* t;
+  const void* go;  // backward: grad_out
+  void* out;       // forward elementwise loss
+  void* grad;
+  float* partial;      // forward reduced: one sum per block
+  const float* scale;  // forward: grad_scale
+  int64_t n;
+  float alpha, gamma;
+  bool vec;  // every pointer 16-byte aligned
+};
+
+__device__ __forceinline__ float pow_gamma(float m, float gamma) {
+  if (gamma == 2.f) return m * m;
+  if (gamma == 1.f) return m;
+  return powf(m, gamma);
+}
+
+// Loss and d loss / dx of one element. With m = 1 - p_t and q = m^gamma:
+// loss = a_t * ce * q, dloss/dx = a_t * q * ((p - t) + gamma * ce * r), r = p (1 - p)(1 - 2t) / m,
+// which is the derivative of q divided by gamma * q, bounded by 1: finite for every gamma >= 0.
+template <bool kGrad>
+__device__ __forceinline__ float2 focal_elem(float x, float t, float alpha, float gamma) {
+  const float e = expf(-fabsf(x));
+  const float inv = 1.f / (1.f + e);
+  const float p = x >= 0.f ? inv : e * inv;   // sigmoid(x)
+  const float pm = x >= 0.f ? e * inv : inv;  // 1 - sigmoid(x), without cancellation
+  const float ce = fmaxf(x, 0.f) - x * t + log1pf(e);
+  const float m = fmaf(p, 1.f - t, pm * t);
+  const float q = gamma == 0.f ? 1.f : (m > 0.f ? pow_gamma(m, gamma) : 0.f);
+  const float at = alpha >= 0.f ? fmaf(alpha, t, (1.f - alpha) * (1.f - t)) : 1.f;
+  float2 out;
+  out.x = at * ce * q;
+  out.y = 0.f;
+  if constexpr (kGrad) {
+    const float p_minus_t = fmaf(p, 1.f - t, -pm * t);
+    float d = p_minus_t;
+    if (gamma != 0.f && m > 0.f) d = fmaf(gamma * ce, p * pm * (1.f - 2.f * t) / m, p_minus_t);
+    out.y = at * q * d;
+  }
+  return out;
+}
+
+// N consecutive elements of type G at p as floats (N is a multiple of G's packet size).
+template <typename G, int N>
+__device__ __forceinline__ void load_n(const G* p, bool vec, float (&v)[N]) {
+  constexpr int kG = Elem<G>::kPerPacket;
+  static_assert(N % kG == 0, "packet sizes must divide");
+#pragma unroll
+  for (int b = 0; b < N / kG; ++b) {
+    float part[kG];
+    unpack<G>(load_raw<G>(p + b * kG, vec), part);
+#pragma unroll
+    for (int i = 0; i < kG; ++i) v[b * kG + i] = part[i];
+  }
+}
+
+template <typename T, bool kReduce, bool kGrad>
+__global__ void __launch_bounds__(kThreads) sigmoid_focal_fwd_kernel(const SfArgs a) {
+  constexpr int kN = Elem<T>::kPerPacket;
+  const T* x = static_cast<const T*>(a.x);
+  const T* t = static_cast<const T*>(a.t);
+  T* out = static_cast<T*>(a.out);
+  T* grad = static_cast<T*>(a.grad);
+  const float scale = kGrad ? *a.scale : 0.f;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  float sum = 0.f;
+
+  auto scalar = [&](int64_t j) {
+    const float2 r = focal_elem<kGrad>(load_elem(x + j), load_elem(t + j), a.alpha, a.gamma);
+    if constexpr (kReduce) {
+      sum += r.x;
+    } else {
+      store_elem(out + j, r.x);
+    }
+    if constexpr (kGrad) store_elem(grad + j, r.y * scale);
+  };
+  int64_t tail = 0;
+  if (a.vec) {
+    struct In {
+      uint4 x, t;
+    };
+    auto load = [&](int64_t k) { return In{ld_once(x + k * kN), ld_once(t + k * kN)}; };
+    auto use = [&](int64_t k, const In& in) {
+      float xv[kN], tv[kN], lv[kN], gv[kN];
+      unpack<T>(in.x, xv);
+      unpack<T>(in.t, tv);
+#pragma unroll
+      for (int i = 0; i < kN; ++i) {
+        const float2 r = focal_elem<kGrad>(xv[i], tv[i], a.alpha, a.gamma);
+        lv[i] = r.x;
+        gv[i] = r.y * scale;
+      }
+      if constexpr (kReduce) {
+#pragma unroll
+        for (int i = 0; i < kN; ++i) sum += lv[i];
+      } else {
+        st_once(out + k * kN, pack<T>(lv));
+      }
+      if constexpr (kGrad) st_once(grad + k * kN, pack<T>(gv));
+    };
+    stream_packets<kUnroll>(first, a.n / kN, step, load, use);
+    tail = a.n / kN * kN;
+  }
+  for (int64_t j = tail + first; j < a.n; j += step) scalar(j);
+
+  if constexpr (kReduce) {
+    __shared__ float scratch[kThreads / kWarpSize];
+    sum = block_sum(sum, scratch);
+    if (threadIdx.x == 0) a.partial[blockIdx.x] = sum;
+  }
+}
+
+template <typename T, typename G>
+__global__ void __launch_bounds__(kThreads) sigmoid_focal_bwd_kernel(const SfArgs a) {
+  constexpr int kN = Elem<T>::kPerPacket;
+  const T* x = static_cast<const T*>(a.x);
+  const T* t = static_cast<const T*>(a.t);
+  const G* go = static_cast<const G*>(a.go);
+  T* grad = static_cast<T*>(a.grad);
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  int64_t tail = 0;
+  if (a.vec) {
+    struct In {
+      uint4 x, t;
+      float go[kN];
+    };
+    auto load = [&](int64_t k) {
+      In in{ld_once(x + k * kN), ld_once(t + k * kN), {}};
+      load_n<G, kN>(go + k * kN, true, in.go);
+      return in;
+    };
+    auto use = [&](int64_t k, const In& in) {
+      float xv[kN], tv[kN], gv[kN];
+      unpack<T>(in.x, xv);
+      unpack<T>(in.t, tv);
+#pragma unroll
+      for (int i = 0; i < kN; ++i) gv[i] = in.go[i] * focal_elem<true>(xv[i], tv[i], a.alpha, a.gamma).y;
+      st_once(grad + k * kN, pack<T>(gv));
+    };
+    stream_packets<kUnroll>(first, a.n / kN, step, load, use);
+    tail = a.n / kN * kN;
+  }
+  for (int64_t j = tail + first; j < a.n; j += step) {
+    const float d = focal_elem<true>(load_elem(x + j), load_elem(t + j), a.alpha, a.gamma).y;
+    store_elem(grad + j, load_elem(go + j) * d);
+  }
+}
+
+// ---- host side ----
+
+constexpr const char* kFwd = "sigmoid_focal_fwd_cuda";
+constexpr const char* kBwd = "sigmoid_focal_bwd_cuda";
+
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+void check_like_input(const char* op, const char* name, const at::Tensor& t, const at::Tensor& input) {
+  check_on(op, name, t, input);
+  check_dtype(op, name, t, input.scalar_type());
+  check_shape(op, name, t, input.sizes());
+  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous, got strides ", t.strides());
+}
+
+void check_inputs(const char* op, const at::Tensor& input, const at::Tensor& target, double alpha, double gamma) {
+  check_cuda(op, "input", input);
+  check_kernel_float(op, "input", input);
+  TORCH_CHECK_VALUE(input.is_contiguous(), op, ": input must be contiguous, got strides ", input.strides());
+  check_like_input(op, "target", target, input);
+  TORCH_CHECK_VALUE(gamma >= 0.0, op, ": gamma must be >= 0, got ", gamma);
+  TORCH_CHECK_VALUE(std::isfinite(alpha), op, ": alpha must be finite (< 0 disables it), got ", alpha);
+}
+
+unsigned int blocks_for(int64_t n, int elems_per_packet, int device) {
+  const int64_t units = std::max<int64_t>(1, n / elems_per_packet);
+  const int64_t sms = device_attr(cudaDevAttrMultiProcessorCount, device);
+  return grid_for(std::min<int64_t>((units + kThreads * kUnroll - 1) / (kThreads * kUnroll),
+                                    sms * (2048 / kThreads)));
+}
+
+}  // namespace
+
+at::Tensor sigmoid_focal_fwd_cuda(const at::Tensor& input, const at::Tensor& target, const at::Tensor& grad_scale,
+                                  const std::optional<at::Tensor>& grad, double alpha, double gamma, bool reduce) {
+  check_inputs(kFwd, input, target, alpha, gamma);
+  check_scalar_f32(kFwd, "grad_scale", grad_scale, input);
+  if (grad.has_value()) check_like_input(kFwd, "grad", *grad, input);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const int64_t n = input.numel();
+  if (n == 0) return reduce ? at::zeros({}, input.options().dtype(at::kFloat)) : at::empty_like(input);
+
+  SfArgs a{};
+  a.x = input.data_ptr();
+  a.t = target.data_ptr();
+  a.n = n;
+  a.alpha = static_cast<float>(alpha);
+  a.gamma = static_cast<float>(gamma);
+  a.scale = grad_scale.data_ptr<float>();
+  a.vec = aligned16(input) && aligned16(target) && (!grad.has_value() || aligned16(*grad));
+  if (grad.has_value()) a.grad = grad->data_ptr();
+  const int device = input.get_device();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor result;
+  dispatch_float(input.scalar_type(), kFwd, [&](auto tag) {
+    using T = decltype(tag);
+    const unsigned int blocks = blocks_for(n, Elem<T>::kPerPacket, device);
+    if (reduce) {
+      result = at::empty({static_cast<int64_t>(blocks)}, input.options().dtype(at::kFloat));
+      a.partial = result.data_ptr<float>();
+    } else {
+      result = at::empty_like(input, at::MemoryFormat::Contiguous);
+      a.out = result.data_ptr();
+      a.vec = a.vec && aligned16(result);
+    }
+    with_flag(reduce, [&](auto r) {
+      with_flag(grad.has_value(), [&](auto g) {
+        sigmoid_focal_fwd_kernel<T, decltype(r)::value, decltype(g)::value><<<blocks, kThreads, 0, stream>>>(a);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  });
+  return reduce ? result.sum() : result;
+}
+
+void sigmoid_focal_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& target,
+                            const at::Tensor& grad, double alpha, double gamma) {
+  check_inputs(kBwd, input, target, alpha, gamma);
+  check_on(kBwd, "grad_out", grad_out, input);
+  TORCH_CHECK_TYPE(grad_out.is_floating_point(), kBwd, ": grad_out must be a floating-point tensor, got ",
+                   grad_out.scalar_type());
+  check_shape(kBwd, "grad_out", grad_out, input.sizes());
+  TORCH_CHECK_VALUE(grad_out.is_contiguous(), kBwd, ": grad_out must be contiguous, got strides ", grad_out.strides());
+  check_like_input(kBwd, "grad", grad, input);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const int64_t n = input.numel();
+  if (n == 0) return;
+  // grad_out in the input's dtype is read as is; any other float dtype is read as float32.
+  const at::Tensor go = grad_out.scalar_type() == input.scalar_type() ? grad_out : grad_out.to(at::kFloat);
+
+  SfArgs a{};
+  a.x = input.data_ptr();
+  a.t = target.data_ptr();
+  a.go = go.data_ptr();
+  a.grad = grad.data_ptr();
+  a.n = n;
+  a.alpha = static_cast<float>(alpha);
+  a.gamma = static_cast<float>(gamma);
+  a.vec = aligned16(input) && aligned16(target) && aligned16(go) && aligned16(grad);
+  const int device = input.get_device();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_float(input.scalar_type(), kBwd, [&](auto tag) {
+    using T = decltype(tag);
+    const unsigned int blocks = blocks_for(n, Elem<T>::kPerPacket, device);
+    if (go.scalar_type() == input.scalar_type()) {
+      sigmoid_focal_bwd_kernel<T, T><<<blocks, kThreads, 0, stream>>>(a);
+    } else {
+      sigmoid_focal_bwd_kernel<T, float><<<blocks, kThreads, 0, stream>>>(a);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace lossforge

@@ -1,0 +1,196 @@
+"""The CUDA sources in csrc/: every `_cuda` op is registered there, the sources compile for sm_80
+and sm_90 against the installed torch headers without register spills, and the registrations
+match the schemas defined in Python.
+
+Compile-only: runs wherever nvcc (and a host C++ compiler) is on PATH, GPU or not. The
+registration check builds module.cpp with throwing stand-ins for the kernels, loads it in a
+child process (a schema mismatch aborts the process that loads it) and asks the dispatcher.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+import pytest
+import torch
+from torch.utils import cpp_extension
+
+import lossforge_kernels.ops  # noqa: F401  (defines the lossforge op schemas)
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+ARCHS = ("80", "90")
+NVCC = shutil.which("nvcc")
+CXX = shutil.which(os.environ.get("CXX", "g++"))
+NM = shutil.which("nm")
+
+needs_nvcc = pytest.mark.skipif(NVCC is None or CXX is None, reason="nvcc and a host C++ compiler are needed")
+
+
+def cuda_ops() -> list[str]:
+    names = torch._C._dispatch_get_all_op_names()
+    return sorted(n.split("::", 1)[1] for n in names if n.startswith("lossforge::") and n.endswith("_cuda"))
+
+
+def test_every_cuda_op_is_registered_in_csrc():
+    ops = cuda_ops()
+    assert ops, "no lossforge::*_cuda ops are defined"
+    text = "\n".join(p.read_text() for p in sorted(CSRC.glob("*.c*")))
+    registered = set(re.findall(r'm\.impl\(\s*"(\w+)"', text))
+    missing = [op for op in ops if op not in registered]
+    assert not missing, f"ops defined in Python without an m.impl(...) registration in csrc/: {missing}"
+
+
+# ---- compiling ----
+
+def _defines() -> list[str]:
+    flags = ["-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
+             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+    include = pathlib.Path(cpp_extension.include_paths()[0])
+    if not (include / "c10/cuda/impl/cuda_cmake_macros.h").exists():
+        # CPU wheels ship c10/cuda without this generated header; off Windows it only names the build.
+        flags.append("-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")
+    return flags
+
+
+def _includes() -> list[str]:
+    return [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{sysconfig.get_paths()['include']}", f"-I{CSRC}"]
+
+
+def _run(cmd: list[str]) -> tuple[list[str], int, str]:
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    return cmd, proc.returncode, proc.stdout + proc.stderr
+
+
+def _nvcc(source: pathlib.Path, out: pathlib.Path):
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
+    return _run([NVCC, "-c", str(source), "-o", str(out), "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
+                 "-Xptxas", "-v", *cpp_extension.COMMON_NVCC_FLAGS, *gencode, *_defines(), *_includes()])
+
+
+def _stub_source() -> str:
+    """Throwing definitions of every function ops.h declares."""
+    header = (CSRC / "ops.h").read_text()
+    body = header[header.index("namespace lossforge {"):]
+    decls = re.findall(r"^([A-Za-z_][^;{}#/]*?\))\s*;", body, flags=re.M | re.S)
+    assert decls, "no declarations found in csrc/ops.h"
+    stubs = "\n".join(f'{d} {{ throw std::runtime_error("not built"); }}' for d in decls)
+    return f'#include <stdexcept>\n#include "ops.h"\nnamespace lossforge {{\n{stubs}\n}}\n'
+
+
+def _registration_library(tmp: pathlib.Path):
+    stub = tmp / "stubs.cpp"
+    stub.write_text(_stub_source())
+    lib_dir = pathlib.Path(torch.__file__).parent / "lib"
+    cxx = [CXX, "-std=c++17", "-O0", "-fPIC", "-w", *_defines(), *_includes()]
+    steps = [cxx + ["-c", str(CSRC / "module.cpp"), "-o", str(tmp / "module.o")],
+             cxx + ["-c", str(stub), "-o", str(tmp / "stubs.o")],
+             [CXX, "-shared", str(tmp / "module.o"), str(tmp / "stubs.o"), f"-L{lib_dir}", "-lc10", "-ltorch",
+              "-ltorch_cpu", "-ltorch_python", "-o", str(tmp / "registrations.so")]]
+    out = []
+    for cmd in steps:
+        cmd, code, text = _run(cmd)
+        out.append(text)
+        if code:
+            return cmd, code, "\n".join(out)
+    return steps[-1], 0, "\n".join(out)
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+    """Compiles csrc/ once, two jobs at a time (CI has 2 cores): {name: (cmd, returncode, output)}."""
+    tmp = tmp_path_factory.mktemp("csrc_build")
+    sources = sorted(CSRC.glob("*.cu"), key=lambda p: -p.stat().st_size)  # longest compile first
+    assert sources, "no .cu files in csrc/"
+    jobs = {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2))) as pool:
+        for src in sources:
+            jobs[src.name] = pool.submit(_nvcc, src, tmp / f"{src.stem}.o")
+        jobs["module.cpp"] = pool.submit(_registration_library, tmp)
+        results = {name: job.result() for name, job in jobs.items()}
+    return tmp, results
+
+
+def _fail_output(name, result):
+    cmd, code, text = result
+    return f"{name}: exit {code}\n$ {' '.join(cmd)}\n{text[-12000:]}"
+
+
+@needs_nvcc
+def test_cuda_sources_compile(build):
+    _, results = build
+    failed = [_fail_output(n, r) for n, r in results.items() if n.endswith(".cu") and r[1] != 0]
+    assert not failed, "\n\n".join(failed)
+
+
+def _ptxas_entries(text: str):
+    """(kernel, arch, stack bytes, spill store bytes, spill load bytes, registers) per compiled kernel."""
+    entries, current = [], None
+    for line in text.splitlines():
+        m = re.search(r"Compiling entry function '(\S+)' for '(sm_\d+)'", line)
+        if m:
+            current = [m.group(1), m.group(2)]
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and current is not None and len(current) == 2:
+            current += [int(g) for g in m.groups()]
+            continue
+        m = re.search(r"Used (\d+) registers", line)
+        if m and current is not None and len(current) == 5:
+            entries.append((*current, int(m.group(1))))
+            current = None
+    return entries
+
+
+@needs_nvcc
+def test_kernels_do_not_spill(build):
+    _, results = build
+    entries = []
+    for name, (_, code, text) in results.items():
+        if name.endswith(".cu") and code == 0:
+            entries += _ptxas_entries(text)
+    assert entries, "ptxas reported no kernels (did the compile fail?)"
+    assert {e[1] for e in entries} == {f"sm_{a}" for a in ARCHS}
+    spilling = [e for e in entries if e[2] or e[3] or e[4]]
+    assert not spilling, "kernels with a stack frame or spills (kernel, arch, stack, stores, loads, regs):\n" + \
+        "\n".join(map(str, spilling))
+
+
+@needs_nvcc
+def test_host_module_compiles_and_registrations_match_the_schemas(build):
+    tmp, results = build
+    result = results["module.cpp"]
+    assert result[1] == 0, _fail_output("module.cpp", result)
+    ops = cuda_ops()
+    script = (
+        "import sys, torch, lossforge_kernels.ops\n"
+        f"torch.ops.load_library({str(tmp / 'registrations.so')!r})\n"
+        f"missing = [n for n in {ops!r} if not torch._C._dispatch_has_kernel_for_dispatch_key('lossforge::' + n, 'CUDA')]\n"
+        "print('missing', missing)\n"
+        "sys.exit(1 if missing else 0)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, f"loading the registrations failed:\n{proc.stdout}\n{proc.stderr[-8000:]}"
+
+
+@needs_nvcc
+@pytest.mark.skipif(NM is None, reason="nm is needed to list the symbols of the objects")
+def test_cuda_sources_define_what_ops_h_declares(build):
+    """A definition whose signature drifted from ops.h compiles, but the extension would not load."""
+    tmp, results = build
+    if any(r[1] for r in results.values()):
+        pytest.skip("a compile failed (reported by the tests above)")
+
+    def defined(obj):
+        out = subprocess.run([NM, "-g", "--defined-only", str(obj)], capture_output=True, text=True, check=True)
+        return {line.split()[-1] for line in out.stdout.splitlines() if line.strip()}
+
+    wanted = {s for s in defined(tmp / "stubs.o") if "lossforge" in s}
+    have = set().union(*(defined(tmp / f"{src.stem}.o") for src in CSRC.glob("*.cu")))
+    assert wanted, "no lossforge symbols in the stand-ins"
+    assert wanted <= have, f"declared in ops.h but not defined by csrc/*.cu: {sorted(wanted - have)}"
