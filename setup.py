@@ -44,11 +44,11 @@ def cuda_extensions():
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
     opt = ["-O0", "-g"] if _flag("DEBUG") else ["-O3"]
-    nvcc = opt + ["-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"] + gencode
+    nvcc = opt + ["-lineinfo", "--expt-relaxed-constexpr"] + gencode  # the C++ standard: torch's default
     sources = sorted(glob.glob("csrc/*.cu")) + sorted(glob.glob("csrc/*.cpp"))
     ext = CUDAExtension(
         "lossforge_kernels._C", sources,
-        extra_compile_args={"cxx": opt + ["-std=c++17"], "nvcc": nvcc},
+        extra_compile_args={"cxx": opt, "nvcc": nvcc},
         py_limited_api=False,
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

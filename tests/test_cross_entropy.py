@@ -531,3 +531,13 @@ def test_opcheck_kernel_ops(kernel_backend):
     scale_grad = getattr(ops, f"scale_grad_{kernel_backend}").default
     torch.library.opcheck(scale_grad, (torch.randn(4, 10, device=device), torch.tensor(0.5, device=device),
                                        torch.ones((), device=device)))
+
+
+def test_ignored_row_with_masked_class_has_zero_gradient(any_backend):
+    device = device_for(any_backend)
+    x = torch.randn(3, 8, device=device)
+    x[1, 0] = float("-inf")  # the ignored row: nothing in it may leak into the gradient
+    x.requires_grad_(True)
+    t = torch.tensor([2, -100, 5], device=device)
+    lf.cross_entropy(x, t, focal_gamma=0.5, label_smoothing=0.1, backend=any_backend).backward()
+    assert torch.isfinite(x.grad).all() and torch.equal(x.grad[1], torch.zeros_like(x.grad[1]))

@@ -38,21 +38,26 @@ def cross_entropy_rows(logits, target, weight=None, *, ignore_index=-100, label_
     num_classes = x.shape[1]
     if softcap is not None:
         x = softcap * torch.tanh(x / softcap)
-    lse = torch.logsumexp(x, dim=1)
-    logp = x - lse[:, None]
     w = None if weight is None else weight.to(x.dtype)
     eps = label_smoothing
 
     if target.dtype.is_floating_point:  # class probabilities
+        lse = torch.logsumexp(x, dim=1)
         q = target.to(x.dtype) * (1.0 - eps) + eps / num_classes
         if w is not None:
             q = q * w
-        row = -(q * logp).sum(dim=1)
+        row = -(q * (x - lse[:, None])).sum(dim=1)
         return row + z_loss * lse.square()
 
     ignored = target == ignore_index
     in_range = (target >= 0) & (target < num_classes)
-    t = torch.where(in_range & ~ignored, target, torch.zeros_like(target))
+    counted = in_range & ~ignored
+    t = torch.where(counted, target, torch.zeros_like(target))
+    # Rows that are not counted get stand-in logits, so that an inf in their (discarded) loss cannot
+    # turn the zero gradient of the final where() into inf * 0 = NaN.
+    x = torch.where(counted[:, None], x, torch.zeros_like(x))
+    lse = torch.logsumexp(x, dim=1)
+    logp = x - lse[:, None]
     nll = -logp.gather(1, t[:, None]).squeeze(1)
     w_t = torch.ones_like(nll) if w is None else w[t]
     row = (1.0 - eps) * w_t * nll
