@@ -202,9 +202,10 @@ def run_both(backend, opts, n, c, reduction, dtype=torch.float32, seed=None, ext
     loss = lf.cross_entropy(x, t, w, reduction=reduction, backend=backend, **opts)
     want = lf.cross_entropy(x_ref, t_ref, None if w is None else w.double(), reduction=reduction,
                             backend="reference", **ref_opts)
-    g = torch.rand_like(want) + 0.5  # non-uniform grad_output for 'none'; a random scalar otherwise
-    loss.backward(g.to(loss.dtype))
-    want.backward(g)
+    # non-uniform grad_output for 'none', a random scalar otherwise; both sides get the same values
+    g = (torch.rand_like(want) + 0.5).to(loss.dtype)
+    loss.backward(g)
+    want.backward(g.to(want.dtype))
     return loss, want, x.grad, x_ref.grad
 
 
@@ -224,11 +225,16 @@ def test_kernel_matches_reference_fp32(kernel_backend, opts, reduction):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("opts", [KERNEL_CASES[0], KERNEL_CASES[9], KERNEL_CASES[11]])
 def test_kernel_matches_reference_half(kernel_backend, dtype, opts):
+    # The reference sees the same rounded inputs, so what is left is output rounding: the loss once,
+    # the fused gradient twice (stored in the forward, rescaled by grad_output != 1 in the backward).
+    # With few rows the norm is dominated by the target entries, so the bound is per element:
+    # 2 x 2**-8 for bf16 (0.8%), 2 x 2**-11 for fp16, with a factor 2 of headroom.
+    tol = 2 * 2 * (2**-8 if dtype == torch.bfloat16 else 2**-11)
     for reduction in REDUCTIONS:
         loss, want, grad, want_grad = run_both(kernel_backend, opts, 7, 300, reduction, dtype=dtype)
         assert loss.dtype == dtype and grad.dtype == dtype
-        assert_close_rel(loss, want, 1e-2, "loss")
-        assert_close_rel(grad, want_grad, 1e-2, "grad")
+        assert_close_rel(loss, want, tol, "loss")
+        assert_close_rel(grad, want_grad, tol, "grad")
 
 
 def test_kernel_k_dimensional_and_large_row(kernel_backend):
