@@ -104,6 +104,13 @@ __device__ __forceinline__ uint4 ld_keep(const void* p) { return *reinterpret_ca
 // Outputs are not read again by the kernel: streaming stores keep them from evicting the logits.
 __device__ __forceinline__ void st_once(void* p, const uint4& v) { __stcs(reinterpret_cast<uint4*>(p), v); }
 
+// 2^x on the special-function unit (2 ulp; results below 2^-126 flush to 0, which every caller
+// adds to or multiplies a term of order 1 with).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
 // The 16 bytes of kPerPacket elements of T at p: one 16-byte load when `vec`, else element by
 // element (for an array whose alignment differs from the one the row walk was aligned to).
 template <typename T, bool kKeep = false>

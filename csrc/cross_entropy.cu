@@ -58,20 +58,24 @@ struct CeArgs {
   int64_t cache_packets;
 };
 
-// Per-row gradient: g_j = (coef * 2^(y_j*log2e - off2) - w_j * (cq1 * q_j + cq0)) * dy_j/dx_j for
-// j != t, and gt for the target class. off2 is lse (or lse + log(1 - p_t) for focal rows, where the
-// exp then yields r_j = p_j / (1 - p_t), which cannot overflow) in base-2 units.
+// Per-row gradient: g_j = (coef * exp(y_j - off) - w_j * (cq1 * q_j + cq0)) * dy_j/dx_j for j != t,
+// and gt for the target class. off is lse (or lse + log(1 - p_t) for focal rows, where the exp then
+// yields r_j = p_j / (1 - p_t), which cannot overflow).
 struct RowGrad {
-  float off2, coef, cq0, cq1, gt;
+  float off, coef, cq0, cq1, gt;
 };
 
-// Running max m of the row's logits, mL = m * log2e, s = sum of exp(y - m) over the elements seen
-// (target excluded), ys = sum of w_j (y_j - c) or w_j q'_j (y_j - c), qs = sum of w_j q'_j.
+// exp(y - m) as 2^((y - m) log2e): subtracting first keeps full precision when y and m are large
+// and close (y*log2e - m*log2e in one fma would not: at |y| ~ 1000 that costs 4e-5 relative).
+__device__ __forceinline__ float exp_diff(float y, float m) { return fast_exp2((y - m) * kLog2e); }
+
+// Running max m of the row's logits, s = sum of exp(y - m) over the elements seen (target
+// excluded), ys = sum of w_j (y_j - c) or w_j q'_j (y_j - c), qs = sum of w_j q'_j.
 struct Acc {
-  float m, mL, s, ys, qs;
+  float m, s, ys, qs;
 };
 
-__device__ __forceinline__ Acc acc_init() { return {-INFINITY, -INFINITY, 0.f, 0.f, 0.f}; }
+__device__ __forceinline__ Acc acc_init() { return {-INFINITY, 0.f, 0.f, 0.f}; }
 
 template <bool kCap>
 __device__ __forceinline__ float cap_logit(float x, float cap, float inv_cap) {
@@ -114,16 +118,14 @@ __device__ __forceinline__ void accumulate(Acc& a, const float* y, const float* 
 #pragma unroll
   for (int i = 1; i < N; ++i) vmax = fmaxf(vmax, y[i]);
   if (vmax > a.m) {  // s was relative to the old max (0 while it was -inf)
-    const float mL = vmax * kLog2e;
-    a.s *= exp2f(a.mL - mL);
+    a.s *= exp_diff(a.m, vmax);
     a.m = vmax;
-    a.mL = mL;
   }
   // All -inf: nothing to add (and -inf - -inf would be NaN). NaN passes, so NaN logits poison s.
   if (vmax != -INFINITY) {
     float e[N];
 #pragma unroll
-    for (int i = 0; i < N; ++i) e[i] = exp2f(fmaf(y[i], kLog2e, -a.mL));
+    for (int i = 0; i < N; ++i) e[i] = exp_diff(y[i], a.m);
     if (skip >= 0) {
 #pragma unroll
       for (int i = 0; i < N; ++i) e[i] = i == skip ? 0.f : e[i];
@@ -144,13 +146,11 @@ __device__ __forceinline__ void accumulate(Acc& a, const float* y, const float* 
   }
 }
 
-__device__ __forceinline__ void merge(Acc& a, float m, float mL, float s, float ys, float qs) {
+__device__ __forceinline__ void merge(Acc& a, float m, float s, float ys, float qs) {
   const float mm = fmaxf(a.m, m);
   if (mm != -INFINITY) {
-    const float mmL = mm * kLog2e;
-    a.s = a.s * exp2f(a.mL - mmL) + s * exp2f(mL - mmL);
+    a.s = a.s * exp_diff(a.m, mm) + s * exp_diff(m, mm);
     a.m = mm;
-    a.mL = mmL;
   } else {
     a.s += s;  // both maxima -inf: the sums are 0 (or NaN, which must survive)
   }
@@ -163,16 +163,15 @@ __device__ __forceinline__ void warp_merge(Acc& a) {
 #pragma unroll
   for (int off = kWarpSize / 2; off > 0; off /= 2) {
     const float m = __shfl_xor_sync(0xffffffffu, a.m, off);
-    const float mL = __shfl_xor_sync(0xffffffffu, a.mL, off);
     const float s = __shfl_xor_sync(0xffffffffu, a.s, off);
     const float ys = kSums ? __shfl_xor_sync(0xffffffffu, a.ys, off) : 0.f;
     const float qs = kQs ? __shfl_xor_sync(0xffffffffu, a.qs, off) : 0.f;
-    merge(a, m, mL, s, ys, qs);
+    merge(a, m, s, ys, qs);
   }
 }
 
 struct ReduceSmem {
-  float m[kMaxThreads / kWarpSize], mL[kMaxThreads / kWarpSize], s[kMaxThreads / kWarpSize];
+  float m[kMaxThreads / kWarpSize], s[kMaxThreads / kWarpSize];
   float ys[kMaxThreads / kWarpSize], qs[kMaxThreads / kWarpSize];
 };
 
@@ -182,18 +181,21 @@ __device__ __forceinline__ Acc block_merge(Acc a, ReduceSmem& sm) {
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   warp_merge<kSums, kQs>(a);
   if (lane == 0) {
-    sm.m[warp] = a.m, sm.mL[warp] = a.mL, sm.s[warp] = a.s, sm.ys[warp] = a.ys, sm.qs[warp] = a.qs;
+    sm.m[warp] = a.m, sm.s[warp] = a.s, sm.ys[warp] = a.ys, sm.qs[warp] = a.qs;
   }
   __syncthreads();
   if (warp == 0) {
     a = acc_init();
     if (lane < static_cast<int>(blockDim.x / kWarpSize)) {
-      a = {sm.m[lane], sm.mL[lane], sm.s[lane], sm.ys[lane], sm.qs[lane]};
+      a = {sm.m[lane], sm.s[lane], sm.ys[lane], sm.qs[lane]};
     }
     warp_merge<kSums, kQs>(a);
   }
   return a;
 }
+
+// log(1 + e^v), for any v (inf and NaN pass through).
+__device__ __forceinline__ float softplus(float v) { return v > 0.f ? v + log1pf(expf(-v)) : log1pf(expf(v)); }
 
 // (1 - p_t)^gamma from log(1 - p_t): 1 for gamma == 0, 0 when no other class has mass.
 __device__ __forceinline__ float focal_q(float log1mp, float gamma) {
@@ -215,10 +217,10 @@ __device__ __forceinline__ RowGrad class_row_grad(const ClassRow& r, float lse, 
   const float ce_dF = dF != 0.f ? ce * dF : 0.f;
   RowGrad g;
   if (r.gamma > 0.f && log1mp > -INFINITY) {  // via r_j: p_j = r_j * (1 - p_t)
-    g.off2 = (lse + log1mp) * kLog2e;
+    g.off = lse + log1mp;
     g.coef = scale * fmaf(cp, omp, ce_dF);
   } else {
-    g.off2 = lse * kLog2e;
+    g.off = lse;
     g.coef = scale * cp;
   }
   g.cq0 = scale * F * r.epsC;
@@ -229,7 +231,7 @@ __device__ __forceinline__ RowGrad class_row_grad(const ClassRow& r, float lse, 
 
 __device__ __forceinline__ RowGrad soft_row_grad(float lse, float S, float eps1, float epsC, float z, float scale) {
   RowGrad g;
-  g.off2 = lse * kLog2e;
+  g.off = lse;
   g.coef = scale * fmaf(2.f * z, lse, S);
   g.cq1 = scale * eps1;
   g.cq0 = scale * epsC;
@@ -264,7 +266,7 @@ __device__ __forceinline__ void write_grad_row(const CeArgs& a, const T* x, cons
   auto grad_of = [&](float xv, float wv, float qv) {
     float d;
     const float y = cap_logit_d<kCap>(xv, a.cap, a.inv_cap, d);
-    float gv = rg.coef * exp2f(fmaf(y, kLog2e, -rg.off2));
+    float gv = rg.coef * exp_diff(y, rg.off);
     if constexpr (kSoft) {
       gv -= wv * fmaf(rg.cq1, qv, rg.cq0);
     } else if constexpr (kSmooth) {
@@ -437,11 +439,15 @@ __global__ void __launch_bounds__(kMaxThreads, 1) ce_fwd_kernel(const CeArgs a) 
         *reinterpret_cast<float4*>(a.stats + 4 * row) = make_float4(lse, acc.qs, 0.f, 0.f);
         rg = soft_row_grad(lse, acc.qs, eps1, epsC, a.z, scale);
       } else {
-        const float e_t = acc.m == -INFINITY ? 0.f : exp2f(fmaf(yt, kLog2e, -acc.mL));
+        const float e_t = acc.m == -INFINITY ? 0.f : exp_diff(yt, acc.m);
         const float s_all = acc.s + e_t;
         const float lse = acc.m + logf(s_all);
-        const float logp_t = yt - lse;
-        const float log1mp = logf(acc.s) - logf(s_all);  // -inf when no other class has mass
+        // From lr = log(s / e_t), the log-odds against the target: -log p_t = softplus(lr) and
+        // log(1 - p_t) = -softplus(-lr), with no cancellation as p_t -> 1 (a confident row's tiny
+        // CE keeps its relative precision). s = 0 (no other class has mass) gives log(1 - p_t) = -inf.
+        const float lr = logf(acc.s) - (yt - acc.m);
+        const float logp_t = -softplus(lr);
+        const float log1mp = -softplus(-lr);
         float ce = eps1 * wt * -logp_t;
         if constexpr (kSmooth) ce += epsC * fmaf(W, lse - c, -acc.ys);
         const ClassRow cr{wt, at, W, eps1, epsC, a.z, a.gamma};

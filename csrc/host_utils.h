@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 
 #include <ATen/core/Tensor.h>
@@ -108,14 +109,26 @@ struct RowPlan {
   size_t smem;
 };
 
+// A tuning knob from the environment (bench/NOTES.md lists them), or `fallback` when unset.
+inline double env_knob(const char* name, double fallback) {
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != '\0' ? std::atof(v) : fallback;
+}
+
 // One block per row. `packets`: 16-byte packets in a row; `unroll`: packets in flight per thread.
 // Blocks of up to 512 threads, so that two or more rows share an SM and one row's reduction
 // overlaps another's streaming. With `cache`, the row (or its head) lives in shared memory between
 // the two passes; if the uncached tails of all rows in flight would take more than half of L2, use
 // one 1024-thread block per SM with the largest cache instead, so that the re-read still hits L2.
+// Knobs: LOSSFORGE_ROW_THREADS fixes the block size, LOSSFORGE_ROW_L2_SHARE the share of L2 the
+// re-read tails may take (default 0.5), LOSSFORGE_ROW_CACHE=0 keeps nothing in shared memory.
 inline RowPlan plan_rows(int64_t packets, int unroll, bool cache, int device) {
-  RowPlan p{static_cast<int>(std::clamp<int64_t>(next_pow2((packets + 2 * unroll - 1) / (2 * unroll)), 32, 512)), 0, 0};
-  if (!cache) return p;
+  const int forced = static_cast<int>(env_knob("LOSSFORGE_ROW_THREADS", 0));
+  const int threads = forced >= 32 && forced <= 1024 && (forced & (forced - 1)) == 0
+                          ? forced
+                          : static_cast<int>(std::clamp<int64_t>(next_pow2((packets + 2 * unroll - 1) / (2 * unroll)), 32, 512));
+  RowPlan p{threads, 0, 0};
+  if (!cache || env_knob("LOSSFORGE_ROW_CACHE", 1) == 0) return p;
   const int64_t sm_smem = device_attr(cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
   const int64_t optin = device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   const int64_t reserved = device_attr(cudaDevAttrReservedSharedMemoryPerBlock, device);
@@ -127,7 +140,8 @@ inline RowPlan plan_rows(int64_t packets, int unroll, bool cache, int device) {
   };
   const int64_t resident = std::clamp<int64_t>(kRegisterLimitedThreadsPerSm / p.threads, 1, 32);
   int64_t cached = std::min(packets, budget(resident));
-  if (cached < packets && sms * resident * (packets - cached) * 16 > l2 / 2) {
+  const double l2_share = env_knob("LOSSFORGE_ROW_L2_SHARE", 0.5);
+  if (forced != threads && cached < packets && sms * resident * (packets - cached) * 16 > l2 * l2_share) {
     p.threads = 1024;
     cached = std::min(packets, budget(1));
   }
