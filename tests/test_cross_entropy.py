@@ -337,23 +337,26 @@ def test_kernel_hypothesis(n, c, reduction, smoothing, gamma, z_loss, weighted, 
         assert_close_rel(grad, want_grad, 1e-5, "grad")
 
 
-def test_compile_fullgraph(any_backend):
+@pytest.mark.parametrize("reduction,inplace", [("mean", False), ("sum", False), ("none", False), ("mean", True)])
+def test_compile_fullgraph(any_backend, reduction, inplace):
     device = device_for(any_backend)
     x, t, _ = make_inputs(4, 20, device=device)
-    x.requires_grad_(True)
+    go = torch.rand(4, device=device) + 0.5 if reduction == "none" else torch.tensor(3.0, device=device)
 
     def step(x_, t_):
-        return lf.cross_entropy(x_, t_, label_smoothing=0.1, z_loss=1e-3, backend=any_backend) * 2.0
+        return lf.cross_entropy(x_, t_, label_smoothing=0.1, z_loss=1e-3, reduction=reduction,
+                                inplace_backward=inplace, backend=any_backend) * 2.0
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
-    loss = compiled(x, t)
-    loss.backward()
-    g = x.grad.clone()
-    x.grad = None
-    want = step(x, t)
-    want.backward()
+    # A non-leaf input, so that inplace_backward may write over it; fresh copies for each side.
+    x1 = x.clone().requires_grad_(True)
+    loss = compiled(x1 * 1.0, t)
+    loss.backward(go)
+    x2 = x.clone().requires_grad_(True)
+    want = step(x2 * 1.0, t)
+    want.backward(go)
     torch.testing.assert_close(loss, want)
-    torch.testing.assert_close(g, x.grad)
+    torch.testing.assert_close(x1.grad, x2.grad)
 
 
 # ---- linear cross-entropy ------------------------------------------------------------------------
@@ -534,6 +537,14 @@ def test_opcheck_kernel_ops(kernel_backend):
     _, stats = fwd(x, t, w, alpha, scale, None, *params)
     bwd = getattr(ops, f"cross_entropy_bwd_{kernel_backend}").default
     torch.library.opcheck(bwd, (torch.rand(4, device=device), x, t, w, alpha, stats, torch.empty_like(x), *params))
+    # the functional ops torch.compile sees, with their registered autograd
+    xg = x.clone().requires_grad_(True)
+    fused = getattr(ops, f"cross_entropy_fused_{kernel_backend}").default
+    torch.library.opcheck(fused, (xg, t, w, alpha, torch.tensor(3.0, device=device), *params))
+    rows = getattr(ops, f"cross_entropy_rows_{kernel_backend}").default
+    torch.library.opcheck(rows, (xg, t, w, alpha, *params))
+    bwd_grad = getattr(ops, f"cross_entropy_bwd_grad_{kernel_backend}").default
+    torch.library.opcheck(bwd_grad, (torch.rand(4, device=device), x, t, w, alpha, stats, *params))
     scale_grad = getattr(ops, f"scale_grad_{kernel_backend}").default
     torch.library.opcheck(scale_grad, (torch.randn(4, 10, device=device), torch.tensor(0.5, device=device),
                                        torch.ones((), device=device)))

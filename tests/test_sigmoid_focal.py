@@ -125,3 +125,33 @@ def test_opcheck_kernel_ops(kernel_backend):
     torch.library.opcheck(fwd, (x, t, scale, None, -1.0, 0.5, False))
     bwd = getattr(ops, f"sigmoid_focal_bwd_{kernel_backend}").default
     torch.library.opcheck(bwd, (torch.rand_like(x), x, t, torch.empty_like(x), 0.25, 2.0))
+    # the functional ops torch.compile sees, with their registered autograd
+    xg = x.clone().requires_grad_(True)
+    for mean in (True, False):
+        torch.library.opcheck(getattr(ops, f"sigmoid_focal_fused_{kernel_backend}").default,
+                              (xg, t, 0.25, 2.0, mean))
+    torch.library.opcheck(getattr(ops, f"sigmoid_focal_elementwise_{kernel_backend}").default,
+                          (xg, t, 0.25, 2.0))
+    torch.library.opcheck(getattr(ops, f"sigmoid_focal_bwd_grad_{kernel_backend}").default,
+                          (torch.rand_like(x), x, t, 0.25, 2.0))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compile_fullgraph(any_backend, reduction):
+    device = device_for(any_backend)
+    x, t = make((6, 7), dtype=torch.float32, device=device)
+    x.requires_grad_(True)
+    go = torch.rand(6, 7, device=device) + 0.5 if reduction == "none" else torch.tensor(3.0, device=device)
+
+    def step(x_, t_):
+        return lf.sigmoid_focal_loss(x_, t_, reduction=reduction, backend=any_backend) * 2.0
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    loss = compiled(x, t)
+    loss.backward(go)
+    g = x.grad.clone()
+    x.grad = None
+    want = step(x, t)
+    want.backward(go)
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(g, x.grad)

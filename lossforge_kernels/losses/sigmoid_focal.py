@@ -9,7 +9,7 @@ from .._backends import LossKernels, register_kernels, resolve_backend
 from ..reference import sigmoid_focal as ref
 
 FAMILY = "sigmoid_focal"
-register_kernels(FAMILY, LossKernels(backends=("triton", "cuda")))  # order: see cross_entropy.py
+register_kernels(FAMILY, LossKernels(backends=("cuda", "triton")))  # order: see cross_entropy.py
 
 
 def sigmoid_focal_loss(input, target, *, alpha=0.25, gamma=2.0, reduction="none", backend="auto"):

@@ -37,6 +37,20 @@ def register_triton_impl(name: str, module: str, function: str) -> None:
         lib.impl(f"{name}_triton", impl, "CPU")
 
 
+def define_composite_op(name: str, schema: str, fake, make_impl, make_backward=None, setup_context=None) -> None:
+    """`lossforge::<name>_<backend>`: a functional op built from kernel ops (`make_impl(backend)`
+    returns its implementation, which runs on any device the kernel ops do), optionally with the
+    autograd formula `make_backward(backend)`. These are what torch.compile sees: no buffer the
+    caller made is written, so nothing needs functionalizing, and autograd is the op's own.
+    """
+    define_kernel_op(name, schema, fake)
+    for backend in KERNEL_BACKENDS:
+        lib.impl(f"{name}_{backend}", make_impl(backend), "CompositeExplicitAutograd")
+        if make_backward is not None:
+            torch.library.register_autograd(f"lossforge::{name}_{backend}", make_backward(backend),
+                                            setup_context=setup_context, lib=lib)
+
+
 def kernel_op(name: str, backend: str):
     return getattr(torch.ops.lossforge, f"{name}_{backend}").default
 
@@ -51,3 +65,4 @@ define_kernel_op(
     lambda grad, grad_output, applied: None,
 )
 register_triton_impl("scale_grad", "scale_grad", "scale_grad")
+

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from ..reference.cross_entropy import mean_divisor
-from ._library import define_kernel_op, kernel_op, register_triton_impl
+from ._library import define_composite_op, define_kernel_op, kernel_op, register_triton_impl
 
 _PARAMS = "int ignore_index, float label_smoothing, float z_loss, float softcap, float focal_gamma, float focal_alpha"
 
@@ -52,6 +52,97 @@ define_kernel_op(
 )
 register_triton_impl("cross_entropy_fwd", "cross_entropy", "cross_entropy_fwd")
 register_triton_impl("cross_entropy_bwd", "cross_entropy", "cross_entropy_bwd")
+
+# ---- the same kernels as functional ops with their own autograd, for torch.compile ----------------
+# cross_entropy_fused: 'mean'/'sum' loss (rows summed, divided by `divisor`) and the gradient from
+# the same pass; its backward scales that gradient. cross_entropy_rows: per-row losses and stats;
+# its backward runs the backward kernel. Eager calls use CrossEntropyFunction below instead, whose
+# in-place tricks (free backward at grad_output 1, inplace_backward) a traced graph cannot hold.
+
+
+def _fused_impl(backend):
+    def impl(logits, target, weight, alpha, divisor, *params):
+        grad = torch.empty_like(logits)
+        rows, _ = kernel_op("cross_entropy_fwd", backend)(
+            logits, target, weight, alpha, torch.reciprocal(divisor), grad, *params)
+        return rows.sum() / divisor, grad
+    return impl
+
+
+def _fused_setup(ctx, inputs, output):
+    ctx.n_inputs = len(inputs)
+    ctx.save_for_backward(output[1])
+
+
+def _fused_backward(backend):
+    def backward(ctx, grad_loss, _grad_grad):
+        (grad,) = ctx.saved_tensors
+        scaled = (grad.to(torch.float32) * grad_loss.to(torch.float32)).to(grad.dtype)
+        return (scaled,) + (None,) * (ctx.n_inputs - 1)
+    return backward
+
+
+def _rows_impl(backend):
+    def impl(logits, target, weight, alpha, *params):
+        one = torch.ones((), device=logits.device, dtype=torch.float32)
+        return kernel_op("cross_entropy_fwd", backend)(logits, target, weight, alpha, one, None, *params)
+    return impl
+
+
+def _rows_setup(ctx, inputs, output):
+    logits, target, weight, alpha, *params = inputs
+    ctx.params = params
+    ctx.save_for_backward(logits, target, weight, alpha, output[1])
+
+
+def _rows_backward(backend):
+    def backward(ctx, grad_rows, _grad_stats):
+        logits, target, weight, alpha, stats = ctx.saved_tensors
+        grad = kernel_op("cross_entropy_bwd_grad", backend)(
+            grad_rows.to(torch.float32).contiguous(), logits, target, weight, alpha, stats, *ctx.params)
+        return (grad,) + (None,) * (4 + len(ctx.params))
+    return backward
+
+
+def _bwd_grad_impl(backend):
+    def impl(grad_rows, logits, target, weight, alpha, stats, *params):
+        grad = torch.empty_like(logits)
+        kernel_op("cross_entropy_bwd", backend)(grad_rows, logits, target, weight, alpha, stats, grad, *params)
+        return grad
+    return impl
+
+
+define_composite_op(
+    "cross_entropy_fused",
+    f"(Tensor logits, Tensor target, Tensor? weight, Tensor? alpha, Tensor divisor, {_PARAMS}) -> (Tensor, Tensor)",
+    lambda logits, *args: (logits.new_empty((), dtype=torch.float32), torch.empty_like(logits)),
+    _fused_impl, _fused_backward, _fused_setup,
+)
+define_composite_op(
+    "cross_entropy_rows",
+    f"(Tensor logits, Tensor target, Tensor? weight, Tensor? alpha, {_PARAMS}) -> (Tensor, Tensor)",
+    lambda logits, target, weight, alpha, *params: _fwd_fake(logits, target, weight, alpha, None, None),
+    _rows_impl, _rows_backward, _rows_setup,
+)
+define_composite_op(
+    "cross_entropy_bwd_grad",
+    f"(Tensor grad_rows, Tensor logits, Tensor target, Tensor? weight, Tensor? alpha, Tensor stats, {_PARAMS})"
+    " -> Tensor",
+    lambda grad_rows, logits, *args: torch.empty_like(logits),
+    _bwd_grad_impl,
+)
+
+
+def _compiled_loss(logits, target, weight, alpha, reduction, want_grad, backend, params):
+    if want_grad and reduction != "none":
+        divisor = (mean_divisor(target, weight, params[0], logits.shape[0]) if reduction == "mean"
+                   else torch.ones((), device=logits.device, dtype=torch.float32))
+        loss, _ = kernel_op("cross_entropy_fused", backend)(logits, target, weight, alpha, divisor, *params)
+    else:
+        rows, _ = kernel_op("cross_entropy_rows", backend)(logits, target, weight, alpha, *params)
+        loss = rows if reduction == "none" else rows.sum() if reduction == "sum" else \
+            rows.sum() / mean_divisor(target, weight, params[0], logits.shape[0])
+    return loss.to(logits.dtype)
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -109,6 +200,9 @@ def cross_entropy_rows(logits, target, weight, alpha, *, reduction, inplace, bac
                        label_smoothing, z_loss, softcap, focal_gamma, focal_alpha):
     """Kernel-backed loss over prepared rows (see the module docstring for the layout)."""
     want_grad = torch.is_grad_enabled() and logits.requires_grad
+    if torch.compiler.is_compiling():  # inplace_backward does not apply to a traced graph
+        return _compiled_loss(logits, target, weight, alpha, reduction, want_grad, backend,
+                              (ignore_index, label_smoothing, z_loss, softcap, focal_gamma, focal_alpha))
     loss, _ = CrossEntropyFunction.apply(
         logits, target, weight, alpha, reduction, want_grad, inplace, backend,
         ignore_index, label_smoothing, z_loss, softcap, focal_gamma, focal_alpha)

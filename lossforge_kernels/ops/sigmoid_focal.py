@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ._library import define_kernel_op, kernel_op, register_triton_impl
+from ._library import define_composite_op, define_kernel_op, kernel_op, register_triton_impl
 
 
 def _fwd_fake(input, target, grad_scale, grad, alpha, gamma, reduce):
@@ -38,6 +38,88 @@ define_kernel_op(
 )
 register_triton_impl("sigmoid_focal_fwd", "sigmoid_focal", "sigmoid_focal_fwd")
 register_triton_impl("sigmoid_focal_bwd", "sigmoid_focal", "sigmoid_focal_bwd")
+
+# ---- functional ops with their own autograd, for torch.compile (see ops/cross_entropy.py) ---------
+
+
+def _fused_impl(backend):
+    def impl(input, target, alpha, gamma, mean):
+        n = input.numel()
+        scale = 1.0 / n if mean and n > 0 else 1.0
+        grad_scale = torch.full((), scale, device=input.device, dtype=torch.float32)
+        grad = torch.empty_like(input)
+        total = kernel_op("sigmoid_focal_fwd", backend)(input, target, grad_scale, grad, alpha, gamma, True)
+        return (total / n if mean else total), grad
+    return impl
+
+
+def _fused_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _fused_backward(backend):
+    def backward(ctx, grad_loss, _grad_grad):
+        (grad,) = ctx.saved_tensors
+        return (grad.to(torch.float32) * grad_loss.to(torch.float32)).to(grad.dtype), None, None, None, None
+    return backward
+
+
+def _elementwise_impl(backend):
+    def impl(input, target, alpha, gamma):
+        one = torch.ones((), device=input.device, dtype=torch.float32)
+        return kernel_op("sigmoid_focal_fwd", backend)(input, target, one, None, alpha, gamma, False)
+    return impl
+
+
+def _elementwise_setup(ctx, inputs, output):
+    input, target, ctx.alpha, ctx.gamma = inputs
+    ctx.save_for_backward(input, target)
+
+
+def _elementwise_backward(backend):
+    def backward(ctx, grad_out):
+        input, target = ctx.saved_tensors
+        grad = kernel_op("sigmoid_focal_bwd_grad", backend)(grad_out.contiguous(), input, target, ctx.alpha, ctx.gamma)
+        return grad, None, None, None
+    return backward
+
+
+def _bwd_grad_impl(backend):
+    def impl(grad_out, input, target, alpha, gamma):
+        grad = torch.empty_like(input)
+        kernel_op("sigmoid_focal_bwd", backend)(grad_out, input, target, grad, alpha, gamma)
+        return grad
+    return impl
+
+
+define_composite_op(
+    "sigmoid_focal_fused",
+    "(Tensor input, Tensor target, float alpha, float gamma, bool mean) -> (Tensor, Tensor)",
+    lambda input, *args: (input.new_empty((), dtype=torch.float32), torch.empty_like(input)),
+    _fused_impl, _fused_backward, _fused_setup,
+)
+define_composite_op(
+    "sigmoid_focal_elementwise",
+    "(Tensor input, Tensor target, float alpha, float gamma) -> Tensor",
+    lambda input, *args: torch.empty_like(input),
+    _elementwise_impl, _elementwise_backward, _elementwise_setup,
+)
+define_composite_op(
+    "sigmoid_focal_bwd_grad",
+    "(Tensor grad_out, Tensor input, Tensor target, float alpha, float gamma) -> Tensor",
+    lambda grad_out, input, *args: torch.empty_like(input),
+    _bwd_grad_impl,
+)
+
+
+def _compiled_loss(input, target, alpha, gamma, reduction, want_grad, backend):
+    if want_grad and reduction != "none":
+        loss, _ = kernel_op("sigmoid_focal_fused", backend)(input, target, alpha, gamma, reduction == "mean")
+    else:
+        loss = kernel_op("sigmoid_focal_elementwise", backend)(input, target, alpha, gamma)
+        if reduction != "none":
+            loss = loss.to(torch.float32).sum() / (input.numel() if reduction == "mean" else 1)
+    return loss.to(input.dtype)
 
 
 class SigmoidFocalFunction(torch.autograd.Function):
@@ -73,4 +155,6 @@ class SigmoidFocalFunction(torch.autograd.Function):
 
 def sigmoid_focal(input, target, *, alpha, gamma, reduction, backend):
     want_grad = torch.is_grad_enabled() and input.requires_grad
+    if torch.compiler.is_compiling():
+        return _compiled_loss(input, target, alpha, gamma, reduction, want_grad, backend)
     return SigmoidFocalFunction.apply(input, target, alpha, gamma, reduction, want_grad, backend)
