@@ -1,4 +1,4 @@
-"""Command line: python -m bench [--suite a,b] [--providers p,q] [--quick] [--out DIR] [--no-plot]."""
+"""Command line: python -m bench [--suite a,b] [--providers p,q] [--quick] [--out DIR] [--no-plot] [--report]."""
 from __future__ import annotations
 
 import argparse
@@ -32,6 +32,9 @@ def _parse(argv):
     p.add_argument("--warmup-limit", type=float, default=None, metavar="S",
                    help="drop a provider whose warm-up (compilation) takes over S seconds (default 300 GPU, "
                         "120 CPU)")
+    p.add_argument("--report", action="store_true",
+                   help="measure nothing: rebuild results.md and the PNGs in --out from its results.csv "
+                        "(rows accumulated over several runs, each section with its own environment)")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # odd tiny shapes for the smoke test
     args = p.parse_args(argv)
     unknown = [s for s in args.suite.split(",") if s not in SUITES]
@@ -42,8 +45,22 @@ def _parse(argv):
     return args
 
 
+def report(out: str, plot: bool = True) -> int:
+    rows = harness.read_csv(os.path.join(out, "results.csv"))
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(harness.report_markdown(rows) + "\n")
+    if plot:
+        for name in dict.fromkeys(r["suite"] for r in rows):
+            mine = [r for r in rows if r["suite"] == name]
+            harness.plot_suite(os.path.join(out, f"{name}.png"), name, mine, harness.row_environment(mine[0]))
+    print(f"rebuilt {out}/results.md{' and the PNGs' if plot else ''} from {len(rows)} rows of results.csv")
+    return 0
+
+
 def main(argv=None) -> int:
     args = _parse(argv)
+    if args.report:
+        return report(args.out, plot=not args.no_plot)
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda") if use_cuda else torch.device("cpu")
     profile = "tiny" if args.tiny else ("gpu" if use_cuda else "cpu") + ("-quick" if args.quick else "")

@@ -440,6 +440,35 @@ def upsert_csv(path: str, rows: list[dict]) -> None:
         writer.writerows(table.values())
 
 
+_NUMERIC = ("median_ms", "p20_ms", "p80_ms", "tb_per_s", "pct_copy", "extra_mb", "max_rel_err", "copy_tb_per_s")
+
+
+def read_csv(path: str) -> list[dict]:
+    """The rows of a results CSV, numbers as floats (NaN where empty)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k in _NUMERIC:
+            r[k] = float(r[k]) if r.get(k, "") != "" else math.nan
+    return rows
+
+
+def row_environment(row: dict) -> dict:
+    """The environment a CSV row was measured in, as environment() describes it."""
+    return {"device": row["gpu_name"] or row["device"], "torch_version": row["torch_version"],
+            "triton_version": row["triton_version"], "date": row["date"]}
+
+
+def report_markdown(rows: list[dict]) -> str:
+    """results.md for rows that may come from several runs: one section per suite, each headed by
+    the GPU, versions, date and copy rate its rows were measured with."""
+    parts = []
+    for suite in dict.fromkeys(r["suite"] for r in rows):
+        mine = [r for r in rows if r["suite"] == suite]
+        parts.append(format_markdown(mine, row_environment(mine[0]), mine[0]["copy_tb_per_s"] * 1e12))
+    return "\n".join(parts)
+
+
 def _describe(env: dict, copy_rate: float) -> str:
     return (f"{env['device']}, torch {env['torch_version']}, triton {env['triton_version']}, {env['date']}; "
             f"device copy {copy_rate / 1e12:.3g} TB/s (read + write)")

@@ -63,6 +63,13 @@ def test_cli_writes_csv_png_and_markdown(tmp_path, capsys):
     _, again = _read_csv(out / "results.csv")
     assert len(again) == len(rows)
 
+    # --report rebuilds the Markdown from every row of the CSV, not just the last run's suite.
+    (out / "results.md").write_text("stale")
+    assert cli.main(["--report", "--out", str(out), "--no-plot"]) == 0
+    markdown = (out / "results.md").read_text()
+    assert "### cross_entropy" in markdown and "### sigmoid_focal" in markdown
+    assert markdown.count("| lf-reference |") == sum(r["provider"] == "lf-reference" for r in rows)
+
 
 def test_upsert_replaces_same_key_and_appends_new(tmp_path):
     path = str(tmp_path / "r.csv")
