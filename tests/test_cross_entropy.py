@@ -248,6 +248,28 @@ def test_kernel_k_dimensional_and_large_row(kernel_backend):
     assert_close_rel(grad, want_grad, 1e-5, "grad")
 
 
+@pytest.mark.parametrize("gamma", [0.0, 0.5])
+def test_kernel_confident_rows_keep_relative_precision(kernel_backend, gamma):
+    # p_t -> 1: the CE is ~1e-5..1e-9 and must not come out of log(1 + s) rounded at 1 (or out of
+    # lse - y_t, which cancels); the target is the max in some rows and not in others.
+    device = device_for(kernel_backend)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 50, generator=g)
+    t = torch.arange(6) * 7
+    x[torch.arange(6), t] = torch.tensor([12.0, 16.0, 20.0, 9.0, 25.0, 14.0])
+    x[3, 1] = 9.5  # row 3: another class above the target
+    x = x.to(device).requires_grad_(True)
+    t = t.to(device)
+    rows = lf.cross_entropy(x, t, reduction="none", focal_gamma=gamma, backend=kernel_backend)
+    want = lf.cross_entropy(x.detach().double(), t, reduction="none", focal_gamma=gamma, backend="reference")
+    assert (want[[0, 1, 2, 4, 5]] < 1e-3).all()  # the inputs are what the test is about
+    assert torch.allclose(rows.double(), want, rtol=1e-5, atol=0), (rows, want)
+    rows.sum().backward()
+    x64 = x.detach().double().requires_grad_(True)
+    lf.cross_entropy(x64, t, reduction="sum", focal_gamma=gamma, backend="reference").backward()
+    assert_close_rel(x.grad, x64.grad, 1e-5, "grad")
+
+
 def test_kernel_edge_values(kernel_backend):
     device = device_for(kernel_backend)
     # -inf masked classes, extreme logits with gamma < 1, non-contiguous rows, an ignored row
