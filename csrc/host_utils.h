@@ -124,9 +124,9 @@ inline double env_knob(const char* name, double fallback) {
 // re-read tails may take (default 0.5), LOSSFORGE_ROW_CACHE=0 keeps nothing in shared memory.
 inline RowPlan plan_rows(int64_t packets, int unroll, bool cache, int device) {
   const int forced = static_cast<int>(env_knob("LOSSFORGE_ROW_THREADS", 0));
-  const int threads = forced >= 32 && forced <= 1024 && (forced & (forced - 1)) == 0
-                          ? forced
-                          : static_cast<int>(std::clamp<int64_t>(next_pow2((packets + 2 * unroll - 1) / (2 * unroll)), 32, 512));
+  const bool pinned = forced >= 32 && forced <= 1024 && (forced & (forced - 1)) == 0;
+  const int threads = pinned ? forced
+                             : static_cast<int>(std::clamp<int64_t>(next_pow2((packets + 2 * unroll - 1) / (2 * unroll)), 32, 512));
   RowPlan p{threads, 0, 0};
   if (!cache || env_knob("LOSSFORGE_ROW_CACHE", 1) == 0) return p;
   const int64_t sm_smem = device_attr(cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
@@ -141,7 +141,7 @@ inline RowPlan plan_rows(int64_t packets, int unroll, bool cache, int device) {
   const int64_t resident = std::clamp<int64_t>(kRegisterLimitedThreadsPerSm / p.threads, 1, 32);
   int64_t cached = std::min(packets, budget(resident));
   const double l2_share = env_knob("LOSSFORGE_ROW_L2_SHARE", 0.5);
-  if (forced != threads && cached < packets && sms * resident * (packets - cached) * 16 > l2 * l2_share) {
+  if (!pinned && cached < packets && sms * resident * (packets - cached) * 16 > l2 * l2_share) {
     p.threads = 1024;
     cached = std::min(packets, budget(1));
   }

@@ -30,7 +30,7 @@ namespace {
 
 constexpr int kThreads = 256;
 template <typename T>
-constexpr bool kFast = !std::is_same_v<T, float>;
+constexpr bool kFastMath = !std::is_same_v<T, float>;  // see focal_elem
 constexpr int kUnroll = 2;
 
 struct SfArgs {
@@ -114,7 +114,7 @@ __global__ void __launch_bounds__(kThreads) sigmoid_focal_fwd_kernel(const SfArg
   float sum = 0.f;
 
   auto scalar = [&](int64_t j) {
-    const float2 r = focal_elem<kGrad, kFast<T>>(load_elem(x + j), load_elem(t + j), a.alpha, a.gamma);
+    const float2 r = focal_elem<kGrad, kFastMath<T>>(load_elem(x + j), load_elem(t + j), a.alpha, a.gamma);
     if constexpr (kReduce) {
       sum += r.x;
     } else {
@@ -134,7 +134,7 @@ __global__ void __launch_bounds__(kThreads) sigmoid_focal_fwd_kernel(const SfArg
       unpack<T>(in.t, tv);
 #pragma unroll
       for (int i = 0; i < kN; ++i) {
-        const float2 r = focal_elem<kGrad, kFast<T>>(xv[i], tv[i], a.alpha, a.gamma);
+        const float2 r = focal_elem<kGrad, kFastMath<T>>(xv[i], tv[i], a.alpha, a.gamma);
         lv[i] = r.x;
         gv[i] = r.y * scale;
       }
@@ -183,14 +183,14 @@ __global__ void __launch_bounds__(kThreads) sigmoid_focal_bwd_kernel(const SfArg
       unpack<T>(in.x, xv);
       unpack<T>(in.t, tv);
 #pragma unroll
-      for (int i = 0; i < kN; ++i) gv[i] = in.go[i] * focal_elem<true, kFast<T>>(xv[i], tv[i], a.alpha, a.gamma).y;
+      for (int i = 0; i < kN; ++i) gv[i] = in.go[i] * focal_elem<true, kFastMath<T>>(xv[i], tv[i], a.alpha, a.gamma).y;
       st_once(grad + k * kN, pack<T>(gv));
     };
     stream_packets<kUnroll>(first, a.n / kN, step, load, use);
     tail = a.n / kN * kN;
   }
   for (int64_t j = tail + first; j < a.n; j += step) {
-    const float d = focal_elem<true, kFast<T>>(load_elem(x + j), load_elem(t + j), a.alpha, a.gamma).y;
+    const float d = focal_elem<true, kFastMath<T>>(load_elem(x + j), load_elem(t + j), a.alpha, a.gamma).y;
     store_elem(grad + j, load_elem(go + j) * d);
   }
 }

@@ -51,6 +51,21 @@ def define_composite_op(name: str, schema: str, fake, make_impl, make_backward=N
                                             setup_context=setup_context, lib=lib)
 
 
+def save_fused_grad(ctx, inputs, output):
+    """setup_context of an op returning (loss, gradient of the loss): keep the gradient."""
+    ctx.n_inputs = len(inputs)
+    ctx.save_for_backward(output[1])
+
+
+def fused_grad_backward(backend):
+    """Backward of such an op: the saved gradient times grad_output (the first input's gradient)."""
+    def backward(ctx, grad_loss, _grad_grad):
+        (grad,) = ctx.saved_tensors
+        scaled = (grad.to(torch.float32) * grad_loss.to(torch.float32)).to(grad.dtype)
+        return (scaled,) + (None,) * (ctx.n_inputs - 1)
+    return backward
+
+
 def kernel_op(name: str, backend: str):
     return getattr(torch.ops.lossforge, f"{name}_{backend}").default
 
@@ -65,4 +80,3 @@ define_kernel_op(
     lambda grad, grad_output, applied: None,
 )
 register_triton_impl("scale_grad", "scale_grad", "scale_grad")
-

@@ -28,7 +28,8 @@ from __future__ import annotations
 import torch
 
 from ..reference.cross_entropy import mean_divisor
-from ._library import define_composite_op, define_kernel_op, kernel_op, register_triton_impl
+from ._library import (define_composite_op, define_kernel_op, fused_grad_backward, kernel_op, register_triton_impl,
+                       save_fused_grad)
 
 _PARAMS = "int ignore_index, float label_smoothing, float z_loss, float softcap, float focal_gamma, float focal_alpha"
 
@@ -69,19 +70,6 @@ def _fused_impl(backend):
     return impl
 
 
-def _fused_setup(ctx, inputs, output):
-    ctx.n_inputs = len(inputs)
-    ctx.save_for_backward(output[1])
-
-
-def _fused_backward(backend):
-    def backward(ctx, grad_loss, _grad_grad):
-        (grad,) = ctx.saved_tensors
-        scaled = (grad.to(torch.float32) * grad_loss.to(torch.float32)).to(grad.dtype)
-        return (scaled,) + (None,) * (ctx.n_inputs - 1)
-    return backward
-
-
 def _rows_impl(backend):
     def impl(logits, target, weight, alpha, *params):
         one = torch.ones((), device=logits.device, dtype=torch.float32)
@@ -116,7 +104,7 @@ define_composite_op(
     "cross_entropy_fused",
     f"(Tensor logits, Tensor target, Tensor? weight, Tensor? alpha, Tensor divisor, {_PARAMS}) -> (Tensor, Tensor)",
     lambda logits, *args: (logits.new_empty((), dtype=torch.float32), torch.empty_like(logits)),
-    _fused_impl, _fused_backward, _fused_setup,
+    _fused_impl, fused_grad_backward, save_fused_grad,
 )
 define_composite_op(
     "cross_entropy_rows",

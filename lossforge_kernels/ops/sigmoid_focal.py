@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from ._library import define_composite_op, define_kernel_op, kernel_op, register_triton_impl
+from ._library import (define_composite_op, define_kernel_op, fused_grad_backward, kernel_op, register_triton_impl,
+                       save_fused_grad)
 
 
 def _fwd_fake(input, target, grad_scale, grad, alpha, gamma, reduce):
@@ -53,17 +54,6 @@ def _fused_impl(backend):
     return impl
 
 
-def _fused_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
-
-
-def _fused_backward(backend):
-    def backward(ctx, grad_loss, _grad_grad):
-        (grad,) = ctx.saved_tensors
-        return (grad.to(torch.float32) * grad_loss.to(torch.float32)).to(grad.dtype), None, None, None, None
-    return backward
-
-
 def _elementwise_impl(backend):
     def impl(input, target, alpha, gamma):
         one = torch.ones((), device=input.device, dtype=torch.float32)
@@ -96,7 +86,7 @@ define_composite_op(
     "sigmoid_focal_fused",
     "(Tensor input, Tensor target, float alpha, float gamma, bool mean) -> (Tensor, Tensor)",
     lambda input, *args: (input.new_empty((), dtype=torch.float32), torch.empty_like(input)),
-    _fused_impl, _fused_backward, _fused_setup,
+    _fused_impl, fused_grad_backward, save_fused_grad,
 )
 define_composite_op(
     "sigmoid_focal_elementwise",
