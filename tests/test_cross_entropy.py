@@ -529,6 +529,49 @@ def test_gpu_huge_vocab_and_64bit_offsets(backend):
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("knobs", [{"LOSSFORGE_ROW_THREADS": "1024"}, {"LOSSFORGE_ROW_THREADS": "64"},
+                                   {"LOSSFORGE_ROW_CACHE": "0"}, {"LOSSFORGE_ROW_L2_SHARE": "0"}])
+def test_gpu_cuda_row_plans_all_agree_with_the_reference(monkeypatch, knobs):
+    # The tuning knobs pick other launch plans (block size, shared-memory head, L2 re-read); each
+    # must compute the same thing. Odd C so rows are misaligned; one long row that cannot be cached.
+    if not lf.available_backends()["cuda"].available:
+        pytest.skip(lf.available_backends()["cuda"].reason)
+    for k, v in knobs.items():
+        monkeypatch.setenv(k, v)
+    for n, c, opts in ((37, 5001, {"label_smoothing": 0.1}), (5, 70001, {"focal_gamma": 0.5, "z_loss": 1e-3})):
+        for reduction in ("mean", "none"):
+            loss, want, grad, want_grad = run_both("cuda", opts, n, c, reduction)
+            assert_close_rel(loss, want, 1e-5, f"{knobs} loss c={c} {reduction}")
+            assert_close_rel(grad, want_grad, 1e-5, f"{knobs} grad c={c} {reduction}")
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_peak_memory_beyond_logits_and_gradient(backend):
+    # At most 1% of the logits' size beyond the logits and their gradient; with inplace_backward
+    # the gradient itself costs nothing either (only per-row buffers remain).
+    if not lf.available_backends()[backend].available:
+        pytest.skip(lf.available_backends()[backend].reason)
+    n, c = 2048, 32000
+    logits_bytes = n * c * 2
+    for inplace in (False, True):
+        x = torch.randn(n, c, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
+        t = torch.randint(0, c, (n,), device="cuda")
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        lf.cross_entropy(x, t, inplace_backward=inplace, backend=backend).backward()
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - base
+        if not inplace:
+            extra -= logits_bytes  # the returned gradient
+        limit = 64 * n * 4 + 2**20 if inplace else logits_bytes // 100
+        assert extra <= limit, f"inplace={inplace}: {extra} extra bytes > {limit}"
+        del x, t
+        torch.cuda.empty_cache()
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 def test_gpu_cuda_graph_capture():
     backend = "cuda" if lf.available_backends()["cuda"].available else "triton"
     x = torch.randn(64, 1000, device="cuda", requires_grad=True)
