@@ -147,3 +147,12 @@ def test_bytes_models_and_gpu_cases_follow_the_plan():
     sf = sigmoid_focal.cases("gpu-quick")
     assert [(c.shape, c.dtype, c.mode, c.options["reduction"]) for c in sf] == [((262144, 80), bf16, "fwd+bwd", "mean")]
     assert sigmoid_focal.bytes_model(sf[0])[0] == 3 * 2 * 262144 * 80
+
+
+def test_row_plan_sweep_says_what_it_needs_without_a_gpu(capsys):
+    from bench import sweep_rows
+
+    if torch.cuda.is_available():
+        pytest.skip("the sweep itself runs on the GPU (minutes); here only its refusal is checked")
+    assert sweep_rows.main([]) == 2
+    assert "needs a CUDA GPU and the CUDA extension" in capsys.readouterr().err

@@ -1,0 +1,91 @@
+"""Sweep of the CUDA row kernels' launch plans, for choosing plan_rows' defaults (csrc/host_utils.h).
+
+    python -m bench.sweep_rows [--shapes 8192x32000,8192x128256,4096x256000] [--dtype bfloat16]
+
+For each setting of the tuning knobs (LOSSFORGE_ROW_THREADS, LOSSFORGE_ROW_L2_SHARE,
+LOSSFORGE_ROW_CACHE; read by the extension at every launch) it times mean cross-entropy fwd+bwd
+and the forward without grad on the cuda backend, the way the bench times a row (CUDA-graph replay,
+L2 flushed before each replay), and prints the median ms and the % of the copy rate measured in the
+same run. A tuning tool: its numbers are not the project's results table (that is `python -m bench`).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+
+from . import ceilings, harness
+
+KNOBS = ("LOSSFORGE_ROW_THREADS", "LOSSFORGE_ROW_L2_SHARE", "LOSSFORGE_ROW_CACHE")
+SETTINGS = ({}, {"LOSSFORGE_ROW_THREADS": "128"}, {"LOSSFORGE_ROW_THREADS": "256"},
+            {"LOSSFORGE_ROW_THREADS": "512"}, {"LOSSFORGE_ROW_THREADS": "1024"},
+            {"LOSSFORGE_ROW_L2_SHARE": "1.0"}, {"LOSSFORGE_ROW_CACHE": "0"})
+
+
+def _steps(x, t):
+    import lossforge_kernels as lf
+
+    def fwd_bwd():
+        lf.cross_entropy(x, t, backend="cuda").backward()
+
+    def fwd():
+        with torch.no_grad():
+            lf.cross_entropy(x, t, backend="cuda")
+
+    return {"fwd+bwd": (fwd_bwd, 2), "fwd": (fwd, 1)}  # step, elements' sizes moved per logit
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.sweep_rows", description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", default="8192x32000,8192x128256,4096x256000")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    args = p.parse_args(argv)
+    import lossforge_kernels as lf
+
+    if not torch.cuda.is_available() or not lf.available_backends()["cuda"].available:
+        print("needs a CUDA GPU and the CUDA extension", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    dtype = getattr(torch, args.dtype)
+    settings = harness.Settings(device, "gpu", warmup=2, reps=10, budget_ms=300.0)
+    copy = ceilings.copy_bytes_per_s(device)
+    env = harness.environment(device)
+    print(f"{env['device']}; torch {env['torch_version']}; copy {copy / 1e12:.3g} TB/s; {args.dtype}")
+    saved = {k: os.environ.get(k) for k in KNOBS}
+    try:
+        for shape in args.shapes.split(","):
+            n, v = (int(s) for s in shape.split("x"))
+            x = (torch.randn(n, v, device=device, dtype=dtype) * 2).requires_grad_(True)
+            t = torch.randint(0, v, (n,), device=device)
+            for mode, (step, per_logit) in _steps(x, t).items():
+                cells = []
+                for knobs in SETTINGS:
+                    for k in KNOBS:
+                        os.environ.pop(k, None)
+                    os.environ.update(knobs)
+
+                    def reset(clear_grad=True):
+                        if clear_grad:
+                            x.grad = None
+
+                    times, _ = harness._time_gpu(step, reset, settings)
+                    ms = float(np.median(times))
+                    pct = 100 * n * v * per_logit * x.element_size() / (ms / 1e3) / copy
+                    label = ",".join(f"{k.rsplit('_', 1)[-1].lower()}={val}" for k, val in knobs.items()) or "default"
+                    cells.append(f"{label} {ms:.4f} ms ({pct:.0f}%)")
+                print(f"{shape} {mode}: " + " | ".join(cells), flush=True)
+            del x, t
+            torch.cuda.empty_cache()
+    finally:
+        for k, val in saved.items():
+            os.environ.pop(k, None)
+            if val is not None:
+                os.environ[k] = val
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
