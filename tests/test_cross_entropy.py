@@ -382,6 +382,35 @@ def test_compile_fullgraph(any_backend, reduction, inplace):
     torch.testing.assert_close(x1.grad, x2.grad)
 
 
+@pytest.mark.parametrize("case", ["weights+focal alpha tensor", "probabilities+smoothing", "no grad"])
+def test_compile_fullgraph_other_inputs(any_backend, case):
+    # The compiled path's own ops with class weights and per-class alpha, probability targets, and
+    # a forward under no_grad, against the eager call.
+    device = device_for(any_backend)
+    torch._dynamo.reset()
+    soft = case.startswith("probabilities")
+    x, t, w = make_inputs(5, 12, device=device, soft=soft, seed=7)
+    alpha = torch.rand(12, device=device)
+    opts = {"probabilities+smoothing": dict(label_smoothing=0.2, reduction="sum"),
+            "weights+focal alpha tensor": dict(weight=w, focal_gamma=2.0, focal_alpha=alpha),
+            "no grad": dict(z_loss=1e-3)}[case]
+
+    def step(x_, t_):
+        return lf.cross_entropy(x_, t_, backend=any_backend, **opts)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    if case == "no grad":
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x, t), step(x, t))
+        return
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    loss, want = compiled(x1, t), step(x2, t)
+    loss.backward()
+    want.backward()
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
 # ---- linear cross-entropy ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
