@@ -43,14 +43,18 @@ register_triton_impl("sigmoid_focal_bwd", "sigmoid_focal", "sigmoid_focal_bwd")
 # ---- functional ops with their own autograd, for torch.compile (see ops/cross_entropy.py) ---------
 
 
+def _grad_scale(input, mean):
+    """The kernels' grad_scale: 1/n for 'mean' (1 for no elements, where the loss is 0/0 = NaN), else 1."""
+    n = input.numel()
+    return torch.full((), 1.0 / n if mean and n > 0 else 1.0, device=input.device, dtype=torch.float32)
+
+
 def _fused_impl(backend):
     def impl(input, target, alpha, gamma, mean):
-        n = input.numel()
-        scale = 1.0 / n if mean and n > 0 else 1.0
-        grad_scale = torch.full((), scale, device=input.device, dtype=torch.float32)
         grad = torch.empty_like(input)
-        total = kernel_op("sigmoid_focal_fwd", backend)(input, target, grad_scale, grad, alpha, gamma, True)
-        return (total / n if mean else total), grad
+        total = kernel_op("sigmoid_focal_fwd", backend)(input, target, _grad_scale(input, mean), grad, alpha, gamma,
+                                                        True)
+        return (total / input.numel() if mean else total), grad
     return impl
 
 
@@ -116,8 +120,7 @@ class SigmoidFocalFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, target, alpha, gamma, reduction, want_grad, backend):
         fused = want_grad and reduction != "none"
-        scale = 1.0 / input.numel() if reduction == "mean" and input.numel() > 0 else 1.0
-        grad_scale = torch.full((), scale, device=input.device, dtype=torch.float32)
+        grad_scale = _grad_scale(input, reduction == "mean")
         grad = torch.empty_like(input) if fused else None
         loss = kernel_op("sigmoid_focal_fwd", backend)(
             input, target, grad_scale, grad, alpha, gamma, reduction != "none")
