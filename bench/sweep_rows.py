@@ -1,9 +1,10 @@
 """Sweep of the CUDA row kernels' launch plans, for choosing plan_rows' defaults (csrc/host_utils.h).
 
     python -m bench.sweep_rows [--shapes 8192x32000,8192x128256,4096x256000] [--dtype bfloat16]
+                               [--settings "threads=256;prefetch_kb=64,threads=1024"]
 
 For each setting of the tuning knobs (LOSSFORGE_ROW_THREADS, LOSSFORGE_ROW_L2_SHARE,
-LOSSFORGE_ROW_CACHE; read by the extension at every launch) it times mean cross-entropy fwd+bwd
+LOSSFORGE_ROW_CACHE, LOSSFORGE_ROW_PREFETCH_KB; read by the extension at every launch) it times mean cross-entropy fwd+bwd
 and the forward without grad on the cuda backend, the way the bench times a row (CUDA-graph replay,
 L2 flushed before each replay), and prints the median ms and the % of the copy rate measured in the
 same run. A tuning tool: its numbers are not the project's results table (that is `python -m bench`).
@@ -19,10 +20,23 @@ import torch
 
 from . import ceilings, harness
 
-KNOBS = ("LOSSFORGE_ROW_THREADS", "LOSSFORGE_ROW_L2_SHARE", "LOSSFORGE_ROW_CACHE")
-SETTINGS = ({}, {"LOSSFORGE_ROW_THREADS": "128"}, {"LOSSFORGE_ROW_THREADS": "256"},
-            {"LOSSFORGE_ROW_THREADS": "512"}, {"LOSSFORGE_ROW_THREADS": "1024"},
-            {"LOSSFORGE_ROW_L2_SHARE": "1.0"}, {"LOSSFORGE_ROW_CACHE": "0"})
+KNOBS = ("LOSSFORGE_ROW_THREADS", "LOSSFORGE_ROW_L2_SHARE", "LOSSFORGE_ROW_CACHE", "LOSSFORGE_ROW_PREFETCH_KB")
+DEFAULT_SETTINGS = ";threads=128;threads=256;threads=512;threads=1024;l2_share=1.0;cache=0;prefetch_kb=64;prefetch_kb=256"
+
+
+def parse_settings(text):
+    """'threads=256,prefetch_kb=64;cache=0' -> [{LOSSFORGE_ROW_THREADS: '256', ...}, {...}]; '' is the default."""
+    out = []
+    for item in text.split(";"):
+        knobs = {}
+        for pair in filter(None, item.split(",")):
+            key, val = pair.split("=")
+            name = "LOSSFORGE_ROW_" + key.strip().upper()
+            if name not in KNOBS:
+                raise SystemExit(f"unknown knob {key!r}; known: {', '.join(k[14:].lower() for k in KNOBS)}")
+            knobs[name] = val.strip()
+        out.append(knobs)
+    return out
 
 
 def _steps(x, t):
@@ -42,6 +56,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.sweep_rows", description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default="8192x32000,8192x128256,4096x256000")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--settings", default=DEFAULT_SETTINGS,
+                   help="';'-separated knob settings, each ','-separated key=value (empty: the defaults)")
     args = p.parse_args(argv)
     import lossforge_kernels as lf
 
@@ -62,7 +78,7 @@ def main(argv=None) -> int:
             t = torch.randint(0, v, (n,), device=device)
             for mode, (step, per_logit) in _steps(x, t).items():
                 cells = []
-                for knobs in SETTINGS:
+                for knobs in parse_settings(args.settings):
                     for k in KNOBS:
                         os.environ.pop(k, None)
                     os.environ.update(knobs)
@@ -74,7 +90,7 @@ def main(argv=None) -> int:
                     times, _ = harness._time_gpu(step, reset, settings)
                     ms = float(np.median(times))
                     pct = 100 * n * v * per_logit * x.element_size() / (ms / 1e3) / copy
-                    label = ",".join(f"{k.rsplit('_', 1)[-1].lower()}={val}" for k, val in knobs.items()) or "default"
+                    label = ",".join(f"{k[14:].lower()}={val}" for k, val in knobs.items()) or "default"
                     cells.append(f"{label} {ms:.4f} ms ({pct:.0f}%)")
                 print(f"{shape} {mode}: " + " | ".join(cells), flush=True)
             del x, t

@@ -111,6 +111,15 @@ __device__ __forceinline__ float fast_exp2(float x) {
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
+// Asks L2 for the first `bytes` of p (one request per 128-byte line, spread over the block): a
+// block about to reduce a row and write its gradient keeps DRAM busy with the next row meanwhile.
+__device__ __forceinline__ void prefetch_l2(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = threadIdx.x * int64_t{128}; off < bytes; off += blockDim.x * int64_t{128}) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(c + off));
+  }
+}
+
 // The 16 bytes of kPerPacket elements of T at p: one 16-byte load when `vec`, else element by
 // element (for an array whose alignment differs from the one the row walk was aligned to).
 template <typename T, bool kKeep = false>

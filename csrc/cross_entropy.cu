@@ -9,6 +9,9 @@
 //   Pass 2 (forward with a gradient buffer) reads the row again and writes the gradient. The first
 //   `cache_packets` 16-byte packets of the row stay in dynamic shared memory from pass 1; the rest
 //   is re-read from L2 (plan_rows keeps the rows in flight small enough for that).
+//   Optionally (plan_rows' prefetch, off by default until measured) the grid is persistent and a
+//   block that has read its row asks L2 for the head of its next row, so that DRAM keeps reading
+//   while the block reduces and writes the gradient.
 // The backward op is pass 2 alone, driven by the saved stats (no second reduction).
 // Designed traffic per logit: forward 1 read (2 B bf16); forward with gradient 1 read + 1 write
 // (4 B bf16); backward 1 read + 1 write. 16-byte accesses, 4 packets in flight per thread (2 with
@@ -56,6 +59,7 @@ struct CeArgs {
   int64_t rows, C, ignore;
   float eps, z, cap, inv_cap, gamma, alpha_f;
   int64_t cache_packets;
+  int64_t prefetch_bytes;
 };
 
 // Per-row gradient: g_j = (coef * exp(y_j - off) - w_j * (cq1 * q_j + cq0)) * dy_j/dx_j for j != t,
@@ -428,6 +432,9 @@ __global__ void __launch_bounds__(kMaxThreads, 1) ce_fwd_kernel(const CeArgs a) 
     };
     const int64_t k = stream_packets<kU>(tid, cached, nt, load_to_smem, use_and_keep);
     stream_packets<kU>(k, rs.packets, nt, load_keep, use);
+    if (a.prefetch_bytes > 0 && row + gridDim.x < a.rows) {
+      prefetch_l2(x + gridDim.x * a.sx, min(a.prefetch_bytes, a.C * static_cast<int64_t>(sizeof(T))));
+    }
 
     acc = block_merge<kSoft || kSmooth, kSoft>(acc, red);
     if (tid == 0) {
@@ -655,7 +662,8 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
       allow_smem(kernel, plan.smem);
       CeArgs b = a;
       b.cache_packets = plan.cache_packets;
-      kernel<<<grid_for(ck.rows), plan.threads, plan.smem, stream>>>(b);
+      b.prefetch_bytes = plan.prefetch_bytes;
+      kernel<<<grid_for_rows(plan, ck.rows, device), plan.threads, plan.smem, stream>>>(b);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

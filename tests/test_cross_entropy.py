@@ -561,15 +561,20 @@ def test_gpu_huge_vocab_and_64bit_offsets(backend):
 
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("knobs", [{"LOSSFORGE_ROW_THREADS": "1024"}, {"LOSSFORGE_ROW_THREADS": "64"},
-                                   {"LOSSFORGE_ROW_CACHE": "0"}, {"LOSSFORGE_ROW_L2_SHARE": "0"}])
+                                   {"LOSSFORGE_ROW_CACHE": "0"}, {"LOSSFORGE_ROW_L2_SHARE": "0"},
+                                   {"LOSSFORGE_ROW_PREFETCH_KB": "16"},
+                                   {"LOSSFORGE_ROW_PREFETCH_KB": "1024", "LOSSFORGE_ROW_THREADS": "1024"}])
 def test_gpu_cuda_row_plans_all_agree_with_the_reference(monkeypatch, knobs):
-    # The tuning knobs pick other launch plans (block size, shared-memory head, L2 re-read); each
-    # must compute the same thing. Odd C so rows are misaligned; one long row that cannot be cached.
+    # The tuning knobs pick other launch plans (block size, shared-memory head, L2 re-read, a
+    # persistent grid with a prefetch of the next row); each must compute the same thing. Odd C so
+    # rows are misaligned; one long row that cannot be cached; more rows than resident blocks, so
+    # that a persistent block walks several rows (ignored ones among them).
     if not lf.available_backends()["cuda"].available:
         pytest.skip(lf.available_backends()["cuda"].reason)
     for k, v in knobs.items():
         monkeypatch.setenv(k, v)
-    for n, c, opts in ((37, 5001, {"label_smoothing": 0.1}), (5, 70001, {"focal_gamma": 0.5, "z_loss": 1e-3})):
+    for n, c, opts in ((37, 5001, {"label_smoothing": 0.1}), (5, 70001, {"focal_gamma": 0.5, "z_loss": 1e-3}),
+                       (3001, 2053, {"weighted": True})):
         for reduction in ("mean", "none"):
             loss, want, grad, want_grad = run_both("cuda", opts, n, c, reduction)
             assert_close_rel(loss, want, 1e-5, f"{knobs} loss c={c} {reduction}")
