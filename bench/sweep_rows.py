@@ -4,10 +4,11 @@
                                [--settings "threads=256;prefetch_kb=64,threads=1024"]
 
 For each setting of the tuning knobs (LOSSFORGE_ROW_THREADS, LOSSFORGE_ROW_L2_SHARE,
-LOSSFORGE_ROW_CACHE, LOSSFORGE_ROW_PREFETCH_KB; read by the extension at every launch) it times mean cross-entropy fwd+bwd
-and the forward without grad on the cuda backend, the way the bench times a row (CUDA-graph replay,
-L2 flushed before each replay), and prints the median ms and the % of the copy rate measured in the
-same run. A tuning tool: its numbers are not the project's results table (that is `python -m bench`).
+LOSSFORGE_ROW_CACHE, LOSSFORGE_ROW_PREFETCH_KB; read by the extension at every launch) it times
+mean cross-entropy fwd+bwd and the forward without grad on the cuda backend, the way the bench
+times a row (CUDA-graph replay, L2 flushed before each replay), and prints the median ms and the %
+of the copy rate measured in the same run. A tuning tool: its numbers are not the project's
+results table (that is `python -m bench`).
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ import torch
 from . import ceilings, harness
 
 KNOBS = ("LOSSFORGE_ROW_THREADS", "LOSSFORGE_ROW_L2_SHARE", "LOSSFORGE_ROW_CACHE", "LOSSFORGE_ROW_PREFETCH_KB")
-DEFAULT_SETTINGS = ";threads=128;threads=256;threads=512;threads=1024;l2_share=1.0;cache=0;prefetch_kb=64;prefetch_kb=256"
+DEFAULT_SETTINGS = (";threads=128;threads=256;threads=512;threads=1024;l2_share=1.0;cache=0;"
+                    "prefetch_kb=64;prefetch_kb=256")
 
 
 def parse_settings(text):

@@ -133,8 +133,8 @@ inline RowPlan plan_rows(int64_t packets, int unroll, bool cache, int device) {
   const int forced = static_cast<int>(env_knob("LOSSFORGE_ROW_THREADS", 0));
   const bool pinned = forced >= 32 && forced <= 1024 && (forced & (forced - 1)) == 0;
   const int64_t cap = cache ? 512 : 256;
-  const int threads = pinned ? forced
-                             : static_cast<int>(std::clamp<int64_t>(next_pow2((packets + 4 * unroll - 1) / (4 * unroll)), 32, cap));
+  const int64_t rounds = (packets + 4 * unroll - 1) / (4 * unroll);
+  const int threads = pinned ? forced : static_cast<int>(std::clamp<int64_t>(next_pow2(rounds), 32, cap));
   const double prefetch_kb = env_knob("LOSSFORGE_ROW_PREFETCH_KB", kRowPrefetchKb);
   RowPlan p{threads, std::clamp<int64_t>(kRegisterLimitedThreadsPerSm / threads, 1, 32), 0, 0,
             static_cast<int64_t>(std::max(0.0, prefetch_kb) * 1024)};

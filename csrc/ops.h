@@ -23,13 +23,13 @@ void cross_entropy_bwd_cuda(
     double focal_gamma, double focal_alpha);
 
 at::Tensor sigmoid_focal_fwd_cuda(
-    const at::Tensor& input, const at::Tensor& target, const at::Tensor& grad_scale,
-    const std::optional<at::Tensor>& grad, double alpha, double gamma, bool reduce);
+    const at::Tensor& input, const at::Tensor& target, double grad_scale, const std::optional<at::Tensor>& grad,
+    double alpha, double gamma, bool reduce);
 
 void sigmoid_focal_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& target, const at::Tensor& grad,
     double alpha, double gamma);
 
-void scale_grad_cuda(const at::Tensor& grad, const at::Tensor& grad_output, const at::Tensor& applied);
+void scale_grad_cuda(const at::Tensor& grad, const at::Tensor& grad_output, const at::Tensor& applied, bool first);
 
 }  // namespace lossforge

@@ -1,11 +1,14 @@
-// scale_grad(grad, grad_output, applied): grad *= grad_output / applied when they differ, then
-// applied = grad_output, with no host synchronisation (contract: ops/_library.py).
+// scale_grad(grad, grad_output, applied, first): grad *= grad_output / applied when they differ,
+// then applied = grad_output, with no host synchronisation (contract: ops/_library.py; `first`:
+// the old value is 1 and `applied` is not read).
 //
 // Every block first loads the two scalars and returns at once when they are equal (the usual
-// grad_output of 1), so that case moves no gradient bytes. Otherwise one block covers a chunk of a
-// row of grad (16-byte packets, 4 in flight per thread): 1 read + 1 write per element.
-// `applied` is updated by a second one-thread launch on the same stream: stream order puts it after
-// every block of the first kernel has read the old value, so no block can see the new one.
+// grad_output of 1), so that case moves no gradient bytes; the grid is a few blocks per SM, so it
+// also costs one short launch. Otherwise the blocks walk chunks of the rows of grad (16-byte
+// packets, 4 in flight per thread): 1 read + 1 write per element.
+// On a first backward no block reads `applied` and block 0 writes it; later, a second one-thread
+// launch on the same stream updates it: stream order puts it after every block of the first kernel
+// has read the old value, so no block can see the new one.
 // Compile facts (nvcc 13.0, -O3, ptxas -v): 40 (sm_80) / 32 (sm_90) registers, no spills.
 
 #include <ATen/core/Tensor.h>
@@ -27,9 +30,12 @@ constexpr int kUnroll = 4;
 // grad viewed as `rows` rows of `cols` adjacent elements, `stride` apart.
 template <typename T, typename G>
 __global__ void __launch_bounds__(kThreads) scale_rows_kernel(T* grad, int64_t rows, int64_t cols, int64_t stride,
-                                                              const G* grad_output, const float* applied) {
+                                                              const G* grad_output, float* applied,
+                                                              bool first_backward) {
   constexpr int kN = Elem<T>::kPerPacket;
-  const float o = load_elem(grad_output), old = *applied;
+  const float o = load_elem(grad_output);
+  if (first_backward && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) *applied = o;
+  const float old = first_backward ? 1.f : *applied;
   if (o == old) return;  // NaN != NaN: a NaN grad_output still propagates
   const float ratio = o / old;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -65,7 +71,7 @@ constexpr const char* kOp = "scale_grad_cuda";
 
 }  // namespace
 
-void scale_grad_cuda(const at::Tensor& grad, const at::Tensor& grad_output, const at::Tensor& applied) {
+void scale_grad_cuda(const at::Tensor& grad, const at::Tensor& grad_output, const at::Tensor& applied, bool first) {
   check_cuda(kOp, "grad", grad);
   check_kernel_float(kOp, "grad", grad);
   check_on(kOp, "grad_output", grad_output, grad);
@@ -88,7 +94,11 @@ void scale_grad_cuda(const at::Tensor& grad, const at::Tensor& grad_output, cons
   if (!rows_layout) {
     // Any other layout: the same on-device computation with ATen ops (one pass even when equal).
     const at::Tensor o = go.to(at::kFloat).reshape({});
-    grad.mul_(at::where(o.ne(applied), o.div(applied), 1.0));
+    if (first) {
+      grad.mul_(o);
+    } else {
+      grad.mul_(at::where(o.ne(applied), o.div(applied), 1.0));
+    }
     applied.copy_(o);
     return;
   }
@@ -97,19 +107,26 @@ void scale_grad_cuda(const at::Tensor& grad, const at::Tensor& grad_output, cons
     using T = decltype(tag);
     dispatch_float(go.scalar_type(), kOp, [&](auto gtag) {
       using G = decltype(gtag);
-      if (rows > 0 && cols > 0) {
+      const bool any = rows > 0 && cols > 0;
+      if (any || first) {
+        // At most one wave of blocks (2048 threads per SM): rows beyond it are walked by grid-stride.
         const int64_t packets = cols / Elem<T>::kPerPacket + 1;
-        const int64_t gy = std::min<int64_t>(rows, 65535);
         const int64_t sms = device_attr(cudaDevAttrMultiProcessorCount, device);
+        const int64_t wave = sms * (2048 / kThreads);
+        const int64_t gy = std::clamp<int64_t>(std::min<int64_t>(rows, wave), 1, 65535);
         const int64_t want_x = (packets + kThreads * kUnroll - 1) / (kThreads * kUnroll);
-        const int64_t cap_x = std::max<int64_t>(1, sms * (2048 / kThreads) / gy);
-        const dim3 grid(static_cast<unsigned int>(std::clamp<int64_t>(want_x, 1, cap_x)), static_cast<unsigned int>(gy));
-        scale_rows_kernel<T, G><<<grid, kThreads, 0, stream>>>(static_cast<T*>(grad.data_ptr()), rows, cols, stride,
-                                                               static_cast<const G*>(go.data_ptr()), applied_ptr);
+        const int64_t cap_x = std::max<int64_t>(1, wave / gy);
+        const dim3 grid(static_cast<unsigned int>(std::clamp<int64_t>(want_x, 1, cap_x)),
+                        static_cast<unsigned int>(gy));
+        scale_rows_kernel<T, G><<<grid, kThreads, 0, stream>>>(static_cast<T*>(grad.data_ptr()), any ? rows : 0, cols,
+                                                               stride, static_cast<const G*>(go.data_ptr()),
+                                                               applied_ptr, first);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
-      set_applied_kernel<G><<<1, 1, 0, stream>>>(static_cast<const G*>(go.data_ptr()), applied_ptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (!first) {
+        set_applied_kernel<G><<<1, 1, 0, stream>>>(static_cast<const G*>(go.data_ptr()), applied_ptr);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
     });
   });
 }

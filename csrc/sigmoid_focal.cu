@@ -40,7 +40,7 @@ struct SfArgs {
   void* out;       // forward elementwise loss
   void* grad;
   float* partial;      // forward reduced: one sum per block
-  const float* scale;  // forward: grad_scale
+  float scale;  // forward: grad_scale
   int64_t n;
   float alpha, gamma;
   bool vec;  // every pointer 16-byte aligned
@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(kThreads) sigmoid_focal_fwd_kernel(const SfArg
   const T* t = static_cast<const T*>(a.t);
   T* out = static_cast<T*>(a.out);
   T* grad = static_cast<T*>(a.grad);
-  const float scale = kGrad ? *a.scale : 0.f;
+  const float scale = a.scale;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   float sum = 0.f;
@@ -227,10 +227,9 @@ unsigned int blocks_for(int64_t n, int elems_per_packet, int device) {
 
 }  // namespace
 
-at::Tensor sigmoid_focal_fwd_cuda(const at::Tensor& input, const at::Tensor& target, const at::Tensor& grad_scale,
+at::Tensor sigmoid_focal_fwd_cuda(const at::Tensor& input, const at::Tensor& target, double grad_scale,
                                   const std::optional<at::Tensor>& grad, double alpha, double gamma, bool reduce) {
   check_inputs(kFwd, input, target, alpha, gamma);
-  check_scalar_f32(kFwd, "grad_scale", grad_scale, input);
   if (grad.has_value()) check_like_input(kFwd, "grad", *grad, input);
   const c10::cuda::CUDAGuard guard(input.device());
   const int64_t n = input.numel();
@@ -242,7 +241,7 @@ at::Tensor sigmoid_focal_fwd_cuda(const at::Tensor& input, const at::Tensor& tar
   a.n = n;
   a.alpha = static_cast<float>(alpha);
   a.gamma = static_cast<float>(gamma);
-  a.scale = grad_scale.data_ptr<float>();
+  a.scale = static_cast<float>(grad_scale);
   a.vec = aligned16(input) && aligned16(target) && (!grad.has_value() || aligned16(*grad));
   if (grad.has_value()) a.grad = grad->data_ptr();
   const int device = input.get_device();

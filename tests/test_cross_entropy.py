@@ -346,6 +346,34 @@ def test_fused_gradient_rescales_on_repeated_backward(kernel_backend):
     torch.testing.assert_close(x.grad, 3.0 * g1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scale_grad_contract(kernel_backend, dtype):
+    # grad *= grad_output / applied (old value 1 when `first`, whatever `applied` holds), then
+    # applied = grad_output; equal values leave grad bit for bit. A dense tensor of several blocks
+    # and a strided (M, C) view (rows walked by a grid of fewer programs than pieces).
+    device = device_for(kernel_backend)
+    op = getattr(torch.ops.lossforge, f"scale_grad_{kernel_backend}").default
+    base = torch.randn(6, 9001, device=device).to(dtype)
+    for make in (lambda b: b.clone(), lambda b: b.clone()[:, 1:8000]):
+        g = make(base)
+        want = g.float().clone()
+        applied = torch.full((), float("nan"), device=device)
+        op(g, torch.tensor(2.0, device=device), applied, True)
+        torch.testing.assert_close(g.float(), (want * 2.0).to(dtype).float())
+        assert applied.item() == 2.0
+        before = g.clone()
+        op(g, torch.tensor(2.0, device=device, dtype=torch.bfloat16), applied, False)
+        assert torch.equal(g, before) and applied.item() == 2.0
+        op(g, torch.tensor(3.0, device=device), applied, False)
+        tol = dict(rtol=2**-7, atol=0) if dtype == torch.bfloat16 else {}  # one rounding of the product
+        torch.testing.assert_close(g.float(), before.float() * 1.5, **tol)
+        assert applied.item() == 3.0
+        g = make(base)
+        applied.fill_(float("nan"))
+        op(g, torch.tensor(1.0, device=device), applied, True)
+        assert torch.equal(g, make(base)) and applied.item() == 1.0
+
+
 @settings(max_examples=12, deadline=None)
 @given(n=st.integers(1, 9), c=st.integers(1, 70), reduction=st.sampled_from(REDUCTIONS),
        smoothing=st.sampled_from([0.0, 0.15]), gamma=st.sampled_from([0.0, 0.7, 2.0]),
@@ -648,8 +676,9 @@ def test_opcheck_kernel_ops(kernel_backend):
     bwd_grad = getattr(ops, f"cross_entropy_bwd_grad_{kernel_backend}").default
     torch.library.opcheck(bwd_grad, (torch.rand(4, device=device), x, t, w, alpha, stats, *params))
     scale_grad = getattr(ops, f"scale_grad_{kernel_backend}").default
-    torch.library.opcheck(scale_grad, (torch.randn(4, 10, device=device), torch.tensor(0.5, device=device),
-                                       torch.ones((), device=device)))
+    for first in (True, False):
+        torch.library.opcheck(scale_grad, (torch.randn(4, 10, device=device), torch.tensor(0.5, device=device),
+                                           torch.ones((), device=device), first))
 
 
 def test_ignored_row_with_masked_class_has_zero_gradient(any_backend):

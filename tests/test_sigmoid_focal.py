@@ -98,6 +98,22 @@ def test_kernel_deterministic_sum(kernel_backend):
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fused_gradient_rescales_on_repeated_backward(kernel_backend, reduction):
+    # The gradient is written in the forward and rescaled in place by each backward.
+    device = device_for(kernel_backend)
+    x, t = make((5, 33), dtype=torch.bfloat16, device=device)
+    x.requires_grad_(True)
+    loss = lf.sigmoid_focal_loss(x, t, reduction=reduction, backend=kernel_backend)
+    assert loss.dtype == torch.bfloat16
+    loss.backward(retain_graph=True)
+    g1 = x.grad.float().clone()
+    for go in (0.5, 3.0):
+        x.grad = None
+        loss.backward(torch.tensor(go, device=device, dtype=torch.bfloat16), retain_graph=True)
+        torch.testing.assert_close(x.grad.float(), go * g1, rtol=1e-2, atol=0)
+
+
 def test_module_and_bad_input():
     x, t = make((5, 3))
     torch.testing.assert_close(lf.SigmoidFocalLoss(alpha=0.3, gamma=1.0, reduction="sum")(x, t),
@@ -118,7 +134,7 @@ def test_opcheck_kernel_ops(kernel_backend):
     device = device_for(kernel_backend)
     ops = torch.ops.lossforge
     x, t = make((6, 7), dtype=torch.float32, device=device)
-    scale = torch.full((), 0.5, device=device)
+    scale = 0.5
     fwd = getattr(ops, f"sigmoid_focal_fwd_{kernel_backend}").default
     for reduce in (True, False):
         torch.library.opcheck(fwd, (x, t, scale, torch.empty_like(x), 0.25, 2.0, reduce))

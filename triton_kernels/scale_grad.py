@@ -1,13 +1,16 @@
-# grad *= grad_output / applied, skipped on the device when they are equal; then applied = grad_output.
+# grad *= grad_output / applied, skipped on the device when they are equal; then applied = grad_output
+# (contract: ops/_library.py; `first` means the old value is 1 and `applied` is not read).
 #
-# One program scales BLOCK consecutive elements of one row of grad (a dense tensor, whatever its
-# dimension order, is one long row: every element gets the same factor). Each program loads both
-# scalars and, when they are equal, masks every lane off, so the usual grad_output == 1 case moves
-# no gradient bytes; otherwise one read and one write per element.
-# `applied` is then set by a second one-program launch on the same stream, which starts only after
-# every program of the multiply has read the old value. Both writes go through raw pointers, so
-# autograd's version counters of the saved tensors stay as they were and a retained graph can run
-# its backward again.
+# A grid of at most a few programs per SM walks BLOCK-wide pieces of the rows of grad (a dense
+# tensor, whatever its dimension order, is one long row: every element gets the same factor). Each
+# program loads both scalars first and, when they are equal, does nothing more, so the usual
+# grad_output == 1 case moves no gradient bytes and costs one short launch; otherwise one read and
+# one write per element.
+# On a first backward no program reads `applied`, so program 0 writes it in the same launch; later
+# ones set it by a second one-program launch on the same stream, which starts only after every
+# program of the multiply has read the old value. Writes go through raw pointers, so autograd's
+# version counters of the saved tensors stay as they were and a retained graph can run its
+# backward again.
 from __future__ import annotations
 
 import torch
@@ -16,20 +19,29 @@ import triton.language as tl
 
 BLOCK = 4096
 NUM_WARPS = 8
+PROGRAMS_PER_SM = 4
 
 
 @triton.jit
-def _scale_grad_kernel(grad_ptr, grad_output_ptr, applied_ptr, n_cols, row_stride, blocks_per_row,
-                       BLOCK: tl.constexpr):
+def _scale_grad_kernel(grad_ptr, grad_output_ptr, applied_ptr, n_cols, row_stride, blocks_per_row, n_blocks,
+                       FIRST: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    row = (pid // blocks_per_row).to(tl.int64)
-    cols = (pid % blocks_per_row).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     new = tl.load(grad_output_ptr).to(tl.float32)
-    old = tl.load(applied_ptr)
-    mask = cols < tl.where(new != old, n_cols, 0)  # all lanes off when there is nothing to rescale
-    ptr = grad_ptr + row * row_stride + cols
-    g = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-    tl.store(ptr, (g * (new / old)).to(grad_ptr.dtype.element_ty), mask=mask)
+    if FIRST:
+        old = 1.0
+        if pid == 0:
+            tl.store(applied_ptr, new)
+    else:
+        old = tl.load(applied_ptr)
+    if new != old:  # NaN != NaN: a NaN grad_output still propagates
+        ratio = new / old
+        for b in range(pid, n_blocks, tl.num_programs(0)):
+            row = (b // blocks_per_row).to(tl.int64)
+            cols = (b % blocks_per_row).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            ptr = grad_ptr + row * row_stride + cols
+            mask = cols < n_cols
+            g = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+            tl.store(ptr, (g * ratio).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -47,7 +59,13 @@ def _is_dense(t) -> bool:
     return True
 
 
-def scale_grad(grad, grad_output, applied):
+def _max_programs(device) -> int:
+    if device.type == "cuda":
+        return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return 8  # the interpreter on CPU: enough to walk several blocks per program in tests
+
+
+def scale_grad(grad, grad_output, applied, first):
     if grad_output.numel() != 1 or applied.numel() != 1 or applied.dtype != torch.float32:
         raise ValueError(f"grad_output and applied must be single-element tensors (applied fp32), got shapes "
                          f"{tuple(grad_output.shape)} and {tuple(applied.shape)}, applied dtype {applied.dtype}")
@@ -58,8 +76,11 @@ def scale_grad(grad, grad_output, applied):
     else:
         raise ValueError(f"grad must be dense or an (M, C) view with unit column stride, got shape "
                          f"{tuple(grad.shape)} and strides {grad.stride()}")
-    if rows * cols > 0:
-        blocks_per_row = triton.cdiv(cols, BLOCK)
-        _scale_grad_kernel[(rows * blocks_per_row,)](
-            grad, grad_output, applied, cols, row_stride, blocks_per_row, BLOCK=BLOCK, num_warps=NUM_WARPS)
-    _set_applied_kernel[(1,)](grad_output, applied, num_warps=1)
+    n_blocks = rows * triton.cdiv(cols, BLOCK)
+    if n_blocks > 0 or first:
+        programs = max(1, min(n_blocks, _max_programs(grad.device)))
+        _scale_grad_kernel[(programs,)](
+            grad, grad_output, applied, cols, row_stride, max(1, triton.cdiv(cols, BLOCK)), n_blocks,
+            FIRST=bool(first), BLOCK=BLOCK, num_warps=NUM_WARPS)
+    if not first:
+        _set_applied_kernel[(1,)](grad_output, applied, num_warps=1)

@@ -51,7 +51,7 @@ def _focal_terms(x, t, alpha, gamma, HAS_ALPHA: tl.constexpr, GAMMA_MODE: tl.con
 
 
 @triton.jit
-def _sigmoid_focal_fwd_kernel(x_ptr, t_ptr, scale_ptr, grad_ptr, out_ptr, n, alpha, gamma,
+def _sigmoid_focal_fwd_kernel(x_ptr, t_ptr, scale, grad_ptr, out_ptr, n, alpha, gamma,
                               BLOCK: tl.constexpr, REDUCE: tl.constexpr, HAS_GRAD: tl.constexpr,
                               HAS_ALPHA: tl.constexpr, GAMMA_MODE: tl.constexpr):
     pid = tl.program_id(0)
@@ -65,7 +65,6 @@ def _sigmoid_focal_fwd_kernel(x_ptr, t_ptr, scale_ptr, grad_ptr, out_ptr, n, alp
     else:
         tl.store(out_ptr + offs, loss.to(out_ptr.dtype.element_ty), mask=mask)
     if HAS_GRAD:
-        scale = tl.load(scale_ptr)
         tl.store(grad_ptr + offs, (d * scale).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
@@ -115,7 +114,7 @@ def sigmoid_focal_fwd(input, target, grad_scale, grad, alpha, gamma, reduce):
     if n > 0:
         has_grad = grad is not None
         _sigmoid_focal_fwd_kernel[(programs,)](
-            input, target, grad_scale.reshape(1).to(torch.float32), grad if has_grad else input, out, n,
+            input, target, float(grad_scale), grad if has_grad else input, out, n,
             float(alpha), float(gamma), BLOCK=BLOCK, REDUCE=bool(reduce), HAS_GRAD=has_grad,
             HAS_ALPHA=alpha >= 0.0, GAMMA_MODE=_gamma_mode(gamma), num_warps=NUM_WARPS)
     return out.sum() if reduce else out

@@ -51,6 +51,24 @@ def define_composite_op(name: str, schema: str, fake, make_impl, make_backward=N
                                             setup_context=setup_context, lib=lib)
 
 
+def finish_loss(total, reduction, divisor, dtype):
+    """A summed float32 loss as returned to the caller: divided by `divisor` for 'mean' (a tensor
+    or a number), in `dtype`; the division and the cast are one launch."""
+    if reduction == "sum":
+        return total.to(dtype)
+    return torch.div(total, divisor, out=torch.empty((), device=total.device, dtype=dtype))
+
+
+def rescale_fused_grad(ctx, grad_loss):
+    """Backward of a loss Function that saved (gradient, applied) in its forward: the gradient,
+    rescaled on the device to grad_loss (see scale_grad below)."""
+    grad, applied = ctx.saved_tensors
+    first = not getattr(ctx, "rescaled", False)
+    kernel_op("scale_grad", ctx.backend)(grad, grad_loss, applied, first)
+    ctx.rescaled = True
+    return grad
+
+
 def save_fused_grad(ctx, inputs, output):
     """setup_context of an op returning (loss, gradient of the loss): keep the gradient."""
     ctx.n_inputs = len(inputs)
@@ -71,12 +89,14 @@ def kernel_op(name: str, backend: str):
 
 
 # grad *= grad_output / applied, skipped on the device when they are equal; then applied = grad_output.
-# Losses whose gradient is computed in the forward hand this the saved gradient in the backward:
-# a grad_output of 1 (the usual case) costs one launch and no pass over the gradient, and a second
-# backward through a retained graph rescales correctly instead of compounding.
+# `first`: nothing has been applied yet, so the old value is 1 and `applied` is only written (it
+# may hold anything before). Losses whose gradient is computed in the forward hand this the saved
+# gradient in the backward: a first backward with grad_output 1 (the usual case) costs one launch
+# and no pass over the gradient, and a second backward through a retained graph rescales correctly
+# instead of compounding.
 define_kernel_op(
     "scale_grad",
-    "(Tensor(a!) grad, Tensor grad_output, Tensor(b!) applied) -> ()",
-    lambda grad, grad_output, applied: None,
+    "(Tensor(a!) grad, Tensor grad_output, Tensor(b!) applied, bool first) -> ()",
+    lambda grad, grad_output, applied, first: None,
 )
 register_triton_impl("scale_grad", "scale_grad", "scale_grad")

@@ -28,8 +28,8 @@ from __future__ import annotations
 import torch
 
 from ..reference.cross_entropy import mean_divisor
-from ._library import (define_composite_op, define_kernel_op, fused_grad_backward, kernel_op, register_triton_impl,
-                       save_fused_grad)
+from ._library import (define_composite_op, define_kernel_op, finish_loss, fused_grad_backward, kernel_op,
+                       register_triton_impl, rescale_fused_grad, save_fused_grad)
 
 _PARAMS = "int ignore_index, float label_smoothing, float z_loss, float softcap, float focal_gamma, float focal_alpha"
 
@@ -133,6 +133,17 @@ def _compiled_loss(logits, target, weight, alpha, reduction, want_grad, backend,
     return loss.to(logits.dtype)
 
 
+def _mean_divisor_and_scale(target, weight, ignore_index, rows):
+    """torch's 'mean' divisor and its reciprocal (the gradient's scale), as device tensors, in few
+    launches: for class indices without weights, the int64 count of kept rows (exact at any size)
+    and its float32 reciprocal."""
+    if weight is None and not target.dtype.is_floating_point:
+        count = (target != ignore_index).sum()
+        return count, torch.reciprocal(count)
+    divisor = mean_divisor(target, weight, ignore_index, rows)
+    return divisor, torch.reciprocal(divisor)
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     """Rows (M, C) -> loss. 'mean'/'sum': gradient computed in the forward, scaled in the backward.
 
@@ -146,8 +157,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         params = (ignore_index, label_smoothing, z_loss, softcap, focal_gamma, focal_alpha)
         fused = want_grad and reduction != "none"
         if reduction == "mean":
-            divisor = mean_divisor(target, weight, ignore_index, logits.shape[0])
-            grad_scale = torch.reciprocal(divisor)
+            divisor, grad_scale = _mean_divisor_and_scale(target, weight, ignore_index, logits.shape[0])
         else:
             divisor = None
             grad_scale = torch.ones((), device=logits.device, dtype=torch.float32)
@@ -156,25 +166,20 @@ class CrossEntropyFunction(torch.autograd.Function):
             grad = logits.detach() if inplace else torch.empty_like(logits)
         rows, stats = kernel_op("cross_entropy_fwd", backend)(
             logits, target, weight, alpha, grad_scale, grad, *params)
-        if reduction == "none":
-            loss = rows
-        elif reduction == "sum":
-            loss = rows.sum()
-        else:
-            loss = rows.sum() / divisor
+        loss = rows.to(logits.dtype) if reduction == "none" else finish_loss(rows.sum(), reduction, divisor,
+                                                                              logits.dtype)
         ctx.reduction, ctx.backend, ctx.params = reduction, backend, params
-        if fused:
-            ctx.save_for_backward(grad, torch.ones((), device=logits.device, dtype=torch.float32))
+        if fused:  # `applied` is written by the first backward (scale_grad's `first`)
+            ctx.save_for_backward(grad, torch.empty((), device=logits.device, dtype=torch.float32))
         elif want_grad:
             ctx.save_for_backward(logits, target, weight, alpha, stats)
         ctx.mark_non_differentiable(stats)
-        return loss.to(logits.dtype), stats
+        return loss, stats
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
         if ctx.reduction != "none":
-            grad, applied = ctx.saved_tensors
-            kernel_op("scale_grad", ctx.backend)(grad, grad_loss, applied)
+            grad = rescale_fused_grad(ctx, grad_loss)
         else:
             logits, target, weight, alpha, stats = ctx.saved_tensors
             grad = torch.empty_like(logits)

@@ -4,7 +4,7 @@ Kernel contract, the same for the Triton and the CUDA implementation (n elements
 
 sigmoid_focal_fwd_<b>(input, target, grad_scale, grad, alpha, gamma, reduce) -> loss
   input    contiguous fp32/fp16/bf16; target contiguous, the same shape and dtype
-  grad_scale  0-dim fp32 multiplier of the gradient (1/n for 'mean', 1 for 'sum'), read on device
+  grad_scale  float multiplier of the gradient (1/n for 'mean', 1 for 'sum')
   grad     buffer like input for the gradient of the (unscaled) sum, times grad_scale, or None
   alpha    < 0 disables the alpha term; gamma >= 0
   reduce   True: loss is a 0-dim fp32 sum over all elements, summed in a fixed order
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from ._library import (define_composite_op, define_kernel_op, fused_grad_backward, kernel_op, register_triton_impl,
-                       save_fused_grad)
+from ._library import (define_composite_op, define_kernel_op, finish_loss, fused_grad_backward, kernel_op,
+                       register_triton_impl, rescale_fused_grad, save_fused_grad)
 
 
 def _fwd_fake(input, target, grad_scale, grad, alpha, gamma, reduce):
@@ -28,7 +28,7 @@ def _fwd_fake(input, target, grad_scale, grad, alpha, gamma, reduce):
 
 define_kernel_op(
     "sigmoid_focal_fwd",
-    "(Tensor input, Tensor target, Tensor grad_scale, Tensor(a!)? grad, float alpha, float gamma, bool reduce)"
+    "(Tensor input, Tensor target, float grad_scale, Tensor(a!)? grad, float alpha, float gamma, bool reduce)"
     " -> Tensor",
     _fwd_fake,
 )
@@ -46,7 +46,7 @@ register_triton_impl("sigmoid_focal_bwd", "sigmoid_focal", "sigmoid_focal_bwd")
 def _grad_scale(input, mean):
     """The kernels' grad_scale: 1/n for 'mean' (1 for no elements, where the loss is 0/0 = NaN), else 1."""
     n = input.numel()
-    return torch.full((), 1.0 / n if mean and n > 0 else 1.0, device=input.device, dtype=torch.float32)
+    return 1.0 / n if mean and n > 0 else 1.0
 
 
 def _fused_impl(backend):
@@ -60,8 +60,7 @@ def _fused_impl(backend):
 
 def _elementwise_impl(backend):
     def impl(input, target, alpha, gamma):
-        one = torch.ones((), device=input.device, dtype=torch.float32)
-        return kernel_op("sigmoid_focal_fwd", backend)(input, target, one, None, alpha, gamma, False)
+        return kernel_op("sigmoid_focal_fwd", backend)(input, target, 1.0, None, alpha, gamma, False)
     return impl
 
 
@@ -124,20 +123,19 @@ class SigmoidFocalFunction(torch.autograd.Function):
         grad = torch.empty_like(input) if fused else None
         loss = kernel_op("sigmoid_focal_fwd", backend)(
             input, target, grad_scale, grad, alpha, gamma, reduction != "none")
-        if reduction == "mean":
-            loss = loss / input.numel()  # 0 elements: 0/0 = nan, as torch's mean
+        if reduction != "none":  # 'mean' of 0 elements: 0/0 = nan, as torch's mean
+            loss = finish_loss(loss, reduction, input.numel(), input.dtype)
         ctx.reduction, ctx.backend, ctx.alpha, ctx.gamma = reduction, backend, alpha, gamma
-        if fused:
-            ctx.save_for_backward(grad, torch.ones((), device=input.device, dtype=torch.float32))
+        if fused:  # `applied` is written by the first backward (scale_grad's `first`)
+            ctx.save_for_backward(grad, torch.empty((), device=input.device, dtype=torch.float32))
         elif want_grad:
             ctx.save_for_backward(input, target)
-        return loss.to(input.dtype)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         if ctx.reduction != "none":
-            grad, applied = ctx.saved_tensors
-            kernel_op("scale_grad", ctx.backend)(grad, grad_loss, applied)
+            grad = rescale_fused_grad(ctx, grad_loss)
         else:
             input, target = ctx.saved_tensors
             grad = torch.empty_like(input)
