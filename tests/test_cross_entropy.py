@@ -245,9 +245,12 @@ def test_kernel_k_dimensional_and_large_row(kernel_backend):
     assert_close_rel(loss, want, 1e-5, "loss")
     assert_close_rel(grad, want_grad, 1e-5, "grad")
     c = 20000 if kernel_backend == "triton" and device_for("triton") == "cpu" else 300_000  # several chunks
-    loss, want, grad, want_grad = run_both(kernel_backend, dict(focal_gamma=2.0, z_loss=1e-4), 2, c, "mean")
-    assert_close_rel(loss, want, 1e-5, "loss")
-    assert_close_rel(grad, want_grad, 1e-5, "grad")
+    # the fused forward, and the backward from saved stats ('none'), over rows streamed in chunks
+    for reduction, opts in (("mean", dict(focal_gamma=2.0, z_loss=1e-4)),
+                            ("none", dict(focal_gamma=0.5, focal_alpha=0.25, label_smoothing=0.1))):
+        loss, want, grad, want_grad = run_both(kernel_backend, opts, 2, c, reduction)
+        assert_close_rel(loss, want, 1e-5, f"loss {reduction}")
+        assert_close_rel(grad, want_grad, 1e-5, f"grad {reduction}")
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.5])

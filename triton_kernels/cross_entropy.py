@@ -45,22 +45,24 @@ def _load_chunk(x_row, c, C, POLICY: tl.constexpr):
 
 
 @triton.jit
-def _class_grad_block(y, p, is_t, w, lse_x, A, Fe, B, G_t, SMOOTH: tl.constexpr, FOCAL: tl.constexpr):
-    """dL/dy for one chunk of a class-target row, from the per-row coefficients (see _class_coefs)."""
-    g = A * p
+def _class_grad_block(v, is_t, w, K, Fe, G_t, SMOOTH: tl.constexpr):
+    """dL/dy for one chunk of a class-target row: K v_j - Fe w_j off the target, G_t on it, where
+    v_j = exp(y_j - off) with the per-row K, off (see _class_coefs)."""
+    g = K * v
     if SMOOTH:
         g -= Fe * w
-    if FOCAL:
-        # r_j = p_j / (1 - p_t) in [0, 1], formed in log space so that it stays finite when 1 - p_t
-        # underflows; lse_x = +inf (r = 0) when no other class has p > 0.
-        g += B * tl.exp(y - lse_x)
     return tl.where(is_t, G_t, g)
 
 
 @triton.jit
 def _class_coefs(lse, ce, log1mp, logp_t, w_t, a_t, wsum, C, eps, z_loss, gamma,
                  SMOOTH: tl.constexpr, FOCAL: tl.constexpr, Z_LOSS: tl.constexpr):
-    """Per-row scalars such that dL/dy_j = A p_j - Fe w_j + B r_j (j != t) and dL/dy_t = G_t."""
+    """Per-row scalars such that dL/dy_j = A p_j - Fe w_j + B r_j (j != t) and dL/dy_t = G_t, with
+    r_j = p_j / (1 - p_t), returned as (K, off, Fe, G_t) with dL/dy_j = K exp(y_j - off) - Fe w_j:
+    off = lse and K = A without focal; with focal p_j = (1 - p_t) r_j, so one exponential gives
+    both terms: off = lse + log(1 - p_t) and K = A (1 - p_t) + B. r_j lies in [0, 1] and is formed
+    in log space, so it stays finite when 1 - p_t underflows; off = +inf (r = 0) when no other
+    class has p > 0."""
     p_t = tl.exp(logp_t)
     one_minus_pt = tl.exp(log1mp)  # s_excl / s: keeps its precision when p_t rounds to 1
     F = a_t
@@ -83,14 +85,13 @@ def _class_coefs(lse, ce, log1mp, logp_t, w_t, a_t, wsum, C, eps, z_loss, gamma,
         G_t = -F * w_t * one_minus_pt + zg * p_t
     if FOCAL:
         G_t -= B
-    lse_x = tl.where(log1mp == float("-inf"), float("inf"), lse + log1mp)
-    return A, Fe, B, G_t, lse_x
+        return A * one_minus_pt + B, tl.where(log1mp == float("-inf"), float("inf"), lse + log1mp), Fe, G_t
+    return A, lse, Fe, G_t
 
 
 @triton.jit
-def _class_grad_pass(x_row, g_row, weight_ptr, C, ts, scale, lse, lse_x, A, Fe, B, G_t, softcap, inv_softcap,
-                     BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, FOCAL: tl.constexpr,
-                     SOFTCAP: tl.constexpr):
+def _class_grad_pass(x_row, g_row, weight_ptr, C, ts, scale, K, off, Fe, G_t, softcap, inv_softcap,
+                     BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr):
     """Writes scale * dL/dx over the whole row, last chunk first (the last read is the warmest in L2)."""
     cols = tl.arange(0, BLOCK)
     n_chunks = tl.cdiv(C, BLOCK)
@@ -104,7 +105,7 @@ def _class_grad_pass(x_row, g_row, weight_ptr, C, ts, scale, lse, lse_x, A, Fe, 
         w = 1.0
         if SMOOTH and HAS_WEIGHT:
             w = tl.load(weight_ptr + c, mask=mask, other=0.0)
-        g = _class_grad_block(y, tl.exp(y - lse), c == ts, w, lse_x, A, Fe, B, G_t, SMOOTH, FOCAL)
+        g = _class_grad_block(tl.exp(y - off), c == ts, w, K, Fe, G_t, SMOOTH)
         tl.store(g_row + c, (g * (slope * scale)).to(g_row.dtype.element_ty), mask=mask,
                  eviction_policy="evict_first")
 
@@ -221,17 +222,24 @@ def _ce_class_fwd_kernel(
         tl.store(stats_ptr + row * 4 + 3, -nll)
         if HAS_GRAD:
             scale = tl.load(scale_ptr)
-            A, Fe, B, G_t, lse_x = _class_coefs(lse, ce, log1mp, -nll, w_t, a_t, wsum, C, eps, z_loss, gamma,
-                                                SMOOTH, FOCAL, Z_LOSS)
-            if SINGLE:  # the row is still in registers: p_j = e_j / s saves the second exp
+            K, off, Fe, G_t = _class_coefs(lse, ce, log1mp, -nll, w_t, a_t, wsum, C, eps, z_loss, gamma,
+                                           SMOOTH, FOCAL, Z_LOSS)
+            if SINGLE:
+                # The row is still in registers: exp(y_j - off) = e_j / s, or e_j / sx for focal
+                # (r_j = p_j / (1 - p_t)), saves the second exponential. sx = 0 means every e_j
+                # off the target is 0, and so is r_j.
+                if FOCAL:
+                    inv = tl.where(sx > 0.0, 1.0 / sx, 0.0)
+                else:
+                    inv = 1.0 / s
                 w = 1.0
                 if SMOOTH and HAS_WEIGHT:
                     w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
-                g = _class_grad_block(y, e * (1.0 / s), cols == ts, w, lse_x, A, Fe, B, G_t, SMOOTH, FOCAL)
+                g = _class_grad_block(e * inv, cols == ts, w, K, Fe, G_t, SMOOTH)
                 tl.store(g_row + cols, (g * (slope * scale)).to(g_row.dtype.element_ty), mask=mask)
             else:
-                _class_grad_pass(x_row, g_row, weight_ptr, C, ts, scale, lse, lse_x, A, Fe, B, G_t, softcap,
-                                 inv_softcap, BLOCK, HAS_WEIGHT, SMOOTH, FOCAL, SOFTCAP)
+                _class_grad_pass(x_row, g_row, weight_ptr, C, ts, scale, K, off, Fe, G_t, softcap, inv_softcap,
+                                 BLOCK, HAS_WEIGHT, SMOOTH, SOFTCAP)
     else:
         tl.store(loss_ptr + row, fill)
         tl.store(stats_ptr + row * 4, fill)
@@ -259,10 +267,10 @@ def _ce_class_bwd_kernel(
         logp_t = tl.load(stats_ptr + row * 4 + 3)
         w_t, a_t, wsum = _target_coefs(weight_ptr, alpha_ptr, wsum_ptr, ts, C, focal_alpha, HAS_WEIGHT, HAS_ALPHA,
                                        SMOOTH)
-        A, Fe, B, G_t, lse_x = _class_coefs(lse, ce, log1mp, logp_t, w_t, a_t, wsum, C, eps, z_loss, gamma,
-                                            SMOOTH, FOCAL, Z_LOSS)
-        _class_grad_pass(x_row, g_row, weight_ptr, C, ts, tl.load(grad_rows_ptr + row), lse, lse_x, A, Fe, B,
-                         G_t, softcap, inv_softcap, BLOCK, HAS_WEIGHT, SMOOTH, FOCAL, SOFTCAP)
+        K, off, Fe, G_t = _class_coefs(lse, ce, log1mp, logp_t, w_t, a_t, wsum, C, eps, z_loss, gamma,
+                                       SMOOTH, FOCAL, Z_LOSS)
+        _class_grad_pass(x_row, g_row, weight_ptr, C, ts, tl.load(grad_rows_ptr + row), K, off, Fe, G_t,
+                         softcap, inv_softcap, BLOCK, HAS_WEIGHT, SMOOTH, SOFTCAP)
     else:
         _fill_row(g_row, C, fill, BLOCK)
 
