@@ -155,4 +155,18 @@ def test_row_plan_sweep_says_what_it_needs_without_a_gpu(capsys):
     if torch.cuda.is_available():
         pytest.skip("the sweep itself runs on the GPU (minutes); here only its refusal is checked")
     assert sweep_rows.main([]) == 2
-    assert "needs a CUDA GPU and the CUDA extension" in capsys.readouterr().err
+    assert "needs a CUDA GPU and the cuda backend" in capsys.readouterr().err
+    assert sweep_rows.main(["--backend", "triton"]) == 2
+
+
+def test_row_plan_sweep_settings_name_each_backends_knobs():
+    from bench import sweep_rows
+
+    got = sweep_rows.parse_settings(";threads=256,prefetch_kb=64;cache=0")
+    assert got == [{}, {"LOSSFORGE_ROW_THREADS": "256", "LOSSFORGE_ROW_PREFETCH_KB": "64"},
+                   {"LOSSFORGE_ROW_CACHE": "0"}]
+    assert sweep_rows.parse_settings("chunk=16384", "triton") == [{"LOSSFORGE_TRITON_CHUNK": "16384"}]
+    for backend, defaults in sweep_rows.DEFAULT_SETTINGS.items():
+        assert sweep_rows.parse_settings(defaults, backend)[0] == {}  # the defaults come first
+    with pytest.raises(SystemExit, match="unknown cuda knob 'chunk'"):
+        sweep_rows.parse_settings("chunk=4096")

@@ -253,6 +253,23 @@ def test_kernel_k_dimensional_and_large_row(kernel_backend):
         assert_close_rel(grad, want_grad, 1e-5, f"grad {reduction}")
 
 
+@pytest.mark.parametrize("opts", KERNEL_CASES)
+def test_triton_chunked_rows_match_the_reference(monkeypatch, opts):
+    # Small chunks (the LOSSFORGE_TRITON_CHUNK knob) put short rows through the streamed path, the
+    # one long vocabularies take: every option, the fused forward and the backward from stats.
+    from tests.conftest import kernel_backends
+    if "triton" not in kernel_backends():
+        pytest.skip("the Triton backend is not available here")
+    monkeypatch.setenv("LOSSFORGE_TRITON_CHUNK", "64")
+    monkeypatch.setenv("LOSSFORGE_TRITON_CHUNK_WARPS", "2")
+    from lossforge_kernels.triton_kernels.cross_entropy import _launch_config
+    assert _launch_config(301) == (64, False, 2)  # BLOCK, whole row in one block, warps
+    for reduction in ("mean", "none"):
+        loss, want, grad, want_grad = run_both("triton", opts, 5, 301, reduction)
+        assert_close_rel(loss, want, 1e-5, f"loss {reduction}")
+        assert_close_rel(grad, want_grad, 1e-5, f"grad {reduction}")
+
+
 @pytest.mark.parametrize("gamma", [0.0, 0.5])
 def test_kernel_confident_rows_keep_relative_precision(kernel_backend, gamma):
     # p_t -> 1: the CE is ~1e-5..1e-9 and must not come out of log(1 + s) rounded at 1 (or out of

@@ -17,6 +17,8 @@
 # All arithmetic is fp32; the gradient is stored in the logits' dtype.
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -24,8 +26,14 @@ import triton.language as tl
 from .math import log1p, tanh_and_slope
 
 # Logits per chunk for rows longer than that: 8 per thread at 32 warps (16-byte loads for bf16).
+# Tuning knobs (bench/NOTES.md): LOSSFORGE_TRITON_CHUNK and LOSSFORGE_TRITON_CHUNK_WARPS.
 CHUNK = 8192
 CHUNK_WARPS = 32
+
+
+def _knob(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    return int(value) if value else default
 
 
 @triton.jit
@@ -386,10 +394,12 @@ def _ce_soft_bwd_kernel(
 
 def _launch_config(num_classes: int):
     """(BLOCK, SINGLE, num_warps): the whole row in registers when it fits a chunk, else chunks."""
-    if num_classes > CHUNK:
-        return CHUNK, False, CHUNK_WARPS
+    chunk = triton.next_power_of_2(max(16, _knob("LOSSFORGE_TRITON_CHUNK", CHUNK)))
+    warps = _knob("LOSSFORGE_TRITON_CHUNK_WARPS", CHUNK_WARPS)
+    if num_classes > chunk:
+        return chunk, False, warps
     block = max(16, triton.next_power_of_2(num_classes))
-    return block, True, max(1, min(CHUNK_WARPS, block // 256))  # about 8 logits per thread
+    return block, True, max(1, min(warps, block // 256))  # about 8 logits per thread
 
 
 def _check_rows(logits, target, weight, alpha, stats, grad):
