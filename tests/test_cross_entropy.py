@@ -366,6 +366,33 @@ def test_fused_gradient_rescales_on_repeated_backward(kernel_backend):
     torch.testing.assert_close(x.grad, 3.0 * g1)
 
 
+@pytest.mark.parametrize("opts", [dict(), dict(weighted=True, label_smoothing=0.1), dict(soft=True)])
+def test_kernel_under_a_float64_default_dtype(kernel_backend, opts):
+    # Divisors and gradient scales are made in float32 explicitly, not in the default dtype.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        for reduction in ("mean", "sum"):
+            loss, want, grad, want_grad = run_both(kernel_backend, opts, 6, 40, reduction)
+            assert loss.dtype == torch.float32
+            assert_close_rel(loss, want, 1e-5, f"loss {reduction}")
+            assert_close_rel(grad, want_grad, 1e-5, f"grad {reduction}")
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def test_kernel_op_rejects_a_bad_grad_scale(kernel_backend):
+    # The contract: a 0-dim float32 tensor, on both backends alike.
+    device = device_for(kernel_backend)
+    fwd = getattr(torch.ops.lossforge, f"cross_entropy_fwd_{kernel_backend}").default
+    x, t, _ = make_inputs(3, 9, device=device)
+    params = (-100, 0.0, 0.0, 0.0, 0.0, 1.0)
+    with pytest.raises(TypeError, match="grad_scale must have dtype"):
+        fwd(x, t, None, None, torch.ones((), device=device, dtype=torch.float64), torch.empty_like(x), *params)
+    with pytest.raises(ValueError, match="grad_scale must be a 0-dim tensor"):
+        fwd(x, t, None, None, torch.ones(1, device=device), torch.empty_like(x), *params)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_scale_grad_contract(kernel_backend, dtype):
     # grad *= grad_output / applied (old value 1 when `first`, whatever `applied` holds), then

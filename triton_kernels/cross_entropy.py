@@ -443,6 +443,10 @@ def cross_entropy_fwd(logits, target, weight, alpha, grad_scale, grad, ignore_in
                       softcap, focal_gamma, focal_alpha):
     _check_rows(logits, target, weight, alpha, None, grad)
     _check_soft_options(target, focal_gamma, focal_alpha, alpha)
+    if grad_scale.dtype != torch.float32:
+        raise TypeError(f"grad_scale must have dtype torch.float32, got {grad_scale.dtype}")
+    if grad_scale.dim() != 0:
+        raise ValueError(f"grad_scale must be a 0-dim tensor, got shape {tuple(grad_scale.shape)}")
     rows, classes = logits.shape
     loss = torch.empty(rows, device=logits.device, dtype=torch.float32)
     stats = torch.empty(rows, 4, device=logits.device, dtype=torch.float32)
@@ -453,7 +457,7 @@ def cross_entropy_fwd(logits, target, weight, alpha, grad_scale, grad, ignore_in
     cap, inv_cap = _softcap_args(softcap)
     has_grad = grad is not None
     grad_arg, grad_stride = (grad, grad.stride(0)) if has_grad else (logits, 0)
-    scale = grad_scale.reshape(1).to(torch.float32)
+    scale = grad_scale.reshape(1)
     common = dict(BLOCK=block, SINGLE=single, HAS_WEIGHT=weight is not None, HAS_GRAD=has_grad, SMOOTH=smooth,
                   SOFTCAP=softcap > 0.0, Z_LOSS=z_loss > 0.0, num_warps=num_warps)
     if target.dtype.is_floating_point:

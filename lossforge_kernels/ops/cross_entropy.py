@@ -133,15 +133,12 @@ def _compiled_loss(logits, target, weight, alpha, reduction, want_grad, backend,
     return loss.to(logits.dtype)
 
 
-def _mean_divisor_and_scale(target, weight, ignore_index, rows):
-    """torch's 'mean' divisor and its reciprocal (the gradient's scale), as device tensors, in few
-    launches: for class indices without weights, the int64 count of kept rows (exact at any size)
-    and its float32 reciprocal."""
+def _kernel_mean_divisor(target, weight, ignore_index, rows):
+    """torch's 'mean' divisor as a device tensor in few launches: for class indices without
+    weights, the int64 count of kept rows (exact at any size)."""
     if weight is None and not target.dtype.is_floating_point:
-        count = (target != ignore_index).sum()
-        return count, torch.reciprocal(count)
-    divisor = mean_divisor(target, weight, ignore_index, rows)
-    return divisor, torch.reciprocal(divisor)
+        return (target != ignore_index).sum()
+    return mean_divisor(target, weight, ignore_index, rows)
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -156,14 +153,16 @@ class CrossEntropyFunction(torch.autograd.Function):
                 ignore_index, label_smoothing, z_loss, softcap, focal_gamma, focal_alpha):
         params = (ignore_index, label_smoothing, z_loss, softcap, focal_gamma, focal_alpha)
         fused = want_grad and reduction != "none"
-        if reduction == "mean":
-            divisor, grad_scale = _mean_divisor_and_scale(target, weight, ignore_index, logits.shape[0])
-        else:
-            divisor = None
-            grad_scale = torch.ones((), device=logits.device, dtype=torch.float32)
+        divisor = _kernel_mean_divisor(target, weight, ignore_index, logits.shape[0]) if reduction == "mean" else None
+        # The kernel reads grad_scale only when it writes a gradient.
+        grad_scale = torch.empty((), device=logits.device, dtype=torch.float32)
         grad = None
         if fused:
             grad = logits.detach() if inplace else torch.empty_like(logits)
+            if reduction == "mean":
+                torch.reciprocal(divisor, out=grad_scale)  # float32 whatever the default dtype
+            else:
+                grad_scale.fill_(1.0)
         rows, stats = kernel_op("cross_entropy_fwd", backend)(
             logits, target, weight, alpha, grad_scale, grad, *params)
         loss = rows.to(logits.dtype) if reduction == "none" else finish_loss(rows.sum(), reduction, divisor,

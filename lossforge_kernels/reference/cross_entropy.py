@@ -79,7 +79,7 @@ def cross_entropy_rows(logits, target, weight=None, *, ignore_index=-100, label_
 def mean_divisor(target, weight, ignore_index, num_rows):
     """torch's 'mean' divisor: the class weights of non-ignored rows summed, or their count."""
     if target.dtype.is_floating_point:
-        return torch.full((), float(num_rows), device=target.device)
+        return torch.full((), float(num_rows), device=target.device, dtype=torch.float32)
     kept = target != ignore_index
     if weight is None:
         return kept.sum().to(torch.float32)
