@@ -49,3 +49,25 @@ def rel_err(actual, expected):
 def assert_close_rel(actual, expected, tol, what=""):
     err = rel_err(actual, expected)
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+
+
+# aten ops that allocate or re-view memory without launching a kernel
+_NO_LAUNCH = {"empty", "empty_like", "empty_strided", "new_empty", "detach", "view", "_unsafe_view", "reshape",
+              "_reshape_alias", "as_strided", "alias", "expand", "t", "transpose", "permute", "unsqueeze",
+              "squeeze", "select", "slice", "lift_fresh"}
+# aten ops that copy a device value to the host (a synchronisation on a GPU)
+HOST_SYNC_OPS = {"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero"}
+
+
+class LaunchLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the aten ops (and lossforge kernel ops) a region runs that would launch GPU work."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in _NO_LAUNCH:
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))

@@ -381,6 +381,24 @@ def test_kernel_under_a_float64_default_dtype(kernel_backend, opts):
         torch.set_default_dtype(previous)
 
 
+def test_kernel_path_launches_few_ops_and_never_syncs(kernel_backend, monkeypatch):
+    # What one eager fwd+bwd of a 'mean' loss runs around the kernel, with the eager value checks
+    # off as they are on a GPU: no op that reads a value back to the host, and few small launches
+    # (the divisor, its reciprocal, the loss; autograd's grad_output and the scale check).
+    from tests.conftest import HOST_SYNC_OPS, LaunchLog
+    monkeypatch.setattr("lossforge_kernels._checks.eager_value_checks", lambda t: False)
+    device = device_for(kernel_backend)
+    x, t, _ = make_inputs(8, 50, device=device, dtype=torch.bfloat16)
+    x.requires_grad_(True)
+    with LaunchLog() as fwd:
+        loss = lf.cross_entropy(x, t, backend=kernel_backend)
+    with LaunchLog() as bwd:
+        loss.backward()
+    assert not HOST_SYNC_OPS & set(fwd.ops + bwd.ops), (fwd.ops, bwd.ops)
+    assert fwd.ops.count(f"cross_entropy_fwd_{kernel_backend}") == 1 and len(fwd.ops) <= 6, fwd.ops
+    assert bwd.ops.count(f"scale_grad_{kernel_backend}") == 1 and len(bwd.ops) <= 2, bwd.ops
+
+
 def test_kernel_op_rejects_a_bad_grad_scale(kernel_backend):
     # The contract: a 0-dim float32 tensor, on both backends alike.
     device = device_for(kernel_backend)
@@ -609,6 +627,31 @@ def test_device_mismatch_and_gpu_check_env(monkeypatch):
 
 
 # ---- GPU-only scale tests ---------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_no_host_sync(backend):
+    # torch raises on any device-to-host copy or synchronisation inside the region.
+    if not lf.available_backends()[backend].available:
+        pytest.skip(lf.available_backends()[backend].reason)
+    x, t, w = make_inputs(64, 1000, device="cuda", dtype=torch.bfloat16)
+    x.requires_grad_(True)
+    xs = torch.randn(64, 80, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ts = (torch.rand(64, 80, device="cuda") < 0.3).to(torch.bfloat16)
+    def step():
+        for reduction in REDUCTIONS:
+            lf.cross_entropy(x, t, w, reduction=reduction, label_smoothing=0.1, focal_gamma=2.0,
+                             backend=backend).sum().backward()
+            lf.sigmoid_focal_loss(xs, ts, reduction=reduction, backend=backend).sum().backward()
+
+    step()  # compiles the kernels and warms the allocator outside the checked region
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
 
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend", ["cuda", "triton"])

@@ -114,6 +114,22 @@ def test_fused_gradient_rescales_on_repeated_backward(kernel_backend, reduction)
         torch.testing.assert_close(x.grad.float(), go * g1, rtol=1e-2, atol=0)
 
 
+def test_kernel_path_launches_few_ops_and_never_syncs(kernel_backend):
+    # One eager fwd+bwd of the 'mean' loss: the kernel and one op for the loss's division and cast;
+    # autograd's grad_output and the scale check. Nothing reads a value back to the host.
+    from tests.conftest import HOST_SYNC_OPS, LaunchLog
+    device = device_for(kernel_backend)
+    x, t = make((64, 80), dtype=torch.bfloat16, device=device)
+    x.requires_grad_(True)
+    with LaunchLog() as fwd:
+        loss = lf.sigmoid_focal_loss(x, t, reduction="mean", backend=kernel_backend)
+    with LaunchLog() as bwd:
+        loss.backward()
+    assert not HOST_SYNC_OPS & set(fwd.ops + bwd.ops), (fwd.ops, bwd.ops)
+    assert fwd.ops == [f"sigmoid_focal_fwd_{kernel_backend}", "div"], fwd.ops
+    assert bwd.ops.count(f"scale_grad_{kernel_backend}") == 1 and len(bwd.ops) <= 2, bwd.ops
+
+
 def test_module_and_bad_input():
     x, t = make((5, 3))
     torch.testing.assert_close(lf.SigmoidFocalLoss(alpha=0.3, gamma=1.0, reduction="sum")(x, t),
