@@ -46,8 +46,10 @@ def cuda_extensions():
     opt = ["-O0", "-g"] if _flag("DEBUG") else ["-O3"]
     nvcc = opt + ["-lineinfo", "--expt-relaxed-constexpr"] + gencode  # the C++ standard: torch's default
     sources = sorted(glob.glob("csrc/*.cu")) + sorted(glob.glob("csrc/*.cpp"))
+    headers = sorted(glob.glob("csrc/*.h")) + sorted(glob.glob("csrc/*.cuh"))
     ext = CUDAExtension(
         "lossforge_kernels._C", sources,
+        depends=headers,  # rebuilt when they change, and shipped in a source distribution
         extra_compile_args={"cxx": opt, "nvcc": nvcc},
         py_limited_api=False,
     )

@@ -649,7 +649,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
     a.grad = grad->data_ptr();
     a.sg = grad->stride(0);
   }
-  const int device = logits.get_device();
+  const DeviceLimits limits = device_limits(logits.get_device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_options(logits.scalar_type(), kFwd, ck.soft, weight.has_value(), label_smoothing, softcap,
                    [&](auto tag, auto soft, auto smooth, auto welem, auto cap) {
@@ -658,12 +658,12 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
     with_flag(grad.has_value(), [&](auto want_grad) {
       auto kernel = ce_fwd_kernel<T, decltype(soft)::value, decltype(smooth)::value, decltype(welem)::value,
                                   decltype(cap)::value, decltype(want_grad)::value>;
-      const RowPlan plan = plan_rows(ck.C / Elem<T>::kPerPacket, kU, decltype(want_grad)::value, device);
+      const RowPlan plan = plan_rows(ck.C / Elem<T>::kPerPacket, kU, decltype(want_grad)::value, limits);
       allow_smem(kernel, plan.smem);
       CeArgs b = a;
       b.cache_packets = plan.cache_packets;
       b.prefetch_bytes = plan.prefetch_bytes;
-      kernel<<<grid_for_rows(plan, ck.rows, device), plan.threads, plan.smem, stream>>>(b);
+      kernel<<<grid_for_rows(plan, ck.rows, limits), plan.threads, plan.smem, stream>>>(b);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -700,7 +700,7 @@ void cross_entropy_bwd_cuda(
   a.scale = grad_rows.data_ptr<float>();
   a.grad = grad.data_ptr();
   a.sg = grad.stride(0);
-  const int device = logits.get_device();
+  const DeviceLimits limits = device_limits(logits.get_device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_options(logits.scalar_type(), kBwd, ck.soft, weight.has_value(), label_smoothing, softcap,
                    [&](auto tag, auto soft, auto smooth, auto welem, auto cap) {
@@ -708,7 +708,7 @@ void cross_entropy_bwd_cuda(
     constexpr int kU = unroll_for(decltype(soft)::value, decltype(welem)::value, decltype(cap)::value);
     auto kernel = ce_bwd_kernel<T, decltype(soft)::value, decltype(smooth)::value, decltype(welem)::value,
                                 decltype(cap)::value>;
-    const RowPlan plan = plan_rows(ck.C / Elem<T>::kPerPacket, kU, false, device);
+    const RowPlan plan = plan_rows(ck.C / Elem<T>::kPerPacket, kU, false, limits);
     kernel<<<grid_for(ck.rows), plan.threads, 0, stream>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

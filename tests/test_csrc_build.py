@@ -5,6 +5,8 @@ match the schemas defined in Python.
 Compile-only: runs wherever nvcc (and a host C++ compiler) is on PATH, GPU or not. The
 registration check builds module.cpp with throwing stand-ins for the kernels, loads it in a
 child process (a schema mismatch aborts the process that loads it) and asks the dispatcher.
+The per-row launch plan (csrc/row_plan.h, plain C++) is built into a small program and checked
+against the plans worked out by hand for an H200's limits.
 """
 from __future__ import annotations
 
@@ -196,3 +198,72 @@ def test_cuda_sources_define_what_ops_h_declares(build):
     have = set().union(*(defined(tmp / f"{src.stem}.o") for src in CSRC.glob("*.cu")))
     assert wanted, "no lossforge symbols in the stand-ins"
     assert wanted <= have, f"declared in ops.h but not defined by csrc/*.cu: {sorted(wanted - have)}"
+
+
+# ---- the per-row launch plan (csrc/row_plan.h) ----
+
+# An H200 as the CUDA runtime reports it: shared memory per SM, per-block opt-in, reserved per
+# block, SMs, L2 bytes.
+H200 = (233472, 232448, 1024, 132, 62914560)
+_PLAN_MAIN = r"""
+#include <cstdio>
+#include <cstdlib>
+#include "row_plan.h"
+int main(int argc, char** argv) {
+  if (argc != 10) return 2;
+  const lossforge::DeviceLimits d{std::atoll(argv[5]), std::atoll(argv[6]), std::atoll(argv[7]),
+                                  std::atoll(argv[8]), std::atoll(argv[9])};
+  const lossforge::RowPlan p = lossforge::plan_rows(std::atoll(argv[1]), std::atoi(argv[2]), argv[3][0] == '1', d);
+  std::printf("%d %lld %lld %zu %lld %u\n", p.threads, static_cast<long long>(p.resident),
+              static_cast<long long>(p.cache_packets), p.smem, static_cast<long long>(p.prefetch_bytes),
+              lossforge::grid_for_rows(p, std::atoll(argv[4]), d));
+  return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def plan_program(tmp_path_factory):
+    if CXX is None:
+        pytest.skip("a host C++ compiler is needed")
+    tmp = tmp_path_factory.mktemp("row_plan")
+    (tmp / "plan.cpp").write_text(_PLAN_MAIN)
+    cmd, code, text = _run([CXX, "-std=c++17", "-O1", "-Wall", "-Werror", f"-I{CSRC}", str(tmp / "plan.cpp"),
+                            "-o", str(tmp / "plan")])
+    assert code == 0, f"$ {' '.join(cmd)}\n{text}"
+    return tmp / "plan"
+
+
+def _plan(program, packets, unroll, keep_in_smem, rows, **knobs):
+    """(threads, resident blocks per SM, cached packets, smem bytes, prefetch bytes, grid) on an H200."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOSSFORGE_ROW_")}
+    env.update({f"LOSSFORGE_ROW_{k.upper()}": str(v) for k, v in knobs.items()})
+    args = [str(a) for a in (packets, unroll, int(keep_in_smem), rows, *H200)]
+    out = subprocess.run([str(program), *args], capture_output=True, text=True, env=env, check=True).stdout
+    return tuple(int(v) for v in out.split())
+
+
+def test_row_plans_for_an_h200(plan_program):
+    lm, v32k = 128256 // 8, 32000 // 8  # bf16 rows in 16-byte packets
+    # LM rows: 512-thread blocks would leave 2 x 132 x 139 KB of tails for L2 (over half of it), so
+    # one 1024-thread block per SM keeps 231 KB of its row in shared memory.
+    assert _plan(plan_program, lm, 4, True, 8192) == (1024, 1, 14464, 231424, 0, 8192)
+    assert _plan(plan_program, lm, 2, True, 8192) == (1024, 1, 14464, 231424, 0, 8192)  # softcap's unroll
+    # V=32000: four 256-thread blocks per SM, 55 KB of each row cached, 7.5 KB re-read from L2
+    assert _plan(plan_program, v32k, 4, True, 8192) == (256, 4, 3520, 56320, 0, 8192)
+    # no gradient (or the backward pass): nothing cached, 256-thread blocks
+    assert _plan(plan_program, lm, 4, False, 8192) == (256, 4, 0, 0, 0, 8192)
+    # a short row: the smallest block, all of the row cached
+    assert _plan(plan_program, 12, 4, True, 5) == (32, 32, 12, 192, 0, 5)
+
+
+def test_row_plan_knobs(plan_program):
+    lm, v32k = 128256 // 8, 32000 // 8
+    # a prefetch makes the grid persistent: resident blocks x 132 SMs, or fewer rows
+    assert _plan(plan_program, lm, 4, True, 8192, prefetch_kb=128) == (1024, 1, 14464, 231424, 131072, 132)
+    assert _plan(plan_program, v32k, 4, True, 8192, prefetch_kb=64) == (256, 4, 3520, 56320, 65536, 528)
+    assert _plan(plan_program, v32k, 4, True, 10, prefetch_kb=64)[5] == 10
+    # a pinned block size is kept even where the L2 rule would switch
+    assert _plan(plan_program, lm, 4, True, 8192, threads=256) == (256, 4, 3520, 56320, 0, 8192)
+    assert _plan(plan_program, lm, 4, True, 8192, cache=0) == (512, 2, 0, 0, 0, 8192)
+    assert _plan(plan_program, lm, 4, True, 8192, l2_share=1.0) == (512, 2, 7168, 114688, 0, 8192)
