@@ -256,6 +256,34 @@ __device__ void fill_row(T* g, int64_t n, float v, int tid, int64_t nt) {
   for (int64_t k = tid; k < rs.packets; k += nt) st_once(g + rs.first(k), p);
 }
 
+// What each 16-byte packet of a row's logits is read with: the probability targets and class
+// weights of its classes, each read 16 bytes at a time when its alignment matches the row walk's.
+template <typename T, bool kSoft, bool kWElem>
+struct RowSide {
+  struct Packet {
+    uint4 x, q;
+    float w[kWElem ? Elem<T>::kPerPacket : 1];
+  };
+  const T* q;
+  const float* const& w;  // the kernel argument itself, read where it is used
+  bool q_vec, w_vec;
+
+  __device__ __forceinline__ RowSide(const T* x, const T* q_, const float* const& w_, const RowSplit<T>& rs)
+      : q(q_), w(w_), q_vec(kSoft && same_phase(q_, x)),
+        w_vec(kWElem && (reinterpret_cast<uintptr_t>(w_ + rs.head) & 15u) == 0) {}
+
+  // The packet at element j0, its logits `x` already loaded; kKeepQ: the targets stay in L2 for
+  // a second pass.
+  template <bool kKeepQ = false>
+  __device__ __forceinline__ Packet with(const uint4& x, int64_t j0) const {
+    Packet p;
+    p.x = x;
+    if constexpr (kSoft) p.q = load_raw<T, kKeepQ>(q + j0, q_vec);
+    if constexpr (kWElem) load_floats<Elem<T>::kPerPacket>(w + j0, w_vec, p.w);
+    return p;
+  }
+};
+
 // Pass 2: the gradient of one row. Packets k < cached come from `cache` (shared memory).
 template <typename T, bool kSoft, bool kSmooth, bool kWElem, bool kCap, int kU>
 __device__ __forceinline__ void write_grad_row(const CeArgs& a, const T* x, const T* q, T* g, const RowSplit<T>& rs,
@@ -264,8 +292,7 @@ __device__ __forceinline__ void write_grad_row(const CeArgs& a, const T* x, cons
   const int tid = threadIdx.x;
   const int64_t nt = blockDim.x;
   const bool g_vec = same_phase(g, x);
-  const bool q_vec = kSoft && same_phase(q, x);
-  const bool w_vec = kWElem && (reinterpret_cast<uintptr_t>(a.weight + rs.head) & 15u) == 0;
+  const RowSide<T, kSoft, kWElem> side(x, q, a.weight, rs);
 
   auto grad_of = [&](float xv, float wv, float qv) {
     float d;
@@ -288,28 +315,12 @@ __device__ __forceinline__ void write_grad_row(const CeArgs& a, const T* x, cons
   if (tid < rs.head) scalar(tid);
   if (rs.body_end + tid < a.C) scalar(rs.body_end + tid);
 
-  struct In {
-    uint4 x, q;
-    float w[kWElem ? kN : 1];
-  };
-  auto load_side = [&](In& in, int64_t j0) {
-    if constexpr (kSoft) in.q = load_raw<T>(q + j0, q_vec);
-    if constexpr (kWElem) load_floats<kN>(a.weight + j0, w_vec, in.w);
-  };
-  auto from_smem = [&](int64_t k) {
-    In in;
-    in.x = cache[k];
-    load_side(in, rs.first(k));
-    return in;
-  };
+  auto from_smem = [&](int64_t k) { return side.with(cache[k], rs.first(k)); };
   auto from_global = [&](int64_t k) {
-    In in;
     const int64_t j0 = rs.first(k);
-    in.x = ld_once(x + j0);
-    load_side(in, j0);
-    return in;
+    return side.with(ld_once(x + j0), j0);
   };
-  auto use = [&](int64_t k, const In& in) {
+  auto use = [&](int64_t k, const typename RowSide<T, kSoft, kWElem>::Packet& in) {
     const int64_t j0 = rs.first(k);
     float v[kN], qv[kN];
     unpack<T>(in.x, v);
@@ -377,8 +388,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) ce_fwd_kernel(const CeArgs a) 
 
     // ---- pass 1 ----
     const RowSplit<T> rs(x, a.C);
-    const bool q_vec = kSoft && same_phase(q, x);
-    const bool w_vec = kWElem && (reinterpret_cast<uintptr_t>(a.weight + rs.head) & 15u) == 0;
+    const RowSide<T, kSoft, kWElem> side(x, q, a.weight, rs);
     const int64_t cached = !kGrad ? 0 : a.cache_packets < rs.packets ? a.cache_packets : rs.packets;
     Acc acc = acc_init();
 
@@ -391,30 +401,17 @@ __global__ void __launch_bounds__(kMaxThreads, 1) ce_fwd_kernel(const CeArgs a) 
     if (tid < rs.head) scalar(tid);
     if (rs.body_end + tid < a.C) scalar(rs.body_end + tid);
 
-    struct In {
-      uint4 x, q;
-      float w[kWElem ? kN : 1];
-    };
-    auto load_side = [&](In& in, int64_t j0) {
-      if constexpr (kSoft) in.q = load_raw<T, kGrad>(q + j0, q_vec);
-      if constexpr (kWElem) load_floats<kN>(a.weight + j0, w_vec, in.w);
-    };
+    using Packet = typename RowSide<T, kSoft, kWElem>::Packet;
     // Packets that go to shared memory are not needed in L2 again; the others are re-read from it.
     auto load_to_smem = [&](int64_t k) {
-      In in;
       const int64_t j0 = rs.first(k);
-      in.x = ld_once(x + j0);
-      load_side(in, j0);
-      return in;
+      return side.template with<kGrad>(ld_once(x + j0), j0);
     };
     auto load_keep = [&](int64_t k) {
-      In in;
       const int64_t j0 = rs.first(k);
-      in.x = kGrad ? ld_keep(x + j0) : ld_once(x + j0);
-      load_side(in, j0);
-      return in;
+      return side.template with<kGrad>(kGrad ? ld_keep(x + j0) : ld_once(x + j0), j0);
     };
-    auto use = [&](int64_t k, const In& in) {
+    auto use = [&](int64_t k, const Packet& in) {
       const int64_t j0 = rs.first(k);
       float y[kN], qv[kN];
       unpack<T>(in.x, y);
@@ -426,7 +423,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) ce_fwd_kernel(const CeArgs a) 
       const int skip = (!kSoft && static_cast<uint64_t>(t - j0) < static_cast<uint64_t>(kN)) ? static_cast<int>(t - j0) : -1;
       accumulate<kN, kSoft, kSmooth, kWElem>(acc, y, in.w, qv, skip, c, eps1, epsC);
     };
-    auto use_and_keep = [&](int64_t k, const In& in) {
+    auto use_and_keep = [&](int64_t k, const Packet& in) {
       cache[k] = in.x;
       use(k, in);
     };
