@@ -5,7 +5,8 @@
     python -m bench --providers torch,lf-triton,liger # only these providers ("lf" selects every lf-*)
 
 Writes results.csv (rows upserted by suite/case/provider/mode/shape/dtype/device), results.md and
-one <suite>.png into --out (default bench/out/).
+one <suite>.png into --out (default bench/out/). bench/harness.py measures the rows; bench/report.py
+writes these outputs from them.
 
 How GPU rows are timed: each repetition is bracketed by its own pair of CUDA events, after a
 256 MiB buffer write that evicts the inputs from L2 (outside the events), so every repetition

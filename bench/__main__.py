@@ -7,9 +7,12 @@ import sys
 
 import torch
 
-from . import ceilings, cross_entropy, harness, sigmoid_focal
+from . import ceilings, cross_entropy, harness, report, sigmoid_focal
 
 SUITES = {s.name: s for s in (cross_entropy.SUITE, sigmoid_focal.SUITE)}
+PROVIDERS = tuple(dict.fromkeys(n for s in SUITES.values() for n in s.provider_names))
+FAMILIES = tuple(dict.fromkeys(n.split("-")[0] for n in PROVIDERS if "-" in n))  # "lf" selects every lf-*
+KNOWN_PROVIDERS = ", ".join(PROVIDERS) + "".join(f"; '{f}' selects every {f}-*" for f in FAMILIES)
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 # profile -> (warm-up calls, repetitions (the minimum on a GPU), GPU ms budget per provider)
 PROFILES = {"gpu": (3, 10, 1000.0), "gpu-quick": (2, 5, 300.0), "cpu": (2, 10, 0.0), "cpu-quick": (1, 5, 0.0),
@@ -22,8 +25,7 @@ def _parse(argv):
                                 "for how rows are timed).")
     p.add_argument("--suite", default=",".join(SUITES), help=f"comma-separated, from: {', '.join(SUITES)}")
     p.add_argument("--providers", default=None,
-                   help="comma-separated provider names to run (torch, torch.compile, lf-cuda, lf-triton, "
-                        "lf-reference, liger, torchvision; 'lf' selects every lf-*); default: all available")
+                   help=f"comma-separated, from: {KNOWN_PROVIDERS}; default: all available")
     p.add_argument("--quick", action="store_true", help="a reduced set of cases and repetitions")
     p.add_argument("--out", default=DEFAULT_OUT, help="output folder (default: bench/out)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG files")
@@ -40,19 +42,22 @@ def _parse(argv):
     unknown = [s for s in args.suite.split(",") if s not in SUITES]
     if unknown:
         p.error(f"--suite: unknown suite(s) {unknown}; expected some of {list(SUITES)}")
+    unknown = [n for n in args.providers.split(",") if n not in PROVIDERS + FAMILIES] if args.providers else []
+    if unknown:
+        p.error(f"--providers: unknown provider(s) {unknown}; known: {KNOWN_PROVIDERS}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU is visible to torch")
     return args
 
 
-def report(out: str, plot: bool = True) -> int:
-    rows = harness.read_csv(os.path.join(out, "results.csv"))
+def rebuild(out: str, plot: bool = True) -> int:
+    rows = report.read_csv(os.path.join(out, "results.csv"))
     with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(harness.report_markdown(rows) + "\n")
+        f.write(report.report_markdown(rows) + "\n")
     if plot:
         for name in dict.fromkeys(r["suite"] for r in rows):
             mine = [r for r in rows if r["suite"] == name]
-            harness.plot_suite(os.path.join(out, f"{name}.png"), name, mine, harness.row_environment(mine[0]))
+            report.plot_suite(os.path.join(out, f"{name}.png"), name, mine, report.row_environment(mine[0]))
     print(f"rebuilt {out}/results.md{' and the PNGs' if plot else ''} from {len(rows)} rows of results.csv")
     return 0
 
@@ -60,7 +65,7 @@ def report(out: str, plot: bool = True) -> int:
 def main(argv=None) -> int:
     args = _parse(argv)
     if args.report:
-        return report(args.out, plot=not args.no_plot)
+        return rebuild(args.out, plot=not args.no_plot)
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda") if use_cuda else torch.device("cpu")
     profile = "tiny" if args.tiny else ("gpu" if use_cuda else "cpu") + ("-quick" if args.quick else "")
@@ -78,28 +83,38 @@ def main(argv=None) -> int:
 
     rows = []
     for name in args.suite.split(","):
-        rows += harness.run_suite(SUITES[name], settings, env)
+        mine = harness.run_suite(SUITES[name], settings, env)
+        if not mine:
+            print(f"[{name}] none of the requested providers ran")
+        rows += mine
     if only is not None:
         missing = only - {r["provider"] for r in rows} - {r["provider"].split("-")[0] for r in rows}
         if missing:
-            print(f"requested provider(s) not run: {sorted(missing)} (unknown or unavailable here, see above)")
+            print(f"requested provider(s) not run: {sorted(missing)} (not in the chosen suites or unavailable "
+                  "here, see above)")
+    if not rows:
+        print(f"nothing measured: {args.out} left as it was")
+        return 1
+    _write_outputs(args.out, rows, env, settings.copy_rate, plot=not args.no_plot)
+    return 0
 
+
+def _write_outputs(out: str, rows: list[dict], env: dict, copy_rate: float, plot: bool) -> None:
     print()
-    print(harness.format_table(rows))
-    os.makedirs(args.out, exist_ok=True)
-    harness.upsert_csv(os.path.join(args.out, "results.csv"), rows)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(harness.format_markdown(rows, env, settings.copy_rate) + "\n")
-    if not args.no_plot:
+    print(report.format_table(rows))
+    os.makedirs(out, exist_ok=True)
+    report.upsert_csv(os.path.join(out, "results.csv"), rows)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(report.format_markdown(rows, env, copy_rate) + "\n")
+    if plot:
         for name in dict.fromkeys(r["suite"] for r in rows):
             try:
-                harness.plot_suite(os.path.join(args.out, f"{name}.png"), name, rows, env)
+                report.plot_suite(os.path.join(out, f"{name}.png"), name, rows, env)
             except ImportError as exc:
                 print(f"no plot for {name}: {exc}")
     errors = sum(r["status"].startswith("error") for r in rows)
-    print(f"\nwrote {args.out}/results.csv, results.md{'' if args.no_plot else ' and a PNG per suite'}; "
+    print(f"\nwrote {out}/results.csv, results.md{' and a PNG per suite' if plot else ''}; "
           f"{len(rows)} rows, {errors} with errors")
-    return 0
 
 
 if __name__ == "__main__":

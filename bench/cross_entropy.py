@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .harness import Case, Provider, Suite, Unsupported, collect, compile_provider, lf_providers
+from .harness import STANDARD_PROVIDERS, Case, Provider, Suite, Unsupported, standard_providers
 
 BF16, F32 = torch.bfloat16, torch.float32
 LM = (8192, 128256)  # the shape at which every option is measured
@@ -115,9 +115,8 @@ def _liger(settings) -> Provider | str:
 
 
 def providers(settings):
-    eager = Provider("torch", _bind_eager)
-    return collect(("torch", eager), ("torch.compile", compile_provider(eager, settings)),
-                   lf_providers(_lf_call, settings.device), ("liger", _liger(settings)))
+    return standard_providers(settings, _bind_eager, _lf_call, ("liger", _liger))
 
 
-SUITE = Suite("cross_entropy", cases, make_inputs, providers, reference, bytes_model)
+SUITE = Suite("cross_entropy", cases, make_inputs, providers, reference, bytes_model,
+              STANDARD_PROVIDERS + ("liger",))

@@ -2,13 +2,11 @@
 
 For every case it makes one set of random inputs, computes the expected loss (and gradient) with
 the lossforge reference, then for every provider: warm-up, a correctness check against that
-expectation, peak extra memory (GPU), and timed repetitions. Output: a printed table, one CSV
-upserted across runs, a Markdown table and one PNG per suite. A failing provider becomes an
-"error: ..." row and the run carries on.
+expectation, peak extra memory (GPU), and timed repetitions. A failing provider becomes an
+"error: ..." row and the run carries on. The rows' table, CSV, Markdown and PNG: bench/report.py.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import datetime
 import functools
@@ -27,8 +25,9 @@ import torch
 COLUMNS = ("suite", "case", "provider", "mode", "shape", "dtype", "device", "status", "median_ms", "p20_ms",
            "p80_ms", "tb_per_s", "pct_copy", "extra_mb", "max_rel_err", "bytes_model", "timing", "reps",
            "copy_tb_per_s", "gpu_name", "torch_version", "triton_version", "date")
-KEY = ("suite", "case", "provider", "mode", "shape", "dtype", "device")
 MODES = ("fwd", "fwd+bwd")
+LF_BACKENDS = ("cuda", "triton", "reference")
+STANDARD_PROVIDERS = ("torch", "torch.compile") + tuple(f"lf-{b}" for b in LF_BACKENDS)
 L2_FLUSH_BYTES = 256 << 20  # several times the L2 of current data-centre GPUs
 
 
@@ -60,6 +59,7 @@ class Suite:
     providers: Callable[["Settings"], tuple[list[Provider], dict[str, str]]]  # usable, {skipped: why}
     reference: Callable[[Case, dict], torch.Tensor]                     # lossforge reference loss
     bytes_model: Callable[[Case], tuple[int, str]]                      # bytes moved, how they are counted
+    provider_names: tuple[str, ...]  # every name providers() can return or skip, known without calling it
 
 
 @dataclasses.dataclass
@@ -104,9 +104,10 @@ def lf_providers(call: Callable, device: torch.device) -> tuple[list[Provider], 
         import lossforge_kernels as lf
         backends = lf.available_backends()
     except Exception as exc:
-        return [], {"lf-*": f"lossforge_kernels does not import: {type(exc).__name__}: {exc}"}
+        why = f"lossforge_kernels does not import: {type(exc).__name__}: {exc}"
+        return [], {f"lf-{name}": why for name in LF_BACKENDS}
     usable, skipped = [], {}
-    for name in ("cuda", "triton", "reference"):
+    for name in LF_BACKENDS:
         info = backends[name]
         if not info.available:
             skipped[f"lf-{name}"] = info.reason
@@ -116,20 +117,6 @@ def lf_providers(call: Callable, device: torch.device) -> tuple[list[Provider], 
             skipped[f"lf-{name}"] = "CPU tensors need TRITON_INTERPRET=1"
         else:
             usable.append(Provider(f"lf-{name}", functools.partial(_bind_lf, call, lf, name)))
-    return usable, skipped
-
-
-def collect(*entries) -> tuple[list[Provider], dict[str, str]]:
-    """Providers in order from (name, Provider-or-reason) pairs and (providers, skipped) pairs."""
-    usable, skipped = [], {}
-    for first, second in entries:
-        if isinstance(first, list):
-            usable += first
-            skipped.update(second)
-        elif isinstance(second, Provider):
-            usable.append(second)
-        else:
-            skipped[first] = second
     return usable, skipped
 
 
@@ -170,6 +157,30 @@ def compile_provider(eager: Provider, settings: Settings) -> Provider | str:
         return torch.compile(fn, dynamic=False)
 
     return Provider("torch.compile", bind)
+
+
+def standard_providers(settings: Settings, eager_bind: Callable, lf_call: Callable,
+                       *third_parties: tuple[str, Callable[[Settings], Provider | str]]
+                       ) -> tuple[list[Provider], dict[str, str]]:
+    """(usable, {skipped: why}) in the standard order: torch, torch.compile, lf-cuda, lf-triton,
+    lf-reference, then each (name, make) third party; make(settings) returns its Provider or why
+    not, and is only called for a wanted name (it may import a heavy package)."""
+    eager = Provider("torch", eager_bind)
+    usable, skipped = [eager], {}
+    _add(usable, skipped, "torch.compile", compile_provider(eager, settings))
+    lf_usable, lf_skipped = lf_providers(lf_call, settings.device)
+    usable += lf_usable
+    skipped.update(lf_skipped)
+    for name, make in third_parties:
+        _add(usable, skipped, name, make(settings) if settings.wants(name) else "not selected")
+    return usable, skipped
+
+
+def _add(usable, skipped, name, provider_or_reason):
+    if isinstance(provider_or_reason, Provider):
+        usable.append(provider_or_reason)
+    else:
+        skipped[name] = provider_or_reason
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,12 +356,20 @@ def short_error(exc: BaseException, limit: int = 90) -> str:
     return "error: " + (text if len(text) <= limit else text[:limit - 3] + "...")
 
 
+def _progress(row) -> str:
+    if row["status"] != "ok":
+        return row["status"]
+    return f"{row['median_ms']:.4g} ms [p20 {row['p20_ms']:.4g}, p80 {row['p80_ms']:.4g}]"
+
+
 def run_suite(suite: Suite, settings: Settings, env: dict, log=print) -> list[dict]:
     providers, skipped = suite.providers(settings)
     providers = [p for p in providers if settings.wants(p.name)]
     for name, why in skipped.items():
         if settings.wants(name):
             log(f"[{suite.name}] skipping provider {name}: {why}")
+    if not providers:
+        return []  # nothing to measure: build no inputs or references
     too_slow: dict[str, str] = {}
     rows = []
     for case in suite.cases(settings.profile):
@@ -383,149 +402,7 @@ def run_suite(suite: Suite, settings: Settings, env: dict, log=print) -> list[di
                 if settings.device.type == "cuda":
                     torch.cuda.empty_cache()
             row.pop("warmup_s", None)
-            log(f"[{suite.name}] {case.name} {case.mode} {row['shape']} {provider.name}: {_cell_time(row)}")
+            log(f"[{suite.name}] {case.name} {case.mode} {row['shape']} {provider.name}: {_progress(row)}")
             rows.append(row)
         del inputs, expected
     return rows
-
-
-# ---------------------------------------------------------------------------------------------
-# Output: table, CSV, Markdown, PNG
-
-
-def _num(v, fmt):
-    return "" if v == "" or v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
-
-
-def _cell_time(row) -> str:
-    if row["status"] != "ok":
-        return row["status"]
-    return f"{row['median_ms']:.4g} [{row['p20_ms']:.4g}, {row['p80_ms']:.4g}]"
-
-
-def format_table(rows: list[dict]) -> str:
-    head = ("suite", "case", "provider", "mode", "shape", "dtype", "median ms", "p20", "p80", "TB/s", "% copy",
-            "extra MB", "rel err")
-    body = []
-    for r in rows:
-        ok = r["status"] == "ok"
-        timing = ([_num(r[k], ".4g") for k in ("median_ms", "p20_ms", "p80_ms")] if ok
-                  else [r["status"][:60], "", ""])
-        body.append((r["suite"], r["case"], r["provider"], r["mode"], r["shape"], r["dtype"], *timing,
-                     _num(r["tb_per_s"], ".3g"), _num(r["pct_copy"], ".1f"), _num(r["extra_mb"], ".1f"),
-                     _num(r["max_rel_err"], ".1e")))
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(head), line("-" * w for w in widths)] + [line(b) for b in body])
-
-
-def _csv_value(v):
-    if isinstance(v, float):
-        return "" if math.isnan(v) else f"{v:.6g}"
-    return v
-
-
-def upsert_csv(path: str, rows: list[dict]) -> None:
-    """Rows with the same KEY as an existing row replace it; others are appended."""
-    table: dict[tuple, dict] = {}
-    if os.path.exists(path):
-        with open(path, newline="") as f:
-            for old in csv.DictReader(f):
-                table[tuple(old.get(k, "") for k in KEY)] = old
-    for r in rows:
-        table[tuple(str(r[k]) for k in KEY)] = {k: _csv_value(r[k]) for k in COLUMNS}
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore", restval="")
-        writer.writeheader()
-        writer.writerows(table.values())
-
-
-_NUMERIC = ("median_ms", "p20_ms", "p80_ms", "tb_per_s", "pct_copy", "extra_mb", "max_rel_err", "copy_tb_per_s")
-
-
-def read_csv(path: str) -> list[dict]:
-    """The rows of a results CSV, numbers as floats (NaN where empty)."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        for k in _NUMERIC:
-            r[k] = float(r[k]) if r.get(k, "") != "" else math.nan
-    return rows
-
-
-def row_environment(row: dict) -> dict:
-    """The environment a CSV row was measured in, as environment() describes it."""
-    return {"device": row["gpu_name"] or row["device"], "torch_version": row["torch_version"],
-            "triton_version": row["triton_version"], "date": row["date"]}
-
-
-def report_markdown(rows: list[dict]) -> str:
-    """results.md for rows that may come from several runs: one section per suite, each headed by
-    the GPU, versions, date and copy rate its rows were measured with."""
-    parts = []
-    for suite in dict.fromkeys(r["suite"] for r in rows):
-        mine = [r for r in rows if r["suite"] == suite]
-        parts.append(format_markdown(mine, row_environment(mine[0]), mine[0]["copy_tb_per_s"] * 1e12))
-    return "\n".join(parts)
-
-
-def _describe(env: dict, copy_rate: float) -> str:
-    return (f"{env['device']}, torch {env['torch_version']}, triton {env['triton_version']}, {env['date']}; "
-            f"device copy {copy_rate / 1e12:.3g} TB/s (read + write)")
-
-
-def format_markdown(rows: list[dict], env: dict, copy_rate: float) -> str:
-    out = [f"Measured on {_describe(env, copy_rate)}. Median ms [p20, p80]; TB/s from the bytes model; "
-           "extra MB = peak memory beyond the inputs and the returned gradient; rel err = loss and gradient "
-           "against the lossforge reference.", ""]
-    for suite in dict.fromkeys(r["suite"] for r in rows):
-        out += [f"### {suite}", "", "| case | provider | mode | shape | dtype | ms | TB/s | % copy | extra MB "
-                "| rel err |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in (r for r in rows if r["suite"] == suite):
-            cells = (r["case"], r["provider"], r["mode"], r["shape"], r["dtype"], _cell_time(r),
-                     _num(r["tb_per_s"], ".3g"), _num(r["pct_copy"], ".1f"), _num(r["extra_mb"], ".1f"),
-                     _num(r["max_rel_err"], ".1e"))
-            out.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
-        models = dict.fromkeys(r["bytes_model"] for r in rows if r["suite"] == suite)
-        out += ["", "Bytes model: " + "; ".join(models), ""]
-    return "\n".join(out)
-
-
-def plot_suite(path: str, suite: str, rows: list[dict], env: dict) -> None:
-    """Grouped bars: median ms per case and provider, p20-p80 error bars, log scale."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in rows if r["suite"] == suite]
-    groups = list(dict.fromkeys((r["case"], r["mode"], r["shape"]) for r in rows))
-    providers = list(dict.fromkeys(r["provider"] for r in rows))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(groups) + 2), 4.8))
-    width = 0.8 / max(len(providers), 1)
-    for j, provider in enumerate(providers):
-        xs, ys, lo, hi = [], [], [], []
-        for i, group in enumerate(groups):
-            for r in rows:
-                if (r["case"], r["mode"], r["shape"]) != group or r["provider"] != provider:
-                    continue
-                x = i - 0.4 + width * (j + 0.5)
-                if r["status"] != "ok":  # mark the gap so a missing bar is not read as "not run"
-                    ax.text(x, 0.02, r["status"].split(":")[0], transform=ax.get_xaxis_transform(), rotation=90,
-                            ha="center", va="bottom", fontsize=6)
-                    continue
-                xs.append(x)
-                ys.append(r["median_ms"])
-                lo.append(r["median_ms"] - r["p20_ms"])
-                hi.append(r["p80_ms"] - r["median_ms"])
-        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=provider)
-    ax.set_xticks(range(len(groups)), [f"{c}\n{m}\n{s}" for c, m, s in groups], fontsize=7)
-    if any(r["status"] == "ok" for r in rows):
-        ax.set_yscale("log")
-    ax.set_ylabel("median ms (bars: p20-p80), lower is better")
-    ax.set_title(f"{suite}: {env['device']}, torch {env['torch_version']}, triton {env['triton_version']}, "
-                 f"{env['date']}", fontsize=9)
-    if providers:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

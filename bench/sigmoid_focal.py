@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .harness import Case, Provider, Suite, collect, compile_provider, lf_providers
+from .harness import STANDARD_PROVIDERS, Case, Provider, Suite, standard_providers
 
 OPTIONS = {"alpha": 0.25, "gamma": 2.0, "reduction": "mean"}
 
@@ -67,7 +67,7 @@ def reference(case, inputs):
     return _lf_call(lf, case, inputs, "reference")
 
 
-def _torchvision() -> Provider | str:
+def _torchvision(settings) -> Provider | str:
     try:
         from torchvision.ops import sigmoid_focal_loss
     except Exception as exc:
@@ -77,9 +77,8 @@ def _torchvision() -> Provider | str:
 
 
 def providers(settings):
-    eager = Provider("torch", _bind_eager)
-    return collect(("torch", eager), ("torch.compile", compile_provider(eager, settings)),
-                   lf_providers(_lf_call, settings.device), ("torchvision", _torchvision()))
+    return standard_providers(settings, _bind_eager, _lf_call, ("torchvision", _torchvision))
 
 
-SUITE = Suite("sigmoid_focal", cases, make_inputs, providers, reference, bytes_model)
+SUITE = Suite("sigmoid_focal", cases, make_inputs, providers, reference, bytes_model,
+              STANDARD_PROVIDERS + ("torchvision",))

@@ -1,5 +1,5 @@
 """Sweep of the cross-entropy kernels' launch plans, for choosing their defaults (plan_rows in
-csrc/host_utils.h, _launch_config in triton_kernels/cross_entropy.py).
+csrc/row_plan.h, _launch_config in triton_kernels/cross_entropy.py).
 
     python -m bench.sweep_rows [--shapes 8192x32000,8192x128256,4096x256000] [--dtype bfloat16]
                                [--backend cuda] [--settings "threads=256;prefetch_kb=64,threads=1024"]

@@ -1,13 +1,15 @@
 """The benchmark harness on CPU with tiny odd shapes: outputs, error handling, correctness column."""
 import csv
 import dataclasses
+import importlib.util
 import math
+import re
 
 import pytest
 import torch
 
 from bench import __main__ as cli
-from bench import cross_entropy, harness, sigmoid_focal
+from bench import ceilings, cross_entropy, harness, report, sigmoid_focal
 
 CPU_PROVIDERS = ("torch", "lf-reference")
 
@@ -74,8 +76,8 @@ def test_cli_writes_csv_png_and_markdown(tmp_path, capsys):
 def test_upsert_replaces_same_key_and_appends_new(tmp_path):
     path = str(tmp_path / "r.csv")
     row = {k: "x" for k in harness.COLUMNS} | {"median_ms": 1.0, "extra_mb": math.nan}
-    harness.upsert_csv(path, [row])
-    harness.upsert_csv(path, [row | {"median_ms": 2.5}, row | {"provider": "other"}])
+    report.upsert_csv(path, [row])
+    report.upsert_csv(path, [row | {"median_ms": 2.5}, row | {"provider": "other"}])
     _, rows = _read_csv(path)
     assert [(r["provider"], r["median_ms"], r["extra_mb"]) for r in rows] == [("x", "2.5", ""), ("other", "1", "")]
 
@@ -101,7 +103,7 @@ def test_failures_become_rows_and_the_run_continues():
     status = {r["provider"]: r["status"] for r in rows}
     assert status == {"broken": "error: RuntimeError: kernel exploded", "partial": "unsupported: no such option",
                       "torch": "ok"}
-    table = harness.format_table(rows)
+    table = report.format_table(rows)
     assert "error: RuntimeError: kernel exploded" in table and "unsupported: no such option" in table
 
 
@@ -170,3 +172,119 @@ def test_row_plan_sweep_settings_name_each_backends_knobs():
         assert sweep_rows.parse_settings(defaults, backend)[0] == {}  # the defaults come first
     with pytest.raises(SystemExit, match="unknown cuda knob 'chunk'"):
         sweep_rows.parse_settings("chunk=4096")
+
+
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("called, but nothing should be measured or probed here")
+
+
+def test_an_unknown_provider_is_refused_before_anything_is_measured(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.md").write_text("old")
+    monkeypatch.setattr(ceilings, "copy_bytes_per_s", _must_not_run)
+    monkeypatch.setattr(harness, "run_suite", _must_not_run)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--tiny", "--providers", "torch,lf,nope,lf-cude", "--device", "cpu", "--out", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--providers: unknown provider(s) ['nope', 'lf-cude']; known: torch, torch.compile, lf-cuda, " \
+           "lf-triton, lf-reference, liger, torchvision; 'lf' selects every lf-*" in err
+    assert (out / "results.md").read_text() == "old"
+    assert cli._parse(["--providers", "lf,torchvision,liger"]).providers == "lf,torchvision,liger"
+
+
+def test_the_known_providers_come_from_the_suites():
+    assert cli.PROVIDERS == ("torch", "torch.compile", "lf-cuda", "lf-triton", "lf-reference", "liger",
+                             "torchvision")
+    assert cli.FAMILIES == ("lf",)
+
+
+def test_a_run_in_which_no_provider_ran_keeps_the_old_results(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.md").write_text("old md")
+    (out / "results.csv").write_text("old csv")
+    # torchvision is known (sigmoid_focal has it) but not a cross_entropy provider.
+    code = cli.main(["--tiny", "--suite", "cross_entropy", "--providers", "torchvision", "--device", "cpu",
+                     "--out", str(out)])
+    assert code == 1
+    printed = capsys.readouterr().out
+    assert "[cross_entropy] none of the requested providers ran" in printed
+    assert f"nothing measured: {out} left as it was" in printed
+    assert (out / "results.md").read_text() == "old md" and (out / "results.csv").read_text() == "old csv"
+    assert sorted(p.name for p in out.iterdir()) == ["results.csv", "results.md"]
+
+
+def test_progress_lines_and_headers_say_ms():
+    def broken(case):
+        def fn(inputs):
+            raise RuntimeError("kernel exploded")
+        return fn
+
+    lines = []
+    suite = _suite_with(harness.Provider("torch", cross_entropy._bind_eager), harness.Provider("broken", broken))
+    rows = harness.run_suite(suite, _settings(), harness.environment(torch.device("cpu")), log=lines.append)
+    number = r"(\d+(?:\.\d+)?(?:e[-+]\d+)?)"
+    timed = re.fullmatch(rf"\[cross_entropy\] mean fwd\+bwd 13x67 torch: {number} ms \[p20 {number}, p80 {number}\]",
+                         lines[0])
+    assert timed, lines
+    median, p20, p80 = (float(g) for g in timed.groups())
+    assert p20 <= median <= p80
+    assert lines[1] == "[cross_entropy] mean fwd+bwd 13x67 broken: error: RuntimeError: kernel exploded"
+    assert re.split(r"\s{2,}", report.format_table(rows).splitlines()[0])[6:9] == ["median ms", "p20", "p80"]
+    markdown = report.format_markdown(rows, harness.environment(torch.device("cpu")), 1e9)
+    assert "Median ms [p20, p80]" in markdown and "| dtype | ms | TB/s |" in markdown
+
+
+def _lf_expected():
+    """lf-* providers on CPU: the Triton kernels only through the interpreter; lf-cuda never."""
+    return ["lf-triton", "lf-reference"] if harness.triton_interpreter() else ["lf-reference"]
+
+
+def test_standard_providers_come_in_order_and_build_only_wanted_third_parties(monkeypatch):
+    monkeypatch.setattr(harness, "compile_problem", _must_not_run)  # torch.compile not wanted: no probe
+    made = []
+
+    def usable(settings):
+        made.append("a")
+        return harness.Provider("a", cross_entropy._bind_eager)
+
+    def absent(settings):
+        made.append("b")
+        return "b is not installed"
+
+    settings = dataclasses.replace(_settings(), only=frozenset({"torch", "lf", "a", "b"}))
+    got, skipped = harness.standard_providers(settings, cross_entropy._bind_eager, cross_entropy._lf_call,
+                                              ("a", usable), ("b", absent), ("c", _must_not_run))
+    assert [p.name for p in got] == ["torch", *_lf_expected(), "a"]
+    assert made == ["a", "b"]
+    assert list(skipped) == ["torch.compile", "lf-cuda", *(["lf-triton"] if len(_lf_expected()) == 1 else []),
+                             "b", "c"]
+    assert skipped["torch.compile"] == "not selected" and skipped["c"] == "not selected"
+    assert skipped["b"] == "b is not installed"
+
+
+def test_each_suite_lists_its_standard_providers_in_order_on_cpu(monkeypatch):
+    monkeypatch.setattr(harness, "compile_problem", lambda device_type, timeout_s: None)  # skip the slow probe
+    standard = ["torch", "torch.compile", *_lf_expected()]
+    got, skipped = cross_entropy.providers(_settings())
+    assert [p.name for p in got] == standard
+    assert skipped["liger"] == "Liger-Kernel runs on CUDA tensors only" and "lf-cuda" in skipped
+
+    got, skipped = sigmoid_focal.providers(_settings())
+    has_torchvision = importlib.util.find_spec("torchvision") is not None
+    assert [p.name for p in got] == standard + (["torchvision"] if has_torchvision else [])
+    assert "lf-cuda" in skipped
+    if not has_torchvision:
+        assert skipped["torchvision"].startswith("not importable (ModuleNotFoundError")
+
+
+@pytest.mark.parametrize("only", [None, frozenset({"torch"}), frozenset({"lf", "liger", "torchvision"})])
+def test_each_suites_declared_provider_names_are_what_providers_returns_or_skips(monkeypatch, only):
+    monkeypatch.setattr(harness, "compile_problem", lambda device_type, timeout_s: "probe left out in this test")
+    for suite in (cross_entropy.SUITE, sigmoid_focal.SUITE):
+        got, skipped = suite.providers(dataclasses.replace(_settings(), only=only))
+        names = [p.name for p in got] + list(skipped)
+        assert sorted(names) == sorted(suite.provider_names), suite.name
+        assert len(set(names)) == len(names), suite.name
