@@ -1,16 +1,19 @@
-// Host-side helpers for the kernel launchers: argument checks with clear messages, dtype and
-// option dispatch to template instantiations, device limits and the per-row launch plan.
+// Host-side helpers of the kernel entry points: argument checks with clear messages, dtype and
+// option dispatch to template instantiations, device limits for the per-row launch plan, and the
+// launch itself (device guard, current stream, shared-memory opt-in, error check).
 #pragma once
 
-#include <algorithm>
-#include <climits>
+#include <cstddef>
 #include <cstdint>
-#include <cstdlib>
 #include <type_traits>
+#include <utility>
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
 #include <c10/core/ScalarType.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <cuda_runtime.h>
@@ -59,6 +62,17 @@ inline void check_scalar_f32(const char* op, const char* name, const at::Tensor&
   TORCH_CHECK_VALUE(t.dim() == 0, op, ": ", name, " must be a 0-dim tensor, got shape ", t.sizes());
 }
 
+// A contiguous fp32 tensor of the given shape on ref's device (a kernel's output or saved stats).
+inline void check_f32_rows(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref,
+                           at::IntArrayRef shape) {
+  check_on(op, name, t, ref);
+  check_dtype(op, name, t, at::kFloat);
+  check_shape(op, name, t, shape);
+  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous, got strides ", t.strides());
+}
+
+inline bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
 // ---- dispatch ----
 
 template <typename F>
@@ -97,14 +111,20 @@ inline DeviceLimits device_limits(int device) {
           device_attr(cudaDevAttrMultiProcessorCount, device), device_attr(cudaDevAttrL2CacheSize, device)};
 }
 
-// Lets `kernel` use `smem` bytes of dynamic shared memory (above the 48 KiB default).
-template <typename K>
-void allow_smem(K kernel, size_t smem) {
+// ---- launch ----
+
+// kernel<<<grid, block, smem>>>(args...) on the current stream of `device`, with the device made
+// current first; dynamic shared memory above the 48 KiB default is opted in to (per device).
+template <typename... Params, typename... Args>
+void launch(c10::Device device, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, Args&&... args) {
+  const c10::cuda::CUDAGuard guard(device);
   if (smem > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                                         cudaSharedmemCarveoutMaxShared));
   }
+  kernel<<<grid, block, smem, c10::cuda::getCurrentCUDAStream(device.index())>>>(std::forward<Args>(args)...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace lossforge

@@ -93,9 +93,11 @@ def available_backends() -> dict[str, BackendInfo]:
 
 @dataclasses.dataclass(frozen=True)
 class LossKernels:
-    """What one loss family offers beyond the reference: its kernel backends, in auto's order."""
+    """What one loss family (the registry key is its file stem) offers beyond the reference: its
+    kernel backends in auto's order, the dtypes they take and the inputs they differentiate."""
     backends: tuple[str, ...]
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+    gradients_of: str = "the input"
 
 
 _FAMILIES: dict[str, LossKernels] = {}
@@ -105,14 +107,33 @@ def register_kernels(family: str, kernels: LossKernels) -> None:
     _FAMILIES[family] = kernels
 
 
+def families() -> dict[str, LossKernels]:
+    """Every registered loss family by its file stem."""
+    return dict(_FAMILIES)
+
+
 def _runs_on(name: str, device: torch.device) -> bool:
     if device.type == "cuda":
         return True
     return name == "triton" and triton_interpreter() and device.type == "cpu"
 
 
-def resolve_backend(backend: str, family: str, sample: torch.Tensor) -> str:
-    """Pick the backend for one call on `sample` (the tensor whose device, dtype and shape decide)."""
+def _automatic(kernels: LossKernels | None, sample: torch.Tensor, gap: str | None) -> str:
+    """auto's choice: the first available kernel backend for CUDA tensors it takes, else the reference."""
+    if kernels is None or sample.dtype not in kernels.dtypes or gap is not None or sample.device.type != "cuda":
+        return "reference"
+    for name in kernels.backends:
+        if _problem(name) is None:
+            return name
+    return "reference"
+
+
+def resolve_backend(backend: str, family: str, sample: torch.Tensor, gap: str | None = None) -> str:
+    """Pick the backend for one call on `sample` (the tensor whose device, dtype and shape decide).
+
+    `gap` names what this call needs that the family's kernels do not compute (e.g. "weight
+    requires grad"): auto then takes the reference, and an explicit kernel backend raises.
+    """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     from_env = False
@@ -126,21 +147,20 @@ def resolve_backend(backend: str, family: str, sample: torch.Tensor) -> str:
         return backend
     kernels = _FAMILIES.get(family)
     if backend == "auto":
-        if kernels is None or sample.dtype not in kernels.dtypes:
-            return "reference"
-        for name in kernels.backends:
-            if sample.device.type == "cuda" and _problem(name) is None:
-                return name
-        return "reference"
+        return _automatic(kernels, sample, gap)
     # An explicit request (argument or environment): run it or say why not.
     source = f"{ENV_BACKEND}={backend!r}" if from_env else f"backend={backend!r}"
-    if kernels is None or backend not in kernels.backends:
-        if from_env:  # a global preference: losses without such a kernel keep their automatic choice
-            return resolve_backend("reference", family, sample)
-        have = ", ".join(kernels.backends) if kernels else "none"
+    if kernels is None or backend not in kernels.backends or (from_env and gap is not None):
+        if from_env:  # a global preference: calls its kernels cannot take keep their automatic choice
+            return _automatic(kernels, sample, gap)
+        have = ", ".join(kernels.backends) if kernels and kernels.backends else "none"
         raise BackendUnavailableError(
             f"{source}: {family} has no {backend} kernel (kernel backends for it: {have}); "
             f"use backend='reference' or 'auto'")
+    if gap is not None:
+        raise BackendUnavailableError(
+            f"{source}: the {family} kernels compute gradients for {kernels.gradients_of} only, but {gap}; "
+            f"use backend='reference', or 'auto' (which takes the reference for such calls)")
     problem = _problem(backend)
     if problem is not None:
         raise BackendUnavailableError(f"{source} is unavailable: {problem}")

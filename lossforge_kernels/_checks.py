@@ -7,6 +7,7 @@ when LOSSFORGE_CHECK_INPUTS=1 asks for them.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 
 import torch
@@ -50,13 +51,18 @@ def check_same_device(ref_name: str, ref: torch.Tensor, **others) -> None:
             raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; they must share a device")
 
 
-def check_float(name: str, value, *, low=None, high=None, low_open=False, allow_none=False):
+def _is_number(value, kind) -> bool:
+    """A Python or NumPy number of `kind` (numbers.Real or numbers.Integral); bools are not numbers here."""
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+def check_float(name: str, value, *, low=None, high=None, low_open=False, allow_none=False, finite=False):
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not _is_number(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
     value = float(value)
-    bad = math.isnan(value)
+    bad = math.isnan(value) or (finite and math.isinf(value))
     if low is not None:
         bad |= value <= low if low_open else value < low
     if high is not None:
@@ -65,7 +71,21 @@ def check_float(name: str, value, *, low=None, high=None, low_open=False, allow_
         lo = "-inf" if low is None else low
         hi = "inf" if high is None else high
         bracket = "(" if low_open else "["
-        raise ValueError(f"{name} must be in {bracket}{lo}, {hi}], got {value!r}")
+        what = " and finite" if finite else ""
+        raise ValueError(f"{name} must be in {bracket}{lo}, {hi}]{what}, got {value!r}")
+    return value
+
+
+INT64_RANGE = (-2**63, 2**63 - 1)
+
+
+def check_int(name: str, value) -> int:
+    """A Python or NumPy integer that fits in int64 (what the kernels take)."""
+    if not _is_number(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if not INT64_RANGE[0] <= value <= INT64_RANGE[1]:
+        raise ValueError(f"{name} must fit in int64 [{INT64_RANGE[0]}, {INT64_RANGE[1]}], got {value}")
     return value
 
 

@@ -355,6 +355,9 @@ BAD_INFO_NCE = [
     (dict(logit_scale=torch.ones(1)), ValueError, r"logit_scale must be a 0-dim tensor .*got shape \(1,\)"),
     (dict(logit_scale=torch.tensor(3)), TypeError, "logit_scale must be a floating-point tensor, got dtype torch.int64"),
     (dict(logit_scale=-2.0), ValueError, r"logit_scale must be in \(0.0, inf\], got -2.0"),
+    (dict(logit_scale=torch.tensor(-2.0)), ValueError, r"logit_scale must be in \(0.0, inf\], got -2.0"),
+    (dict(logit_scale=torch.tensor(0.0, requires_grad=True)), ValueError, r"logit_scale must be in \(0.0, inf\]"),
+    (dict(logit_scale=torch.tensor(float("nan"))), ValueError, "logit_scale must be in .*got nan"),
     (dict(logit_scale=torch.tensor(2.0, device="meta")), ValueError, "logit_scale is on meta but query is on cpu"),
     (dict(symmetric=1), TypeError, "symmetric must be a bool, got int 1"),
     (dict(normalize=None), TypeError, "normalize must be a bool, got NoneType None"),
@@ -400,6 +403,8 @@ BAD_SIGLIP = [
     (dict(logit_bias=torch.tensor(1)), TypeError, "logit_bias must be a floating-point tensor"),
     (dict(logit_scale=0.0), ValueError, r"logit_scale must be in \(0.0, inf\], got 0.0"),
     (dict(logit_bias=float("nan")), ValueError, "logit_bias must be in .*got nan"),
+    (dict(logit_bias=torch.tensor(float("nan"))), ValueError, "logit_bias must be in .*got nan"),
+    (dict(logit_scale=torch.tensor(-1.0)), ValueError, r"logit_scale must be in \(0.0, inf\], got -1.0"),
     (dict(logit_bias="x"), TypeError, "logit_bias must be a float, got str"),
     (dict(reduction="batchmean"), ValueError, "reduction must be one of .*got 'batchmean'"),
 ]

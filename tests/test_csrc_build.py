@@ -3,14 +3,17 @@ and sm_90 against the installed torch headers without register spills, and the r
 match the schemas defined in Python.
 
 Compile-only: runs wherever nvcc (and a host C++ compiler) is on PATH, GPU or not. The
-registration check builds module.cpp with throwing stand-ins for the kernels, loads it in a
-child process (a schema mismatch aborts the process that loads it) and asks the dispatcher.
-The per-row launch plan (csrc/row_plan.h, plain C++) is built into a small program and checked
-against the plans worked out by hand for an H200's limits.
+registration check links the compiled objects into a library as setup.py links the extension
+(against the CPU wheel's libraries, the toolkit's static CUDA runtime, and stand-ins for the
+c10_cuda symbols the CPU wheel lacks), loads it in a child process after the Python schemas (a
+registration whose C++ signature differs from its schema aborts that process) and asks the
+dispatcher. The per-row launch plan (csrc/row_plan.h, plain C++) is built into a small program and
+checked against the plans worked out by hand for an H200's limits.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import pathlib
 import re
@@ -45,10 +48,17 @@ def cuda_ops() -> list[str]:
 def test_every_cuda_op_is_registered_in_csrc():
     ops = cuda_ops()
     assert ops, "no lossforge::*_cuda ops are defined"
-    text = "\n".join(p.read_text() for p in sorted(CSRC.glob("*.c*")))
-    registered = set(re.findall(r'm\.impl\(\s*"(\w+)"', text))
+    per_file = {p.name: re.findall(r'm\.impl\(\s*"(\w+)"', p.read_text()) for p in sorted(CSRC.glob("*.c*"))}
+    registered = [op for found in per_file.values() for op in found]
     missing = [op for op in ops if op not in registered]
     assert not missing, f"ops defined in Python without an m.impl(...) registration in csrc/: {missing}"
+    twice = sorted({op for op in registered if registered.count(op) > 1})
+    assert not twice, f"ops registered more than once in csrc/: {twice}"
+    # Each family registers its own ops beside its kernels, for the CUDA key.
+    for name, found in per_file.items():
+        if found:
+            assert name.endswith(".cu"), f"{name} registers {found}: registrations belong in the family's .cu"
+            assert "TORCH_LIBRARY_IMPL(lossforge, CUDA, m)" in (CSRC / name).read_text(), name
 
 
 # ---- compiling ----
@@ -63,8 +73,8 @@ def _defines() -> list[str]:
     return flags
 
 
-def _includes() -> list[str]:
-    return [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{sysconfig.get_paths()['include']}", f"-I{CSRC}"]
+def _includes(csrc: pathlib.Path = CSRC) -> list[str]:
+    return [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{sysconfig.get_paths()['include']}", f"-I{csrc}"]
 
 
 def _run(cmd: list[str]) -> tuple[list[str], int, str]:
@@ -72,31 +82,76 @@ def _run(cmd: list[str]) -> tuple[list[str], int, str]:
     return cmd, proc.returncode, proc.stdout + proc.stderr
 
 
-def _nvcc(source: pathlib.Path, out: pathlib.Path):
+def nvcc_command(source: pathlib.Path, out: pathlib.Path, csrc: pathlib.Path = CSRC) -> list[str]:
+    """How every .cu is compiled here (tests.sass_diff compiles other revisions the same way)."""
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
-    return _run([NVCC, "-c", str(source), "-o", str(out), "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
-                 "-Xptxas", "-v", *cpp_extension.COMMON_NVCC_FLAGS, *gencode, *_defines(), *_includes()])
+    return [NVCC, "-c", str(source), "-o", str(out), "-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-Xptxas", "-v",
+            *cpp_extension.COMMON_NVCC_FLAGS, *gencode, *_defines(), *_includes(csrc)]
 
 
-def _stub_source() -> str:
-    """Throwing definitions of every function ops.h declares."""
-    header = (CSRC / "ops.h").read_text()
-    body = header[header.index("namespace lossforge {"):]
-    decls = re.findall(r"^([A-Za-z_][^;{}#/]*?\))\s*;", body, flags=re.M | re.S)
-    assert decls, "no declarations found in csrc/ops.h"
-    stubs = "\n".join(f'{d} {{ throw std::runtime_error("not built"); }}' for d in decls)
-    return f'#include <stdexcept>\n#include "ops.h"\nnamespace lossforge {{\n{stubs}\n}}\n'
+def _nvcc(source: pathlib.Path, out: pathlib.Path):
+    return _run(nvcc_command(source, out))
 
 
-def _registration_library(tmp: pathlib.Path):
-    stub = tmp / "stubs.cpp"
-    stub.write_text(_stub_source())
+def _cudart_static() -> pathlib.Path | None:
+    """The toolkit's static CUDA runtime, from the library folders nvcc links with."""
+    text = subprocess.run([NVCC, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull], capture_output=True,
+                          text=True).stderr
+    folders = re.findall(r'-L"?([^"\s]+)', "".join(line for line in text.splitlines() if "LIBRARIES=" in line))
+    for folder in folders:
+        lib = pathlib.Path(folder) / "libcudart_static.a"
+        if lib.exists():
+            return lib.resolve()
+    return None
+
+
+# c10_cuda's symbols (namespace c10::cuda: functions, variables, vtables, type info), which the CPU
+# wheel does not ship.
+_C10_CUDA_SYMBOL = re.compile(r"_Z(?:N|NK|TVN|TIN|TSN)3c104cuda")
+
+
+def _standin_source(objects: list[pathlib.Path]) -> str:
+    """Definitions of every c10_cuda symbol the objects use: functions that abort when called, and
+    zeroed variables. Nothing here calls them: loading the objects only registers kernels and ops."""
+    wanted = set()
+    for obj in objects:
+        out = subprocess.run([NM, "--undefined-only", str(obj)], capture_output=True, text=True, check=True).stdout
+        wanted |= {line.split()[-1] for line in out.splitlines() if _C10_CUDA_SYMBOL.match(line.split()[-1])}
+    names = sorted(wanted)
+    shown = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True).stdout.splitlines() \
+        if shutil.which("c++filt") else names
+    lines = ["#include <cstdio>", "#include <cstdlib>",
+             '[[noreturn]] static void called(const char* name) {',
+             '  std::fprintf(stderr, "c10_cuda stand-in called: %s\\n", name);',
+             "  std::abort();", "}"]
+    for i, (name, pretty) in enumerate(zip(names, shown)):
+        if "(" in pretty:
+            lines.append(f'extern "C" void standin_{i}() __asm__("{name}");')
+            lines.append(f'extern "C" void standin_{i}() {{ called("{name}"); }}')
+        else:
+            lines.append(f'extern "C" {{ alignas(16) char standin_{i}[64] __asm__("{name}"); }}')
+    return "\n".join(lines) + "\n"
+
+
+def _module_object(tmp: pathlib.Path):
+    cmd = [CXX, "-std=c++17", "-O0", "-fPIC", "-w", *_defines(), *_includes(), "-c", str(CSRC / "module.cpp"), "-o",
+           str(tmp / "module.o")]
+    return _run(cmd)
+
+
+def _link_registrations(tmp: pathlib.Path, objects: list[pathlib.Path]):
+    """lossforge_kernels._C as setup.py would link it, against the CPU wheel's libraries, the static
+    CUDA runtime and stand-ins for the c10_cuda symbols: every other symbol must resolve at load."""
+    cudart = _cudart_static()
+    if cudart is None:
+        return ["nvcc --dryrun"], 1, "libcudart_static.a not found in nvcc's library folders"
+    standins = tmp / "c10_cuda_standins.cpp"
+    standins.write_text(_standin_source(objects))
     lib_dir = pathlib.Path(torch.__file__).parent / "lib"
-    cxx = [CXX, "-std=c++17", "-O0", "-fPIC", "-w", *_defines(), *_includes()]
-    steps = [cxx + ["-c", str(CSRC / "module.cpp"), "-o", str(tmp / "module.o")],
-             cxx + ["-c", str(stub), "-o", str(tmp / "stubs.o")],
-             [CXX, "-shared", str(tmp / "module.o"), str(tmp / "stubs.o"), f"-L{lib_dir}", "-lc10", "-ltorch",
-              "-ltorch_cpu", "-ltorch_python", "-o", str(tmp / "registrations.so")]]
+    steps = [[CXX, "-std=c++17", "-shared", "-fPIC", str(standins), "-o", str(tmp / "libc10_cuda_standins.so")],
+             [CXX, "-shared", *map(str, objects), str(tmp / "module.o"), f"-L{lib_dir}", "-lc10", "-ltorch",
+              "-ltorch_cpu", "-ltorch_python", str(cudart), "-ldl", "-lpthread", "-lrt", f"-L{tmp}",
+              "-lc10_cuda_standins", f"-Wl,-rpath,{lib_dir}", f"-Wl,-rpath,{tmp}", "-o", str(tmp / "_C.so")]]
     out = []
     for cmd in steps:
         cmd, code, text = _run(cmd)
@@ -108,7 +163,8 @@ def _registration_library(tmp: pathlib.Path):
 
 @pytest.fixture(scope="module")
 def build(tmp_path_factory):
-    """Compiles csrc/ once, two jobs at a time (CI has 2 cores): {name: (cmd, returncode, output)}."""
+    """Compiles csrc/ once, two jobs at a time (CI has 2 cores), then links the objects into one
+    library: {name: (cmd, returncode, output)}, with "module.cpp" and "_C.so" beside the .cu files."""
     tmp = tmp_path_factory.mktemp("csrc_build")
     sources = sorted(CSRC.glob("*.cu"), key=lambda p: -p.stat().st_size)  # longest compile first
     assert sources, "no .cu files in csrc/"
@@ -116,8 +172,10 @@ def build(tmp_path_factory):
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2))) as pool:
         for src in sources:
             jobs[src.name] = pool.submit(_nvcc, src, tmp / f"{src.stem}.o")
-        jobs["module.cpp"] = pool.submit(_registration_library, tmp)
+        jobs["module.cpp"] = pool.submit(_module_object, tmp)
         results = {name: job.result() for name, job in jobs.items()}
+    if all(r[1] == 0 for r in results.values()):
+        results["_C.so"] = _link_registrations(tmp, [tmp / f"{src.stem}.o" for src in sources])
     return tmp, results
 
 
@@ -166,38 +224,68 @@ def test_kernels_do_not_spill(build):
         "\n".join(map(str, spilling))
 
 
-@needs_nvcc
-def test_host_module_compiles_and_registrations_match_the_schemas(build):
-    tmp, results = build
-    result = results["module.cpp"]
-    assert result[1] == 0, _fail_output("module.cpp", result)
-    ops = cuda_ops()
-    script = (
-        "import sys, torch, lossforge_kernels.ops\n"
-        f"torch.ops.load_library({str(tmp / 'registrations.so')!r})\n"
-        f"missing = [n for n in {ops!r} if not torch._C._dispatch_has_kernel_for_dispatch_key('lossforge::' + n, 'CUDA')]\n"
-        "print('missing', missing)\n"
-        "sys.exit(1 if missing else 0)\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 0, f"loading the registrations failed:\n{proc.stdout}\n{proc.stderr[-8000:]}"
+_LOAD_SCRIPT = r"""
+import json, re, sys
+import torch
+import lossforge_kernels.ops  # the schemas first: a registration whose signature differs aborts the load
+torch.ops.load_library(sys.argv[1])  # RTLD_NOW: any symbol left undefined fails here
+ops = json.loads(sys.argv[2])
+where = {}
+for op in ops:
+    name = "lossforge::" + op
+    if torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"):
+        m = re.search(r"^CUDA: registered at (\S+?):\d+", torch._C._dispatch_dump(name), re.M)
+        where[op] = m.group(1) if m else "?"
+print(json.dumps(where))
+"""
 
 
 @needs_nvcc
 @pytest.mark.skipif(NM is None, reason="nm is needed to list the symbols of the objects")
-def test_cuda_sources_define_what_ops_h_declares(build):
-    """A definition whose signature drifted from ops.h compiles, but the extension would not load."""
+def test_host_module_compiles_and_registrations_match_the_schemas(build):
+    """The compiled objects and module.cpp, linked as the extension is, load beside the Python
+    schemas and register every `_cuda` op for the CUDA key from its own family's .cu file.
+
+    A C++ signature that drifts from its schema aborts the load (the dispatcher checks the inferred
+    schema when the registration runs); an op left unregistered, or a kernel table that no per-dtype
+    file instantiates (an undefined symbol), fails it too."""
     tmp, results = build
-    if any(r[1] for r in results.values()):
-        pytest.skip("a compile failed (reported by the tests above)")
+    assert results["module.cpp"][1] == 0, _fail_output("module.cpp", results["module.cpp"])
+    if any(r[1] for n, r in results.items() if n.endswith(".cu")):
+        pytest.skip("a compile failed (reported by test_cuda_sources_compile)")
+    assert results["_C.so"][1] == 0, _fail_output("_C.so", results["_C.so"])
+    ops = cuda_ops()
+    proc = subprocess.run([sys.executable, "-c", _LOAD_SCRIPT, str(tmp / "_C.so"), json.dumps(ops)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, f"loading the registrations failed (exit {proc.returncode}):\n{proc.stdout}\n" \
+                                 f"{proc.stderr[:6000]}"
+    where = json.loads(proc.stdout.strip().splitlines()[-1])
+    missing = [op for op in ops if op not in where]
+    assert not missing, f"no CUDA kernel registered for {missing}"
+    # cross_entropy_fwd_cuda -> cross_entropy.cu, scale_grad_cuda -> scale_grad.cu
+    astray = {op: f for op, f in where.items() if not op.startswith(pathlib.Path(f).stem)}
+    assert not astray, f"ops registered outside their family's .cu file: {astray}"
 
-    def defined(obj):
-        out = subprocess.run([NM, "-g", "--defined-only", str(obj)], capture_output=True, text=True, check=True)
-        return {line.split()[-1] for line in out.stdout.splitlines() if line.strip()}
 
-    wanted = {s for s in defined(tmp / "stubs.o") if "lossforge" in s}
-    have = set().union(*(defined(tmp / f"{src.stem}.o") for src in CSRC.glob("*.cu")))
-    assert wanted, "no lossforge symbols in the stand-ins"
-    assert wanted <= have, f"declared in ops.h but not defined by csrc/*.cu: {sorted(wanted - have)}"
+@needs_nvcc
+@pytest.mark.skipif(NM is None, reason="nm is needed to list the symbols of the objects")
+def test_objects_define_the_lossforge_symbols_they_use(build):
+    """What one object takes from another (the host code of a family from its per-dtype kernel
+    files) is defined by one of them: a dispatch to an instantiation no file makes would compile,
+    but the extension would not load."""
+    tmp, results = build
+    if any(r[1] for n, r in results.items() if n.endswith(".cu")):
+        pytest.skip("a compile failed (reported by test_cuda_sources_compile)")
+
+    def symbols(obj, which):
+        out = subprocess.run([NM, which, str(obj)], capture_output=True, text=True, check=True).stdout
+        return {line.split()[-1] for line in out.splitlines() if "9lossforge" in line}
+
+    objects = [tmp / f"{src.stem}.o" for src in CSRC.glob("*.cu")]
+    wanted = set().union(*(symbols(obj, "--undefined-only") for obj in objects))
+    have = set().union(*(symbols(obj, "--defined-only") for obj in objects))
+    assert wanted, "no object takes a lossforge symbol from another (the per-dtype kernel tables)"
+    assert wanted <= have, f"used by csrc/*.cu but defined by none of them: {sorted(wanted - have)}"
 
 
 # ---- the per-row launch plan (csrc/row_plan.h) ----

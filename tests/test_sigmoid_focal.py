@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import lossforge_kernels as lf
+from tests import harness
 from tests.conftest import assert_close_rel, device_for
 
 REDUCTIONS = ["none", "mean", "sum"]
@@ -53,24 +54,53 @@ def test_empty_and_dtype():
     assert lf.sigmoid_focal_loss(x, t).dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (-1.0, 0.0), (0.6, 0.5)])
-@pytest.mark.parametrize("soft", [False, True])
-def test_kernel_matches_reference(kernel_backend, reduction, alpha, gamma, soft):
-    device = device_for(kernel_backend)
-    for shape in [(1,), (37, 5), (3, 1000), (2, 3, 7)]:
-        x, t = make(shape, dtype=torch.float32, device=device, soft=soft)
-        x.requires_grad_(True)
-        x64 = x.detach().double().requires_grad_(True)
-        loss = lf.sigmoid_focal_loss(x, t, alpha=alpha, gamma=gamma, reduction=reduction, backend=kernel_backend)
-        want = lf.sigmoid_focal_loss(x64, t.double(), alpha=alpha, gamma=gamma, reduction=reduction,
-                                     backend="reference")
-        g = torch.rand_like(want) + 0.5
-        loss.backward(g.float())
-        want.backward(g)
-        assert loss.shape == want.shape and loss.dtype == torch.float32
-        assert_close_rel(loss, want, 1e-5, f"loss {shape}")
-        assert_close_rel(x.grad, x64.grad, 1e-5, f"grad {shape}")
+def make_sample(shape, opts, dtype, device, generator):
+    """sigmoid_focal_loss's inputs; opts: alpha, gamma and `soft` (targets in [0, 1] rather than {0, 1})."""
+    x = (torch.randn(shape, generator=generator) * 3).to(dtype).to(device)
+    t = torch.rand(shape, generator=generator)
+    t = (t if opts.pop("soft", False) else (t < 0.3).double()).to(dtype).to(device)
+
+    def call(ts, backend, reduction):
+        return lf.sigmoid_focal_loss(ts["input"], ts["target"], reduction=reduction, backend=backend, **opts)
+
+    return harness.Sample({"input": x, "target": t}, ("input",), call)
+
+
+def _kernel_op_samples(device):
+    x, t = make((6, 7), dtype=torch.float32, device=device)
+    total, rows = torch.empty((), device=device), torch.empty_like(x)
+    return [("sigmoid_focal_fwd", (x, t, 0.5, total, torch.empty_like(x), 0.25, 2.0, True)),
+            ("sigmoid_focal_fwd", (x, t, 0.5, rows, torch.empty_like(x), 0.25, 2.0, False)),
+            ("sigmoid_focal_fwd", (x, t, 0.5, rows, None, -1.0, 0.5, False)),
+            ("sigmoid_focal_bwd", (torch.rand_like(x), x, t, torch.empty_like(x), 0.25, 2.0))]
+
+
+def _op_inputs(device):
+    x, t = make((6, 7), dtype=torch.float32, device=device)
+    return (x, t), (0.25, 2.0)
+
+
+SPEC = harness.KernelSpec(
+    family="sigmoid_focal",
+    make=make_sample,
+    cases=tuple(dict(alpha=a, gamma=g, soft=soft) for a, g in [(0.25, 2.0), (-1.0, 0.0), (0.6, 0.5)]
+                for soft in (False, True)),
+    shapes=((1,), (37, 5), (3, 1000), (2, 3, 7)),
+    fwd_kernel="sigmoid_focal_fwd",
+    fwd_exact=("sigmoid_focal_fwd", "div"),  # the kernel with its partial sums, then one divide-and-cast
+    launch_shape=(64, 80),
+    op_inputs=_op_inputs,
+    kernel_op_samples=_kernel_op_samples,
+    gaps=(("target", dict(soft=True)), ("target", dict(soft=True, only=True))),
+)
+
+test_kernel_matches_reference = harness.matches_reference(SPEC)
+test_kernel_path_launches_few_ops_and_never_syncs = harness.launches(SPEC)
+test_opcheck_kernel_ops = harness.opcheck(SPEC)
+test_compile_fullgraph = harness.compile_fullgraph(SPEC)
+test_retained_graph_backward_is_right_and_never_changes_a_returned_gradient = harness.retained_graph(SPEC)
+test_double_backward_is_refused_loudly = harness.double_backward(SPEC)
+test_gradients_the_kernels_do_not_compute = harness.gradient_gaps(SPEC)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -114,22 +144,6 @@ def test_fused_gradient_rescales_on_repeated_backward(kernel_backend, reduction)
         torch.testing.assert_close(x.grad.float(), go * g1, rtol=1e-2, atol=0)
 
 
-def test_kernel_path_launches_few_ops_and_never_syncs(kernel_backend):
-    # One eager fwd+bwd of the 'mean' loss: the kernel and one op for the loss's division and cast;
-    # autograd's grad_output and the scale check. Nothing reads a value back to the host.
-    from tests.conftest import HOST_SYNC_OPS, LaunchLog
-    device = device_for(kernel_backend)
-    x, t = make((64, 80), dtype=torch.bfloat16, device=device)
-    x.requires_grad_(True)
-    with LaunchLog() as fwd:
-        loss = lf.sigmoid_focal_loss(x, t, reduction="mean", backend=kernel_backend)
-    with LaunchLog() as bwd:
-        loss.backward()
-    assert not HOST_SYNC_OPS & set(fwd.ops + bwd.ops), (fwd.ops, bwd.ops)
-    assert fwd.ops == [f"sigmoid_focal_fwd_{kernel_backend}", "div"], fwd.ops
-    assert bwd.ops.count(f"scale_grad_{kernel_backend}") == 1 and len(bwd.ops) <= 2, bwd.ops
-
-
 def test_module_and_bad_input():
     x, t = make((5, 3))
     torch.testing.assert_close(lf.SigmoidFocalLoss(alpha=0.3, gamma=1.0, reduction="sum")(x, t),
@@ -146,45 +160,13 @@ def test_module_and_bad_input():
         lf.sigmoid_focal_loss(x, t, alpha=None)
 
 
-def test_opcheck_kernel_ops(kernel_backend):
-    device = device_for(kernel_backend)
-    ops = torch.ops.lossforge
-    x, t = make((6, 7), dtype=torch.float32, device=device)
-    scale = 0.5
-    fwd = getattr(ops, f"sigmoid_focal_fwd_{kernel_backend}").default
-    for reduce in (True, False):
-        torch.library.opcheck(fwd, (x, t, scale, torch.empty_like(x), 0.25, 2.0, reduce))
-    torch.library.opcheck(fwd, (x, t, scale, None, -1.0, 0.5, False))
-    bwd = getattr(ops, f"sigmoid_focal_bwd_{kernel_backend}").default
-    torch.library.opcheck(bwd, (torch.rand_like(x), x, t, torch.empty_like(x), 0.25, 2.0))
-    # the functional ops torch.compile sees, with their registered autograd
-    xg = x.clone().requires_grad_(True)
-    for mean in (True, False):
-        torch.library.opcheck(getattr(ops, f"sigmoid_focal_fused_{kernel_backend}").default,
-                              (xg, t, 0.25, 2.0, mean))
-    torch.library.opcheck(getattr(ops, f"sigmoid_focal_elementwise_{kernel_backend}").default,
-                          (xg, t, 0.25, 2.0))
-    torch.library.opcheck(getattr(ops, f"sigmoid_focal_bwd_grad_{kernel_backend}").default,
-                          (torch.rand_like(x), x, t, 0.25, 2.0))
-
-
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_compile_fullgraph(any_backend, reduction):
-    device = device_for(any_backend)
-    torch._dynamo.reset()  # each case compiles the same code object: stay clear of the recompile limit
-    x, t = make((6, 7), dtype=torch.float32, device=device)
-    x.requires_grad_(True)
-    go = torch.rand(6, 7, device=device) + 0.5 if reduction == "none" else torch.tensor(3.0, device=device)
-
-    def step(x_, t_):
-        return lf.sigmoid_focal_loss(x_, t_, reduction=reduction, backend=any_backend) * 2.0
-
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
-    loss = compiled(x, t)
-    loss.backward(go)
-    g = x.grad.clone()
-    x.grad = None
-    want = step(x, t)
-    want.backward(go)
-    torch.testing.assert_close(loss, want)
-    torch.testing.assert_close(g, x.grad)
+@pytest.mark.parametrize("kwargs,exc,msg", [
+    (dict(gamma=-1.0), ValueError, "gamma must be in"),
+    (dict(alpha=None), TypeError, "alpha must be a float"),
+    (dict(alpha=float("inf")), ValueError, "alpha must be in .* and finite"),
+    (dict(reduction="avg"), ValueError, "reduction must be one of"),
+    (dict(backend="gpu"), ValueError, "backend must be one of"),
+])
+def test_module_checks_its_arguments_at_construction(kwargs, exc, msg):
+    with pytest.raises(exc, match=msg):
+        lf.SigmoidFocalLoss(**kwargs)

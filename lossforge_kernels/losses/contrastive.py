@@ -12,10 +12,11 @@ import torch
 from torch import nn
 
 from .. import _checks as C
-from .._backends import resolve_backend
+from .._backends import LossKernels, register_kernels, resolve_backend
 from ..reference import contrastive as ref
 
-INFO_NCE, SUPCON, SIGLIP = "info_nce", "supcon", "siglip"
+FAMILY = "contrastive"
+register_kernels(FAMILY, LossKernels(backends=()))  # the references only, so far
 
 
 def _check_pair(query, key):
@@ -40,6 +41,8 @@ def _check_scalar(name, value, ref_tensor, *, positive):
         C.check_tensor(name, value, float_only=True)
         if value.device.type != "cpu":
             C.check_same_device("query", ref_tensor, **{name: value})
+        if C.eager_value_checks(value):  # the float's check, where reading the value is free
+            C.check_float(name, value.item(), low=0.0 if positive else None, low_open=True)
         return value
     return C.check_float(name, value, low=0.0 if positive else None, low_open=True)
 
@@ -65,7 +68,7 @@ def info_nce(query, key, *, logit_scale=None, temperature=0.07, symmetric=True, 
         raise ValueError(f"symmetric=True needs as many keys as queries (M == B = {query.shape[0]}), got key shape "
                          f"{tuple(key.shape)}; pass symmetric=False to use extra keys as negatives")
     reduction = C.check_reduction(reduction)
-    resolve_backend(backend, INFO_NCE, query)  # reference only for now: kernels would dispatch here
+    resolve_backend(backend, FAMILY, query)  # reference only for now: kernels would dispatch here
     scale = 1.0 / temperature if logit_scale is None else logit_scale
     return ref.info_nce(query, key, scale, symmetric=symmetric, normalize=normalize, reduction=reduction)
 
@@ -83,7 +86,7 @@ def supcon_loss(features, labels, *, temperature=0.07, normalize=True, reduction
     temperature = C.check_float("temperature", temperature, low=0.0, low_open=True)
     normalize = C.check_bool("normalize", normalize)
     reduction = C.check_reduction(reduction)
-    resolve_backend(backend, SUPCON, features)
+    resolve_backend(backend, FAMILY, features)
     return ref.supcon_loss(features, labels, temperature, normalize=normalize, reduction=reduction)
 
 
@@ -101,7 +104,7 @@ def siglip_loss(query, key, logit_scale, logit_bias, *, normalize=True, reductio
     logit_bias = _check_scalar("logit_bias", logit_bias, query, positive=False)
     normalize = C.check_bool("normalize", normalize)
     reduction = C.check_reduction(reduction)
-    resolve_backend(backend, SIGLIP, query)
+    resolve_backend(backend, FAMILY, query)
     return ref.siglip_loss(query, key, logit_scale, logit_bias, normalize=normalize, reduction=reduction)
 
 

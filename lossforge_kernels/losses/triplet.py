@@ -9,10 +9,11 @@ import math
 from torch import nn
 
 from .. import _checks as C
-from .._backends import resolve_backend
+from .._backends import LossKernels, register_kernels, resolve_backend
 from ..reference import triplet as ref
 
 FAMILY = "triplet"
+register_kernels(FAMILY, LossKernels(backends=()))  # the reference only, so far
 
 
 def _check_options(margin, mining, distance, soft_margin, normalize, reduction):

@@ -1,26 +1,32 @@
-"""Kernel ops and autograd for the softmax cross-entropy family (CE, smoothing, focal, z-loss, softcap).
+"""Kernel ops of the softmax cross-entropy family (CE, smoothing, focal, z-loss, softcap) and their spec.
 
-Kernel contract, the same for the Triton and the CUDA implementation (M rows of C classes):
+Kernel contract, the same for the Triton and the CUDA implementation (M rows of C classes); the
+per-row quantities and the gradient formula are those of reference/row_softmax.py:
 
-cross_entropy_fwd_<b>(logits, target, weight, alpha, grad_scale, grad, ignore_index, label_smoothing,
-                      z_loss, softcap, focal_gamma, focal_alpha) -> (loss_rows, stats)
+cross_entropy_fwd_<b>(logits, target, weight, weight_sum, alpha, grad_scale, loss, stats, grad,
+                      ignore_index, label_smoothing, z_loss, softcap, focal_gamma, focal_alpha) -> ()
   logits   (M, C) fp32/fp16/bf16, stride(1) == 1, any stride(0)
   target   (M,) int64 contiguous class indices, or (M, C) class probabilities in logits' dtype,
            stride(1) == 1 (any stride(0))
   weight   (C,) fp32 contiguous class weights, or None
+  weight_sum  0-dim fp32, the sum of weight: given exactly when there are weights, class-index
+           targets and label smoothing (the smoothing term needs it); else None
   alpha    (C,) fp32 contiguous focal alpha per class, or None (then the float focal_alpha is used)
-  grad_scale  0-dim fp32: the gradient's multiplier (1/divisor for 'mean', 1 for 'sum'), read on device
-  grad     (M, C) buffer in logits' dtype, stride(1) == 1, or None for no gradient. It may be the
-           logits themselves (inplace_backward): every element is read before it is overwritten.
-  softcap  0 means off; focal_gamma 0 and focal_alpha 1 mean no focal term.
-  returns  loss_rows (M,) fp32, the unreduced loss; stats (M, 4) fp32, what the backward needs:
+  grad_scale  0-dim fp32: the gradient's multiplier (1/divisor for 'mean', 1 for 'sum'), read on
+           the device and only when a gradient is written
+  loss     out (M,) fp32 contiguous: the unreduced loss
+  stats    out (M, 4) fp32 contiguous, what the backward needs:
            class targets: [lse, smoothed weighted CE before the focal factor, log(1 - p_t), log p_t]
            probabilities: [lse, sum_c w_c q_c (q the smoothed target), 0, 0]
+  grad     out (M, C) in logits' dtype, stride(1) == 1, rows not overlapping, or None for no
+           gradient. It may be the logits themselves (inplace_backward): every element is read
+           before it is overwritten.
+  softcap  0 means off; focal_gamma 0 and focal_alpha 1 mean no focal term.
   Ignored rows: loss 0, gradient 0, stats 0. A target outside [0, C) that is not ignore_index: loss,
   gradient and stats NaN, and nothing outside the row is read or written. A row whose logits are
   all -inf gives a NaN loss and gradient, as torch does.
 
-cross_entropy_bwd_<b>(grad_rows, logits, target, weight, alpha, stats, grad, ignore_index, ...) -> ()
+cross_entropy_bwd_<b>(grad_rows, logits, target, weight, weight_sum, alpha, stats, grad, ignore_index, ...) -> ()
   grad_rows (M,) fp32 contiguous: d(total)/d(loss_rows); writes grad = sum_i grad_rows[i] * d loss_i / d logits.
 """
 from __future__ import annotations
@@ -28,175 +34,168 @@ from __future__ import annotations
 import torch
 
 from ..reference.cross_entropy import mean_divisor
-from ._library import (define_composite_op, define_kernel_op, finish_loss, fused_grad_backward, kernel_op,
-                       register_triton_impl, rescale_fused_grad, save_fused_grad)
+from ._library import define_kernel_op, kernel_op, register_triton_impl
+from .builder import FusedLoss, build
 
-_PARAMS = "int ignore_index, float label_smoothing, float z_loss, float softcap, float focal_gamma, float focal_alpha"
+F32 = torch.float32
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+PARAMS = ("int ignore_index", "float label_smoothing", "float z_loss", "float softcap", "float focal_gamma",
+          "float focal_alpha")
+_PARAMS = ", ".join(PARAMS)
 
 
-def _fwd_fake(logits, target, weight, alpha, grad_scale, grad, *params):
+def _fail(op, message, exc=ValueError):
+    raise exc(f"{op}: {message}")
+
+
+def _unit_inner(t):
+    return t.shape[1] <= 1 or t.stride(1) == 1
+
+
+def check_rows(op, logits, target, weight, weight_sum, alpha, grad, params):
+    """The contract shared by the forward and the backward op (see the module docstring)."""
+    if logits.dim() != 2 or logits.dtype not in KERNEL_DTYPES:
+        _fail(op, f"logits must be a 2-D fp32/fp16/bf16 tensor, got shape {tuple(logits.shape)} and dtype "
+                  f"{logits.dtype}")
+    rows, classes = logits.shape
+    if not _unit_inner(logits):
+        _fail(op, f"logits must have unit column stride, got strides {logits.stride()}")
+    if classes == 0 and rows > 0:
+        _fail(op, f"logits must have at least one class, got shape {tuple(logits.shape)}")
+    soft = target.dtype.is_floating_point
+    if soft:
+        if target.shape != logits.shape or target.dtype != logits.dtype or not _unit_inner(target):
+            _fail(op, f"probability target must have logits' shape {tuple(logits.shape)} and dtype {logits.dtype} "
+                      f"and unit column stride, got shape {tuple(target.shape)}, dtype {target.dtype} and strides "
+                      f"{target.stride()}")
+    elif target.shape != (rows,) or target.dtype != torch.int64 or not target.is_contiguous():
+        _fail(op, f"class target must be a contiguous int64 tensor of shape ({rows},), got shape "
+                  f"{tuple(target.shape)} and dtype {target.dtype}")
+    for name, vec in (("weight", weight), ("alpha", alpha)):
+        if vec is not None and (vec.shape != (classes,) or vec.dtype != F32 or not vec.is_contiguous()):
+            _fail(op, f"{name} must be a contiguous fp32 tensor of shape ({classes},), got shape "
+                      f"{tuple(vec.shape)} and dtype {vec.dtype}")
+    ignore_index, eps, z_loss, softcap, gamma, focal_alpha = params
+    needs_sum = weight is not None and not soft and eps > 0.0
+    if needs_sum != (weight_sum is not None):
+        _fail(op, "weight_sum must be given exactly when there are class weights, class-index targets and label "
+                  f"smoothing (here: {'needed' if needs_sum else 'not needed'})")
+    if weight_sum is not None and (weight_sum.dim() != 0 or weight_sum.dtype != F32):
+        _fail(op, f"weight_sum must be a 0-dim fp32 tensor, got shape {tuple(weight_sum.shape)} and dtype "
+                  f"{weight_sum.dtype}")
+    if grad is not None and (grad.shape != logits.shape or grad.dtype != logits.dtype or not _unit_inner(grad)
+                             or (rows > 1 and grad.stride(0) < classes)):
+        _fail(op, f"grad must match logits (shape {tuple(logits.shape)}, dtype {logits.dtype}, unit column "
+                  f"stride, rows not overlapping), got shape {tuple(grad.shape)}, dtype {grad.dtype}, strides "
+                  f"{grad.stride()}")
+    for name, t in (("target", target), ("weight", weight), ("weight_sum", weight_sum), ("alpha", alpha),
+                    ("grad", grad)):
+        if t is not None and t.device != logits.device:
+            _fail(op, f"{name} is on {t.device} but logits are on {logits.device}")
+    if not 0.0 <= eps <= 1.0:
+        _fail(op, f"label_smoothing must be in [0, 1], got {eps}")
+    if not z_loss >= 0.0 or not softcap >= 0.0 or not gamma >= 0.0 or softcap == float("inf"):
+        _fail(op, f"z_loss, focal_gamma must be >= 0 and softcap finite and >= 0 (0 = off), got z_loss={z_loss}, "
+                  f"softcap={softcap}, focal_gamma={gamma}")
+    if not abs(focal_alpha) < float("inf"):
+        _fail(op, f"focal_alpha must be finite, got {focal_alpha}")
+    if soft and (gamma != 0.0 or focal_alpha != 1.0 or alpha is not None):
+        _fail(op, f"focal options need class-index targets; got probability targets with focal_gamma={gamma}, "
+                  f"focal_alpha={focal_alpha}, alpha tensor={alpha is not None}")
+
+
+def _check_fwd(logits, target, weight, weight_sum, alpha, grad_scale, loss, stats, grad, *params):
+    op = "cross_entropy_fwd"
+    check_rows(op, logits, target, weight, weight_sum, alpha, grad, params)
+    if grad_scale.dtype != F32:
+        _fail(op, f"grad_scale must have dtype torch.float32, got {grad_scale.dtype}", TypeError)
+    if grad_scale.dim() != 0 or grad_scale.device != logits.device:
+        _fail(op, f"grad_scale must be a 0-dim tensor on logits' device, got shape {tuple(grad_scale.shape)} on "
+                  f"{grad_scale.device}")
     rows = logits.shape[0]
-    return logits.new_empty(rows, dtype=torch.float32), logits.new_empty(rows, 4, dtype=torch.float32)
+    for name, t, shape in (("loss", loss, (rows,)), ("stats", stats, (rows, 4))):
+        if t.shape != shape or t.dtype != F32 or not t.is_contiguous() or t.device != logits.device:
+            _fail(op, f"{name} must be a contiguous fp32 tensor of shape {shape} on logits' device, got shape "
+                      f"{tuple(t.shape)}, dtype {t.dtype} on {t.device}")
+
+
+def _check_bwd(grad_rows, logits, target, weight, weight_sum, alpha, stats, grad, *params):
+    op = "cross_entropy_bwd"
+    check_rows(op, logits, target, weight, weight_sum, alpha, grad, params)
+    rows = logits.shape[0]
+    for name, t, shape in (("grad_rows", grad_rows, (rows,)), ("stats", stats, (rows, 4))):
+        if t.shape != shape or t.dtype != F32 or not t.is_contiguous() or t.device != logits.device:
+            _fail(op, f"{name} must be a contiguous fp32 tensor of shape {shape} on logits' device, got shape "
+                      f"{tuple(t.shape)}, dtype {t.dtype} on {t.device}")
 
 
 define_kernel_op(
     "cross_entropy_fwd",
-    f"(Tensor logits, Tensor target, Tensor? weight, Tensor? alpha, Tensor grad_scale, Tensor(a!)? grad, {_PARAMS})"
-    " -> (Tensor, Tensor)",
-    _fwd_fake,
+    "(Tensor logits, Tensor target, Tensor? weight, Tensor? weight_sum, Tensor? alpha, Tensor grad_scale,"
+    f" Tensor(a!) loss, Tensor(b!) stats, Tensor(c!)? grad, {_PARAMS}) -> ()",
+    lambda *args: None,
+    _check_fwd,
 )
 define_kernel_op(
     "cross_entropy_bwd",
-    f"(Tensor grad_rows, Tensor logits, Tensor target, Tensor? weight, Tensor? alpha, Tensor stats, Tensor(a!) grad,"
-    f" {_PARAMS}) -> ()",
+    "(Tensor grad_rows, Tensor logits, Tensor target, Tensor? weight, Tensor? weight_sum, Tensor? alpha,"
+    f" Tensor stats, Tensor(a!) grad, {_PARAMS}) -> ()",
     lambda *args: None,
+    _check_bwd,
 )
 register_triton_impl("cross_entropy_fwd", "cross_entropy", "cross_entropy_fwd")
 register_triton_impl("cross_entropy_bwd", "cross_entropy", "cross_entropy_bwd")
 
-# ---- the same kernels as functional ops with their own autograd, for torch.compile ----------------
-# cross_entropy_fused: 'mean'/'sum' loss (rows summed, divided by `divisor`) and the gradient from
-# the same pass; its backward scales that gradient. cross_entropy_rows: per-row losses and stats;
-# its backward runs the backward kernel. Eager calls use CrossEntropyFunction below instead, whose
-# in-place tricks (free backward at grad_output 1, inplace_backward) a traced graph cannot hold.
+
+# ---- the family's spec for the op builder ------------------------------------------------------
+
+def _grad_scale(scale, like):
+    """The kernel's 0-dim fp32 grad_scale: unread without a gradient, so then left unset."""
+    if isinstance(scale, torch.Tensor):
+        return scale
+    out = torch.empty((), device=like.device, dtype=F32)
+    return out if scale is None else out.fill_(scale)
 
 
-def _fused_impl(backend):
-    def impl(logits, target, weight, alpha, divisor, *params):
-        grad = torch.empty_like(logits)
-        rows, _ = kernel_op("cross_entropy_fwd", backend)(
-            logits, target, weight, alpha, torch.reciprocal(divisor), grad, *params)
-        return rows.sum() / divisor, grad
-    return impl
+def _forward(backend, tensors, params, grads, scale, reduce):
+    logits = tensors[0]
+    rows = logits.shape[0]
+    loss = torch.empty(rows, device=logits.device, dtype=F32)
+    stats = torch.empty(rows, 4, device=logits.device, dtype=F32)
+    kernel_op("cross_entropy_fwd", backend)(*tensors, _grad_scale(scale, logits), loss, stats,
+                                            None if grads is None else grads[0], *params)
+    return (loss.sum() if reduce else loss), (stats,)
 
 
-def _rows_impl(backend):
-    def impl(logits, target, weight, alpha, *params):
-        one = torch.ones((), device=logits.device, dtype=torch.float32)
-        return kernel_op("cross_entropy_fwd", backend)(logits, target, weight, alpha, one, None, *params)
-    return impl
+def _backward(backend, grad_rows, tensors, saved, params, grads):
+    kernel_op("cross_entropy_bwd", backend)(grad_rows.reshape(-1).to(F32).contiguous(), *tensors, saved[0],
+                                            grads[0], *params)
 
 
-def _rows_setup(ctx, inputs, output):
-    logits, target, weight, alpha, *params = inputs
-    ctx.params = params
-    ctx.save_for_backward(logits, target, weight, alpha, output[1])
+def _rows_fake(tensors, params):
+    logits = tensors[0]
+    return logits.new_empty(logits.shape[0], dtype=F32), logits.new_empty(logits.shape[0], 4, dtype=F32)
 
 
-def _rows_backward(backend):
-    def backward(ctx, grad_rows, _grad_stats):
-        logits, target, weight, alpha, stats = ctx.saved_tensors
-        grad = kernel_op("cross_entropy_bwd_grad", backend)(
-            grad_rows.to(torch.float32).contiguous(), logits, target, weight, alpha, stats, *ctx.params)
-        return (grad,) + (None,) * (4 + len(ctx.params))
-    return backward
-
-
-def _bwd_grad_impl(backend):
-    def impl(grad_rows, logits, target, weight, alpha, stats, *params):
-        grad = torch.empty_like(logits)
-        kernel_op("cross_entropy_bwd", backend)(grad_rows, logits, target, weight, alpha, stats, grad, *params)
-        return grad
-    return impl
-
-
-define_composite_op(
-    "cross_entropy_fused",
-    f"(Tensor logits, Tensor target, Tensor? weight, Tensor? alpha, Tensor divisor, {_PARAMS}) -> (Tensor, Tensor)",
-    lambda logits, *args: (logits.new_empty((), dtype=torch.float32), torch.empty_like(logits)),
-    _fused_impl, fused_grad_backward, save_fused_grad,
-)
-define_composite_op(
-    "cross_entropy_rows",
-    f"(Tensor logits, Tensor target, Tensor? weight, Tensor? alpha, {_PARAMS}) -> (Tensor, Tensor)",
-    lambda logits, target, weight, alpha, *params: _fwd_fake(logits, target, weight, alpha, None, None),
-    _rows_impl, _rows_backward, _rows_setup,
-)
-define_composite_op(
-    "cross_entropy_bwd_grad",
-    f"(Tensor grad_rows, Tensor logits, Tensor target, Tensor? weight, Tensor? alpha, Tensor stats, {_PARAMS})"
-    " -> Tensor",
-    lambda grad_rows, logits, *args: torch.empty_like(logits),
-    _bwd_grad_impl,
-)
-
-
-def _compiled_loss(logits, target, weight, alpha, reduction, want_grad, backend, params):
-    if want_grad and reduction != "none":
-        divisor = (mean_divisor(target, weight, params[0], logits.shape[0]) if reduction == "mean"
-                   else torch.ones((), device=logits.device, dtype=torch.float32))
-        loss, _ = kernel_op("cross_entropy_fused", backend)(logits, target, weight, alpha, divisor, *params)
-    else:
-        rows, _ = kernel_op("cross_entropy_rows", backend)(logits, target, weight, alpha, *params)
-        loss = rows if reduction == "none" else rows.sum() if reduction == "sum" else \
-            rows.sum() / mean_divisor(target, weight, params[0], logits.shape[0])
-    return loss.to(logits.dtype)
-
-
-def _kernel_mean_divisor(target, weight, ignore_index, rows):
+def _mean_divisor(tensors, params):
     """torch's 'mean' divisor as a device tensor in few launches: for class indices without
     weights, the int64 count of kept rows (exact at any size)."""
+    logits, target, weight = tensors[:3]
+    ignore_index = params[0]
     if weight is None and not target.dtype.is_floating_point:
         return (target != ignore_index).sum()
-    return mean_divisor(target, weight, ignore_index, rows)
+    return mean_divisor(target, weight, ignore_index, logits.shape[0])
 
 
-class CrossEntropyFunction(torch.autograd.Function):
-    """Rows (M, C) -> loss. 'mean'/'sum': gradient computed in the forward, scaled in the backward.
-
-    A Function rather than a custom op with registered autograd because with inplace_backward the
-    gradient is the logits' own buffer, which a functional op could not hand back.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, target, weight, alpha, reduction, want_grad, inplace, backend,
-                ignore_index, label_smoothing, z_loss, softcap, focal_gamma, focal_alpha):
-        params = (ignore_index, label_smoothing, z_loss, softcap, focal_gamma, focal_alpha)
-        fused = want_grad and reduction != "none"
-        divisor = _kernel_mean_divisor(target, weight, ignore_index, logits.shape[0]) if reduction == "mean" else None
-        # The kernel reads grad_scale only when it writes a gradient.
-        grad_scale = torch.empty((), device=logits.device, dtype=torch.float32)
-        grad = None
-        if fused:
-            grad = logits.detach() if inplace else torch.empty_like(logits)
-            if reduction == "mean":
-                torch.reciprocal(divisor, out=grad_scale)  # float32 whatever the default dtype
-            else:
-                grad_scale.fill_(1.0)
-        rows, stats = kernel_op("cross_entropy_fwd", backend)(
-            logits, target, weight, alpha, grad_scale, grad, *params)
-        loss = rows.to(logits.dtype) if reduction == "none" else finish_loss(rows.sum(), reduction, divisor,
-                                                                              logits.dtype)
-        ctx.reduction, ctx.backend, ctx.params = reduction, backend, params
-        if fused:  # `applied` is written by the first backward (scale_grad's `first`)
-            ctx.save_for_backward(grad, torch.empty((), device=logits.device, dtype=torch.float32))
-        elif want_grad:
-            ctx.save_for_backward(logits, target, weight, alpha, stats)
-        ctx.mark_non_differentiable(stats)
-        ctx.set_materialize_grads(False)  # no zeros for the stats' (unused) gradient: one launch less
-        return loss, stats
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_stats):
-        if ctx.reduction != "none":
-            grad = rescale_fused_grad(ctx, grad_loss)
-        else:
-            logits, target, weight, alpha, stats = ctx.saved_tensors
-            grad = torch.empty_like(logits)
-            grad_rows = grad_loss.reshape(-1).to(torch.float32).contiguous()
-            kernel_op("cross_entropy_bwd", ctx.backend)(
-                grad_rows, logits, target, weight, alpha, stats, grad, *ctx.params)
-        return (grad,) + (None,) * 13
-
-
-def cross_entropy_rows(logits, target, weight, alpha, *, reduction, inplace, backend, ignore_index,
-                       label_smoothing, z_loss, softcap, focal_gamma, focal_alpha):
-    """Kernel-backed loss over prepared rows (see the module docstring for the layout)."""
-    want_grad = torch.is_grad_enabled() and logits.requires_grad
-    if torch.compiler.is_compiling():  # inplace_backward does not apply to a traced graph
-        return _compiled_loss(logits, target, weight, alpha, reduction, want_grad, backend,
-                              (ignore_index, label_smoothing, z_loss, softcap, focal_gamma, focal_alpha))
-    loss, _ = CrossEntropyFunction.apply(
-        logits, target, weight, alpha, reduction, want_grad, inplace, backend,
-        ignore_index, label_smoothing, z_loss, softcap, focal_gamma, focal_alpha)
-    return loss
+SPEC = FusedLoss(
+    name="cross_entropy",
+    tensors=("logits", "target", "weight?", "weight_sum?", "alpha?"),
+    params=PARAMS,
+    differentiable=("logits",),
+    n_saved=1,
+    forward=_forward,
+    backward=_backward,
+    rows_fake=_rows_fake,
+    mean_divisor=_mean_divisor,
+)
+cross_entropy_kernels = build(SPEC)

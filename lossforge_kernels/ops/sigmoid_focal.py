@@ -1,151 +1,115 @@
-"""Kernel ops and autograd for the sigmoid focal loss (elementwise, torchvision's semantics).
+"""Kernel ops of the sigmoid focal loss (elementwise, torchvision's semantics) and their spec.
 
 Kernel contract, the same for the Triton and the CUDA implementation (n elements, any shape):
 
-sigmoid_focal_fwd_<b>(input, target, grad_scale, grad, alpha, gamma, reduce) -> loss
+sigmoid_focal_fwd_<b>(input, target, grad_scale, out, grad, alpha, gamma, reduce) -> ()
   input    contiguous fp32/fp16/bf16; target contiguous, the same shape and dtype
   grad_scale  float multiplier of the gradient (1/n for 'mean', 1 for 'sum')
+  out      reduce=True: a 0-dim fp32 tensor that receives the sum over all elements, summed in a
+           fixed order (deterministic); reduce=False: the elementwise loss, contiguous, shaped and
+           typed like input
   grad     buffer like input for the gradient of the (unscaled) sum, times grad_scale, or None
-  alpha    < 0 disables the alpha term; gamma >= 0
-  reduce   True: loss is a 0-dim fp32 sum over all elements, summed in a fixed order
-           (deterministic); False: loss is elementwise, shaped and typed like input.
+  alpha    < 0 disables the alpha term (finite); gamma >= 0
 sigmoid_focal_bwd_<b>(grad_out, input, target, grad, alpha, gamma) -> ()
   grad_out contiguous, shaped like input (any float dtype); writes grad = grad_out * d loss / d input.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from ._library import (define_composite_op, define_kernel_op, finish_loss, fused_grad_backward, kernel_op,
-                       register_triton_impl, rescale_fused_grad, save_fused_grad)
+from ._library import define_kernel_op, kernel_op, register_triton_impl
+from .builder import FusedLoss, build
+
+F32 = torch.float32
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+PARAMS = ("float alpha", "float gamma")
 
 
-def _fwd_fake(input, target, grad_scale, grad, alpha, gamma, reduce):
+def _fail(op, message):
+    raise ValueError(f"{op}: {message}")
+
+
+def _check_like(op, name, t, like, dtype=None):
+    if t.shape != like.shape or not t.is_contiguous() or t.device != like.device:
+        _fail(op, f"{name} must be contiguous with shape {tuple(like.shape)} on {like.device}, got shape "
+                  f"{tuple(t.shape)}, strides {t.stride()} on {t.device}")
+    if dtype is not None and t.dtype != dtype:
+        _fail(op, f"{name} must have dtype {dtype}, got {t.dtype}")
+
+
+def _check_inputs(op, input, target, grad, alpha, gamma):
+    if input.dtype not in KERNEL_DTYPES or not input.is_contiguous():
+        _fail(op, f"input must be a contiguous fp32/fp16/bf16 tensor, got dtype {input.dtype} and strides "
+                  f"{input.stride()}")
+    _check_like(op, "target", target, input, input.dtype)
+    if grad is not None:
+        _check_like(op, "grad", grad, input, input.dtype)
+    if not math.isfinite(alpha) or not gamma >= 0.0 or not math.isfinite(gamma):
+        _fail(op, f"alpha must be finite (< 0 disables it) and gamma finite and >= 0, got alpha={alpha}, "
+                  f"gamma={gamma}")
+
+
+def _check_fwd(input, target, grad_scale, out, grad, alpha, gamma, reduce):
+    op = "sigmoid_focal_fwd"
+    _check_inputs(op, input, target, grad, alpha, gamma)
     if reduce:
-        return input.new_empty((), dtype=torch.float32)
-    return torch.empty_like(input)
+        if out.dim() != 0 or out.dtype != F32 or out.device != input.device:
+            _fail(op, f"out must be a 0-dim fp32 tensor on {input.device} when reduce=True, got shape "
+                      f"{tuple(out.shape)} and dtype {out.dtype}")
+    else:
+        _check_like(op, "out", out, input, input.dtype)
+
+
+def _check_bwd(grad_out, input, target, grad, alpha, gamma):
+    op = "sigmoid_focal_bwd"
+    _check_inputs(op, input, target, grad, alpha, gamma)
+    _check_like(op, "grad_out", grad_out, input)
+    if not grad_out.dtype.is_floating_point:
+        _fail(op, f"grad_out must be a floating-point tensor, got {grad_out.dtype}")
 
 
 define_kernel_op(
     "sigmoid_focal_fwd",
-    "(Tensor input, Tensor target, float grad_scale, Tensor(a!)? grad, float alpha, float gamma, bool reduce)"
-    " -> Tensor",
-    _fwd_fake,
+    "(Tensor input, Tensor target, float grad_scale, Tensor(a!) out, Tensor(b!)? grad, float alpha, float gamma,"
+    " bool reduce) -> ()",
+    lambda *args: None,
+    _check_fwd,
 )
 define_kernel_op(
     "sigmoid_focal_bwd",
     "(Tensor grad_out, Tensor input, Tensor target, Tensor(a!) grad, float alpha, float gamma) -> ()",
     lambda *args: None,
+    _check_bwd,
 )
 register_triton_impl("sigmoid_focal_fwd", "sigmoid_focal", "sigmoid_focal_fwd")
 register_triton_impl("sigmoid_focal_bwd", "sigmoid_focal", "sigmoid_focal_bwd")
 
-# ---- functional ops with their own autograd, for torch.compile (see ops/cross_entropy.py) ---------
+
+# ---- the family's spec for the op builder ------------------------------------------------------
+
+def _forward(backend, tensors, params, grads, scale, reduce):
+    input, target = tensors
+    out = torch.empty((), device=input.device, dtype=F32) if reduce else torch.empty_like(input)
+    kernel_op("sigmoid_focal_fwd", backend)(input, target, 1.0 if scale is None else scale, out,
+                                            None if grads is None else grads[0], *params, reduce)
+    return out, ()
 
 
-def _grad_scale(input, mean):
-    """The kernels' grad_scale: 1/n for 'mean' (1 for no elements, where the loss is 0/0 = NaN), else 1."""
-    n = input.numel()
-    return 1.0 / n if mean and n > 0 else 1.0
+def _backward(backend, grad_rows, tensors, saved, params, grads):
+    kernel_op("sigmoid_focal_bwd", backend)(grad_rows.contiguous(), *tensors, grads[0], *params)
 
 
-def _fused_impl(backend):
-    def impl(input, target, alpha, gamma, mean):
-        grad = torch.empty_like(input)
-        total = kernel_op("sigmoid_focal_fwd", backend)(input, target, _grad_scale(input, mean), grad, alpha, gamma,
-                                                        True)
-        return (total / input.numel() if mean else total), grad
-    return impl
-
-
-def _elementwise_impl(backend):
-    def impl(input, target, alpha, gamma):
-        return kernel_op("sigmoid_focal_fwd", backend)(input, target, 1.0, None, alpha, gamma, False)
-    return impl
-
-
-def _elementwise_setup(ctx, inputs, output):
-    input, target, ctx.alpha, ctx.gamma = inputs
-    ctx.save_for_backward(input, target)
-
-
-def _elementwise_backward(backend):
-    def backward(ctx, grad_out):
-        input, target = ctx.saved_tensors
-        grad = kernel_op("sigmoid_focal_bwd_grad", backend)(grad_out.contiguous(), input, target, ctx.alpha, ctx.gamma)
-        return grad, None, None, None
-    return backward
-
-
-def _bwd_grad_impl(backend):
-    def impl(grad_out, input, target, alpha, gamma):
-        grad = torch.empty_like(input)
-        kernel_op("sigmoid_focal_bwd", backend)(grad_out, input, target, grad, alpha, gamma)
-        return grad
-    return impl
-
-
-define_composite_op(
-    "sigmoid_focal_fused",
-    "(Tensor input, Tensor target, float alpha, float gamma, bool mean) -> (Tensor, Tensor)",
-    lambda input, *args: (input.new_empty((), dtype=torch.float32), torch.empty_like(input)),
-    _fused_impl, fused_grad_backward, save_fused_grad,
+SPEC = FusedLoss(
+    name="sigmoid_focal",
+    tensors=("input", "target"),
+    params=PARAMS,
+    differentiable=("input",),
+    n_saved=0,
+    forward=_forward,
+    backward=_backward,
+    rows_fake=lambda tensors, params: (torch.empty_like(tensors[0]),),
+    mean_divisor=lambda tensors, params: float(tensors[0].numel()),
 )
-define_composite_op(
-    "sigmoid_focal_elementwise",
-    "(Tensor input, Tensor target, float alpha, float gamma) -> Tensor",
-    lambda input, *args: torch.empty_like(input),
-    _elementwise_impl, _elementwise_backward, _elementwise_setup,
-)
-define_composite_op(
-    "sigmoid_focal_bwd_grad",
-    "(Tensor grad_out, Tensor input, Tensor target, float alpha, float gamma) -> Tensor",
-    lambda grad_out, input, *args: torch.empty_like(input),
-    _bwd_grad_impl,
-)
-
-
-def _compiled_loss(input, target, alpha, gamma, reduction, want_grad, backend):
-    if want_grad and reduction != "none":
-        loss, _ = kernel_op("sigmoid_focal_fused", backend)(input, target, alpha, gamma, reduction == "mean")
-    else:
-        loss = kernel_op("sigmoid_focal_elementwise", backend)(input, target, alpha, gamma)
-        if reduction != "none":
-            loss = loss.to(torch.float32).sum() / (input.numel() if reduction == "mean" else 1)
-    return loss.to(input.dtype)
-
-
-class SigmoidFocalFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, input, target, alpha, gamma, reduction, want_grad, backend):
-        fused = want_grad and reduction != "none"
-        grad_scale = _grad_scale(input, reduction == "mean")
-        grad = torch.empty_like(input) if fused else None
-        loss = kernel_op("sigmoid_focal_fwd", backend)(
-            input, target, grad_scale, grad, alpha, gamma, reduction != "none")
-        if reduction != "none":  # 'mean' of 0 elements: 0/0 = nan, as torch's mean
-            loss = finish_loss(loss, reduction, input.numel(), input.dtype)
-        ctx.reduction, ctx.backend, ctx.alpha, ctx.gamma = reduction, backend, alpha, gamma
-        if fused:  # `applied` is written by the first backward (scale_grad's `first`)
-            ctx.save_for_backward(grad, torch.empty((), device=input.device, dtype=torch.float32))
-        elif want_grad:
-            ctx.save_for_backward(input, target)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        if ctx.reduction != "none":
-            grad = rescale_fused_grad(ctx, grad_loss)
-        else:
-            input, target = ctx.saved_tensors
-            grad = torch.empty_like(input)
-            kernel_op("sigmoid_focal_bwd", ctx.backend)(
-                grad_loss.contiguous(), input, target, grad, ctx.alpha, ctx.gamma)
-        return grad, None, None, None, None, None, None
-
-
-def sigmoid_focal(input, target, *, alpha, gamma, reduction, backend):
-    want_grad = torch.is_grad_enabled() and input.requires_grad
-    if torch.compiler.is_compiling():
-        return _compiled_loss(input, target, alpha, gamma, reduction, want_grad, backend)
-    return SigmoidFocalFunction.apply(input, target, alpha, gamma, reduction, want_grad, backend)
+sigmoid_focal_kernels = build(SPEC)

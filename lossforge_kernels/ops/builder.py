@@ -1,0 +1,320 @@
+"""The fused-loss op builder: a family's eager autograd path and its torch.compile path, from a short spec.
+
+A family (ops/<family>.py) defines its kernel ops and describes them with a `FusedLoss` spec:
+which tensors and scalar options the loss takes, which tensors the kernels differentiate, how to
+call its forward kernel (per-row losses, or their sum with the gradient written in the same pass)
+and its backward kernel (from per-row grad_outputs and what the forward saved). `build(spec)`
+returns the callable the public layer uses; it owns, for every family alike:
+
+- Reductions: 'none' returns the rows; 'sum' their sum; 'mean' divides by the family's divisor.
+- The gradient convention: with 'mean'/'sum' and a gradient wanted, the forward kernel writes
+  d(loss)/d(input) for each differentiable input (times `scale`: 1/divisor for 'mean', 1 for
+  'sum'), so the backward only multiplies by grad_output on the device (free when it is 1).
+  With 'none' (or no gradient wanted in the forward) the backward kernel runs from saved rows.
+- Retained graphs: the saved gradient is handed out (and scaled in place) only by the backward
+  that frees the graph; a backward that keeps it (retain_graph=True) gets its own copy, so a
+  gradient once returned never changes and every later backward is right.
+- Double backward: the kernels' gradients are not differentiable again; differentiating them
+  (create_graph=True, then a backward through the result) raises, naming backend='reference'.
+- torch.compile: the same kernels behind functional custom ops with registered autograd
+  (lossforge::<name>_fused_<b>, <name>_rows_<b>, <name>_rows_grad_<b>), so fullgraph=True traces
+  them with no graph break and no in-place write for the compiler to functionalize.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import torch
+
+from .._backends import KERNEL_BACKENDS
+from ._library import define_kernel_op, lib, scale_grad
+
+F32 = torch.float32
+
+_keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedLoss:
+    """A loss family's kernels as the builder composes them.
+
+    forward(backend, tensors, params, grads, scale, reduce) -> (loss, saved): runs the forward
+      kernel. `grads` is None (no gradient) or a list aligned with `differentiable`, each a buffer
+      for d(loss)/d(that input) * scale, or None where not wanted. `scale` is None when no gradient
+      is written, else 1/divisor ('mean') or 1.0 ('sum'), a float or a 0-dim float32 device tensor
+      as `mean_divisor` returned it. `reduce`: return the rows' float32 sum (0-dim) instead of the
+      rows. `saved`: the `n_saved` tensors the rows backward needs besides the inputs.
+    backward(backend, grad_rows, tensors, saved, params, grads): writes into `grads` (aligned with
+      `differentiable`, None where not wanted) the gradient of sum(grad_rows * rows).
+    rows_fake(tensors, params) -> (rows, *saved): empty tensors shaped like forward(reduce=False)'s.
+    mean_divisor(tensors, params) -> float or 0-dim device tensor: what 'mean' divides the sum by.
+    grad_buffer(tensor) -> the buffer a gradient of `tensor` is written into (default: empty_like).
+    out_dtype(tensors, params) -> the loss's dtype (default: the first tensor's).
+    """
+    name: str
+    tensors: tuple[str, ...]  # input names; a trailing "?" marks an optional one
+    params: tuple[str, ...]   # schema entries of the scalar options, e.g. "float label_smoothing"
+    differentiable: tuple[str, ...]
+    n_saved: int
+    forward: Callable
+    backward: Callable
+    rows_fake: Callable
+    mean_divisor: Callable
+    grad_buffer: Callable = torch.empty_like
+    out_dtype: Callable = lambda tensors, params: tensors[0].dtype
+
+    @property
+    def tensor_names(self) -> tuple[str, ...]:
+        return tuple(t.rstrip("?") for t in self.tensors)
+
+    @property
+    def diff_positions(self) -> tuple[int, ...]:
+        return tuple(self.tensor_names.index(n) for n in self.differentiable)
+
+
+def gradient_gap(**named) -> str | None:
+    """'<name> requires grad' for the first given tensor that would need a gradient, else None."""
+    if not torch.is_grad_enabled():
+        return None
+    for name, t in named.items():
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            return f"{name} requires grad"
+    return None
+
+
+def finish_loss(total, reduction, divisor, dtype):
+    """A summed float32 loss as returned to the caller: divided by `divisor` for 'mean' (a tensor
+    or a number), in `dtype`; the division and the cast are one launch."""
+    if reduction == "sum":
+        return total.to(dtype)
+    return torch.div(total, divisor, out=torch.empty((), device=total.device, dtype=dtype))
+
+
+def _reciprocal(divisor):
+    if isinstance(divisor, torch.Tensor):
+        return torch.reciprocal(divisor, out=torch.empty((), device=divisor.device, dtype=F32))
+    return 1.0 / divisor if divisor else 1.0  # no elements: the loss is 0/0, the gradient empty
+
+
+def _graph_kept() -> bool:
+    """Whether the running backward keeps the graph for another one (True when unknown)."""
+    return True if _keep_graph is None else bool(_keep_graph())
+
+
+def _refuse_double_backward(grads, spec: FusedLoss, backend: str):
+    """The gradients, made to raise if anything differentiates through them (create_graph=True)."""
+    live = [i for i, g in enumerate(grads) if g is not None]
+    if not live:
+        return grads
+    message = (f"lossforge {spec.name}: the {backend} kernels' gradient is not differentiable again (double "
+               f"backward after create_graph=True); use backend='reference' for higher-order gradients")
+    err = torch._C._functions.DelayedError(message.encode(), len(live))
+    marked = err(*[grads[i].detach().requires_grad_(True) for i in live])
+    marked = marked if isinstance(marked, tuple) else (marked,)
+    out = list(grads)
+    for i, g in zip(live, marked):
+        out[i] = g
+    return out
+
+
+class _EagerLoss(torch.autograd.Function):
+    """Eager calls: the fused gradient is scaled in place, or handed to inplace_backward's buffer."""
+
+    @staticmethod
+    def forward(ctx, spec, backend, reduction, wants, inplace, params, *tensors):
+        fused = any(wants) and reduction != "none"
+        divisor = spec.mean_divisor(tensors, params) if reduction == "mean" else None
+        grads = scale = None
+        if fused:
+            grads = [(t.detach() if inplace else spec.grad_buffer(t)) if w else None
+                     for t, w in zip(_pick(tensors, spec), wants)]
+            scale = _reciprocal(divisor) if reduction == "mean" else 1.0
+        loss, saved = spec.forward(backend, tensors, params, grads, scale, reduction != "none")
+        dtype = spec.out_dtype(tensors, params)
+        out = loss.to(dtype) if reduction == "none" else finish_loss(loss, reduction, divisor, dtype)
+        ctx.spec, ctx.backend, ctx.params, ctx.wants, ctx.fused = spec, backend, params, wants, fused
+        if fused:
+            ctx.save_for_backward(*[g for g in grads if g is not None])
+        elif any(wants):
+            ctx.save_for_backward(*tensors, *saved)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        spec, backend = ctx.spec, ctx.backend
+        create_graph = torch.is_grad_enabled()
+        with torch.no_grad():
+            if ctx.fused:
+                saved = list(ctx.saved_tensors)
+                given = [g.clone() for g in saved] if _graph_kept() else saved  # the saved copy serves later ones
+                for g in given:
+                    scale_grad(g, grad_loss, backend)
+                it = iter(given)
+                grads = [next(it) if w else None for w in ctx.wants]
+            else:
+                everything = ctx.saved_tensors
+                n = len(spec.tensors)
+                tensors, saved = everything[:n], everything[n:]
+                grads = [torch.empty_like(t) if w else None for t, w in zip(_pick(tensors, spec), ctx.wants)]
+                spec.backward(backend, grad_loss, tensors, saved, ctx.params, grads)
+        if create_graph:
+            grads = _refuse_double_backward(grads, spec, backend)
+        out = [None] * len(spec.tensors)
+        for pos, g in zip(spec.diff_positions, grads):
+            out[pos] = g
+        return (None,) * 6 + tuple(out)
+
+
+def _pick(tensors, spec):
+    return [tensors[i] for i in spec.diff_positions]
+
+
+def _empty(like):
+    return like.new_empty(0)
+
+
+class KernelLoss:
+    """A family's kernel-backed loss, for every kernel backend: `loss(tensors, params, ...)`."""
+
+    def __init__(self, spec: FusedLoss):
+        self.spec = spec
+        _define_compiled_ops(spec)
+
+    def __call__(self, tensors: Sequence, params: Sequence, *, reduction: str, backend: str, inplace=False):
+        spec = self.spec
+        tensors, params = tuple(tensors), tuple(params)
+        grad_on = torch.is_grad_enabled()
+        for name, t in zip(spec.tensor_names, tensors):
+            if grad_on and name not in spec.differentiable and isinstance(t, torch.Tensor) and t.requires_grad:
+                raise RuntimeError(f"lossforge {spec.name}: {name} requires grad, which the kernels do not compute; "
+                                   f"this call should have gone to the reference")
+        wants = tuple(grad_on and t is not None and t.requires_grad for t in _pick(tensors, spec))
+        if torch.compiler.is_compiling():  # inplace does not apply to a traced graph
+            return _compiled_loss(spec, backend, tensors, params, reduction, wants)
+        return _EagerLoss.apply(spec, backend, reduction, wants, inplace, params, *tensors)
+
+
+def build(spec: FusedLoss) -> KernelLoss:
+    return KernelLoss(spec)
+
+
+# ---- the torch.compile path -------------------------------------------------------------------
+
+
+def _op(spec, kind, backend):
+    return getattr(torch.ops.lossforge, f"{spec.name}_{kind}_{backend}").default
+
+
+def _compiled_loss(spec, backend, tensors, params, reduction, wants):
+    dtype = spec.out_dtype(tensors, params)
+    if any(wants) and reduction != "none":
+        return _op(spec, "fused", backend)(*tensors, *params, reduction == "mean", list(wants))[0].to(dtype)
+    out = _op(spec, "rows", backend)(*tensors, *params)
+    rows = out[0] if spec.n_saved else out
+    if reduction == "none":
+        return rows.to(dtype)
+    total = rows.sum(dtype=F32)
+    if reduction == "mean":
+        total = total / spec.mean_divisor(tensors, params)
+    return total.to(dtype)
+
+
+def _schema_tensors(spec):
+    return ", ".join(f"Tensor{'?' if t.endswith('?') else ''} {t.rstrip('?')}" for t in spec.tensors)
+
+
+def _returns(n):
+    return "Tensor" if n == 1 else "(" + ", ".join(["Tensor"] * n) + ")"
+
+
+def _define_compiled_ops(spec: FusedLoss) -> None:
+    """lossforge::<name>_{fused,rows,rows_grad}_<backend>: schemas once, implementations per backend."""
+    n_t, n_d, n_s = len(spec.tensors), len(spec.differentiable), spec.n_saved
+    tensors_schema = _schema_tensors(spec)
+    params_schema = "".join(f", {p}" for p in spec.params)
+    saved_schema = "".join(f", Tensor saved{i}" for i in range(n_s))
+
+    def fused_fake(*args):
+        tensors, wants = args[:n_t], args[-1]
+        return (tensors[0].new_empty((), dtype=F32),
+                *[spec.grad_buffer(t) if w else _empty(tensors[0]) for t, w in zip(_pick(tensors, spec), wants)])
+
+    def rows_fake(*args):
+        out = spec.rows_fake(args[:n_t], args[n_t:])
+        return out if n_s else out[0]
+
+    def rows_grad_fake(grad_rows, *args):
+        tensors, wants = args[:n_t], args[-1]
+        out = [torch.empty_like(t) if w else _empty(tensors[0]) for t, w in zip(_pick(tensors, spec), wants)]
+        return tuple(out) if n_d > 1 else out[0]
+
+    define_kernel_op(f"{spec.name}_fused",
+                     f"({tensors_schema}{params_schema}, bool mean, bool[] wants) -> {_returns(1 + n_d)}", fused_fake)
+    define_kernel_op(f"{spec.name}_rows", f"({tensors_schema}{params_schema}) -> {_returns(1 + n_s)}", rows_fake)
+    define_kernel_op(f"{spec.name}_rows_grad",
+                     f"(Tensor grad_rows, {tensors_schema}{saved_schema}{params_schema}, bool[] wants)"
+                     f" -> {_returns(n_d)}", rows_grad_fake)
+    for backend in KERNEL_BACKENDS:
+        _register_compiled_impls(spec, backend)
+
+
+def _register_compiled_impls(spec: FusedLoss, backend: str) -> None:
+    n_t, n_p, n_d, n_s = len(spec.tensors), len(spec.params), len(spec.differentiable), spec.n_saved
+
+    # fused: the summed (and for 'mean' divided) loss and its gradients from one forward pass.
+    def fused_impl(*args):
+        tensors, params, mean, wants = args[:n_t], args[n_t:n_t + n_p], args[-2], args[-1]
+        divisor = spec.mean_divisor(tensors, params) if mean else None
+        grads = [spec.grad_buffer(t) if w else None for t, w in zip(_pick(tensors, spec), wants)]
+        total, _ = spec.forward(backend, tensors, params, grads, _reciprocal(divisor) if mean else 1.0, True)
+        loss = total / divisor if mean else total
+        return (loss, *[g if g is not None else _empty(tensors[0]) for g in grads])
+
+    def fused_setup(ctx, inputs, output):
+        ctx.wants = inputs[-1]
+        ctx.save_for_backward(*output[1:])
+
+    def fused_backward(ctx, grad_loss, *_):
+        out = [None] * (n_t + n_p + 2)
+        for pos, g, w in zip(spec.diff_positions, ctx.saved_tensors, ctx.wants):
+            if w:  # one elementwise pass for the compiler to fuse
+                out[pos] = (g.to(F32) * grad_loss.to(F32)).to(g.dtype)
+        return tuple(out)
+
+    # rows: the per-row losses and what their backward needs.
+    def rows_impl(*args):
+        loss, saved = spec.forward(backend, args[:n_t], args[n_t:], None, None, False)
+        return (loss, *saved) if n_s else loss
+
+    def rows_setup(ctx, inputs, output):
+        ctx.params = inputs[n_t:]
+        ctx.save_for_backward(*inputs[:n_t], *(output[1:] if n_s else ()))
+
+    def rows_backward(ctx, grad_rows, *_):
+        everything = ctx.saved_tensors
+        tensors, saved = everything[:n_t], everything[n_t:]
+        wants = [bool(ctx.needs_input_grad[i]) for i in spec.diff_positions]
+        grads = _op(spec, "rows_grad", backend)(grad_rows, *tensors, *saved, *ctx.params, wants)
+        grads = grads if n_d > 1 else (grads,)
+        out = [None] * (n_t + n_p)
+        for pos, g, w in zip(spec.diff_positions, grads, wants):
+            if w:
+                out[pos] = g
+        return tuple(out)
+
+    # rows_grad: the rows backward as a functional op (the gradients get their own buffers).
+    def rows_grad_impl(grad_rows, *args):
+        tensors, saved, params, wants = args[:n_t], args[n_t:n_t + n_s], args[n_t + n_s:-1], args[-1]
+        grads = [torch.empty_like(t) if w else None for t, w in zip(_pick(tensors, spec), wants)]
+        spec.backward(backend, grad_rows, tensors, saved, params, grads)
+        out = [g if g is not None else _empty(tensors[0]) for g in grads]
+        return tuple(out) if n_d > 1 else out[0]
+
+    for kind, impl, backward, setup in (("fused", fused_impl, fused_backward, fused_setup),
+                                        ("rows", rows_impl, rows_backward, rows_setup),
+                                        ("rows_grad", rows_grad_impl, None, None)):
+        qualified = f"{spec.name}_{kind}_{backend}"
+        lib.impl(qualified, impl, "CompositeExplicitAutograd")
+        if backward is not None:
+            torch.library.register_autograd(f"lossforge::{qualified}", backward, setup_context=setup, lib=lib)

@@ -1,0 +1,111 @@
+"""The pieces every loss family shares: the op builder, the scale_grad op, the registry's file stems."""
+import importlib
+import pathlib
+
+import pytest
+import torch
+
+import lossforge_kernels as lf
+from lossforge_kernels import _backends
+from lossforge_kernels.ops import builder
+from lossforge_kernels.ops._library import kernel_op
+from tests.conftest import device_for
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "lossforge_kernels"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scale_grad_contract(kernel_backend, dtype):
+    # grad *= grad_output in fp32 arithmetic, in place; a factor of 1 leaves grad bit for bit and a
+    # NaN one propagates. A dense tensor of several blocks, a strided (M, C) view (rows walked by a
+    # grid of fewer programs than pieces), a transposed (dense) one and a layout that is neither.
+    device = device_for(kernel_backend)
+    op = kernel_op("scale_grad", kernel_backend)
+    base = torch.randn(6, 9001, device=device).to(dtype)
+    views = (lambda b: b.clone(), lambda b: b.clone()[:, 1:8000], lambda b: b.clone().t(),
+             lambda b: b.clone()[::2, ::3])
+    for make in views:
+        g = make(base)
+        want = g.float().clone()
+        op(g, torch.tensor(2.0, device=device))
+        torch.testing.assert_close(g.float(), (want * 2.0).to(dtype).float())
+        before = g.clone()
+        op(g, torch.tensor(1.0, device=device, dtype=torch.bfloat16))
+        assert torch.equal(g, before)
+        op(g, torch.tensor(1.5, device=device, dtype=torch.float64))
+        tol = dict(rtol=2**-7, atol=0) if dtype == torch.bfloat16 else {}  # one rounding of the product
+        torch.testing.assert_close(g.float(), before.float() * 1.5, **tol)
+        op(g, torch.tensor(float("nan"), device=device))
+        assert torch.isnan(g).all()
+
+
+def test_scale_grad_rejects_what_it_cannot_scale(kernel_backend):
+    device = device_for(kernel_backend)
+    op = kernel_op("scale_grad", kernel_backend)
+    with pytest.raises(ValueError, match="grad_output must be a single floating-point value"):
+        op(torch.randn(3, 4, device=device), torch.ones(2, device=device))
+    with pytest.raises(TypeError, match="grad must be float32, float16 or bfloat16"):
+        op(torch.randn(3, 4, device=device, dtype=torch.float64), torch.ones((), device=device))
+    overlapping = torch.randn(20, device=device).as_strided((4, 10), (2, 1))  # rows share elements
+    with pytest.raises(ValueError, match="the rows of grad overlap"):
+        op(overlapping, torch.tensor(2.0, device=device))
+
+
+def test_gradient_gap_names_the_first_tensor_that_needs_a_gradient():
+    a, b = torch.randn(2), torch.randn(2, requires_grad=True)
+    assert builder.gradient_gap(a=a, b=b, c=None) == "b requires grad"
+    assert builder.gradient_gap(a=a, c=None) is None
+    with torch.no_grad():
+        assert builder.gradient_gap(b=b) is None
+
+
+def test_kernel_loss_refuses_a_gradient_its_kernels_do_not_compute():
+    # The public layers route such calls to the reference; reaching the kernels anyway is a bug, not None.
+    from lossforge_kernels.ops.cross_entropy import cross_entropy_kernels
+
+    x, t = torch.randn(3, 5), torch.tensor([0, 1, 2])
+    w = torch.rand(5, requires_grad=True)
+    with pytest.raises(RuntimeError, match="weight requires grad, which the kernels do not compute"):
+        cross_entropy_kernels((x, t, w, None, None), (-100, 0.0, 0.0, 0.0, 0.0, 1.0), reduction="mean",
+                              backend="triton")
+
+
+def test_every_family_has_one_file_stem_everywhere():
+    families = _backends.families()
+    assert set(families) >= {"cross_entropy", "linear_cross_entropy", "sigmoid_focal", "contrastive", "triplet"}
+    for stem, kernels in families.items():
+        for path in (PACKAGE / "reference" / f"{stem}.py", PACKAGE / "losses" / f"{stem}.py",
+                     ROOT / "tests" / f"test_{stem}.py"):
+            assert path.exists(), f"family {stem}: {path.relative_to(ROOT)} is missing"
+        assert importlib.import_module(f"lossforge_kernels.losses.{stem}").FAMILY == stem
+    # A family with kernel ops of its own has them under its stem in every folder.
+    for ops_file in (PACKAGE / "ops").glob("[!_]*.py"):
+        stem = ops_file.stem
+        if stem == "builder":
+            continue
+        assert stem in families, f"ops/{stem}.py is not a registered family"
+        spec = importlib.import_module(f"lossforge_kernels.ops.{stem}").SPEC
+        assert spec.name == stem
+        expected = [ROOT / "bench" / f"{stem}.py", ROOT / "tests" / f"test_{stem}.py"]
+        if "triton" in families[stem].backends:
+            expected.append(ROOT / "triton_kernels" / f"{stem}.py")
+        if "cuda" in families[stem].backends:
+            expected.append(ROOT / "csrc" / f"{stem}.cu")
+        for path in expected:
+            assert path.exists(), f"family {stem}: {path.relative_to(ROOT)} is missing"
+
+
+def test_builder_defines_every_compiled_op_for_every_backend():
+    for stem in ("cross_entropy", "sigmoid_focal"):
+        for kind in ("fused", "rows", "rows_grad"):
+            for backend in _backends.KERNEL_BACKENDS:
+                assert hasattr(torch.ops.lossforge, f"{stem}_{kind}_{backend}"), (stem, kind, backend)
+
+
+def test_backends_report_for_a_family_whose_kernels_lack_a_gradient():
+    x = torch.randn(3, 4)
+    with pytest.raises(lf.BackendUnavailableError,
+                       match="the cross_entropy kernels compute gradients for the input .logits. only, but weight"):
+        _backends.resolve_backend("triton", "cross_entropy", x, gap="weight requires grad")
+    assert _backends.resolve_backend("auto", "cross_entropy", x, gap="weight requires grad") == "reference"

@@ -1,0 +1,359 @@
+"""Cross-entropy kernels against the float64 reference: the shared harness (tests/harness.py) over
+this family's spec, then what is particular to it (long rows, confident rows, edge values,
+inplace_backward, the op contract)."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lossforge_kernels as lf
+from tests import harness
+from tests.conftest import assert_close_rel, device_for
+from tests.test_cross_entropy import make_inputs
+
+REDUCTIONS = ["none", "mean", "sum"]
+PARAMS = (-100, 0.1, 1e-3, 3.0, 2.0, 1.0)  # ignore_index, smoothing, z-loss, softcap, gamma, alpha
+
+LOSS_OPTIONS = ("label_smoothing", "z_loss", "softcap", "focal_gamma", "focal_alpha", "inplace_backward",
+                "ignore_index")
+
+
+def make(shape, opts, dtype, device, generator):
+    """cross_entropy's inputs for `shape` (N, C, d1, ...); opts: the loss's options plus `soft`,
+    `weighted` and focal_alpha="tensor"."""
+    n, c, *extra = shape
+    x, t, w = make_inputs(n, c, dtype=dtype, device=device, soft=opts.pop("soft", False),
+                          seed=int(torch.randint(0, 2**31, (1,), generator=generator)), extra=tuple(extra))
+    tensors = {"input": x, "target": t, "weight": w if opts.pop("weighted", False) else None,
+               "focal_alpha": opts.pop("focal_alpha", None)}
+    if isinstance(tensors["focal_alpha"], str):
+        tensors["focal_alpha"] = torch.rand(c, generator=generator).to(device)
+    unknown = set(opts) - set(LOSS_OPTIONS)
+    assert not unknown, unknown
+
+    def call(ts, backend, reduction):
+        return lf.cross_entropy(ts["input"], ts["target"], ts["weight"], focal_alpha=ts["focal_alpha"],
+                                reduction=reduction, backend=backend, **opts)
+
+    return harness.Sample(tensors, ("input",), call)
+
+
+def op_inputs(device):
+    x, t, w = make_inputs(4, 10, device=device)
+    return (x, t, w, w.sum(), torch.rand(10, device=device)), PARAMS
+
+
+def kernel_op_samples(device):
+    x, t, w = make_inputs(4, 10, device=device)
+    alpha = torch.rand(10, device=device)
+    scale = torch.full((), 0.25, device=device)
+
+    def outs():
+        return torch.empty(4, device=device), torch.empty(4, 4, device=device)
+
+    stats = torch.rand(4, 4, device=device)
+    samples = [("cross_entropy_fwd", (x, t, w, w.sum(), alpha, scale, *outs(), torch.empty_like(x), *PARAMS)),
+               ("cross_entropy_fwd", (x, t, None, None, None, scale, *outs(), None, -100, 0.0, 0.0, 0.0, 2.0, 0.5)),
+               ("scale_grad", (torch.randn(4, 10, device=device), torch.tensor(0.5, device=device))),
+               ("scale_grad", (torch.randn(4, 10, device=device)[:, :7], torch.tensor(1.0, device=device)))]
+    return samples + [("cross_entropy_bwd", (torch.rand(4, device=device), x, t, w, w.sum(), alpha, stats,
+                                             torch.empty_like(x), *PARAMS))]
+
+
+KERNEL_CASES = (
+    dict(),
+    dict(weighted=True),
+    dict(label_smoothing=0.1),
+    dict(label_smoothing=0.3, weighted=True),
+    dict(z_loss=1e-3),
+    dict(softcap=5.0),
+    dict(focal_gamma=2.0),
+    dict(focal_gamma=0.5, focal_alpha=0.25),
+    dict(focal_gamma=1.0, focal_alpha="tensor", weighted=True),
+    dict(focal_gamma=2.0, focal_alpha="tensor", label_smoothing=0.1, z_loss=1e-3, softcap=8.0, weighted=True),
+    dict(soft=True),
+    dict(soft=True, weighted=True, label_smoothing=0.2, z_loss=1e-3, softcap=6.0),
+)
+
+SPEC = harness.KernelSpec(
+    family="cross_entropy",
+    make=make,
+    cases=KERNEL_CASES,
+    shapes=((5, 37), (3, 1), (2, 2), (33, 130)),
+    # One class of probability targets: the gradient p*S - w*q' is pure cancellation (0 but for the
+    # z-loss/softcap terms), so fp32 rounding of O(1) terms dominates the small result.
+    tol=lambda opts, shape: 1e-4 if opts.get("soft") and shape[1] == 1 else 1e-5,
+    half_cases=(KERNEL_CASES[0], KERNEL_CASES[9], KERNEL_CASES[11]),
+    half_shape=(7, 300),
+    fwd_kernel="cross_entropy_fwd",
+    fwd_budget=6,  # the divisor (ne, sum), its reciprocal, the kernel, the rows' sum, the divide-and-cast
+    bwd_budget=2,  # autograd's ones_like and the rescale
+    launch_shape=(8, 50),
+    compile_cases=(dict(label_smoothing=0.1, z_loss=1e-3), dict(label_smoothing=0.1, z_loss=1e-3,
+                                                                  inplace_backward=True)),
+    op_inputs=op_inputs,
+    kernel_op_samples=kernel_op_samples,
+    gaps=(("weight", dict(weighted=True, label_smoothing=0.1)),
+          ("focal_alpha", dict(focal_alpha="tensor", focal_gamma=1.5)),
+          ("target", dict(soft=True, label_smoothing=0.1)),
+          ("target", dict(soft=True, only=True))),
+)
+
+test_kernel_matches_reference_fp32 = harness.matches_reference(SPEC)
+test_kernel_matches_reference_half = harness.matches_reference_half(SPEC)
+test_kernel_path_launches_few_ops_and_never_syncs = harness.launches(SPEC)
+test_opcheck_kernel_ops = harness.opcheck(SPEC)
+test_compile_fullgraph = harness.compile_fullgraph(SPEC)
+test_retained_graph_backward_is_right_and_never_changes_a_returned_gradient = harness.retained_graph(SPEC)
+test_double_backward_is_refused_loudly = harness.double_backward(SPEC)
+test_gradients_the_kernels_do_not_compute = harness.gradient_gaps(SPEC)
+
+
+def run_both(backend, opts, n, c, reduction, dtype=torch.float32, seed=None, extra=()):
+    """The kernel on `dtype` inputs and the float64 reference on the same values: (loss, reference,
+    input gradient, reference input gradient)."""
+    loss, want, grads, want_grads = harness.run_both(SPEC, backend, opts, (n, c, *extra), reduction, dtype, seed)
+    return loss, want, grads["input"], want_grads["input"]
+
+
+def test_kernel_k_dimensional_and_large_row(kernel_backend):
+    loss, want, grad, want_grad = run_both(kernel_backend, dict(label_smoothing=0.1), 3, 11, "none", extra=(4, 2))
+    assert loss.shape == (3, 4, 2)
+    assert_close_rel(loss, want, 1e-5, "loss")
+    assert_close_rel(grad, want_grad, 1e-5, "grad")
+    c = 20000 if kernel_backend == "triton" and device_for("triton") == "cpu" else 300_000  # several chunks
+    # the fused forward, and the backward from saved stats ('none'), over rows streamed in chunks
+    for reduction, opts in (("mean", dict(focal_gamma=2.0, z_loss=1e-4)),
+                            ("none", dict(focal_gamma=0.5, focal_alpha=0.25, label_smoothing=0.1))):
+        loss, want, grad, want_grad = run_both(kernel_backend, opts, 2, c, reduction)
+        assert_close_rel(loss, want, 1e-5, f"loss {reduction}")
+        assert_close_rel(grad, want_grad, 1e-5, f"grad {reduction}")
+
+
+@pytest.mark.parametrize("opts", KERNEL_CASES)
+def test_triton_chunked_rows_match_the_reference(monkeypatch, opts):
+    # Small chunks (the LOSSFORGE_TRITON_CHUNK knob) put short rows through the streamed path, the
+    # one long vocabularies take: every option, the fused forward and the backward from stats.
+    from tests.conftest import kernel_backends
+    if "triton" not in kernel_backends():
+        pytest.skip("the Triton backend is not available here")
+    monkeypatch.setenv("LOSSFORGE_TRITON_CHUNK", "64")
+    monkeypatch.setenv("LOSSFORGE_TRITON_CHUNK_WARPS", "2")
+    from lossforge_kernels.triton_kernels.cross_entropy import _launch_config
+    assert _launch_config(301) == (64, False, 2)  # BLOCK, whole row in one block, warps
+    for reduction in ("mean", "none"):
+        loss, want, grad, want_grad = run_both("triton", opts, 5, 301, reduction)
+        assert_close_rel(loss, want, 1e-5, f"loss {reduction}")
+        assert_close_rel(grad, want_grad, 1e-5, f"grad {reduction}")
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5])
+def test_kernel_confident_rows_keep_relative_precision(kernel_backend, gamma):
+    # p_t -> 1: the CE is ~1e-5..1e-9 and must not come out of log(1 + s) rounded at 1 (or out of
+    # lse - y_t, which cancels); the target is the max in some rows and not in others.
+    device = device_for(kernel_backend)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 50, generator=g)
+    t = torch.arange(6) * 7
+    x[torch.arange(6), t] = torch.tensor([12.0, 16.0, 20.0, 9.0, 25.0, 14.0])
+    x[3, 1] = 9.5  # row 3: another class above the target
+    x = x.to(device).requires_grad_(True)
+    t = t.to(device)
+    rows = lf.cross_entropy(x, t, reduction="none", focal_gamma=gamma, backend=kernel_backend)
+    want = lf.cross_entropy(x.detach().double(), t, reduction="none", focal_gamma=gamma, backend="reference")
+    assert (want[[0, 1, 2, 4, 5]] < 1e-3).all()  # the inputs are what the test is about
+    assert torch.allclose(rows.double(), want, rtol=1e-5, atol=0), (rows, want)
+    rows.sum().backward()
+    x64 = x.detach().double().requires_grad_(True)
+    lf.cross_entropy(x64, t, reduction="sum", focal_gamma=gamma, backend="reference").backward()
+    assert_close_rel(x.grad, x64.grad, 1e-5, "grad")
+
+
+def test_kernel_edge_values(kernel_backend):
+    device = device_for(kernel_backend)
+    # -inf masked classes, extreme logits with gamma < 1, non-contiguous rows, an ignored row
+    base = torch.randn(4, 24, device=device) * 2
+    base[:, 0] = 1000.0
+    base[1, 5:9] = float("-inf")
+    base[2, 3] = -1000.0
+    x = base[:, :20].requires_grad_(True)  # rows of stride 24, 20 classes
+    t = torch.tensor([0, 1, -100, 19], device=device)
+    for gamma in (0.0, 0.5, 2.0):
+        x.grad = None
+        loss = lf.cross_entropy(x, t, focal_gamma=gamma, backend=kernel_backend)
+        loss.backward()
+        x64 = x.detach().double().requires_grad_(True)
+        want = lf.cross_entropy(x64, t, focal_gamma=gamma, backend="reference")
+        want.backward()
+        assert torch.isfinite(x.grad).all(), gamma
+        assert_close_rel(loss, want, 1e-5, f"loss gamma={gamma}")
+        assert_close_rel(x.grad, x64.grad, 1e-5, f"grad gamma={gamma}")
+
+
+def test_kernel_all_ignored_and_no_grad(kernel_backend):
+    device = device_for(kernel_backend)
+    x = torch.randn(5, 17, device=device, requires_grad=True)
+    t = torch.full((5,), -100, device=device)
+    loss = lf.cross_entropy(x, t, reduction="sum", backend=kernel_backend)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(x.grad, torch.zeros_like(x))
+    assert math.isnan(lf.cross_entropy(x, t, backend=kernel_backend).item())
+    with torch.no_grad():
+        x2, t2, _ = make_inputs(6, 40, device=device)
+        torch.testing.assert_close(lf.cross_entropy(x2, t2, label_smoothing=0.1, backend=kernel_backend),
+                                   lf.cross_entropy(x2, t2, label_smoothing=0.1, backend="reference"))
+
+
+def test_kernel_out_of_range_target_gives_nan_row(kernel_backend, monkeypatch):
+    device = device_for(kernel_backend)
+    x = torch.randn(3, 6, device=device)
+    t = torch.tensor([1, 6, 2], device=device)
+    if device == "cpu":  # CPU inputs are always checked eagerly; emulate the unchecked GPU path
+        monkeypatch.setattr("lossforge_kernels._checks.eager_value_checks", lambda t: False)
+    rows = lf.cross_entropy(x, t, reduction="none", backend=kernel_backend)
+    assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2]]).all()
+
+
+def test_inplace_backward_overwrites_logits_only_when_asked(kernel_backend):
+    device = device_for(kernel_backend)
+    x, t, _ = make_inputs(6, 50, device=device)
+    x_copy = x.clone()
+    leaf = x.clone().requires_grad_(True)
+    lf.cross_entropy(leaf, t, label_smoothing=0.1, backend=kernel_backend).backward()
+    assert torch.equal(leaf.detach(), x_copy)  # default: untouched
+    want = leaf.grad
+    leaf2 = x.clone().requires_grad_(True)
+    lf.cross_entropy(leaf2, t, label_smoothing=0.1, inplace_backward=True, backend=kernel_backend).backward()
+    torch.testing.assert_close(leaf2.grad, want)
+    torch.testing.assert_close(leaf2.detach(), want)  # the logits' buffer now holds the gradient
+
+
+def test_fused_gradient_rescales_on_repeated_backward(kernel_backend):
+    device = device_for(kernel_backend)
+    x, t, _ = make_inputs(4, 30, device=device)
+    x.requires_grad_(True)
+    loss = lf.cross_entropy(x, t, backend=kernel_backend)
+    loss.backward(torch.tensor(1.0, device=device), retain_graph=True)
+    g1 = x.grad.clone()
+    x.grad = None
+    loss.backward(torch.tensor(0.5, device=device), retain_graph=True)
+    torch.testing.assert_close(x.grad, 0.5 * g1)
+    x.grad = None
+    loss.backward(torch.tensor(3.0, device=device))
+    torch.testing.assert_close(x.grad, 3.0 * g1)
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(weighted=True, label_smoothing=0.1), dict(soft=True)])
+def test_kernel_under_a_float64_default_dtype(kernel_backend, opts):
+    # Divisors and gradient scales are made in float32 explicitly, not in the default dtype.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        for reduction in ("mean", "sum"):
+            loss, want, grad, want_grad = run_both(kernel_backend, opts, 6, 40, reduction)
+            assert loss.dtype == torch.float32
+            assert_close_rel(loss, want, 1e-5, f"loss {reduction}")
+            assert_close_rel(grad, want_grad, 1e-5, f"grad {reduction}")
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def test_kernel_op_rejects_a_bad_grad_scale(kernel_backend):
+    # The contract: a 0-dim float32 tensor, on both backends alike, through the library's call path.
+    from lossforge_kernels.ops._library import kernel_op
+
+    device = device_for(kernel_backend)
+    fwd = kernel_op("cross_entropy_fwd", kernel_backend)
+    x, t, _ = make_inputs(3, 9, device=device)
+    outs = (torch.empty(3, device=device), torch.empty(3, 4, device=device), torch.empty_like(x))
+    params = (-100, 0.0, 0.0, 0.0, 0.0, 1.0)
+    with pytest.raises(TypeError, match="grad_scale must have dtype"):
+        fwd(x, t, None, None, None, torch.ones((), device=device, dtype=torch.float64), *outs, *params)
+    with pytest.raises(ValueError, match="grad_scale must be a 0-dim tensor"):
+        fwd(x, t, None, None, None, torch.ones(1, device=device), *outs, *params)
+
+
+BAD_CONTRACT = [
+    (lambda x, t, w: dict(logits=x.t()), "logits must have unit column stride"),
+    (lambda x, t, w: dict(target=t.to(torch.int32)), "class target must be a contiguous int64"),
+    (lambda x, t, w: dict(weight=w.double()), "weight must be a contiguous fp32"),
+    (lambda x, t, w: dict(weight=w, weight_sum=None, label_smoothing=0.1), "weight_sum must be given exactly"),
+    (lambda x, t, w: dict(weight_sum=w.sum()), "weight_sum must be given exactly"),
+    (lambda x, t, w: dict(loss=torch.empty(2, device=x.device)), r"loss must be a contiguous fp32 tensor of shape \(3,\)"),
+    (lambda x, t, w: dict(stats=torch.empty(3, 3, device=x.device)), "stats must be a contiguous fp32"),
+    (lambda x, t, w: dict(grad=torch.empty(3, 8, device=x.device)), "grad must match logits"),
+    (lambda x, t, w: dict(label_smoothing=1.5), r"label_smoothing must be in \[0, 1\]"),
+    (lambda x, t, w: dict(softcap=float("inf")), "softcap finite"),
+    (lambda x, t, w: dict(target=torch.softmax(x, 1), focal_gamma=2.0), "focal options need class-index targets"),
+]
+
+
+@pytest.mark.parametrize("bad,message", BAD_CONTRACT)
+def test_kernel_op_contract_is_checked_on_every_backend(kernel_backend, bad, message):
+    from lossforge_kernels.ops._library import kernel_op
+
+    device = device_for(kernel_backend)
+    x, t, w = make_inputs(3, 9, device=device)
+    args = dict(logits=x, target=t, weight=None, weight_sum=None, alpha=None,
+                grad_scale=torch.ones((), device=device), loss=torch.empty(3, device=device),
+                stats=torch.empty(3, 4, device=device), grad=torch.empty_like(x), ignore_index=-100,
+                label_smoothing=0.0, z_loss=0.0, softcap=0.0, focal_gamma=0.0, focal_alpha=1.0)
+    args.update(bad(x, t, w))
+    with pytest.raises(ValueError, match=message):
+        kernel_op("cross_entropy_fwd", kernel_backend)(*args.values())
+
+
+@settings(max_examples=12, deadline=None)
+@given(n=st.integers(1, 9), c=st.integers(1, 70), reduction=st.sampled_from(REDUCTIONS),
+       smoothing=st.sampled_from([0.0, 0.15]), gamma=st.sampled_from([0.0, 0.7, 2.0]),
+       z_loss=st.sampled_from([0.0, 1e-2]), weighted=st.booleans(), seed=st.integers(0, 2**30))
+def test_kernel_hypothesis(n, c, reduction, smoothing, gamma, z_loss, weighted, seed):
+    from tests.conftest import kernel_backends
+    if not kernel_backends():
+        pytest.skip("no kernel backend here")
+    for backend in kernel_backends():
+        opts = dict(label_smoothing=smoothing, focal_gamma=gamma, z_loss=z_loss, weighted=weighted)
+        loss, want, grad, want_grad = run_both(backend, opts, n, c, reduction, seed=seed)
+        assert_close_rel(loss, want, 1e-5, "loss")
+        assert_close_rel(grad, want_grad, 1e-5, "grad")
+
+
+@pytest.mark.parametrize("case", ["weights+focal alpha tensor", "probabilities+smoothing", "no grad"])
+def test_compile_fullgraph_other_inputs(any_backend, case):
+    # The compiled path's own ops with class weights and per-class alpha, probability targets, and
+    # a forward under no_grad, against the eager call.
+    device = device_for(any_backend)
+    torch._dynamo.reset()
+    soft = case.startswith("probabilities")
+    x, t, w = make_inputs(5, 12, device=device, soft=soft, seed=7)
+    alpha = torch.rand(12, device=device)
+    opts = {"probabilities+smoothing": dict(label_smoothing=0.2, reduction="sum"),
+            "weights+focal alpha tensor": dict(weight=w, focal_gamma=2.0, focal_alpha=alpha),
+            "no grad": dict(z_loss=1e-3)}[case]
+
+    def step(x_, t_):
+        return lf.cross_entropy(x_, t_, backend=any_backend, **opts)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    if case == "no grad":
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x, t), step(x, t))
+        return
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    loss, want = compiled(x1, t), step(x2, t)
+    loss.backward()
+    want.backward()
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
+def test_ignored_row_with_masked_class_has_zero_gradient(any_backend):
+    device = device_for(any_backend)
+    x = torch.randn(3, 8, device=device)
+    x[1, 0] = float("-inf")  # the ignored row: nothing in it may leak into the gradient
+    x.requires_grad_(True)
+    t = torch.tensor([2, -100, 5], device=device)
+    lf.cross_entropy(x, t, focal_gamma=0.5, label_smoothing=0.1, backend=any_backend).backward()
+    assert torch.isfinite(x.grad).all() and torch.equal(x.grad[1], torch.zeros_like(x.grad[1]))
