@@ -7,9 +7,9 @@ import sys
 
 import torch
 
-from . import ceilings, cross_entropy, harness, report, sigmoid_focal
+from . import ceilings, cross_entropy, harness, linear_cross_entropy, report, sigmoid_focal
 
-SUITES = {s.name: s for s in (cross_entropy.SUITE, sigmoid_focal.SUITE)}
+SUITES = {s.name: s for s in (cross_entropy.SUITE, linear_cross_entropy.SUITE, sigmoid_focal.SUITE)}
 PROVIDERS = tuple(dict.fromkeys(n for s in SUITES.values() for n in s.provider_names))
 FAMILIES = tuple(dict.fromkeys(n.split("-")[0] for n in PROVIDERS if "-" in n))  # "lf" selects every lf-*
 KNOWN_PROVIDERS = ", ".join(PROVIDERS) + "".join(f"; '{f}' selects every {f}-*" for f in FAMILIES)
@@ -57,7 +57,7 @@ def rebuild(out: str, plot: bool = True) -> int:
     if plot:
         for name in dict.fromkeys(r["suite"] for r in rows):
             mine = [r for r in rows if r["suite"] == name]
-            report.plot_suite(os.path.join(out, f"{name}.png"), name, mine, report.row_environment(mine[0]))
+            _plot(out, name, mine, report.row_environment(mine[0]))
     print(f"rebuilt {out}/results.md{' and the PNGs' if plot else ''} from {len(rows)} rows of results.csv")
     return 0
 
@@ -80,6 +80,9 @@ def main(argv=None) -> int:
     settings.copy_rate = ceilings.copy_bytes_per_s(device, 4 << 20 if args.tiny else None)
     print(f"device: {env['device']}; torch {env['torch_version']}; triton {env['triton_version']}; "
           f"copy rate {settings.copy_rate / 1e12:.3g} TB/s (read + write)")
+    if any(SUITES[name].flops_model is not None for name in args.suite.split(",")):
+        settings.matmul_rate = ceilings.matmul_flops_per_s(device, 64 if args.tiny else None)
+        print(f"matrix-product rate {settings.matmul_rate / 1e12:.4g} TFLOP/s")
 
     rows = []
     for name in args.suite.split(","):
@@ -108,13 +111,19 @@ def _write_outputs(out: str, rows: list[dict], env: dict, copy_rate: float, plot
         f.write(report.format_markdown(rows, env, copy_rate) + "\n")
     if plot:
         for name in dict.fromkeys(r["suite"] for r in rows):
-            try:
-                report.plot_suite(os.path.join(out, f"{name}.png"), name, rows, env)
-            except ImportError as exc:
-                print(f"no plot for {name}: {exc}")
+            _plot(out, name, rows, env)
     errors = sum(r["status"].startswith("error") for r in rows)
     print(f"\nwrote {out}/results.csv, results.md{' and a PNG per suite' if plot else ''}; "
           f"{len(rows)} rows, {errors} with errors")
+
+
+def _plot(out: str, name: str, rows: list[dict], env: dict) -> None:
+    try:
+        report.plot_suite(os.path.join(out, f"{name}.png"), name, rows, env)
+        if name in SUITES and SUITES[name].tradeoff_plot:
+            report.plot_tradeoff(os.path.join(out, f"{name}_memory.png"), name, rows, env)
+    except ImportError as exc:
+        print(f"no plot for {name}: {exc}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The copy rate of this device, measured in the same run: the ceiling the %-of-copy column divides by.
+"""This device's ceilings, measured in the same run: the copy rate the %-of-copy column divides by,
+and the matrix-product rate for suites bound by matrix products.
 
 A copy reads and writes every byte once, the same traffic pattern as a loss that reads its logits
 and writes their gradient, so it is the rate a memory-bound loss kernel can hope to approach.
@@ -37,3 +38,31 @@ def copy_bytes_per_s(device: torch.device, nbytes: int | None = None, reps: int 
             dst.copy_(src)
             seconds.append(time.perf_counter() - t0)
     return 2 * nbytes / statistics.median(seconds)
+
+
+def matmul_flops_per_s(device: torch.device, n: int | None = None, reps: int = 10) -> float:
+    """Median rate of an n x n x n matrix product in bf16 on a GPU (float32 on CPU), counting 2 n^3 FLOPs:
+    the ceiling the %-of-matmul column of suites bound by matrix products divides by."""
+    if n is None:
+        n = 8192 if device.type == "cuda" else 512
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    torch.mm(a, b, out=out)  # warm-up: cuBLAS handle, kernel selection
+    seconds = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            torch.mm(a, b, out=out)
+            end.record()
+            end.synchronize()
+            seconds.append(start.elapsed_time(end) / 1e3)
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            torch.mm(a, b, out=out)
+            seconds.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(seconds)

@@ -24,7 +24,8 @@ import torch
 
 COLUMNS = ("suite", "case", "provider", "mode", "shape", "dtype", "device", "status", "median_ms", "p20_ms",
            "p80_ms", "tb_per_s", "pct_copy", "extra_mb", "max_rel_err", "bytes_model", "timing", "reps",
-           "copy_tb_per_s", "gpu_name", "torch_version", "triton_version", "date")
+           "copy_tb_per_s", "gpu_name", "torch_version", "triton_version", "date", "tflop_per_s", "pct_matmul",
+           "flops_model", "matmul_tflop_per_s", "accum_mb")
 MODES = ("fwd", "fwd+bwd")
 LF_BACKENDS = ("cuda", "triton", "reference")
 STANDARD_PROVIDERS = ("torch", "torch.compile") + tuple(f"lf-{b}" for b in LF_BACKENDS)
@@ -60,6 +61,10 @@ class Suite:
     reference: Callable[[Case, dict], torch.Tensor]                     # lossforge reference loss
     bytes_model: Callable[[Case], tuple[int, str]]                      # bytes moved, how they are counted
     provider_names: tuple[str, ...]  # every name providers() can return or skip, known without calling it
+    grads: tuple[str, ...] = ("input",)  # the inputs whose gradients a fwd+bwd step returns
+    flops_model: Callable[[Case], tuple[int, str]] | None = None  # FLOPs, how counted: TFLOP/s, % of a product
+    accum_mb: Callable[[Case, str], float] | None = None  # (case, provider) -> MB of it that are an accumulator
+    tradeoff_plot: bool = False  # also draw time against extra memory (<suite>_memory.png)
 
 
 @dataclasses.dataclass
@@ -72,6 +77,7 @@ class Settings:
     graphs: bool = True
     warmup_limit_s: float = 300.0  # a provider whose warm-up (compilation) takes longer is dropped after it
     copy_rate: float = math.nan    # bytes/s of a device copy, measured at the start of the run
+    matmul_rate: float = math.nan  # FLOP/s of a bf16 matrix product, measured when a suite counts FLOPs
     only: frozenset[str] | None = None  # provider names to run ("lf" selects every lf-*); None: all
 
     def wants(self, provider: str) -> bool:
@@ -224,32 +230,32 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def _expected(suite: Suite, case: Case, inputs: dict):
-    """(loss, gradient or None) from the lossforge reference on a private copy of the input."""
-    x = inputs["input"].detach().clone().requires_grad_(case.mode == "fwd+bwd")
-    ref_inputs = dict(inputs, input=x)
+    """(loss, gradients or None) from the lossforge reference on private copies of the inputs."""
+    grads = suite.grads if case.mode == "fwd+bwd" else ()
+    ref_inputs = dict(inputs, **{k: inputs[k].detach().clone().requires_grad_(True) for k in grads})
     if case.mode == "fwd":
         with torch.no_grad():
             return suite.reference(case, ref_inputs), None
     loss = suite.reference(case, ref_inputs)
     _backward(loss, inputs.get("grad_output"))
-    return loss.detach(), x.grad
+    return loss.detach(), [ref_inputs[k].grad for k in grads]
 
 
-def _check(fn, case, inputs, reset, expected) -> float:
+def _check(fn, suite, case, inputs, reset, expected) -> float:
+    """The largest relative error of the loss and of each returned gradient."""
     reset()
-    x = inputs["input"]
+    loss_want, grads_want = expected
     if case.mode == "fwd":
         with torch.no_grad():
-            got = [fn(inputs)]
-    else:
-        loss = fn(inputs)
-        _backward(loss, inputs.get("grad_output"))
-        got = [loss, x.grad]
-    return max(rel_err(a, e) for a, e in zip(got, expected) if e is not None)
+            return rel_err(fn(inputs), loss_want)
+    loss = fn(inputs)
+    _backward(loss, inputs.get("grad_output"))
+    got = [loss] + [inputs[k].grad for k in suite.grads]
+    return max(rel_err(a, e) if a is not None else math.inf for a, e in zip(got, [loss_want] + grads_want))
 
 
-def _extra_mb(step, x, reset) -> float:
-    """Peak memory one step allocates beyond its inputs and, in fwd+bwd, the gradient it returns."""
+def _extra_mb(step, tensors, reset) -> float:
+    """Peak memory one step allocates beyond its inputs and, in fwd+bwd, the gradients it returns."""
     reset()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -257,9 +263,10 @@ def _extra_mb(step, x, reset) -> float:
     step()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
-    g = x.grad
-    if g is not None and g.untyped_storage().data_ptr() != x.untyped_storage().data_ptr():
-        extra -= g.numel() * g.element_size()  # a gradient written into the input's buffer costs nothing
+    for x in tensors:
+        g = x.grad
+        if g is not None and g.untyped_storage().data_ptr() != x.untyped_storage().data_ptr():
+            extra -= g.numel() * g.element_size()  # a gradient written into the input's buffer costs nothing
     return extra / 2**20
 
 
@@ -318,14 +325,16 @@ def _time_cpu(step, reset, settings):
     return times, "perf_counter"
 
 
-def _measure(provider, case, inputs, expected, settings, nbytes) -> dict:
+def _measure(provider, suite, case, inputs, expected, settings, nbytes) -> dict:
     fn = provider.bind(case)
     x = inputs["input"]
+    graded = [inputs[k] for k in suite.grads]
     pristine = x.detach().clone() if provider.mutates_input else None
 
     def reset(clear_grad=True):
         if clear_grad:
-            x.grad = None
+            for t in graded:
+                t.grad = None
         if pristine is not None:
             with torch.no_grad():
                 x.copy_(pristine)
@@ -338,8 +347,8 @@ def _measure(provider, case, inputs, expected, settings, nbytes) -> dict:
     if settings.device.type == "cuda":
         torch.cuda.synchronize()
     warmup_s = time.perf_counter() - t0
-    out = {"max_rel_err": math.nan if expected is None else _check(fn, case, inputs, reset, expected),
-           "extra_mb": _extra_mb(step, x, reset) if settings.device.type == "cuda" else math.nan}
+    out = {"max_rel_err": math.nan if expected is None else _check(fn, suite, case, inputs, reset, expected),
+           "extra_mb": _extra_mb(step, graded, reset) if settings.device.type == "cuda" else math.nan}
     times, method = (_time_gpu if settings.device.type == "cuda" else _time_cpu)(step, reset, settings)
     p20, median, p80 = np.quantile(times, [0.2, 0.5, 0.8])
     tbs = nbytes / (median / 1e3) / 1e12
@@ -348,6 +357,12 @@ def _measure(provider, case, inputs, expected, settings, nbytes) -> dict:
     out.update(status="ok", median_ms=median, p20_ms=p20, p80_ms=p80, tb_per_s=tbs,
                pct_copy=100 * tbs * 1e12 / settings.copy_rate, timing=method, reps=len(times),
                warmup_s=warmup_s)
+    if suite.flops_model is not None:
+        flops, _ = suite.flops_model(case)
+        out.update(tflop_per_s=flops / (median / 1e3) / 1e12, pct_matmul=100 * flops / (median / 1e3) /
+                   settings.matmul_rate)
+    if suite.accum_mb is not None:
+        out["accum_mb"] = suite.accum_mb(case, provider.name)
     return out
 
 
@@ -385,11 +400,13 @@ def run_suite(suite: Suite, settings: Settings, env: dict, log=print) -> list[di
             row.update(env, suite=suite.name, case=case.name, provider=provider.name, mode=case.mode,
                        shape=shape_str(case.shape), dtype=str(case.dtype).removeprefix("torch."),
                        bytes_model=model, copy_tb_per_s=settings.copy_rate / 1e12)
+            if suite.flops_model is not None:
+                row.update(flops_model=suite.flops_model(case)[1], matmul_tflop_per_s=settings.matmul_rate / 1e12)
             try:
                 if provider.name in too_slow:
                     row["status"] = too_slow[provider.name]
                 else:
-                    row.update(_measure(provider, case, inputs, expected, settings, nbytes))
+                    row.update(_measure(provider, suite, case, inputs, expected, settings, nbytes))
                     if row["warmup_s"] > settings.warmup_limit_s:
                         too_slow[provider.name] = (f"skipped: warm-up took {row['warmup_s']:.0f} s on an earlier "
                                                    f"case (limit {settings.warmup_limit_s:.0f} s)")
@@ -398,7 +415,8 @@ def run_suite(suite: Suite, settings: Settings, env: dict, log=print) -> list[di
             except Exception as exc:
                 row["status"] = short_error(exc)
             finally:
-                inputs["input"].grad = None
+                for k in suite.grads:
+                    inputs[k].grad = None
                 if settings.device.type == "cuda":
                     torch.cuda.empty_cache()
             row.pop("warmup_s", None)

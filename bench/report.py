@@ -23,16 +23,22 @@ def _cell_time(row) -> str:
     return f"{row['median_ms']:.4g} [{row['p20_ms']:.4g}, {row['p80_ms']:.4g}]"
 
 
+def _has(rows, key) -> bool:
+    return any(_num(r.get(key, ""), "g") != "" for r in rows)
+
+
 def format_table(rows: list[dict]) -> str:
-    head = ("suite", "case", "provider", "mode", "shape", "dtype", "median ms", "p20", "p80", "TB/s", "% copy",
-            "extra MB", "rel err")
+    flops = _has(rows, "tflop_per_s")
+    head = ("suite", "case", "provider", "mode", "shape", "dtype", "median ms", "p20", "p80", "TB/s", "% copy") + \
+        (("TFLOP/s", "% mm") if flops else ()) + ("extra MB", "rel err")
     body = []
     for r in rows:
         ok = r["status"] == "ok"
         timing = ([_num(r[k], ".4g") for k in ("median_ms", "p20_ms", "p80_ms")] if ok
                   else [r["status"][:60], "", ""])
+        rates = (_num(r.get("tflop_per_s", ""), ".4g"), _num(r.get("pct_matmul", ""), ".1f")) if flops else ()
         body.append((r["suite"], r["case"], r["provider"], r["mode"], r["shape"], r["dtype"], *timing,
-                     _num(r["tb_per_s"], ".3g"), _num(r["pct_copy"], ".1f"), _num(r["extra_mb"], ".1f"),
+                     _num(r["tb_per_s"], ".3g"), _num(r["pct_copy"], ".1f"), *rates, _num(r["extra_mb"], ".1f"),
                      _num(r["max_rel_err"], ".1e")))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
@@ -60,7 +66,8 @@ def upsert_csv(path: str, rows: list[dict]) -> None:
         writer.writerows(table.values())
 
 
-_NUMERIC = ("median_ms", "p20_ms", "p80_ms", "tb_per_s", "pct_copy", "extra_mb", "max_rel_err", "copy_tb_per_s")
+_NUMERIC = ("median_ms", "p20_ms", "p80_ms", "tb_per_s", "pct_copy", "extra_mb", "max_rel_err", "copy_tb_per_s",
+            "tflop_per_s", "pct_matmul", "matmul_tflop_per_s", "accum_mb")
 
 
 def read_csv(path: str) -> list[dict]:
@@ -96,19 +103,42 @@ def _describe(env: dict, copy_rate: float) -> str:
 
 def format_markdown(rows: list[dict], env: dict, copy_rate: float) -> str:
     out = [f"Measured on {_describe(env, copy_rate)}. Median ms [p20, p80]; TB/s from the bytes model; "
-           "extra MB = peak memory beyond the inputs and the returned gradient; rel err = loss and gradient "
+           "extra MB = peak memory beyond the inputs and the returned gradients; rel err = loss and gradients "
            "against the lossforge reference.", ""]
     for suite in dict.fromkeys(r["suite"] for r in rows):
-        out += [f"### {suite}", "", "| case | provider | mode | shape | dtype | ms | TB/s | % copy | extra MB "
-                "| rel err |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in (r for r in rows if r["suite"] == suite):
-            cells = (r["case"], r["provider"], r["mode"], r["shape"], r["dtype"], _cell_time(r),
-                     _num(r["tb_per_s"], ".3g"), _num(r["pct_copy"], ".1f"), _num(r["extra_mb"], ".1f"),
-                     _num(r["max_rel_err"], ".1e"))
-            out.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
-        models = dict.fromkeys(r["bytes_model"] for r in rows if r["suite"] == suite)
-        out += ["", "Bytes model: " + "; ".join(models), ""]
+        mine = [r for r in rows if r["suite"] == suite]
+        out += [f"### {suite}", ""] + (_flops_table(mine) if _has(mine, "tflop_per_s") else _bytes_table(mine))
     return "\n".join(out)
+
+
+def _row(cells) -> str:
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+
+def _bytes_table(rows):
+    out = ["| case | provider | mode | shape | dtype | ms | TB/s | % copy | extra MB | rel err |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(_row((r["case"], r["provider"], r["mode"], r["shape"], r["dtype"], _cell_time(r),
+                         _num(r["tb_per_s"], ".3g"), _num(r["pct_copy"], ".1f"), _num(r["extra_mb"], ".1f"),
+                         _num(r["max_rel_err"], ".1e"))))
+    return out + ["", "Bytes model: " + "; ".join(dict.fromkeys(r["bytes_model"] for r in rows)), ""]
+
+
+def _flops_table(rows):
+    """Suites bound by matrix products: TFLOP/s and % of a bf16 product measured in the same run, and
+    how much of the extra memory is an fp32 gradient accumulator."""
+    ceiling = next((r["matmul_tflop_per_s"] for r in rows if _num(r.get("matmul_tflop_per_s", ""), "g")), math.nan)
+    out = [f"Matrix-product ceiling {_num(ceiling, '.4g')} TFLOP/s, measured in the same run (bench/ceilings.py: "
+           "bf16 8192^3 on a GPU, fp32 512^3 on a CPU).", "",
+           "| case | provider | mode | shape | dtype | ms | TFLOP/s | % matmul | extra MB | of which fp32 accumulator "
+           "MB | rel err |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(_row((r["case"], r["provider"], r["mode"], r["shape"], r["dtype"], _cell_time(r),
+                         _num(r.get("tflop_per_s", ""), ".4g"), _num(r.get("pct_matmul", ""), ".1f"),
+                         _num(r["extra_mb"], ".1f"), _num(r.get("accum_mb", ""), ".1f"),
+                         _num(r["max_rel_err"], ".1e"))))
+    return out + ["", "FLOPs model: " + "; ".join(dict.fromkeys(r["flops_model"] for r in rows)), ""]
 
 
 def plot_suite(path: str, suite: str, rows: list[dict], env: dict) -> None:
@@ -146,6 +176,35 @@ def plot_suite(path: str, suite: str, rows: list[dict], env: dict) -> None:
                  f"{env['date']}", fontsize=9)
     if providers:
         ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_tradeoff(path: str, suite: str, rows: list[dict], env: dict) -> None:
+    """Median ms against extra memory, one point per provider and case (our chunk sizes among them):
+    the trade-off a user chooses on. Only fwd+bwd rows measured on a GPU (with a memory figure)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r["suite"] == suite and r["status"] == "ok" and r["mode"] == "fwd+bwd"
+            and _num(r["extra_mb"], "g") != ""]
+    fig, ax = plt.subplots(figsize=(7.5, 5.0))
+    for provider in dict.fromkeys(r["provider"] for r in rows):
+        mine = [r for r in rows if r["provider"] == provider]
+        ax.scatter([max(r["extra_mb"], 0.1) for r in mine], [r["median_ms"] for r in mine], label=provider, s=18)
+        for r in mine:
+            ax.annotate(f"{r['case']} {r['shape']}", (max(r["extra_mb"], 0.1), r["median_ms"]), fontsize=5,
+                        xytext=(3, 2), textcoords="offset points")
+    if rows:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    ax.set_xlabel("extra memory of one fwd+bwd step, MB (log)")
+    ax.set_ylabel("median ms (log), lower is better")
+    ax.set_title(f"{suite}: time against memory; {env['device']}, torch {env['torch_version']}, {env['date']}",
+                 fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -54,6 +54,7 @@ class KernelSpec:
     fwd_budget: int = 6            # launches in one eager 'mean' forward, kernel included
     fwd_exact: tuple | None = None  # or exactly these ops (backend suffix added to the kernel's)
     bwd_budget: int = 2            # launches in its backward (autograd's ones_like and the rescale)
+    bwd_rescales: int = 1          # scale_grad launches in that backward: one per gradient
     launch_shape: tuple = ()
     compile_cases: tuple = ({},)   # options for the torch.compile check
     op_inputs: Callable | None = None  # device -> (kernel-contract tensors, params) for the builder ops
@@ -141,7 +142,8 @@ def launches(spec: KernelSpec):
         if spec.fwd_exact is not None:
             want = [f"{op}_{kernel_backend}" if op == spec.fwd_kernel else op for op in spec.fwd_exact]
             assert fwd.ops == want, fwd.ops
-        assert bwd.ops.count(f"scale_grad_{kernel_backend}") == 1 and len(bwd.ops) <= spec.bwd_budget, bwd.ops
+        assert bwd.ops.count(f"scale_grad_{kernel_backend}") == spec.bwd_rescales, bwd.ops
+        assert len(bwd.ops) <= spec.bwd_budget, bwd.ops
     return test
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bench import __main__ as cli
-from bench import ceilings, cross_entropy, harness, report, sigmoid_focal
+from bench import ceilings, cross_entropy, harness, linear_cross_entropy, report, sigmoid_focal
 
 CPU_PROVIDERS = ("torch", "lf-reference")
 
@@ -41,12 +41,15 @@ def test_cli_writes_csv_png_and_markdown(tmp_path, capsys):
 
     fields, rows = _read_csv(out / "results.csv")
     assert tuple(fields) == harness.COLUMNS
-    for suite in (cross_entropy.SUITE, sigmoid_focal.SUITE):
+    for suite in (cross_entropy.SUITE, linear_cross_entropy.SUITE, sigmoid_focal.SUITE):
         cases = suite.cases("tiny")
         for provider in CPU_PROVIDERS:
             mine = [r for r in rows if r["suite"] == suite.name and r["provider"] == provider]
             assert len(mine) == len(cases), (suite.name, provider, [r["status"] for r in mine])
             for r in mine:
+                if suite is linear_cross_entropy.SUITE and r["case"].startswith("chunk_size=") and provider == "torch":
+                    assert r["status"] == "unsupported: a lossforge knob", r  # a knob only ours has
+                    continue
                 assert r["status"] == "ok", r
                 assert r["device"] == "cpu" and r["extra_mb"] == ""  # the column exists, empty on CPU
                 p20, median, p80 = float(r["p20_ms"]), float(r["median_ms"]), float(r["p80_ms"])
@@ -58,6 +61,9 @@ def test_cli_writes_csv_png_and_markdown(tmp_path, capsys):
         assert png.startswith(b"\x89PNG") and len(png) > 5000
     markdown = (out / "results.md").read_text()
     assert "### cross_entropy" in markdown and "### sigmoid_focal" in markdown and "| lf-reference |" in markdown
+    assert "### linear_cross_entropy" in markdown and "| TFLOP/s | % matmul |" in markdown
+    assert "Matrix-product ceiling " in markdown and "FLOPs model: fwd+bwd: 6*N*D*V" in markdown
+    assert (out / "linear_cross_entropy_memory.png").read_bytes().startswith(b"\x89PNG")
 
     # A second run upserts: same keys, no duplicated rows.
     cli.main(["--tiny", "--suite", "sigmoid_focal", "--providers", "torch", "--device", "cpu", "--out", str(out),
@@ -189,14 +195,15 @@ def test_an_unknown_provider_is_refused_before_anything_is_measured(tmp_path, ca
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "--providers: unknown provider(s) ['nope', 'lf-cude']; known: torch, torch.compile, lf-cuda, " \
-           "lf-triton, lf-reference, liger, torchvision; 'lf' selects every lf-*" in err
+           "lf-triton, lf-reference, liger, torch.lce, torch.lce.chunked, cce, torchvision; 'lf' selects every " \
+           "lf-*" in err
     assert (out / "results.md").read_text() == "old"
     assert cli._parse(["--providers", "lf,torchvision,liger"]).providers == "lf,torchvision,liger"
 
 
 def test_the_known_providers_come_from_the_suites():
     assert cli.PROVIDERS == ("torch", "torch.compile", "lf-cuda", "lf-triton", "lf-reference", "liger",
-                             "torchvision")
+                             "torch.lce", "torch.lce.chunked", "cce", "torchvision")
     assert cli.FAMILIES == ("lf",)
 
 
@@ -283,8 +290,32 @@ def test_each_suite_lists_its_standard_providers_in_order_on_cpu(monkeypatch):
 @pytest.mark.parametrize("only", [None, frozenset({"torch"}), frozenset({"lf", "liger", "torchvision"})])
 def test_each_suites_declared_provider_names_are_what_providers_returns_or_skips(monkeypatch, only):
     monkeypatch.setattr(harness, "compile_problem", lambda device_type, timeout_s: "probe left out in this test")
-    for suite in (cross_entropy.SUITE, sigmoid_focal.SUITE):
+    for suite in (cross_entropy.SUITE, linear_cross_entropy.SUITE, sigmoid_focal.SUITE):
         got, skipped = suite.providers(dataclasses.replace(_settings(), only=only))
         names = [p.name for p in got] + list(skipped)
         assert sorted(names) == sorted(suite.provider_names), suite.name
         assert len(set(names)) == len(names), suite.name
+
+
+def test_linear_cross_entropy_cases_and_models_follow_the_plan():
+    bf16, lm = torch.bfloat16, (8192, 4096, 128256)
+    gpu = linear_cross_entropy.cases("gpu")
+    assert {(c.shape, c.mode) for c in gpu if c.name == "mean"} == {
+        (lm, "fwd+bwd"), ((4096, 2048, 32000), "fwd+bwd"), ((16384, 4096, 256000), "fwd+bwd"), (lm, "fwd")}
+    assert {c.name for c in gpu} >= {"label_smoothing=0.1", "z_loss=1e-4", "softcap=30", "focal gamma=2 alpha=0.25",
+                                     "reduction=none", "chunk_size=256", "chunk_size=512", "chunk_size=2048"}
+    assert all(c.dtype == bf16 and (c.shape == lm or c.name == "mean") for c in gpu)
+    step = harness.Case("mean", lm, bf16, "fwd+bwd")
+    assert linear_cross_entropy.flops_model(step)[0] == 6 * 8192 * 4096 * 128256  # 25.8 TFLOP
+    assert linear_cross_entropy.flops_model(harness.Case("mean", lm, bf16, "fwd"))[0] == 2 * 8192 * 4096 * 128256
+    # the fp32 weight-gradient accumulator is ours alone, and only for a half-precision weight
+    assert linear_cross_entropy.accum_mb(step, "lf-cuda") == 128256 * 4096 * 4 / 2**20
+    assert linear_cross_entropy.accum_mb(step, "liger") == 0.0
+    narrow = harness.Case("bf16 accumulation", lm, bf16, "fwd+bwd", {"fp32_weight_grad": False})
+    assert linear_cross_entropy.accum_mb(narrow, "lf-triton") == 0.0
+    assert linear_cross_entropy.SUITE.grads == ("input", "linear_weight")
+
+
+def test_matmul_ceiling_on_cpu_is_positive():
+    rate = ceilings.matmul_flops_per_s(torch.device("cpu"), n=64, reps=2)
+    assert 0 < rate < 1e15

@@ -1,19 +1,17 @@
 """Public linear cross-entropy (a projection to class logits followed by cross_entropy) and its module.
 
 Checks arguments and picks the backend. The reference materialises the logits in float32; the
-kernel backends materialise them in the input's dtype and run the fused cross-entropy kernels on
-them (a fused op that never holds all of them is future work).
+kernel backends never hold more than a chunk of them (ops/linear_cross_entropy.py).
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import _checks as C
 from .._backends import LossKernels, register_kernels, resolve_backend
 from ..reference import linear_cross_entropy as ref
 from .cross_entropy import (CrossEntropyOptions, check_class_vector, check_options, check_target_range,
-                            kernel_cross_entropy, kernel_gap)
+                            kernel_gap, kernel_options)
 
 FAMILY = "linear_cross_entropy"
 register_kernels(FAMILY, LossKernels(backends=("cuda", "triton"), gradients_of="input, linear_weight and "
@@ -39,18 +37,27 @@ def _check_shapes(input, linear_weight, target, linear_bias):
 
 def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None, reduction="mean",
                          ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, focal_gamma=0.0,
-                         focal_alpha=None, backend="auto"):
-    """cross_entropy(input @ linear_weight.T + linear_bias, target, ...) for input (N, D) and target (N,).
+                         focal_alpha=None, chunk_size=None, fp32_weight_grad=True, backend="auto"):
+    """cross_entropy(input @ linear_weight.T + linear_bias, target, ...) without the (N, V) logits.
 
-    Leading dimensions of input (..., D) are flattened with target (...), the language-model layout.
-    Every option of cross_entropy except probability targets and inplace_backward;
-    `ignore_index=None` means -100, as in torch.nn.functional.linear_cross_entropy.
+    input (..., D) with target (...) of class indices (the language-model layout), linear_weight
+    (V, D), linear_bias (V,). Every option of cross_entropy except probability targets and
+    inplace_backward; `ignore_index=None` means -100, as in torch.nn.functional.linear_cross_entropy.
+    The kernel backends compute the logits `chunk_size` rows at a time (None: as many rows as fit
+    128 MiB of logits) and accumulate the weight and bias gradients over the chunks in float32
+    (`fp32_weight_grad=False`: in the weight's dtype, which saves the V x D fp32 accumulator of a
+    half-precision weight). Under torch.autocast the products run in the autocast dtype and the
+    loss is float32.
     """
     _check_shapes(input, linear_weight, target, linear_bias)
     num_classes = linear_weight.shape[0]
     opts = check_options(ignore_index=-100 if ignore_index is None else ignore_index, reduction=reduction,
                          label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, focal_gamma=focal_gamma,
                          focal_alpha=focal_alpha, backend=backend)
+    chunk = 0 if chunk_size is None else C.check_int("chunk_size", chunk_size)
+    if chunk < 0 or (chunk == 0 and chunk_size is not None):
+        raise ValueError(f"chunk_size must be a positive number of rows or None, got {chunk_size!r}")
+    C.check_bool("fp32_weight_grad", fp32_weight_grad)
     reduction = opts.pop("reduction")
     if weight is not None:
         check_class_vector("weight", weight, num_classes, input)
@@ -63,19 +70,42 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         loss = ref.linear_cross_entropy(flat_input, linear_weight, flat_target, linear_bias, weight,
                                         reduction=reduction, **opts)
     else:
-        logits = F.linear(flat_input, linear_weight, linear_bias)
-        loss = kernel_cross_entropy(logits, flat_target, weight, reduction, False, chosen, **opts)
+        loss = _kernel_loss(flat_input, linear_weight, linear_bias, flat_target, weight, reduction, chosen, chunk,
+                            fp32_weight_grad, opts)
     return loss.reshape(target.shape) if reduction == "none" else loss
+
+
+def _kernel_loss(x, linear_weight, linear_bias, target, weight, reduction, backend, chunk, fp32_weight_grad, opts):
+    from ..ops.linear_cross_entropy import linear_cross_entropy_kernels
+
+    device_type = x.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    if autocast:  # the products in the autocast dtype (the weight is cast inside, once), the loss in fp32
+        x = x.to(torch.get_autocast_dtype(device_type))
+    elif linear_weight.dtype != x.dtype:
+        raise TypeError(f"linear_weight must have input's dtype {x.dtype} (outside torch.autocast), got "
+                        f"{linear_weight.dtype}")
+    weight, weight_sum, alpha, params = kernel_options(False, weight, **opts)
+    tensors = (x.contiguous(), linear_weight.contiguous(), linear_bias, target.contiguous(), weight, weight_sum,
+               alpha)
+    with torch.autocast(device_type, enabled=False):
+        return linear_cross_entropy_kernels(tensors, params + (chunk, fp32_weight_grad, autocast),
+                                            reduction=reduction, backend=backend)
 
 
 class LinearCrossEntropyLoss(CrossEntropyOptions):
     """Module form of linear_cross_entropy: forward(input, linear_weight, target, linear_bias=None)."""
 
     def __init__(self, weight=None, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
-                 softcap=None, focal_gamma=0.0, focal_alpha=None, backend="auto"):
+                 softcap=None, focal_gamma=0.0, focal_alpha=None, chunk_size=None, fp32_weight_grad=True,
+                 backend="auto"):
         super().__init__(weight, focal_alpha, ignore_index=-100 if ignore_index is None else ignore_index,
                          reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                          focal_gamma=focal_gamma, backend=backend)
+        if chunk_size is not None and (C.check_int("chunk_size", chunk_size) <= 0):
+            raise ValueError(f"chunk_size must be a positive number of rows or None, got {chunk_size!r}")
+        self.chunk_size, self.fp32_weight_grad = chunk_size, C.check_bool("fp32_weight_grad", fp32_weight_grad)
 
     def forward(self, input, linear_weight, target, linear_bias=None):
-        return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, **self._keywords())
+        return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, chunk_size=self.chunk_size,
+                                    fp32_weight_grad=self.fp32_weight_grad, **self._keywords())
