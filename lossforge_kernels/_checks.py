@@ -111,7 +111,14 @@ def check_choice(name: str, value, choices) -> str:
     return value
 
 
-def check_no_process_group(process_group) -> None:
-    if process_group is not None:
-        raise NotImplementedError(
-            "process_group: distributed (all-gathered) losses are not implemented yet; pass process_group=None")
+def check_process_group(process_group) -> None:
+    """None, or a torch.distributed process group (dist.group.WORLD included)."""
+    if process_group is None:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise RuntimeError("process_group: this build of torch has no torch.distributed")
+    if process_group is not dist.group.WORLD and not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"process_group must be a torch.distributed ProcessGroup or None, got "
+                        f"{type(process_group).__name__}")

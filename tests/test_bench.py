@@ -319,3 +319,30 @@ def test_linear_cross_entropy_cases_and_models_follow_the_plan():
 def test_matmul_ceiling_on_cpu_is_positive():
     rate = ceilings.matmul_flops_per_s(torch.device("cpu"), n=64, reps=2)
     assert 0 < rate < 1e15
+
+
+def _torchrun_example_worker(rank, world):
+    from bench import distributed as example
+
+    args = example._parse(["--rows", "40", "--vocab", "97", "--dim", "8", "--batch", "30", "--reps", "1"])
+    lines = example.report(args, rank, world, torch.device("cpu"))
+    errors = [float(line.split("rel err")[1].split()[0]) for line in lines]
+    assert len(lines) == 6 and max(errors) < 1e-5, lines
+    return lines
+
+
+def test_the_torchrun_example_agrees_with_one_process():
+    from tests import distributed
+
+    lines = distributed.run(2, _torchrun_example_worker)[0]
+    assert [line.split(" rel err")[0].strip() for line in lines] == [
+        "cross_entropy (vocab-parallel)", "linear_cross_entropy (vocab-parallel)", "info_nce (global batch)",
+        "siglip_loss (global batch)", "supcon_loss (global batch)", "triplet_loss batch_hard (global batch)"]
+
+
+def test_the_torchrun_example_says_how_to_run_it(capsys, monkeypatch):
+    from bench import distributed as example
+
+    monkeypatch.delenv("RANK", raising=False)
+    assert example.main([]) == 2
+    assert "run under torchrun" in capsys.readouterr().err

@@ -326,11 +326,12 @@ def test_backend_dispatch(which, monkeypatch):
     assert torch.equal(call(), want)
 
 
-def test_process_group_not_implemented():
+def test_process_group_must_be_a_process_group():
+    # Global-batch losses across processes: tests/test_contrastive_distributed.py.
     for call in _calls():
-        with pytest.raises(NotImplementedError, match="process_group"):
+        with pytest.raises(TypeError, match="process_group must be a torch.distributed ProcessGroup"):
             call(process_group=object())
-    with pytest.raises(NotImplementedError, match="process_group"):
+    with pytest.raises(TypeError, match="process_group must be a torch.distributed ProcessGroup"):
         lf.InfoNCELoss(process_group=object())
 
 

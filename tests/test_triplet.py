@@ -333,7 +333,7 @@ def test_module_matches_function():
     assert "semi_hard" in repr(module)
     with pytest.raises(ValueError, match="mining"):
         lf.TripletLoss(mining="hardest")
-    with pytest.raises(NotImplementedError, match="process_group"):
+    with pytest.raises(TypeError, match="process_group must be a torch.distributed ProcessGroup"):
         lf.TripletLoss(process_group=object())
 
 
@@ -379,7 +379,7 @@ Y = torch.tensor([0, 1, 0, 1])
     ((X, Y), {"margin": True}, TypeError, "margin must be a float, got bool"),
     ((X, Y), {"soft_margin": 1}, TypeError, "soft_margin must be a bool, got int 1"),
     ((X, Y), {"normalize": "yes"}, TypeError, "normalize must be a bool, got str 'yes'"),
-    ((X, Y), {"process_group": object()}, NotImplementedError, "process_group"),
+    ((X, Y), {"process_group": object()}, TypeError, "process_group must be a torch.distributed ProcessGroup"),
     ((X, Y), {"backend": "gpu"}, ValueError, "backend must be one of .*got 'gpu'"),
 ])
 def test_bad_input(args, kwargs, exc, fragment):

@@ -57,7 +57,7 @@ def info_nce(query, key, *, logit_scale=None, temperature=0.07, symmetric=True, 
     logits_ii. `symmetric` (M == B) averages it with the column loss, as CLIP does. 'mean' is over
     the B rows, 'sum' their sum, 'none' the (B,) per-row losses.
     """
-    C.check_no_process_group(process_group)
+    C.check_process_group(process_group)
     _check_pair(query, key)
     temperature = C.check_float("temperature", temperature, low=0.0, low_open=True)
     if logit_scale is not None:
@@ -70,6 +70,11 @@ def info_nce(query, key, *, logit_scale=None, temperature=0.07, symmetric=True, 
     reduction = C.check_reduction(reduction)
     resolve_backend(backend, FAMILY, query)  # reference only for now: kernels would dispatch here
     scale = 1.0 / temperature if logit_scale is None else logit_scale
+    if process_group is not None:
+        from ..distributed import contrastive as dist_impl
+
+        return dist_impl.info_nce(query, key, scale, symmetric=symmetric, normalize=normalize, reduction=reduction,
+                                  process_group=process_group, backend="auto" if backend == "auto" else "reference")
     return ref.info_nce(query, key, scale, symmetric=symmetric, normalize=normalize, reduction=reduction)
 
 
@@ -81,12 +86,17 @@ def supcon_loss(features, labels, *, temperature=0.07, normalize=True, reduction
     j != i. Anchors without a positive are left out: 'mean' averages the others (nan when none are
     left, like torch's mean over nothing), 'sum' adds them, 'none' gives (B,) with 0 for those left out.
     """
-    C.check_no_process_group(process_group)
+    C.check_process_group(process_group)
     C.check_rows_and_labels("features", features, labels)
     temperature = C.check_float("temperature", temperature, low=0.0, low_open=True)
     normalize = C.check_bool("normalize", normalize)
     reduction = C.check_reduction(reduction)
     resolve_backend(backend, FAMILY, features)
+    if process_group is not None:
+        from ..distributed import contrastive as dist_impl
+
+        return dist_impl.supcon_loss(features, labels, temperature, normalize=normalize, reduction=reduction,
+                                     process_group=process_group)
     return ref.supcon_loss(features, labels, temperature, normalize=normalize, reduction=reduction)
 
 
@@ -98,13 +108,18 @@ def siglip_loss(query, key, logit_scale, logit_bias, *, normalize=True, reductio
     (s) and `logit_bias` (b) are 0-dim tensors (which get gradients) or floats. 'mean' is the formula
     above (divided by B, not B * M), 'sum' the double sum, 'none' the (B,) per-row sums over j.
     """
-    C.check_no_process_group(process_group)
+    C.check_process_group(process_group)
     _check_pair(query, key)
     logit_scale = _check_scalar("logit_scale", logit_scale, query, positive=True)
     logit_bias = _check_scalar("logit_bias", logit_bias, query, positive=False)
     normalize = C.check_bool("normalize", normalize)
     reduction = C.check_reduction(reduction)
     resolve_backend(backend, FAMILY, query)
+    if process_group is not None:
+        from ..distributed import contrastive as dist_impl
+
+        return dist_impl.siglip_loss(query, key, logit_scale, logit_bias, normalize=normalize, reduction=reduction,
+                                     process_group=process_group)
     return ref.siglip_loss(query, key, logit_scale, logit_bias, normalize=normalize, reduction=reduction)
 
 
@@ -124,7 +139,7 @@ class InfoNCELoss(nn.Module):
         self.normalize = C.check_bool("normalize", normalize)
         self.learn_temperature = C.check_bool("learn_temperature", learn_temperature)
         self.reduction = C.check_reduction(reduction)
-        C.check_no_process_group(process_group)
+        C.check_process_group(process_group)
         self.process_group, self.backend = process_group, backend
         if learn_temperature:
             self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / self.temperature)))
@@ -152,7 +167,7 @@ class SupConLoss(nn.Module):
         self.temperature = C.check_float("temperature", temperature, low=0.0, low_open=True)
         self.normalize = C.check_bool("normalize", normalize)
         self.reduction = C.check_reduction(reduction)
-        C.check_no_process_group(process_group)
+        C.check_process_group(process_group)
         self.process_group, self.backend = process_group, backend
 
     def forward(self, features, labels):
@@ -174,7 +189,7 @@ class SigLIPLoss(nn.Module):
         init_logit_bias = C.check_float("init_logit_bias", init_logit_bias)
         self.normalize = C.check_bool("normalize", normalize)
         self.reduction = C.check_reduction(reduction)
-        C.check_no_process_group(process_group)
+        C.check_process_group(process_group)
         self.process_group, self.backend = process_group, backend
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(init_logit_scale)))
         self.logit_bias = nn.Parameter(torch.tensor(init_logit_bias))

@@ -71,8 +71,9 @@ def check_target_range(target, num_classes, ignore_index):
 
 
 def check_class_vector(name, t, num_classes, input):
+    """A (C,) float vector on input's device; num_classes None leaves its length to the caller."""
     C.check_tensor(name, t, ndim=1, float_only=True)
-    if t.shape[0] != num_classes:
+    if num_classes is not None and t.shape[0] != num_classes:
         raise ValueError(f"{name} must have one entry per class ({num_classes}), got shape {tuple(t.shape)}")
     C.check_same_device("input", input, **{name: t})
 
@@ -104,7 +105,7 @@ def kernel_gap(soft, target, weight, focal_alpha):
 
 def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
                   z_loss=0.0, softcap=None, focal_gamma=0.0, focal_alpha=None, inplace_backward=False,
-                  backend="auto", _names=None):
+                  process_group=None, vocab_start=None, backend="auto", _names=None):
     """Drop-in for torch.nn.functional.cross_entropy, with z-loss, softcap and focal modulation fused.
 
     input (N, C) or (N, C, d1, ...) or (C,); target class indices (N, d1, ...) of any integer dtype
@@ -113,6 +114,10 @@ def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="m
     `focal_alpha` multiply each row's (smoothed) cross-entropy by alpha_t * (1 - p_t)**gamma.
     `inplace_backward=True` lets kernel backends write the gradient into the logits' buffer (the
     logits are overwritten; ignored inside torch.compile, where the gradient gets its own buffer).
+    `process_group`: vocabulary-parallel (see distributed/cross_entropy.py): input holds this rank's
+    slice of the classes, from `vocab_start` (default: the slices in rank order), target the global
+    class indices (or this slice of class probabilities); weight and a tensor focal_alpha may be
+    this slice or the full vector. Every rank returns the loss of the unsharded op.
     """
     C.check_tensor("input", input, min_ndim=1, float_only=True)
     soft = _check_target(input, target)
@@ -122,16 +127,29 @@ def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="m
                          z_loss=z_loss, softcap=softcap, focal_gamma=focal_gamma, focal_alpha=focal_alpha,
                          backend=backend, names=_names)
     reduction = opts.pop("reduction")
+    C.check_process_group(process_group)
+    sharded = process_group is not None
     if weight is not None:
-        check_class_vector("weight", weight, num_classes, input)
+        check_class_vector("weight", weight, None if sharded else num_classes, input)
     if isinstance(opts["focal_alpha"], torch.Tensor):
-        check_class_vector((_names or {}).get("focal_alpha", "focal_alpha"), opts["focal_alpha"], num_classes, input)
+        check_class_vector((_names or {}).get("focal_alpha", "focal_alpha"), opts["focal_alpha"],
+                           None if sharded else num_classes, input)
     if soft and (opts["focal_gamma"] != 0.0 or opts["focal_alpha"] is not None):
         raise ValueError("focal_gamma/focal_alpha need class-index targets; got class probabilities "
                          f"(target dtype {target.dtype})")
     C.check_bool("inplace_backward", inplace_backward)
+    if vocab_start is not None:
+        if not sharded:
+            raise ValueError("vocab_start is only meaningful with a process_group")
+        vocab_start = C.check_int("vocab_start", vocab_start)
 
     logits, rows_target, out_shape = _as_rows(input, target, soft)
+    if sharded:
+        from ..distributed.cross_entropy import vocab_parallel_cross_entropy
+
+        loss = vocab_parallel_cross_entropy(logits, rows_target, weight, reduction=reduction,
+                                            process_group=process_group, vocab_start=vocab_start, **opts)
+        return loss.reshape(out_shape) if reduction == "none" else loss
     if not soft:
         check_target_range(rows_target, num_classes, opts["ignore_index"])
     chosen = resolve_backend(backend, FAMILY, logits, gap=kernel_gap(soft, target, weight, opts["focal_alpha"]))
@@ -210,10 +228,14 @@ class CrossEntropyLoss(CrossEntropyOptions):
     """Module form of cross_entropy."""
 
     def __init__(self, weight=None, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
-                 softcap=None, focal_gamma=0.0, focal_alpha=None, inplace_backward=False, backend="auto"):
+                 softcap=None, focal_gamma=0.0, focal_alpha=None, inplace_backward=False, process_group=None,
+                 vocab_start=None, backend="auto"):
         super().__init__(weight, focal_alpha, ignore_index=ignore_index, reduction=reduction,
                          label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, focal_gamma=focal_gamma,
                          inplace_backward=inplace_backward, backend=backend)
+        C.check_process_group(process_group)
+        if process_group is not None:
+            self.options.update(process_group=process_group, vocab_start=vocab_start)
 
     def forward(self, input, target):
         return cross_entropy(input, target, **self._keywords(), _names=self.names)

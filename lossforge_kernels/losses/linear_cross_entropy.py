@@ -37,7 +37,8 @@ def _check_shapes(input, linear_weight, target, linear_bias):
 
 def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None, reduction="mean",
                          ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, focal_gamma=0.0,
-                         focal_alpha=None, chunk_size=None, fp32_weight_grad=True, backend="auto"):
+                         focal_alpha=None, chunk_size=None, fp32_weight_grad=True, process_group=None,
+                         vocab_start=None, reduce_input_grad=True, backend="auto"):
     """cross_entropy(input @ linear_weight.T + linear_bias, target, ...) without the (N, V) logits.
 
     input (..., D) with target (...) of class indices (the language-model layout), linear_weight
@@ -48,6 +49,10 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     (`fp32_weight_grad=False`: in the weight's dtype, which saves the V x D fp32 accumulator of a
     half-precision weight). Under torch.autocast the products run in the autocast dtype and the
     loss is float32.
+    `process_group`: vocabulary-parallel (see distributed/linear_cross_entropy.py): linear_weight
+    (V_r, D) and linear_bias are this rank's rows of the head, from `vocab_start` (default: in rank
+    order), input is the same on every rank; every rank returns the unsharded loss, the gradients of
+    its own rows and the full input gradient (`reduce_input_grad=False`: this rank's part of it).
     """
     _check_shapes(input, linear_weight, target, linear_bias)
     num_classes = linear_weight.shape[0]
@@ -59,11 +64,22 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         raise ValueError(f"chunk_size must be a positive number of rows or None, got {chunk_size!r}")
     C.check_bool("fp32_weight_grad", fp32_weight_grad)
     reduction = opts.pop("reduction")
+    C.check_process_group(process_group)
+    sharded = process_group is not None
     if weight is not None:
-        check_class_vector("weight", weight, num_classes, input)
+        check_class_vector("weight", weight, None if sharded else num_classes, input)
     if isinstance(opts["focal_alpha"], torch.Tensor):
-        check_class_vector("focal_alpha", opts["focal_alpha"], num_classes, input)
+        check_class_vector("focal_alpha", opts["focal_alpha"], None if sharded else num_classes, input)
+    C.check_bool("reduce_input_grad", reduce_input_grad)
+    if vocab_start is not None:
+        if not sharded:
+            raise ValueError("vocab_start is only meaningful with a process_group")
+        vocab_start = C.check_int("vocab_start", vocab_start)
     flat_input, flat_target = input.reshape(-1, input.shape[-1]), target.reshape(-1).to(torch.int64)
+    if sharded:
+        loss = _sharded_loss(flat_input, linear_weight, linear_bias, flat_target, weight, reduction, chunk,
+                             fp32_weight_grad, process_group, vocab_start, reduce_input_grad, opts)
+        return loss.reshape(target.shape) if reduction == "none" else loss
     check_target_range(flat_target, num_classes, opts["ignore_index"])
     chosen = resolve_backend(backend, FAMILY, flat_input, gap=kernel_gap(False, target, weight, opts["focal_alpha"]))
     if chosen == "reference" or flat_input.shape[0] == 0 or num_classes == 0:
@@ -93,19 +109,41 @@ def _kernel_loss(x, linear_weight, linear_bias, target, weight, reduction, backe
                                             reduction=reduction, backend=backend)
 
 
+def _sharded_loss(x, linear_weight, linear_bias, target, weight, reduction, chunk, fp32_weight_grad, process_group,
+                  vocab_start, reduce_input_grad, opts):
+    from ..distributed.linear_cross_entropy import vocab_parallel_linear_cross_entropy
+
+    device_type = x.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    if autocast:
+        x = x.to(torch.get_autocast_dtype(device_type))
+    elif linear_weight.dtype != x.dtype:
+        raise TypeError(f"linear_weight must have input's dtype {x.dtype} (outside torch.autocast), got "
+                        f"{linear_weight.dtype}")
+    with torch.autocast(device_type, enabled=False):
+        return vocab_parallel_linear_cross_entropy(
+            x.contiguous(), linear_weight.contiguous(), linear_bias, target.contiguous(), weight, reduction=reduction,
+            process_group=process_group, vocab_start=vocab_start, chunk_size=chunk,
+            fp32_weight_grad=fp32_weight_grad, reduce_input_grad=reduce_input_grad,
+            loss_dtype=torch.float32 if autocast else x.dtype, **opts)
+
+
 class LinearCrossEntropyLoss(CrossEntropyOptions):
     """Module form of linear_cross_entropy: forward(input, linear_weight, target, linear_bias=None)."""
 
     def __init__(self, weight=None, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
                  softcap=None, focal_gamma=0.0, focal_alpha=None, chunk_size=None, fp32_weight_grad=True,
-                 backend="auto"):
+                 process_group=None, vocab_start=None, reduce_input_grad=True, backend="auto"):
         super().__init__(weight, focal_alpha, ignore_index=-100 if ignore_index is None else ignore_index,
                          reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                          focal_gamma=focal_gamma, backend=backend)
         if chunk_size is not None and (C.check_int("chunk_size", chunk_size) <= 0):
             raise ValueError(f"chunk_size must be a positive number of rows or None, got {chunk_size!r}")
         self.chunk_size, self.fp32_weight_grad = chunk_size, C.check_bool("fp32_weight_grad", fp32_weight_grad)
+        C.check_process_group(process_group)
+        self.sharding = dict(process_group=process_group, vocab_start=vocab_start,
+                             reduce_input_grad=C.check_bool("reduce_input_grad", reduce_input_grad))
 
     def forward(self, input, linear_weight, target, linear_bias=None):
         return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, chunk_size=self.chunk_size,
-                                    fp32_weight_grad=self.fp32_weight_grad, **self._keywords())
+                                    fp32_weight_grad=self.fp32_weight_grad, **self.sharding, **self._keywords())

@@ -38,8 +38,14 @@ def triplet_loss(embeddings, labels, *, margin=0.2, mining="batch_hard", distanc
     """
     C.check_rows_and_labels("embeddings", embeddings, labels)
     margin = _check_options(margin, mining, distance, soft_margin, normalize, reduction)
-    C.check_no_process_group(process_group)
+    C.check_process_group(process_group)
     resolve_backend(backend, FAMILY, embeddings)  # only the reference exists: raises for explicit kernels
+    if process_group is not None:
+        from ..distributed import triplet as dist_impl
+
+        return dist_impl.triplet_loss(embeddings, labels, margin=margin, mining=mining, distance=distance,
+                                      soft_margin=soft_margin, normalize=normalize, reduction=reduction,
+                                      process_group=process_group)
     return ref.triplet_loss(embeddings, labels, margin=margin, mining=mining, distance=distance,
                             soft_margin=soft_margin, normalize=normalize, reduction=reduction)
 
@@ -49,7 +55,7 @@ class TripletLoss(nn.Module):
                  reduction="mean", process_group=None, backend="auto"):
         super().__init__()
         _check_options(margin, mining, distance, soft_margin, normalize, reduction)
-        C.check_no_process_group(process_group)
+        C.check_process_group(process_group)
         self.margin, self.mining, self.distance = margin, mining, distance
         self.soft_margin, self.normalize, self.reduction = soft_margin, normalize, reduction
         self.process_group, self.backend = process_group, backend

@@ -25,6 +25,7 @@ from ._library import kernel_op
 from .builder import FusedLoss, build
 
 F32 = torch.float32
+HALF = (torch.float16, torch.bfloat16)  # weights whose gradient is accumulated in fp32 by default
 # rows per chunk when chunk_size is 0: as many as keep the chunk buffers of logits under this many
 # bytes (1024 rows at V=128256 in bf16, where smaller chunks make the weight gradient's fp32
 # accumulator traffic, 2 x 4 x V x D bytes per chunk, outweigh its product)
@@ -88,11 +89,12 @@ class _Gradients:
         self.input, self.weight, self.bias = grads
         self.acc_w = self.acc_b = None
         if self.weight is not None:
-            wide = fp32_weight_grad and weight.dtype != F32
+            wide = fp32_weight_grad and weight.dtype in HALF
             self.acc_w = torch.zeros(weight.shape, device=weight.device, dtype=F32) if wide else \
                 self.weight.zero_()
         if self.bias is not None:
-            self.acc_b = torch.zeros(self.bias.shape, device=self.bias.device, dtype=F32)
+            self.acc_b = torch.zeros(self.bias.shape, device=self.bias.device,
+                                     dtype=F32 if self.bias.dtype in HALF else self.bias.dtype)
 
     def add(self, chunks, start, stop, dlogits):
         if self.input is not None:
@@ -100,7 +102,7 @@ class _Gradients:
         if self.acc_w is not None:
             _accumulate_product(self.acc_w, dlogits.t(), chunks.x[start:stop])
         if self.acc_b is not None:
-            self.acc_b += dlogits.sum(dim=0, dtype=F32)
+            self.acc_b += dlogits.sum(dim=0, dtype=self.acc_b.dtype)
 
     def finish(self):
         if self.acc_w is not None and self.acc_w is not self.weight:

@@ -43,14 +43,15 @@ NORM_EPS = 1e-12
 CHUNK_ELEMENTS = 1 << 21
 
 
-def pairwise_distances(x: torch.Tensor, distance: str) -> torch.Tensor:
-    """(B, D) -> (B, B) distances between rows, in x's dtype."""
+def pairwise_distances(x: torch.Tensor, distance: str, other: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, D) [, (B', D)] -> (B, B') distances between the rows of x and those of `other` (default: x)."""
+    y = x if other is None else other
     if distance == "cosine":
         unit = F.normalize(x, dim=1, eps=NORM_EPS)
-        return 1 - unit @ unit.T
-    sq_norms = (x * x).sum(1)
+        return 1 - unit @ (unit if other is None else F.normalize(y, dim=1, eps=NORM_EPS)).T
+    sq_x, sq_y = (x * x).sum(1), (y * y).sum(1)
     # Gram form: one matmul instead of a B x B x D difference tensor; rounding can make it slightly negative.
-    squared = (sq_norms[:, None] + sq_norms[None, :] - 2 * (x @ x.T)).clamp_min(0)
+    squared = (sq_x[:, None] + sq_y[None, :] - 2 * (x @ y.T)).clamp_min(0)
     if distance == "squared_euclidean":
         return squared
     return torch.sqrt(squared + EUCLIDEAN_EPS)
@@ -61,9 +62,9 @@ def _triplet_term(gap: torch.Tensor, margin: float, soft_margin: bool) -> torch.
     return F.softplus(gap) if soft_margin else F.relu(gap + margin)
 
 
-def _chunks(batch: int, chunk_size: int | None):
+def _chunks(batch: int, chunk_size: int | None, width: int | None = None):
     if chunk_size is None:
-        chunk_size = max(1, CHUNK_ELEMENTS // max(1, batch * batch))
+        chunk_size = max(1, CHUNK_ELEMENTS // max(1, (width or batch) ** 2))
     for start in range(0, batch, chunk_size):
         yield start, min(start + chunk_size, batch)
 
@@ -81,11 +82,11 @@ def _batch_hard(dist, pos, neg, margin, soft_margin):
 
 def _semi_hard(dist, pos, neg, margin, soft_margin, chunk_size):
     batch = dist.shape[0]
-    chosen = torch.empty(batch, batch, dtype=torch.long, device=dist.device)  # [anchor, positive] -> negative
+    chosen = torch.empty(dist.shape, dtype=torch.long, device=dist.device)  # [anchor, positive] -> negative
     with torch.no_grad():  # only the choice is made here; the gradient comes through the gather below
         d = dist.detach()
         farthest_neg = d.masked_fill(~neg, float("-inf")).argmax(1)
-        for start, stop in _chunks(batch, chunk_size):
+        for start, stop in _chunks(batch, chunk_size, dist.shape[1]):
             rows = d[start:stop]                                                   # (c, B)
             # outside[a, j, k]: negative k is farther from anchor a than positive j is.
             outside = neg[start:stop, None, :] & (rows[:, None, :] > rows[:, :, None])
@@ -109,7 +110,7 @@ def _batch_all_chunk(rows, pos_rows, neg_rows, margin: float, soft_margin: bool)
 def _batch_all(dist, pos, neg, margin, soft_margin, chunk_size):
     sums, count = [], dist.new_zeros((), dtype=torch.long)
     recompute = torch.is_grad_enabled() and dist.requires_grad
-    for start, stop in _chunks(dist.shape[0], chunk_size):
+    for start, stop in _chunks(dist.shape[0], chunk_size, dist.shape[1]):
         args = (dist[start:stop], pos[start:stop], neg[start:stop], margin, soft_margin)
         if recompute:  # keep only `dist` for backward and rebuild the chunk's c x B x B values there
             chunk_sums, chunk_count = checkpoint(_batch_all_chunk, *args, use_reentrant=False,
@@ -119,6 +120,29 @@ def _batch_all(dist, pos, neg, margin, soft_margin, chunk_size):
         sums.append(chunk_sums)
         count = count + chunk_count
     return torch.cat(sums), count
+
+
+def anchor_losses(dist, pos, neg, *, mining, margin, soft_margin, chunk_size=None):
+    """(per-anchor loss, count 'mean' divides by) for anchors' rows of distances to a batch (A, B),
+    with the masks of their positives and negatives in it."""
+    if mining == "batch_hard":
+        return _batch_hard(dist, pos, neg, margin, soft_margin)
+    if mining == "semi_hard":
+        return _semi_hard(dist, pos, neg, margin, soft_margin, chunk_size)
+    if mining == "batch_all":
+        return _batch_all(dist, pos, neg, margin, soft_margin, chunk_size)
+    raise ValueError(f"mining must be one of {MININGS}, got {mining!r}")
+
+
+def reduce_anchors(per_anchor, count, reduction, mining):
+    if reduction == "none":
+        return per_anchor
+    if reduction == "sum":
+        return per_anchor.sum()
+    if mining == "batch_all":
+        # No non-zero triplet means every loss is 0, so the sum is 0 and the mean is 0 rather than 0/0.
+        return per_anchor.sum() / count.clamp_min(1)
+    return per_anchor.sum() / count
 
 
 def triplet_loss(embeddings, labels, *, margin=0.2, mining="batch_hard", distance="euclidean", soft_margin=False,
@@ -139,22 +163,6 @@ def triplet_loss(embeddings, labels, *, margin=0.2, mining="batch_hard", distanc
         dist = pairwise_distances(x, distance)
         same = labels[:, None] == labels[None, :]
         pos = same & ~torch.eye(batch, dtype=torch.bool, device=x.device)
-        neg = ~same
-        if mining == "batch_hard":
-            per_anchor, count = _batch_hard(dist, pos, neg, margin, soft_margin)
-        elif mining == "semi_hard":
-            per_anchor, count = _semi_hard(dist, pos, neg, margin, soft_margin, chunk_size)
-        elif mining == "batch_all":
-            per_anchor, count = _batch_all(dist, pos, neg, margin, soft_margin, chunk_size)
-        else:
-            raise ValueError(f"mining must be one of {MININGS}, got {mining!r}")
-    if reduction == "none":
-        out = per_anchor
-    elif reduction == "sum":
-        out = per_anchor.sum()
-    elif mining == "batch_all":
-        # No non-zero triplet means every loss is 0, so the sum is 0 and the mean is 0 rather than 0/0.
-        out = per_anchor.sum() / count.clamp_min(1)
-    else:
-        out = per_anchor.sum() / count
-    return out.to(embeddings.dtype)
+        per_anchor, count = anchor_losses(dist, pos, ~same, mining=mining, margin=margin, soft_margin=soft_margin,
+                                          chunk_size=chunk_size)
+    return reduce_anchors(per_anchor, count, reduction, mining).to(embeddings.dtype)

@@ -1,0 +1,199 @@
+"""Global-batch contrastive losses: each rank passes its local batch; negatives and positives come
+from the whole batch, the concatenation of every rank's rows in rank order.
+
+Every rank gathers the (normalised) embeddings with gradients, computes the rows it owns against the
+whole batch (its queries against all keys and, for the symmetric InfoNCE, its keys against all
+queries), and returns the global loss with the gradient convention of distributed/_group.py. Memory
+per rank: the gathered embeddings and its (B_r x M) block of logits; the row losses go through
+lf.cross_entropy, so its kernels do the local work where they apply. SigLIP, a sum over pairs,
+runs on a ring instead in groups of RING_MIN_WORLD ranks or more (LOSSFORGE_RING_MIN_WORLD): key
+blocks pass from rank to rank while the previous block is reduced, and memory per rank is
+O((B_r + M_r) D + B_r M_r), whatever the group's size.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..reference.contrastive import _embed, _scalar
+from ..reference.cross_entropy import compute_dtype
+from . import _group as G
+
+
+def _finish(rows, reduction, divisor, group, dtype):
+    """'none': this rank's rows (their gradient W times theirs); 'sum'/'mean': the global loss."""
+    if reduction == "none":
+        scaled = rows * group.world
+        return (scaled + (rows - scaled).detach()).to(dtype)
+    share = rows.sum() if reduction == "sum" else rows.sum() / divisor
+    return G.global_loss(share, group).to(dtype)
+
+
+def info_nce(query, key, logit_scale, *, symmetric, normalize, reduction, process_group, backend):
+    from ..losses.cross_entropy import cross_entropy
+
+    group = G.resolve_group(process_group, query.device)
+    what = "info_nce(process_group=...)"
+    got = G.agree(group, what, {"loss": 2, "options": G.fingerprint(symmetric, normalize, reduction,
+                                                                      isinstance(logit_scale, torch.Tensor)),
+                                "features": query.shape[1], "dtype": G.fingerprint(str(query.dtype))},
+                  {"queries": query.shape[0], "keys": key.shape[0]})
+    b_sizes, m_sizes = got["queries"], got["keys"]
+    if symmetric and b_sizes != m_sizes:
+        raise ValueError(f"{what}: symmetric=True needs as many keys as queries on every rank, got queries "
+                         f"{b_sizes} and keys {m_sizes}")
+    ct = compute_dtype(query.dtype)
+    q, k = _embed(query, normalize, ct), _embed(key, normalize, ct)
+    s = _scalar(logit_scale, ct)
+    keys = G.gather_rows(k, group, m_sizes)
+    local = torch.arange(q.shape[0], device=q.device)
+    rows = cross_entropy(s * (q @ keys.T), G.offsets(m_sizes)[group.rank] + local, reduction="none", backend=backend)
+    if symmetric:
+        queries = G.gather_rows(q, group, b_sizes)
+        cols = cross_entropy(s * (k @ queries.T), G.offsets(b_sizes)[group.rank] + local, reduction="none",
+                             backend=backend)
+        rows = 0.5 * (rows + cols)
+    return _finish(rows, reduction, sum(b_sizes), group, query.dtype)
+
+
+def supcon_loss(features, labels, temperature, *, normalize, reduction, process_group):
+    group = G.resolve_group(process_group, features.device)
+    what = "supcon_loss(process_group=...)"
+    got = G.agree(group, what, {"loss": 3, "options": G.fingerprint(float(temperature), normalize, reduction),
+                                "features": features.shape[1], "dtype": G.fingerprint(str(features.dtype))},
+                  {"anchors": features.shape[0]})
+    sizes = got["anchors"]
+    ct = compute_dtype(features.dtype)
+    f = _embed(features, normalize, ct)
+    everyone = G.gather_rows(f, group, sizes)
+    all_labels = G.gather_rows(labels.to(torch.int64), group, sizes)
+    z = (f @ everyone.T) / temperature                                      # (B_r, B)
+    me = G.offsets(sizes)[group.rank] + torch.arange(f.shape[0], device=f.device)
+    is_self = torch.arange(everyone.shape[0], device=f.device)[None, :] == me[:, None]
+    positive = (labels.to(torch.int64)[:, None] == all_labels[None, :]) & ~is_self
+    n_pos = positive.sum(1)
+    has_pos = n_pos > 0
+    others = z.masked_fill(is_self, float("-inf"))
+    others = torch.where(has_pos[:, None], others, torch.zeros_like(others))  # see reference.supcon_rows
+    log_prob = z - torch.logsumexp(others, dim=1, keepdim=True)
+    rows = -torch.where(positive, log_prob, 0.0).sum(1) / n_pos.clamp_min(1).to(ct)
+    rows = torch.where(has_pos, rows, 0.0)
+    kept = G.all_reduce_value(has_pos.sum().to(ct), group)
+    return _finish(rows, reduction, kept, group, features.dtype)
+
+
+def siglip_loss(query, key, logit_scale, logit_bias, *, normalize, reduction, process_group):
+    group = G.resolve_group(process_group, query.device)
+    what = "siglip_loss(process_group=...)"
+    got = G.agree(group, what, {"loss": 4, "options": G.fingerprint(normalize, reduction,
+                                                                      isinstance(logit_scale, torch.Tensor),
+                                                                      isinstance(logit_bias, torch.Tensor)),
+                                "features": query.shape[1], "dtype": G.fingerprint(str(query.dtype))},
+                  {"queries": query.shape[0], "keys": key.shape[0]})
+    b_sizes, m_sizes = got["queries"], got["keys"]
+    ct = compute_dtype(query.dtype)
+    q, k = _embed(query, normalize, ct), _embed(key, normalize, ct)
+    scale, bias = _scalar(logit_scale, ct), _scalar(logit_bias, ct)
+    if group.world >= ring_min_world():
+        rows = siglip_rows_on_a_ring(q, k, scale, bias, group, m_sizes)
+    else:
+        keys = G.gather_rows(k, group, m_sizes)
+        logits = scale * (q @ keys.T) + bias  # (B_r, M)
+        positive = G.offsets(m_sizes)[group.rank] + torch.arange(q.shape[0], device=q.device)
+        sign = torch.where(torch.arange(keys.shape[0], device=q.device)[None, :] == positive[:, None], 1.0, -1.0)
+        rows = -F.logsigmoid(sign.to(ct) * logits).sum(1)
+    return _finish(rows, reduction, sum(b_sizes), group, query.dtype)
+
+
+# ---- SigLIP on a ring: memory per rank independent of the group's size --------------------------------
+
+RING_MIN_WORLD = 8  # groups of at least this many ranks pass key blocks around a ring instead of gathering
+ENV_RING = "LOSSFORGE_RING_MIN_WORLD"
+
+
+def ring_min_world() -> int:
+    import os
+
+    value = os.environ.get(ENV_RING, "")
+    return int(value) if value else RING_MIN_WORLD
+
+
+def _pad(t, rows):
+    out = t.new_zeros((rows, *t.shape[1:]))
+    out[:t.shape[0]] = t
+    return out
+
+
+class _SigLIPRing(torch.autograd.Function):
+    """This rank's rows of the SigLIP loss against every rank's keys, the key blocks passed around a
+    ring (W steps, each a (B_r x M_max) block of logits); the backward passes each block again with
+    its gradient, which collects every rank's part on the way and is home after W steps."""
+
+    @staticmethod
+    def forward(ctx, q, k, scale, bias, group, m_sizes):
+        ring, rows = G.Ring(group), max(m_sizes)
+        mine = _pad(k, rows)
+        block, owner = mine, group.rank
+        losses = q.new_zeros(q.shape[0])
+        for step in range(group.world):
+            pending = ring.start(block) if step < group.world - 1 else None
+            losses += -F.logsigmoid(_signs(q, rows, owner == group.rank) * _logits(q, block, scale, bias)
+                                    )[:, :m_sizes[owner]].sum(1)
+            if pending is not None:
+                (block,) = ring.finish(*pending, q.device)
+                owner = (owner - 1) % group.world
+        ctx.save_for_backward(q, mine, *(t for t in (scale, bias) if isinstance(t, torch.Tensor)))
+        ctx.group, ctx.m_sizes, ctx.scalars = group, m_sizes, (scale, bias)
+        return losses
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_rows):
+        q, mine = ctx.saved_tensors[:2]
+        scale, bias = ctx.scalars
+        group, m_sizes = ctx.group, ctx.m_sizes
+        ring, rows = G.Ring(group), max(m_sizes)
+        block, block_grad, owner = mine, torch.zeros_like(mine), group.rank
+        dq = torch.zeros_like(q)
+        dscale = dbias = q.new_zeros(())
+        s = scale if isinstance(scale, torch.Tensor) else torch.tensor(scale, dtype=q.dtype)
+        for step in range(group.world):
+            signs = _signs(q, rows, owner == group.rank)
+            dots = q @ block.T
+            logits = s * dots + bias
+            # d/dl of -log sigmoid(z l) is -z sigmoid(-z l); columns past the block's keys are padding
+            dl = grad_rows[:, None] * -signs * torch.sigmoid(-signs * logits)
+            dl[:, m_sizes[owner]:] = 0
+            dq += s * (dl @ block)
+            block_grad = block_grad + s * (dl.T @ q)
+            dscale = dscale + (dl * dots).sum()
+            dbias = dbias + dl.sum()
+            # the block and its gradient move on; after the last step only the gradient goes home
+            pending = ring.start(block, block_grad) if step < group.world - 1 else ring.start(block_grad)
+            received = ring.finish(*pending, q.device)
+            if step < group.world - 1:
+                block, block_grad = received
+                owner = (owner - 1) % group.world
+            else:
+                (block_grad,) = received
+        dk = block_grad[:m_sizes[group.rank]]
+        return (dq, dk, dscale.reshape(scale.shape) if isinstance(scale, torch.Tensor) else None,
+                dbias.reshape(bias.shape) if isinstance(bias, torch.Tensor) else None, None, None)
+
+
+def _logits(q, block, scale, bias):
+    return scale * (q @ block.T) + bias
+
+
+def _signs(q, rows, own_block):
+    """+1 for a query's own positive (the same row of its own rank's block), -1 elsewhere."""
+    signs = -torch.ones(q.shape[0], rows, dtype=q.dtype, device=q.device)
+    if own_block:
+        signs[torch.arange(q.shape[0]), torch.arange(q.shape[0])] = 1.0
+    return signs
+
+
+def siglip_rows_on_a_ring(q, k, scale, bias, group, m_sizes):
+    if isinstance(scale, torch.Tensor) and scale.dim() == 0:
+        scale = scale.reshape(())
+    return _SigLIPRing.apply(q, k, scale, bias, group, m_sizes)
