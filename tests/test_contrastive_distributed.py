@@ -123,17 +123,18 @@ def _siglip_cases(rank, world, failures):
 
 
 def _ring_worker(rank, world):
-    # SigLIP on the ring of point-to-point exchanges, which groups of 8 or more ranks take
+    # InfoNCE and SigLIP on the ring of point-to-point exchanges, which groups of 8 or more ranks take
     import os
 
     os.environ["LOSSFORGE_RING_MIN_WORLD"] = "2"
     failures = []
+    _info_nce_cases(rank, world, failures)
     _siglip_cases(rank, world, failures)
     assert not failures, "\n".join(failures)
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_siglip_on_a_ring_matches_one_process(world):
+def test_info_nce_and_siglip_on_a_ring_match_one_process(world):
     distributed.run(world, _ring_worker)
 
 

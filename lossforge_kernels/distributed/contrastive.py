@@ -5,10 +5,10 @@ Every rank gathers the (normalised) embeddings with gradients, computes the rows
 whole batch (its queries against all keys and, for the symmetric InfoNCE, its keys against all
 queries), and returns the global loss with the gradient convention of distributed/_group.py. Memory
 per rank: the gathered embeddings and its (B_r x M) block of logits; the row losses go through
-lf.cross_entropy, so its kernels do the local work where they apply. SigLIP, a sum over pairs,
-runs on a ring instead in groups of RING_MIN_WORLD ranks or more (LOSSFORGE_RING_MIN_WORLD): key
-blocks pass from rank to rank while the previous block is reduced, and memory per rank is
-O((B_r + M_r) D + B_r M_r), whatever the group's size.
+lf.cross_entropy, so its kernels do the local work where they apply. InfoNCE and SigLIP run on a
+ring instead in groups of RING_MIN_WORLD ranks or more (LOSSFORGE_RING_MIN_WORLD): query and key
+blocks pass from rank to rank while the previous block is reduced (InfoNCE into online row and
+column log-sum-exps), and memory per rank is O((B_r + M_r) D + B_r M_r), whatever the group's size.
 """
 from __future__ import annotations
 
@@ -45,6 +45,9 @@ def info_nce(query, key, logit_scale, *, symmetric, normalize, reduction, proces
     ct = compute_dtype(query.dtype)
     q, k = _embed(query, normalize, ct), _embed(key, normalize, ct)
     s = _scalar(logit_scale, ct)
+    if group.world >= ring_min_world():
+        rows = _InfoNCERing.apply(q, k, s, group, b_sizes, m_sizes, symmetric)
+        return _finish(rows, reduction, sum(b_sizes), group, query.dtype)
     keys = G.gather_rows(k, group, m_sizes)
     local = torch.arange(q.shape[0], device=q.device)
     rows = cross_entropy(s * (q @ keys.T), G.offsets(m_sizes)[group.rank] + local, reduction="none", backend=backend)
@@ -197,3 +200,91 @@ def siglip_rows_on_a_ring(q, k, scale, bias, group, m_sizes):
     if isinstance(scale, torch.Tensor) and scale.dim() == 0:
         scale = scale.reshape(())
     return _SigLIPRing.apply(q, k, scale, bias, group, m_sizes)
+
+
+# ---- InfoNCE on a ring ------------------------------------------------------------------------------
+
+def _masked(logits, valid_cols):
+    logits[:, valid_cols:] = float("-inf")
+    return logits
+
+
+class _InfoNCERing(torch.autograd.Function):
+    """This rank's InfoNCE rows against every rank's keys (and, symmetric, its keys' columns against
+    every rank's queries), the query and key blocks passed around a ring: each step reduces a
+    (B_r x M_max) block into online row (and column) log-sum-exps. The backward passes the blocks
+    again with their gradients, which collect every rank's part and are home after W steps."""
+
+    @staticmethod
+    def forward(ctx, q, k, scale, group, b_sizes, m_sizes, symmetric):
+        ring, n = G.Ring(group), q.shape[0]
+        mine = (_pad(q, max(b_sizes)), _pad(k, max(m_sizes)))
+        blocks, owner = mine, group.rank
+        row_m = col_m = q.new_full((n,), float("-inf"))
+        row_s, col_s = q.new_zeros(n), q.new_zeros(n)
+        for step in range(group.world):
+            pending = ring.start(*blocks) if step < group.world - 1 else None
+            qo, ko = blocks
+            row_m, row_s = _online(row_m, row_s, _masked(scale * (q @ ko.T), m_sizes[owner]))
+            if symmetric:
+                col_m, col_s = _online(col_m, col_s, _masked(scale * (k @ qo.T), b_sizes[owner]))
+            if pending is not None:
+                blocks = ring.finish(*pending, q.device)
+                owner = (owner - 1) % group.world
+        positive = scale * (q * k[:n]).sum(1)
+        rows = row_m + torch.log(row_s) - positive
+        lse_col = col_m + torch.log(col_s) if symmetric else None
+        if symmetric:
+            rows = 0.5 * (rows + lse_col - positive)
+        ctx.save_for_backward(q, k, row_m + torch.log(row_s), *(() if lse_col is None else (lse_col,)))
+        ctx.args = (scale, group, b_sizes, m_sizes, symmetric)
+        return rows
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_rows):
+        q, k, lse_row = ctx.saved_tensors[:3]
+        scale, group, b_sizes, m_sizes, symmetric = ctx.args
+        lse_col = ctx.saved_tensors[3] if symmetric else None
+        ring, n, rank = G.Ring(group), q.shape[0], group.rank
+        s = scale if isinstance(scale, torch.Tensor) else torch.tensor(scale, dtype=q.dtype)
+        g_row = grad_rows * (0.5 if symmetric else 1.0)
+        blocks, owner = (_pad(q, max(b_sizes)), _pad(k, max(m_sizes))), rank
+        travel = [torch.zeros_like(blocks[0]), torch.zeros_like(blocks[1])]  # d/d(the block's queries, keys)
+        dq, dk, dscale = torch.zeros_like(q), torch.zeros_like(k), q.new_zeros(())
+        eye = torch.eye(n, dtype=q.dtype, device=q.device)
+        for step in range(group.world):
+            data = ring.start(*blocks) if step < group.world - 1 else None
+            qo, ko = blocks
+            dots = q @ ko.T
+            ds = g_row[:, None] * torch.exp(_masked(s * dots, m_sizes[owner]) - lse_row[:, None])
+            if owner == rank:
+                ds[:, :n] -= g_row[:, None] * eye
+            dq += s * (ds @ ko)
+            travel[1] = travel[1] + s * (ds.T @ q)
+            dscale = dscale + (ds * dots).sum()
+            if symmetric:
+                dots_c = k @ qo.T
+                dc = (0.5 * grad_rows)[:, None] * torch.exp(_masked(s * dots_c, b_sizes[owner]) - lse_col[:, None])
+                if owner == rank:
+                    dc[:, :n] -= (0.5 * grad_rows)[:, None] * eye
+                dk += s * (dc @ qo)
+                travel[0] = travel[0] + s * (dc.T @ k)
+                dscale = dscale + (dc * dots_c).sum()
+            grads = ring.start(*travel)
+            if data is not None:
+                blocks = ring.finish(*data, q.device)
+                owner = (owner - 1) % group.world
+            travel = ring.finish(*grads, q.device)
+        dq += travel[0][:n]
+        dk += travel[1][:k.shape[0]]
+        return dq, dk, dscale.reshape(scale.shape) if isinstance(scale, torch.Tensor) else None, None, None, None, None
+
+
+def _online(m, s, logits):
+    """The running row max and sum of exp after one more block of a row's logits."""
+    block_m = logits.max(1).values
+    new_m = torch.maximum(m, block_m)
+    safe = torch.where(torch.isinf(new_m) & (new_m < 0), torch.zeros_like(new_m), new_m)
+    old = torch.where(torch.isinf(m) & (m < 0), 0.0, s * torch.exp(m - safe))
+    return new_m, old + torch.exp(logits - safe[:, None]).sum(1)
