@@ -21,23 +21,29 @@ def copy_bytes_per_s(device: torch.device, nbytes: int | None = None, reps: int 
         nbytes = GPU_COPY_BYTES if device.type == "cuda" else CPU_COPY_BYTES
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 256)
     dst = torch.empty_like(src)
-    dst.copy_(src)  # warm-up: page faults, first-touch allocation
+    return 2 * nbytes / median_seconds(lambda: dst.copy_(src), device, reps)
+
+
+def median_seconds(run, device: torch.device, reps: int) -> float:
+    """Median time of run() after one warm-up call (page faults, first-touch, kernel selection),
+    timed with CUDA events on a GPU and perf_counter on a CPU."""
+    run()
     seconds = []
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         for _ in range(reps):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            dst.copy_(src)
+            run()
             end.record()
             end.synchronize()
             seconds.append(start.elapsed_time(end) / 1e3)
     else:
         for _ in range(reps):
             t0 = time.perf_counter()
-            dst.copy_(src)
+            run()
             seconds.append(time.perf_counter() - t0)
-    return 2 * nbytes / statistics.median(seconds)
+    return statistics.median(seconds)
 
 
 def matmul_flops_per_s(device: torch.device, n: int | None = None, reps: int = 10) -> float:
@@ -49,20 +55,4 @@ def matmul_flops_per_s(device: torch.device, n: int | None = None, reps: int = 1
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     out = torch.empty(n, n, device=device, dtype=dtype)
-    torch.mm(a, b, out=out)  # warm-up: cuBLAS handle, kernel selection
-    seconds = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            torch.mm(a, b, out=out)
-            end.record()
-            end.synchronize()
-            seconds.append(start.elapsed_time(end) / 1e3)
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            torch.mm(a, b, out=out)
-            seconds.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(seconds)
+    return 2 * n**3 / median_seconds(lambda: torch.mm(a, b, out=out), device, reps)

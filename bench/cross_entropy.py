@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .harness import STANDARD_PROVIDERS, Case, Provider, Suite, Unsupported, standard_providers
+from .harness import STANDARD_PROVIDERS, Case, Provider, Suite, Unsupported, imported, standard_providers
 
 BF16, F32 = torch.bfloat16, torch.float32
 LM = (8192, 128256)  # the shape at which every option is measured
@@ -92,12 +92,10 @@ def reference(case, inputs):
 
 
 def _liger(settings) -> Provider | str:
-    if settings.device.type != "cuda":
-        return "Liger-Kernel runs on CUDA tensors only"
-    try:
-        from liger_kernel.transformers.functional import liger_cross_entropy
-    except Exception as exc:
-        return f"not importable ({type(exc).__name__}: {exc})"
+    liger_cross_entropy = imported("liger_kernel.transformers.functional", "liger_cross_entropy", settings,
+                                   runs_on_cuda_only="Liger-Kernel")
+    if isinstance(liger_cross_entropy, str):
+        return liger_cross_entropy
 
     def bind(case):
         o = case.options

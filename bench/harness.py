@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
+import importlib
 import math
 import os
 import shutil
@@ -163,6 +164,17 @@ def compile_provider(eager: Provider, settings: Settings) -> Provider | str:
         return torch.compile(fn, dynamic=False)
 
     return Provider("torch.compile", bind)
+
+
+def imported(module: str, name: str, settings: Settings, runs_on_cuda_only: str | None = None):
+    """A third party's function, or why it is not benchmarked here: not installed, or (for a library
+    named by `runs_on_cuda_only`) not on CUDA tensors."""
+    if runs_on_cuda_only and settings.device.type != "cuda":
+        return f"{runs_on_cuda_only} runs on CUDA tensors only"
+    try:
+        return getattr(importlib.import_module(module), name)
+    except Exception as exc:
+        return f"not importable ({type(exc).__name__}: {exc})"
 
 
 def standard_providers(settings: Settings, eager_bind: Callable, lf_call: Callable,

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .cross_entropy import eager_loss
-from .harness import STANDARD_PROVIDERS, Case, Provider, Suite, Unsupported, standard_providers
+from .harness import STANDARD_PROVIDERS, Case, Provider, Suite, Unsupported, imported, standard_providers
 
 BF16, F32 = torch.bfloat16, torch.float32
 LM = (8192, 4096, 128256)  # N, D, V: the shape every option and chunk size is measured at
@@ -133,12 +133,11 @@ def _torch_lce(chunked: bool):
 
 
 def _liger(settings) -> Provider | str:
-    if settings.device.type != "cuda":
-        return "Liger-Kernel runs on CUDA tensors only"
-    try:
-        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-    except Exception as exc:
-        return f"not importable ({type(exc).__name__}: {exc})"
+    liger_fused_linear_cross_entropy = imported("liger_kernel.transformers.functional",
+                                                "liger_fused_linear_cross_entropy", settings,
+                                                runs_on_cuda_only="Liger-Kernel")
+    if isinstance(liger_fused_linear_cross_entropy, str):
+        return liger_fused_linear_cross_entropy
 
     def bind(case):
         o = _loss_options(case)
@@ -157,12 +156,10 @@ def _liger(settings) -> Provider | str:
 
 
 def _cce(settings) -> Provider | str:
-    if settings.device.type != "cuda":
-        return "Cut Cross-Entropy runs on CUDA tensors only"
-    try:
-        from cut_cross_entropy import linear_cross_entropy as cce_linear_cross_entropy
-    except Exception as exc:
-        return f"not importable ({type(exc).__name__}: {exc})"
+    cce_linear_cross_entropy = imported("cut_cross_entropy", "linear_cross_entropy", settings,
+                                        runs_on_cuda_only="Cut Cross-Entropy")
+    if isinstance(cce_linear_cross_entropy, str):
+        return cce_linear_cross_entropy
 
     def bind(case):
         o = _loss_options(case)

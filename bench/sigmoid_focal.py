@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .harness import STANDARD_PROVIDERS, Case, Provider, Suite, standard_providers
+from .harness import STANDARD_PROVIDERS, Case, Provider, Suite, imported, standard_providers
 
 OPTIONS = {"alpha": 0.25, "gamma": 2.0, "reduction": "mean"}
 
@@ -68,10 +68,9 @@ def reference(case, inputs):
 
 
 def _torchvision(settings) -> Provider | str:
-    try:
-        from torchvision.ops import sigmoid_focal_loss
-    except Exception as exc:
-        return f"not importable ({type(exc).__name__}: {exc})"
+    sigmoid_focal_loss = imported("torchvision.ops", "sigmoid_focal_loss", settings)
+    if isinstance(sigmoid_focal_loss, str):
+        return sigmoid_focal_loss
     return Provider("torchvision", lambda case: lambda inputs: sigmoid_focal_loss(
         inputs["input"], inputs["target"], **case.options))
 

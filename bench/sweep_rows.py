@@ -95,7 +95,7 @@ def main(argv=None) -> int:
                         os.environ.pop(k, None)
                     os.environ.update(knobs)
 
-                    def reset(clear_grad=True):
+                    def reset(clear_grad=True, x=x):
                         if clear_grad:
                             x.grad = None
 

@@ -16,7 +16,6 @@ import collections
 import concurrent.futures
 import difflib
 import io
-import os
 import pathlib
 import re
 import shutil

@@ -385,3 +385,27 @@ Y = torch.tensor([0, 1, 0, 1])
 def test_bad_input(args, kwargs, exc, fragment):
     with pytest.raises(exc, match=fragment):
         lf.triplet_loss(*args, **kwargs)
+
+
+@pytest.mark.parametrize("mining,soft_margin", [("semi_hard", False), ("semi_hard", True), ("batch_all", False),
+                                                ("batch_all", True)])
+def test_reference_runs_at_real_batch_sizes(mining, soft_margin):
+    # B=2048, 4 per class: from sorted negatives, prefix sums and binary search (semi-hard and hinge
+    # batch-all), or only each anchor's positives (soft batch-all): no tensor beyond B x B elements
+    # (or one chunk), fwd+bwd in seconds on a CPU.
+    import time
+
+    from tests.test_linear_cross_entropy import CreatedTensors
+
+    b = 2048
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(b, 64, generator=g, requires_grad=True)
+    labels = torch.arange(b) // 4
+    start = time.perf_counter()
+    with CreatedTensors() as created:
+        lf.triplet_loss(x, labels, mining=mining, soft_margin=soft_margin).backward()
+    elapsed = time.perf_counter() - start
+    biggest = max(math.prod(shape) for _, shape in created.shapes)
+    assert biggest <= max(b * b, ref.CHUNK_ELEMENTS), (biggest, [s for s in created.shapes if math.prod(s[1]) == biggest])
+    assert elapsed < 60, f"{mining} soft_margin={soft_margin}: {elapsed:.1f} s"
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0

@@ -37,6 +37,16 @@ class Options:
     focal_alpha: float | None  # the float form; a tensor alpha is passed apart
 
 
+def options(what, weight, focal_alpha, *, ignore_index, label_smoothing, z_loss, softcap, focal_gamma):
+    """(Options, the tensor focal_alpha or None); class vectors that require grad are refused."""
+    alpha = focal_alpha if isinstance(focal_alpha, torch.Tensor) else None
+    for name, t in (("weight", weight), ("focal_alpha", alpha)):
+        if t is not None and t.requires_grad and torch.is_grad_enabled():
+            raise NotImplementedError(f"{what}: {name} that requires grad is not supported across processes")
+    return Options(ignore_index, label_smoothing, z_loss, softcap, focal_gamma,
+                   None if alpha is not None else focal_alpha), alpha
+
+
 def vocab_slices(group: G.Group, what: str, local_size: int, vocab_start, same: dict) -> VocabSlice:
     """This rank's slice, after checking that the ranks' slices tile [0, V) (collective)."""
     explicit = vocab_start is not None
@@ -263,12 +273,8 @@ def vocab_parallel_cross_entropy(logits, target, weight, *, reduction, process_g
     group = G.resolve_group(process_group, logits.device)
     what = "cross_entropy(process_group=...)"
     soft = target.dtype.is_floating_point
-    alpha = focal_alpha if isinstance(focal_alpha, torch.Tensor) else None
-    opts = Options(ignore_index, label_smoothing, z_loss, softcap, focal_gamma,
-                   None if alpha is not None else focal_alpha)
-    for name, t in (("weight", weight), ("focal_alpha", alpha)):
-        if t is not None and t.requires_grad and torch.is_grad_enabled():
-            raise NotImplementedError(f"{what}: {name} that requires grad is not supported across processes")
+    opts, alpha = options(what, weight, focal_alpha, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                          z_loss=z_loss, softcap=softcap, focal_gamma=focal_gamma)
     vs = vocab_slices(group, what, logits.shape[1], vocab_start, {
         "loss": 1, "options": G.fingerprint(opts, reduction, soft, weight is not None, alpha is not None),
         "rows": logits.shape[0], "dtype": G.fingerprint(str(logits.dtype))})

@@ -16,7 +16,7 @@ import torch
 from ..ops.linear_cross_entropy import _Chunks, _Gradients
 from ..reference.cross_entropy import compute_dtype
 from . import _group as G
-from .cross_entropy import (Options, capped, class_block_grad, class_block_stats, merge_class_stats, owned_targets,
+from .cross_entropy import (capped, class_block_grad, class_block_stats, merge_class_stats, options, owned_targets,
                             slice_of, vocab_slices)
 
 class _VocabParallelLinearCE(torch.autograd.Function):
@@ -71,12 +71,8 @@ def vocab_parallel_linear_cross_entropy(x, weight, bias, target, class_weight, *
     class indices; options checked by the public function."""
     group = G.resolve_group(process_group, x.device)
     what = "linear_cross_entropy(process_group=...)"
-    alpha = focal_alpha if isinstance(focal_alpha, torch.Tensor) else None
-    opts = Options(ignore_index, label_smoothing, z_loss, softcap, focal_gamma,
-                   None if alpha is not None else focal_alpha)
-    for name, t in (("weight", class_weight), ("focal_alpha", alpha)):
-        if t is not None and t.requires_grad and torch.is_grad_enabled():
-            raise NotImplementedError(f"{what}: {name} that requires grad is not supported across processes")
+    opts, alpha = options(what, class_weight, focal_alpha, ignore_index=ignore_index,
+                          label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, focal_gamma=focal_gamma)
     vs = vocab_slices(group, what, weight.shape[0], vocab_start, {
         "loss": 6, "options": G.fingerprint(opts, reduction, class_weight is not None, alpha is not None,
                                             bias is not None, reduce_input_grad),

@@ -78,6 +78,24 @@ def check_class_vector(name, t, num_classes, input):
     C.check_same_device("input", input, **{name: t})
 
 
+def check_class_vectors(weight, focal_alpha, num_classes, input, names=None):
+    """weight and a tensor focal_alpha: (C,) float vectors on input's device (any length when None)."""
+    if weight is not None:
+        check_class_vector("weight", weight, num_classes, input)
+    if isinstance(focal_alpha, torch.Tensor):
+        check_class_vector((names or {}).get("focal_alpha", "focal_alpha"), focal_alpha, num_classes, input)
+
+
+def check_sharding(process_group, vocab_start) -> bool:
+    """Whether the call is vocabulary-parallel; vocab_start must come with a process group."""
+    C.check_process_group(process_group)
+    if vocab_start is not None:
+        if process_group is None:
+            raise ValueError("vocab_start is only meaningful with a process_group")
+        C.check_int("vocab_start", vocab_start)
+    return process_group is not None
+
+
 def _as_rows(input, target, soft):
     """(N, C, d1, ...) -> (M, C) rows with the class dimension last, plus the 'none' output shape.
     Class indices of any integer dtype become int64 (comparisons with ignore_index stay exact)."""
@@ -127,21 +145,12 @@ def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="m
                          z_loss=z_loss, softcap=softcap, focal_gamma=focal_gamma, focal_alpha=focal_alpha,
                          backend=backend, names=_names)
     reduction = opts.pop("reduction")
-    C.check_process_group(process_group)
-    sharded = process_group is not None
-    if weight is not None:
-        check_class_vector("weight", weight, None if sharded else num_classes, input)
-    if isinstance(opts["focal_alpha"], torch.Tensor):
-        check_class_vector((_names or {}).get("focal_alpha", "focal_alpha"), opts["focal_alpha"],
-                           None if sharded else num_classes, input)
+    sharded = check_sharding(process_group, vocab_start)
+    check_class_vectors(weight, opts["focal_alpha"], None if sharded else num_classes, input, _names)
     if soft and (opts["focal_gamma"] != 0.0 or opts["focal_alpha"] is not None):
         raise ValueError("focal_gamma/focal_alpha need class-index targets; got class probabilities "
                          f"(target dtype {target.dtype})")
     C.check_bool("inplace_backward", inplace_backward)
-    if vocab_start is not None:
-        if not sharded:
-            raise ValueError("vocab_start is only meaningful with a process_group")
-        vocab_start = C.check_int("vocab_start", vocab_start)
 
     logits, rows_target, out_shape = _as_rows(input, target, soft)
     if sharded:

@@ -10,8 +10,8 @@ import torch
 from .. import _checks as C
 from .._backends import LossKernels, register_kernels, resolve_backend
 from ..reference import linear_cross_entropy as ref
-from .cross_entropy import (CrossEntropyOptions, check_class_vector, check_options, check_target_range,
-                            kernel_gap, kernel_options)
+from .cross_entropy import (CrossEntropyOptions, check_class_vectors, check_options, check_sharding,
+                            check_target_range, kernel_gap, kernel_options)
 
 FAMILY = "linear_cross_entropy"
 register_kernels(FAMILY, LossKernels(backends=("cuda", "triton"), gradients_of="input, linear_weight and "
@@ -64,17 +64,9 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         raise ValueError(f"chunk_size must be a positive number of rows or None, got {chunk_size!r}")
     C.check_bool("fp32_weight_grad", fp32_weight_grad)
     reduction = opts.pop("reduction")
-    C.check_process_group(process_group)
-    sharded = process_group is not None
-    if weight is not None:
-        check_class_vector("weight", weight, None if sharded else num_classes, input)
-    if isinstance(opts["focal_alpha"], torch.Tensor):
-        check_class_vector("focal_alpha", opts["focal_alpha"], None if sharded else num_classes, input)
+    sharded = check_sharding(process_group, vocab_start)
+    check_class_vectors(weight, opts["focal_alpha"], None if sharded else num_classes, input)
     C.check_bool("reduce_input_grad", reduce_input_grad)
-    if vocab_start is not None:
-        if not sharded:
-            raise ValueError("vocab_start is only meaningful with a process_group")
-        vocab_start = C.check_int("vocab_start", vocab_start)
     flat_input, flat_target = input.reshape(-1, input.shape[-1]), target.reshape(-1).to(torch.int64)
     if sharded:
         loss = _sharded_loss(flat_input, linear_weight, linear_bias, flat_target, weight, reduction, chunk,

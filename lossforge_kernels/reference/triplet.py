@@ -24,8 +24,11 @@ Reductions ('sum' always equals 'none'.sum()):
           has a negative; both are nan when there is nothing to average, as torch's mean of nothing.
           batch_all: over the triplets with a non-zero loss (every triplet with soft_margin), and 0,
           not nan, when there is none.
-semi_hard and batch_all visit anchors in chunks so that at most chunk x B x B values live at once,
-also in backward (batch_all recomputes each chunk there rather than keeping B^3 values).
+semi_hard and batch_all (hinge) work from each anchor's sorted negative distances: the first negative
+beyond d_ap by binary search, and the count and sum of the negatives within d_ap + margin from prefix
+sums, O(B^2 log B) time and B x B memory, backward included. batch_all with soft_margin (no such
+shortcut) visits anchors in chunks so that at most chunk x B x B values live at once, also in
+backward (it recomputes each chunk there rather than keeping B^3 values).
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ MININGS = ("batch_hard", "semi_hard", "batch_all")
 DISTANCES = ("euclidean", "squared_euclidean", "cosine")
 EUCLIDEAN_EPS = 1e-12
 NORM_EPS = 1e-12
-# Elements of one chunk x B x B block: 2M float32 values are 8 MB, a few such temporaries per chunk.
+# Elements of one chunk x P x B block of soft-margin batch_all: 2M float32 values are 8 MB.
 CHUNK_ELEMENTS = 1 << 21
 
 
@@ -62,13 +65,6 @@ def _triplet_term(gap: torch.Tensor, margin: float, soft_margin: bool) -> torch.
     return F.softplus(gap) if soft_margin else F.relu(gap + margin)
 
 
-def _chunks(batch: int, chunk_size: int | None, width: int | None = None):
-    if chunk_size is None:
-        chunk_size = max(1, CHUNK_ELEMENTS // max(1, (width or batch) ** 2))
-    for start in range(0, batch, chunk_size):
-        yield start, min(start + chunk_size, batch)
-
-
 def _batch_hard(dist, pos, neg, margin, soft_margin):
     # Selection by index then gather, so the gradient goes to exactly one positive and one negative.
     hardest_pos = dist.masked_fill(~pos, float("-inf")).argmax(1, keepdim=True)
@@ -80,46 +76,72 @@ def _batch_hard(dist, pos, neg, margin, soft_margin):
     return per_anchor, kept.sum()
 
 
+def _sorted_negatives(dist, neg):
+    """Each anchor's negative distances in ascending order (non-negatives last, as +inf) with their
+    columns; the sort is stable, so equal distances keep the smallest column first."""
+    return torch.sort(dist.masked_fill(~neg, float("inf")), dim=1, stable=True)
+
+
 def _semi_hard(dist, pos, neg, margin, soft_margin, chunk_size):
-    batch = dist.shape[0]
-    chosen = torch.empty(dist.shape, dtype=torch.long, device=dist.device)  # [anchor, positive] -> negative
     with torch.no_grad():  # only the choice is made here; the gradient comes through the gather below
         d = dist.detach()
         farthest_neg = d.masked_fill(~neg, float("-inf")).argmax(1)
-        for start, stop in _chunks(batch, chunk_size, dist.shape[1]):
-            rows = d[start:stop]                                                   # (c, B)
-            # outside[a, j, k]: negative k is farther from anchor a than positive j is.
-            outside = neg[start:stop, None, :] & (rows[:, None, :] > rows[:, :, None])
-            nearest_outside = rows[:, None, :].masked_fill(~outside, float("inf")).argmin(2)
-            chosen[start:stop] = torch.where(outside.any(2), nearest_outside, farthest_neg[start:stop, None])
+        sorted_d, columns = _sorted_negatives(d, neg)
+        # for every column j, the first negative strictly farther than j: a binary search per pair
+        first = torch.searchsorted(sorted_d, d.contiguous(), right=True)
+        beyond = first < neg.sum(1, keepdim=True)
+        nearest = columns.gather(1, first.clamp(max=d.shape[1] - 1))
+        chosen = torch.where(beyond, nearest, farthest_neg[:, None])  # [anchor, positive] -> negative
     d_an = dist.gather(1, chosen)
     pairs = pos & neg.any(1, keepdim=True)
     per_pair = torch.where(pairs, _triplet_term(dist - d_an, margin, soft_margin), 0)
     return per_pair.sum(1), pairs.sum()
 
 
-def _batch_all_chunk(rows, pos_rows, neg_rows, margin: float, soft_margin: bool):
-    """Per-anchor loss sums and the count of triplets 'mean' averages over, for one chunk of anchors."""
-    valid = pos_rows[:, :, None] & neg_rows[:, None, :]                            # (c, B, B): [a, p, n]
-    loss = _triplet_term(rows[:, :, None] - rows[:, None, :], margin, soft_margin)
-    loss = torch.where(valid, loss, 0)
-    counted = valid if soft_margin else loss > 0
-    return loss.sum((1, 2)), counted.sum()
+def _batch_all_hinge(dist, pos, neg, margin):
+    """batch_all with relu(d_ap - d_an + margin): per (anchor, positive), the k negatives with d_an <
+    d_ap + margin give k (d_ap + margin) - (their distances' sum), read off the sorted negatives'
+    prefix sums after a binary search; O(B^2 log B) time and B x B memory, backward included."""
+    sorted_d, _ = _sorted_negatives(dist, neg)  # the values carry the gradient back to their columns
+    finite = torch.isfinite(sorted_d)
+    prefix = torch.cumsum(torch.where(finite, sorted_d, 0.0), dim=1)
+    threshold = dist + margin
+    k = torch.searchsorted(sorted_d.detach(), threshold.detach().contiguous())  # how many d_an < threshold
+    closer = torch.where(k > 0, prefix.gather(1, (k - 1).clamp(min=0)), 0.0)
+    per_pair = torch.where(pos, k.to(dist.dtype) * threshold - closer, 0.0)
+    return per_pair.sum(1), torch.where(pos, k, 0).sum()
+
+
+def _soft_chunk(d_ap, pos_slots, rows, neg_rows):
+    """Per-anchor sums of softplus(d_ap - d_an) over (positive, negative) pairs, for one chunk of anchors:
+    d_ap (c, P) the distances of each anchor's positive slots, rows (c, B) its distances to the batch."""
+    valid = pos_slots[:, :, None] & neg_rows[:, None, :]                           # (c, P, B): [a, p, n]
+    return torch.where(valid, F.softplus(d_ap[:, :, None] - rows[:, None, :]), 0).sum((1, 2))
 
 
 def _batch_all(dist, pos, neg, margin, soft_margin, chunk_size):
-    sums, count = [], dist.new_zeros((), dtype=torch.long)
+    if not soft_margin:
+        return _batch_all_hinge(dist, pos, neg, margin)
+    # Every (positive, negative) pair counts, so no sort helps; only each anchor's positives are visited.
+    # On CPU their largest count is read (free) and the blocks are (chunk x P x B); on a GPU, where that
+    # read would wait for the device, P is B.
+    slots = int(pos.sum(1).max()) if dist.device.type == "cpu" and pos.numel() else dist.shape[1]
+    columns = torch.sort(pos.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :max(slots, 1)]
+    pos_slots = pos.gather(1, columns)
+    d_ap = dist.gather(1, columns)
+    width = max(1, pos_slots.shape[1] * dist.shape[1])
+    step = chunk_size or max(1, CHUNK_ELEMENTS // width)
     recompute = torch.is_grad_enabled() and dist.requires_grad
-    for start, stop in _chunks(dist.shape[0], chunk_size, dist.shape[1]):
-        args = (dist[start:stop], pos[start:stop], neg[start:stop], margin, soft_margin)
-        if recompute:  # keep only `dist` for backward and rebuild the chunk's c x B x B values there
-            chunk_sums, chunk_count = checkpoint(_batch_all_chunk, *args, use_reentrant=False,
-                                                 preserve_rng_state=False)
+    sums = []
+    for start in range(0, dist.shape[0], step):
+        args = (d_ap[start:start + step], pos_slots[start:start + step], dist[start:start + step],
+                neg[start:start + step])
+        if recompute:  # keep only the inputs for backward and rebuild the chunk's values there
+            sums.append(checkpoint(_soft_chunk, *args, use_reentrant=False, preserve_rng_state=False))
         else:
-            chunk_sums, chunk_count = _batch_all_chunk(*args)
-        sums.append(chunk_sums)
-        count = count + chunk_count
-    return torch.cat(sums), count
+            sums.append(_soft_chunk(*args))
+    count = (pos.sum(1) * neg.sum(1)).sum()  # every valid triplet counts with soft_margin
+    return torch.cat(sums) if sums else dist.new_zeros(0), count
 
 
 def anchor_losses(dist, pos, neg, *, mining, margin, soft_margin, chunk_size=None):
@@ -149,7 +171,7 @@ def triplet_loss(embeddings, labels, *, margin=0.2, mining="batch_hard", distanc
                  normalize=False, reduction="mean", chunk_size=None):
     """Triplet loss of (B, D) embeddings with (B,) integer labels; arguments are assumed checked.
 
-    chunk_size: anchors per chunk for semi_hard / batch_all (default: as many as fit CHUNK_ELEMENTS).
+    chunk_size: anchors per chunk of batch_all with soft_margin (default: as many as fit CHUNK_ELEMENTS).
     """
     ct = compute_dtype(embeddings.dtype)
     x = embeddings.to(ct)
