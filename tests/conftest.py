@@ -71,3 +71,15 @@ class LaunchLog(torch.utils._python_dispatch.TorchDispatchMode):
         if name not in _NO_LAUNCH:
             self.ops.append(name)
         return func(*args, **(kwargs or {}))
+
+
+def run_without_host_sync(step):
+    """step() once to compile kernels and warm the allocator, then again with torch raising on any
+    device-to-host copy or synchronisation (CUDA only)."""
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

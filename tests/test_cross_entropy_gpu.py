@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import lossforge_kernels as lf
-from tests.conftest import HAS_GPU, assert_close_rel
+from tests.conftest import HAS_GPU, assert_close_rel, run_without_host_sync
 from tests.test_cross_entropy import make_inputs
 from tests.test_cross_entropy_kernels import run_both
 
@@ -28,13 +28,7 @@ def test_gpu_no_host_sync(backend):
                              backend=backend).sum().backward()
             lf.sigmoid_focal_loss(xs, ts, reduction=reduction, backend=backend).sum().backward()
 
-    step()  # compiles the kernels and warms the allocator outside the checked region
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    run_without_host_sync(step)
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..reference import row_softmax as core
 from ..reference.contrastive import _embed, _scalar
 from ..reference.cross_entropy import compute_dtype
 from . import _group as G
@@ -284,7 +285,4 @@ class _InfoNCERing(torch.autograd.Function):
 def _online(m, s, logits):
     """The running row max and sum of exp after one more block of a row's logits."""
     block_m = logits.max(1).values
-    new_m = torch.maximum(m, block_m)
-    safe = torch.where(torch.isinf(new_m) & (new_m < 0), torch.zeros_like(new_m), new_m)
-    old = torch.where(torch.isinf(m) & (m < 0), 0.0, s * torch.exp(m - safe))
-    return new_m, old + torch.exp(logits - safe[:, None]).sum(1)
+    return core.merge(m, s, block_m, core.exp_diff(logits, core.safe_max(block_m)[:, None]).sum(1))

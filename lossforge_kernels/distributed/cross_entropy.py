@@ -103,7 +103,7 @@ def class_block_stats(y, col, owned, weight, alpha, smooth: bool):
         zero = y.new_zeros(rows)
         return torch.stack([zero - float("inf"), zero, zero, zero, zero, zero, zero], 1)
     m = y.max(1).values
-    safe = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
+    safe = core.safe_max(m)
     hit = owned[:, None] & (torch.arange(y.shape[1], device=y.device) == col[:, None])
     s = torch.exp(y - safe[:, None]).masked_fill(hit, 0.0).sum(1)  # the target's term never enters the sum
     y_t = torch.where(owned, y.gather(1, col[:, None]).squeeze(1), 0)
@@ -121,7 +121,7 @@ def soft_block_stats(y, q, weight, eps: float, total: int):
         zero = y.new_zeros(y.shape[0])
         return torch.stack([zero - float("inf"), zero, zero, zero], 1)
     m = y.max(1).values
-    safe = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
+    safe = core.safe_max(m)
     wq = ((1.0 - eps) * q.to(y.dtype) + eps / total) * _weights(weight, y)
     return torch.stack([m, torch.exp(y - safe[:, None]).sum(1), wq.sum(1), (wq * (safe[:, None] - y)).sum(1)], 1)
 
@@ -134,9 +134,7 @@ def _weights(weight, y):
 def merge_max_sum(m_parts, s_parts):
     """(W, rows) partial maxima and sums of exp(y - m_r) -> the row's max and sum of exp(y - m)."""
     m = m_parts.max(0).values
-    safe = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
-    weights = torch.where(torch.isinf(m_parts) & (m_parts < 0), 0, torch.exp(m_parts - safe))
-    return m, (s_parts * weights).sum(0)
+    return m, (s_parts * core.exp_diff(m_parts, core.safe_max(m))).sum(0)
 
 
 @dataclasses.dataclass

@@ -12,6 +12,7 @@ the C++ checks that guard memory (devices, dtypes, shapes, strides).
 """
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Callable
 
@@ -56,6 +57,7 @@ def raw_kernel_op(name: str, backend: str):
     return getattr(torch.ops.lossforge, f"{name}_{backend}").default
 
 
+@functools.cache  # resolved once per op: it is on every call's path
 def kernel_op(name: str, backend: str):
     """The kernel op `<name>_<backend>` behind its contract check (the Triton op checks itself)."""
     op = raw_kernel_op(name, backend)

@@ -55,10 +55,15 @@ def exp_diff(y, m):
     return torch.exp(y - m)
 
 
+def safe_max(m):
+    """m, or 0 where m is -inf (rows or parts with nothing in them), so that y - m is never -inf - -inf."""
+    return torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
+
+
 def merge(m_a, s_a, m_b, s_b):
     """Two partial (max, sum of exp) results of the same rows as one."""
     m = torch.maximum(m_a, m_b)
-    safe = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
+    safe = safe_max(m)
     return m, s_a * exp_diff(m_a, safe) + s_b * exp_diff(m_b, safe)
 
 
@@ -69,8 +74,7 @@ def online_lse(y, chunk):
     for start in range(0, y.shape[1], chunk):
         part = y[:, start:start + chunk]
         m_part = part.max(dim=1).values
-        safe = torch.where(torch.isinf(m_part) & (m_part < 0), torch.zeros_like(m_part), m_part)
-        m, s = merge(m, s, m_part, exp_diff(part, safe[:, None]).sum(dim=1))
+        m, s = merge(m, s, m_part, exp_diff(part, safe_max(m_part)[:, None]).sum(dim=1))
     return m, s
 
 
