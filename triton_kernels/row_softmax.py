@@ -8,7 +8,7 @@ import triton.language as tl
 
 from .math import log1p, tanh_and_slope
 
-NEG_INF = float("-inf")
+NEG_INF = tl.constexpr(float("-inf"))  # jit code may read only constexpr globals
 
 
 @triton.jit
