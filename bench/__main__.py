@@ -7,9 +7,10 @@ import sys
 
 import torch
 
-from . import ceilings, cross_entropy, harness, linear_cross_entropy, report, sigmoid_focal
+from . import ceilings, contrastive, cross_entropy, harness, linear_cross_entropy, report, sigmoid_focal, triplet
 
-SUITES = {s.name: s for s in (cross_entropy.SUITE, linear_cross_entropy.SUITE, sigmoid_focal.SUITE)}
+SUITES = {s.name: s for s in (cross_entropy.SUITE, linear_cross_entropy.SUITE, sigmoid_focal.SUITE,
+                                           contrastive.SUITE, triplet.SUITE)}
 PROVIDERS = tuple(dict.fromkeys(n for s in SUITES.values() for n in s.provider_names))
 FAMILIES = tuple(dict.fromkeys(n.split("-")[0] for n in PROVIDERS if "-" in n))  # "lf" selects every lf-*
 KNOWN_PROVIDERS = ", ".join(PROVIDERS) + "".join(f"; '{f}' selects every {f}-*" for f in FAMILIES)

@@ -62,10 +62,14 @@ class Suite:
     reference: Callable[[Case, dict], torch.Tensor]                     # lossforge reference loss
     bytes_model: Callable[[Case], tuple[int, str]]                      # bytes moved, how they are counted
     provider_names: tuple[str, ...]  # every name providers() can return or skip, known without calling it
-    grads: tuple[str, ...] = ("input",)  # the inputs whose gradients a fwd+bwd step returns
+    grads: tuple[str, ...] | Callable[[Case], tuple[str, ...]] = ("input",)  # the inputs whose gradients a
+    # fwd+bwd step returns (or case -> those names, where the cases differ)
     flops_model: Callable[[Case], tuple[int, str]] | None = None  # FLOPs, how counted: TFLOP/s, % of a product
     accum_mb: Callable[[Case, str], float] | None = None  # (case, provider) -> MB of it that are an accumulator
     tradeoff_plot: bool = False  # also draw time against extra memory (<suite>_memory.png)
+
+    def graded(self, case: Case) -> tuple[str, ...]:
+        return self.grads(case) if callable(self.grads) else self.grads
 
 
 @dataclasses.dataclass
@@ -243,7 +247,7 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def _expected(suite: Suite, case: Case, inputs: dict):
     """(loss, gradients or None) from the lossforge reference on private copies of the inputs."""
-    grads = suite.grads if case.mode == "fwd+bwd" else ()
+    grads = suite.graded(case) if case.mode == "fwd+bwd" else ()
     ref_inputs = dict(inputs, **{k: inputs[k].detach().clone().requires_grad_(True) for k in grads})
     if case.mode == "fwd":
         with torch.no_grad():
@@ -262,7 +266,7 @@ def _check(fn, suite, case, inputs, reset, expected) -> float:
             return rel_err(fn(inputs), loss_want)
     loss = fn(inputs)
     _backward(loss, inputs.get("grad_output"))
-    got = [loss] + [inputs[k].grad for k in suite.grads]
+    got = [loss] + [inputs[k].grad for k in suite.graded(case)]
     return max(rel_err(a, e) if a is not None else math.inf for a, e in zip(got, [loss_want] + grads_want))
 
 
@@ -340,7 +344,7 @@ def _time_cpu(step, reset, settings):
 def _measure(provider, suite, case, inputs, expected, settings, nbytes) -> dict:
     fn = provider.bind(case)
     x = inputs["input"]
-    graded = [inputs[k] for k in suite.grads]
+    graded = [inputs[k] for k in suite.graded(case)]
     pristine = x.detach().clone() if provider.mutates_input else None
 
     def reset(clear_grad=True):
@@ -427,7 +431,7 @@ def run_suite(suite: Suite, settings: Settings, env: dict, log=print) -> list[di
             except Exception as exc:
                 row["status"] = short_error(exc)
             finally:
-                for k in suite.grads:
+                for k in suite.graded(case):
                     inputs[k].grad = None
                 if settings.device.type == "cuda":
                     torch.cuda.empty_cache()

@@ -42,7 +42,7 @@ class Sample:
 
 @dataclasses.dataclass(frozen=True)
 class KernelSpec:
-    family: str                    # the file stem: ops lossforge::<family>_{fused,rows,rows_grad}_<backend>
+    family: str                    # the file stem: lossforge_kernels/ops/<family>.py
     make: Callable                 # (shape, opts, dtype, device, generator) -> Sample
     cases: tuple                   # option dicts (the loss's options, plus test-only keys `make` reads)
     shapes: tuple                  # shapes for the fp32 grid
@@ -60,6 +60,7 @@ class KernelSpec:
     op_inputs: Callable | None = None  # device -> (kernel-contract tensors, params) for the builder ops
     kernel_op_samples: Callable | None = None  # device -> [(op name, args)] for opcheck of the kernel ops
     gaps: tuple = ()               # tensors the kernels do not differentiate (may require grad)
+    builder_spec: str = "SPEC"     # the FusedLoss in ops/<family>.py (its name gives the builder ops' names)
 
 
 def _seeded(seed):
@@ -270,11 +271,11 @@ def gradient_gaps(spec: KernelSpec, tol=1e-5):
 def spec_ops(spec: KernelSpec):
     import importlib
 
-    return importlib.import_module(f"lossforge_kernels.ops.{spec.family}").SPEC
+    return getattr(importlib.import_module(f"lossforge_kernels.ops.{spec.family}"), spec.builder_spec)
 
 
 def _builder_op(spec, kind, backend):
-    return getattr(torch.ops.lossforge, f"{spec.family}_{kind}_{backend}").default
+    return getattr(torch.ops.lossforge, f"{spec_ops(spec).name}_{kind}_{backend}").default
 
 
 def _id(opts):

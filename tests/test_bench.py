@@ -41,7 +41,7 @@ def test_cli_writes_csv_png_and_markdown(tmp_path, capsys):
 
     fields, rows = _read_csv(out / "results.csv")
     assert tuple(fields) == harness.COLUMNS
-    for suite in (cross_entropy.SUITE, linear_cross_entropy.SUITE, sigmoid_focal.SUITE):
+    for suite in cli.SUITES.values():
         cases = suite.cases("tiny")
         for provider in CPU_PROVIDERS:
             mine = [r for r in rows if r["suite"] == suite.name and r["provider"] == provider]
@@ -195,15 +195,16 @@ def test_an_unknown_provider_is_refused_before_anything_is_measured(tmp_path, ca
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "--providers: unknown provider(s) ['nope', 'lf-cude']; known: torch, torch.compile, lf-cuda, " \
-           "lf-triton, lf-reference, liger, torch.lce, torch.lce.chunked, cce, torchvision; 'lf' selects every " \
-           "lf-*" in err
+           "lf-triton, lf-reference, liger, torch.lce, torch.lce.chunked, cce, torchvision, inf_cl, open_clip, " \
+           "metric_learning; 'lf' selects every lf-*" in err
     assert (out / "results.md").read_text() == "old"
     assert cli._parse(["--providers", "lf,torchvision,liger"]).providers == "lf,torchvision,liger"
 
 
 def test_the_known_providers_come_from_the_suites():
     assert cli.PROVIDERS == ("torch", "torch.compile", "lf-cuda", "lf-triton", "lf-reference", "liger",
-                             "torch.lce", "torch.lce.chunked", "cce", "torchvision")
+                             "torch.lce", "torch.lce.chunked", "cce", "torchvision", "inf_cl", "open_clip",
+                             "metric_learning")
     assert cli.FAMILIES == ("lf",)
 
 
@@ -290,7 +291,7 @@ def test_each_suite_lists_its_standard_providers_in_order_on_cpu(monkeypatch):
 @pytest.mark.parametrize("only", [None, frozenset({"torch"}), frozenset({"lf", "liger", "torchvision"})])
 def test_each_suites_declared_provider_names_are_what_providers_returns_or_skips(monkeypatch, only):
     monkeypatch.setattr(harness, "compile_problem", lambda device_type, timeout_s: "probe left out in this test")
-    for suite in (cross_entropy.SUITE, linear_cross_entropy.SUITE, sigmoid_focal.SUITE):
+    for suite in cli.SUITES.values():
         got, skipped = suite.providers(dataclasses.replace(_settings(), only=only))
         names = [p.name for p in got] + list(skipped)
         assert sorted(names) == sorted(suite.provider_names), suite.name

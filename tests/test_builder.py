@@ -79,14 +79,19 @@ def test_every_family_has_one_file_stem_everywhere():
                      ROOT / "tests" / f"test_{stem}.py"):
             assert path.exists(), f"family {stem}: {path.relative_to(ROOT)} is missing"
         assert importlib.import_module(f"lossforge_kernels.losses.{stem}").FAMILY == stem
-    # A family with kernel ops of its own has them under its stem in every folder.
+    # A family with kernel ops of its own has them under its stem in every folder. Its specs carry
+    # the stem as their name, or (contrastive: one pair of kernel ops, three losses) each loss's name.
+    spec_names = []
     for ops_file in (PACKAGE / "ops").glob("[!_]*.py"):
         stem = ops_file.stem
         if stem == "builder":
             continue
         assert stem in families, f"ops/{stem}.py is not a registered family"
-        spec = importlib.import_module(f"lossforge_kernels.ops.{stem}").SPEC
-        assert spec.name == stem
+        module = importlib.import_module(f"lossforge_kernels.ops.{stem}")
+        specs = [v for v in vars(module).values() if isinstance(v, builder.FusedLoss)]
+        assert specs, f"ops/{stem}.py has no FusedLoss spec"
+        assert len(specs) > 1 or specs[0].name == stem, (stem, [s.name for s in specs])
+        spec_names += [s.name for s in specs]
         expected = [ROOT / "bench" / f"{stem}.py", ROOT / "tests" / f"test_{stem}.py"]
         if _kernel_ops_of(stem):  # kernels of its own (linear_cross_entropy runs the cross-entropy ones)
             if "triton" in families[stem].backends:
@@ -95,6 +100,7 @@ def test_every_family_has_one_file_stem_everywhere():
                 expected.append(ROOT / "csrc" / f"{stem}.cu")
         for path in expected:
             assert path.exists(), f"family {stem}: {path.relative_to(ROOT)} is missing"
+    assert len(set(spec_names)) == len(spec_names), spec_names  # the builder ops' names are unique
 
 
 def _kernel_ops_of(stem):

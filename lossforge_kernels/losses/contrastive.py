@@ -1,8 +1,7 @@
 """Public contrastive losses: info_nce (InfoNCE / CLIP), supcon_loss, siglip_loss and their modules.
 
-Checks arguments (metadata only, nothing synchronises), picks the backend and runs it. No fused
-kernels exist for these losses yet, so every call runs reference/contrastive.py; an explicit
-kernel backend raises BackendUnavailableError.
+Checks arguments (metadata only, nothing synchronises), picks the backend and runs it: the fused
+kernels (ops/contrastive.py) for CUDA tensors, or reference/contrastive.py.
 """
 from __future__ import annotations
 
@@ -16,7 +15,17 @@ from .._backends import LossKernels, register_kernels, resolve_backend
 from ..reference import contrastive as ref
 
 FAMILY = "contrastive"
-register_kernels(FAMILY, LossKernels(backends=()))  # the references only, so far
+register_kernels(FAMILY, LossKernels(backends=("triton", "cuda"),
+                                     gradients_of="query, key (features), logit_scale and logit_bias"))
+F32 = torch.float32
+
+
+def _kernel_scalar(value, like):
+    """A logit scale or bias as the kernels take it: a 0-dim fp32 tensor on like's device (a tensor
+    keeps its gradient through the conversion)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=like.device, dtype=F32)
+    return like.new_full((), float(value), dtype=F32)
 
 
 def _check_pair(query, key):
@@ -68,14 +77,19 @@ def info_nce(query, key, *, logit_scale=None, temperature=0.07, symmetric=True, 
         raise ValueError(f"symmetric=True needs as many keys as queries (M == B = {query.shape[0]}), got key shape "
                          f"{tuple(key.shape)}; pass symmetric=False to use extra keys as negatives")
     reduction = C.check_reduction(reduction)
-    resolve_backend(backend, FAMILY, query)  # reference only for now: kernels would dispatch here
+    chosen = resolve_backend(backend, FAMILY, query)
     scale = 1.0 / temperature if logit_scale is None else logit_scale
     if process_group is not None:
         from ..distributed import contrastive as dist_impl
 
         return dist_impl.info_nce(query, key, scale, symmetric=symmetric, normalize=normalize, reduction=reduction,
                                   process_group=process_group, backend="auto" if backend == "auto" else "reference")
-    return ref.info_nce(query, key, scale, symmetric=symmetric, normalize=normalize, reduction=reduction)
+    if chosen == "reference" or query.shape[0] == 0:
+        return ref.info_nce(query, key, scale, symmetric=symmetric, normalize=normalize, reduction=reduction)
+    from ..ops.contrastive import info_nce_kernels
+
+    tensors = (query.contiguous(), key.contiguous(), _kernel_scalar(scale, query))
+    return info_nce_kernels(tensors, (normalize, symmetric), reduction=reduction, backend=chosen)
 
 
 def supcon_loss(features, labels, *, temperature=0.07, normalize=True, reduction="mean", process_group=None,
@@ -91,13 +105,18 @@ def supcon_loss(features, labels, *, temperature=0.07, normalize=True, reduction
     temperature = C.check_float("temperature", temperature, low=0.0, low_open=True)
     normalize = C.check_bool("normalize", normalize)
     reduction = C.check_reduction(reduction)
-    resolve_backend(backend, FAMILY, features)
+    chosen = resolve_backend(backend, FAMILY, features)
     if process_group is not None:
         from ..distributed import contrastive as dist_impl
 
         return dist_impl.supcon_loss(features, labels, temperature, normalize=normalize, reduction=reduction,
                                      process_group=process_group)
-    return ref.supcon_loss(features, labels, temperature, normalize=normalize, reduction=reduction)
+    if chosen == "reference" or features.shape[0] == 0:
+        return ref.supcon_loss(features, labels, temperature, normalize=normalize, reduction=reduction)
+    from ..ops.contrastive import supcon_kernels
+
+    tensors = (features.contiguous(), labels.to(torch.int64).contiguous())
+    return supcon_kernels(tensors, (temperature, normalize), reduction=reduction, backend=chosen)
 
 
 def siglip_loss(query, key, logit_scale, logit_bias, *, normalize=True, reduction="mean", process_group=None,
@@ -114,13 +133,19 @@ def siglip_loss(query, key, logit_scale, logit_bias, *, normalize=True, reductio
     logit_bias = _check_scalar("logit_bias", logit_bias, query, positive=False)
     normalize = C.check_bool("normalize", normalize)
     reduction = C.check_reduction(reduction)
-    resolve_backend(backend, FAMILY, query)
+    chosen = resolve_backend(backend, FAMILY, query)
     if process_group is not None:
         from ..distributed import contrastive as dist_impl
 
         return dist_impl.siglip_loss(query, key, logit_scale, logit_bias, normalize=normalize, reduction=reduction,
                                      process_group=process_group)
-    return ref.siglip_loss(query, key, logit_scale, logit_bias, normalize=normalize, reduction=reduction)
+    if chosen == "reference" or query.shape[0] == 0:
+        return ref.siglip_loss(query, key, logit_scale, logit_bias, normalize=normalize, reduction=reduction)
+    from ..ops.contrastive import siglip_kernels
+
+    tensors = (query.contiguous(), key.contiguous(), _kernel_scalar(logit_scale, query),
+               _kernel_scalar(logit_bias, query))
+    return siglip_kernels(tensors, (normalize,), reduction=reduction, backend=chosen)
 
 
 class InfoNCELoss(nn.Module):

@@ -1,6 +1,8 @@
 """Public triplet loss with online mining (batch_hard, semi_hard, batch_all) and its module.
 
-Checks arguments and picks the backend; the maths lives in reference/triplet.py.
+Checks arguments and picks the backend; the maths lives in reference/triplet.py, the kernels in
+ops/triplet.py: batch_hard on the mining kernels, semi_hard and batch_all on the chunked row
+kernels. The cross-process path (process_group=) runs on the reference.
 """
 from __future__ import annotations
 
@@ -8,12 +10,16 @@ import math
 
 from torch import nn
 
+import torch
+
 from .. import _checks as C
-from .._backends import LossKernels, register_kernels, resolve_backend
+from .._backends import BACKENDS, KERNEL_BACKENDS, BackendUnavailableError, LossKernels, register_kernels, \
+    resolve_backend
+from ..ops import triplet as kernels
 from ..reference import triplet as ref
 
 FAMILY = "triplet"
-register_kernels(FAMILY, LossKernels(backends=()))  # the reference only, so far
+register_kernels(FAMILY, LossKernels(backends=("triton", "cuda")))  # Triton first: see the README (Backends)
 
 
 def _check_options(margin, mining, distance, soft_margin, normalize, reduction):
@@ -39,15 +45,39 @@ def triplet_loss(embeddings, labels, *, margin=0.2, mining="batch_hard", distanc
     C.check_rows_and_labels("embeddings", embeddings, labels)
     margin = _check_options(margin, mining, distance, soft_margin, normalize, reduction)
     C.check_process_group(process_group)
-    resolve_backend(backend, FAMILY, embeddings)  # only the reference exists: raises for explicit kernels
+    chosen = _choose_backend(backend, mining, process_group, embeddings)
     if process_group is not None:
         from ..distributed import triplet as dist_impl
 
         return dist_impl.triplet_loss(embeddings, labels, margin=margin, mining=mining, distance=distance,
                                       soft_margin=soft_margin, normalize=normalize, reduction=reduction,
                                       process_group=process_group)
-    return ref.triplet_loss(embeddings, labels, margin=margin, mining=mining, distance=distance,
-                            soft_margin=soft_margin, normalize=normalize, reduction=reduction)
+    if chosen == "reference" or embeddings.shape[0] == 0:
+        return ref.triplet_loss(embeddings, labels, margin=margin, mining=mining, distance=distance,
+                                soft_margin=soft_margin, normalize=normalize, reduction=reduction)
+    x = embeddings.contiguous()
+    tensors = (x, labels.to(torch.int64).contiguous(), kernels.row_scale(x, distance, normalize))
+    if mining == "batch_hard":
+        return kernels.triplet_kernels(tensors, (distance, margin, soft_margin), reduction=reduction, backend=chosen)
+    return kernels.triplet_mined_kernels(tensors, (mining, distance, margin, soft_margin, 0), reduction=reduction,
+                                         backend=chosen)
+
+
+def _choose_backend(backend, mining, process_group, embeddings):
+    """The kernels mine within one process; the cross-process path runs on the reference, and an
+    explicit kernel backend for it says so."""
+    C.check_choice("backend", backend, BACKENDS)
+    if process_group is None:
+        return resolve_backend(backend, FAMILY, embeddings)
+    if backend in KERNEL_BACKENDS:
+        raise BackendUnavailableError(
+            f"backend={backend!r}: triplet kernels mine within one process only; process_group (across "
+            f"processes) runs on backend='reference' or 'auto'")
+    try:
+        resolve_backend(backend, FAMILY, embeddings)  # still rejects a bad LOSSFORGE_BACKEND value
+    except BackendUnavailableError:
+        pass  # a kernel preference from the environment does not apply to this call
+    return "reference"
 
 
 class TripletLoss(nn.Module):

@@ -1,2 +1,2 @@
 """torch.library ops of the `lossforge` namespace, one module per loss family with kernels."""
-from . import cross_entropy, sigmoid_focal  # noqa: F401
+from . import contrastive, cross_entropy, sigmoid_focal, triplet  # noqa: F401

@@ -1,0 +1,703 @@
+// The contrastive family's CUDA ops: InfoNCE / CLIP, SupCon and SigLIP (contract: ops/contrastive.py's
+// docstring, checked in Python before every call; C++ keeps the checks that guard memory).
+//
+// The (B, M) similarity matrix never exists: the rows are walked in chunks of at most ~32 MiB of
+// fp32 (rows_per_chunk), and each chunk's similarities S_c = x_c @ y^T come from cuBLAS (fp32 out,
+// fp32 accumulation; fp32 inputs at torch's matmul precision: full fp32 unless TF32 is allowed). With c_ij = S_ij r_i r'_j (r the
+// fp32 inverse row norms, 1 without `normalize`) and z_ij = s c_ij (+ b for SigLIP):
+//   inv_norm_kernel     r_i = 1 / max(|x_i|, 1e-12) per row, and r_i^2 where the clamp is off
+//                       (what the normalisation's backward subtracts), one warp per row.
+//   row_stats_kernel    forward, one block per chunk row: the online (max, sum-exp) of the row
+//                       (InfoNCE; SupCon without self), the diagonal, SupCon's positive count and
+//                       sum, SigLIP's softplus sum; writes loss and stats.
+//   col_stats_kernel    symmetric InfoNCE: the chunk's per-column (max, sum-exp), merged into
+//                       running column stats (M,) chunk after chunk (a fixed order, no atomics);
+//                       finish_symmetric_kernel then completes each row's loss with its column lse
+//                       (the diagonal waits in stats[1] until then).
+//   pair_grad_kernel    backward, one block per chunk row: dZ from the saved stats, written as
+//                       G = s dZ r'_j in the inputs' dtype so that one cuBLAS product G @ y gives the
+//                       gradient before normalisation, plus the row sums that grad_coef and the
+//                       normalisation need. A row can carry two roles of the pair term: symmetric
+//                       InfoNCE's row and column halves, or SupCon's anchor (dZ_ij) and key (dZ_ji,
+//                       the same S entry because S is symmetric) roles.
+//   finish_grad_kernel  grad_x = r (acc - coef r x) per row (acc without `normalize`), in x's dtype.
+// grad_query walks chunks of query rows; grad_key walks chunks of key rows on S^T = k_c @ q^T (a
+// fifth product, so that no fp32 (M, D) accumulator is needed).
+//
+// Designed work per call, B x M pairs, width D, e = element bytes, chunk buffers not counted as cached:
+//   forward   one product (2BMD FLOPs); S written once (4BM B), read by the row pass (4BM) and,
+//             symmetric only, by the column pass (4BM); inputs read once per chunk by cuBLAS.
+//   backward  with grad_query and grad_key: four products (8BMD FLOPs); per pass S written and read
+//             (8BM), G written and read (2eBM), so 2 x (8 + 2e) BM bytes.
+//
+// The products go through at::mm_out (its out_dtype overload for half inputs): torch's cuBLAS
+// handle, stream and workspace, and torch's matmul precision setting for fp32 inputs.
+//
+// Compile facts (nvcc 13.0, -O3, ptxas -v, sm_80 / sm_90): registers row_stats 27-36, col_stats 30,
+// pair_grad 31-48 (SupCon 64-74), finish_grad 26-32, inv_norm 32, finish_symmetric 16; no stack
+// frame, no spills, no local memory in the SASS; about 2 minutes to compile.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <initializer_list>
+#include <limits>
+#include <optional>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <torch/library.h>
+
+#include "common.cuh"
+#include "host_utils.h"
+#include "row_softmax.cuh"
+
+namespace lossforge {
+namespace {
+
+constexpr int kInfoNce = 0, kSupCon = 1, kSigLip = 2;
+constexpr int kThreads = 256;
+constexpr int kUnroll = 4;  // loads in flight per thread in the row loops
+constexpr float kNormEps = 1e-12f;
+
+// ---- device side ----
+
+template <bool kNorm>
+__device__ __forceinline__ float inv_norm_at(const float* inv, int64_t i) {
+  return kNorm ? inv[i] : 1.f;
+}
+
+// c = S r_a r_o, in one order for the forward and the backward so that both see the same logits.
+__device__ __forceinline__ float pair_cos(float sim, float ra, float ro) { return sim * ra * ro; }
+
+__device__ __forceinline__ float sigmoid(float t) { return 1.f / (1.f + expf(-t)); }
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) inv_norm_kernel(const T* x, int64_t rows, int64_t d, float* inv,
+                                                            float* proj) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarpSize);
+  for (int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarpSize; row < rows;
+       row += warps) {
+    const T* xr = x + row * d;
+    float ss = 0.f;
+    for (int64_t k = lane; k < d; k += kWarpSize) {
+      const float v = load_elem(xr + k);
+      ss = fmaf(v, v, ss);
+    }
+    ss = warp_sum(ss);
+    if (lane == 0) {
+      const float norm = sqrtf(ss);
+      const float r = 1.f / fmaxf(norm, kNormEps);
+      inv[row] = r;
+      if (proj != nullptr) proj[row] = norm >= kNormEps ? r * r : 0.f;  // clamped rows: d r / d x = 0
+    }
+  }
+}
+
+// A chunk of rows [row0, row0 + rows) of the own side against all n rows of the other side.
+struct FwdChunk {
+  const float* sim;  // (rows, n) fp32
+  int64_t row0, rows, n;
+  const float* inv_own;  // inverse norms by global row index, or null without `normalize`
+  const float* inv_other;
+  const float* scale;
+  const float* bias;
+  const int64_t* labels;  // SupCon
+  float* loss;            // (B,)
+  float* stats0;          // (B,) stats[0]
+  float* stats1;          // (B,) stats[1]
+  bool symmetric;
+};
+
+template <int kKind, bool kNorm>
+__global__ void __launch_bounds__(kThreads) row_stats_kernel(const FwdChunk c) {
+  const int64_t local = blockIdx.x, a = c.row0 + local;
+  const float* srow = c.sim + local * c.n;
+  const float s = *c.scale, b = kKind == kSigLip ? *c.bias : 0.f;
+  const float ra = inv_norm_at<kNorm>(c.inv_own, a);
+  const int64_t la = kKind == kSupCon ? c.labels[a] : 0;
+
+  Acc acc = acc_init();
+  float npos = 0.f, sum = 0.f;  // SupCon: positives and their logits; SigLIP: the softplus sum
+  struct Col {
+    float sim, ro;
+    int64_t label;
+  };
+  auto load = [&](int64_t o) {
+    return Col{srow[o], inv_norm_at<kNorm>(c.inv_other, o), kKind == kSupCon ? c.labels[o] : 0};
+  };
+  auto use = [&](int64_t o, const Col& v) {
+    const float z = fmaf(s, pair_cos(v.sim, ra, v.ro), b);
+    if constexpr (kKind == kSigLip) {
+      sum += softplus(o == a ? -z : z);
+    } else {
+      const bool self = o == a;
+      const float y = kKind == kSupCon && self ? -INFINITY : z;
+      accumulate<1, false, false, false>(acc, &y, nullptr, nullptr, -1, 0.f, 0.f, 0.f);
+      if (kKind == kSupCon && !self && v.label == la) {
+        npos += 1.f;
+        sum += z;
+      }
+    }
+  };
+  stream_packets<kUnroll>(static_cast<int64_t>(threadIdx.x), c.n, static_cast<int64_t>(blockDim.x), load, use);
+
+  __shared__ ReduceSmem sm;
+  __shared__ float scratch[2][kThreads / kWarpSize];
+  if constexpr (kKind != kSigLip) acc = block_merge<false, false>(acc, sm);
+  if constexpr (kKind != kInfoNce) sum = block_sum(sum, scratch[0]);
+  if constexpr (kKind == kSupCon) npos = block_sum(npos, scratch[1]);
+  if (threadIdx.x != 0) return;
+
+  if constexpr (kKind == kInfoNce) {
+    const float lse = acc.m + logf(acc.s);
+    const float diag = fmaf(s, pair_cos(srow[a], ra, inv_norm_at<kNorm>(c.inv_other, a)), 0.f);
+    c.stats0[a] = lse;
+    c.loss[a] = lse - diag;
+    if (c.symmetric) c.stats1[a] = diag;  // read and replaced by finish_symmetric_kernel
+  } else if constexpr (kKind == kSupCon) {
+    const bool live = npos > 0.f;
+    const float lse = live ? acc.m + logf(acc.s) : 0.f;
+    c.stats0[a] = lse;
+    c.stats1[a] = npos;
+    c.loss[a] = live ? lse - sum / npos : 0.f;
+  } else {
+    c.loss[a] = sum;
+  }
+}
+
+constexpr int kColTile = kWarpSize;                // columns per block, one per lane
+constexpr int kColGroups = kThreads / kColTile;  // row groups per block, one per warp
+
+struct ColChunk {
+  const float* sim;  // (rows, n) fp32
+  int64_t row0, rows, n;
+  const float* inv_own;
+  const float* inv_other;
+  const float* scale;
+  float* col_m;  // (n,) running column max
+  float* col_s;  // (n,) running column sum of exp(z - col_m)
+  bool first;    // the first chunk starts the running stats
+};
+
+// Each warp walks every kColGroups-th row of the chunk for 32 adjacent columns (coalesced), then
+// lane j's partials are merged in warp order and into the running stats: a fixed order throughout.
+template <bool kNorm>
+__global__ void __launch_bounds__(kThreads) col_stats_kernel(const ColChunk c) {
+  const int lane = threadIdx.x % kColTile, group = threadIdx.x / kColTile;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kColTile + lane;
+  Acc acc = acc_init();
+  if (j < c.n) {
+    const float s = *c.scale, ro = inv_norm_at<kNorm>(c.inv_other, j);
+    struct Cell {
+      float sim, ra;
+    };
+    auto load = [&](int64_t i) { return Cell{c.sim[i * c.n + j], inv_norm_at<kNorm>(c.inv_own, c.row0 + i)}; };
+    auto use = [&](int64_t, const Cell& v) {
+      const float z = fmaf(s, pair_cos(v.sim, v.ra, ro), 0.f);
+      accumulate<1, false, false, false>(acc, &z, nullptr, nullptr, -1, 0.f, 0.f, 0.f);
+    };
+    stream_packets<kUnroll>(static_cast<int64_t>(group), c.rows, static_cast<int64_t>(kColGroups), load, use);
+  }
+  __shared__ float part_m[kColGroups][kColTile], part_s[kColGroups][kColTile];
+  part_m[group][lane] = acc.m;
+  part_s[group][lane] = acc.s;
+  __syncthreads();
+  if (group != 0 || j >= c.n) return;
+  Acc chunk = acc_init();
+  for (int g = 0; g < kColGroups; ++g) merge(chunk, part_m[g][lane], part_s[g][lane], 0.f, 0.f);
+  if (!c.first) {
+    Acc run{c.col_m[j], c.col_s[j], 0.f, 0.f};
+    merge(run, chunk.m, chunk.s, 0.f, 0.f);
+    chunk = run;
+  }
+  c.col_m[j] = chunk.m;
+  c.col_s[j] = chunk.s;
+}
+
+// loss_i = (row loss + column loss) / 2 once every chunk has reached the column stats.
+__global__ void __launch_bounds__(kThreads) finish_symmetric_kernel(int64_t b, const float* col_m, const float* col_s,
+                                                                     float* loss, float* stats1) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= b) return;
+  const float col_lse = col_m[i] + logf(col_s[i]);
+  const float diag = stats1[i];
+  loss[i] = 0.5f * (loss[i] + (col_lse - diag));
+  stats1[i] = col_lse;
+}
+
+// What one side of the pair contributes to dZ: its rows' incoming gradient and saved stats.
+struct Role {
+  const float* g;     // grad_rows by row
+  const float* lse;   // the log-sum-exp its probabilities are relative to (InfoNCE, SupCon)
+  const float* npos;  // SupCon: positives per row
+  float weight;       // 1, or 1/2 for each half of symmetric InfoNCE
+};
+
+struct Anchor {
+  float g, lse, inv_n;
+  bool live;  // SupCon: the row has a positive
+};
+
+template <int kKind>
+__device__ __forceinline__ Anchor anchor_of(const Role& r, int64_t i) {
+  Anchor an{r.g[i], 0.f, 0.f, true};
+  if constexpr (kKind != kSigLip) an.lse = r.lse[i];
+  if constexpr (kKind == kSupCon) {
+    const float n = r.npos[i];
+    an.live = n > 0.f;
+    an.inv_n = an.live ? 1.f / n : 0.f;
+  }
+  return an;
+}
+
+// d(total)/dz of the pair for the row `an` belongs to (contract: contrastive_bwd's formulas).
+template <int kKind>
+__device__ __forceinline__ float pair_grad(float z, bool self, bool pos, const Anchor& an) {
+  if constexpr (kKind == kInfoNce) {
+    return an.g * (exp_diff(z, an.lse) - (self ? 1.f : 0.f));
+  } else if constexpr (kKind == kSupCon) {
+    if (!an.live) return 0.f;
+    const float p = self ? 0.f : exp_diff(z, an.lse);
+    return an.g * (p - (pos ? an.inv_n : 0.f));
+  } else {
+    return self ? -an.g * sigmoid(-z) : an.g * sigmoid(z);  // -y g sigmoid(-y z)
+  }
+}
+
+struct GradChunk {
+  const float* sim;  // (rows, n) fp32
+  int64_t row0, rows, n;
+  const float* inv_own;
+  const float* inv_other;
+  const float* scale;
+  const float* bias;
+  const int64_t* labels;
+  Role own, other;
+  void* g_out;   // (rows, n) G = s dZ r_o in the inputs' dtype, or null (no product wanted)
+  float* ncoef;  // (rows,) s sum_o dZ c, for the normalisation's backward, or null
+  float* coef0;  // (B,) grad_coef[0] by global row, or null
+  float* coef1;  // (B,) grad_coef[1]
+};
+
+template <typename T, int kKind, bool kNorm, bool kOwn, bool kOther>
+__global__ void __launch_bounds__(kThreads) pair_grad_kernel(const GradChunk c) {
+  const int64_t local = blockIdx.x, a = c.row0 + local;
+  const float* srow = c.sim + local * c.n;
+  T* grow = c.g_out != nullptr ? static_cast<T*>(c.g_out) + local * c.n : nullptr;
+  const float s = *c.scale, b = kKind == kSigLip ? *c.bias : 0.f;
+  const float ra = inv_norm_at<kNorm>(c.inv_own, a);
+  const int64_t la = kKind == kSupCon ? c.labels[a] : 0;
+  Anchor own{};
+  if constexpr (kOwn) own = anchor_of<kKind>(c.own, a);
+
+  // sum of dZ c and of dZ for grad_coef (SupCon: the anchor role only, the entry's own gradient),
+  // and of the row's whole gradient times c for the normalisation.
+  float dz_c = 0.f, dz = 0.f, total_c = 0.f;
+  struct Col {
+    float sim, ro;
+    Anchor other;
+    int64_t label;
+  };
+  auto load = [&](int64_t o) {
+    Col v{srow[o], inv_norm_at<kNorm>(c.inv_other, o), {}, kKind == kSupCon ? c.labels[o] : 0};
+    if constexpr (kOther) v.other = anchor_of<kKind>(c.other, o);
+    return v;
+  };
+  auto use = [&](int64_t o, const Col& v) {
+    const float cc = pair_cos(v.sim, ra, v.ro);
+    const float z = fmaf(s, cc, b);
+    const bool self = o == a;
+    const bool pos = kKind == kSupCon && !self && v.label == la;
+    const float mine = kOwn ? c.own.weight * pair_grad<kKind>(z, self, pos, own) : 0.f;
+    const float theirs = kOther ? c.other.weight * pair_grad<kKind>(z, self, pos, v.other) : 0.f;
+    const float total = mine + theirs;
+    const float entry = kKind == kSupCon ? mine : total;
+    dz_c = fmaf(entry, cc, dz_c);
+    dz += entry;
+    total_c = fmaf(total, cc, total_c);
+    if (grow != nullptr) store_elem(grow + o, s * total * v.ro);
+  };
+  stream_packets<kUnroll>(static_cast<int64_t>(threadIdx.x), c.n, static_cast<int64_t>(blockDim.x), load, use);
+
+  __shared__ float scratch[3][kThreads / kWarpSize];
+  dz_c = block_sum(dz_c, scratch[0]);
+  dz = block_sum(dz, scratch[1]);
+  total_c = block_sum(total_c, scratch[2]);
+  if (threadIdx.x != 0) return;
+  if (c.coef0 != nullptr) {
+    c.coef0[a] = dz_c;
+    c.coef1[a] = dz;
+  }
+  if (c.ncoef != nullptr) c.ncoef[local] = s * total_c;
+}
+
+struct FinishGrad {
+  const float* acc;  // (rows, d) fp32: G @ y for the chunk
+  int64_t row0, rows, d;
+  const void* x;       // the side's input (global rows)
+  const float* inv;    // r by global row
+  const float* proj;   // r^2 where the norm is not clamped, else 0
+  const float* ncoef;  // (rows,)
+  void* out;           // the side's gradient (global rows)
+};
+
+// grad_x = r (acc - coef r x) = r acc - coef r^2 x; without `normalize`, acc itself.
+template <typename T, bool kNorm>
+__global__ void __launch_bounds__(kThreads) finish_grad_kernel(const FinishGrad f) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarpSize);
+  const T* x = static_cast<const T*>(f.x);
+  T* out = static_cast<T*>(f.out);
+  for (int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarpSize; row < f.rows;
+       row += warps) {
+    const int64_t a = f.row0 + row;
+    const float* acc = f.acc + row * f.d;
+    const float ra = kNorm ? f.inv[a] : 1.f;
+    const float along = kNorm ? f.ncoef[row] * f.proj[a] : 0.f;
+    for (int64_t k = lane; k < f.d; k += kWarpSize) {
+      const float v = kNorm ? fmaf(ra, acc[k], -along * load_elem(x + a * f.d + k)) : acc[k];
+      store_elem(out + a * f.d + k, v);
+    }
+  }
+}
+
+// ---- the chunk products, through torch's matrix product (cuBLAS on the current stream) ----
+
+// out (rows, n) fp32 = a (rows, k) . b^T with b (n, k); half inputs accumulate straight into fp32
+// (mm's out_dtype overload), fp32 inputs follow torch's matmul precision (full fp32 unless the
+// caller allowed TF32).
+void product_fp32_out(const at::Tensor& a, const at::Tensor& b_t, at::Tensor out) {
+  if (a.size(1) == 0) {  // an empty sum
+    out.zero_();
+  } else if (a.scalar_type() == at::kFloat) {
+    at::mm_out(out, a, b_t);
+  } else {
+    at::mm_out(out, a, b_t, at::kFloat);
+  }
+}
+
+// sim (rows, n) = x (rows, d) . y (n, d)^T
+void similarities(const at::Tensor& x, const at::Tensor& y, at::Tensor sim) { product_fp32_out(x, y.t(), sim); }
+
+// acc (rows, d) = g (rows, n) . y (n, d)
+void gradient_product(const at::Tensor& g, const at::Tensor& y, at::Tensor acc) { product_fp32_out(g, y, acc); }
+
+// ---- host side ----
+
+constexpr const char* kFwd = "contrastive_fwd_cuda";
+constexpr const char* kBwd = "contrastive_bwd_cuda";
+constexpr int64_t kChunkBytes = int64_t{32} << 20;
+
+// Rows per chunk: an fp32 (rows, max(n, d)) buffer of at most ~32 MiB (one row at least), a
+// multiple of 128 rows when that many fit (whole tiles for cuBLAS), never more than `total`.
+int64_t rows_per_chunk(int64_t total, int64_t n, int64_t d) {
+  const int64_t width = std::max<int64_t>({n, d, 1});
+  int64_t rows = std::max<int64_t>(1, kChunkBytes / static_cast<int64_t>(sizeof(float)) / width);
+  if (rows >= 128) rows = rows / 128 * 128;
+  return std::min(rows, std::max<int64_t>(total, 1));
+}
+
+unsigned int warp_rows_grid(int64_t rows) {
+  return grid_for(std::max<int64_t>(1, (rows + kThreads / kWarpSize - 1) / (kThreads / kWarpSize)));
+}
+
+// The checks that guard memory, shared by both ops.
+void check_inputs(const char* op, const at::Tensor& query, const at::Tensor& key,
+                  const std::optional<at::Tensor>& labels, const at::Tensor& scale, const at::Tensor& bias,
+                  int64_t kind, bool symmetric) {
+  check_cuda(op, "query", query);
+  check_kernel_float(op, "query", query);
+  TORCH_CHECK_VALUE(query.dim() == 2 && query.is_contiguous(), op,
+                    ": query must be a contiguous 2-D tensor, got shape ", query.sizes(), " and strides ",
+                    query.strides());
+  check_on(op, "key", key, query);
+  check_dtype(op, "key", key, query.scalar_type());
+  TORCH_CHECK_VALUE(key.dim() == 2 && key.is_contiguous() && key.size(1) == query.size(1), op,
+                    ": key must be a contiguous 2-D tensor as wide as query, got shape ", key.sizes());
+  TORCH_CHECK_VALUE(key.size(0) >= query.size(0), op, ": key needs at least as many rows as query (",
+                    query.size(0), "), got ", key.size(0));
+  TORCH_CHECK_VALUE(kind == kInfoNce || kind == kSupCon || kind == kSigLip, op, ": unknown kind ", kind);
+  if (kind == kSupCon) {
+    TORCH_CHECK_VALUE(key.size(0) == query.size(0), op, ": kind SUPCON takes key = query");
+    TORCH_CHECK_VALUE(labels.has_value(), op, ": kind SUPCON needs labels");
+    check_on(op, "labels", *labels, query);
+    check_dtype(op, "labels", *labels, at::kLong);
+    check_shape(op, "labels", *labels, {query.size(0)});
+    TORCH_CHECK_VALUE(labels->is_contiguous(), op, ": labels must be contiguous, got strides ", labels->strides());
+  }
+  TORCH_CHECK_VALUE(!symmetric || key.size(0) == query.size(0), op, ": symmetric needs as many keys as queries");
+  check_scalar_f32(op, "scale", scale, query);
+  check_scalar_f32(op, "bias", bias, query);
+}
+
+template <typename F>
+void with_kind(int64_t kind, F&& f) {
+  switch (kind) {
+    case kInfoNce: f(std::integral_constant<int, kInfoNce>{}); break;
+    case kSupCon: f(std::integral_constant<int, kSupCon>{}); break;
+    default: f(std::integral_constant<int, kSigLip>{}); break;
+  }
+}
+
+// r (and r^2 where unclamped, when proj is wanted) of each row of x.
+void inverse_norms(const at::Tensor& x, float* inv, float* proj) {
+  dispatch_float(x.scalar_type(), kFwd, [&](auto tag) {
+    using T = decltype(tag);
+    launch(x.device(), &inv_norm_kernel<T>, warp_rows_grid(x.size(0)), kThreads, 0,
+           static_cast<const T*>(x.data_ptr()), x.size(0), x.size(1), inv, proj);
+  });
+}
+
+void contrastive_fwd_cuda(const at::Tensor& query, const at::Tensor& key, const std::optional<at::Tensor>& labels,
+                          const at::Tensor& scale, const at::Tensor& bias, const at::Tensor& loss,
+                          const at::Tensor& stats, int64_t kind, bool normalize, bool symmetric) {
+  check_inputs(kFwd, query, key, labels, scale, bias, kind, symmetric);
+  const int64_t B = query.size(0), M = key.size(0), D = query.size(1);
+  check_f32_rows(kFwd, "loss", loss, query, {B});
+  check_f32_rows(kFwd, "stats", stats, query, {2, B});
+  if (B == 0) return;
+  symmetric = symmetric && kind == kInfoNce;
+  const c10::cuda::CUDAGuard guard(query.device());
+  const auto f32 = query.options().dtype(at::kFloat);
+
+  at::Tensor inv_q, inv_k;
+  if (normalize) {
+    inv_q = at::empty({B}, f32);
+    inverse_norms(query, inv_q.data_ptr<float>(), nullptr);
+    inv_k = inv_q;
+    if (kind != kSupCon) {
+      inv_k = at::empty({M}, f32);
+      inverse_norms(key, inv_k.data_ptr<float>(), nullptr);
+    }
+  }
+  const int64_t chunk = rows_per_chunk(B, M, D);
+  at::Tensor sim = at::empty({chunk, M}, f32);
+  at::Tensor col = symmetric ? at::empty({2, M}, f32) : at::Tensor();
+  float* const sim_buf = sim.data_ptr<float>();
+
+  FwdChunk fc{};
+  fc.sim = sim_buf;
+  fc.n = M;
+  fc.inv_own = normalize ? inv_q.data_ptr<float>() : nullptr;
+  fc.inv_other = normalize ? inv_k.data_ptr<float>() : nullptr;
+  fc.scale = scale.data_ptr<float>();
+  fc.bias = bias.data_ptr<float>();
+  fc.labels = kind == kSupCon ? labels->data_ptr<int64_t>() : nullptr;
+  fc.loss = loss.data_ptr<float>();
+  fc.stats0 = stats.data_ptr<float>();
+  fc.stats1 = stats.data_ptr<float>() + B;
+  fc.symmetric = symmetric;
+  ColChunk cc{};
+  cc.sim = fc.sim;
+  cc.n = M;
+  cc.inv_own = fc.inv_own;
+  cc.inv_other = fc.inv_other;
+  cc.scale = fc.scale;
+  if (symmetric) {
+    cc.col_m = col.data_ptr<float>();
+    cc.col_s = col.data_ptr<float>() + M;
+  }
+
+  with_kind(kind, [&](auto kind_tag) {
+    with_flag(normalize, [&](auto norm_tag) {
+      constexpr int kKind = decltype(kind_tag)::value;
+      constexpr bool kNorm = decltype(norm_tag)::value;
+      for (int64_t r0 = 0; r0 < B; r0 += chunk) {
+        const int64_t rows = std::min(chunk, B - r0);
+        similarities(query.narrow(0, r0, rows), key, sim.narrow(0, 0, rows));
+        fc.row0 = r0;
+        fc.rows = rows;
+        launch(query.device(), &row_stats_kernel<kKind, kNorm>, grid_for(rows), kThreads, 0, fc);
+        if (symmetric) {
+          cc.row0 = r0;
+          cc.rows = rows;
+          cc.first = r0 == 0;
+          launch(query.device(), &col_stats_kernel<kNorm>, grid_for((M + kColTile - 1) / kColTile), kThreads, 0, cc);
+        }
+      }
+    });
+  });
+  if (symmetric) {
+    launch(query.device(), &finish_symmetric_kernel, grid_for((B + kThreads - 1) / kThreads), kThreads, 0, B,
+           static_cast<const float*>(cc.col_m), static_cast<const float*>(cc.col_s), fc.loss, fc.stats1);
+  }
+}
+
+// One side of the backward: the rows whose gradient a pass produces (own) or sums over (other).
+struct Side {
+  const at::Tensor* x;
+  const float* inv;   // null without `normalize`
+  const float* proj;
+};
+
+// Walks chunks of own's rows: S_c, then dZ_c as G_c and the row sums, then (with `out`) G_c @ other
+// and the normalisation's backward into out.
+void gradient_pass(const Side& own, const Side& other, const GradChunk& proto, int64_t kind, bool normalize,
+                   bool has_own, bool has_other, const at::Tensor* out) {
+  const at::Tensor& x = *own.x;
+  const at::Tensor& y = *other.x;
+  const int64_t rows_total = x.size(0), n = y.size(0), d = x.size(1);
+  const int64_t chunk = rows_per_chunk(rows_total, n, d);
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor sim = at::empty({chunk, n}, f32);
+  at::Tensor g, acc, ncoef;
+  if (out != nullptr) {
+    g = at::empty({chunk, n}, x.options());
+    acc = at::empty({chunk, d}, f32);
+    if (normalize) ncoef = at::empty({chunk}, f32);
+  }
+  float* const sim_buf = sim.data_ptr<float>();
+  float* const acc_buf = out != nullptr ? acc.data_ptr<float>() : nullptr;
+  GradChunk gc = proto;
+  gc.sim = sim_buf;
+  gc.n = n;
+  gc.inv_own = own.inv;
+  gc.inv_other = other.inv;
+  gc.g_out = out != nullptr ? g.data_ptr() : nullptr;
+  gc.ncoef = out != nullptr && normalize ? ncoef.data_ptr<float>() : nullptr;
+  FinishGrad fg{};
+  if (out != nullptr) {
+    fg.acc = acc_buf;
+    fg.d = d;
+    fg.x = x.data_ptr();
+    fg.inv = own.inv;
+    fg.proj = own.proj;
+    fg.ncoef = gc.ncoef;
+    fg.out = out->data_ptr();
+  }
+  dispatch_float(x.scalar_type(), kBwd, [&](auto tag) {
+    using T = decltype(tag);
+    with_kind(kind, [&](auto kind_tag) {
+      with_flag(normalize, [&](auto norm_tag) {
+        with_flag(has_own, [&](auto own_tag) {
+          with_flag(has_other, [&](auto other_tag) {
+            constexpr int kKind = decltype(kind_tag)::value;
+            constexpr bool kNorm = decltype(norm_tag)::value, kOwn = decltype(own_tag)::value;
+            constexpr bool kOther = decltype(other_tag)::value;
+            // The role combinations the ops use (SupCon both, SigLIP one, InfoNCE one or both);
+            // the others are never instantiated.
+            constexpr bool kUsed =
+                kKind == kSupCon ? kOwn && kOther : kKind == kSigLip ? kOwn != kOther : kOwn || kOther;
+            if constexpr (kUsed) {
+              for (int64_t r0 = 0; r0 < rows_total; r0 += chunk) {
+                const int64_t rows = std::min(chunk, rows_total - r0);
+                similarities(x.narrow(0, r0, rows), y, sim.narrow(0, 0, rows));
+                gc.row0 = r0;
+                gc.rows = rows;
+                launch(x.device(), &pair_grad_kernel<T, kKind, kNorm, kOwn, kOther>, grid_for(rows), kThreads, 0, gc);
+                if (out == nullptr || d == 0) continue;
+                gradient_product(g.narrow(0, 0, rows), y, acc.narrow(0, 0, rows));
+                fg.row0 = r0;
+                fg.rows = rows;
+                launch(x.device(), &finish_grad_kernel<T, kNorm>, warp_rows_grid(rows), kThreads, 0, fg);
+              }
+            } else {
+              TORCH_CHECK(false, kBwd, ": no pair term with these roles for kind ", kind);
+            }
+          });
+        });
+      });
+    });
+  });
+}
+
+Role role(const float* g, const float* lse, const float* npos, float weight) { return Role{g, lse, npos, weight}; }
+
+void contrastive_bwd_cuda(const at::Tensor& grad_rows, const at::Tensor& query, const at::Tensor& key,
+                          const std::optional<at::Tensor>& labels, const at::Tensor& scale, const at::Tensor& bias,
+                          const at::Tensor& stats, const std::optional<at::Tensor>& grad_query,
+                          const std::optional<at::Tensor>& grad_key, const std::optional<at::Tensor>& grad_coef,
+                          int64_t kind, bool normalize, bool symmetric) {
+  check_inputs(kBwd, query, key, labels, scale, bias, kind, symmetric);
+  const int64_t B = query.size(0), M = key.size(0);
+  check_f32_rows(kBwd, "grad_rows", grad_rows, query, {B});
+  check_f32_rows(kBwd, "stats", stats, query, {2, B});
+  auto check_grad = [&](const char* name, const std::optional<at::Tensor>& grad, const at::Tensor& like) {
+    if (!grad.has_value()) return;
+    check_on(kBwd, name, *grad, like);
+    check_dtype(kBwd, name, *grad, like.scalar_type());
+    check_shape(kBwd, name, *grad, like.sizes());
+    TORCH_CHECK_VALUE(grad->is_contiguous(), kBwd, ": ", name, " must be contiguous, got strides ", grad->strides());
+  };
+  check_grad("grad_query", grad_query, query);
+  check_grad("grad_key", grad_key, key);
+  TORCH_CHECK_VALUE(kind != kSupCon || !grad_key.has_value(), kBwd, ": kind SUPCON writes grad_query only");
+  if (grad_coef.has_value()) check_f32_rows(kBwd, "grad_coef", *grad_coef, query, {2, B});
+  if (B == 0) {
+    if (grad_key.has_value()) grad_key->zero_();
+    return;
+  }
+  symmetric = symmetric && kind == kInfoNce;
+  const c10::cuda::CUDAGuard guard(query.device());
+  const auto f32 = query.options().dtype(at::kFloat);
+
+  at::Tensor norms_q, norms_k;  // (2, rows): r, and r^2 where unclamped
+  Side q_side{&query, nullptr, nullptr}, k_side{&key, nullptr, nullptr};
+  if (normalize) {
+    norms_q = at::empty({2, B}, f32);
+    inverse_norms(query, norms_q.data_ptr<float>(), norms_q.data_ptr<float>() + B);
+    q_side.inv = norms_q.data_ptr<float>();
+    q_side.proj = q_side.inv + B;
+    k_side.inv = q_side.inv;
+    k_side.proj = q_side.proj;
+    if (kind != kSupCon) {
+      norms_k = at::empty({2, M}, f32);
+      inverse_norms(key, norms_k.data_ptr<float>(), norms_k.data_ptr<float>() + M);
+      k_side.inv = norms_k.data_ptr<float>();
+      k_side.proj = k_side.inv + M;
+    }
+  }
+
+  const float* g = grad_rows.data_ptr<float>();
+  const float* lse = stats.data_ptr<float>();
+  const float* stats1 = lse + B;  // column lse (symmetric InfoNCE) or positive counts (SupCon)
+  GradChunk proto{};
+  proto.scale = scale.data_ptr<float>();
+  proto.bias = bias.data_ptr<float>();
+  proto.labels = kind == kSupCon ? labels->data_ptr<int64_t>() : nullptr;
+
+  if (grad_query.has_value() || grad_coef.has_value()) {
+    GradChunk rows = proto;
+    bool has_other = false;
+    if (kind == kSupCon) {  // anchor i and key-role j -> i, both read off row i of S
+      rows.own = role(g, lse, stats1, 1.f);
+      rows.other = role(g, lse, stats1, 1.f);
+      has_other = true;
+    } else if (symmetric) {
+      rows.own = role(g, lse, nullptr, 0.5f);
+      rows.other = role(g, stats1, nullptr, 0.5f);
+      has_other = true;
+    } else {
+      rows.own = role(g, lse, nullptr, 1.f);
+    }
+    if (grad_coef.has_value()) {
+      rows.coef0 = grad_coef->data_ptr<float>();
+      rows.coef1 = rows.coef0 + B;
+    }
+    gradient_pass(q_side, k_side, rows, kind, normalize, true, has_other,
+                  grad_query.has_value() ? &*grad_query : nullptr);
+  }
+  if (grad_key.has_value()) {  // key rows j against the B query rows, on S^T
+    GradChunk cols = proto;
+    bool has_own = false;
+    if (symmetric) {
+      cols.own = role(g, stats1, nullptr, 0.5f);
+      cols.other = role(g, lse, nullptr, 0.5f);
+      has_own = true;
+    } else {
+      cols.other = role(g, lse, nullptr, 1.f);
+    }
+    gradient_pass(k_side, q_side, cols, kind, normalize, has_own, true, &*grad_key);
+  }
+}
+
+}  // namespace
+}  // namespace lossforge
+
+TORCH_LIBRARY_IMPL(lossforge, CUDA, m) {
+  m.impl("contrastive_fwd_cuda", TORCH_FN(lossforge::contrastive_fwd_cuda));
+  m.impl("contrastive_bwd_cuda", TORCH_FN(lossforge::contrastive_bwd_cuda));
+}

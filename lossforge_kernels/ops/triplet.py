@@ -1,0 +1,467 @@
+"""Kernel ops of the triplet loss and their specs (semantics: reference/triplet.py): batch_hard here,
+semi_hard and batch_all in the second half of this file.
+
+The B x B distances never reach device memory: a mining kernel keeps, per anchor, a running
+farthest positive and nearest negative over tiles of the Gram matrix, and a pair-gradient kernel
+turns the 2B mined (anchor, other) pairs into the embeddings' gradient. The per-anchor loss and
+its derivative w.r.t. the two mined distances are (B,) torch ops between them.
+
+Normalisation (normalize=True, and always for cosine) enters as a per-row fp32 scale s (the rows
+are v = s x, s = 1 / max(|x|, 1e-12), computed by torch with autograd): the kernels see x in its
+own dtype and s, and differentiate both, so torch's autograd carries the scale's share back to x.
+
+Kernel contract, the same for the Triton and the CUDA implementation (B rows, D features):
+
+triplet_mine_<b>(x, labels, scale, distance, pos_index, pos_dist, neg_index, neg_dist) -> ()
+  x        (B, D) contiguous fp32/fp16/bf16; labels (B,) contiguous int64 on x's device
+  scale    None, or (B,) contiguous fp32: the rows are scale[i] * x[i] (required for cosine)
+  distance 'euclidean', 'squared_euclidean' or 'cosine', in fp32 from the Gram form
+           (squared: max(|a|^2 + |b|^2 - 2 a.b, 0); euclidean: sqrt(squared + 1e-12); cosine: 1 - a.b)
+  writes per anchor the index (int64, -1 when there is none) and fp32 distance (0 when none) of its
+           farthest positive (same label, other row) and nearest negative (other label); ties go
+           to the smallest index.
+triplet_pair_grad_<b>(x, scale, offsets, others, coef, centered, grad_x, grad_scale) -> ()
+  x, scale as above; offsets (B + 1,) int64 with offsets[0] = 0, non-decreasing, offsets[B] = E;
+  others (E,) int64 in [0, B), coef (E,) fp32: row r's entries are offsets[r] .. offsets[r + 1].
+  With g_r = sum over r's entries e, in order, of coef[e] * (centered * v_r - v_others[e]) in fp32,
+  writes grad_x[r] = scale[r] * g_r (g_r without a scale) in x's dtype and grad_scale[r] = x_r . g_r
+  (fp32, (B,)); either output may be None.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..reference import triplet as ref
+from ._library import define_kernel_op, kernel_op, register_triton_impl
+from .builder import FusedLoss, build
+
+F32, I64 = torch.float32, torch.int64
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+PARAMS = ("str distance", "float margin", "bool soft_margin")
+# A Euclidean distance at most this is sqrt(0 + 1e-12): the clamp was active, so no gradient flows
+# (one fp32 ulp of slack for an approximate square root).
+CLAMPED_EUCLIDEAN = 1.000001e-6
+
+
+def _fail(op, message):
+    raise ValueError(f"{op}: {message}")
+
+
+def _check_vector(op, name, t, like, n, dtype):
+    if t.dim() != 1 or t.shape[0] != n or not t.is_contiguous() or t.device != like.device or t.dtype != dtype:
+        _fail(op, f"{name} must be a contiguous ({n},) {dtype} tensor on {like.device}, got shape "
+                  f"{tuple(t.shape)}, dtype {t.dtype}, strides {t.stride()} on {t.device}")
+
+
+def _check_rows(op, x, scale):
+    if x.dim() != 2 or x.dtype not in KERNEL_DTYPES or not x.is_contiguous():
+        _fail(op, f"x must be a contiguous 2-D fp32/fp16/bf16 tensor, got shape {tuple(x.shape)}, dtype {x.dtype} "
+                  f"and strides {x.stride()}")
+    if scale is not None:
+        _check_vector(op, "scale", scale, x, x.shape[0], F32)
+
+
+def _check_mine(x, labels, scale, distance, pos_index, pos_dist, neg_index, neg_dist):
+    op = "triplet_mine"
+    _check_rows(op, x, scale)
+    if distance not in ref.DISTANCES:
+        _fail(op, f"distance must be one of {ref.DISTANCES}, got {distance!r}")
+    if distance == "cosine" and scale is None:
+        _fail(op, "cosine distances need the rows' scale (1 / their norm)")
+    n = x.shape[0]
+    _check_vector(op, "labels", labels, x, n, I64)
+    for name, t, dtype in (("pos_index", pos_index, I64), ("pos_dist", pos_dist, F32), ("neg_index", neg_index, I64),
+                           ("neg_dist", neg_dist, F32)):
+        _check_vector(op, name, t, x, n, dtype)
+
+
+def _check_pair_grad(x, scale, offsets, others, coef, centered, grad_x, grad_scale):
+    op = "triplet_pair_grad"
+    _check_rows(op, x, scale)
+    _check_vector(op, "offsets", offsets, x, x.shape[0] + 1, I64)
+    _check_vector(op, "others", others, x, others.shape[0] if others.dim() == 1 else -1, I64)
+    _check_vector(op, "coef", coef, x, others.shape[0], F32)
+    if grad_x is not None and (grad_x.shape != x.shape or grad_x.dtype != x.dtype or not grad_x.is_contiguous()
+                               or grad_x.device != x.device):
+        _fail(op, f"grad_x must be contiguous like x {tuple(x.shape)} {x.dtype} on {x.device}, got shape "
+                  f"{tuple(grad_x.shape)}, dtype {grad_x.dtype} on {grad_x.device}")
+    if grad_scale is not None:
+        if scale is None:
+            _fail(op, "grad_scale needs a scale")
+        _check_vector(op, "grad_scale", grad_scale, x, x.shape[0], F32)
+
+
+define_kernel_op(
+    "triplet_mine",
+    "(Tensor x, Tensor labels, Tensor? scale, str distance, Tensor(a!) pos_index, Tensor(b!) pos_dist,"
+    " Tensor(c!) neg_index, Tensor(d!) neg_dist) -> ()",
+    lambda *args: None,
+    _check_mine,
+)
+define_kernel_op(
+    "triplet_pair_grad",
+    "(Tensor x, Tensor? scale, Tensor offsets, Tensor others, Tensor coef, bool centered, Tensor(a!)? grad_x,"
+    " Tensor(b!)? grad_scale) -> ()",
+    lambda *args: None,
+    _check_pair_grad,
+)
+register_triton_impl("triplet_mine", "triplet", "triplet_mine")
+register_triton_impl("triplet_pair_grad", "triplet", "triplet_pair_grad")
+
+
+# ---- torch between the kernels: O(B) work, no host sync ----------------------------------------
+
+def row_scale(x: torch.Tensor, distance: str, normalize: bool) -> torch.Tensor | None:
+    """The fp32 per-row factor the kernels apply (None: rows as they are), differentiable in x."""
+    if distance != "cosine" and not normalize:
+        return None
+    norm = torch.linalg.vector_norm(x, dim=1, dtype=F32)
+    scale = 1.0 / norm.clamp_min(ref.NORM_EPS)
+    if distance == "cosine" and normalize:  # the reference normalises the normalised rows again
+        scale = scale / (norm * scale).clamp_min(ref.NORM_EPS)
+    return scale
+
+
+def kept_anchors(labels: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: the anchors with a positive and a negative, i.e. whose class has 2 to B-1 members."""
+    ordered = torch.sort(labels).values
+    size = torch.searchsorted(ordered, labels, right=True) - torch.searchsorted(ordered, labels)
+    return (size >= 2) & (size < labels.shape[0])
+
+
+def _mine(backend, x, labels, scale, distance):
+    n = x.shape[0]
+    out = (torch.empty(n, device=x.device, dtype=I64), torch.empty(n, device=x.device, dtype=F32),
+           torch.empty(n, device=x.device, dtype=I64), torch.empty(n, device=x.device, dtype=F32))
+    kernel_op("triplet_mine", backend)(x, labels, scale, distance, *out)
+    return out
+
+
+def _anchor_terms(mined, margin, soft_margin):
+    """Per-anchor loss (0 when left out), d loss / d d_ap (= -d loss / d d_an) and which anchors count."""
+    pos_index, pos_dist, neg_index, neg_dist = mined
+    kept = (pos_index >= 0) & (neg_index >= 0)
+    gap = pos_dist - neg_dist
+    if soft_margin:
+        loss, slope = F.softplus(gap), torch.sigmoid(gap)
+    else:
+        loss = F.relu(gap + margin)
+        slope = (loss > 0).to(F32)  # relu's derivative at 0 is 0, as autograd has it
+    return torch.where(kept, loss, 0.0), slope, kept
+
+
+def _distance_coef(dist, weight, distance):
+    """coef of a pair's entries: the distance's derivative w.r.t. its squared form (cosine: 1), times weight."""
+    if distance == "euclidean":
+        return torch.where(dist > CLAMPED_EUCLIDEAN, weight / dist, 0.0)
+    if distance == "squared_euclidean":
+        return torch.where(dist > 0, 2.0 * weight, 0.0)
+    return weight
+
+
+def _pair_gradient(backend, x, scale, mined, weight, distance, grads):
+    """grads (x's, scale's) of sum(weight * (d_ap - d_an)) over the mined pairs, deterministically:
+    each pair listed under both its rows, stably sorted by row, each row's entries summed in order."""
+    pos_index, pos_dist, neg_index, neg_dist = mined
+    n = x.shape[0]
+    anchors = torch.arange(n, device=x.device)
+    pos = torch.where(pos_index >= 0, pos_index, anchors)  # a left-out anchor's weight is 0
+    neg = torch.where(neg_index >= 0, neg_index, anchors)
+    c_pos = _distance_coef(pos_dist, weight, distance)
+    c_neg = _distance_coef(neg_dist, -weight, distance)
+    rows, order = torch.sort(torch.cat([anchors, pos, anchors, neg]), stable=True)
+    others = torch.cat([pos, anchors, neg, anchors])[order]
+    coef = torch.cat([c_pos, c_pos, c_neg, c_neg])[order]
+    offsets = torch.searchsorted(rows, torch.arange(n + 1, device=x.device))
+    kernel_op("triplet_pair_grad", backend)(x, scale, offsets, others, coef, distance != "cosine", *grads)
+
+
+def _forward(backend, tensors, params, grads, scale, reduce):
+    x, labels, row_factor = tensors
+    distance, margin, soft_margin = params
+    mined = _mine(backend, x, labels, row_factor, distance)
+    rows, slope, kept = _anchor_terms(mined, margin, soft_margin)
+    if grads is not None:
+        weight = torch.where(kept, slope * scale, 0.0)  # 'mean' of nothing: scale is inf, the gradient 0
+        _pair_gradient(backend, x, row_factor, mined, weight, distance, grads)
+    return (rows.sum() if reduce else rows), mined
+
+
+def _backward(backend, grad_rows, tensors, saved, params, grads):
+    x, labels, row_factor = tensors
+    _, slope, kept = _anchor_terms(saved, params[1], params[2])
+    weight = torch.where(kept, slope * grad_rows.to(F32), 0.0)
+    _pair_gradient(backend, x, row_factor, saved, weight, params[0], grads)
+
+
+def _rows_fake(tensors, params):
+    x = tensors[0]
+    n = x.shape[0]
+    return (x.new_empty(n, dtype=F32), x.new_empty(n, dtype=I64), x.new_empty(n, dtype=F32),
+            x.new_empty(n, dtype=I64), x.new_empty(n, dtype=F32))
+
+
+SPEC = FusedLoss(
+    name="triplet",
+    tensors=("embeddings", "labels", "scale?"),
+    params=PARAMS,
+    differentiable=("embeddings", "scale"),
+    n_saved=4,
+    forward=_forward,
+    backward=_backward,
+    rows_fake=_rows_fake,
+    mean_divisor=lambda tensors, params: kept_anchors(tensors[1]).sum(dtype=F32),
+)
+triplet_kernels = build(SPEC)
+
+
+# ---- semi_hard and batch_all: chunks of anchors, a per-row kernel between two matrix products ----
+#
+# The anchors are walked in chunks of C rows. Per chunk, torch makes the C x B Gram block
+# x_c @ x^T in fp32; the row kernel `triplet_row_loss_<b>` turns each row into distances (the
+# reference's Gram form, as the mining kernel does), mines it and writes the row's loss and count
+# and, when a gradient is wanted, a C x B block of coefficients: coef[a, j] = row_weight[a] *
+# d(loss_a)/d(d_aj) * d(d_aj)/d(its Gram quantity) (euclidean: 1 / d, 0 where the clamp is active;
+# squared: 2, 0 at 0; cosine: 1, applied to -dot). Two more products turn the block into the
+# embeddings' gradient, accumulated over the chunks in a fixed order in fp32.
+#
+# triplet_row_loss_<b>(gram, sq, scale, labels, row0, mining, distance, margin, soft_margin,
+#                      row_weight, loss, count, coef) -> ()
+#   gram (C, B) contiguous fp32: gram[i, j] = x[row0 + i] . x[j] (the unscaled rows);
+#   sq (B,) fp32 |x_j|^2; scale None or (B,) fp32 (required for cosine); labels (B,) int64;
+#   0 <= row0, row0 + C <= B; mining 'semi_hard' or 'batch_all'.
+#   writes loss (C,) fp32 (the row's sum over its pairs or triplets) and count (C,) int64 (what
+#   'mean' divides by: semi_hard the row's positives if it has a negative; batch_all hinge the
+#   triplets with a loss > 0, soft every triplet). row_weight (C,) fp32 and coef (C, B) fp32 come
+#   together or not at all; coef is overwritten entirely.
+# Per row the work is O(P_a B) (P_a its positives), visited in groups of column blocks that hold a
+# positive; nothing is allocated per row and nothing waits for the host.
+
+ROW_MININGS = ("semi_hard", "batch_all")
+ROW_PARAMS = ("str mining", "str distance", "float margin", "bool soft_margin", "int chunk_size")
+# One C x B fp32 block (the Gram block; the coefficient block is a second one) is at most this many bytes.
+CHUNK_BYTES = 32 << 20
+
+
+def _check_row_loss(gram, sq, scale, labels, row0, mining, distance, margin, soft_margin, row_weight, loss, count,
+                    coef):
+    op = "triplet_row_loss"
+    if gram.dim() != 2 or gram.dtype != F32 or not gram.is_contiguous():
+        _fail(op, f"gram must be a contiguous 2-D float32 tensor, got shape {tuple(gram.shape)}, dtype "
+                  f"{gram.dtype} and strides {gram.stride()}")
+    c, n = gram.shape
+    _check_vector(op, "sq", sq, gram, n, F32)
+    if scale is not None:
+        _check_vector(op, "scale", scale, gram, n, F32)
+    _check_vector(op, "labels", labels, gram, n, I64)
+    if not 0 <= row0 <= n - c:
+        _fail(op, f"row0 must be in [0, {n - c}] for {c} rows of {n}, got {row0}")
+    if mining not in ROW_MININGS:
+        _fail(op, f"mining must be one of {ROW_MININGS}, got {mining!r}")
+    if distance not in ref.DISTANCES:
+        _fail(op, f"distance must be one of {ref.DISTANCES}, got {distance!r}")
+    if distance == "cosine" and scale is None:
+        _fail(op, "cosine distances need the rows' scale (1 / their norm)")
+    _check_vector(op, "loss", loss, gram, c, F32)
+    _check_vector(op, "count", count, gram, c, I64)
+    if (row_weight is None) != (coef is None):
+        _fail(op, "row_weight and coef come together")
+    if coef is not None:
+        _check_vector(op, "row_weight", row_weight, gram, c, F32)
+        if coef.shape != gram.shape or coef.dtype != F32 or not coef.is_contiguous() or coef.device != gram.device:
+            _fail(op, f"coef must be a contiguous float32 tensor shaped like gram {tuple(gram.shape)}, got shape "
+                      f"{tuple(coef.shape)}, dtype {coef.dtype} on {coef.device}")
+
+
+define_kernel_op(
+    "triplet_row_loss",
+    "(Tensor gram, Tensor sq, Tensor? scale, Tensor labels, int row0, str mining, str distance, float margin,"
+    " bool soft_margin, Tensor? row_weight, Tensor(a!) loss, Tensor(b!) count, Tensor(c!)? coef) -> ()",
+    lambda *args: None,
+    _check_row_loss,
+)
+register_triton_impl("triplet_row_loss", "triplet", "triplet_row_loss")
+
+
+def chunk_anchors(n: int, chunk_size: int) -> int:
+    """Anchors per chunk: `chunk_size`, or for 0 as many as keep one C x B fp32 block in CHUNK_BYTES."""
+    if chunk_size > 0:
+        return max(1, min(n, chunk_size))
+    return max(1, min(n, CHUNK_BYTES // max(1, 4 * n)))
+
+
+def _fp32_out(device: torch.device, name: str) -> bool:
+    """Whether this device multiplies half-precision factors into fp32 (torch's out_dtype overloads)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{name}", device.type.upper())
+
+
+def _gram_into(out, a, b):
+    """out = a @ b^T in fp32 for rows a, b of one dtype; half factors keep fp32 products where the device can."""
+    if a.dtype == F32:
+        torch.mm(a, b.t(), out=out)
+    elif _fp32_out(a.device, "mm.dtype_out"):
+        torch.ops.aten.mm.dtype_out(a, b.t(), F32, out=out)
+    else:  # e.g. the CPU: fp32 copies, which only the interpreter tests take
+        torch.mm(a.to(F32), b.to(F32).t(), out=out)
+
+
+def _subtract_product(acc, coef, rows):
+    """acc -= coef @ rows with fp32 coef and acc; half rows get the coefficients rounded to their dtype."""
+    if rows.dtype == F32:
+        acc.addmm_(coef, rows, alpha=-1)
+    elif _fp32_out(acc.device, "addmm.dtype_out"):
+        torch.ops.aten.addmm.dtype_out(acc, coef.to(rows.dtype), rows, F32, alpha=-1, out=acc)
+    else:
+        acc.addmm_(coef, rows.to(F32), alpha=-1)
+
+
+def _squared_norms(x):
+    """|x_j|^2 in fp32 as the reference sums them (a squared vector_norm is off by its square root's
+    rounding, which breaks exact ties); half rows go through one fp32 copy (B x D, not B x B)."""
+    wide = x if x.dtype == F32 else x.to(F32)
+    return torch.linalg.vecdot(wide, wide)
+
+
+class _RowChunks:
+    """The chunk loop: Gram blocks of anchors [start, stop) into a reused buffer, and the row kernel."""
+
+    def __init__(self, backend, tensors, params):
+        self.x, self.labels, self.scale = tensors
+        self.mining, self.distance, self.margin, self.soft_margin, chunk_size = params
+        n = self.x.shape[0]
+        self.step = chunk_anchors(n, chunk_size)
+        self.gram = self.x.new_empty((self.step, n), dtype=F32)
+        self.sq = _squared_norms(self.x)
+        self.kernel = kernel_op("triplet_row_loss", backend)
+
+    def run(self, loss, count, row_weight=None, coef=None, on_chunk=None):
+        """Each chunk's loss and count into loss, count; with row_weight (B,), its coef block to on_chunk."""
+        n = self.x.shape[0]
+        for start in range(0, n, self.step):
+            stop = min(n, start + self.step)
+            gram = self.gram[:stop - start]
+            _gram_into(gram, self.x[start:stop], self.x)
+            block = None if coef is None else coef[:stop - start]
+            self.kernel(gram, self.sq, self.scale, self.labels, start, self.mining, self.distance, self.margin,
+                        self.soft_margin, None if row_weight is None else row_weight[start:stop],
+                        loss[start:stop], count[start:stop], block)
+            if on_chunk is not None:
+                on_chunk(start, stop, block)
+
+
+class _RowGradient:
+    """Accumulates the gradient w.r.t. the scaled rows v = scale * x (fp32, B x D) from coef blocks:
+    g[a] += sum_j coef[a, j] (v_a - v_j), g[j] += sum_a coef[a, j] (v_j - v_a) (euclidean forms), and
+    the non-centered g[a] -= sum_j coef[a, j] v_j, g[j] -= sum_a coef[a, j] v_a for cosine."""
+
+    def __init__(self, chunks):
+        self.chunks = chunks
+        self.centered = chunks.distance != "cosine"
+        self.g = torch.zeros(chunks.x.shape, device=chunks.x.device, dtype=F32)
+
+    def add(self, start, stop, coef):
+        x, s = self.chunks.x, self.chunks.scale
+        x_c, g_c = x[start:stop], self.g[start:stop]
+        if self.centered:
+            rows, cols = coef.sum(1), coef.sum(0)
+            if s is not None:
+                rows, cols = rows * s[start:stop], cols * s
+            g_c.addcmul_(x_c, rows[:, None])
+            self.g.addcmul_(x, cols[:, None])
+        if s is None:
+            _subtract_product(g_c, coef, x)
+            _subtract_product(self.g, coef.t(), x_c)
+            return
+        scaled = self.chunks.gram[:stop - start]  # the Gram block is free once the kernel has read it
+        torch.mul(coef, s[None, :], out=scaled)
+        _subtract_product(g_c, scaled, x)
+        coef.mul_(s[start:stop, None])
+        _subtract_product(self.g, coef.t(), x_c)
+
+    def write(self, grads):
+        grad_x, grad_scale = grads
+        s = self.chunks.scale
+        if grad_x is not None:
+            grad_x.copy_(self.g if s is None else self.g * s[:, None])
+        if grad_scale is not None:
+            torch.sum(self.chunks.x * self.g, dim=1, out=grad_scale)
+
+
+def _rows_pass(backend, tensors, params, row_weight, grads):
+    """Every anchor's loss and count; with row_weight, the gradient of sum(row_weight * loss) into grads."""
+    chunks = _RowChunks(backend, tensors, params)
+    n = chunks.x.shape[0]
+    loss = torch.empty(n, device=chunks.x.device, dtype=F32)
+    count = torch.empty(n, device=chunks.x.device, dtype=I64)
+    if row_weight is None:
+        chunks.run(loss, count)
+        return loss, count
+    sink = _RowGradient(chunks)
+    coef = torch.empty_like(chunks.gram)
+    chunks.run(loss, count, row_weight, coef, sink.add)
+    sink.write(grads)
+    return loss, count
+
+
+def _row_weights(scale, like):
+    return torch.as_tensor(scale, dtype=F32, device=like.device).reshape(1).expand(like.shape[0]).contiguous()
+
+
+def _rows_forward(backend, tensors, params, grads, scale, reduce):
+    weight = None if grads is None else _row_weights(scale, tensors[0])
+    loss, _ = _rows_pass(backend, tensors, params, weight, grads)
+    return (loss.sum() if reduce else loss), ()
+
+
+def _rows_backward(backend, grad_rows, tensors, saved, params, grads):
+    weight = grad_rows.reshape(-1).to(F32).contiguous()
+    _rows_pass(backend, tensors, params, weight, grads)
+
+
+def _class_sizes(labels):
+    ordered = torch.sort(labels).values
+    return torch.searchsorted(ordered, labels, right=True) - torch.searchsorted(ordered, labels)
+
+
+def counting_backend(device: torch.device) -> str:
+    """The backend whose kernel counts hinge batch_all's non-zero triplets: a count is the same on both."""
+    cuda_op = "lossforge::triplet_row_loss_cuda"
+    if device.type == "cuda" and torch._C._dispatch_has_kernel_for_dispatch_key(cuda_op, "CUDA"):
+        return "cuda"
+    return "triton"
+
+
+def _rows_mean_divisor(tensors, params):
+    """semi_hard: the (anchor, positive) pairs whose anchor has a negative; batch_all soft: every triplet,
+    both from the class sizes; batch_all hinge: the non-zero triplets, which need a counting pass over
+    the chunks (one more Gram product) since the gradient's scale is needed before the loss pass."""
+    labels = tensors[1]
+    n = labels.shape[0]
+    mining, soft_margin = params[0], params[3]
+    if mining == "batch_all" and not soft_margin:
+        with torch.no_grad():
+            _, count = _rows_pass(counting_backend(labels.device), tensors, params, None, None)
+        return count.sum(dtype=F32).clamp_min(1.0)
+    pairs = _class_sizes(labels) - 1
+    if mining == "semi_hard":
+        return torch.where(pairs + 1 < n, pairs, 0).sum(dtype=F32)
+    return (pairs * (n - 1 - pairs)).sum(dtype=F32).clamp_min(1.0)
+
+
+def _rows_only_fake(tensors, params):
+    return (tensors[0].new_empty(tensors[0].shape[0], dtype=F32),)
+
+
+ROWS_SPEC = FusedLoss(
+    name="triplet_mined",
+    tensors=("embeddings", "labels", "scale?"),
+    params=ROW_PARAMS,
+    differentiable=("embeddings", "scale"),
+    n_saved=0,
+    forward=_rows_forward,
+    backward=_rows_backward,
+    rows_fake=_rows_only_fake,
+    mean_divisor=_rows_mean_divisor,
+)
+triplet_mined_kernels = build(ROWS_SPEC)

@@ -1,0 +1,322 @@
+"""Fused contrastive kernels (InfoNCE / CLIP, SupCon, SigLIP) through the public API, against the references.
+
+The kernel ops' own contract (stats, per-row partials, odd tiles) is tested in
+tests/test_contrastive_triton_ops.py; here the three losses as users call them: every option and
+reduction against the float64 reference, half precision, launches, opcheck, torch.compile, retained
+graphs, double backward, bad input, and that no (B, M) tensor is ever created.
+"""
+import math
+
+import pytest
+import torch
+
+import lossforge_kernels as lf
+from tests import harness
+from tests.conftest import assert_close_rel, device_for
+from tests.test_linear_cross_entropy import CreatedTensors
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def _rows(shape, generator, scale=1.0):
+    return torch.randn(shape, generator=generator, dtype=torch.float64) * scale
+
+
+def _tol(opts, shape):
+    # With one row the scale's gradient, sum_j (P_j - [j == 0]) c_j, is a difference of two nearly equal
+    # numbers: fp32 leaves it a few 1e-8 off in absolute terms, more than 2e-5 of its small size.
+    return 1e-4 if shape[0] == 1 else 2e-5
+
+
+def _scalar(value, learn, device):
+    return torch.tensor(value, dtype=torch.float32, device=device) if learn else value
+
+
+# ---- InfoNCE / CLIP ---------------------------------------------------------------------------------
+
+def make_info_nce(shape, opts, dtype, device, generator):
+    b, d = shape
+    symmetric = opts.pop("symmetric", True)
+    m = b if symmetric else b + opts.pop("extra", 0)
+    learn = opts.pop("learn", True)
+    normalize = opts.pop("normalize", True)
+    # Without normalisation the rows are short enough that the logits stay in softmax's useful range.
+    spread = 1.0 if normalize else 0.4 / math.sqrt(d)
+    q, k = _rows((b, d), generator, spread), _rows((m, d), generator, spread)
+    if opts.pop("duplicates", False):  # equal rows: tied logits in every row and column
+        q[1::2], k[1::2] = q[0::2][:b // 2], k[0::2][:m // 2]
+    q, k = q.to(dtype).to(device), k.to(dtype).to(device)
+    scale = _scalar(opts.pop("scale", 7.0), learn, device)
+    names = ("query", "key") + (("logit_scale",) if learn else ())
+
+    def call(ts, backend, reduction):
+        return lf.info_nce(ts["query"], ts["key"], logit_scale=ts["logit_scale"], symmetric=symmetric,
+                           normalize=normalize, reduction=reduction, backend=backend)
+
+    return harness.Sample({"query": q, "key": k, "logit_scale": scale}, names, call)
+
+
+def _contract_inputs(device, b=6, m=6, d=5, labels=False):
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(b, d, generator=g).to(device)
+    k = q if labels else torch.randn(m, d, generator=g).to(device)
+    lab = torch.tensor([i % 3 for i in range(b)], device=device) if labels else None
+    return q, k, lab, torch.tensor(3.0, device=device), torch.tensor(-1.0, device=device)
+
+
+def _kernel_op_samples(device):
+    out = []
+    for kind, symmetric in ((0, True), (0, False), (1, False), (2, False)):
+        q, k, lab, s, bias = _contract_inputs(device, m=6 if symmetric or kind == 1 else 9, labels=kind == 1)
+        b = q.shape[0]
+        loss, stats = torch.empty(b, device=device), torch.empty(2, b, device=device)
+        out.append(("contrastive_fwd", (q, k, lab, s, bias, loss, stats, kind, True, symmetric)))
+        stats = torch.full((2, b), 2.0, device=device)  # finite statistics for the backward
+        grad_k = None if kind == 1 else torch.empty_like(k)
+        out.append(("contrastive_bwd", (torch.rand(b, device=device), q, k, lab, s, bias, stats, torch.empty_like(q),
+                                        grad_k, torch.empty(2, b, device=device), kind, True, symmetric)))
+    return out
+
+
+def _info_nce_op_inputs(device):
+    q, k, _, s, _ = _contract_inputs(device)
+    return (q, k, s), (True, True)
+
+
+INFO_NCE = harness.KernelSpec(
+    family="contrastive",
+    builder_spec="INFO_NCE_SPEC",
+    make=make_info_nce,
+    cases=(dict(symmetric=True, normalize=True), dict(symmetric=True, normalize=False, learn=False),
+           dict(symmetric=False, normalize=True, extra=13), dict(symmetric=False, normalize=False, learn=False),
+           dict(symmetric=True, duplicates=True, scale=30.0)),
+    shapes=((1, 4), (37, 33)),  # odd tiles and extreme sizes: tests/test_contrastive_triton_ops.py
+    tol=_tol,
+    half_cases=(dict(symmetric=True, learn=False), dict(symmetric=False, extra=5, normalize=False, learn=False)),
+    half_shape=(40, 24),
+    half_tol=lambda dtype: 2e-2 if dtype == torch.bfloat16 else 4e-3,
+    fwd_kernel="contrastive_fwd",
+    fwd_budget=7,  # the scale's zero bias, the kernels, grad_rows, two sums, the mean
+    bwd_budget=4,
+    bwd_rescales=3,
+    launch_shape=(48, 16),
+    compile_cases=(dict(symmetric=True), dict(symmetric=False, extra=3, learn=False)),
+    op_inputs=_info_nce_op_inputs,
+    kernel_op_samples=_kernel_op_samples,
+)
+
+test_info_nce_matches_reference = harness.matches_reference(INFO_NCE)
+test_info_nce_half_precision = harness.matches_reference_half(INFO_NCE)
+test_info_nce_launches_few_ops_and_never_syncs = harness.launches(INFO_NCE)
+test_info_nce_opcheck = harness.opcheck(INFO_NCE)
+test_info_nce_compile_fullgraph = harness.compile_fullgraph(INFO_NCE)
+test_info_nce_retained_graph = harness.retained_graph(INFO_NCE)
+test_info_nce_double_backward_is_refused = harness.double_backward(INFO_NCE)
+
+
+# ---- SupCon ------------------------------------------------------------------------------------------
+
+def make_supcon(shape, opts, dtype, device, generator):
+    b, d = shape
+    normalize = opts.pop("normalize", True)
+    classes = opts.pop("classes", max(1, b // 3))
+    spread = 1.0 if normalize else 0.4 / math.sqrt(d)
+    f = _rows((b, d), generator, spread).to(dtype).to(device)
+    labels = torch.randint(0, classes, (b,), generator=generator)
+    labels = (labels * opts.pop("label_step", 1) + opts.pop("label_offset", 0)).to(opts.pop("label_dtype",
+                                                                                          torch.int64)).to(device)
+    temperature = opts.pop("temperature", 0.1)
+
+    def call(ts, backend, reduction):
+        return lf.supcon_loss(ts["features"], ts["labels"], temperature=temperature, normalize=normalize,
+                              reduction=reduction, backend=backend)
+
+    return harness.Sample({"features": f, "labels": labels}, ("features",), call)
+
+
+def _supcon_op_inputs(device):
+    f, _, labels, _, _ = _contract_inputs(device, labels=True)
+    return (f, labels), (0.2, True)
+
+
+SUPCON = harness.KernelSpec(
+    family="contrastive",
+    builder_spec="SUPCON_SPEC",
+    make=make_supcon,
+    cases=(dict(), dict(normalize=False, temperature=0.5), dict(classes=30, label_step=-7919, label_offset=2**40),
+           dict(classes=1), dict(label_dtype=torch.int8, classes=5)),
+    shapes=((1, 4), (37, 33)),  # odd tiles and extreme sizes: tests/test_contrastive_triton_ops.py
+    tol=_tol,
+    half_cases=(dict(), dict(normalize=False, temperature=1.0)),
+    half_shape=(40, 24),
+    half_tol=lambda dtype: 2e-2 if dtype == torch.bfloat16 else 4e-3,
+    fwd_kernel="contrastive_fwd",
+    fwd_budget=18,  # with the anchor count from the sorted labels
+    bwd_budget=2,
+    launch_shape=(48, 16),
+    compile_cases=(dict(), dict(normalize=False)),
+    op_inputs=_supcon_op_inputs,
+    kernel_op_samples=lambda device: [],
+)
+
+test_supcon_matches_reference = harness.matches_reference(SUPCON)
+test_supcon_half_precision = harness.matches_reference_half(SUPCON)
+test_supcon_launches_few_ops_and_never_syncs = harness.launches(SUPCON)
+test_supcon_opcheck = harness.opcheck(SUPCON)
+test_supcon_compile_fullgraph = harness.compile_fullgraph(SUPCON)
+test_supcon_retained_graph = harness.retained_graph(SUPCON)
+
+
+# ---- SigLIP ------------------------------------------------------------------------------------------
+
+def make_siglip(shape, opts, dtype, device, generator):
+    b, d = shape
+    m = b + opts.pop("extra", 0)
+    learn = opts.pop("learn", True)
+    normalize = opts.pop("normalize", True)
+    spread = 1.0 if normalize else 0.4 / math.sqrt(d)
+    q = _rows((b, d), generator, spread).to(dtype).to(device)
+    k = _rows((m, d), generator, spread).to(dtype).to(device)
+    scale = _scalar(opts.pop("scale", 10.0), learn, device)
+    bias = _scalar(opts.pop("bias", -10.0), learn, device)
+    names = ("query", "key") + (("logit_scale", "logit_bias") if learn else ())
+
+    def call(ts, backend, reduction):
+        return lf.siglip_loss(ts["query"], ts["key"], ts["logit_scale"], ts["logit_bias"], normalize=normalize,
+                              reduction=reduction, backend=backend)
+
+    return harness.Sample({"query": q, "key": k, "logit_scale": scale, "logit_bias": bias}, names, call)
+
+
+def _siglip_op_inputs(device):
+    q, k, _, s, bias = _contract_inputs(device, m=9)
+    return (q, k, s, bias), (True,)
+
+
+SIGLIP = harness.KernelSpec(
+    family="contrastive",
+    builder_spec="SIGLIP_SPEC",
+    make=make_siglip,
+    cases=(dict(), dict(normalize=False, learn=False, scale=3.0, bias=0.5), dict(extra=11, bias=2.0)),
+    shapes=((1, 4), (37, 33)),  # odd tiles and extreme sizes: tests/test_contrastive_triton_ops.py
+    tol=_tol,
+    half_cases=(dict(learn=False), dict(extra=5, normalize=False, learn=False)),
+    half_shape=(40, 24),
+    half_tol=lambda dtype: 2e-2 if dtype == torch.bfloat16 else 4e-3,
+    fwd_kernel="contrastive_fwd",
+    fwd_budget=8,
+    bwd_budget=5,
+    bwd_rescales=4,
+    launch_shape=(48, 16),
+    compile_cases=(dict(), dict(extra=3, learn=False)),
+    op_inputs=_siglip_op_inputs,
+    kernel_op_samples=lambda device: [],
+)
+
+test_siglip_matches_reference = harness.matches_reference(SIGLIP)
+test_siglip_half_precision = harness.matches_reference_half(SIGLIP)
+test_siglip_launches_few_ops_and_never_syncs = harness.launches(SIGLIP)
+test_siglip_opcheck = harness.opcheck(SIGLIP)
+test_siglip_compile_fullgraph = harness.compile_fullgraph(SIGLIP)
+test_siglip_retained_graph = harness.retained_graph(SIGLIP)
+
+
+# ---- what the fusion is for: no (B, M) tensor --------------------------------------------------------
+
+CALLS = {
+    "info_nce": lambda q, k, labels, s, b, r, backend: lf.info_nce(q, k, logit_scale=s, reduction=r, backend=backend),
+    "info_nce_extra": lambda q, k, labels, s, b, r, backend: lf.info_nce(q, k, logit_scale=s, symmetric=False,
+                                                                         reduction=r, backend=backend),
+    "supcon": lambda q, k, labels, s, b, r, backend: lf.supcon_loss(q, labels, reduction=r, backend=backend),
+    "siglip": lambda q, k, labels, s, b, r, backend: lf.siglip_loss(q, k, s, b, reduction=r, backend=backend),
+}
+
+
+@pytest.mark.parametrize("reduction", ("none", "mean"))  # 'sum' takes the fused path as 'mean' does
+@pytest.mark.parametrize("loss", list(CALLS))
+def test_no_tensor_of_b_by_m_elements(kernel_backend, loss, reduction):
+    device = device_for(kernel_backend)
+    b, d = 80, 8  # more rows than one tile
+    m = b + 17 if loss == "info_nce_extra" else b
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(b, d, generator=g).to(device).requires_grad_(True)
+    k = torch.randn(m, d, generator=g).to(device).requires_grad_(True)
+    labels = torch.randint(0, 20, (b,), generator=g).to(device)
+    s = torch.tensor(5.0, device=device, requires_grad=True)
+    bias = torch.tensor(-2.0, device=device, requires_grad=True)
+    with CreatedTensors() as created:
+        out = CALLS[loss](q, k, labels, s, bias, reduction, kernel_backend)
+        out.backward(torch.rand_like(out) + 0.5)
+    biggest = max(math.prod(shape) for _, shape in created.shapes)
+    assert biggest < b * m // 4, f"a tensor of {biggest} elements (B x M = {b * m}): {created.shapes}"
+    want = CALLS[loss](q.detach().double(), k.detach().double(), labels, s.detach().double(), bias.detach().double(),
+                       reduction, "reference")
+    assert_close_rel(out, want, 2e-5, "loss")
+
+
+# ---- determinism, edge cases, dispatch ---------------------------------------------------------------
+
+@pytest.mark.parametrize("loss", list(CALLS))
+def test_two_runs_are_bitwise_equal(kernel_backend, loss):
+    device = device_for(kernel_backend)
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(45, 12, generator=g).to(device)
+    k = torch.randn(45 + (9 if loss == "info_nce_extra" else 0), 12, generator=g).to(device)
+    labels = torch.randint(0, 9, (45,), generator=g).to(device)
+    results = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k)]
+        s = torch.tensor(4.0, device=device, requires_grad=True)
+        bias = torch.tensor(-1.0, device=device, requires_grad=True)
+        out = CALLS[loss](*leaves, labels, s, bias, "mean", kernel_backend)
+        out.backward()
+        results.append([out] + [t.grad for t in leaves + [s, bias] if t.grad is not None])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_supcon_without_any_positive(kernel_backend):
+    # Every label distinct: nothing to average ('mean' is nan, as the reference) and a zero gradient.
+    device = device_for(kernel_backend)
+    f = torch.randn(9, 5, device=device, requires_grad=True)
+    labels = torch.arange(9, device=device)
+    for reduction in REDUCTIONS:
+        got = lf.supcon_loss(f, labels, reduction=reduction, backend=kernel_backend)
+        want = lf.supcon_loss(f.detach().double(), labels, reduction=reduction, backend="reference")
+        torch.testing.assert_close(got.double(), want, equal_nan=True)
+        (grad,) = torch.autograd.grad(got.sum(), f)
+        assert torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_float_and_tensor_scales_agree(kernel_backend):
+    device = device_for(kernel_backend)
+    q, k = torch.randn(20, 6, device=device), torch.randn(20, 6, device=device)
+    by_float = lf.info_nce(q, k, temperature=0.25, backend=kernel_backend)
+    by_tensor = lf.info_nce(q, k, logit_scale=torch.tensor(4.0, device=device), backend=kernel_backend)
+    torch.testing.assert_close(by_float, by_tensor)
+
+
+def test_inputs_are_not_modified(kernel_backend):
+    device = device_for(kernel_backend)
+    q = torch.randn(20, 6, device=device, requires_grad=True)
+    k = torch.randn(20, 6, device=device, requires_grad=True)
+    before = (q.detach().clone(), k.detach().clone())
+    lf.info_nce(q, k, backend=kernel_backend).backward()
+    lf.siglip_loss(q, k, 10.0, -10.0, backend=kernel_backend).backward()
+    assert torch.equal(q.detach(), before[0]) and torch.equal(k.detach(), before[1])
+
+
+def test_explicit_kernel_backends_run_or_say_why(monkeypatch):
+    q, k = torch.randn(4, 3), torch.randn(4, 3)
+    labels = torch.tensor([0, 0, 1, 1])
+    calls = [lambda **kw: lf.info_nce(q, k, **kw), lambda **kw: lf.supcon_loss(q, labels, **kw),
+             lambda **kw: lf.siglip_loss(q, k, 10.0, -10.0, **kw)]
+    for call in calls:
+        want = call(backend="reference")
+        assert torch.equal(call(), want)  # auto on CPU tensors: the reference
+        if not torch.cuda.is_available():
+            with pytest.raises(lf.BackendUnavailableError, match="backend='cuda' is unavailable"):
+                call(backend="cuda")
+        monkeypatch.setenv("LOSSFORGE_BACKEND", "reference")
+        assert torch.equal(call(), want)
+        monkeypatch.delenv("LOSSFORGE_BACKEND")

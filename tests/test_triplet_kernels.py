@@ -1,0 +1,452 @@
+"""Triplet kernels against the reference: batch_hard (mining kernels) and semi_hard / batch_all (the
+chunked row kernels), each through the harness grid, ties, degenerate label sets, label dtypes, bad
+input, determinism, and no B x B tensor."""
+import math
+
+import pytest
+import torch
+
+import lossforge_kernels as lf
+from lossforge_kernels import BackendUnavailableError
+from lossforge_kernels.ops import triplet as ops
+from lossforge_kernels.reference import triplet as ref
+from tests import harness
+from tests.conftest import assert_close_rel, device_for
+from tests.test_linear_cross_entropy import CreatedTensors
+
+DISTANCES = ("euclidean", "squared_euclidean", "cosine")
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def make_sample(shape, opts, dtype, device, generator):
+    """triplet_loss's inputs: (B, D) embeddings, about 4 rows per class; opts: the loss's options."""
+    b, d = shape
+    x = torch.randn(b, d, generator=generator).to(dtype).to(device)
+    labels = torch.randint(0, max(1, b // 4), (b,), generator=generator).to(device)
+
+    def call(ts, backend, reduction):
+        return lf.triplet_loss(ts["embeddings"], ts["labels"], mining="batch_hard", reduction=reduction,
+                               backend=backend, **opts)
+
+    return harness.Sample({"embeddings": x, "labels": labels}, ("embeddings",), call)
+
+
+def _csr(n, gen, device):
+    rows, order = torch.sort(torch.randint(0, n, (4 * n,), generator=gen), stable=True)
+    others = torch.randint(0, n, (4 * n,), generator=gen)
+    offsets = torch.searchsorted(rows, torch.arange(n + 1))
+    return offsets.to(device), others.to(device), torch.randn(4 * n, generator=gen).to(device)
+
+
+def _kernel_op_samples(device):
+    gen = torch.Generator().manual_seed(0)
+    n = 9
+    x = torch.randn(n, 5, generator=gen).to(device)
+    labels = torch.randint(0, 3, (n,), generator=gen).to(device)
+    scale = (torch.rand(n, generator=gen) + 0.5).to(device)
+
+    def outs():
+        return (torch.empty(n, dtype=torch.int64, device=device), torch.empty(n, device=device),
+                torch.empty(n, dtype=torch.int64, device=device), torch.empty(n, device=device))
+
+    csr = _csr(n, gen, device)
+    return [("triplet_mine", (x, labels, scale, "cosine", *outs())),
+            ("triplet_pair_grad", (x, scale, *csr, True, torch.empty_like(x), torch.empty_like(scale)))]
+
+
+def _op_inputs(device):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(12, 6, generator=gen).to(device)
+    labels = torch.randint(0, 3, (12,), generator=gen).to(device)
+    return (x, labels, (torch.rand(12, generator=gen) + 0.5).to(device)), ("euclidean", 0.2, False)
+
+
+SPEC = harness.KernelSpec(
+    family="triplet",
+    make=make_sample,
+    cases=(dict(distance="euclidean", margin=0.3), dict(distance="squared_euclidean", margin=-0.05),
+           dict(distance="cosine", margin=0.3))
+    + tuple(dict(distance=d, soft_margin=True, normalize=True) for d in DISTANCES),
+    shapes=((1, 3), (17, 3), (70, 33)),
+    # fp32 Gram-form distances of close rows lose digits to cancellation (the fp32 reference too)
+    tol=lambda opts, shape: 1e-5 if opts["distance"] == "cosine" else 5e-5,
+    half_cases=(dict(), dict(distance="cosine", soft_margin=True)),
+    half_shape=(40, 24),
+    fwd_kernel="triplet_mine",
+    fwd_budget=50,  # the kernels plus ~45 O(B) torch ops: divisor, per-anchor terms, the pairs' CSR
+    bwd_budget=2,
+    launch_shape=(48, 16),
+    compile_cases=(dict(distance="cosine", normalize=True, soft_margin=True),),
+    op_inputs=_op_inputs,
+    kernel_op_samples=_kernel_op_samples,
+)
+
+test_kernel_matches_reference = harness.matches_reference(SPEC)
+test_kernel_matches_reference_in_half_precision = harness.matches_reference_half(SPEC)
+test_kernel_path_launches_few_ops_and_never_syncs = harness.launches(SPEC)
+test_opcheck_kernel_ops = harness.opcheck(SPEC)
+test_compile_fullgraph = harness.compile_fullgraph(SPEC)
+test_retained_graph_backward_is_right_and_never_changes_a_returned_gradient = harness.retained_graph(SPEC)
+test_double_backward_is_refused_loudly = harness.double_backward(SPEC)
+
+
+def _compare(backend, x, labels, reduction="mean", tol=1e-5, **opts):
+    """The kernels' loss and gradient against the float64 reference on the same values."""
+    mine = x.detach().clone().requires_grad_(True)
+    want_x = x.detach().double().requires_grad_(True)
+    loss = lf.triplet_loss(mine, labels, reduction=reduction, backend=backend, **opts)
+    want = lf.triplet_loss(want_x, labels, reduction=reduction, backend="reference", **opts)
+    go = torch.rand(want.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64) + 0.5
+    loss.backward(go.to(loss.device, loss.dtype))
+    want.backward(go.to(want.device))
+    assert_close_rel(loss, want, tol, f"loss {opts} {reduction}")
+    assert_close_rel(mine.grad, want_x.grad, tol, f"grad {opts} {reduction}")
+    return loss, want
+
+
+def _reference_choice(x, labels, distance, normalize):
+    """The reference's hardest positive and negative per anchor (first occurrence on ties)."""
+    x = x.double()
+    if normalize:
+        x = torch.nn.functional.normalize(x, dim=1, eps=ref.NORM_EPS)
+    # rounded, so that equal distances which the float64 product rounds apart are equal again
+    dist = torch.round(ref.pairwise_distances(x, distance), decimals=9)
+    same = labels[:, None] == labels[None, :]
+    pos = same & ~torch.eye(len(labels), dtype=torch.bool)
+    hardest_pos = torch.where(pos.any(1), dist.masked_fill(~pos, -math.inf).argmax(1), -1)
+    hardest_neg = torch.where((~same).any(1), dist.masked_fill(same, math.inf).argmin(1), -1)
+    return hardest_pos, hardest_neg
+
+
+@pytest.mark.parametrize("distance,normalize,data", [("euclidean", False, "integers"),
+                                                     ("squared_euclidean", False, "integers"),
+                                                     ("euclidean", False, "copies"),
+                                                     ("cosine", False, "copies"),
+                                                     ("squared_euclidean", True, "copies")])
+def test_ties_go_to_the_smallest_index(kernel_backend, distance, normalize, data):
+    # Integer features make many exactly equal distances in fp32 and fp64 alike. Copies of a few
+    # random rows (quarter-integers: every dot product exact, whatever the summation order) make
+    # each copy of one row equally far from an anchor, also after the normalisation.
+    device = device_for(kernel_backend)
+    gen = torch.Generator().manual_seed(11)
+    if data == "integers":
+        x = torch.randint(-2, 3, (45, 4), generator=gen).float()
+        labels = torch.randint(0, 5, (45,), generator=gen)
+    else:
+        base = torch.arange(9).repeat(5)[torch.randperm(45, generator=gen)]
+        x, labels = (torch.randint(-8, 9, (9, 6), generator=gen) / 4)[base], base % 4
+    scale = ops.row_scale(x.to(device), distance, normalize)
+    pos_index, _, neg_index, _ = ops._mine(kernel_backend, x.to(device), labels.to(device), scale, distance)
+    want_pos, want_neg = _reference_choice(x, labels, distance, normalize)
+    assert torch.equal(pos_index.cpu(), want_pos), (pos_index, want_pos)
+    assert torch.equal(neg_index.cpu(), want_neg), (neg_index, want_neg)
+    if data == "integers":  # elsewhere the float64 reference's own products break the ties at random
+        _compare(kernel_backend, x.to(device), labels.to(device), distance=distance, margin=0.5)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_singleton_classes_and_a_single_class(kernel_backend, reduction):
+    device = device_for(kernel_backend)
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(37, 7, generator=gen).to(device)
+    some_alone = torch.cat([torch.arange(10), torch.randint(10, 14, (27,), generator=gen)]).to(device)
+    _compare(kernel_backend, x, some_alone, reduction, distance="euclidean")
+    # one class: no negatives, every anchor left out; 'mean' is nan and every gradient 0, as the reference's
+    one = torch.full((37,), 3, device=device)
+    loss, want = _compare(kernel_backend, x, one, reduction, distance="cosine") if reduction != "mean" else \
+        (None, None)
+    if reduction == "mean":
+        mine = x.clone().requires_grad_(True)
+        loss = lf.triplet_loss(mine, one, backend=kernel_backend)
+        loss.backward()
+        assert torch.isnan(loss) and torch.equal(mine.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int32, torch.int64])
+def test_label_dtypes_and_huge_values(kernel_backend, dtype):
+    device = device_for(kernel_backend)
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(29, 5, generator=gen).to(device)
+    classes = torch.randint(0, 6, (29,), generator=gen)
+    if dtype == torch.int64:  # distinct only in the low bits of huge values
+        labels = classes + (2**62 - 3)
+        labels[::2] = -(2**62) - classes[::2]
+    elif dtype == torch.uint8:
+        labels = (classes * 50).to(dtype)  # up to 250: above int8's range
+    else:
+        labels = (classes - 3).to(dtype) * (100 if dtype == torch.int32 else 20)
+    _compare(kernel_backend, x, labels.to(device), "sum", distance="squared_euclidean", margin=1.0)
+
+
+def test_deterministic_with_a_shared_negative(kernel_backend):
+    # A row near everyone is the nearest negative of many anchors: its gradient sums many entries.
+    device = device_for(kernel_backend)
+    gen = torch.Generator().manual_seed(14)
+    x = torch.randn(66, 9, generator=gen) * 3
+    x[0] = 0.01
+    labels = torch.randint(1, 12, (66,), generator=gen)
+    labels[0] = 0
+    _compare(kernel_backend, x.to(device), labels.to(device), margin=4.0)
+    grads = []
+    for _ in range(2):
+        mine = x.to(device).requires_grad_(True)
+        lf.triplet_loss(mine, labels.to(device), margin=4.0, backend=kernel_backend).backward()
+        grads.append(mine.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_no_b_by_b_tensor(kernel_backend, reduction):
+    device = device_for(kernel_backend)
+    gen = torch.Generator().manual_seed(15)
+    b, d = 300, 16  # several tiles of columns on every backend
+    x = torch.randn(b, d, generator=gen).to(device).requires_grad_(True)
+    labels = torch.randint(0, 75, (b,), generator=gen).to(device)
+    with CreatedTensors() as created:
+        loss = lf.triplet_loss(x, labels, normalize=True, reduction=reduction, backend=kernel_backend)
+        loss.backward(torch.rand_like(loss) + 0.5)
+    biggest = max(math.prod(shape) for _, shape in created.shapes)
+    assert biggest < b * b, f"a tensor of {biggest} elements (B x B = {b * b}): {created.shapes}"
+
+
+def test_bad_input_is_refused_by_name(kernel_backend):
+    device = device_for(kernel_backend)
+    x, labels = torch.randn(6, 4).to(device), torch.tensor([0, 1, 0, 1, 2, 2]).to(device)
+    with pytest.raises(ValueError, match=r"labels must have shape \(6,\)"):
+        lf.triplet_loss(x, labels[:5], backend=kernel_backend)
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        lf.triplet_loss(x, labels.float(), backend=kernel_backend)
+    with pytest.raises(lf.BackendUnavailableError, match="triplet kernels take"):
+        lf.triplet_loss(x.double(), labels, backend=kernel_backend)
+    out = [torch.empty(6, dtype=torch.int64, device=device), torch.empty(6, device=device)] * 2
+    mine = getattr(torch.ops.lossforge, f"triplet_mine_{kernel_backend}")
+    with pytest.raises(ValueError, match="triplet_mine: labels must be a contiguous \\(6,\\) torch.int64"):
+        mine(x, labels.int(), None, "euclidean", *out)
+    with pytest.raises(ValueError, match="triplet_mine: cosine distances need the rows' scale"):
+        mine(x, labels, None, "cosine", *out)
+    with pytest.raises(ValueError, match="triplet_mine: x must be a contiguous 2-D"):
+        mine(x.t(), labels[:4], None, "euclidean", *[t[:4] for t in out])
+
+
+def test_inputs_are_not_modified(kernel_backend):
+    device = device_for(kernel_backend)
+    x = torch.randn(20, 5).to(device).requires_grad_(True)
+    labels = torch.randint(0, 4, (20,), dtype=torch.int32).to(device)
+    before = x.detach().clone(), labels.clone()
+    lf.triplet_loss(x, labels, distance="cosine", normalize=True, backend=kernel_backend).backward()
+    assert torch.equal(x.detach(), before[0]) and torch.equal(labels, before[1])
+
+
+# ---- semi_hard and batch_all: the chunked row kernels ------------------------------------------
+
+MINED = ("semi_hard", "batch_all")
+# Small Gram blocks, so that every grid shape above 17 rows is walked in several chunks (C < B).
+SMALL_CHUNK_BYTES = 8000
+
+
+@pytest.fixture(autouse=True)
+def _small_chunks(request, monkeypatch):
+    if "launches" not in request.node.name:  # that test counts one kernel launch per pass
+        monkeypatch.setattr(ops, "CHUNK_BYTES", SMALL_CHUNK_BYTES)
+
+
+def make_mined_sample(shape, opts, dtype, device, generator):
+    """As make_sample, for semi_hard (default) and batch_all; `integers` makes integer-valued features."""
+    opts = dict(opts)
+    opts.setdefault("mining", "semi_hard")
+    integers = opts.pop("integers", False)
+    b, d = shape
+    x = torch.randint(-2, 3, (b, d), generator=generator).float() if integers else torch.randn(b, d,
+                                                                                               generator=generator)
+    x = x.to(dtype).to(device)
+    labels = torch.randint(0, max(1, b // 4), (b,), generator=generator).to(device)
+
+    def call(ts, backend, reduction):
+        return lf.triplet_loss(ts["embeddings"], ts["labels"], reduction=reduction, backend=backend, **opts)
+
+    return harness.Sample({"embeddings": x, "labels": labels}, ("embeddings",), call)
+
+
+def _mined_kernel_op_samples(device):
+    gen = torch.Generator().manual_seed(2)
+    n, c = 11, 4
+    x = torch.randn(n, 5, generator=gen).to(device)
+    labels = torch.randint(0, 3, (n,), generator=gen).to(device)
+    scale = (torch.rand(n, generator=gen) + 0.5).to(device)
+    gram = (x[3:3 + c] @ x.T).contiguous()
+    sq = (x * x).sum(1)
+
+    def outs():
+        return torch.empty(c, device=device), torch.empty(c, dtype=torch.int64, device=device)
+
+    weight = torch.rand(c, generator=gen).to(device)
+    return [("triplet_row_loss", (gram, sq, scale, labels, 3, "semi_hard", "cosine", 0.2, False, weight, *outs(),
+                                  torch.empty_like(gram))),
+            ("triplet_row_loss", (gram, sq, None, labels, 3, "batch_all", "euclidean", 0.2, False, None, *outs(),
+                                  None))]
+
+
+def _mined_op_inputs(device):
+    tensors, _ = _op_inputs(device)
+    return tensors, ("batch_all", "euclidean", 0.2, False, 0)
+
+
+MINED_SPEC = harness.KernelSpec(
+    family="triplet",
+    make=make_mined_sample,
+    cases=(dict(mining="semi_hard", distance="euclidean", margin=0.3),
+           dict(mining="semi_hard", distance="squared_euclidean", margin=0.0, normalize=True),
+           dict(mining="semi_hard", distance="cosine", soft_margin=True),
+           dict(mining="batch_all", distance="euclidean", margin=-0.05, normalize=True),
+           dict(mining="batch_all", distance="cosine", margin=0.0),
+           dict(mining="batch_all", distance="squared_euclidean", soft_margin=True, normalize=True),
+           dict(mining="batch_all", distance="euclidean", soft_margin=True)),
+    shapes=((1, 3), (2, 3), (17, 33), (70, 33)),
+    tol=lambda opts, shape: 1e-5 if opts["distance"] == "cosine" else 5e-5,
+    half_cases=(dict(), dict(mining="batch_all"), dict(mining="batch_all", distance="cosine", soft_margin=True)),
+    half_shape=(40, 24),
+    fwd_kernel="triplet_row_loss",
+    fwd_budget=40,  # the row kernel, the Gram product and the O(B) and O(C B) torch around them
+    bwd_budget=2,
+    launch_shape=(48, 16),
+    compile_cases=(dict(mining="batch_all", distance="cosine", normalize=True),),
+    op_inputs=_mined_op_inputs,
+    kernel_op_samples=_mined_kernel_op_samples,
+    builder_spec="ROWS_SPEC",
+)
+
+test_mined_kernel_matches_reference = harness.matches_reference(MINED_SPEC)
+test_mined_kernel_matches_reference_in_half_precision = harness.matches_reference_half(MINED_SPEC)
+test_mined_kernel_path_launches_few_ops_and_never_syncs = harness.launches(MINED_SPEC)
+test_mined_opcheck_kernel_ops = harness.opcheck(MINED_SPEC)
+test_mined_compile_fullgraph = harness.compile_fullgraph(MINED_SPEC)
+test_mined_retained_graph_backward_is_right_and_never_changes_a_returned_gradient = harness.retained_graph(MINED_SPEC)
+test_mined_double_backward_is_refused_loudly = harness.double_backward(MINED_SPEC)
+
+
+@pytest.mark.parametrize("mining,soft_margin", [("semi_hard", False), ("semi_hard", True), ("batch_all", False),
+                                                ("batch_all", True)])
+@pytest.mark.parametrize("distance", ["euclidean", "squared_euclidean"])
+def test_mined_ties(kernel_backend, mining, soft_margin, distance):
+    # Integer features: many equal distances, exact in fp32 and fp64 alike, so semi_hard's strict
+    # "farther than d_ap" and its smallest-index ties, and hinge's loss > 0 count, are tested as such.
+    # Margins 0 and 0.5 never land a gap on the hinge's corner: an integer margin would (sqrt(4) + 1 =
+    # sqrt(9)), where the 1e-12 under the square root decides in float64 but vanishes in fp32.
+    device = device_for(kernel_backend)
+    gen = torch.Generator().manual_seed(21)
+    x = torch.randint(-2, 3, (45, 4), generator=gen).float().to(device)
+    labels = torch.randint(0, 5, (45,), generator=gen).to(device)
+    for reduction, margin in zip(REDUCTIONS, (0.5, 0.0, 0.5)):
+        _compare(kernel_backend, x, labels, reduction, mining=mining, soft_margin=soft_margin, distance=distance,
+                 margin=margin)
+
+
+@pytest.mark.parametrize("mining", MINED)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_mined_singleton_classes_and_a_single_class(kernel_backend, mining, reduction):
+    device = device_for(kernel_backend)
+    gen = torch.Generator().manual_seed(22)
+    x = torch.randn(37, 7, generator=gen).to(device)
+    some_alone = torch.cat([torch.arange(10), torch.randint(10, 14, (27,), generator=gen)]).to(device)
+    _compare(kernel_backend, x, some_alone, reduction, mining=mining, distance="euclidean")
+    # one class: no negatives; semi_hard's 'mean' is nan, batch_all's 0, every gradient 0
+    one = torch.full((37,), 3, device=device)
+    if reduction != "mean":
+        _compare(kernel_backend, x, one, reduction, mining=mining, distance="cosine")
+        return
+    mine = x.clone().requires_grad_(True)
+    loss = lf.triplet_loss(mine, one, mining=mining, backend=kernel_backend)
+    loss.backward()
+    assert torch.isnan(loss) if mining == "semi_hard" else loss == 0
+    assert torch.equal(mine.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int64])
+@pytest.mark.parametrize("mining", MINED)
+def test_mined_label_dtypes_and_huge_values(kernel_backend, mining, dtype):
+    device = device_for(kernel_backend)
+    gen = torch.Generator().manual_seed(23)
+    x = torch.randn(29, 5, generator=gen).to(device)
+    classes = torch.randint(0, 6, (29,), generator=gen)
+    if dtype == torch.int64:  # distinct only in the low bits of huge values
+        labels = classes + (2**62 - 3)
+        labels[::2] = -(2**62) - classes[::2]
+    else:
+        labels = ((classes - 3) * 20).to(dtype)
+    _compare(kernel_backend, x, labels.to(device), "mean", mining=mining, distance="squared_euclidean", margin=1.0)
+
+
+@pytest.mark.parametrize("mining,soft_margin", [("semi_hard", False), ("batch_all", False), ("batch_all", True)])
+def test_mined_deterministic_with_a_shared_negative(kernel_backend, mining, soft_margin):
+    # A row near everyone is the chosen negative of many (anchor, positive) pairs.
+    device = device_for(kernel_backend)
+    gen = torch.Generator().manual_seed(24)
+    x = torch.randn(40, 9, generator=gen) * 3
+    x[0] = 0.01
+    labels = torch.randint(1, 8, (40,), generator=gen)
+    labels[0] = 0
+    kw = dict(mining=mining, soft_margin=soft_margin, margin=4.0)
+    _compare(kernel_backend, x.to(device), labels.to(device), **kw)
+    runs = []
+    for _ in range(2):
+        mine = x.to(device).requires_grad_(True)
+        loss = lf.triplet_loss(mine, labels.to(device), reduction="none", backend=kernel_backend, **kw)
+        loss.backward(torch.linspace(0.5, 1.5, 40, device=device))
+        runs.append((loss.detach(), mine.grad))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+@pytest.mark.parametrize("mining,soft_margin,reduction", [("semi_hard", False, "mean"), ("semi_hard", True, "none"),
+                                                          ("batch_all", False, "mean"), ("batch_all", True, "none")])
+def test_mined_no_b_by_b_tensor(kernel_backend, mining, soft_margin, reduction, monkeypatch):
+    device = device_for(kernel_backend)
+    gen = torch.Generator().manual_seed(25)
+    b, d, chunk = 120, 8, 16
+    monkeypatch.setattr(ops, "CHUNK_BYTES", 4 * b * chunk)
+    x = torch.randn(b, d, generator=gen).to(device).requires_grad_(True)
+    labels = torch.randint(0, 30, (b,), generator=gen).to(device)
+    with CreatedTensors() as created:
+        loss = lf.triplet_loss(x, labels, mining=mining, soft_margin=soft_margin, normalize=True,
+                               reduction=reduction, backend=kernel_backend)
+        loss.backward(torch.rand_like(loss) + 0.5)
+    biggest = max(math.prod(shape) for _, shape in created.shapes)
+    assert biggest <= chunk * b, f"a tensor of {biggest} elements (C x B = {chunk * b}): {created.shapes}"
+
+
+def test_mined_chunk_size_knob_gives_the_same_loss(kernel_backend):
+    device = device_for(kernel_backend)
+    gen = torch.Generator().manual_seed(26)
+    x = torch.randn(30, 6, generator=gen).to(device)
+    labels = torch.randint(0, 6, (30,), generator=gen).to(device)
+    tensors = (x, labels, None)
+    whole, parts = (ops.triplet_mined_kernels(tensors, ("batch_all", "euclidean", 0.3, False, c), reduction="none",
+                                              backend=kernel_backend) for c in (0, 7))
+    torch.testing.assert_close(whole, parts, rtol=1e-6, atol=1e-6)  # the products' blocking may move an ulp
+
+
+@pytest.mark.parametrize("mining", MINED)
+def test_mined_runs_on_explicit_kernel_backends(kernel_backend, mining, monkeypatch):
+    device = device_for(kernel_backend)
+    x, labels = torch.randn(12, 4).to(device), torch.randint(0, 3, (12,)).to(device)
+    want = lf.triplet_loss(x.double(), labels, mining=mining, backend="reference")
+    assert_close_rel(lf.triplet_loss(x, labels, mining=mining, backend=kernel_backend), want, 1e-5)
+    monkeypatch.setenv("LOSSFORGE_BACKEND", kernel_backend)
+    assert_close_rel(lf.triplet_loss(x, labels, mining=mining), want, 1e-5)
+
+
+def test_row_kernel_refuses_bad_input_by_name(kernel_backend):
+    device = device_for(kernel_backend)
+    x, labels = torch.randn(6, 4).to(device), torch.tensor([0, 1, 0, 1, 2, 2]).to(device)
+    with pytest.raises(BackendUnavailableError, match="triplet kernels take"):
+        lf.triplet_loss(x.double(), labels, mining="batch_all", backend=kernel_backend)
+    op = getattr(torch.ops.lossforge, f"triplet_row_loss_{kernel_backend}")
+    gram, sq = (x[:2] @ x.T).contiguous(), (x * x).sum(1)
+    out = (torch.empty(2, device=device), torch.empty(2, dtype=torch.int64, device=device))
+    with pytest.raises(ValueError, match="triplet_row_loss: row0 must be in"):
+        op(gram, sq, None, labels, 5, "semi_hard", "euclidean", 0.2, False, None, *out, None)
+    with pytest.raises(ValueError, match="triplet_row_loss: labels must be a contiguous"):
+        op(gram, sq, None, labels.int(), 0, "semi_hard", "euclidean", 0.2, False, None, *out, None)
+    with pytest.raises(ValueError, match="row_weight and coef come together"):
+        op(gram, sq, None, labels, 0, "batch_all", "euclidean", 0.2, False, None, *out, torch.empty_like(gram))
+    with pytest.raises(ValueError, match="mining must be one of"):
+        op(gram, sq, None, labels, 0, "batch_hard", "euclidean", 0.2, False, None, *out, None)

@@ -1,0 +1,365 @@
+# Batch-hard triplet mining and its pair gradient (contract: lossforge_kernels/ops/triplet.py).
+#
+# Mining: one program owns BLOCK_M anchors and walks every BLOCK_N-column tile of the Gram matrix
+# x x^T (tl.dot over BLOCK_K slices, fp32 accumulation), turns the tile into distances in
+# registers and folds it into a running farthest positive and nearest negative per anchor, ties
+# to the smallest column. Nothing B x B is stored; the work is 2 B^2 D FLOPs on the tensor cores
+# (each program re-reads all of x: B^2 D / BLOCK_M elements, from L2). A small pre-pass writes the
+# rows' squared norms (fp32, B values).
+# Pair gradient: one program per BLOCK_R rows sums each row's CSR entries (about 4 per row) in order
+# over D slices, reading one other row per entry: ~(1 + entries) * D * elem_size bytes per row, one pass.
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lossforge_kernels._backends import triton_interpreter
+
+KINDS = {"euclidean": 0, "squared_euclidean": 1, "cosine": 2}
+NO_INDEX = tl.constexpr(2147483647)  # jit code may read only constexpr globals
+# A Euclidean distance at most this had its Gram clamp active: no gradient (ops/triplet.py's CLAMPED_EUCLIDEAN).
+CLAMPED_EUCLIDEAN = tl.constexpr(1.000001e-6)
+
+
+@triton.jit
+def _row_sq_norm_kernel(x_ptr, out_ptr, B, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < B
+    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for k in range(0, D, BLOCK_D):
+        ks = k + tl.arange(0, BLOCK_D)
+        v = tl.load(x_ptr + rows.to(tl.int64)[:, None] * D + ks[None, :], mask=rmask[:, None] & (ks < D)[None, :],
+                    other=0.0).to(tl.float32)
+        acc += tl.sum(v * v, axis=1)
+    tl.store(out_ptr + rows, acc, mask=rmask)
+
+
+@triton.jit
+def _tile_distances(dot, s_r, e_r, s_c, e_c, KIND: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """Distances from the tile's dot products; e_* are the rows' squared norms (scaled)."""
+    if HAS_SCALE:
+        dot = dot * (s_r[:, None] * s_c[None, :])
+    if KIND == 2:
+        return 1.0 - dot
+    sq = tl.maximum(e_r[:, None] + e_c[None, :] - 2.0 * dot, 0.0)
+    if KIND == 1:
+        return sq
+    return tl.sqrt_rn(sq + 1e-12)
+
+
+@triton.jit
+def _mine_kernel(x_ptr, lab_ptr, sq_ptr, s_ptr, pi_ptr, pd_ptr, ni_ptr, nd_ptr, B, D,
+                 KIND: tl.constexpr, HAS_SCALE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < B
+    rows64 = rows.to(tl.int64)
+    lab_r = tl.load(lab_ptr + rows, mask=rmask, other=0)
+    s_r = tl.load(s_ptr + rows, mask=rmask, other=0.0) if HAS_SCALE else tl.full([BLOCK_M], 1.0, tl.float32)
+    e_r = tl.load(sq_ptr + rows, mask=rmask, other=0.0) * s_r * s_r
+    best_p = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    best_n = tl.full([BLOCK_M], float("inf"), tl.float32)
+    arg_p = tl.full([BLOCK_M], -1, tl.int32)
+    arg_n = tl.full([BLOCK_M], -1, tl.int32)
+    for start in range(0, B, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        cmask = cols < B
+        cols64 = cols.to(tl.int64)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k in range(0, D, BLOCK_K):
+            ks = k + tl.arange(0, BLOCK_K)
+            kmask = ks < D
+            a = tl.load(x_ptr + rows64[:, None] * D + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(x_ptr + cols64[:, None] * D + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+            if DOT_F32:  # the interpreter has no half-precision dot
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+        s_c = tl.load(s_ptr + cols, mask=cmask, other=0.0) if HAS_SCALE else tl.full([BLOCK_N], 1.0, tl.float32)
+        e_c = tl.load(sq_ptr + cols, mask=cmask, other=0.0) * s_c * s_c
+        dist = _tile_distances(acc, s_r, e_r, s_c, e_c, KIND, HAS_SCALE)
+        lab_c = tl.load(lab_ptr + cols, mask=cmask, other=0)
+        same = lab_r[:, None] == lab_c[None, :]
+        valid = rmask[:, None] & cmask[None, :]
+        pos = same & (rows[:, None] != cols[None, :]) & valid
+        neg = (lab_r[:, None] != lab_c[None, :]) & valid
+        # farthest positive: the tile's maximum, its smallest column, kept only if strictly farther
+        d_pos = tl.where(pos, dist, float("-inf"))
+        tile_max = tl.max(d_pos, axis=1)
+        tile_arg = tl.min(tl.where(pos & (d_pos == tile_max[:, None]), cols[None, :], NO_INDEX), axis=1)
+        farther = tile_max > best_p
+        best_p = tl.where(farther, tile_max, best_p)
+        arg_p = tl.where(farther, tile_arg, arg_p)
+        d_neg = tl.where(neg, dist, float("inf"))
+        tile_min = tl.min(d_neg, axis=1)
+        tile_arg = tl.min(tl.where(neg & (d_neg == tile_min[:, None]), cols[None, :], NO_INDEX), axis=1)
+        nearer = tile_min < best_n
+        best_n = tl.where(nearer, tile_min, best_n)
+        arg_n = tl.where(nearer, tile_arg, arg_n)
+    tl.store(pi_ptr + rows, arg_p.to(tl.int64), mask=rmask)
+    tl.store(pd_ptr + rows, tl.where(arg_p >= 0, best_p, 0.0), mask=rmask)
+    tl.store(ni_ptr + rows, arg_n.to(tl.int64), mask=rmask)
+    tl.store(nd_ptr + rows, tl.where(arg_n >= 0, best_n, 0.0), mask=rmask)
+
+
+@triton.jit
+def _pair_grad_kernel(x_ptr, s_ptr, off_ptr, other_ptr, coef_ptr, gx_ptr, gs_ptr, B, D,
+                      HAS_SCALE: tl.constexpr, CENTERED: tl.constexpr, HAS_GX: tl.constexpr, HAS_GS: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # BLOCK_R rows side by side: step j adds each row's j-th entry (rows with fewer sit idle).
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < B
+    rows64 = rows.to(tl.int64)
+    start = tl.load(off_ptr + rows, mask=rmask, other=0)
+    count = tl.load(off_ptr + rows + 1, mask=rmask, other=0) - start
+    longest = tl.max(count, axis=0)
+    s_r = tl.load(s_ptr + rows, mask=rmask, other=0.0) if HAS_SCALE else tl.full([BLOCK_R], 1.0, tl.float32)
+    dot = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for k in range(0, D, BLOCK_D):
+        ks = k + tl.arange(0, BLOCK_D)
+        tile = rmask[:, None] & (ks < D)[None, :]
+        x_r = tl.load(x_ptr + rows64[:, None] * D + ks[None, :], mask=tile, other=0.0).to(tl.float32)
+        v_r = x_r * s_r[:, None]
+        g = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+        for j in range(0, longest):
+            live = rmask & (j < count)
+            o = tl.load(other_ptr + start + j, mask=live, other=0)
+            c = tl.load(coef_ptr + start + j, mask=live, other=0.0)
+            s_o = tl.load(s_ptr + o, mask=live, other=0.0) if HAS_SCALE else tl.full([BLOCK_R], 1.0, tl.float32)
+            v_o = tl.load(x_ptr + o[:, None] * D + ks[None, :], mask=tile & live[:, None],
+                          other=0.0).to(tl.float32) * s_o[:, None]
+            if CENTERED:
+                g += c[:, None] * (v_r - v_o)
+            else:
+                g -= c[:, None] * v_o
+        if HAS_GX:
+            tl.store(gx_ptr + rows64[:, None] * D + ks[None, :], (g * s_r[:, None]).to(gx_ptr.dtype.element_ty),
+                     mask=tile)
+        dot += tl.sum(x_r * g, axis=1)
+    if HAS_GS:
+        tl.store(gs_ptr + rows, dot, mask=rmask)
+
+
+def _mine_config(dtype):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, upcast, dot precision)."""
+    if triton_interpreter():
+        return 32, 32, 32, 4, 1, True, "ieee"
+    if dtype == torch.float32:  # exact fp32 products: tf32 would move distances by ~1e-3
+        return 64, 64, 32, 4, 2, False, "ieee"
+    return 128, 128, 64, 8, 3, False, "tf32"
+
+
+def triplet_mine(x, labels, scale, distance, pos_index, pos_dist, neg_index, neg_dist):
+    """The mining op (contract: lossforge_kernels/ops/triplet.py, checked there)."""
+    n, d = x.shape
+    if n == 0:
+        return
+    sq = torch.empty(n, device=x.device, dtype=torch.float32)
+    block_d = min(triton.next_power_of_2(max(d, 1)), 256)
+    _row_sq_norm_kernel[(triton.cdiv(n, 16),)](x, sq, n, d, BLOCK_R=16, BLOCK_D=block_d, num_warps=4)
+    bm, bn, bk, warps, stages, upcast, precision = _mine_config(x.dtype)
+    has_scale = scale is not None
+    _mine_kernel[(triton.cdiv(n, bm),)](
+        x, labels, sq, scale if has_scale else sq, pos_index, pos_dist, neg_index, neg_dist, n, d,
+        KIND=KINDS[distance], HAS_SCALE=has_scale, DOT_F32=upcast, PRECISION=precision,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+
+
+def triplet_pair_grad(x, scale, offsets, others, coef, centered, grad_x, grad_scale):
+    """The pair-gradient op (contract: lossforge_kernels/ops/triplet.py, checked there)."""
+    n, d = x.shape
+    if n == 0 or (grad_x is None and grad_scale is None):
+        return
+    has_scale = scale is not None
+    block_r = 32 if triton_interpreter() else 8
+    block_d = min(triton.next_power_of_2(max(d, 1)), 512)
+    _pair_grad_kernel[(triton.cdiv(n, block_r),)](
+        x, scale if has_scale else coef, offsets, others, coef, x if grad_x is None else grad_x,
+        coef if grad_scale is None else grad_scale, n, d, HAS_SCALE=has_scale, CENTERED=bool(centered),
+        HAS_GX=grad_x is not None, HAS_GS=grad_scale is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
+
+
+# ---- semi_hard and batch_all: per anchor row of a C x B Gram block ----------------------------
+# A program takes BLOCK_R rows (1 on a GPU: the work then is O(P_a B) per row; the interpreter takes
+# many, as its cost is per operation) and turns them into distances on the fly (the Gram form
+# above, recomputed on every visit instead of stored). Pass 1 counts each row's negatives, finds the
+# farthest one (semi_hard's fallback) and zeroes the coefficient rows. Pass 2 walks the columns in
+# blocks of BLOCK_P; a block holding a positive of a row is a group, mined against every negative
+# in BLOCK_N-column steps. Nothing is allocated per row. Coefficients of negatives accumulate over
+# groups (read-modify-write, a barrier between groups); those of positives are written once.
+
+
+@triton.jit
+def _block_distances(gram_ptr, sq_ptr, s_ptr, rows64, rmask, cols, cmask, s_r, e_r, B,
+                     KIND: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """(BLOCK_R, cols) distances of the rows to the columns, from the Gram block."""
+    tile = rmask[:, None] & cmask[None, :]
+    dot = tl.load(gram_ptr + rows64[:, None] * B + cols[None, :], mask=tile, other=0.0)
+    e_c = tl.load(sq_ptr + cols, mask=cmask, other=0.0)
+    if HAS_SCALE:
+        s_c = tl.load(s_ptr + cols, mask=cmask, other=0.0)
+        dot = dot * (s_r[:, None] * s_c[None, :])
+        e_c = e_c * s_c * s_c
+    if KIND == 2:
+        return 1.0 - dot
+    sq = tl.maximum(e_r[:, None] + e_c[None, :] - 2.0 * dot, 0.0)
+    if KIND == 1:
+        return sq
+    return tl.sqrt_rn(sq + 1e-12)
+
+
+@triton.jit
+def _grad_factor(d, KIND: tl.constexpr):
+    """d(distance)/d(its Gram quantity) as the torch products apply it (see ops/triplet.py)."""
+    if KIND == 0:
+        return tl.where(d > CLAMPED_EUCLIDEAN, 1.0 / d, 0.0)
+    if KIND == 1:
+        return tl.where(d > 0.0, 2.0, 0.0)
+    return tl.where(d == d, 1.0, 1.0)
+
+
+@triton.jit
+def _term_and_slope(gap, margin, SOFT: tl.constexpr):
+    """A triplet's loss for gap = d_ap - d_an, and its derivative (relu's is 0 at 0, as autograd's)."""
+    if SOFT:
+        term = tl.maximum(gap, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(gap)))
+        slope = 1.0 / (1.0 + tl.exp(-gap))
+    else:
+        term = tl.maximum(gap + margin, 0.0)
+        slope = tl.where(gap + margin > 0.0, 1.0, 0.0)
+    return term, slope
+
+
+@triton.jit
+def _row_loss_kernel(gram_ptr, sq_ptr, s_ptr, lab_ptr, w_ptr, loss_ptr, count_ptr, coef_ptr, C, B, row0, margin,
+                     SEMI: tl.constexpr, SOFT: tl.constexpr, KIND: tl.constexpr, HAS_SCALE: tl.constexpr,
+                     HAS_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    local = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = local < C
+    rows64 = local.to(tl.int64)
+    anchor = row0 + local
+    lab_r = tl.load(lab_ptr + anchor, mask=rmask, other=0)
+    s_r = tl.load(s_ptr + anchor, mask=rmask, other=0.0) if HAS_SCALE else tl.full([BLOCK_R], 1.0, tl.float32)
+    e_r = tl.load(sq_ptr + anchor, mask=rmask, other=0.0) * s_r * s_r
+    rw = tl.load(w_ptr + local, mask=rmask, other=0.0) if HAS_GRAD else tl.zeros([BLOCK_R], dtype=tl.float32)
+    lanes = tl.arange(0, BLOCK_N)
+    slots = tl.arange(0, BLOCK_P)
+    # pass 1: the negatives' count and the farthest one (smallest column on ties); zeroed coef rows
+    n_neg = tl.zeros([BLOCK_R], dtype=tl.int32)
+    far_v = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    far_i = tl.full([BLOCK_R], NO_INDEX, tl.int32)
+    for start in range(0, B, BLOCK_N):
+        cols = start + lanes
+        cmask = cols < B
+        lab_c = tl.load(lab_ptr + cols, mask=cmask, other=0)
+        neg = (lab_c[None, :] != lab_r[:, None]) & cmask[None, :] & rmask[:, None]
+        n_neg += tl.sum(neg.to(tl.int32), axis=1)
+        if SEMI:
+            d = _block_distances(gram_ptr, sq_ptr, s_ptr, rows64, rmask, cols, cmask, s_r, e_r, B, KIND, HAS_SCALE)
+            d = tl.where(neg, d, float("-inf"))
+            top = tl.max(d, axis=1)
+            top_i = tl.min(tl.where(neg & (d == top[:, None]), cols[None, :], NO_INDEX), axis=1)
+            farther = top > far_v
+            far_v = tl.where(farther, top, far_v)
+            far_i = tl.where(farther, top_i, far_i)
+        if HAS_GRAD:
+            tl.store(coef_ptr + rows64[:, None] * B + cols[None, :], tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32),
+                     mask=rmask[:, None] & cmask[None, :])
+    if HAS_GRAD:
+        tl.debug_barrier()
+    # pass 2: groups of positives against every negative; a row without a negative has no pair
+    total = tl.zeros([BLOCK_R], dtype=tl.float32)
+    count = tl.zeros([BLOCK_R], dtype=tl.int64)
+    for p_start in range(0, B, BLOCK_P):
+        p_cols = p_start + slots
+        p_mask = p_cols < B
+        lab_p = tl.load(lab_ptr + p_cols, mask=p_mask, other=0)
+        pos = (lab_p[None, :] == lab_r[:, None]) & (p_cols[None, :] != anchor[:, None]) & p_mask[None, :] \
+            & (n_neg > 0)[:, None]
+        n_pos = tl.sum(pos.to(tl.int32), axis=1)
+        if tl.max(n_pos, axis=0) > 0:
+            d_ap = _block_distances(gram_ptr, sq_ptr, s_ptr, rows64, rmask, p_cols, p_mask, s_r, e_r, B, KIND,
+                                    HAS_SCALE)
+            best_v = tl.full([BLOCK_R, BLOCK_P], float("inf"), tl.float32)  # semi_hard: nearest beyond d_ap
+            best_i = tl.full([BLOCK_R, BLOCK_P], NO_INDEX, tl.int32)
+            w_pos = tl.zeros([BLOCK_R, BLOCK_P], dtype=tl.float32)          # batch_all: d loss / d d_ap
+            for start in range(0, B, BLOCK_N):
+                cols = start + lanes
+                cmask = cols < B
+                lab_c = tl.load(lab_ptr + cols, mask=cmask, other=0)
+                neg = (lab_c[None, :] != lab_r[:, None]) & cmask[None, :] & rmask[:, None]
+                d = _block_distances(gram_ptr, sq_ptr, s_ptr, rows64, rmask, cols, cmask, s_r, e_r, B, KIND,
+                                     HAS_SCALE)
+                if SEMI:
+                    beyond = neg[:, None, :] & (d[:, None, :] > d_ap[:, :, None])
+                    d_b = tl.where(beyond, d[:, None, :], float("inf"))
+                    low = tl.min(d_b, axis=2)
+                    low_i = tl.min(tl.where(beyond & (d_b == low[:, :, None]), cols[None, None, :], NO_INDEX), axis=2)
+                    nearer = low < best_v
+                    best_v = tl.where(nearer, low, best_v)
+                    best_i = tl.where(nearer, low_i, best_i)
+                else:
+                    valid = pos[:, :, None] & neg[:, None, :]
+                    term, slope = _term_and_slope(d_ap[:, :, None] - d[:, None, :], margin, SOFT)
+                    total += tl.sum(tl.sum(tl.where(valid, term, 0.0), axis=2), axis=1)
+                    slope = tl.where(valid, slope, 0.0)
+                    if not SOFT:
+                        count += tl.sum(tl.sum(slope, axis=2), axis=1).to(tl.int64)
+                    if HAS_GRAD:
+                        w_pos += tl.sum(slope, axis=2)
+                        at = coef_ptr + rows64[:, None] * B + cols[None, :]
+                        old = tl.load(at, mask=neg, other=0.0)
+                        w_neg = tl.sum(slope, axis=1) * rw[:, None]
+                        tl.store(at, old - w_neg * _grad_factor(d, KIND), mask=neg)
+            p_at = coef_ptr + rows64[:, None] * B + p_cols[None, :]
+            if SEMI:
+                found = best_i != NO_INDEX
+                chosen = tl.where(found, best_i, far_i[:, None])
+                d_an = tl.where(found, best_v, far_v[:, None])
+                term, slope = _term_and_slope(d_ap - d_an, margin, SOFT)
+                total += tl.sum(tl.where(pos, term, 0.0), axis=1)
+                count += n_pos.to(tl.int64)
+                if HAS_GRAD:
+                    w = tl.where(pos, slope * rw[:, None], 0.0)
+                    tl.store(p_at, w * _grad_factor(d_ap, KIND), mask=pos)
+                    # a row's positives sharing a chosen negative add up first: one store per distinct column
+                    shared = (chosen[:, :, None] == chosen[:, None, :]) & pos[:, None, :]
+                    w_sum = tl.sum(tl.where(shared, w[:, None, :], 0.0), axis=2)
+                    earlier = tl.sum((shared & (slots[None, None, :] < slots[None, :, None])).to(tl.int32), axis=2)
+                    first = pos & (earlier == 0)
+                    n_at = coef_ptr + rows64[:, None] * B + chosen
+                    old = tl.load(n_at, mask=first, other=0.0)
+                    tl.store(n_at, old - w_sum * _grad_factor(d_an, KIND), mask=first)
+            else:
+                if SOFT:
+                    count += n_pos.to(tl.int64) * n_neg.to(tl.int64)
+                if HAS_GRAD:
+                    tl.store(p_at, w_pos * rw[:, None] * _grad_factor(d_ap, KIND), mask=pos)
+            if HAS_GRAD:
+                tl.debug_barrier()  # the next group reads back the negatives' coefficients
+    tl.store(loss_ptr + local, total, mask=rmask)
+    tl.store(count_ptr + local, count, mask=rmask)
+
+
+def _row_config():
+    """(BLOCK_R, BLOCK_P, BLOCK_N, warps). On a GPU one row per program keeps the work O(P_a B) per
+    row; the interpreter takes many rows and wide blocks, as its cost is per operation."""
+    if triton_interpreter():
+        return 32, 32, 128, 1
+    return 1, 16, 256, 4
+
+
+def triplet_row_loss(gram, sq, scale, labels, row0, mining, distance, margin, soft_margin, row_weight, loss, count,
+                     coef):
+    """The row kernel op (contract: lossforge_kernels/ops/triplet.py, checked there)."""
+    rows, n = gram.shape
+    if rows == 0:
+        return
+    block_r, block_p, block_n, warps = _row_config()
+    has_grad = coef is not None
+    _row_loss_kernel[(triton.cdiv(rows, block_r),)](
+        gram, sq, scale if scale is not None else sq, labels, row_weight if has_grad else sq, loss, count,
+        coef if has_grad else gram, rows, n, row0, float(margin), SEMI=mining == "semi_hard", SOFT=bool(soft_margin),
+        KIND=KINDS[distance], HAS_SCALE=scale is not None, HAS_GRAD=has_grad, BLOCK_R=block_r, BLOCK_P=block_p,
+        BLOCK_N=block_n, num_warps=warps)
