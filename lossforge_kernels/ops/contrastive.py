@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import torch
 
+from ._labels import class_sizes
 from ._library import define_kernel_op, kernel_op, register_triton_impl
 from .builder import FusedLoss, build
 
@@ -224,14 +225,9 @@ INFO_NCE_SPEC = FusedLoss(
 
 # SupCon: tensors (features, labels), temperature a float; anchors without a positive count 0.
 
-def positive_counts(labels: torch.Tensor) -> torch.Tensor:
-    """(B,) int64: how many other rows share each row's label, from one sort (no B x B mask)."""
-    ordered = torch.sort(labels).values
-    return torch.searchsorted(ordered, labels, right=True) - torch.searchsorted(ordered, labels) - 1
-
-
 def _anchor_count(tensors, params):
-    return (positive_counts(tensors[1]) > 0).sum(dtype=F32)
+    """Anchors with a positive: rows whose label another row shares."""
+    return (class_sizes(tensors[1]) > 1).sum(dtype=F32)
 
 
 def _supcon_rows_grad(grad_rows, stats):

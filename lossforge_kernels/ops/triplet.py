@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..reference import triplet as ref
+from ._labels import class_sizes
 from ._library import define_kernel_op, kernel_op, register_triton_impl
 from .builder import FusedLoss, build
 
@@ -125,8 +126,7 @@ def row_scale(x: torch.Tensor, distance: str, normalize: bool) -> torch.Tensor |
 
 def kept_anchors(labels: torch.Tensor) -> torch.Tensor:
     """(B,) bool: the anchors with a positive and a negative, i.e. whose class has 2 to B-1 members."""
-    ordered = torch.sort(labels).values
-    size = torch.searchsorted(ordered, labels, right=True) - torch.searchsorted(ordered, labels)
+    size = class_sizes(labels)
     return (size >= 2) & (size < labels.shape[0])
 
 
@@ -419,11 +419,6 @@ def _rows_backward(backend, grad_rows, tensors, saved, params, grads):
     _rows_pass(backend, tensors, params, weight, grads)
 
 
-def _class_sizes(labels):
-    ordered = torch.sort(labels).values
-    return torch.searchsorted(ordered, labels, right=True) - torch.searchsorted(ordered, labels)
-
-
 def counting_backend(device: torch.device) -> str:
     """The backend whose kernel counts hinge batch_all's non-zero triplets: a count is the same on both."""
     cuda_op = "lossforge::triplet_row_loss_cuda"
@@ -443,7 +438,7 @@ def _rows_mean_divisor(tensors, params):
         with torch.no_grad():
             _, count = _rows_pass(counting_backend(labels.device), tensors, params, None, None)
         return count.sum(dtype=F32).clamp_min(1.0)
-    pairs = _class_sizes(labels) - 1
+    pairs = class_sizes(labels) - 1
     if mining == "semi_hard":
         return torch.where(pairs + 1 < n, pairs, 0).sum(dtype=F32)
     return (pairs * (n - 1 - pairs)).sum(dtype=F32).clamp_min(1.0)
