@@ -197,16 +197,11 @@ def _block_distances(gram_ptr, sq_ptr, s_ptr, rows64, rmask, cols, cmask, s_r, e
     tile = rmask[:, None] & cmask[None, :]
     dot = tl.load(gram_ptr + rows64[:, None] * B + cols[None, :], mask=tile, other=0.0)
     e_c = tl.load(sq_ptr + cols, mask=cmask, other=0.0)
+    s_c = 1.0
     if HAS_SCALE:
         s_c = tl.load(s_ptr + cols, mask=cmask, other=0.0)
-        dot = dot * (s_r[:, None] * s_c[None, :])
         e_c = e_c * s_c * s_c
-    if KIND == 2:
-        return 1.0 - dot
-    sq = tl.maximum(e_r[:, None] + e_c[None, :] - 2.0 * dot, 0.0)
-    if KIND == 1:
-        return sq
-    return tl.sqrt_rn(sq + 1e-12)
+    return _tile_distances(dot, s_r, e_r, s_c, e_c, KIND, HAS_SCALE)
 
 
 @triton.jit

@@ -44,10 +44,10 @@ def chunk_rows(n: int, v: int, itemsize: int, chunk_size: int, buffers: int = 1)
     return max(1, min(n, rows))
 
 
-def _fp32_out_products(device: torch.device) -> bool:
-    """Whether this device's addmm accumulates half-precision factors into an fp32 tensor
+def fp32_out_products(device: torch.device, op: str = "addmm") -> bool:
+    """Whether this device's `op` (addmm or mm) multiplies half-precision factors into an fp32 tensor
     (torch's out_dtype overload, which CUDA builds have)."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key("aten::addmm.dtype_out", device.type.upper())
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{op}.dtype_out", device.type.upper())
 
 
 def _accumulate_product(acc, a, b):
@@ -55,7 +55,7 @@ def _accumulate_product(acc, a, b):
     product where the device can (elsewhere the product is rounded once, then added in fp32)."""
     if acc.dtype == a.dtype:
         acc.addmm_(a, b)
-    elif _fp32_out_products(acc.device):
+    elif fp32_out_products(acc.device):
         torch.ops.aten.addmm.dtype_out(acc, a, b, acc.dtype, out=acc)
     else:
         acc.add_(a @ b)

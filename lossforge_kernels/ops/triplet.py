@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from ..reference import triplet as ref
 from ._labels import class_sizes
+from .linear_cross_entropy import fp32_out_products
 from ._library import define_kernel_op, kernel_op, register_triton_impl
 from .builder import FusedLoss, build
 
@@ -291,16 +292,11 @@ def chunk_anchors(n: int, chunk_size: int) -> int:
     return max(1, min(n, CHUNK_BYTES // max(1, 4 * n)))
 
 
-def _fp32_out(device: torch.device, name: str) -> bool:
-    """Whether this device multiplies half-precision factors into fp32 (torch's out_dtype overloads)."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{name}", device.type.upper())
-
-
 def _gram_into(out, a, b):
     """out = a @ b^T in fp32 for rows a, b of one dtype; half factors keep fp32 products where the device can."""
     if a.dtype == F32:
         torch.mm(a, b.t(), out=out)
-    elif _fp32_out(a.device, "mm.dtype_out"):
+    elif fp32_out_products(a.device, "mm"):
         torch.ops.aten.mm.dtype_out(a, b.t(), F32, out=out)
     else:  # e.g. the CPU: fp32 copies, which only the interpreter tests take
         torch.mm(a.to(F32), b.to(F32).t(), out=out)
@@ -310,7 +306,7 @@ def _subtract_product(acc, coef, rows):
     """acc -= coef @ rows with fp32 coef and acc; half rows get the coefficients rounded to their dtype."""
     if rows.dtype == F32:
         acc.addmm_(coef, rows, alpha=-1)
-    elif _fp32_out(acc.device, "addmm.dtype_out"):
+    elif fp32_out_products(acc.device):
         torch.ops.aten.addmm.dtype_out(acc, coef.to(rows.dtype), rows, F32, alpha=-1, out=acc)
     else:
         acc.addmm_(coef, rows.to(F32), alpha=-1)
