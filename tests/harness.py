@@ -14,7 +14,8 @@ test runs on every kernel backend available here (`kernel_backend`) or on every 
 - compile_fullgraph: torch.compile(fullgraph=True) gives the eager loss and gradients
 - retained_graph: a returned gradient never changes; every backward through a retained graph
   is right, after a grad_output of 0 too
-- double_backward: differentiating the kernels' gradient raises, naming backend='reference'
+- double_backward: differentiating the kernels' gradient again (backward, autograd.grad with or
+  without allow_unused, torch.func) raises, naming backend='reference'; the reference is right
 - gradient_gaps: tensors the kernels do not differentiate, when they require grad, get the
   reference's gradient under auto and a clear error from an explicit kernel backend
 """
@@ -228,24 +229,39 @@ def retained_graph(spec: KernelSpec):
 def double_backward(spec: KernelSpec):
     def test(any_backend):
         # A gradient penalty needs the gradient's own derivative: right on the reference, an error
-        # (never a silent zero) on the kernel backends, whose gradient is not differentiable again.
+        # (never a silent zero or a missing term) on the kernel backends, whose gradient is not
+        # differentiable again, however the second derivative is asked for.
         device = device_for(any_backend)
         sample = spec.make(spec.launch_shape, {}, torch.float32, device, _seeded(4))
         name = sample.grads[0]
-        x = sample.tensors[name].detach().clone().requires_grad_(True)
-        loss = sample.call(dict(sample.tensors, **{name: x}), any_backend, "mean")
-        (g,) = torch.autograd.grad(loss, x, create_graph=True)
-        penalty = g.square().sum()
+        leaf = sample.tensors[name].detach().clone().requires_grad_(True)
+        x = leaf * 1.0  # a non-leaf input: the second derivative must reach the leaf behind it too
+
+        def loss_of(x):
+            return sample.call(dict(sample.tensors, **{name: x}), any_backend, "mean")
+
+        (g,) = torch.autograd.grad(loss_of(x), x, create_graph=True)
+        penalty = g.square().sum() + 1e-3 * x.square().sum()  # the L2 term alone gives autograd a path to x
+        l2_only = 2e-3 * x.detach()
         if any_backend == "reference":
             (h,) = torch.autograd.grad(penalty, x, retain_graph=True)
-            assert h.abs().sum() > 0
-            (loss + penalty).backward()
-            assert x.grad is not None
+            (second,) = torch.autograd.grad(g.square().sum(), x, retain_graph=True)
+            assert second.abs().sum() > 0, "the penalty's second-order term is missing"
+            torch.testing.assert_close(h, second + l2_only)
+            (h_leaf,) = torch.autograd.grad(penalty, leaf, retain_graph=True)
+            torch.testing.assert_close(h_leaf, h)
             return
-        with pytest.raises(RuntimeError, match="not differentiable again.*backend='reference'"):
-            (loss + penalty).backward(retain_graph=True)
-        with pytest.raises(RuntimeError):  # autograd finds no path from the penalty to the input
-            torch.autograd.grad(penalty, x)
+        refused = "not differentiable again.*backend='reference'"
+        for ask in (lambda: torch.autograd.grad(penalty, x, retain_graph=True),
+                    lambda: torch.autograd.grad(penalty, x, retain_graph=True, allow_unused=True),
+                    lambda: torch.autograd.grad(penalty, leaf, retain_graph=True),
+                    lambda: torch.autograd.grad(g.sum(), x, retain_graph=True),
+                    lambda: penalty.backward(retain_graph=True)):
+            with pytest.raises(RuntimeError, match=refused):
+                ask()
+        # torch.func runs custom autograd through its own transforms: the kernels refuse them by name.
+        with pytest.raises(RuntimeError, match="torch.func.*backend='reference'"):
+            torch.func.grad(loss_of)(x.detach())
     return test
 
 

@@ -164,6 +164,7 @@ test_supcon_half_precision = harness.matches_reference_half(SUPCON)
 test_supcon_launches_few_ops_and_never_syncs = harness.launches(SUPCON)
 test_supcon_opcheck = harness.opcheck(SUPCON)
 test_supcon_compile_fullgraph = harness.compile_fullgraph(SUPCON)
+test_supcon_double_backward_is_refused = harness.double_backward(SUPCON)
 test_supcon_retained_graph = harness.retained_graph(SUPCON)
 
 
@@ -218,6 +219,7 @@ test_siglip_half_precision = harness.matches_reference_half(SIGLIP)
 test_siglip_launches_few_ops_and_never_syncs = harness.launches(SIGLIP)
 test_siglip_opcheck = harness.opcheck(SIGLIP)
 test_siglip_compile_fullgraph = harness.compile_fullgraph(SIGLIP)
+test_siglip_double_backward_is_refused = harness.double_backward(SIGLIP)
 test_siglip_retained_graph = harness.retained_graph(SIGLIP)
 
 

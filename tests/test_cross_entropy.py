@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import lossforge_kernels as lf
-from tests.conftest import HAS_GPU
+from tests.conftest import HAS_GPU, device_for
 
 REDUCTIONS = ["none", "mean", "sum"]
 
@@ -321,3 +321,12 @@ def test_focal_loss_module_keeps_its_alpha_buffer_name():
     assert set(dict(m.named_buffers())) == {"focal_alpha"}
     x, t, _ = make_inputs(4, 6, dtype=torch.float64)
     torch.testing.assert_close(m(x, t), lf.focal_loss(x, t, gamma=1.5, alpha=alpha))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_no_classes_with_every_row_ignored_gives_torch_results(any_backend, reduction):
+    # (N, 0) logits can only be ignored rows: torch's nan for 'mean' (0/0), zeros otherwise.
+    x = torch.randn(4, 0, device=device_for(any_backend), requires_grad=True)
+    t = torch.full((4,), -100, device=x.device)
+    loss = lf.cross_entropy(x, t, reduction=reduction, backend=any_backend)
+    torch.testing.assert_close(loss, F.cross_entropy(x, t, reduction=reduction), equal_nan=True)

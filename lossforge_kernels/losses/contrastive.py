@@ -10,6 +10,7 @@ import math
 import torch
 from torch import nn
 
+from .. import _autocast as AC
 from .. import _checks as C
 from .._backends import LossKernels, register_kernels, resolve_backend
 from ..reference import contrastive as ref
@@ -79,17 +80,23 @@ def info_nce(query, key, *, logit_scale=None, temperature=0.07, symmetric=True, 
     reduction = C.check_reduction(reduction)
     chosen = resolve_backend(backend, FAMILY, query)
     scale = 1.0 / temperature if logit_scale is None else logit_scale
-    if process_group is not None:
-        from ..distributed import contrastive as dist_impl
+    autocast = AC.autocast_dtype(query)
+    kernel = process_group is None and chosen != "reference" and query.shape[0] > 0
+    with AC.off(query):
+        query, key = (AC.round_operand(t, autocast, reference=not kernel) for t in (query, key))
+        if process_group is not None:
+            from ..distributed import contrastive as dist_impl
 
-        return dist_impl.info_nce(query, key, scale, symmetric=symmetric, normalize=normalize, reduction=reduction,
-                                  process_group=process_group, backend="auto" if backend == "auto" else "reference")
-    if chosen == "reference" or query.shape[0] == 0:
-        return ref.info_nce(query, key, scale, symmetric=symmetric, normalize=normalize, reduction=reduction)
-    from ..ops.contrastive import info_nce_kernels
+            return dist_impl.info_nce(query, key, scale, symmetric=symmetric, normalize=normalize,
+                                      reduction=reduction, process_group=process_group,
+                                      backend="auto" if backend == "auto" else "reference")
+        if not kernel:
+            return ref.info_nce(query, key, scale, symmetric=symmetric, normalize=normalize, reduction=reduction)
+        from ..ops.contrastive import info_nce_kernels
 
-    tensors = (query.contiguous(), key.contiguous(), _kernel_scalar(scale, query))
-    return info_nce_kernels(tensors, (normalize, symmetric), reduction=reduction, backend=chosen)
+        tensors = (query.contiguous(), key.contiguous(), _kernel_scalar(scale, query))
+        return info_nce_kernels(tensors, (normalize, symmetric), reduction=reduction, backend=chosen,
+                                out_dtype=AC.loss_dtype(autocast))
 
 
 def supcon_loss(features, labels, *, temperature=0.07, normalize=True, reduction="mean", process_group=None,
@@ -106,17 +113,22 @@ def supcon_loss(features, labels, *, temperature=0.07, normalize=True, reduction
     normalize = C.check_bool("normalize", normalize)
     reduction = C.check_reduction(reduction)
     chosen = resolve_backend(backend, FAMILY, features)
-    if process_group is not None:
-        from ..distributed import contrastive as dist_impl
+    autocast = AC.autocast_dtype(features)
+    kernel = process_group is None and chosen != "reference" and features.shape[0] > 0
+    with AC.off(features):
+        features = AC.round_operand(features, autocast, reference=not kernel)
+        if process_group is not None:
+            from ..distributed import contrastive as dist_impl
 
-        return dist_impl.supcon_loss(features, labels, temperature, normalize=normalize, reduction=reduction,
-                                     process_group=process_group)
-    if chosen == "reference" or features.shape[0] == 0:
-        return ref.supcon_loss(features, labels, temperature, normalize=normalize, reduction=reduction)
-    from ..ops.contrastive import supcon_kernels
+            return dist_impl.supcon_loss(features, labels, temperature, normalize=normalize, reduction=reduction,
+                                         process_group=process_group)
+        if not kernel:
+            return ref.supcon_loss(features, labels, temperature, normalize=normalize, reduction=reduction)
+        from ..ops.contrastive import supcon_kernels
 
-    tensors = (features.contiguous(), labels.to(torch.int64).contiguous())
-    return supcon_kernels(tensors, (temperature, normalize), reduction=reduction, backend=chosen)
+        tensors = (features.contiguous(), labels.to(torch.int64).contiguous())
+        return supcon_kernels(tensors, (temperature, normalize), reduction=reduction, backend=chosen,
+                              out_dtype=AC.loss_dtype(autocast))
 
 
 def siglip_loss(query, key, logit_scale, logit_bias, *, normalize=True, reduction="mean", process_group=None,
@@ -134,18 +146,23 @@ def siglip_loss(query, key, logit_scale, logit_bias, *, normalize=True, reductio
     normalize = C.check_bool("normalize", normalize)
     reduction = C.check_reduction(reduction)
     chosen = resolve_backend(backend, FAMILY, query)
-    if process_group is not None:
-        from ..distributed import contrastive as dist_impl
+    autocast = AC.autocast_dtype(query)
+    kernel = process_group is None and chosen != "reference" and query.shape[0] > 0
+    with AC.off(query):
+        query, key = (AC.round_operand(t, autocast, reference=not kernel) for t in (query, key))
+        if process_group is not None:
+            from ..distributed import contrastive as dist_impl
 
-        return dist_impl.siglip_loss(query, key, logit_scale, logit_bias, normalize=normalize, reduction=reduction,
-                                     process_group=process_group)
-    if chosen == "reference" or query.shape[0] == 0:
-        return ref.siglip_loss(query, key, logit_scale, logit_bias, normalize=normalize, reduction=reduction)
-    from ..ops.contrastive import siglip_kernels
+            return dist_impl.siglip_loss(query, key, logit_scale, logit_bias, normalize=normalize,
+                                         reduction=reduction, process_group=process_group)
+        if not kernel:
+            return ref.siglip_loss(query, key, logit_scale, logit_bias, normalize=normalize, reduction=reduction)
+        from ..ops.contrastive import siglip_kernels
 
-    tensors = (query.contiguous(), key.contiguous(), _kernel_scalar(logit_scale, query),
-               _kernel_scalar(logit_bias, query))
-    return siglip_kernels(tensors, (normalize,), reduction=reduction, backend=chosen)
+        tensors = (query.contiguous(), key.contiguous(), _kernel_scalar(logit_scale, query),
+                   _kernel_scalar(logit_bias, query))
+        return siglip_kernels(tensors, (normalize,), reduction=reduction, backend=chosen,
+                              out_dtype=AC.loss_dtype(autocast))
 
 
 class InfoNCELoss(nn.Module):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import _autocast as AC
 from .. import _checks as C
 from .._backends import BACKENDS, LossKernels, register_kernels, resolve_backend
 from ..ops.builder import gradient_gap
@@ -153,20 +154,29 @@ def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="m
     C.check_bool("inplace_backward", inplace_backward)
 
     logits, rows_target, out_shape = _as_rows(input, target, soft)
+    autocast = AC.autocast_dtype(input)
+    with AC.off(input):
+        loss = _rows_loss(logits, rows_target, weight, soft, num_classes, reduction, inplace_backward, sharded,
+                          process_group, vocab_start, backend, autocast, opts)
+    return loss.reshape(out_shape) if reduction == "none" else loss
+
+
+def _rows_loss(logits, target, weight, soft, num_classes, reduction, inplace, sharded, process_group, vocab_start,
+               backend, autocast, opts):
+    """The loss of (M, C) rows on the chosen backend; `autocast`: the autocast dtype or None (the
+    logits are used as given, the loss is float32, as torch's cross_entropy under autocast)."""
     if sharded:
         from ..distributed.cross_entropy import vocab_parallel_cross_entropy
 
-        loss = vocab_parallel_cross_entropy(logits, rows_target, weight, reduction=reduction,
+        return vocab_parallel_cross_entropy(AC.widen(logits, autocast), target, weight, reduction=reduction,
                                             process_group=process_group, vocab_start=vocab_start, **opts)
-        return loss.reshape(out_shape) if reduction == "none" else loss
     if not soft:
-        check_target_range(rows_target, num_classes, opts["ignore_index"])
+        check_target_range(target, num_classes, opts["ignore_index"])
     chosen = resolve_backend(backend, FAMILY, logits, gap=kernel_gap(soft, target, weight, opts["focal_alpha"]))
     if chosen == "reference" or logits.numel() == 0:
-        loss = ref.cross_entropy(logits, rows_target, weight, reduction=reduction, **opts)
-    else:
-        loss = kernel_cross_entropy(logits, rows_target, weight, reduction, inplace_backward, chosen, **opts)
-    return loss.reshape(out_shape) if reduction == "none" else loss
+        return ref.cross_entropy(AC.widen(logits, autocast), target, weight, reduction=reduction, **opts)
+    return kernel_cross_entropy(logits, target, weight, reduction, inplace, chosen,
+                                out_dtype=AC.loss_dtype(autocast), **opts)
 
 
 def kernel_options(soft, weight, *, ignore_index, label_smoothing, z_loss, softcap, focal_gamma, focal_alpha):
@@ -180,7 +190,7 @@ def kernel_options(soft, weight, *, ignore_index, label_smoothing, z_loss, softc
     return weight, weight_sum, alpha_vec, params
 
 
-def kernel_cross_entropy(logits, target, weight, reduction, inplace, backend, **options):
+def kernel_cross_entropy(logits, target, weight, reduction, inplace, backend, out_dtype=None, **options):
     """(M, C) rows on a kernel backend: the tensors laid out as the kernel contract asks."""
     from ..ops.cross_entropy import cross_entropy_kernels
 
@@ -195,7 +205,7 @@ def kernel_cross_entropy(logits, target, weight, reduction, inplace, backend, **
         target = target.contiguous()
     weight, weight_sum, alpha, params = kernel_options(soft, weight, **options)
     return cross_entropy_kernels((logits, target, weight, weight_sum, alpha), params, reduction=reduction,
-                                 backend=backend, inplace=inplace)
+                                 backend=backend, inplace=inplace, out_dtype=out_dtype)
 
 
 def focal_loss(input, target, *, gamma=2.0, alpha=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,

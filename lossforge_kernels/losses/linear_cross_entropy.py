@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _autocast as AC
 from .. import _checks as C
 from .._backends import LossKernels, register_kernels, resolve_backend
 from ..reference import linear_cross_entropy as ref
@@ -29,6 +30,11 @@ def _check_shapes(input, linear_weight, target, linear_bias):
         C.check_tensor("linear_bias", linear_bias, ndim=1, float_only=True)
         if linear_bias.shape[0] != linear_weight.shape[0]:
             raise ValueError(f"linear_bias must have shape ({linear_weight.shape[0]},), got {tuple(linear_bias.shape)}")
+    if AC.autocast_dtype(input) is None:  # autocast casts the three to one dtype itself
+        for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
+            if t is not None and t.dtype != input.dtype:
+                raise TypeError(f"{name} must have input's dtype {input.dtype} (outside torch.autocast), got "
+                                f"{t.dtype}")
     C.check_tensor("target", target, integer_only=True)
     if target.shape != input.shape[:-1]:
         raise ValueError(f"target must have shape {tuple(input.shape[:-1])} (input's leading dimensions), "
@@ -68,56 +74,48 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     check_class_vectors(weight, opts["focal_alpha"], None if sharded else num_classes, input)
     C.check_bool("reduce_input_grad", reduce_input_grad)
     flat_input, flat_target = input.reshape(-1, input.shape[-1]), target.reshape(-1).to(torch.int64)
-    if sharded:
-        loss = _sharded_loss(flat_input, linear_weight, linear_bias, flat_target, weight, reduction, chunk,
-                             fp32_weight_grad, process_group, vocab_start, reduce_input_grad, opts)
-        return loss.reshape(target.shape) if reduction == "none" else loss
-    check_target_range(flat_target, num_classes, opts["ignore_index"])
-    chosen = resolve_backend(backend, FAMILY, flat_input, gap=kernel_gap(False, target, weight, opts["focal_alpha"]))
-    if chosen == "reference" or flat_input.shape[0] == 0 or num_classes == 0:
-        loss = ref.linear_cross_entropy(flat_input, linear_weight, flat_target, linear_bias, weight,
-                                        reduction=reduction, **opts)
-    else:
-        loss = _kernel_loss(flat_input, linear_weight, linear_bias, flat_target, weight, reduction, chosen, chunk,
-                            fp32_weight_grad, opts)
+    if not sharded:
+        check_target_range(flat_target, num_classes, opts["ignore_index"])
+    autocast = AC.autocast_dtype(input)
+    with AC.off(input):
+        if sharded:
+            loss = _sharded_loss(flat_input, linear_weight, linear_bias, flat_target, weight, reduction, chunk,
+                                 fp32_weight_grad, process_group, vocab_start, reduce_input_grad, autocast, opts)
+        else:
+            loss = _loss(flat_input, linear_weight, linear_bias, flat_target, weight, reduction, backend, chunk,
+                         fp32_weight_grad, autocast, opts)
     return loss.reshape(target.shape) if reduction == "none" else loss
 
 
-def _kernel_loss(x, linear_weight, linear_bias, target, weight, reduction, backend, chunk, fp32_weight_grad, opts):
+def _loss(x, linear_weight, linear_bias, target, weight, reduction, backend, chunk, fp32_weight_grad, autocast,
+          opts):
+    """Under autocast (`autocast` its dtype) the products' operands are rounded to it and the loss is float32:
+    the kernels take the rounded input and cast the weight once inside (its gradient stays fp32); the
+    reference computes from the same rounded values in float32."""
+    chosen = resolve_backend(backend, FAMILY, x, gap=kernel_gap(False, target, weight, opts["focal_alpha"]))
+    if chosen == "reference" or x.shape[0] == 0 or linear_weight.shape[0] == 0:
+        x, linear_weight, linear_bias = (AC.round_operand(t, autocast, reference=True)
+                                         for t in (x, linear_weight, linear_bias))
+        return ref.linear_cross_entropy(x, linear_weight, target, linear_bias, weight, reduction=reduction, **opts)
     from ..ops.linear_cross_entropy import linear_cross_entropy_kernels
 
-    device_type = x.device.type
-    autocast = torch.is_autocast_enabled(device_type)
-    if autocast:  # the products in the autocast dtype (the weight is cast inside, once), the loss in fp32
-        x = x.to(torch.get_autocast_dtype(device_type))
-    elif linear_weight.dtype != x.dtype:
-        raise TypeError(f"linear_weight must have input's dtype {x.dtype} (outside torch.autocast), got "
-                        f"{linear_weight.dtype}")
+    x = AC.round_operand(x, autocast, reference=False)
     weight, weight_sum, alpha, params = kernel_options(False, weight, **opts)
     tensors = (x.contiguous(), linear_weight.contiguous(), linear_bias, target.contiguous(), weight, weight_sum,
                alpha)
-    with torch.autocast(device_type, enabled=False):
-        return linear_cross_entropy_kernels(tensors, params + (chunk, fp32_weight_grad, autocast),
-                                            reduction=reduction, backend=backend)
+    return linear_cross_entropy_kernels(tensors, params + (chunk, fp32_weight_grad), reduction=reduction,
+                                        backend=chosen, out_dtype=AC.loss_dtype(autocast))
 
 
 def _sharded_loss(x, linear_weight, linear_bias, target, weight, reduction, chunk, fp32_weight_grad, process_group,
-                  vocab_start, reduce_input_grad, opts):
+                  vocab_start, reduce_input_grad, autocast, opts):
     from ..distributed.linear_cross_entropy import vocab_parallel_linear_cross_entropy
 
-    device_type = x.device.type
-    autocast = torch.is_autocast_enabled(device_type)
-    if autocast:
-        x = x.to(torch.get_autocast_dtype(device_type))
-    elif linear_weight.dtype != x.dtype:
-        raise TypeError(f"linear_weight must have input's dtype {x.dtype} (outside torch.autocast), got "
-                        f"{linear_weight.dtype}")
-    with torch.autocast(device_type, enabled=False):
-        return vocab_parallel_linear_cross_entropy(
-            x.contiguous(), linear_weight.contiguous(), linear_bias, target.contiguous(), weight, reduction=reduction,
-            process_group=process_group, vocab_start=vocab_start, chunk_size=chunk,
-            fp32_weight_grad=fp32_weight_grad, reduce_input_grad=reduce_input_grad,
-            loss_dtype=torch.float32 if autocast else x.dtype, **opts)
+    x = AC.round_operand(x, autocast, reference=False)
+    return vocab_parallel_linear_cross_entropy(
+        x.contiguous(), linear_weight.contiguous(), linear_bias, target.contiguous(), weight, reduction=reduction,
+        process_group=process_group, vocab_start=vocab_start, chunk_size=chunk, fp32_weight_grad=fp32_weight_grad,
+        reduce_input_grad=reduce_input_grad, loss_dtype=AC.loss_dtype(autocast) or x.dtype, **opts)
 
 
 class LinearCrossEntropyLoss(CrossEntropyOptions):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .. import _autocast as AC
 from .. import _checks as C
 from .._backends import BACKENDS, LossKernels, register_kernels, resolve_backend
 from ..ops.builder import gradient_gap
@@ -27,12 +28,16 @@ def sigmoid_focal_loss(input, target, *, alpha=0.25, gamma=2.0, reduction="none"
     C.check_same_device("input", input, target=target)
     alpha, gamma, reduction = check_options(alpha, gamma, reduction, backend)
     chosen = resolve_backend(backend, FAMILY, input, gap=gradient_gap(target=target))
-    if chosen == "reference" or input.numel() == 0:
-        return ref.sigmoid_focal_loss(input, target, alpha=alpha, gamma=gamma, reduction=reduction)
-    from ..ops.sigmoid_focal import sigmoid_focal_kernels
+    autocast = AC.autocast_dtype(input)  # as torch's losses under autocast: float32 arithmetic and result
+    with AC.off(input):
+        if chosen == "reference" or input.numel() == 0:
+            return ref.sigmoid_focal_loss(AC.widen(input, autocast), target, alpha=alpha, gamma=gamma,
+                                          reduction=reduction)
+        from ..ops.sigmoid_focal import sigmoid_focal_kernels
 
-    tensors = (input.contiguous(), target.to(input.dtype).contiguous())
-    return sigmoid_focal_kernels(tensors, (alpha, gamma), reduction=reduction, backend=chosen)
+        tensors = (input.contiguous(), target.to(input.dtype).contiguous())
+        return sigmoid_focal_kernels(tensors, (alpha, gamma), reduction=reduction, backend=chosen,
+                                     out_dtype=AC.loss_dtype(autocast))
 
 
 class SigmoidFocalLoss(nn.Module):

@@ -12,6 +12,7 @@ from torch import nn
 
 import torch
 
+from .. import _autocast as AC
 from .. import _checks as C
 from .._backends import BACKENDS, KERNEL_BACKENDS, BackendUnavailableError, LossKernels, register_kernels, \
     resolve_backend
@@ -46,21 +47,27 @@ def triplet_loss(embeddings, labels, *, margin=0.2, mining="batch_hard", distanc
     margin = _check_options(margin, mining, distance, soft_margin, normalize, reduction)
     C.check_process_group(process_group)
     chosen = _choose_backend(backend, mining, process_group, embeddings)
-    if process_group is not None:
-        from ..distributed import triplet as dist_impl
+    autocast = AC.autocast_dtype(embeddings)
+    kernel = chosen != "reference" and embeddings.shape[0] > 0  # the cross-process path is the reference
+    with AC.off(embeddings):
+        embeddings = AC.round_operand(embeddings, autocast, reference=not kernel)
+        if process_group is not None:
+            from ..distributed import triplet as dist_impl
 
-        return dist_impl.triplet_loss(embeddings, labels, margin=margin, mining=mining, distance=distance,
-                                      soft_margin=soft_margin, normalize=normalize, reduction=reduction,
-                                      process_group=process_group)
-    if chosen == "reference" or embeddings.shape[0] == 0:
-        return ref.triplet_loss(embeddings, labels, margin=margin, mining=mining, distance=distance,
-                                soft_margin=soft_margin, normalize=normalize, reduction=reduction)
-    x = embeddings.contiguous()
-    tensors = (x, labels.to(torch.int64).contiguous(), kernels.row_scale(x, distance, normalize))
-    if mining == "batch_hard":
-        return kernels.triplet_kernels(tensors, (distance, margin, soft_margin), reduction=reduction, backend=chosen)
-    return kernels.triplet_mined_kernels(tensors, (mining, distance, margin, soft_margin, 0), reduction=reduction,
-                                         backend=chosen)
+            return dist_impl.triplet_loss(embeddings, labels, margin=margin, mining=mining, distance=distance,
+                                          soft_margin=soft_margin, normalize=normalize, reduction=reduction,
+                                          process_group=process_group)
+        if not kernel:
+            return ref.triplet_loss(embeddings, labels, margin=margin, mining=mining, distance=distance,
+                                    soft_margin=soft_margin, normalize=normalize, reduction=reduction)
+        x = embeddings.contiguous()
+        tensors = (x, labels.to(torch.int64).contiguous(), kernels.row_scale(x, distance, normalize))
+        out_dtype = AC.loss_dtype(autocast)
+        if mining == "batch_hard":
+            return kernels.triplet_kernels(tensors, (distance, margin, soft_margin), reduction=reduction,
+                                           backend=chosen, out_dtype=out_dtype)
+        return kernels.triplet_mined_kernels(tensors, (mining, distance, margin, soft_margin, 0),
+                                             reduction=reduction, backend=chosen, out_dtype=out_dtype)
 
 
 def _choose_backend(backend, mining, process_group, embeddings):

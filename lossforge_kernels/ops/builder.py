@@ -14,8 +14,12 @@ returns the callable the public layer uses; it owns, for every family alike:
 - Retained graphs: the saved gradient is handed out (and scaled in place) only by the backward
   that frees the graph; a backward that keeps it (retain_graph=True) gets its own copy, so a
   gradient once returned never changes and every later backward is right.
-- Double backward: the kernels' gradients are not differentiable again; differentiating them
-  (create_graph=True, then a backward through the result) raises, naming backend='reference'.
+- Double backward: the kernels' gradients are not differentiable again. A create_graph backward
+  hangs them from a 0-element anchor on the differentiable inputs (no memory of theirs held), so
+  any later differentiation that reaches the inputs (backward(), autograd.grad with or without
+  allow_unused) raises, naming backend='reference', rather than dropping the term; torch.func
+  transforms are refused by name.
+- The loss's dtype: the spec's, or the caller's `out_dtype` (float32 under torch.autocast).
 - torch.compile: the same kernels behind functional custom ops with registered autograd
   (lossforge::<name>_fused_<b>, <name>_rows_<b>, <name>_rows_grad_<b>), so fullgraph=True traces
   them with no graph break and no in-place write for the compiler to functionalize.
@@ -28,6 +32,7 @@ from typing import Callable, Sequence
 import torch
 
 from .._backends import KERNEL_BACKENDS
+from .._once_differentiable import input_anchor, refuse_again
 from ._library import define_kernel_op, lib, scale_grad
 
 F32 = torch.float32
@@ -102,27 +107,16 @@ def _graph_kept() -> bool:
     return True if _keep_graph is None else bool(_keep_graph())
 
 
-def _refuse_double_backward(grads, spec: FusedLoss, backend: str):
-    """The gradients, made to raise if anything differentiates through them (create_graph=True)."""
-    live = [i for i, g in enumerate(grads) if g is not None]
-    if not live:
-        return grads
-    message = (f"lossforge {spec.name}: the {backend} kernels' gradient is not differentiable again (double "
-               f"backward after create_graph=True); use backend='reference' for higher-order gradients")
-    err = torch._C._functions.DelayedError(message.encode(), len(live))
-    marked = err(*[grads[i].detach().requires_grad_(True) for i in live])
-    marked = marked if isinstance(marked, tuple) else (marked,)
-    out = list(grads)
-    for i, g in zip(live, marked):
-        out[i] = g
-    return out
+def _message(spec: FusedLoss, backend: str) -> str:
+    return (f"lossforge {spec.name}: the {backend} kernels' gradient is not differentiable again (double "
+            f"backward after create_graph=True); use backend='reference' for higher-order gradients")
 
 
 class _EagerLoss(torch.autograd.Function):
     """Eager calls: the fused gradient is scaled in place, or handed to inplace_backward's buffer."""
 
     @staticmethod
-    def forward(ctx, spec, backend, reduction, wants, inplace, params, *tensors):
+    def forward(ctx, spec, backend, reduction, wants, inplace, params, out_dtype, anchor, *tensors):
         fused = any(wants) and reduction != "none"
         divisor = spec.mean_divisor(tensors, params) if reduction == "mean" else None
         grads = scale = None
@@ -131,9 +125,10 @@ class _EagerLoss(torch.autograd.Function):
                      for t, w in zip(_pick(tensors, spec), wants)]
             scale = _reciprocal(divisor) if reduction == "mean" else 1.0
         loss, saved = spec.forward(backend, tensors, params, grads, scale, reduction != "none")
-        dtype = spec.out_dtype(tensors, params)
+        dtype = out_dtype or spec.out_dtype(tensors, params)
         out = loss.to(dtype) if reduction == "none" else finish_loss(loss, reduction, divisor, dtype)
         ctx.spec, ctx.backend, ctx.params, ctx.wants, ctx.fused = spec, backend, params, wants, fused
+        ctx.anchor = anchor[0]
         if fused:
             ctx.save_for_backward(*[g for g in grads if g is not None])
         elif any(wants):
@@ -143,7 +138,6 @@ class _EagerLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         spec, backend = ctx.spec, ctx.backend
-        create_graph = torch.is_grad_enabled()
         with torch.no_grad():
             if ctx.fused:
                 saved = list(ctx.saved_tensors)
@@ -158,12 +152,11 @@ class _EagerLoss(torch.autograd.Function):
                 tensors, saved = everything[:n], everything[n:]
                 grads = [torch.empty_like(t) if w else None for t, w in zip(_pick(tensors, spec), ctx.wants)]
                 spec.backward(backend, grad_loss, tensors, saved, ctx.params, grads)
-        if create_graph:
-            grads = _refuse_double_backward(grads, spec, backend)
+        grads = refuse_again(grads, ctx.anchor, grad_loss, _message(spec, backend))  # create_graph=True
         out = [None] * len(spec.tensors)
         for pos, g in zip(spec.diff_positions, grads):
             out[pos] = g
-        return (None,) * 6 + tuple(out)
+        return (None,) * 8 + tuple(out)
 
 
 def _pick(tensors, spec):
@@ -181,7 +174,9 @@ class KernelLoss:
         self.spec = spec
         _define_compiled_ops(spec)
 
-    def __call__(self, tensors: Sequence, params: Sequence, *, reduction: str, backend: str, inplace=False):
+    def __call__(self, tensors: Sequence, params: Sequence, *, reduction: str, backend: str, inplace=False,
+                 out_dtype: torch.dtype | None = None):
+        """`out_dtype`: the loss's dtype when not the spec's (float32 under torch.autocast)."""
         spec = self.spec
         tensors, params = tuple(tensors), tuple(params)
         grad_on = torch.is_grad_enabled()
@@ -191,8 +186,12 @@ class KernelLoss:
                                    f"this call should have gone to the reference")
         wants = tuple(grad_on and t is not None and t.requires_grad for t in _pick(tensors, spec))
         if torch.compiler.is_compiling():  # inplace does not apply to a traced graph
-            return _compiled_loss(spec, backend, tensors, params, reduction, wants)
-        return _EagerLoss.apply(spec, backend, reduction, wants, inplace, params, *tensors)
+            return _compiled_loss(spec, backend, tensors, params, reduction, wants, out_dtype)
+        if torch._C._are_functorch_transforms_active():
+            raise RuntimeError(f"lossforge {spec.name}: the {backend} kernels do not run under torch.func "
+                               f"transforms (grad, vjp, jacrev, vmap...); use backend='reference'")
+        anchor = (input_anchor(t for t, w in zip(_pick(tensors, spec), wants) if w),)  # in a tuple: not an input
+        return _EagerLoss.apply(spec, backend, reduction, wants, inplace, params, out_dtype, anchor, *tensors)
 
 
 def build(spec: FusedLoss) -> KernelLoss:
@@ -206,8 +205,8 @@ def _op(spec, kind, backend):
     return getattr(torch.ops.lossforge, f"{spec.name}_{kind}_{backend}").default
 
 
-def _compiled_loss(spec, backend, tensors, params, reduction, wants):
-    dtype = spec.out_dtype(tensors, params)
+def _compiled_loss(spec, backend, tensors, params, reduction, wants, out_dtype):
+    dtype = out_dtype or spec.out_dtype(tensors, params)
     if any(wants) and reduction != "none":
         return _op(spec, "fused", backend)(*tensors, *params, reduction == "mean", list(wants))[0].to(dtype)
     out = _op(spec, "rows", backend)(*tensors, *params)

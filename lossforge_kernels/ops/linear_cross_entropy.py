@@ -30,7 +30,7 @@ HALF = (torch.float16, torch.bfloat16)  # weights whose gradient is accumulated 
 # bytes (1024 rows at V=128256 in bf16, where smaller chunks make the weight gradient's fp32
 # accumulator traffic, 2 x 4 x V x D bytes per chunk, outweigh its product)
 AUTO_CHUNK_BYTES = 252 << 20
-PARAMS = ce.PARAMS + ("int chunk_size", "bool fp32_weight_grad", "bool fp32_loss")
+PARAMS = ce.PARAMS + ("int chunk_size", "bool fp32_weight_grad")
 
 
 def chunk_rows(n: int, v: int, itemsize: int, chunk_size: int, buffers: int = 1) -> int:
@@ -161,10 +161,6 @@ def _mean_divisor(tensors, params):
     return ce._mean_divisor((x, target, weight), params)
 
 
-def _out_dtype(tensors, params):
-    return F32 if params[8] else tensors[0].dtype
-
-
 SPEC = FusedLoss(
     name="linear_cross_entropy",
     tensors=("input", "linear_weight", "linear_bias?", "target", "weight?", "weight_sum?", "alpha?"),
@@ -175,6 +171,5 @@ SPEC = FusedLoss(
     backward=_backward,
     rows_fake=_rows_fake,
     mean_divisor=_mean_divisor,
-    out_dtype=_out_dtype,
 )
 linear_cross_entropy_kernels = build(SPEC)

@@ -50,6 +50,9 @@ def cross_entropy_rows(logits, target, weight=None, *, ignore_index=-100, label_
         return row + z_loss * lse.square()
 
     ignored = target == ignore_index
+    if num_classes == 0:  # nothing to gather from: every row is ignored (0) or out of range (NaN)
+        zero = x.sum(dim=1)  # zeros on the logits' graph
+        return torch.where(ignored, zero, torch.full_like(zero, float("nan")))
     in_range = (target >= 0) & (target < num_classes)
     counted = in_range & ~ignored
     t = torch.where(counted, target, torch.zeros_like(target))
@@ -81,7 +84,7 @@ def mean_divisor(target, weight, ignore_index, num_rows):
     if target.dtype.is_floating_point:
         return torch.full((), float(num_rows), device=target.device, dtype=torch.float32)
     kept = target != ignore_index
-    if weight is None:
+    if weight is None or weight.numel() == 0:  # no classes: every kept row is out of range anyway
         return kept.sum().to(torch.float32)
     safe = torch.where(kept, target, torch.zeros_like(target)).clamp(0, weight.shape[0] - 1)
     w = weight.to(compute_dtype(weight.dtype))
