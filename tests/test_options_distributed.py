@@ -8,17 +8,16 @@ import lossforge_kernels as lf
 from tests import distributed
 
 
-def _inputs(rank, seed=0):
-    g = torch.Generator().manual_seed(seed + rank)
+def _inputs(rank):
+    g = torch.Generator().manual_seed(rank)
     rows = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
     return rows, torch.randint(0, 3, (6,), generator=g)
 
 
-def _ce(rank, **opts):
+def _ce(rank, input=None, **opts):
     rows, _ = _inputs(rank)
-    opts.setdefault("input", rows(6, 5))
     target = torch.randint(0, 10, (6,), generator=torch.Generator().manual_seed(1))  # the same on every rank
-    return lf.cross_entropy(opts.pop("input"), target, **opts)
+    return lf.cross_entropy(rows(6, 5) if input is None else input, target, **opts)
 
 
 def _linear_ce(rank, **opts):
@@ -38,8 +37,8 @@ def _info_nce_direct(rank, **opts):
     from lossforge_kernels.distributed import contrastive
 
     rows, _ = _inputs(rank)
-    return contrastive.info_nce(rows(6, 4), rows(6, 4), None, **dict(dict(
-        symmetric=True, normalize=True, reduction="mean", backend="reference"), **opts))
+    defaults = dict(symmetric=True, normalize=True, reduction="mean", backend="reference")
+    return contrastive.info_nce(rows(6, 4), rows(6, 4), None, **{**defaults, **opts})
 
 
 def _supcon(rank, **opts):
@@ -47,9 +46,9 @@ def _supcon(rank, **opts):
     return lf.supcon_loss(rows(6, 4), labels, **opts)
 
 
-def _siglip(rank, scale=10.0, bias=-10.0, **opts):
+def _siglip(rank, logit_scale=10.0, logit_bias=-10.0, **opts):
     rows, _ = _inputs(rank)
-    return lf.siglip_loss(rows(6, 4), rows(6, 4), scale, bias, **opts)
+    return lf.siglip_loss(rows(6, 4), rows(6, 4), logit_scale, logit_bias, **opts)
 
 
 def _triplet(rank, **opts):
@@ -92,7 +91,6 @@ DISAGREEING = [
 CALLS = {"cross_entropy": _ce, "linear_cross_entropy": _linear_ce, "info_nce": _info_nce,
          "info_nce_direct": _info_nce_direct, "supcon_loss": _supcon, "siglip_loss": _siglip,
          "triplet_loss": _triplet}
-SIGLIP_NAMES = {"logit_scale": "scale", "logit_bias": "bias"}
 TENSOR = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
 # (loss, what the message names, the call on rank r, how it shows rank 0's and rank 1's values)
 SPECIAL = [
@@ -108,10 +106,10 @@ SPECIAL = [
      "tensor(3.0)", "tensor(3.5)"),
     ("info_nce", "logit_scale", lambda r, pg: _info_nce(r, logit_scale=(4.0, TENSOR(4.0))[r], process_group=pg),
      "4.0", "tensor(4.0)"),
-    ("siglip_loss", "logit_bias", lambda r, pg: _siglip(r, bias=(-1.0, TENSOR(-1.0))[r], process_group=pg),
+    ("siglip_loss", "logit_bias", lambda r, pg: _siglip(r, logit_bias=(-1.0, TENSOR(-1.0))[r], process_group=pg),
      "-1.0", "tensor(-1.0)"),
     ("siglip_loss", "logit_scale", lambda r, pg: _siglip(
-        r, scale=TENSOR((2.0, 2.0 + 2 ** -40)[r]).requires_grad_(True), process_group=pg),
+        r, logit_scale=TENSOR((2.0, 2.0 + 2 ** -40)[r]).requires_grad_(True), process_group=pg),
      "tensor(2.0)", f"tensor({2.0 + 2 ** -40!r})"),
     ("supcon_loss", "features", lambda r, pg: lf.supcon_loss(torch.randn(6, 3 + r, dtype=torch.float64),
                                                              torch.zeros(6, dtype=torch.long), process_group=pg),
@@ -121,8 +119,7 @@ SPECIAL = [
 
 def _call(loss, name, values, pg):
     def run(rank):
-        key = SIGLIP_NAMES.get(name, name) if loss == "siglip_loss" else name
-        return CALLS[loss](rank, **{key: values[rank]}, process_group=pg)
+        return CALLS[loss](rank, **{name: values[rank]}, process_group=pg)
     return run
 
 
@@ -145,9 +142,10 @@ def _worker(rank, world):
     # the public info_nce hands the distributed one 1 / temperature or the temperature itself
     got.append(_message(lambda r: _info_nce(r, temperature=(0.07, 0.5)[r], process_group=pg), rank))
     # options that agree as numbers, and those that shape only a rank's own work
-    agreeing = [lambda r: _siglip(r, bias=(0.0, -0.0)[r], process_group=pg),
+    agreeing = [lambda r: _siglip(r, logit_bias=(0.0, -0.0)[r], process_group=pg),
                 lambda r: _supcon(r, temperature=(1, 1.0)[r], process_group=pg),
-                lambda r: _siglip(r, scale=TENSOR(3.0).float(), bias=TENSOR(-2.0), process_group=pg),
+                lambda r: _siglip(r, logit_scale=(TENSOR(3.0), TENSOR(3.0).float())[r], logit_bias=TENSOR(-2.0),
+                                  process_group=pg),
                 lambda r: _linear_ce(r, chunk_size=(2, 5)[r], process_group=pg),
                 lambda r: _info_nce(r, backend=("auto", "reference")[r], process_group=pg)]
     got += [_message(call, rank) for call in agreeing]
