@@ -1,12 +1,14 @@
 """What every distributed loss needs from torch.distributed: agreement between ranks, gathers that carry
 gradients back to the rank that owns each row, and the gradient convention under data parallelism.
 
-Agreement: before its first collective a call all-gathers a short int64 record (the loss, its options,
-feature size, dtype and each rank's sizes) over the loss's group and checks it on every rank, so a
-mismatch raises the same ValueError everywhere instead of a hang or a wrong answer in a later
-collective. On a CPU (gloo) group that costs nothing; on a GPU group it is one small device-to-host
-copy per call, which also gives every rank the others' batch sizes (uneven batches work).
-LOSSFORGE_DISTRIBUTED_CHECKS=0 skips it: sizes are then assumed equal on every rank, unchecked.
+Agreement: before its first collective a call all-gathers a short int64 record (the loss, every option
+by name, feature size, dtype and each rank's sizes) over the loss's group and checks it on every
+rank, so a mismatch raises the same ValueError everywhere, naming the option and each rank's value,
+instead of a hang or a wrong answer in a later collective. Options are compared exactly (a float by
+its float64 bits; a 0-dim tensor such as a learnable logit_scale by its value, read on the device
+into the same record). On a CPU (gloo) group that costs nothing; on a GPU group it is one small
+device-to-host copy per call, which also gives every rank the others' batch sizes (uneven batches
+work). LOSSFORGE_DISTRIBUTED_CHECKS=0 skips it: sizes are then assumed equal on every rank, unchecked.
 
 Gradients of global-batch losses (data parallelism): every rank returns the global loss L; its
 autograd graph carries W times the rank's share of L (its rows' part), and gathered rows send their
@@ -16,8 +18,9 @@ ranks, so training gives the gradients of L on the concatenated batch, as one pr
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
-import zlib
+import struct
 
 import torch
 import torch.distributed as dist
@@ -58,39 +61,99 @@ def resolve_group(process_group, device: torch.device) -> Group:
     return Group(pg, world, rank, want)
 
 
-def fingerprint(*items) -> int:
-    """A number that two ranks agree on when their options agree (crc32 of the options' repr)."""
-    return zlib.crc32(repr(items).encode()) & 0x7FFFFFFF
-
-
 def checks_enabled() -> bool:
     return os.environ.get(ENV_CHECKS, "1") not in ("0",)
+
+
+# The agreement record: [options, sizes, a slot per option, the sizes, zeros up to RECORD_WORDS]. Every
+# call of every loss exchanges the same length, so ranks that call different losses still meet.
+# A slot is a kind and three words: an int or bool as is, a float as its float64 bits, a string or
+# dtype as up to 24 bytes of UTF-8; a 0-dim tensor's value goes in on the device; a larger tensor
+# (a class-weight vector, which ranks may hold as their own slices) counts only as given.
+RECORD_WORDS = 128
+SLOT = 4
+NONE, BOOL, INT, FLOAT, STR, DTYPE, SCALAR, TENSOR = range(8)
+
+
+def _float_bits(x) -> int:
+    return struct.unpack("<q", struct.pack("<d", float(x) + 0.0))[0]  # + 0.0: -0.0 agrees with 0.0
+
+
+def _slot(what: str, name: str, value) -> list[int]:
+    if value is None:
+        return [NONE, 0, 0, 0]
+    if isinstance(value, bool):
+        return [BOOL, int(value), 0, 0]
+    if isinstance(value, numbers.Integral):
+        return [INT, int(value), 0, 0]
+    if isinstance(value, numbers.Real):
+        return [FLOAT, _float_bits(value), 0, 0]
+    if isinstance(value, torch.Tensor):
+        return [SCALAR if value.dim() == 0 else TENSOR, 0, 0, 0]
+    if isinstance(value, (str, torch.dtype)):
+        text = str(value).encode()
+        if len(text) > 8 * (SLOT - 1):
+            raise ValueError(f"{what}: {name}={value!r} is too long to compare across processes")
+        text = text.ljust(8 * (SLOT - 1), b"\0")
+        return [STR if isinstance(value, str) else DTYPE] + [int.from_bytes(text[i:i + 8], "little", signed=True)
+                                                              for i in range(0, len(text), 8)]
+    raise TypeError(f"{what}: {name} of type {type(value).__name__} cannot be compared across processes")
+
+
+def _shown(slot: list[int]) -> str:
+    """An option's value as its slot holds it."""
+    kind, word = slot[0], slot[1]
+    if kind in (FLOAT, SCALAR):
+        x = repr(struct.unpack("<d", struct.pack("<q", word))[0])
+        return x if kind == FLOAT else f"tensor({x})"
+    if kind in (STR, DTYPE):
+        text = b"".join(w.to_bytes(8, "little", signed=True) for w in slot[1:]).rstrip(b"\0").decode()
+        return repr(text) if kind == STR else text
+    return {NONE: "None", BOOL: str(bool(word)), TENSOR: "a tensor"}.get(kind, str(word))
+
+
+def _record(what: str, same: dict, per_rank: dict, device) -> torch.Tensor:
+    words = [len(same), len(per_rank)]
+    scalars = []  # (word, 0-dim tensor)
+    for name, value in same.items():
+        if isinstance(value, torch.Tensor) and value.dim() == 0:
+            scalars.append((len(words) + 1, value))
+        words += _slot(what, name, value)
+    words += [int(v) for v in per_rank.values()]
+    if len(words) > RECORD_WORDS:
+        raise ValueError(f"{what}: too many options to compare across processes ({len(words)} words)")
+    record = torch.tensor(words + [0] * (RECORD_WORDS - len(words)), dtype=torch.int64).to(device)
+    for at, value in scalars:  # device to device: no host read
+        record[at] = value.detach().to(device, torch.float64).add(0.0).view(torch.int64)
+    return record
 
 
 def agree(group: Group, what: str, same: dict, per_rank: dict) -> dict[str, list[int]]:
     """Every rank's `per_rank` values, after checking that all ranks pass the same `same` values.
 
-    `same` and `per_rank` map names to ints (the names are in the error messages). Collective: all
-    ranks of the group must call it. Without checks (LOSSFORGE_DISTRIBUTED_CHECKS=0) each per-rank
-    value is assumed to be this rank's on every rank.
+    `same` maps option names to values (None, bool, int, float, str, torch.dtype, tensor), the loss's
+    name first; `per_rank` maps names to ints. A mismatch raises the same ValueError on every rank,
+    naming the option and each rank's value. Collective: all ranks of the group must call it.
+    Without checks (LOSSFORGE_DISTRIBUTED_CHECKS=0) each per-rank value is assumed to be this
+    rank's on every rank.
     """
-    names = list(same) + list(per_rank)
-    mine = [int(v) for v in list(same.values()) + list(per_rank.values())]
     if not checks_enabled() or group.world == 1:
         return {k: [int(v)] * group.world for k, v in per_rank.items()}
-    local = torch.tensor([len(mine)] + mine, dtype=torch.int64, device=group.device)
+    local = _record(what, same, per_rank, group.device)
     table = [torch.empty_like(local) for _ in range(group.world)]
     dist.all_gather(table, local, group=group.pg)
-    rows = [t.tolist() for t in table]  # the one host read: every rank has the same table
-    if any(r[0] != len(mine) for r in rows):
-        raise ValueError(f"{what}: ranks called different losses or options (records of lengths "
-                         f"{[r[0] for r in rows]})")
-    for i, name in enumerate(names[:len(same)]):
-        values = [r[1 + i] for r in rows]
-        if len(set(values)) > 1:
+    rows = torch.stack(table).tolist()  # the one host read: every rank has the same table
+    layouts = {tuple(r[:2]) for r in rows}
+    names = list(same) if len(layouts) == 1 else list(same)[:1]  # in other layouts only the loss lines up
+    for i, name in enumerate(names):
+        slots = [r[2 + SLOT * i:2 + SLOT * (i + 1)] for r in rows]
+        if any(s != slots[0] for s in slots):
             raise ValueError(f"{what}: ranks disagree on {name}: " +
-                             ", ".join(f"rank {k} has {v}" for k, v in enumerate(values)))
-    base = 1 + len(same)
+                             ", ".join(f"rank {k} has {_shown(s)}" for k, s in enumerate(slots)))
+    if len(layouts) > 1:
+        raise ValueError(f"{what}: ranks called different losses or options (records of "
+                         f"{[r[0] for r in rows]} options)")
+    base = 2 + SLOT * len(same)
     return {name: [r[base + i] for r in rows] for i, name in enumerate(per_rank)}
 
 

@@ -30,14 +30,15 @@ def _finish(rows, reduction, divisor, group, dtype):
     return G.global_loss(share, group).to(dtype)
 
 
-def info_nce(query, key, logit_scale, *, symmetric, normalize, reduction, process_group, backend):
+def info_nce(query, key, logit_scale, *, temperature=None, symmetric, normalize, reduction, process_group, backend):
+    """`logit_scale` the multiplier, or None for 1 / `temperature`."""
     from ..losses.cross_entropy import cross_entropy
 
     group = G.resolve_group(process_group, query.device)
     what = "info_nce(process_group=...)"
-    got = G.agree(group, what, {"loss": 2, "options": G.fingerprint(symmetric, normalize, reduction,
-                                                                      isinstance(logit_scale, torch.Tensor)),
-                                "features": query.shape[1], "dtype": G.fingerprint(str(query.dtype))},
+    got = G.agree(group, what, dict(loss="info_nce", temperature=temperature, logit_scale=logit_scale,
+                                    symmetric=symmetric, normalize=normalize, reduction=reduction,
+                                    features=query.shape[1], dtype=query.dtype),
                   {"queries": query.shape[0], "keys": key.shape[0]})
     b_sizes, m_sizes = got["queries"], got["keys"]
     if symmetric and b_sizes != m_sizes:
@@ -45,7 +46,7 @@ def info_nce(query, key, logit_scale, *, symmetric, normalize, reduction, proces
                          f"{b_sizes} and keys {m_sizes}")
     ct = compute_dtype(query.dtype)
     q, k = _embed(query, normalize, ct), _embed(key, normalize, ct)
-    s = _scalar(logit_scale, ct)
+    s = _scalar(1.0 / temperature if logit_scale is None else logit_scale, ct)
     if group.world >= ring_min_world():
         rows = _InfoNCERing.apply(q, k, s, group, b_sizes, m_sizes, symmetric)
         return _finish(rows, reduction, sum(b_sizes), group, query.dtype)
@@ -63,8 +64,8 @@ def info_nce(query, key, logit_scale, *, symmetric, normalize, reduction, proces
 def supcon_loss(features, labels, temperature, *, normalize, reduction, process_group):
     group = G.resolve_group(process_group, features.device)
     what = "supcon_loss(process_group=...)"
-    got = G.agree(group, what, {"loss": 3, "options": G.fingerprint(float(temperature), normalize, reduction),
-                                "features": features.shape[1], "dtype": G.fingerprint(str(features.dtype))},
+    got = G.agree(group, what, dict(loss="supcon_loss", temperature=temperature, normalize=normalize,
+                                    reduction=reduction, features=features.shape[1], dtype=features.dtype),
                   {"anchors": features.shape[0]})
     sizes = got["anchors"]
     ct = compute_dtype(features.dtype)
@@ -89,10 +90,9 @@ def supcon_loss(features, labels, temperature, *, normalize, reduction, process_
 def siglip_loss(query, key, logit_scale, logit_bias, *, normalize, reduction, process_group):
     group = G.resolve_group(process_group, query.device)
     what = "siglip_loss(process_group=...)"
-    got = G.agree(group, what, {"loss": 4, "options": G.fingerprint(normalize, reduction,
-                                                                      isinstance(logit_scale, torch.Tensor),
-                                                                      isinstance(logit_bias, torch.Tensor)),
-                                "features": query.shape[1], "dtype": G.fingerprint(str(query.dtype))},
+    got = G.agree(group, what, dict(loss="siglip_loss", logit_scale=logit_scale, logit_bias=logit_bias,
+                                    normalize=normalize, reduction=reduction, features=query.shape[1],
+                                    dtype=query.dtype),
                   {"queries": query.shape[0], "keys": key.shape[0]})
     b_sizes, m_sizes = got["queries"], got["keys"]
     ct = compute_dtype(query.dtype)

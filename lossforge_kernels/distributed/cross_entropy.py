@@ -37,7 +37,7 @@ class Options:
     focal_alpha: float | None  # the float form; a tensor alpha is passed apart
 
 
-def options(what, weight, focal_alpha, *, ignore_index, label_smoothing, z_loss, softcap, focal_gamma):
+def options(what, weight, *, focal_alpha, ignore_index, label_smoothing, z_loss, softcap, focal_gamma):
     """(Options, the tensor focal_alpha or None); class vectors that require grad are refused."""
     alpha = focal_alpha if isinstance(focal_alpha, torch.Tensor) else None
     for name, t in (("weight", weight), ("focal_alpha", alpha)):
@@ -48,9 +48,10 @@ def options(what, weight, focal_alpha, *, ignore_index, label_smoothing, z_loss,
 
 
 def vocab_slices(group: G.Group, what: str, local_size: int, vocab_start, same: dict) -> VocabSlice:
-    """This rank's slice, after checking that the ranks' slices tile [0, V) (collective)."""
+    """This rank's slice, after checking that the ranks agree on the options `same` and that their
+    slices tile [0, V) (collective)."""
     explicit = vocab_start is not None
-    got = G.agree(group, what, dict(same, explicit_vocab_start=int(explicit)),
+    got = G.agree(group, what, {**same, "vocab_start given": explicit},
                   {"classes": local_size, "vocab_start": vocab_start if explicit else -1})
     sizes = got["classes"]
     starts = got["vocab_start"] if explicit else G.offsets(sizes)
@@ -264,21 +265,20 @@ class _VocabParallelCE(torch.autograd.Function):
         return out, None, None, None, None, None, None, None
 
 
-def vocab_parallel_cross_entropy(logits, target, weight, *, reduction, process_group, vocab_start, ignore_index,
-                                 label_smoothing, z_loss, softcap, focal_gamma, focal_alpha):
+def vocab_parallel_cross_entropy(logits, target, weight, *, reduction, process_group, vocab_start, **named):
     """(M, V_r) rows of this rank's classes; target (M,) global class indices or (M, V_r) this slice of
-    class probabilities; options checked by the public function."""
+    class probabilities; `named`: the scalar options of cross_entropy (ignore_index, label_smoothing,
+    z_loss, softcap, focal_gamma, focal_alpha), checked by the public function."""
     group = G.resolve_group(process_group, logits.device)
     what = "cross_entropy(process_group=...)"
     soft = target.dtype.is_floating_point
-    opts, alpha = options(what, weight, focal_alpha, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                          z_loss=z_loss, softcap=softcap, focal_gamma=focal_gamma)
-    vs = vocab_slices(group, what, logits.shape[1], vocab_start, {
-        "loss": 1, "options": G.fingerprint(opts, reduction, soft, weight is not None, alpha is not None),
-        "rows": logits.shape[0], "dtype": G.fingerprint(str(logits.dtype))})
+    opts, alpha = options(what, weight, **named)
+    vs = vocab_slices(group, what, logits.shape[1], vocab_start, dict(
+        loss="cross_entropy", reduction=reduction, **named, weight=weight,
+        target="probabilities" if soft else "class indices", rows=logits.shape[0], dtype=logits.dtype))
     weight, alpha = slice_of("weight", weight, vs), slice_of("focal_alpha", alpha, vs)
     if not soft:
         from ..losses.cross_entropy import check_target_range
 
-        check_target_range(target, vs.total, ignore_index)
+        check_target_range(target, vs.total, named["ignore_index"])
     return _VocabParallelCE.apply(logits, target, weight, alpha, vs, opts, reduction, group)

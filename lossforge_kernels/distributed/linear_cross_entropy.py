@@ -66,20 +66,19 @@ class _VocabParallelLinearCE(torch.autograd.Function):
 
 def vocab_parallel_linear_cross_entropy(x, weight, bias, target, class_weight, *, reduction, process_group,
                                         vocab_start, chunk_size, fp32_weight_grad, reduce_input_grad, loss_dtype,
-                                        ignore_index, label_smoothing, z_loss, softcap, focal_gamma, focal_alpha):
+                                        **named):
     """x (N, D) replicated, weight (V_r, D) and bias (V_r,) this rank's rows, target (N,) global
-    class indices; options checked by the public function."""
+    class indices; `named`: the scalar options of cross_entropy, checked by the public function.
+    chunk_size and fp32_weight_grad shape only this rank's own work: ranks may differ in them."""
     group = G.resolve_group(process_group, x.device)
     what = "linear_cross_entropy(process_group=...)"
-    opts, alpha = options(what, class_weight, focal_alpha, ignore_index=ignore_index,
-                          label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, focal_gamma=focal_gamma)
-    vs = vocab_slices(group, what, weight.shape[0], vocab_start, {
-        "loss": 6, "options": G.fingerprint(opts, reduction, class_weight is not None, alpha is not None,
-                                            bias is not None, reduce_input_grad),
-        "rows": x.shape[0], "features": x.shape[1], "dtype": G.fingerprint(str(x.dtype))})
+    opts, alpha = options(what, class_weight, **named)
+    vs = vocab_slices(group, what, weight.shape[0], vocab_start, dict(
+        loss="linear_cross_entropy", reduction=reduction, **named, weight=class_weight, linear_bias=bias,
+        reduce_input_grad=reduce_input_grad, rows=x.shape[0], features=x.shape[1], dtype=x.dtype))
     class_weight, alpha = slice_of("weight", class_weight, vs), slice_of("focal_alpha", alpha, vs)
     from ..losses.cross_entropy import check_target_range
 
-    check_target_range(target, vs.total, ignore_index)
+    check_target_range(target, vs.total, named["ignore_index"])
     return _VocabParallelLinearCE.apply(x, weight, bias, target, class_weight, alpha, vs, opts, reduction, chunk_size,
                                         fp32_weight_grad, reduce_input_grad, group, loss_dtype)

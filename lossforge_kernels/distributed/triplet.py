@@ -15,9 +15,9 @@ from .contrastive import _finish
 def triplet_loss(embeddings, labels, *, margin, mining, distance, soft_margin, normalize, reduction, process_group):
     group = G.resolve_group(process_group, embeddings.device)
     what = "triplet_loss(process_group=...)"
-    got = G.agree(group, what, {"loss": 5, "options": G.fingerprint(float(margin), mining, distance, soft_margin,
-                                                                     normalize, reduction),
-                                "features": embeddings.shape[1], "dtype": G.fingerprint(str(embeddings.dtype))},
+    got = G.agree(group, what, dict(loss="triplet_loss", margin=margin, mining=mining, distance=distance,
+                                    soft_margin=soft_margin, normalize=normalize, reduction=reduction,
+                                    features=embeddings.shape[1], dtype=embeddings.dtype),
                   {"anchors": embeddings.shape[0]})
     sizes = got["anchors"]
     ct = compute_dtype(embeddings.dtype)
