@@ -25,6 +25,8 @@ import struct
 import torch
 import torch.distributed as dist
 
+from .._once_differentiable import differentiable_once, keep_anchor
+
 ENV_CHECKS = "LOSSFORGE_DISTRIBUTED_CHECKS"
 
 
@@ -190,16 +192,28 @@ def _all_gather_rows(x, group, sizes):
     return torch.cat([p[:n] for p, n in zip(parts, sizes)]).to(x.device)
 
 
+def _not_again(ctx) -> str:
+    return ("lossforge: a gradient across processes (process_group=) is not differentiable again (double backward "
+            "after create_graph=True); higher-order gradients need one process and backend='reference'")
+
+
+# The backward of every cross-process Function: its collectives are not differentiable, so a
+# create_graph backward's gradients refuse to be differentiated again, however they are asked.
+once_differentiable = differentiable_once(_not_again)
+
+
 class _GatherRows(torch.autograd.Function):
     """Every rank's rows, concatenated in rank order; the backward sums, over the ranks, the gradient
     of each rank's rows and hands it to that rank."""
 
     @staticmethod
     def forward(ctx, x, group, sizes):
+        keep_anchor(ctx, x)
         ctx.group, ctx.sizes = group, sizes
         return _all_gather_rows(x, group, sizes)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         group, sizes = ctx.group, ctx.sizes
         rank_rows = max(sizes)
@@ -240,10 +254,12 @@ class _SumGradients(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group):
+        keep_anchor(ctx, x)
         ctx.group = group
         return x.view_as(x)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         return all_reduce_value(grad.contiguous(), ctx.group), None
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ..reference import row_softmax as core
 from ..reference.contrastive import _embed, _scalar
 from ..reference.cross_entropy import compute_dtype
+from .._once_differentiable import keep_anchor
 from . import _group as G
 
 
@@ -135,6 +136,7 @@ class _SigLIPRing(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, scale, bias, group, m_sizes):
+        keep_anchor(ctx, q, k, scale, bias)
         ring, rows = G.Ring(group), max(m_sizes)
         mine = _pad(k, rows)
         block, owner = mine, group.rank
@@ -151,7 +153,7 @@ class _SigLIPRing(torch.autograd.Function):
         return losses
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @G.once_differentiable
     def backward(ctx, grad_rows):
         q, mine = ctx.saved_tensors[:2]
         scale, bias = ctx.scalars
@@ -218,6 +220,7 @@ class _InfoNCERing(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, scale, group, b_sizes, m_sizes, symmetric):
+        keep_anchor(ctx, q, k, scale)
         ring, n = G.Ring(group), q.shape[0]
         mine = (_pad(q, max(b_sizes)), _pad(k, max(m_sizes)))
         blocks, owner = mine, group.rank
@@ -242,7 +245,7 @@ class _InfoNCERing(torch.autograd.Function):
         return rows
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @G.once_differentiable
     def backward(ctx, grad_rows):
         q, k, lse_row = ctx.saved_tensors[:3]
         scale, group, b_sizes, m_sizes, symmetric = ctx.args

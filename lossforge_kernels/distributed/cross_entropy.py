@@ -16,6 +16,7 @@ import torch
 
 from ..reference import row_softmax as core
 from ..reference.cross_entropy import compute_dtype
+from .._once_differentiable import keep_anchor
 from . import _group as G
 BLOCK_ELEMENTS = 1 << 24  # logits per block of rows in the local passes (64 MiB of fp32 temporaries)
 
@@ -203,6 +204,7 @@ def _reduce(loss_rows, reduction, divisor):
 class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, weight, alpha, vs, opts, reduction, group):
+        keep_anchor(ctx, logits, target, weight, alpha)
         soft = target.dtype.is_floating_point
         parts = []
         if soft:
@@ -237,7 +239,7 @@ class _VocabParallelCE(torch.autograd.Function):
         return _reduce(loss_rows, reduction, divisor).to(logits.dtype)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @G.once_differentiable
     def backward(ctx, grad):
         logits = ctx.saved_tensors[0]
         rows_n = logits.shape[0]

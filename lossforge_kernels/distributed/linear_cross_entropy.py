@@ -15,6 +15,7 @@ import torch
 
 from ..ops.linear_cross_entropy import _Chunks, _Gradients
 from ..reference.cross_entropy import compute_dtype
+from .._once_differentiable import keep_anchor
 from . import _group as G
 from .cross_entropy import (capped, class_block_grad, class_block_stats, merge_class_stats, options, owned_targets,
                             slice_of, vocab_slices)
@@ -23,6 +24,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, target, class_weight, alpha, vs, opts, reduction, chunk, fp32_weight_grad,
                 reduce_input_grad, group, loss_dtype):
+        keep_anchor(ctx, x, weight, bias, target, class_weight, alpha)
         col, owned, counted = owned_targets(target, vs, opts)
         parts = []
         for start, stop, logits in _Chunks(x, weight, bias, chunk):
@@ -41,7 +43,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         return (loss / divisor if reduction == "mean" else loss).to(loss_dtype)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @G.once_differentiable
     def backward(ctx, grad):
         x, weight, bias, class_weight = ctx.saved_tensors
         vs, opts, reduction, chunk, fp32_weight_grad, reduce_input_grad, group, divisor = ctx.args

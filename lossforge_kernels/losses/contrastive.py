@@ -87,8 +87,8 @@ def info_nce(query, key, *, logit_scale=None, temperature=0.07, symmetric=True, 
         if process_group is not None:
             from ..distributed import contrastive as dist_impl
 
-            return dist_impl.info_nce(query, key, scale, symmetric=symmetric, normalize=normalize,
-                                      reduction=reduction, process_group=process_group,
+            return dist_impl.info_nce(query, key, logit_scale, temperature=temperature, symmetric=symmetric,
+                                      normalize=normalize, reduction=reduction, process_group=process_group,
                                       backend="auto" if backend == "auto" else "reference")
         if not kernel:
             return ref.info_nce(query, key, scale, symmetric=symmetric, normalize=normalize, reduction=reduction)

@@ -14,10 +14,9 @@ returns the callable the public layer uses; it owns, for every family alike:
 - Retained graphs: the saved gradient is handed out (and scaled in place) only by the backward
   that frees the graph; a backward that keeps it (retain_graph=True) gets its own copy, so a
   gradient once returned never changes and every later backward is right.
-- Double backward: the kernels' gradients are not differentiable again. A create_graph backward
-  hangs them from a 0-element anchor on the differentiable inputs (no memory of theirs held), so
-  any later differentiation that reaches the inputs (backward(), autograd.grad with or without
-  allow_unused) raises, naming backend='reference', rather than dropping the term; torch.func
+- Double backward: the kernels' gradients are not differentiable again; any way of
+  differentiating them (backward(), autograd.grad with or without allow_unused) raises, naming
+  backend='reference', rather than dropping the term (see _once_differentiable.py); torch.func
   transforms are refused by name.
 - The loss's dtype: the spec's, or the caller's `out_dtype` (float32 under torch.autocast).
 - torch.compile: the same kernels behind functional custom ops with registered autograd
@@ -32,7 +31,7 @@ from typing import Callable, Sequence
 import torch
 
 from .._backends import KERNEL_BACKENDS
-from .._once_differentiable import input_anchor, refuse_again
+from .._once_differentiable import differentiable_once, keep_anchor
 from ._library import define_kernel_op, lib, scale_grad
 
 F32 = torch.float32
@@ -107,16 +106,16 @@ def _graph_kept() -> bool:
     return True if _keep_graph is None else bool(_keep_graph())
 
 
-def _message(spec: FusedLoss, backend: str) -> str:
-    return (f"lossforge {spec.name}: the {backend} kernels' gradient is not differentiable again (double "
-            f"backward after create_graph=True); use backend='reference' for higher-order gradients")
+def _message(ctx) -> str:
+    return (f"lossforge {ctx.spec.name}: the {ctx.backend} kernels' gradient is not differentiable again "
+            f"(double backward after create_graph=True); use backend='reference' for higher-order gradients")
 
 
 class _EagerLoss(torch.autograd.Function):
     """Eager calls: the fused gradient is scaled in place, or handed to inplace_backward's buffer."""
 
     @staticmethod
-    def forward(ctx, spec, backend, reduction, wants, inplace, params, out_dtype, anchor, *tensors):
+    def forward(ctx, spec, backend, reduction, wants, inplace, params, out_dtype, *tensors):
         fused = any(wants) and reduction != "none"
         divisor = spec.mean_divisor(tensors, params) if reduction == "mean" else None
         grads = scale = None
@@ -128,7 +127,7 @@ class _EagerLoss(torch.autograd.Function):
         dtype = out_dtype or spec.out_dtype(tensors, params)
         out = loss.to(dtype) if reduction == "none" else finish_loss(loss, reduction, divisor, dtype)
         ctx.spec, ctx.backend, ctx.params, ctx.wants, ctx.fused = spec, backend, params, wants, fused
-        ctx.anchor = anchor[0]
+        keep_anchor(ctx, *[t for t, w in zip(_pick(tensors, spec), wants) if w])
         if fused:
             ctx.save_for_backward(*[g for g in grads if g is not None])
         elif any(wants):
@@ -136,27 +135,26 @@ class _EagerLoss(torch.autograd.Function):
         return out
 
     @staticmethod
+    @differentiable_once(_message)
     def backward(ctx, grad_loss):
         spec, backend = ctx.spec, ctx.backend
-        with torch.no_grad():
-            if ctx.fused:
-                saved = list(ctx.saved_tensors)
-                given = [g.clone() for g in saved] if _graph_kept() else saved  # the saved copy serves later ones
-                for g in given:
-                    scale_grad(g, grad_loss, backend)
-                it = iter(given)
-                grads = [next(it) if w else None for w in ctx.wants]
-            else:
-                everything = ctx.saved_tensors
-                n = len(spec.tensors)
-                tensors, saved = everything[:n], everything[n:]
-                grads = [torch.empty_like(t) if w else None for t, w in zip(_pick(tensors, spec), ctx.wants)]
-                spec.backward(backend, grad_loss, tensors, saved, ctx.params, grads)
-        grads = refuse_again(grads, ctx.anchor, grad_loss, _message(spec, backend))  # create_graph=True
+        if ctx.fused:
+            saved = list(ctx.saved_tensors)
+            given = [g.clone() for g in saved] if _graph_kept() else saved  # the saved copy serves later ones
+            for g in given:
+                scale_grad(g, grad_loss, backend)
+            it = iter(given)
+            grads = [next(it) if w else None for w in ctx.wants]
+        else:
+            everything = ctx.saved_tensors
+            n = len(spec.tensors)
+            tensors, saved = everything[:n], everything[n:]
+            grads = [torch.empty_like(t) if w else None for t, w in zip(_pick(tensors, spec), ctx.wants)]
+            spec.backward(backend, grad_loss, tensors, saved, ctx.params, grads)
         out = [None] * len(spec.tensors)
         for pos, g in zip(spec.diff_positions, grads):
             out[pos] = g
-        return (None,) * 8 + tuple(out)
+        return (None,) * 7 + tuple(out)
 
 
 def _pick(tensors, spec):
@@ -190,8 +188,7 @@ class KernelLoss:
         if torch._C._are_functorch_transforms_active():
             raise RuntimeError(f"lossforge {spec.name}: the {backend} kernels do not run under torch.func "
                                f"transforms (grad, vjp, jacrev, vmap...); use backend='reference'")
-        anchor = (input_anchor(t for t, w in zip(_pick(tensors, spec), wants) if w),)  # in a tuple: not an input
-        return _EagerLoss.apply(spec, backend, reduction, wants, inplace, params, out_dtype, anchor, *tensors)
+        return _EagerLoss.apply(spec, backend, reduction, wants, inplace, params, out_dtype, *tensors)
 
 
 def build(spec: FusedLoss) -> KernelLoss:
