@@ -10,8 +10,8 @@
 //   row_stats_kernel    forward, one block per chunk row: the online (max, sum-exp) of the row
 //                       (InfoNCE; SupCon without self), the diagonal, SupCon's positive count and
 //                       sum, SigLIP's softplus sum; writes loss and stats.
-//   col_stats_kernel    symmetric InfoNCE: the chunk's per-column (max, sum-exp), merged into
-//                       running column stats (M,) chunk after chunk (a fixed order, no atomics);
+//   col_stats_kernel    symmetric InfoNCE: the chunk's per-column (max, sum-exp, +inf seen), merged
+//                       into running column stats (M,) chunk after chunk (a fixed order, no atomics);
 //                       finish_symmetric_kernel then completes each row's loss with its column lse
 //                       (the diagonal waits in stats[1] until then).
 //   weight_bound_kernel backward, once per pass: max_j r'_j and max_j |g_j| r'_j over the other
@@ -43,8 +43,8 @@
 // The products go through at::mm_out (its out_dtype overload for half inputs): torch's cuBLAS
 // handle, stream and workspace, and torch's matmul precision setting for fp32 inputs.
 //
-// Compile facts (nvcc 13.0, -O3, ptxas -v, sm_80 / sm_90): registers row_stats 27-36, col_stats 30,
-// pair_grad 32-48 (SupCon 63-72), finish_grad 27-32, inv_norm 32, finish_symmetric 16, weight_bound
+// Compile facts (nvcc 13.0, -O3, ptxas -v, sm_80 / sm_90): registers row_stats 27-46, col_stats 30-32,
+// pair_grad 32-48 (SupCon 63-72), finish_grad 27-32, inv_norm 32, finish_symmetric 12-17, weight_bound
 // 14-19; no stack frame, no spills, no local memory in the SASS; about 2 minutes to compile.
 
 #include <algorithm>
@@ -82,6 +82,24 @@ __device__ __forceinline__ float inv_norm_at(const float* inv, int64_t i) {
 __device__ __forceinline__ float pair_cos(float sim, float ra, float ro) { return sim * ra * ro; }
 
 __device__ __forceinline__ float sigmoid(float t) { return 1.f / (1.f + expf(-t)); }
+
+// The log-sum-exps follow torch.logsumexp on non-finite logits: a +inf logit makes the lse +inf (and
+// the other logits' probabilities 0) rather than inf - inf = NaN. The online (max, sum) leaves +inf
+// logits out (finite_top) and its users remember that one was seen; a NaN logit reaches the sum of
+// exponentials, so it survives fmaxf (which skips NaN) in the max.
+__device__ __forceinline__ float finite_top(float z, bool& pos_inf) {
+  if (z == INFINITY) {
+    pos_inf = true;
+    return -INFINITY;
+  }
+  return z;
+}
+
+// lse from the (max, sum) of the logits other than +inf: +inf if there was one (NaN if a NaN
+// reached the sum), else m + log(s).
+__device__ __forceinline__ float lse_of(float m, float s, bool pos_inf) {
+  return pos_inf ? (isnan(s) ? s : INFINITY) : m + logf(s);
+}
 
 constexpr int kWeightTopExp = 14;  // a row's scaled gradient weights stay below 2^14
 
@@ -176,6 +194,7 @@ __global__ void __launch_bounds__(kThreads) row_stats_kernel(const FwdChunk c) {
   const int64_t la = kKind == kSupCon ? c.labels[a] : 0;
 
   Acc acc = acc_init();
+  bool pos_inf = false;         // a +inf logit, left out of acc
   float npos = 0.f, sum = 0.f;  // SupCon: positives and their logits; SigLIP: the softplus sum
   struct Col {
     float sim, ro;
@@ -190,7 +209,7 @@ __global__ void __launch_bounds__(kThreads) row_stats_kernel(const FwdChunk c) {
       sum += softplus(o == a ? -z : z);
     } else {
       const bool self = o == a;
-      const float y = kKind == kSupCon && self ? -INFINITY : z;
+      const float y = kKind == kSupCon && self ? -INFINITY : finite_top(z, pos_inf);
       accumulate<1, false, false, false>(acc, &y, nullptr, nullptr, -1, 0.f, 0.f, 0.f);
       if (kKind == kSupCon && !self && v.label == la) {
         npos += 1.f;
@@ -202,20 +221,23 @@ __global__ void __launch_bounds__(kThreads) row_stats_kernel(const FwdChunk c) {
 
   __shared__ ReduceSmem sm;
   __shared__ float scratch[2][kThreads / kWarpSize];
-  if constexpr (kKind != kSigLip) acc = block_merge<false, false>(acc, sm);
+  if constexpr (kKind != kSigLip) {
+    acc = block_merge<false, false>(acc, sm);
+    pos_inf = __syncthreads_or(pos_inf) != 0;
+  }
   if constexpr (kKind != kInfoNce) sum = block_sum(sum, scratch[0]);
   if constexpr (kKind == kSupCon) npos = block_sum(npos, scratch[1]);
   if (threadIdx.x != 0) return;
 
   if constexpr (kKind == kInfoNce) {
-    const float lse = acc.m + logf(acc.s);
+    const float lse = lse_of(acc.m, acc.s, pos_inf);
     const float diag = fmaf(s, pair_cos(srow[a], ra, inv_norm_at<kNorm>(c.inv_other, a)), 0.f);
     c.stats0[a] = lse;
     c.loss[a] = lse - diag;
     if (c.symmetric) c.stats1[a] = diag;  // read and replaced by finish_symmetric_kernel
   } else if constexpr (kKind == kSupCon) {
     const bool live = npos > 0.f;
-    const float lse = live ? acc.m + logf(acc.s) : 0.f;
+    const float lse = live ? lse_of(acc.m, acc.s, pos_inf) : 0.f;
     c.stats0[a] = lse;
     c.stats1[a] = npos;
     c.loss[a] = live ? lse - sum / npos : 0.f;
@@ -235,6 +257,7 @@ struct ColChunk {
   const float* scale;
   float* col_m;  // (n,) running column max
   float* col_s;  // (n,) running column sum of exp(z - col_m)
+  float* col_inf;  // (n,) 1 where the column has a +inf logit (left out of col_m, col_s), else 0
   bool first;    // the first chunk starts the running stats
 };
 
@@ -245,6 +268,7 @@ __global__ void __launch_bounds__(kThreads) col_stats_kernel(const ColChunk c) {
   const int lane = threadIdx.x % kColTile, group = threadIdx.x / kColTile;
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kColTile + lane;
   Acc acc = acc_init();
+  bool pos_inf = false;
   if (j < c.n) {
     const float s = *c.scale, ro = inv_norm_at<kNorm>(c.inv_other, j);
     struct Cell {
@@ -252,33 +276,40 @@ __global__ void __launch_bounds__(kThreads) col_stats_kernel(const ColChunk c) {
     };
     auto load = [&](int64_t i) { return Cell{c.sim[i * c.n + j], inv_norm_at<kNorm>(c.inv_own, c.row0 + i)}; };
     auto use = [&](int64_t, const Cell& v) {
-      const float z = fmaf(s, pair_cos(v.sim, v.ra, ro), 0.f);
+      const float z = finite_top(fmaf(s, pair_cos(v.sim, v.ra, ro), 0.f), pos_inf);
       accumulate<1, false, false, false>(acc, &z, nullptr, nullptr, -1, 0.f, 0.f, 0.f);
     };
     stream_packets<kUnroll>(static_cast<int64_t>(group), c.rows, static_cast<int64_t>(kColGroups), load, use);
   }
   __shared__ float part_m[kColGroups][kColTile], part_s[kColGroups][kColTile];
+  __shared__ bool part_inf[kColGroups][kColTile];
   part_m[group][lane] = acc.m;
   part_s[group][lane] = acc.s;
+  part_inf[group][lane] = pos_inf;
   __syncthreads();
   if (group != 0 || j >= c.n) return;
   Acc chunk = acc_init();
-  for (int g = 0; g < kColGroups; ++g) merge(chunk, part_m[g][lane], part_s[g][lane], 0.f, 0.f);
+  for (int g = 0; g < kColGroups; ++g) {
+    merge(chunk, part_m[g][lane], part_s[g][lane], 0.f, 0.f);
+    pos_inf = pos_inf || part_inf[g][lane];
+  }
   if (!c.first) {
     Acc run{c.col_m[j], c.col_s[j], 0.f, 0.f};
     merge(run, chunk.m, chunk.s, 0.f, 0.f);
     chunk = run;
+    pos_inf = pos_inf || c.col_inf[j] != 0.f;
   }
   c.col_m[j] = chunk.m;
   c.col_s[j] = chunk.s;
+  c.col_inf[j] = pos_inf ? 1.f : 0.f;
 }
 
 // loss_i = (row loss + column loss) / 2 once every chunk has reached the column stats.
 __global__ void __launch_bounds__(kThreads) finish_symmetric_kernel(int64_t b, const float* col_m, const float* col_s,
-                                                                     float* loss, float* stats1) {
+                                                                     const float* col_inf, float* loss, float* stats1) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= b) return;
-  const float col_lse = col_m[i] + logf(col_s[i]);
+  const float col_lse = lse_of(col_m[i], col_s[i], col_inf[i] != 0.f);
   const float diag = stats1[i];
   loss[i] = 0.5f * (loss[i] + (col_lse - diag));
   stats1[i] = col_lse;
@@ -544,7 +575,7 @@ void contrastive_fwd_cuda(const at::Tensor& query, const at::Tensor& key, const 
   }
   const int64_t chunk = rows_per_chunk(B, M, D);
   at::Tensor sim = at::empty({chunk, M}, f32);
-  at::Tensor col = symmetric ? at::empty({2, M}, f32) : at::Tensor();
+  at::Tensor col = symmetric ? at::empty({3, M}, f32) : at::Tensor();
   float* const sim_buf = sim.data_ptr<float>();
 
   FwdChunk fc{};
@@ -568,6 +599,7 @@ void contrastive_fwd_cuda(const at::Tensor& query, const at::Tensor& key, const 
   if (symmetric) {
     cc.col_m = col.data_ptr<float>();
     cc.col_s = col.data_ptr<float>() + M;
+    cc.col_inf = col.data_ptr<float>() + 2 * M;
   }
 
   with_kind(kind, [&](auto kind_tag) {
@@ -591,7 +623,8 @@ void contrastive_fwd_cuda(const at::Tensor& query, const at::Tensor& key, const 
   });
   if (symmetric) {
     launch(query.device(), &finish_symmetric_kernel, grid_for((B + kThreads - 1) / kThreads), kThreads, 0, B,
-           static_cast<const float*>(cc.col_m), static_cast<const float*>(cc.col_s), fc.loss, fc.stats1);
+           static_cast<const float*>(cc.col_m), static_cast<const float*>(cc.col_s),
+           static_cast<const float*>(cc.col_inf), fc.loss, fc.stats1);
   }
 }
 
