@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import lossforge_kernels as lf
+from lossforge_kernels.ops.contrastive import INFO_NCE as KIND_INFO_NCE, SUPCON as KIND_SUPCON
 from tests import harness
 from tests.conftest import assert_close_rel, device_for
 from tests.test_linear_cross_entropy import CreatedTensors
@@ -325,8 +326,8 @@ def test_explicit_kernel_backends_run_or_say_why(monkeypatch):
 # ---- fp16 gradient weights at large-batch magnitudes: a model of the CUDA backward's arithmetic ----
 # csrc/contrastive.cu stores each chunk's gradient weights G = s dZ r'_j in the inputs' dtype and
 # takes G @ y on cuBLAS with fp32 accumulation. This model repeats those steps in PyTorch, with the
-# same roundings (fp32 weights, one rounding to fp16, fp32 product, fp16 output), for InfoNCE's
-# query and key passes: it checks the design of the row scaling (2^e_i before the rounding, 2^-e_i
+# same roundings (fp32 weights, one rounding to fp16, fp32 product, fp16 output), for InfoNCE's and
+# SupCon's passes: it checks the design of the row scaling (2^e_i before the rounding, 2^-e_i
 # after the product), not the compiled kernel, which needs a GPU (tests/test_contrastive_gpu.py).
 
 WEIGHT_TOP_EXP = 14  # csrc/contrastive.cu: kWeightTopExp
@@ -420,3 +421,59 @@ def test_fp16_weight_scaling_model_scales_large_weights_down():
     want_q, _ = _exact_info_nce_grads(q, k, 10.0, grad_rows)
     assert _excess_row_error(_model_info_nce_grads(q, k, 10.0, grad_rows, scaled=True)[0], want_q) < 3e-3
     assert not _model_info_nce_grads(q, k, 10.0, grad_rows, scaled=False)[0].isfinite().all()
+
+
+def _largest_scaled_weight(weights, s, r_other, bound):
+    up = torch.ldexp(torch.ones_like(bound), _weight_exponents(bound).float())
+    return (s * weights * r_other[None, :] * up[:, None]).abs().max().item()
+
+
+def _model_two_role_grads(case, q, k, labels, s, grad_rows):
+    """grad_query (and grad_key) of symmetric InfoNCE or SupCon through the CUDA steps, with dZ from
+    the float32 contract (tests/test_contrastive_triton_ops.py) and each pass's bound as the kernel
+    forms it; also the largest scaled weight, which the bound must keep below 2^14."""
+    from tests.test_contrastive_triton_ops import dense_loss
+    q32 = q.float().requires_grad_(True)
+    k32 = q32 if case.kind == KIND_SUPCON else k.float()
+    rows, _, z, _ = dense_loss(q32, k32, labels, torch.tensor(s), None, case)
+    z.retain_grad()
+    (grad_rows * rows).sum().backward()
+    dz = z.grad
+    rq = 1.0 / q.float().norm(dim=1).clamp_min(1e-12)
+    rk = rq if case.kind == KIND_SUPCON else 1.0 / k.float().norm(dim=1).clamp_min(1e-12)
+    w_own, w_other = (1.0, 1.0) if case.kind == KIND_SUPCON else (0.5, 0.5)  # both roles on every row
+
+    def bound(r_other):
+        return abs(s) * (w_own * grad_rows.abs() * r_other.max() + w_other * (grad_rows.abs() * r_other).max())
+    row_w = dz + dz.T if case.kind == KIND_SUPCON else dz
+    top = _largest_scaled_weight(row_w, s, rk, bound(rk))
+    grad_q = _model_pass(q, k, rq, rk, row_w, s, bound(rk), True)
+    grad_k = None
+    if case.kind != KIND_SUPCON:
+        top = max(top, _largest_scaled_weight(dz.T, s, rq, bound(rq)))
+        grad_k = _model_pass(k, q, rk, rq, dz.T.contiguous(), s, bound(rq), True)
+    return grad_q, grad_k, top
+
+
+@pytest.mark.parametrize("kind", ["info_nce_symmetric", "supcon"])
+def test_fp16_weight_scaling_model_two_roles(kind):
+    """Rows that carry two roles of the pair term (symmetric InfoNCE's halves, SupCon's anchor and key
+    roles) at the magnitudes of a 262144-row 'mean' under a 2^10 loss scale, with per-row gradients
+    that differ: the bound keeps every scaled weight below 2^14 and each row within fp16 rounding."""
+    from tests.test_contrastive_triton_ops import Case, dense_expected
+    q, k = _large_batch_inputs(7, b=256, m=256)
+    s = 1.0 / 0.07
+    case = Case(KIND_SUPCON if kind == "supcon" else KIND_INFO_NCE, 256, 256, 64, symmetric=kind != "supcon")
+    labels = torch.arange(256) // 4 if kind == "supcon" else None
+    if kind == "supcon":  # classes of 4 around their centres: small negative probabilities
+        gen = torch.Generator().manual_seed(8)
+        centres = torch.randn(64, 64, generator=gen)
+        q = k = (centres[labels] + 0.3 * torch.randn(256, 64, generator=gen)).to(torch.float16)
+    grad_rows = (2.0**10 / 262144) * torch.linspace(0.5, 2.0, 256)
+    want = dense_expected(case, dict(query=q, key=k, labels=labels, scale=torch.tensor(s),
+                                     bias=torch.tensor(0.0), grad_rows=grad_rows))
+    got_q, got_k, top = _model_two_role_grads(case, q, k, labels, s, grad_rows)
+    assert top < 2.0**14
+    assert _excess_row_error(got_q, want["grad_query"]) < 3e-3
+    if got_k is not None:
+        assert _excess_row_error(got_k, want["grad_key"]) < 3e-3
