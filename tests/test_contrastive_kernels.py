@@ -477,3 +477,20 @@ def test_fp16_weight_scaling_model_two_roles(kind):
     assert _excess_row_error(got_q, want["grad_query"]) < 3e-3
     if got_k is not None:
         assert _excess_row_error(got_k, want["grad_key"]) < 3e-3
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_fp16_gradients_at_large_batch_magnitudes(kernel_backend, symmetric):
+    """The kernels' fp16 gradients where each pair's weight is as small as in a 262144-row 'mean'
+    under a 2^10 loss scale (trained-like rows: negatives' probabilities ~1e-6): every row within
+    fp16 rounding of the float64 reference's (on a GPU this runs the CUDA kernel's row scaling)."""
+    device = device_for(kernel_backend)
+    q, k = _large_batch_inputs(11, b=32, m=32 if symmetric else 256)
+    q, k = q.to(device).requires_grad_(True), k.to(device).requires_grad_(True)
+    rows = lf.info_nce(q, k, temperature=0.07, symmetric=symmetric, reduction="none", backend=kernel_backend)
+    rows.backward(torch.full_like(rows, 2.0**10 / 262144))
+    q64, k64 = q.detach().cpu().double().requires_grad_(True), k.detach().cpu().double().requires_grad_(True)
+    want = lf.info_nce(q64, k64, temperature=0.07, symmetric=symmetric, reduction="none", backend="reference")
+    want.backward(torch.full_like(want, 2.0**10 / 262144))
+    assert _excess_row_error(q.grad.cpu(), q64.grad) < 3e-3
+    assert _excess_row_error(k.grad.cpu(), k64.grad) < 3e-3
