@@ -10,17 +10,27 @@
 //   row_stats_kernel    forward, one block per chunk row: the online (max, sum-exp) of the row
 //                       (InfoNCE; SupCon without self), the diagonal, SupCon's positive count and
 //                       sum, SigLIP's softplus sum; writes loss and stats.
-//   col_stats_kernel    symmetric InfoNCE: the chunk's per-column (max, sum-exp), merged into
-//                       running column stats (M,) chunk after chunk (a fixed order, no atomics);
+//   col_stats_kernel    symmetric InfoNCE: the chunk's per-column (max, sum-exp, +inf seen), merged
+//                       into running column stats (M,) chunk after chunk (a fixed order, no atomics);
 //                       finish_symmetric_kernel then completes each row's loss with its column lse
 //                       (the diagonal waits in stats[1] until then).
+//   weight_bound_kernel backward, once per pass: max_j r'_j and max_j |g_j| r'_j over the other
+//                       side, from which each row's gradient weights get a bound (below).
 //   pair_grad_kernel    backward, one block per chunk row: dZ from the saved stats, written as
-//                       G = s dZ r'_j in the inputs' dtype so that one cuBLAS product G @ y gives the
-//                       gradient before normalisation, plus the row sums that grad_coef and the
-//                       normalisation need. A row can carry two roles of the pair term: symmetric
+//                       G = 2^e_i s dZ r'_j in the inputs' dtype so that one cuBLAS product G @ y gives
+//                       2^e_i times the gradient before normalisation, plus the row sums that grad_coef
+//                       and the normalisation need. A row can carry two roles of the pair term: symmetric
 //                       InfoNCE's row and column halves, or SupCon's anchor (dZ_ij) and key (dZ_ji,
 //                       the same S entry because S is symmetric) roles.
-//   finish_grad_kernel  grad_x = r (acc - coef r x) per row (acc without `normalize`), in x's dtype.
+//   finish_grad_kernel  grad_x = r (2^-e acc - coef r x) per row (2^-e acc without `normalize`), in x's
+//                       dtype.
+// Row scaling of G: with 'mean' over a large batch the weights s dZ r'_j are tiny (about s / (B M)),
+// below fp16's smallest subnormal at B = M = 65536, so stored as they are most of them would round
+// to 0. Every |dZ_ij| is at most w_own |g_i| + w_other |g_j| (each probability, sigmoid and 1/n lies
+// in [0, 1]), so row i's weights are at most bound_i = |s| (w_own |g_i| max r' + w_other max |g| r');
+// the exact power of two 2^e_i that brings bound_i just under 2^14 puts the row's largest weights
+// near the top of fp16's range (4x headroom below 65504), and the many small ones, down to 2^-28 of
+// bound_i, stay normal. The product accumulates in fp32 and finish_grad undoes 2^e_i exactly.
 // grad_query walks chunks of query rows; grad_key walks chunks of key rows on S^T = k_c @ q^T (a
 // fifth product, so that no fp32 (M, D) accumulator is needed).
 //
@@ -33,9 +43,9 @@
 // The products go through at::mm_out (its out_dtype overload for half inputs): torch's cuBLAS
 // handle, stream and workspace, and torch's matmul precision setting for fp32 inputs.
 //
-// Compile facts (nvcc 13.0, -O3, ptxas -v, sm_80 / sm_90): registers row_stats 27-36, col_stats 30,
-// pair_grad 31-48 (SupCon 64-74), finish_grad 26-32, inv_norm 32, finish_symmetric 16; no stack
-// frame, no spills, no local memory in the SASS; about 2 minutes to compile.
+// Compile facts (nvcc 13.0, -O3, ptxas -v, sm_80 / sm_90): registers row_stats 27-46, col_stats 30-32,
+// pair_grad 32-48 (SupCon 63-72), finish_grad 27-32, inv_norm 32, finish_symmetric 12-17, weight_bound
+// 14-19; no stack frame, no spills, no local memory in the SASS; about 2 minutes to compile.
 
 #include <algorithm>
 #include <cmath>
@@ -72,6 +82,70 @@ __device__ __forceinline__ float inv_norm_at(const float* inv, int64_t i) {
 __device__ __forceinline__ float pair_cos(float sim, float ra, float ro) { return sim * ra * ro; }
 
 __device__ __forceinline__ float sigmoid(float t) { return 1.f / (1.f + expf(-t)); }
+
+// The log-sum-exps follow torch.logsumexp on non-finite logits: a +inf logit makes the lse +inf (and
+// the other logits' probabilities 0) rather than inf - inf = NaN. The online (max, sum) leaves +inf
+// logits out (finite_top) and its users remember that one was seen; a NaN logit reaches the sum of
+// exponentials, so it survives fmaxf (which skips NaN) in the max.
+__device__ __forceinline__ float finite_top(float z, bool& pos_inf) {
+  if (z == INFINITY) {
+    pos_inf = true;
+    return -INFINITY;
+  }
+  return z;
+}
+
+// lse from the (max, sum) of the logits other than +inf: +inf if there was one (NaN if a NaN
+// reached the sum), else m + log(s).
+__device__ __forceinline__ float lse_of(float m, float s, bool pos_inf) {
+  return pos_inf ? (isnan(s) ? s : INFINITY) : m + logf(s);
+}
+
+constexpr int kWeightTopExp = 14;  // a row's scaled gradient weights stay below 2^14
+
+// e with bound 2^e in [2^13, 2^14): the row scaling of G (see the top of the file). 0 where the
+// bound is 0 (nothing to scale) or not finite (inf and NaN weights pass as they are); |e| <= 126 so
+// that 2^e and 2^-e are normal floats.
+__device__ __forceinline__ int weight_exponent(float bound) {
+  if (!(bound > 0.f) || isinf(bound)) return 0;
+  int x;
+  frexpf(bound, &x);  // bound < 2^x
+  return max(-126, min(126, kWeightTopExp - x));
+}
+
+// Max over the block (fmaxf: NaN is skipped), valid in thread 0; scratch holds one float per warp.
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+#pragma unroll
+  for (int off = kWarpSize / 2; off > 0; off /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < static_cast<int>(blockDim.x / kWarpSize) ? scratch[lane] : 0.f;
+#pragma unroll
+    for (int off = kWarpSize / 2; off > 0; off /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  }
+  return v;
+}
+
+// out = {max_j r'_j, max_j |g_j| r'_j} over the other side's n rows (r' = 1 without `normalize`,
+// the second 0 without g); one block. fmaxf skips NaN: a NaN weight needs no bound, it stays NaN.
+__global__ void __launch_bounds__(kThreads) weight_bound_kernel(const float* inv, const float* g, int64_t n,
+                                                                float* out) {
+  float r_max = 0.f, gr_max = 0.f;
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+    const float r = inv != nullptr ? inv[j] : 1.f;
+    r_max = fmaxf(r_max, r);
+    if (g != nullptr) gr_max = fmaxf(gr_max, fabsf(g[j]) * r);
+  }
+  __shared__ float scratch[2][kThreads / kWarpSize];
+  r_max = block_max(r_max, scratch[0]);
+  gr_max = block_max(gr_max, scratch[1]);
+  if (threadIdx.x == 0) {
+    out[0] = r_max;
+    out[1] = gr_max;
+  }
+}
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) inv_norm_kernel(const T* x, int64_t rows, int64_t d, float* inv,
@@ -120,6 +194,7 @@ __global__ void __launch_bounds__(kThreads) row_stats_kernel(const FwdChunk c) {
   const int64_t la = kKind == kSupCon ? c.labels[a] : 0;
 
   Acc acc = acc_init();
+  bool pos_inf = false;         // a +inf logit, left out of acc
   float npos = 0.f, sum = 0.f;  // SupCon: positives and their logits; SigLIP: the softplus sum
   struct Col {
     float sim, ro;
@@ -134,7 +209,7 @@ __global__ void __launch_bounds__(kThreads) row_stats_kernel(const FwdChunk c) {
       sum += softplus(o == a ? -z : z);
     } else {
       const bool self = o == a;
-      const float y = kKind == kSupCon && self ? -INFINITY : z;
+      const float y = kKind == kSupCon && self ? -INFINITY : finite_top(z, pos_inf);
       accumulate<1, false, false, false>(acc, &y, nullptr, nullptr, -1, 0.f, 0.f, 0.f);
       if (kKind == kSupCon && !self && v.label == la) {
         npos += 1.f;
@@ -146,20 +221,23 @@ __global__ void __launch_bounds__(kThreads) row_stats_kernel(const FwdChunk c) {
 
   __shared__ ReduceSmem sm;
   __shared__ float scratch[2][kThreads / kWarpSize];
-  if constexpr (kKind != kSigLip) acc = block_merge<false, false>(acc, sm);
+  if constexpr (kKind != kSigLip) {
+    acc = block_merge<false, false>(acc, sm);
+    pos_inf = __syncthreads_or(pos_inf) != 0;
+  }
   if constexpr (kKind != kInfoNce) sum = block_sum(sum, scratch[0]);
   if constexpr (kKind == kSupCon) npos = block_sum(npos, scratch[1]);
   if (threadIdx.x != 0) return;
 
   if constexpr (kKind == kInfoNce) {
-    const float lse = acc.m + logf(acc.s);
+    const float lse = lse_of(acc.m, acc.s, pos_inf);
     const float diag = fmaf(s, pair_cos(srow[a], ra, inv_norm_at<kNorm>(c.inv_other, a)), 0.f);
     c.stats0[a] = lse;
     c.loss[a] = lse - diag;
     if (c.symmetric) c.stats1[a] = diag;  // read and replaced by finish_symmetric_kernel
   } else if constexpr (kKind == kSupCon) {
     const bool live = npos > 0.f;
-    const float lse = live ? acc.m + logf(acc.s) : 0.f;
+    const float lse = live ? lse_of(acc.m, acc.s, pos_inf) : 0.f;
     c.stats0[a] = lse;
     c.stats1[a] = npos;
     c.loss[a] = live ? lse - sum / npos : 0.f;
@@ -179,6 +257,7 @@ struct ColChunk {
   const float* scale;
   float* col_m;  // (n,) running column max
   float* col_s;  // (n,) running column sum of exp(z - col_m)
+  float* col_inf;  // (n,) 1 where the column has a +inf logit (left out of col_m, col_s), else 0
   bool first;    // the first chunk starts the running stats
 };
 
@@ -189,6 +268,7 @@ __global__ void __launch_bounds__(kThreads) col_stats_kernel(const ColChunk c) {
   const int lane = threadIdx.x % kColTile, group = threadIdx.x / kColTile;
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kColTile + lane;
   Acc acc = acc_init();
+  bool pos_inf = false;
   if (j < c.n) {
     const float s = *c.scale, ro = inv_norm_at<kNorm>(c.inv_other, j);
     struct Cell {
@@ -196,33 +276,40 @@ __global__ void __launch_bounds__(kThreads) col_stats_kernel(const ColChunk c) {
     };
     auto load = [&](int64_t i) { return Cell{c.sim[i * c.n + j], inv_norm_at<kNorm>(c.inv_own, c.row0 + i)}; };
     auto use = [&](int64_t, const Cell& v) {
-      const float z = fmaf(s, pair_cos(v.sim, v.ra, ro), 0.f);
+      const float z = finite_top(fmaf(s, pair_cos(v.sim, v.ra, ro), 0.f), pos_inf);
       accumulate<1, false, false, false>(acc, &z, nullptr, nullptr, -1, 0.f, 0.f, 0.f);
     };
     stream_packets<kUnroll>(static_cast<int64_t>(group), c.rows, static_cast<int64_t>(kColGroups), load, use);
   }
   __shared__ float part_m[kColGroups][kColTile], part_s[kColGroups][kColTile];
+  __shared__ bool part_inf[kColGroups][kColTile];
   part_m[group][lane] = acc.m;
   part_s[group][lane] = acc.s;
+  part_inf[group][lane] = pos_inf;
   __syncthreads();
   if (group != 0 || j >= c.n) return;
   Acc chunk = acc_init();
-  for (int g = 0; g < kColGroups; ++g) merge(chunk, part_m[g][lane], part_s[g][lane], 0.f, 0.f);
+  for (int g = 0; g < kColGroups; ++g) {
+    merge(chunk, part_m[g][lane], part_s[g][lane], 0.f, 0.f);
+    pos_inf = pos_inf || part_inf[g][lane];
+  }
   if (!c.first) {
     Acc run{c.col_m[j], c.col_s[j], 0.f, 0.f};
     merge(run, chunk.m, chunk.s, 0.f, 0.f);
     chunk = run;
+    pos_inf = pos_inf || c.col_inf[j] != 0.f;
   }
   c.col_m[j] = chunk.m;
   c.col_s[j] = chunk.s;
+  c.col_inf[j] = pos_inf ? 1.f : 0.f;
 }
 
 // loss_i = (row loss + column loss) / 2 once every chunk has reached the column stats.
 __global__ void __launch_bounds__(kThreads) finish_symmetric_kernel(int64_t b, const float* col_m, const float* col_s,
-                                                                     float* loss, float* stats1) {
+                                                                     const float* col_inf, float* loss, float* stats1) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= b) return;
-  const float col_lse = col_m[i] + logf(col_s[i]);
+  const float col_lse = lse_of(col_m[i], col_s[i], col_inf[i] != 0.f);
   const float diag = stats1[i];
   loss[i] = 0.5f * (loss[i] + (col_lse - diag));
   stats1[i] = col_lse;
@@ -276,7 +363,9 @@ struct GradChunk {
   const float* bias;
   const int64_t* labels;
   Role own, other;
-  void* g_out;   // (rows, n) G = s dZ r_o in the inputs' dtype, or null (no product wanted)
+  void* g_out;   // (rows, n) G = 2^e s dZ r_o in the inputs' dtype, or null (no product wanted)
+  const float* bound;  // {max r_o, max |g_o| r_o} over the other side (weight_bound_kernel), with g_out
+  float* unscale;      // (rows,) 2^-e of each row, with g_out
   float* ncoef;  // (rows,) s sum_o dZ c, for the normalisation's backward, or null
   float* coef0;  // (B,) grad_coef[0] by global row, or null
   float* coef1;  // (B,) grad_coef[1]
@@ -292,6 +381,13 @@ __global__ void __launch_bounds__(kThreads) pair_grad_kernel(const GradChunk c) 
   const int64_t la = kKind == kSupCon ? c.labels[a] : 0;
   Anchor own{};
   if constexpr (kOwn) own = anchor_of<kKind>(c.own, a);
+  int e = 0;  // the row's scaling of G
+  if (grow != nullptr) {
+    const float own_bound = kOwn ? c.own.weight * fabsf(own.g) * c.bound[0] : 0.f;
+    const float other_bound = kOther ? c.other.weight * c.bound[1] : 0.f;
+    e = weight_exponent(fabsf(s) * (own_bound + other_bound));
+  }
+  const float up = ldexpf(1.f, e);
 
   // sum of dZ c and of dZ for grad_coef (SupCon: the anchor role only, the entry's own gradient),
   // and of the row's whole gradient times c for the normalisation.
@@ -318,7 +414,7 @@ __global__ void __launch_bounds__(kThreads) pair_grad_kernel(const GradChunk c) 
     dz_c = fmaf(entry, cc, dz_c);
     dz += entry;
     total_c = fmaf(total, cc, total_c);
-    if (grow != nullptr) store_elem(grow + o, s * total * v.ro);
+    if (grow != nullptr) store_elem(grow + o, s * total * v.ro * up);
   };
   stream_packets<kUnroll>(static_cast<int64_t>(threadIdx.x), c.n, static_cast<int64_t>(blockDim.x), load, use);
 
@@ -332,10 +428,12 @@ __global__ void __launch_bounds__(kThreads) pair_grad_kernel(const GradChunk c) 
     c.coef1[a] = dz;
   }
   if (c.ncoef != nullptr) c.ncoef[local] = s * total_c;
+  if (grow != nullptr) c.unscale[local] = ldexpf(1.f, -e);
 }
 
 struct FinishGrad {
   const float* acc;  // (rows, d) fp32: G @ y for the chunk
+  const float* unscale;  // (rows,) 2^-e of each row of G
   int64_t row0, rows, d;
   const void* x;       // the side's input (global rows)
   const float* inv;    // r by global row
@@ -344,7 +442,7 @@ struct FinishGrad {
   void* out;           // the side's gradient (global rows)
 };
 
-// grad_x = r (acc - coef r x) = r acc - coef r^2 x; without `normalize`, acc itself.
+// grad_x = r (u acc - coef r x) = r u acc - coef r^2 x with u = 2^-e; without `normalize`, u acc.
 template <typename T, bool kNorm>
 __global__ void __launch_bounds__(kThreads) finish_grad_kernel(const FinishGrad f) {
   const int lane = threadIdx.x % kWarpSize;
@@ -357,8 +455,10 @@ __global__ void __launch_bounds__(kThreads) finish_grad_kernel(const FinishGrad 
     const float* acc = f.acc + row * f.d;
     const float ra = kNorm ? f.inv[a] : 1.f;
     const float along = kNorm ? f.ncoef[row] * f.proj[a] : 0.f;
+    const float u = f.unscale[row];
     for (int64_t k = lane; k < f.d; k += kWarpSize) {
-      const float v = kNorm ? fmaf(ra, acc[k], -along * load_elem(x + a * f.d + k)) : acc[k];
+      const float sum = acc[k] * u;  // exact: a power of two
+      const float v = kNorm ? fmaf(ra, sum, -along * load_elem(x + a * f.d + k)) : sum;
       store_elem(out + a * f.d + k, v);
     }
   }
@@ -475,7 +575,7 @@ void contrastive_fwd_cuda(const at::Tensor& query, const at::Tensor& key, const 
   }
   const int64_t chunk = rows_per_chunk(B, M, D);
   at::Tensor sim = at::empty({chunk, M}, f32);
-  at::Tensor col = symmetric ? at::empty({2, M}, f32) : at::Tensor();
+  at::Tensor col = symmetric ? at::empty({3, M}, f32) : at::Tensor();
   float* const sim_buf = sim.data_ptr<float>();
 
   FwdChunk fc{};
@@ -499,6 +599,7 @@ void contrastive_fwd_cuda(const at::Tensor& query, const at::Tensor& key, const 
   if (symmetric) {
     cc.col_m = col.data_ptr<float>();
     cc.col_s = col.data_ptr<float>() + M;
+    cc.col_inf = col.data_ptr<float>() + 2 * M;
   }
 
   with_kind(kind, [&](auto kind_tag) {
@@ -522,7 +623,8 @@ void contrastive_fwd_cuda(const at::Tensor& query, const at::Tensor& key, const 
   });
   if (symmetric) {
     launch(query.device(), &finish_symmetric_kernel, grid_for((B + kThreads - 1) / kThreads), kThreads, 0, B,
-           static_cast<const float*>(cc.col_m), static_cast<const float*>(cc.col_s), fc.loss, fc.stats1);
+           static_cast<const float*>(cc.col_m), static_cast<const float*>(cc.col_s),
+           static_cast<const float*>(cc.col_inf), fc.loss, fc.stats1);
   }
 }
 
@@ -543,11 +645,15 @@ void gradient_pass(const Side& own, const Side& other, const GradChunk& proto, i
   const int64_t chunk = rows_per_chunk(rows_total, n, d);
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor sim = at::empty({chunk, n}, f32);
-  at::Tensor g, acc, ncoef;
+  at::Tensor g, acc, ncoef, unscale, bound;
   if (out != nullptr) {
     g = at::empty({chunk, n}, x.options());
     acc = at::empty({chunk, d}, f32);
+    unscale = at::empty({chunk}, f32);
+    bound = at::empty({2}, f32);
     if (normalize) ncoef = at::empty({chunk}, f32);
+    launch(x.device(), &weight_bound_kernel, 1, kThreads, 0, other.inv, has_other ? proto.other.g : nullptr, n,
+           bound.data_ptr<float>());
   }
   float* const sim_buf = sim.data_ptr<float>();
   float* const acc_buf = out != nullptr ? acc.data_ptr<float>() : nullptr;
@@ -558,6 +664,8 @@ void gradient_pass(const Side& own, const Side& other, const GradChunk& proto, i
   gc.inv_other = other.inv;
   gc.g_out = out != nullptr ? g.data_ptr() : nullptr;
   gc.ncoef = out != nullptr && normalize ? ncoef.data_ptr<float>() : nullptr;
+  gc.bound = out != nullptr ? bound.data_ptr<float>() : nullptr;
+  gc.unscale = out != nullptr ? unscale.data_ptr<float>() : nullptr;
   FinishGrad fg{};
   if (out != nullptr) {
     fg.acc = acc_buf;
@@ -566,6 +674,7 @@ void gradient_pass(const Side& own, const Side& other, const GradChunk& proto, i
     fg.inv = own.inv;
     fg.proj = own.proj;
     fg.ncoef = gc.ncoef;
+    fg.unscale = gc.unscale;
     fg.out = out->data_ptr();
   }
   dispatch_float(x.scalar_type(), kBwd, [&](auto tag) {

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import lossforge_kernels as lf
 from lossforge_kernels.reference import contrastive as ref
-from tests.conftest import assert_close_rel
+from tests.conftest import assert_close_rel, device_for
 
 REDUCTIONS = ["none", "mean", "sum"]
 
@@ -427,3 +427,64 @@ def test_siglip_bad_input(override, exc, message):
 def test_module_bad_arguments(make, exc, message):
     with pytest.raises(exc, match=message):
         make()
+
+
+# ---- NaN and inf: the kernels poison the same rows as the reference ----------------------------------
+
+NONFINITE_LOSSES = [
+    *[("info_nce", dict(symmetric=sym, normalize=norm)) for sym in (True, False) for norm in (True, False)],
+    *[("supcon", dict(normalize=norm)) for norm in (True, False)],
+    *[("siglip", dict(normalize=norm)) for norm in (True, False)],
+]
+# (input, row, feature): a whole row, or one feature of it; key rows only where there is a key
+NONFINITE_SPOTS = [("query", 2, None), ("query", 2, 1), ("key", 4, None), ("key", 4, 1)]
+
+
+def _nonfinite_call(loss, opts, q, k, backend):
+    if loss == "info_nce":
+        return lf.info_nce(q, k, logit_scale=torch.tensor(3.0), reduction="none", backend=backend, **opts)
+    if loss == "supcon":
+        labels = torch.tensor([0, 1, 0, 1, 2, 2], device=q.device)
+        return lf.supcon_loss(q, labels, temperature=0.5, reduction="none", backend=backend, **opts)
+    return lf.siglip_loss(q, k, torch.tensor(3.0), torch.tensor(-1.0), reduction="none", backend=backend, **opts)
+
+
+def _nonfinite_run(loss, opts, spot, value, backend, device):
+    name, row, feature = spot
+    q, k = randn(6, 5, seed=1, dtype=torch.float32), randn(6 if opts.get("symmetric") else 9, 5, seed=2,
+                                                             dtype=torch.float32)
+    x = {"query": q, "key": k}
+    x[name][row, slice(None) if feature is None else feature] = value
+    q, k = (t.to(device).requires_grad_(True) for t in (q, k))
+    out = _nonfinite_call(loss, opts, q, k, backend)
+    (out * torch.linspace(0.5, 1.5, out.shape[0], device=device)).sum().backward()
+    grads = [q.grad] + ([] if loss == "supcon" else [k.grad])
+    return out.detach().cpu(), [g.cpu() for g in grads]
+
+
+def _kind(t):
+    """Per element: 0 finite, 1 NaN, 2 +inf, 3 -inf."""
+    return t.isnan().long() + 2 * (t == math.inf).long() + 3 * (t == -math.inf).long()
+
+
+NONFINITE_CASES = [
+    pytest.param(loss, opts, spot, id="-".join([loss, *(k for k, on in opts.items() if on), spot[0],
+                                                "row" if spot[2] is None else "feature"]))
+    for loss, opts in NONFINITE_LOSSES for spot in NONFINITE_SPOTS if not (loss == "supcon" and spot[0] == "key")
+]
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("loss,opts,spot", NONFINITE_CASES)
+def test_nan_and_inf_reach_the_reference_rows(kernel_backend, loss, opts, spot, value):
+    """A NaN or +-inf in one query row, key row or feature: every loss row is NaN / +-inf / finite as
+    in the reference (finite rows equal to it) and the gradients' non-finite rows are the same."""
+    want_loss, want_grads = _nonfinite_run(loss, opts, spot, value, "reference", "cpu")
+    got_loss, got_grads = _nonfinite_run(loss, opts, spot, value, kernel_backend, device_for(kernel_backend))
+    assert torch.equal(_kind(got_loss), _kind(want_loss)), f"loss rows {got_loss} vs reference {want_loss}"
+    finite = want_loss.isfinite()
+    torch.testing.assert_close(got_loss[finite], want_loss[finite], rtol=1e-4, atol=1e-5)
+    for got, want in zip(got_grads, want_grads):
+        bad_rows = (~want.isfinite()).any(dim=1)
+        assert torch.equal((~got.isfinite()).any(dim=1), bad_rows), f"non-finite gradient rows {got} vs {want}"
+        torch.testing.assert_close(got[~bad_rows], want[~bad_rows], rtol=1e-4, atol=1e-5)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import lossforge_kernels as lf
+from lossforge_kernels.ops.contrastive import INFO_NCE as KIND_INFO_NCE, SUPCON as KIND_SUPCON
 from tests import harness
 from tests.conftest import assert_close_rel, device_for
 from tests.test_linear_cross_entropy import CreatedTensors
@@ -322,3 +323,176 @@ def test_explicit_kernel_backends_run_or_say_why(monkeypatch):
         monkeypatch.setenv("LOSSFORGE_BACKEND", "reference")
         assert torch.equal(call(), want)
         monkeypatch.delenv("LOSSFORGE_BACKEND")
+
+
+# ---- fp16 gradient weights at large-batch magnitudes: a model of the CUDA backward's arithmetic ----
+# csrc/contrastive.cu stores each chunk's gradient weights G = s dZ r'_j in the inputs' dtype and
+# takes G @ y on cuBLAS with fp32 accumulation. This model repeats those steps in PyTorch, with the
+# same roundings (fp32 weights, one rounding to fp16, fp32 product, fp16 output), for InfoNCE's and
+# SupCon's passes: it checks the design of the row scaling (2^e_i before the rounding, 2^-e_i
+# after the product), not the compiled kernel, which needs a GPU (tests/test_contrastive_gpu.py).
+
+WEIGHT_TOP_EXP = 14  # csrc/contrastive.cu: kWeightTopExp
+
+
+def _weight_exponents(bound):
+    """weight_exponent of csrc/contrastive.cu per row: e with bound 2^e in [2^13, 2^14); 0 where the
+    bound is 0 or not finite."""
+    _, x = torch.frexp(bound)
+    e = (WEIGHT_TOP_EXP - x).clamp(-126, 126)
+    return torch.where((bound > 0) & torch.isfinite(bound), e, torch.zeros_like(e))
+
+
+def _model_pass(own, other, r_own, r_other, dz, s, bound, scaled):
+    """One gradient pass as the CUDA kernels compute it: (rows, D) fp16 gradient of the own rows."""
+    e = _weight_exponents(bound) if scaled else torch.zeros_like(bound, dtype=torch.int32)
+    up = torch.ldexp(torch.ones_like(bound), e.to(torch.float32))
+    g = (s * dz * r_other[None, :] * up[:, None]).to(torch.float16)  # the one rounding of the weights
+    acc = g.float() @ other.float()  # cuBLAS: fp16 operands, fp32 accumulation
+    cos = (own.float() @ other.float().T) * r_own[:, None] * r_other[None, :]
+    along = s * (dz * cos).sum(dim=1) * r_own * r_own
+    return (r_own[:, None] * (acc * (1.0 / up)[:, None]) - along[:, None] * own.float()).to(torch.float16)
+
+
+def _model_info_nce_grads(q, k, s, grad_rows, scaled):
+    """grad_query and grad_key of non-symmetric InfoNCE with normalize, as the CUDA backward's steps."""
+    rq = 1.0 / q.float().norm(dim=1).clamp_min(1e-12)
+    rk = 1.0 / k.float().norm(dim=1).clamp_min(1e-12)
+    z = s * (q.float() @ k.float().T) * rq[:, None] * rk[None, :]
+    lse = torch.logsumexp(z, dim=1)  # the forward's stats[0]
+    eye = torch.eye(*z.shape, dtype=torch.float32)
+    dz = grad_rows[:, None] * (torch.exp(z - lse[:, None]) - eye)
+    query_bound = abs(s) * grad_rows.abs() * rk.max()  # own role only
+    key_bound = abs(s) * (grad_rows.abs() * rq).max().expand(k.shape[0])  # other role only
+    return (_model_pass(q, k, rq, rk, dz, s, query_bound, scaled),
+            _model_pass(k, q, rk, rq, dz.T.contiguous(), s, key_bound, scaled))
+
+
+def _exact_info_nce_grads(q, k, s, grad_rows):
+    q64, k64 = q.double().requires_grad_(True), k.double().requires_grad_(True)
+    rows = lf.reference.contrastive.info_nce_rows(q64, k64, s, symmetric=False, normalize=True)
+    (grad_rows.double() * rows).sum().backward()
+    return q64.grad, k64.grad
+
+
+def _excess_row_error(got, want):
+    """max over rows of (error of got) - (error of the exact gradient rounded to fp16), errors per row
+    relative to the exact row: what the kernel's arithmetic adds to the output's own rounding (which
+    alone is large where an exact gradient is below fp16's normal range)."""
+    def row_error(x):
+        return (x.double() - want).norm(dim=1) / want.norm(dim=1)
+    return (row_error(got) - row_error(want.to(torch.float16))).nan_to_num(nan=float("inf")).max().item()
+
+
+def _large_batch_inputs(seed, b=64, m=2048, d=64):
+    """fp16 rows with a close positive each (k_i = q_i + noise), as in training: every negative's
+    probability is small, ~3e-6 at s = 1/0.07."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, d, generator=gen).to(torch.float16)
+    k = torch.randn(m, d, generator=gen)
+    k[:b] = q.float() + 0.3 * torch.randn(b, d, generator=gen)
+    return q, k.to(torch.float16)
+
+
+@pytest.mark.parametrize("batch,loss_scale", [(4096, 2.0**10), (65536, 2.0**10), (262144, 2.0**10),
+                                              (262144, 2.0**16)])
+def test_fp16_weight_scaling_model_at_large_batch(batch, loss_scale):
+    """'mean' over `batch` rows with a loss scale as torch.amp's GradScaler applies: grad_rows =
+    loss_scale / batch. The negatives' weights, s g_i P_ij r'_j, are then far below fp16's smallest
+    subnormal; with the row scaling each row is within fp16 rounding of the exact gradient, where
+    the same steps without it (the unscaled model) are several % off."""
+    q, k = _large_batch_inputs(5)
+    s = 1.0 / 0.07
+    grad_rows = torch.full((q.shape[0],), loss_scale / batch, dtype=torch.float32)
+    want_q, want_k = _exact_info_nce_grads(q, k, s, grad_rows)
+    got_q, got_k = _model_info_nce_grads(q, k, s, grad_rows, scaled=True)
+    assert _excess_row_error(got_q, want_q) < 3e-3  # a few fp16 ulps
+    assert _excess_row_error(got_k, want_k) < 3e-3
+    if batch >= 65536:  # the magnitudes are reached: unscaled, the small weights vanish
+        old_q, old_k = _model_info_nce_grads(q, k, s, grad_rows, scaled=False)
+        assert max(_excess_row_error(old_q, want_q), _excess_row_error(old_k, want_k)) > 5e-3
+
+
+def test_fp16_weight_scaling_model_scales_large_weights_down():
+    """Weights above fp16's range (short keys, long queries, a large gradient): scaled below 2^14
+    rather than overflowed; the query gradient stays within fp16 rounding."""
+    gen = torch.Generator().manual_seed(6)
+    q = (100 * torch.randn(16, 32, generator=gen)).to(torch.float16)
+    k = (0.01 * torch.randn(40, 32, generator=gen)).to(torch.float16)
+    grad_rows = torch.full((16,), 1000.0)
+    want_q, _ = _exact_info_nce_grads(q, k, 10.0, grad_rows)
+    assert _excess_row_error(_model_info_nce_grads(q, k, 10.0, grad_rows, scaled=True)[0], want_q) < 3e-3
+    assert not _model_info_nce_grads(q, k, 10.0, grad_rows, scaled=False)[0].isfinite().all()
+
+
+def _largest_scaled_weight(weights, s, r_other, bound):
+    up = torch.ldexp(torch.ones_like(bound), _weight_exponents(bound).float())
+    return (s * weights * r_other[None, :] * up[:, None]).abs().max().item()
+
+
+def _model_two_role_grads(case, q, k, labels, s, grad_rows):
+    """grad_query (and grad_key) of symmetric InfoNCE or SupCon through the CUDA steps, with dZ from
+    the float32 contract (tests/test_contrastive_triton_ops.py) and each pass's bound as the kernel
+    forms it; also the largest scaled weight, which the bound must keep below 2^14."""
+    from tests.test_contrastive_triton_ops import dense_loss
+    q32 = q.float().requires_grad_(True)
+    k32 = q32 if case.kind == KIND_SUPCON else k.float()
+    rows, _, z, _ = dense_loss(q32, k32, labels, torch.tensor(s), None, case)
+    z.retain_grad()
+    (grad_rows * rows).sum().backward()
+    dz = z.grad
+    rq = 1.0 / q.float().norm(dim=1).clamp_min(1e-12)
+    rk = rq if case.kind == KIND_SUPCON else 1.0 / k.float().norm(dim=1).clamp_min(1e-12)
+    w_own, w_other = (1.0, 1.0) if case.kind == KIND_SUPCON else (0.5, 0.5)  # both roles on every row
+
+    def bound(r_other):
+        return abs(s) * (w_own * grad_rows.abs() * r_other.max() + w_other * (grad_rows.abs() * r_other).max())
+    row_w = dz + dz.T if case.kind == KIND_SUPCON else dz
+    top = _largest_scaled_weight(row_w, s, rk, bound(rk))
+    grad_q = _model_pass(q, k, rq, rk, row_w, s, bound(rk), True)
+    grad_k = None
+    if case.kind != KIND_SUPCON:
+        top = max(top, _largest_scaled_weight(dz.T, s, rq, bound(rq)))
+        grad_k = _model_pass(k, q, rk, rq, dz.T.contiguous(), s, bound(rq), True)
+    return grad_q, grad_k, top
+
+
+@pytest.mark.parametrize("kind", ["info_nce_symmetric", "supcon"])
+def test_fp16_weight_scaling_model_two_roles(kind):
+    """Rows that carry two roles of the pair term (symmetric InfoNCE's halves, SupCon's anchor and key
+    roles) at the magnitudes of a 262144-row 'mean' under a 2^10 loss scale, with per-row gradients
+    that differ: the bound keeps every scaled weight below 2^14 and each row within fp16 rounding."""
+    from tests.test_contrastive_triton_ops import Case, dense_expected
+    q, k = _large_batch_inputs(7, b=256, m=256)
+    s = 1.0 / 0.07
+    case = Case(KIND_SUPCON if kind == "supcon" else KIND_INFO_NCE, 256, 256, 64, symmetric=kind != "supcon")
+    labels = torch.arange(256) // 4 if kind == "supcon" else None
+    if kind == "supcon":  # classes of 4 around their centres: small negative probabilities
+        gen = torch.Generator().manual_seed(8)
+        centres = torch.randn(64, 64, generator=gen)
+        q = k = (centres[labels] + 0.3 * torch.randn(256, 64, generator=gen)).to(torch.float16)
+    grad_rows = (2.0**10 / 262144) * torch.linspace(0.5, 2.0, 256)
+    want = dense_expected(case, dict(query=q, key=k, labels=labels, scale=torch.tensor(s),
+                                     bias=torch.tensor(0.0), grad_rows=grad_rows))
+    got_q, got_k, top = _model_two_role_grads(case, q, k, labels, s, grad_rows)
+    assert top < 2.0**14
+    assert _excess_row_error(got_q, want["grad_query"]) < 3e-3
+    if got_k is not None:
+        assert _excess_row_error(got_k, want["grad_key"]) < 3e-3
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_fp16_gradients_at_large_batch_magnitudes(kernel_backend, symmetric):
+    """The kernels' fp16 gradients where each pair's weight is as small as in a 262144-row 'mean'
+    under a 2^10 loss scale (trained-like rows: negatives' probabilities ~1e-6): every row within
+    fp16 rounding of the float64 reference's (on a GPU this runs the CUDA kernel's row scaling)."""
+    device = device_for(kernel_backend)
+    q, k = _large_batch_inputs(11, b=32, m=32 if symmetric else 256)
+    q, k = q.to(device).requires_grad_(True), k.to(device).requires_grad_(True)
+    rows = lf.info_nce(q, k, temperature=0.07, symmetric=symmetric, reduction="none", backend=kernel_backend)
+    rows.backward(torch.full_like(rows, 2.0**10 / 262144))
+    q64, k64 = q.detach().cpu().double().requires_grad_(True), k.detach().cpu().double().requires_grad_(True)
+    want = lf.info_nce(q64, k64, temperature=0.07, symmetric=symmetric, reduction="none", backend="reference")
+    want.backward(torch.full_like(want, 2.0**10 / 262144))
+    assert _excess_row_error(q.grad.cpu(), q64.grad) < 3e-3
+    assert _excess_row_error(k.grad.cpu(), k64.grad) < 3e-3

@@ -247,3 +247,31 @@ def test_loss_rows_match_reference(kind):
     else:
         want = ref.siglip_rows(q, k, s, x["bias"].cpu().double(), normalize=True)
     assert_close_rel(got, want, 2e-5, f"{case} loss vs reference")
+
+
+def test_fp16_gradient_weights_keep_fp32_range_on_gpu():
+    """The gradient dot's weights s dZ r'_j (about s / B^2 under 'mean') are not rounded to fp16 on a
+    GPU: fp16 inputs take that dot on fp32 operands (tf32, fp32's range), bf16 has fp32's range."""
+    from lossforge_kernels.triton_kernels.contrastive import _dot_modes
+    assert _dot_modes(torch.float16, interpret=False)[2:] == (True, "tf32")
+    assert _dot_modes(torch.bfloat16, interpret=False)[2] is False
+
+
+def test_fp16_gradients_at_large_batch_magnitudes():
+    """grad_rows = 2^10 / 262144 (a 262144-row 'mean' under a 2^10 loss scale) with trained-like rows
+    (a close positive each, negatives' probabilities ~1e-6): the pair weights are far below fp16's
+    subnormals; each gradient row is within fp16 rounding of the float64 contract's."""
+    case = Case(INFO_NCE, 32, 512, 64, dtype=torch.float16)
+    gen = torch.Generator().manual_seed(9)
+    q = torch.randn(case.b, case.d, generator=gen)
+    k = torch.randn(case.m, case.d, generator=gen)
+    k[:case.b] = q + 0.3 * torch.randn(case.b, case.d, generator=gen)
+    x = dict(query=q.to(torch.float16).to(DEVICE), key=k.to(torch.float16).to(DEVICE), labels=None,
+             scale=torch.tensor(1 / 0.07, device=DEVICE), bias=torch.tensor(0.0, device=DEVICE),
+             grad_rows=torch.full((case.b,), 2.0**10 / 262144, device=DEVICE))
+    got, want = run_ops(case, x), dense_expected(case, x)
+    for name in ("grad_query", "grad_key"):
+        exact = want[name]
+        row_error = ((got[name].cpu().double() - exact).norm(dim=1) / exact.norm(dim=1))
+        rounding = ((exact.to(torch.float16).double() - exact).norm(dim=1) / exact.norm(dim=1))
+        assert (row_error - rounding).max() < 3e-3, name

@@ -22,6 +22,9 @@
 # (rows / BLOCK_M) x (other rows) x D elements in all, re-reads served by L2 when the other operand fits
 # it; the outputs are written once. All arithmetic is fp32: dots take fp16/bf16 operands natively with
 # fp32 accumulation on a GPU (the gradient dot's dZ operand is rounded to bf16 for bf16 inputs).
+# NaN and inf as in the reference: the log-sum-exps are torch.logsumexp's (a +inf logit gives +inf and
+# probability 0 to the finite logits; a NaN reaches the sum of exponentials, so it survives a maximum
+# that skips NaN, as a GPU's does), and softplus keeps NaN.
 from __future__ import annotations
 
 import dataclasses
@@ -31,9 +34,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .row_softmax import NEG_INF as _NEG_INF_VALUE, merge, safe_max, softplus
+from .row_softmax import NEG_INF as _NEG_INF_VALUE, softplus
 
 NEG_INF = tl.constexpr(_NEG_INF_VALUE)  # jit code may only read constexpr globals
+POS_INF = tl.constexpr(float("inf"))
 INFO_NCE = tl.constexpr(0)
 SUPCON = tl.constexpr(1)
 SIGLIP = tl.constexpr(2)
@@ -124,11 +128,39 @@ def _cosines(gram, r_own, r_other, NORMALIZE: tl.constexpr):
 
 
 @triton.jit
+def _lse_shift(m):
+    """The shift of a log-sum-exp with max m: m, or 0 where m is +-inf, as torch.logsumexp does: a
+    +inf logit makes the lse +inf (not inf - inf = NaN) and the other logits' probabilities 0."""
+    return tl.where((m == NEG_INF) | (m == POS_INF), 0.0, m)
+
+
+@triton.jit
 def _lse_update(m, s, y):
-    """Folds a tile's rows y (-inf where left out) into the running (max, sum of exp(y - max))."""
+    """Folds a tile's rows y (-inf where left out) into the running (max, sum of exp(y - shift(max))).
+    A NaN logit reaches the sum (the maximum may skip NaN on a GPU; the exponential does not)."""
     tile_max = tl.max(y, axis=1)
-    tile_sum = tl.sum(tl.exp(y - safe_max(tile_max)[:, None]), axis=1)
-    return merge(m, s, tile_max, tile_sum)
+    tile_sum = tl.sum(tl.exp(y - _lse_shift(tile_max)[:, None]), axis=1)
+    m_new = tl.maximum(m, tile_max)
+    shift = _lse_shift(m_new)
+    return m_new, s * _rebase(m, shift) + tile_sum * _rebase(tile_max, shift)
+
+
+@triton.jit
+def _rebase(m, shift):
+    """exp(shift(m) - shift): moves a sum relative to shift(m) onto the new shift of a max >= m; 0 where
+    m is -inf (that sum is 0 or NaN: never 0 * inf from a very negative shift), 1 where m is +inf."""
+    return tl.exp(tl.where(m == POS_INF, shift, m) - shift)
+
+
+@triton.jit
+def _lse_finish(m, s):
+    return _lse_shift(m) + tl.log(s)
+
+
+@triton.jit
+def _softplus(v):
+    """softplus that keeps NaN (the shared one's minimum may drop it)."""
+    return tl.where(v != v, v, softplus(v))
 
 
 @triton.jit
@@ -241,8 +273,8 @@ def _fwd_sweep(own_ptr, r_own_ptr, n_own, other_ptr, r_other_ptr, n_other, label
             a += tl.sum(tl.where(positive, z, 0.0), axis=1)
             n += tl.sum(tl.where(positive, 1.0, 0.0), axis=1)
         else:
-            a += tl.sum(tl.where(valid, softplus(tl.where(same, -z, z)), 0.0), axis=1)
-    return m + tl.log(s), a, n
+            a += tl.sum(tl.where(valid, _softplus(tl.where(same, -z, z)), 0.0), axis=1)
+    return _lse_finish(m, s), a, n
 
 
 @triton.jit

@@ -21,6 +21,9 @@ contrastive_fwd_<b>(query, key, labels, scale, bias, loss, stats, kind, normaliz
            SUPCON    with n_i = #{j != i : labels_j == labels_i}: lse_{j != i} z_ij - sum_{positives j}
                      z_ij / n_i where n_i > 0, else 0.
            SIGLIP    sum_j softplus(-y_ij z_ij), y_ij = +1 where i == j, else -1.
+           NaN and inf as torch and the reference give them: lse is torch.logsumexp's (+inf where a
+           logit is +inf, NaN where one is NaN, whatever a maximum that skips NaN saw), softplus
+           keeps NaN, so a non-finite input reaches exactly the rows (and gradients) it reaches there.
   stats    out (2, B) fp32 contiguous, what the backward needs:
            INFO_NCE  [row lse, column lse (symmetric only; else left untouched)]
            SUPCON    [lse over j != i (0 where n_i == 0), n_i as a float]
@@ -43,6 +46,10 @@ contrastive_bwd_<b>(grad_rows, query, key, labels, scale, bias, stats, grad_quer
            sum_j dZ_ij]; the scale's gradient is the sum of row 0, the bias's of row 1.
   Every output is overwritten, not accumulated, and reduced in a fixed order: no floating-point
   atomics, so a call's result does not change from run to run.
+  Half-precision gradients: the pair weights s dZ_ij r'_j are about s / B^2 under 'mean' (below fp16's
+  subnormals at large B); an implementation that rounds them to the inputs' dtype scales each row by
+  an exact power of two first and undoes it after the fp32-accumulated product (CUDA), or keeps them
+  in fp32 (Triton's fp16 gradient dot runs on fp32 operands), so gradients stay within fp16 rounding.
 """
 from __future__ import annotations
 
