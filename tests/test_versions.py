@@ -1,5 +1,6 @@
-"""The versions the package needs: torch's minimum (package metadata, import, build), and a torch
-without aten's out_dtype products answered by the probe rather than an exception."""
+"""The versions the package needs: torch's minimum (package metadata, import, build), a torch
+without aten's out_dtype products answered by the probe rather than an exception, and the NumPy
+bound of the Triton interpreter before 3.7."""
 import os
 import pathlib
 import re
@@ -11,6 +12,7 @@ import torch
 
 import lossforge_kernels as lf
 from lossforge_kernels.ops.linear_cross_entropy import fp32_out_products
+from tests.conftest import interpreter_numpy_problem
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -65,3 +67,20 @@ def test_probe_on_a_torch_without_the_overloads_says_no(monkeypatch, op):
 @pytest.mark.parametrize("device", ["cpu", "meta"])
 def test_probe_answers_for_every_device_type(device):
     assert isinstance(fp32_out_products(torch.device(device)), bool)
+
+
+@pytest.mark.parametrize("triton_version, numpy_version, refused", [
+    ("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.0", False), ("3.9.0", "2.4.6", False)])
+def test_the_interpreter_numpy_bound(triton_version, numpy_version, refused):
+    problem = interpreter_numpy_problem(triton_version, numpy_version)
+    assert (problem is not None) == refused
+    if refused:
+        assert "needs numpy < 2.4" in problem and triton_version in problem and numpy_version in problem
+
+
+def test_interpreted_tests_stop_at_once_on_a_refused_pair():
+    code, err = _run("import sys, numpy, pytest, triton; triton.__version__ = '3.6.0'; numpy.__version__ = '2.4.6'; "
+                     "sys.exit(pytest.main(['tests/test_versions.py', '-q', '-p', 'no:cacheprovider', '-k', 'metadata']))",
+                     TRITON_INTERPRET="1")
+    assert code == pytest.ExitCode.USAGE_ERROR and "Triton 3.6.0 interpreter (TRITON_INTERPRET=1) needs numpy < 2.4" \
+        in err, err
