@@ -6,6 +6,8 @@ with nvcc and a CUDA torch but no GPU), LOSSFORGE_CUDA_ARCHS="80;90" picks the a
 """
 import glob
 import os
+import pathlib
+import re
 import sys
 
 from setuptools import setup
@@ -25,6 +27,18 @@ def _notice(msg):
     print(f"lossforge_kernels: {msg}", file=sys.stderr)
 
 
+def _minor_version(text):
+    """(major, minor) of a version string, or None."""
+    found = re.match(r"(\d+)\.(\d+)", text)
+    return tuple(map(int, found.groups())) if found else None
+
+
+def _min_torch():
+    """The torch minimum of pyproject.toml's dependencies (the CUDA sources need what it names)."""
+    pyproject = (pathlib.Path(__file__).resolve().parent / "pyproject.toml").read_text()
+    return _minor_version(re.search(r'"torch>=([^"]+)"', pyproject).group(1))
+
+
 def cuda_extensions():
     if _flag("LOSSFORGE_SKIP_CUDA_BUILD"):
         _notice("LOSSFORGE_SKIP_CUDA_BUILD is set: CUDA extension skipped (Triton and reference backends only)")
@@ -34,6 +48,14 @@ def cuda_extensions():
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except Exception as exc:  # no torch at build time: a pure Python install
         _notice(f"torch is not importable at build time ({exc}): CUDA extension skipped")
+        return [], {}
+    found, need = _minor_version(torch.__version__), _min_torch()
+    if found and found < need:
+        message = (f"torch {torch.__version__} is older than {need[0]}.{need[1]}, the first with the aten out_dtype "
+                   "products (mm / addmm .dtype_out) that the CUDA sources call: CUDA extension not built")
+        if _flag("LOSSFORGE_FORCE_CUDA"):
+            raise SystemExit(f"lossforge_kernels: LOSSFORGE_FORCE_CUDA is set but {message}")
+        _notice(message + " (and lossforge_kernels will not import on this torch)")
         return [], {}
     if not _flag("LOSSFORGE_FORCE_CUDA"):
         if torch.version.cuda is None or CUDA_HOME is None:

@@ -28,11 +28,12 @@ signatures:
    strict in KNOWN_FAILURES), and every kernel that the package launches (found statically: a
    @triton.jit function called as kernel[grid](...)) must have been compiled at least once.
 
-The recording is kept in pytest's cache under a hash of the package sources, Triton and torch
-versions (so a rerun only recompiles, and Triton's own cache makes unchanged kernels cheap);
-LOSSFORGE_* variables are left out of the subprocesses so tuning knobs do not change what is
-compiled. LOSSFORGE_COMPILE_ARCHS="90,80" adds sm_80 (about twice the time). Skipped where
-Triton has no CUDA backend or no ptxas. The registers / spills table prints with -s (spills as
+The recording is kept in pytest's cache, one entry per Triton version (runs with two Tritons keep
+their own), under a hash of the package sources, Triton and torch versions (so a rerun only
+recompiles, and Triton's own cache makes unchanged kernels cheap); LOSSFORGE_* variables are left
+out of the subprocesses so tuning knobs do not change what is compiled.
+LOSSFORGE_COMPILE_ARCHS="90,80" adds sm_80 (about twice the time). Skipped where Triton has no
+CUDA backend or no ptxas, or lacks the launch internals this test drives. The registers / spills table prints with -s (spills as
 Triton counts them: local memory bytes / 4).
 """
 from __future__ import annotations
@@ -53,6 +54,7 @@ import sys
 import tempfile
 import time
 import traceback
+import types
 
 import pytest
 
@@ -211,14 +213,20 @@ def _rebuild(desc):
     return desc["value"]
 
 
+# Compilation knobs that JITFunction.run passes to the binder as options, each only in the Triton
+# versions that have it (fpsan_homomorphic_casts is not in Triton 3.6 or 3.7).
+_LAUNCH_KNOBS = ("instrumentation_mode", "fpsan_homomorphic_casts")
+
+
 def _launch_kwargs(jit_fn, kwargs):
     """What JITFunction.run adds before binding (so the specialization and options match a launch)."""
     from triton import knobs
 
     kwargs = dict(kwargs)
     kwargs["debug"] = kwargs.get("debug", jit_fn.debug) or knobs.runtime.debug
-    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-    kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    for name in _LAUNCH_KNOBS:
+        if hasattr(knobs.compilation, name):
+            kwargs[name] = getattr(knobs.compilation, name)
     return kwargs
 
 
@@ -374,11 +382,26 @@ def _compile_all(in_path, out_path):
 
 # ---- the tests ----------------------------------------------------------------------------------------
 
+def _missing_triton_internals():
+    """The Triton internals this test drives (a launch's own binder and packing) that the installed Triton
+    lacks; Triton 3.6 and the newest release have them all."""
+    import triton.runtime.jit as jit
+
+    have = {"triton.knobs": importlib.util.find_spec("triton.knobs") is not None,
+            "create_function_from_signature": hasattr(jit, "create_function_from_signature"),
+            "JITFunction._pack_args": hasattr(jit.JITFunction, "_pack_args")}
+    return [name for name, ok in have.items() if not ok]
+
+
 def _compile_problem():
     """Why an offline CUDA compile cannot run here, or None."""
     try:
+        import triton
         from triton.backends.nvidia.compiler import get_ptxas
 
+        missing = _missing_triton_internals()
+        if missing:
+            return f"Triton {triton.__version__} lacks what this test drives: {', '.join(missing)}"
         paths = [get_ptxas(arch).path if get_ptxas.__code__.co_argcount else get_ptxas().path for arch in ARCHS]
     except Exception as exc:
         return f"no Triton CUDA backend or ptxas ({type(exc).__name__}: {exc})"
@@ -409,6 +432,11 @@ def _sources_hash():
 
 
 def _run_recorder():
+    from tests.conftest import interpreter_numpy_problem
+
+    problem = interpreter_numpy_problem()
+    if problem:  # the recording runs the kernels in the interpreter, on a GPU machine too
+        return {"configs": [], "failures": [problem]}
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "records.json")
         proc = subprocess.run([sys.executable, str(THIS), "record", out], env=_env(True), capture_output=True,
@@ -444,9 +472,11 @@ def _matches(config, fields):
 
 def _records(config):
     """The recorded configurations, each with a unique id; cached in pytest's cache by source hash."""
-    key = _sources_hash()
+    import triton
+
+    key, name = _sources_hash(), f"lossforge/triton_compile_records/triton-{triton.__version__}"
     cache = getattr(config, "cache", None)
-    stored = cache.get("lossforge/triton_compile_records", None) if cache else None
+    stored = cache.get(name, None) if cache else None
     if stored and stored.get("key") == key:
         return stored["records"]
     records = _run_recorder()
@@ -456,7 +486,7 @@ def _records(config):
         seen[label] = seen.get(label, 0) + 1
         c["id"] = label if seen[label] == 1 else f"{label}-{seen[label]}"
     if cache and not records["failures"] and records["configs"]:
-        cache.set("lossforge/triton_compile_records", {"key": key, "records": records})
+        cache.set(name, {"key": key, "records": records})
     return records
 
 
@@ -553,6 +583,27 @@ def test_every_launched_kernel_is_compiled(records):
     missing = sorted(targets - recorded)
     assert not missing, f"kernels the package launches that no recorded case reached (add a case): {missing}"
     assert recorded <= targets, f"launches of kernels not found statically: {sorted(recorded - targets)}"
+
+
+@pytest.mark.parametrize("has_fpsan", [False, True], ids=["triton-3.6-knobs", "newer-knobs"])
+def test_launch_options_follow_the_installed_knobs(monkeypatch, has_fpsan):
+    """Only the knobs this Triton has reach the binder (Triton 3.6 has no fpsan_homomorphic_casts)."""
+    knobs = pytest.importorskip("triton.knobs")
+    compilation = types.SimpleNamespace(instrumentation_mode="")
+    if has_fpsan:
+        compilation.fpsan_homomorphic_casts = True
+    monkeypatch.setattr(knobs, "compilation", compilation)
+    kwargs = _launch_kwargs(types.SimpleNamespace(debug=False), {"num_warps": 4})
+    expected = {"num_warps": 4, "debug": knobs.runtime.debug, "instrumentation_mode": ""}
+    assert kwargs == (dict(expected, fpsan_homomorphic_casts=True) if has_fpsan else expected)
+
+
+def test_a_triton_without_the_binder_is_named_in_the_skip(monkeypatch):
+    jit = pytest.importorskip("triton.runtime.jit")
+    monkeypatch.delattr(jit, "create_function_from_signature")
+    assert _missing_triton_internals() == ["create_function_from_signature"]
+    problem = _compile_problem()
+    assert "create_function_from_signature" in problem or problem.startswith("no Triton CUDA backend"), problem
 
 
 if __name__ == "__main__":

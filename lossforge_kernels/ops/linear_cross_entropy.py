@@ -46,8 +46,12 @@ def chunk_rows(n: int, v: int, itemsize: int, chunk_size: int, buffers: int = 1)
 
 def fp32_out_products(device: torch.device, op: str = "addmm") -> bool:
     """Whether this device's `op` (addmm or mm) multiplies half-precision factors into an fp32 tensor
-    (torch's out_dtype overload, which CUDA builds have)."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{op}.dtype_out", device.type.upper())
+    (torch's out_dtype overload, which CUDA builds have from torch 2.8 on). False where torch lacks the
+    overload or the dispatch key of the device type (e.g. "meta")."""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{op}.dtype_out", device.type.upper())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _accumulate_product(acc, a, b):
