@@ -10,6 +10,7 @@ import functools
 import importlib
 import logging
 import os
+import re
 
 import torch
 
@@ -39,6 +40,29 @@ def triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _minor(version):
+    return tuple(map(int, re.match(r"(\d+)\.(\d+)", version).groups()))
+
+
+def interpreter_numpy_problem(triton_version=None, numpy_version=None):
+    """Why the Triton interpreter cannot run the kernels with these versions, or None: before Triton 3.7
+    it turns a runtime scalar (a one-element array) into a loop bound with int(), which NumPy 2.4 refuses."""
+    if triton_version is None:
+        try:
+            import triton
+        except ImportError:
+            return None
+        triton_version = triton.__version__
+    if numpy_version is None:
+        import numpy
+
+        numpy_version = numpy.__version__
+    if _minor(triton_version) < (3, 7) and _minor(numpy_version) >= (2, 4):
+        return (f"the Triton {triton_version} interpreter (TRITON_INTERPRET=1) needs numpy < 2.4, found numpy "
+                f"{numpy_version}: pip install 'numpy<2.4', or Triton >= 3.7")
+    return None
+
+
 @functools.cache
 def _triton_problem() -> str | None:
     try:
@@ -46,7 +70,7 @@ def _triton_problem() -> str | None:
     except Exception as exc:  # ImportError, or a broken install
         return f"Triton is not importable ({type(exc).__name__}: {exc})"
     if triton_interpreter():
-        return None
+        return interpreter_numpy_problem()
     if not torch.cuda.is_available():
         return "no CUDA GPU is visible to torch (set TRITON_INTERPRET=1 to run Triton kernels on CPU tensors)"
     return None

@@ -4,38 +4,15 @@ Kernel backends are tested where they run: on a GPU ("cuda", "triton"), or on CP
 "triton" when TRITON_INTERPRET=1 was set before the first import.
 """
 import os
-import re
 
 import pytest
 import torch
 
 import lossforge_kernels as lf
+from lossforge_kernels._backends import interpreter_numpy_problem  # noqa: F401 (tests import it from here)
 
 HAS_GPU = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _minor(version):
-    return tuple(map(int, re.match(r"(\d+)\.(\d+)", version).groups()))
-
-
-def interpreter_numpy_problem(triton_version=None, numpy_version=None):
-    """Why the Triton interpreter cannot run the kernels with these versions, or None: before Triton 3.7
-    it turns a runtime scalar (a one-element array) into a loop bound with int(), which NumPy 2.4 refuses."""
-    if triton_version is None:
-        try:
-            import triton
-        except ImportError:
-            return None
-        triton_version = triton.__version__
-    if numpy_version is None:
-        import numpy
-
-        numpy_version = numpy.__version__
-    if _minor(triton_version) < (3, 7) and _minor(numpy_version) >= (2, 4):
-        return (f"the Triton {triton_version} interpreter (TRITON_INTERPRET=1) needs numpy < 2.4, found numpy "
-                f"{numpy_version}: pip install 'numpy<2.4', or Triton >= 3.7")
-    return None
 
 
 def pytest_configure(config):

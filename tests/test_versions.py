@@ -84,3 +84,23 @@ def test_interpreted_tests_stop_at_once_on_a_refused_pair():
                      TRITON_INTERPRET="1")
     assert code == pytest.ExitCode.USAGE_ERROR and "Triton 3.6.0 interpreter (TRITON_INTERPRET=1) needs numpy < 2.4" \
         in err, err
+
+
+def test_the_triton_backend_says_why_on_a_refused_pair(monkeypatch):
+    # Outside the test suite too: the backend is unavailable, with the bound as its reason, rather
+    # than failing with NumPy's own TypeError inside the first kernel.
+    import numpy
+    import triton
+
+    from lossforge_kernels import _backends
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.6")
+    _backends._triton_problem.cache_clear()
+    try:
+        info = _backends.available_backends()["triton"]
+        assert not info.available and "needs numpy < 2.4" in info.reason
+    finally:
+        monkeypatch.undo()
+        _backends._triton_problem.cache_clear()
