@@ -19,7 +19,8 @@ triplet_mine_<b>(x, labels, scale, distance, pos_index, pos_dist, neg_index, neg
            (squared: max(|a|^2 + |b|^2 - 2 a.b, 0); euclidean: sqrt(squared + 1e-12); cosine: 1 - a.b)
   writes per anchor the index (int64, -1 when there is none) and fp32 distance (0 when none) of its
            farthest positive (same label, other row) and nearest negative (other label); ties go
-           to the smallest index.
+           to the smallest index, and a NaN distance is chosen over any number (the first NaN
+           column), as torch's argmax/argmin choose; a candidate at +inf counts.
 triplet_pair_grad_<b>(x, scale, offsets, others, coef, centered, grad_x, grad_scale) -> ()
   x, scale as above; offsets (B + 1,) int64 with offsets[0] = 0, non-decreasing, offsets[B] = E;
   others (E,) int64 in [0, B), coef (E,) fp32: row r's entries are offsets[r] .. offsets[r + 1].
@@ -164,7 +165,7 @@ def _distance_coef(dist, weight, distance):
 def _nan_if_non_finite(x):
     """0, or NaN if x holds a NaN or inf: then, as in the reference (whose Gram-form backward multiplies
     every row by every other), every row's gradient is NaN, not only the rows of the mined pairs."""
-    return torch.where(torch.isfinite(x).all(), 0.0, float("nan"))
+    return torch.linalg.vector_norm(x, float("inf"), dtype=F32) * 0.0  # (inf * 0 and NaN * 0 are NaN)
 
 
 def _pair_gradient(backend, x, scale, mined, weight, distance, grads):
@@ -241,7 +242,9 @@ triplet_kernels = build(SPEC)
 #   writes loss (C,) fp32 (the row's sum over its pairs or triplets) and count (C,) int64 (what
 #   'mean' divides by: semi_hard the row's positives if it has a negative; batch_all hinge the
 #   triplets with a loss > 0, soft every triplet). row_weight (C,) fp32 and coef (C, B) fp32 come
-#   together or not at all; coef is overwritten entirely.
+#   together or not at all; coef is overwritten entirely. NaN as in reference/triplet.py: a NaN
+#   negative is the farthest and every semi_hard pair's choice, a triplet with a NaN distance has a
+#   NaN loss (no maximum or comparison may drop it).
 # Per row the work is O(P_a B) (P_a its positives), visited in groups of column blocks that hold a
 # positive; nothing is allocated per row and nothing waits for the host.
 
