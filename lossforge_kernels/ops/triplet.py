@@ -335,8 +335,8 @@ def _subtract_product(acc, coef, rows):
         acc.addmm_(coef, rows, alpha=-1)
     elif fp32_out_products(acc.device, "mm"):
         power = _row_powers(coef)
-        product = torch.ops.aten.mm.dtype_out((coef * power).to(rows.dtype), rows, F32,
-                                              out=acc.new_empty(acc.shape))
+        rounded = torch.mul(coef, power, out=coef.new_empty(coef.shape, dtype=rows.dtype))  # (fp32 math)
+        product = torch.ops.aten.mm.dtype_out(rounded, rows, F32, out=acc.new_empty(acc.shape))
         acc.addcdiv_(product, power, value=-1)
     else:
         acc.addmm_(coef, rows.to(F32), alpha=-1)
