@@ -60,19 +60,31 @@ __global__ void __launch_bounds__(kNormRowsPerBlock * kWarpSize)
   if (lane == 0) out[row] = acc;
 }
 
+// max(v, 0) that keeps a NaN (fmaxf returns the other operand for a NaN).
+__device__ __forceinline__ float clamp_keep_nan(float v) { return isnan(v) ? v : fmaxf(v, 0.f); }
+
 // A running best (value, index): `kMax` keeps the larger value, else the smaller; equal values
 // keep the smaller index, so the result is that of a scan in index order (and exact in any order).
+// A NaN wins over every number (the smallest NaN index), as torch's argmax/argmin choose (Triton's
+// _fold_best): no comparison holds for a NaN, so it enters as the winning infinity with its index
+// moved below every real one (index + INT_MIN); value() and index() read it back.
 template <bool kMax>
 struct Best {
   float v = kMax ? -INFINITY : INFINITY;
   int i = INT_MAX;
   __device__ __forceinline__ void take(float ov, int oi) {
+    const bool nan = isnan(ov);
+    ov = nan ? (kMax ? INFINITY : -INFINITY) : ov;
+    oi = nan ? oi + INT_MIN : oi;
     const bool better = kMax ? ov > v : ov < v;
     if (better || (ov == v && oi < i)) {
       v = ov;
       i = oi;
     }
   }
+  __device__ __forceinline__ bool found() const { return i != INT_MAX; }
+  __device__ __forceinline__ float value() const { return i < 0 ? NAN : v; }
+  __device__ __forceinline__ int index() const { return i < 0 ? i - INT_MIN : i; }
   __device__ __forceinline__ void warp_reduce() {
 #pragma unroll
     for (int off = kWarpSize / 2; off > 0; off /= 2) {
@@ -97,7 +109,7 @@ template <int kKind, bool kScale>
 __device__ __forceinline__ float distance(float dot, float s_r, float e_r, float s_c, float e_c) {
   if constexpr (kScale) dot *= s_r * s_c;
   if constexpr (kKind == kCosine) return 1.f - dot;
-  const float sq = fmaxf(e_r + e_c - 2.f * dot, 0.f);
+  const float sq = clamp_keep_nan(e_r + e_c - 2.f * dot);
   if constexpr (kKind == kSquared) return sq;
   return sqrtf(sq + kEuclideanEps);
 }
@@ -157,11 +169,10 @@ __global__ void __launch_bounds__(kMineThreads) triplet_mine_kernel(const MineAr
     q.take(sv[1][w][r], si[1][w][r]);
   }
   const int64_t g = a.row0 + local0 + r;
-  const bool has_p = p.i != INT_MAX, has_q = q.i != INT_MAX;
-  a.pos_index[g] = has_p ? p.i : -1;
-  a.pos_dist[g] = has_p ? p.v : 0.f;
-  a.neg_index[g] = has_q ? q.i : -1;
-  a.neg_dist[g] = has_q ? q.v : 0.f;
+  a.pos_index[g] = p.found() ? p.index() : -1;
+  a.pos_dist[g] = p.found() ? p.value() : 0.f;
+  a.neg_index[g] = q.found() ? q.index() : -1;
+  a.neg_dist[g] = q.found() ? q.value() : 0.f;
 }
 
 struct PairGradArgs {
@@ -229,15 +240,16 @@ __device__ __forceinline__ float grad_factor(float d) {
   return 1.f;
 }
 
-// A triplet's loss for gap = d_ap - d_an and its derivative (relu's is 0 at 0, as autograd's).
+// A triplet's loss for gap = d_ap - d_an and its derivative (relu's is 0 at 0, as autograd's); a NaN
+// gap gives a NaN loss.
 template <bool kSoft>
 __device__ __forceinline__ void term_and_slope(float gap, float margin, float& term, float& slope) {
   if constexpr (kSoft) {
-    term = fmaxf(gap, 0.f) + log1pf(expf(-fabsf(gap)));
+    term = clamp_keep_nan(gap) + log1pf(expf(-fabsf(gap)));
     slope = 1.f / (1.f + expf(-gap));
   } else {
     const float z = gap + margin;
-    term = fmaxf(z, 0.f);
+    term = clamp_keep_nan(z);
     slope = z > 0.f ? 1.f : 0.f;
   }
 }
@@ -282,7 +294,8 @@ struct RowShared {
   int far_i;
 };
 
-// semi_hard: per positive the nearest negative beyond d_ap (else the farthest); thread 0 adds the
+// semi_hard: per positive the nearest negative beyond d_ap (else the farthest; a NaN negative, which
+// no comparison finds beyond d_ap, is the farthest and then every pair's choice); thread 0 adds the
 // terms and writes the coefficients in positive order, so shared negatives sum deterministically.
 template <int kKind, bool kScale, bool kSoft, bool kGrad>
 __device__ __forceinline__ void semi_hard_group(const RowLossArgs& a, const RowDistances<kKind, kScale>& dist,
@@ -314,9 +327,9 @@ __device__ __forceinline__ void semi_hard_group(const RowLossArgs& a, const RowD
     if (k >= size) continue;
     Best<false> b;
     for (int w = 0; w < kRowThreads / kWarpSize; ++w) b.take(sh.best_v[w][k], sh.best_i[w][k]);
-    const bool found = b.i != INT_MAX;
-    const int chosen = found ? b.i : sh.far_i;
-    const float d_an = found ? b.v : sh.far_v;
+    const bool found = b.found() && sh.far_v == sh.far_v;  // a NaN negative (the farthest) is every choice
+    const int chosen = found ? b.index() : sh.far_i;
+    const float d_an = found ? b.value() : sh.far_v;
     float term, slope;
     term_and_slope<kSoft>(d_ap[k] - d_an, a.margin, term, slope);
     my_loss += term;
@@ -403,8 +416,8 @@ __global__ void __launch_bounds__(kRowThreads, 1) triplet_row_loss_kernel(const 
   if (threadIdx.x == 0) {
     Best<true> f;
     for (int w = 0; w < kWarps; ++w) f.take(sh.best_v[w][0], sh.best_i[w][0]);
-    sh.far_v = f.v;
-    sh.far_i = f.i;
+    sh.far_v = f.value();
+    sh.far_i = f.index();
   }
   __syncthreads();
   const int64_t n_neg = sh.n_neg;

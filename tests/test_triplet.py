@@ -416,3 +416,123 @@ def test_reference_runs_at_real_batch_sizes(mining, soft_margin):
     assert biggest <= max(b * b, ref.CHUNK_ELEMENTS), (biggest, [s for s in created.shapes if math.prod(s[1]) == biggest])
     assert elapsed < 60, f"{mining} soft_margin={soft_margin}: {elapsed:.1f} s"
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- NaN and inf
+
+def textbook(dist, labels, *, margin, mining, soft_margin):
+    """Per-anchor losses from a distance matrix by dense torch formulas: max/min (amax/amin) take a NaN
+    candidate over any number, and a selection that no comparison can settle (semi_hard's search past
+    a NaN negative) is NaN, as no comparison holds for NaN."""
+    n = dist.shape[0]
+    same = labels[:, None] == labels[None, :]
+    pos, neg = same & ~torch.eye(n, dtype=torch.bool), ~same
+    kept = pos.any(1) & neg.any(1)
+
+    def term(gap):
+        return torch.nn.functional.softplus(gap) if soft_margin else torch.relu(gap + margin)
+
+    if mining == "batch_hard":
+        d_ap = torch.where(pos, dist, -math.inf).amax(1)
+        d_an = torch.where(neg, dist, math.inf).amin(1)
+        return torch.where(kept, term(d_ap - d_an), 0.0)
+    d_ap, d_n = dist[:, :, None], dist[:, None, :]  # [anchor, positive, negative]
+    if mining == "batch_all":
+        return torch.where(pos[:, :, None] & neg[:, None, :], term(d_ap - d_n), 0.0).sum((1, 2))
+    beyond = neg[:, None, :] & (d_n > d_ap)
+    nearest = torch.where(beyond, d_n, math.inf).amin(2)
+    farthest = torch.where(neg, dist, -math.inf).amax(1, keepdim=True)
+    d_an = torch.where(beyond.any(2), nearest, farthest)
+    d_an = torch.where((neg & dist.isnan()).any(1, keepdim=True), math.nan, d_an)
+    return torch.where(pos & neg.any(1, keepdim=True), term(dist - d_an), 0.0).sum(1)
+
+
+LABELS_10 = torch.tensor([0, 1, 0, 2, 1, 0, 2, 1, 3, 0])  # label 3 alone: that anchor is left out
+
+
+def non_finite_embeddings(kind, dtype=torch.float64, seed=0):
+    """(10, 4) embeddings with row 2 made non-finite: all NaN, all +inf, one NaN or one -inf feature, or
+    'huge' (finite, but its squared norm overflows: +inf distances to every other row, NaN to itself)."""
+    x = torch.randn(10, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+    huge = 1e20 if dtype == torch.float32 else 1e200
+    if kind == "nan_row":
+        x[2] = math.nan
+    elif kind == "inf_row":
+        x[2] = math.inf
+    elif kind == "nan_feature":
+        x[2, 1] = math.nan
+    elif kind == "inf_feature":
+        x[2, 1] = -math.inf
+    else:
+        x[2] = huge
+    return x
+
+
+NON_FINITE = ("nan_row", "inf_row", "nan_feature", "inf_feature", "huge")
+
+
+@pytest.mark.parametrize("kind", NON_FINITE)
+@pytest.mark.parametrize("mining", MININGS)
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_non_finite_rows_follow_the_textbook_formulas(kind, mining, distance):
+    x = non_finite_embeddings(kind)
+    dist = ref.pairwise_distances(x, distance)
+    for soft_margin, margin in ((False, 0.2), (False, -0.1), (True, 0.2)):
+        kw = dict(mining=mining, distance=distance, soft_margin=soft_margin, margin=margin)
+        want = textbook(dist, LABELS_10, margin=margin, mining=mining, soft_margin=soft_margin)
+        xg = x.clone().requires_grad_(True)
+        got = lf.triplet_loss(xg, LABELS_10, reduction="none", **kw)
+        torch.testing.assert_close(got, want, equal_nan=True, msg=lambda m: f"{kind} {kw}: {m}")
+        if kind != "huge" or distance != "cosine":  # (cosine distances of a huge row are finite)
+            assert not torch.isfinite(got[[0, 2]]).any(), kw  # the row, and an anchor that has it as a positive
+        assert torch.equal(got[8], torch.zeros((), dtype=x.dtype))  # the left-out anchor stays 0
+        torch.testing.assert_close(lf.triplet_loss(x, LABELS_10, reduction="sum", **kw), want.sum(), equal_nan=True)
+        mean = lf.triplet_loss(x, LABELS_10, reduction="mean", **kw)
+        assert bool(torch.isfinite(mean)) == bool(torch.isfinite(want.sum())), kw
+        if kind != "huge":  # the Gram form's backward multiplies every row by the non-finite one
+            got.backward(torch.rand(10, dtype=x.dtype, generator=torch.Generator().manual_seed(1)))
+            assert not torch.isfinite(xg.grad).all(1).any(), kw
+
+
+@pytest.mark.parametrize("mining", ("semi_hard", "batch_all"))
+def test_nan_negative_is_not_skipped(mining):
+    """Every anchor of another class than the NaN row has it as a negative: none may stay finite."""
+    x = non_finite_embeddings("nan_row")
+    out = lf.triplet_loss(x, LABELS_10, mining=mining, reduction="none")
+    kept = torch.ones(10, dtype=torch.bool)
+    kept[8] = False
+    assert torch.isnan(out[kept]).all() and out[8] == 0
+
+
+def test_inf_negative_is_not_replaced_by_a_non_negative():
+    """A negative at +inf sorts before the padding of the non-negatives (which are +inf too)."""
+    x = torch.tensor([[0.0, 0.0], [0.1, 0.0], [1e200, 0.0], [0.0, 0.3]], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 0])
+    for mining in MININGS:
+        out = lf.triplet_loss(x, labels, mining=mining, margin=0.2, reduction="none")
+        dist = ref.pairwise_distances(x, "euclidean")
+        want = textbook(dist, labels, margin=0.2, mining=mining, soft_margin=False)
+        torch.testing.assert_close(out, want, equal_nan=True, msg=mining)
+        assert out[0] == 0 and out[1] == 0, mining  # d_an = inf: every hinge is 0
+
+
+# ---------------------------------------------------------------- torch.compile
+
+@pytest.mark.parametrize("mining", MININGS)
+@pytest.mark.parametrize("soft_margin", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_reference_compiles_fullgraph(mining, soft_margin, reduction):
+    torch._dynamo.reset()  # each case compiles the same code object: stay clear of the recompile limit
+    x, labels = _embeddings(9, 5, seed=4).float(), _labels(9, 3, seed=4)
+
+    def step(inp):
+        return lf.triplet_loss(inp, labels, mining=mining, soft_margin=soft_margin, reduction=reduction,
+                               backend="reference") * 2.0
+
+    results = []
+    for fn in (torch.compile(step, fullgraph=True, backend="aot_eager"), step):
+        leaf = x.clone().requires_grad_(True)
+        loss = fn(leaf * 1.0)
+        grad, = torch.autograd.grad(loss, leaf, torch.rand(loss.shape, generator=torch.Generator().manual_seed(2)))
+        results.append((loss, grad))
+    torch.testing.assert_close(results[0], results[1])

@@ -1,6 +1,7 @@
 """Triplet kernels against the reference: batch_hard (mining kernels) and semi_hard / batch_all (the
 chunked row kernels), each through the harness grid, ties, degenerate label sets, label dtypes, bad
 input, determinism, and no B x B tensor."""
+import itertools
 import math
 
 import pytest
@@ -73,7 +74,8 @@ SPEC = harness.KernelSpec(
     half_cases=(dict(), dict(distance="cosine", soft_margin=True)),
     half_shape=(40, 24),
     fwd_kernel="triplet_mine",
-    fwd_budget=50,  # the kernels plus ~45 O(B) torch ops: divisor, per-anchor terms, the pairs' CSR
+    fwd_budget=51,  # the kernels plus ~45 O(B) torch ops: divisor, per-anchor terms, the pairs' CSR, and 3
+    # for the gradient's non-finite check of the embeddings (one read of x)
     bwd_budget=2,
     launch_shape=(48, 16),
     compile_cases=(dict(distance="cosine", normalize=True, soft_margin=True),),
@@ -450,3 +452,143 @@ def test_row_kernel_refuses_bad_input_by_name(kernel_backend):
         op(gram, sq, None, labels, 0, "batch_all", "euclidean", 0.2, False, None, *out, torch.empty_like(gram))
     with pytest.raises(ValueError, match="mining must be one of"):
         op(gram, sq, None, labels, 0, "batch_hard", "euclidean", 0.2, False, None, *out, None)
+
+
+# ---------------------------------------------------------------- NaN and inf
+
+def _loss_and_grad(x, labels, backend, **kw):
+    leaf = x.clone().requires_grad_(True)
+    out = lf.triplet_loss(leaf, labels, backend=backend, **kw)
+    out.backward(torch.rand(out.shape, generator=torch.Generator().manual_seed(3)).to(x.device) + 0.5)
+    return out.detach(), leaf.grad
+
+
+def _assert_non_finite_like_reference(kernel_backend, x, labels, check_grad, **kw):
+    got, got_grad = _loss_and_grad(x, labels, kernel_backend, **kw)
+    want, want_grad = _loss_and_grad(x.cpu(), labels.cpu(), "reference", **kw)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-5, equal_nan=True, msg=lambda m: f"{kw}: {m}")
+    if check_grad:  # which rows hold a NaN or inf, and the finite ones' values
+        bad, want_bad = ~torch.isfinite(got_grad.cpu()).all(1), ~torch.isfinite(want_grad).all(1)
+        assert torch.equal(bad, want_bad), (kw, bad, want_bad)
+        torch.testing.assert_close(got_grad.cpu()[~bad], want_grad[~bad], rtol=1e-4, atol=1e-5)
+
+
+NON_FINITE = ("nan_row", "inf_row", "nan_feature", "inf_feature", "huge")
+
+
+@pytest.mark.parametrize("kind", NON_FINITE)
+@pytest.mark.parametrize("mining", ("batch_hard", "semi_hard", "batch_all"))
+def test_non_finite_embeddings_like_the_reference(kernel_backend, kind, mining):
+    """A NaN or inf gives the reference's NaN/inf losses (a NaN candidate is never skipped, nor dropped by
+    a maximum) and the other anchors' values, and a NaN in every row of the gradient."""
+    from tests.test_triplet import LABELS_10, non_finite_embeddings
+
+    device = device_for(kernel_backend)
+    x = non_finite_embeddings(kind, torch.float32).to(device)
+    for distance, soft_margin, reduction in itertools.product(DISTANCES, (False, True), REDUCTIONS):
+        # a finite row whose squared norm overflows: the losses only (the reference's gradient then
+        # follows autograd's inf arithmetic through the Gram form, row by row)
+        _assert_non_finite_like_reference(kernel_backend, x, LABELS_10.to(device), kind != "huge", mining=mining,
+                                          distance=distance, soft_margin=soft_margin, reduction=reduction)
+
+
+@pytest.mark.parametrize("mining", ("batch_hard", "semi_hard", "batch_all"))
+def test_non_finite_rows_in_later_tiles(kernel_backend, mining):
+    """Many tiles and column groups: a NaN row and a row at +inf distance far into the batch, so that the
+    running choices must take them over earlier tiles' values."""
+    device = device_for(kernel_backend)
+    gen = torch.Generator().manual_seed(21)
+    x = torch.randn(150, 5, generator=gen)
+    labels = torch.randint(0, 30, (150,), generator=gen)
+    x[131] = 1e20  # +inf distances to every other row
+    for nan_row in (False, True):
+        if nan_row:
+            x[140, 3] = math.nan
+        for distance, soft_margin in (("euclidean", False), ("squared_euclidean", True), ("cosine", False)):
+            _assert_non_finite_like_reference(kernel_backend, x.to(device), labels.to(device), nan_row,
+                                              mining=mining, distance=distance, soft_margin=soft_margin,
+                                              reduction="none")
+
+
+# ---------------------------------------------------------------- half-precision gradient products
+
+@pytest.fixture
+def fp32_out_products_on_cpu(monkeypatch):
+    """The GPU's products of half-precision factors into fp32 (torch's out_dtype overloads, which a CPU
+    build lacks), emulated exactly: a product of two fp16/bf16 values is exact in fp32."""
+    def mm(a, b, out_dtype, *, out):
+        return out.copy_(a.to(out_dtype) @ b.to(out_dtype))
+
+    def addmm(acc, a, b, out_dtype, *, beta=1, alpha=1, out):
+        return out.copy_(beta * acc + alpha * (a.to(out_dtype) @ b.to(out_dtype)))
+
+    monkeypatch.setattr(ops, "fp32_out_products", lambda device, op="addmm": True)
+    monkeypatch.setattr(torch.ops.aten.mm, "dtype_out", mm)
+    monkeypatch.setattr(torch.ops.aten.addmm, "dtype_out", addmm)
+
+
+def _coefficient_block(n, batch, mining, gen):
+    """An (n, n) coefficient block with the magnitudes 'mean' gives at a batch of `batch` rows, about 4
+    per class: per anchor 3 positives; semi_hard one chosen negative per positive, batch_all every
+    negative. Each coefficient is row weight * (slope sum) * d(distance)/d(squared form) (1 / d)."""
+    pairs, negatives = 3, batch - 4
+    count = batch * pairs if mining == "semi_hard" else batch * pairs * negatives
+    inv_d = 1 / (torch.rand(n, n, generator=gen, dtype=torch.float64) * 1.5 + 0.5)
+    slope = torch.rand(n, n, generator=gen, dtype=torch.float64)
+    order = torch.rand(n, n, generator=gen).argsort(1)
+    pos, chosen = order[:, :pairs], order[:, pairs:2 * pairs]
+    coef = torch.zeros(n, n, dtype=torch.float64)
+    if mining == "semi_hard":
+        coef.scatter_(1, chosen, -slope.gather(1, chosen) * inv_d.gather(1, chosen))
+        coef.scatter_(1, pos, slope.gather(1, pos) * inv_d.gather(1, pos))
+    else:  # every negative: the sum of its slopes over the 3 positives; a positive: over every negative
+        coef = -pairs * slope * inv_d
+        coef.scatter_(1, pos, negatives * slope.gather(1, pos) * inv_d.gather(1, pos))
+    return coef / count
+
+
+def _parts(coef):
+    """The whole block, its positive and its negative coefficients: in a real batch the negatives (B - 4
+    per anchor with batch_all) carry as much of the gradient as the positives; here, with fewer
+    columns, they are checked on their own."""
+    return {"all": coef, "positives": coef.clamp_min(0), "negatives": coef.clamp_max(0)}
+
+
+def _exact_row_gradient(x, scale, coef, centered):
+    """The gradient _RowGradient accumulates (w.r.t. the scaled rows v), in float64."""
+    v = x.double() * (1.0 if scale is None else scale.double()[:, None])
+    both = coef + coef.t()
+    g = -both @ v
+    return g + (coef.sum(1) + coef.sum(0))[:, None] * v if centered else g
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mining", ["semi_hard", "batch_all"])
+@pytest.mark.parametrize("batch", [16384, 32768, 65536, 262144])
+def test_half_gradient_products_at_large_batch_magnitudes(fp32_out_products_on_cpu, dtype, mining, batch):
+    """The coefficient products of semi_hard / batch_all, on the GPU's arithmetic (half factors, fp32
+    products), with coefficients of the size 'mean' gives at `batch` rows: within the dtype's rounding of
+    the exact products (fp16 used to flush the small coefficients towards 0: a bias of some percent)."""
+    from types import SimpleNamespace
+
+    gen = torch.Generator().manual_seed(batch % 1000 + len(mining))
+    n, d, step = 96, 40, 40  # three chunks, the last one short
+    x = torch.randn(n, d, generator=gen).to(dtype)
+    coef = _coefficient_block(n, batch, mining, gen)
+    unit = 2.0 ** -11 if dtype == torch.float16 else 2.0 ** -8
+    cases = itertools.product((("euclidean", None), ("cosine", torch.rand(n, generator=gen) + 0.5),
+                               ("squared_euclidean", torch.rand(n, generator=gen) + 0.5)), _parts(coef).items())
+    for (distance, scale), (part, coef) in cases:
+        chunks = SimpleNamespace(x=x, scale=scale, distance=distance, gram=torch.empty(step, n))
+        sink = ops._RowGradient(chunks)
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            sink.add(start, stop, coef[start:stop].float().clone())
+        want = _exact_row_gradient(x, scale, coef, distance != "cosine")
+        # per row, against the size of the row's terms (what one rounding of each coefficient can move)
+        size = (coef.abs() + coef.abs().t()) @ (x.double().abs() * (1.0 if scale is None else scale[:, None]))
+        error = ((sink.g.double() - want).abs() / size).max()
+        assert error < 2 * unit, f"{distance}, {part}: largest error {float(error):.2e} of the terms' size"
+        grad_x = torch.empty_like(x)
+        sink.write((grad_x, None))
+        assert torch.isfinite(grad_x).all()

@@ -36,13 +36,45 @@ def _row_sq_norm_kernel(x_ptr, out_ptr, B, D, BLOCK_R: tl.constexpr, BLOCK_D: tl
 
 
 @triton.jit
+def _clamp_keep_nan(v):
+    """max(v, 0) that keeps a NaN: a GPU's maximum returns the other operand for a NaN."""
+    return tl.where(v < 0.0, 0.0, v)
+
+
+@triton.jit
+def _fold_best(best_v, best_i, d, cand, cols, LARGEST: tl.constexpr):
+    """Folds (rows, cols) candidates into a running best (value, column) per row: the largest (else
+    the smallest) value, ties to the smallest column, and any NaN over every number (the first NaN
+    column), as torch's argmax/argmin choose. A GPU's max/min and every comparison pass over a NaN, so
+    NaNs are found by d != d and kept apart. best_i is NO_INDEX while nothing was taken."""
+    is_nan = cand & (d != d)
+    nan_i = tl.min(tl.where(is_nan, cols[None, :], NO_INDEX), axis=1)
+    num = cand & (d == d)
+    if LARGEST:
+        top = tl.max(tl.where(num, d, float("-inf")), axis=1)
+        better = top > best_v
+    else:
+        top = tl.min(tl.where(num, d, float("inf")), axis=1)
+        better = top < best_v
+    top_i = tl.min(tl.where(num & (d == top[:, None]), cols[None, :], NO_INDEX), axis=1)
+    # (top == best_v: a candidate at +-inf against the initial value)
+    better = (better | ((top == best_v) & (top_i < best_i))) & (top_i != NO_INDEX) & (best_v == best_v)
+    best_v = tl.where(better, top, best_v)
+    best_i = tl.where(better, top_i, best_i)
+    take_nan = (nan_i != NO_INDEX) & ((best_v == best_v) | (nan_i < best_i))
+    best_v = tl.where(take_nan, float("nan"), best_v)
+    best_i = tl.where(take_nan, nan_i, best_i)
+    return best_v, best_i
+
+
+@triton.jit
 def _tile_distances(dot, s_r, e_r, s_c, e_c, KIND: tl.constexpr, HAS_SCALE: tl.constexpr):
     """Distances from the tile's dot products; e_* are the rows' squared norms (scaled)."""
     if HAS_SCALE:
         dot = dot * (s_r[:, None] * s_c[None, :])
     if KIND == 2:
         return 1.0 - dot
-    sq = tl.maximum(e_r[:, None] + e_c[None, :] - 2.0 * dot, 0.0)
+    sq = _clamp_keep_nan(e_r[:, None] + e_c[None, :] - 2.0 * dot)
     if KIND == 1:
         return sq
     return tl.sqrt_rn(sq + 1e-12)
@@ -60,8 +92,8 @@ def _mine_kernel(x_ptr, lab_ptr, sq_ptr, s_ptr, pi_ptr, pd_ptr, ni_ptr, nd_ptr, 
     e_r = tl.load(sq_ptr + rows, mask=rmask, other=0.0) * s_r * s_r
     best_p = tl.full([BLOCK_M], float("-inf"), tl.float32)
     best_n = tl.full([BLOCK_M], float("inf"), tl.float32)
-    arg_p = tl.full([BLOCK_M], -1, tl.int32)
-    arg_n = tl.full([BLOCK_M], -1, tl.int32)
+    arg_p = tl.full([BLOCK_M], NO_INDEX, tl.int32)
+    arg_n = tl.full([BLOCK_M], NO_INDEX, tl.int32)
     for start in range(0, B, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         cmask = cols < B
@@ -84,23 +116,14 @@ def _mine_kernel(x_ptr, lab_ptr, sq_ptr, s_ptr, pi_ptr, pd_ptr, ni_ptr, nd_ptr, 
         valid = rmask[:, None] & cmask[None, :]
         pos = same & (rows[:, None] != cols[None, :]) & valid
         neg = (lab_r[:, None] != lab_c[None, :]) & valid
-        # farthest positive: the tile's maximum, its smallest column, kept only if strictly farther
-        d_pos = tl.where(pos, dist, float("-inf"))
-        tile_max = tl.max(d_pos, axis=1)
-        tile_arg = tl.min(tl.where(pos & (d_pos == tile_max[:, None]), cols[None, :], NO_INDEX), axis=1)
-        farther = tile_max > best_p
-        best_p = tl.where(farther, tile_max, best_p)
-        arg_p = tl.where(farther, tile_arg, arg_p)
-        d_neg = tl.where(neg, dist, float("inf"))
-        tile_min = tl.min(d_neg, axis=1)
-        tile_arg = tl.min(tl.where(neg & (d_neg == tile_min[:, None]), cols[None, :], NO_INDEX), axis=1)
-        nearer = tile_min < best_n
-        best_n = tl.where(nearer, tile_min, best_n)
-        arg_n = tl.where(nearer, tile_arg, arg_n)
-    tl.store(pi_ptr + rows, arg_p.to(tl.int64), mask=rmask)
-    tl.store(pd_ptr + rows, tl.where(arg_p >= 0, best_p, 0.0), mask=rmask)
-    tl.store(ni_ptr + rows, arg_n.to(tl.int64), mask=rmask)
-    tl.store(nd_ptr + rows, tl.where(arg_n >= 0, best_n, 0.0), mask=rmask)
+        best_p, arg_p = _fold_best(best_p, arg_p, dist, pos, cols, True)    # farthest positive
+        best_n, arg_n = _fold_best(best_n, arg_n, dist, neg, cols, False)   # nearest negative
+    has_p = arg_p != NO_INDEX
+    has_n = arg_n != NO_INDEX
+    tl.store(pi_ptr + rows, tl.where(has_p, arg_p, -1).to(tl.int64), mask=rmask)
+    tl.store(pd_ptr + rows, tl.where(has_p, best_p, 0.0), mask=rmask)
+    tl.store(ni_ptr + rows, tl.where(has_n, arg_n, -1).to(tl.int64), mask=rmask)
+    tl.store(nd_ptr + rows, tl.where(has_n, best_n, 0.0), mask=rmask)
 
 
 @triton.jit
@@ -216,12 +239,13 @@ def _grad_factor(d, KIND: tl.constexpr):
 
 @triton.jit
 def _term_and_slope(gap, margin, SOFT: tl.constexpr):
-    """A triplet's loss for gap = d_ap - d_an, and its derivative (relu's is 0 at 0, as autograd's)."""
+    """A triplet's loss for gap = d_ap - d_an, and its derivative (relu's is 0 at 0, as autograd's);
+    a NaN gap gives a NaN loss."""
     if SOFT:
-        term = tl.maximum(gap, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(gap)))
+        term = _clamp_keep_nan(gap) + tl.log(1.0 + tl.exp(-tl.abs(gap)))
         slope = 1.0 / (1.0 + tl.exp(-gap))
     else:
-        term = tl.maximum(gap + margin, 0.0)
+        term = _clamp_keep_nan(gap + margin)
         slope = tl.where(gap + margin > 0.0, 1.0, 0.0)
     return term, slope
 
@@ -250,14 +274,9 @@ def _row_loss_kernel(gram_ptr, sq_ptr, s_ptr, lab_ptr, w_ptr, loss_ptr, count_pt
         lab_c = tl.load(lab_ptr + cols, mask=cmask, other=0)
         neg = (lab_c[None, :] != lab_r[:, None]) & cmask[None, :] & rmask[:, None]
         n_neg += tl.sum(neg.to(tl.int32), axis=1)
-        if SEMI:
+        if SEMI:  # a NaN negative is the farthest (NaN over every number), and every pair's choice below
             d = _block_distances(gram_ptr, sq_ptr, s_ptr, rows64, rmask, cols, cmask, s_r, e_r, B, KIND, HAS_SCALE)
-            d = tl.where(neg, d, float("-inf"))
-            top = tl.max(d, axis=1)
-            top_i = tl.min(tl.where(neg & (d == top[:, None]), cols[None, :], NO_INDEX), axis=1)
-            farther = top > far_v
-            far_v = tl.where(farther, top, far_v)
-            far_i = tl.where(farther, top_i, far_i)
+            far_v, far_i = _fold_best(far_v, far_i, d, neg, cols, True)
         if HAS_GRAD:
             tl.store(coef_ptr + rows64[:, None] * B + cols[None, :], tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32),
                      mask=rmask[:, None] & cmask[None, :])
@@ -291,7 +310,7 @@ def _row_loss_kernel(gram_ptr, sq_ptr, s_ptr, lab_ptr, w_ptr, loss_ptr, count_pt
                     d_b = tl.where(beyond, d[:, None, :], float("inf"))
                     low = tl.min(d_b, axis=2)
                     low_i = tl.min(tl.where(beyond & (d_b == low[:, :, None]), cols[None, None, :], NO_INDEX), axis=2)
-                    nearer = low < best_v
+                    nearer = (low < best_v) | ((best_i == NO_INDEX) & (low_i != NO_INDEX))  # (low = +inf)
                     best_v = tl.where(nearer, low, best_v)
                     best_i = tl.where(nearer, low_i, best_i)
                 else:
@@ -309,7 +328,7 @@ def _row_loss_kernel(gram_ptr, sq_ptr, s_ptr, lab_ptr, w_ptr, loss_ptr, count_pt
                         tl.store(at, old - w_neg * _grad_factor(d, KIND), mask=neg)
             p_at = coef_ptr + rows64[:, None] * B + p_cols[None, :]
             if SEMI:
-                found = best_i != NO_INDEX
+                found = (best_i != NO_INDEX) & (far_v == far_v)[:, None]
                 chosen = tl.where(found, best_i, far_i[:, None])
                 d_an = tl.where(found, best_v, far_v[:, None])
                 term, slope = _term_and_slope(d_ap - d_an, margin, SOFT)

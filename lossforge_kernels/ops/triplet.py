@@ -19,7 +19,8 @@ triplet_mine_<b>(x, labels, scale, distance, pos_index, pos_dist, neg_index, neg
            (squared: max(|a|^2 + |b|^2 - 2 a.b, 0); euclidean: sqrt(squared + 1e-12); cosine: 1 - a.b)
   writes per anchor the index (int64, -1 when there is none) and fp32 distance (0 when none) of its
            farthest positive (same label, other row) and nearest negative (other label); ties go
-           to the smallest index.
+           to the smallest index, and a NaN distance is chosen over any number (the first NaN
+           column), as torch's argmax/argmin choose; a candidate at +inf counts.
 triplet_pair_grad_<b>(x, scale, offsets, others, coef, centered, grad_x, grad_scale) -> ()
   x, scale as above; offsets (B + 1,) int64 with offsets[0] = 0, non-decreasing, offsets[B] = E;
   others (E,) int64 in [0, B), coef (E,) fp32: row r's entries are offsets[r] .. offsets[r + 1].
@@ -161,6 +162,12 @@ def _distance_coef(dist, weight, distance):
     return weight
 
 
+def _nan_if_non_finite(x):
+    """0, or NaN if x holds a NaN or inf: then, as in the reference (whose Gram-form backward multiplies
+    every row by every other), every row's gradient is NaN, not only the rows of the mined pairs."""
+    return torch.linalg.vector_norm(x, float("inf"), dtype=F32) * 0.0  # (inf * 0 and NaN * 0 are NaN)
+
+
 def _pair_gradient(backend, x, scale, mined, weight, distance, grads):
     """grads (x's, scale's) of sum(weight * (d_ap - d_an)) over the mined pairs, deterministically:
     each pair listed under both its rows, stably sorted by row, each row's entries summed in order."""
@@ -173,7 +180,7 @@ def _pair_gradient(backend, x, scale, mined, weight, distance, grads):
     c_neg = _distance_coef(neg_dist, -weight, distance)
     rows, order = torch.sort(torch.cat([anchors, pos, anchors, neg]), stable=True)
     others = torch.cat([pos, anchors, neg, anchors])[order]
-    coef = torch.cat([c_pos, c_pos, c_neg, c_neg])[order]
+    coef = torch.cat([c_pos, c_pos, c_neg, c_neg])[order] + _nan_if_non_finite(x)
     offsets = torch.searchsorted(rows, torch.arange(n + 1, device=x.device))
     kernel_op("triplet_pair_grad", backend)(x, scale, offsets, others, coef, distance != "cosine", *grads)
 
@@ -235,7 +242,9 @@ triplet_kernels = build(SPEC)
 #   writes loss (C,) fp32 (the row's sum over its pairs or triplets) and count (C,) int64 (what
 #   'mean' divides by: semi_hard the row's positives if it has a negative; batch_all hinge the
 #   triplets with a loss > 0, soft every triplet). row_weight (C,) fp32 and coef (C, B) fp32 come
-#   together or not at all; coef is overwritten entirely.
+#   together or not at all; coef is overwritten entirely. NaN as in reference/triplet.py: a NaN
+#   negative is the farthest and every semi_hard pair's choice, a triplet with a NaN distance has a
+#   NaN loss (no maximum or comparison may drop it).
 # Per row the work is O(P_a B) (P_a its positives), visited in groups of column blocks that hold a
 # positive; nothing is allocated per row and nothing waits for the host.
 
@@ -302,14 +311,42 @@ def _gram_into(out, a, b):
         torch.mm(a.to(F32), b.to(F32).t(), out=out)
 
 
+# Half-precision rows meet their fp32 coefficients on the tensor cores, so the coefficients are rounded
+# to the rows' dtype. 'mean' at a large batch makes them tiny (1 / count: about 1e-6 for semi_hard and
+# 1e-11 for batch_all at B = 262144), below fp16's normal range (6e-5), where rounding loses their
+# digits or flushes them to 0: a bias, as they are the many small ones. So each coefficient row is
+# scaled by a power of two that puts its largest entry in [2^14, 2^15) first, and its fp32 product
+# row is scaled back; both steps are exact.
+HALF_TOP_EXPONENT = 15
+
+
+def _row_powers(coef):
+    """(C, 1) fp32 powers of two 2^k such that each row's largest |coefficient| times 2^k is in
+    [2^14, 2^15) (2^15 for a zero row; k kept within fp32's range)."""
+    _, exponent = torch.frexp(coef.abs().amax(1, keepdim=True))
+    return torch.exp2((HALF_TOP_EXPONENT - exponent).clamp(-120, 120).to(F32))
+
+
 def _subtract_product(acc, coef, rows):
-    """acc -= coef @ rows with fp32 coef and acc; half rows get the coefficients rounded to their dtype."""
+    """acc -= coef @ rows for fp32 acc and coef (C rows); half rows: scaled coefficient rows rounded to
+    their dtype, an fp32 product (C x D) and the rows scaled back, where the device has fp32-output
+    products (elsewhere, as in the interpreter tests, fp32 copies of the rows)."""
     if rows.dtype == F32:
         acc.addmm_(coef, rows, alpha=-1)
-    elif fp32_out_products(acc.device):
-        torch.ops.aten.addmm.dtype_out(acc, coef.to(rows.dtype), rows, F32, alpha=-1, out=acc)
+    elif fp32_out_products(acc.device, "mm"):
+        power = _row_powers(coef)
+        rounded = torch.mul(coef, power, out=coef.new_empty(coef.shape, dtype=rows.dtype))  # (fp32 math)
+        product = torch.ops.aten.mm.dtype_out(rounded, rows, F32, out=acc.new_empty(acc.shape))
+        acc.addcdiv_(product, power, value=-1)
     else:
         acc.addmm_(coef, rows.to(F32), alpha=-1)
+
+
+def _subtract_transposed_product(acc, coef, rows):
+    """acc -= coef^T @ rows for fp32 acc (B rows) and coef (C x B), rows (C x D): fp32 operands, as
+    scaling the C x B block's columns would need a B x D product buffer per chunk to scale back, and
+    the C rows are few to convert."""
+    acc.addmm_(coef.t(), rows if rows.dtype == F32 else rows.to(F32), alpha=-1)
 
 
 def _squared_norms(x):
@@ -367,13 +404,13 @@ class _RowGradient:
             self.g.addcmul_(x, cols[:, None])
         if s is None:
             _subtract_product(g_c, coef, x)
-            _subtract_product(self.g, coef.t(), x_c)
+            _subtract_transposed_product(self.g, coef, x_c)
             return
         scaled = self.chunks.gram[:stop - start]  # the Gram block is free once the kernel has read it
         torch.mul(coef, s[None, :], out=scaled)
         _subtract_product(g_c, scaled, x)
         coef.mul_(s[start:stop, None])
-        _subtract_product(self.g, coef.t(), x_c)
+        _subtract_transposed_product(self.g, coef, x_c)
 
     def write(self, grads):
         grad_x, grad_scale = grads

@@ -17,6 +17,17 @@ Mining:
 Ties go to the smallest index (argmax/argmin return the first occurrence), so the chosen triplets and
 hence the gradients are deterministic.
 
+NaN and inf (a non-finite embedding, or a squared norm that overflows) follow the dense formulas:
+a distance involving a NaN is NaN, and a NaN candidate is never skipped: the farthest positive and
+the nearest negative of batch_hard are NaN if any candidate is (the first NaN column is the choice,
+as torch's argmax/argmin make it), every semi_hard pair of an anchor with a NaN negative takes that
+negative, and every triplet with a NaN distance is NaN. So an anchor that has a positive and a
+negative gets a NaN loss as soon as one of its distances is NaN (a NaN row: every such anchor, as
+the row is each one's positive or negative); anchors left out stay 0. +inf distances are ordinary
+values (d_ap = +inf gives an infinite loss, d_an = +inf a zero hinge, and inf - inf is NaN). The
+gradient of a loss with a non-finite embedding has a NaN in every row (the Gram form's backward
+multiplies every row by the non-finite one).
+
 Reductions ('sum' always equals 'none'.sum()):
   'none'  (B,) per anchor: batch_hard its loss (0 if left out); semi_hard / batch_all the sum over
           its pairs / triplets.
@@ -65,10 +76,21 @@ def _triplet_term(gap: torch.Tensor, margin: float, soft_margin: bool) -> torch.
     return F.softplus(gap) if soft_margin else F.relu(gap + margin)
 
 
+def _first(mask):
+    """(A, 1) the first True column of each row (0 where none)."""
+    return mask.to(torch.int8).argmax(1, keepdim=True)
+
+
 def _batch_hard(dist, pos, neg, margin, soft_margin):
     # Selection by index then gather, so the gradient goes to exactly one positive and one negative.
+    # argmax/argmin take a NaN candidate (the first) over any number, as torch's max/min do.
     hardest_pos = dist.masked_fill(~pos, float("-inf")).argmax(1, keepdim=True)
-    hardest_neg = dist.masked_fill(~neg, float("inf")).argmin(1, keepdim=True)
+    masked_neg = dist.masked_fill(~neg, float("inf"))
+    hardest_neg = masked_neg.argmin(1, keepdim=True)
+    # a nearest negative at +inf ties with the fill: take the first real one
+    at_inf = neg & torch.isposinf(dist)
+    hardest_neg = torch.where(torch.isposinf(masked_neg.gather(1, hardest_neg)) & at_inf.any(1, keepdim=True),
+                              _first(at_inf), hardest_neg)
     d_ap = dist.gather(1, hardest_pos).squeeze(1)
     d_an = dist.gather(1, hardest_neg).squeeze(1)
     kept = pos.any(1) & neg.any(1)
@@ -77,9 +99,13 @@ def _batch_hard(dist, pos, neg, margin, soft_margin):
 
 
 def _sorted_negatives(dist, neg):
-    """Each anchor's negative distances in ascending order (non-negatives last, as +inf) with their
-    columns; the sort is stable, so equal distances keep the smallest column first."""
-    return torch.sort(dist.masked_fill(~neg, float("inf")), dim=1, stable=True)
+    """Sort keys of each anchor's negatives in ascending order, with their columns: the first
+    neg.sum(1) slots are the negatives (stable: equal distances keep the smallest column first),
+    the rest +inf. A negative at +inf sorts as the largest float so that it stays before the
+    non-negatives, and a NaN one as +inf (the callers take NaN candidates apart)."""
+    top = torch.finfo(dist.dtype).max
+    keys = torch.where(dist.isnan(), float("inf"), dist.clamp_max(top))
+    return torch.sort(keys.masked_fill(~neg, float("inf")), dim=1, stable=True)
 
 
 def _semi_hard(dist, pos, neg, margin, soft_margin, chunk_size):
@@ -92,6 +118,9 @@ def _semi_hard(dist, pos, neg, margin, soft_margin, chunk_size):
         beyond = first < neg.sum(1, keepdim=True)
         nearest = columns.gather(1, first.clamp(max=d.shape[1] - 1))
         chosen = torch.where(beyond, nearest, farthest_neg[:, None])  # [anchor, positive] -> negative
+        # a NaN negative is never skipped (no comparison holds for it): the first one is every pair's choice
+        nan_neg = neg & d.isnan()
+        chosen = torch.where(nan_neg.any(1, keepdim=True), _first(nan_neg), chosen)
     d_an = dist.gather(1, chosen)
     pairs = pos & neg.any(1, keepdim=True)
     per_pair = torch.where(pairs, _triplet_term(dist - d_an, margin, soft_margin), 0)
@@ -102,14 +131,24 @@ def _batch_all_hinge(dist, pos, neg, margin):
     """batch_all with relu(d_ap - d_an + margin): per (anchor, positive), the k negatives with d_an <
     d_ap + margin give k (d_ap + margin) - (their distances' sum), read off the sorted negatives'
     prefix sums after a binary search; O(B^2 log B) time and B x B memory, backward included."""
-    sorted_d, _ = _sorted_negatives(dist, neg)  # the values carry the gradient back to their columns
-    finite = torch.isfinite(sorted_d)
-    prefix = torch.cumsum(torch.where(finite, sorted_d, 0.0), dim=1)
+    keys, columns = _sorted_negatives(dist.detach(), neg)
+    values = dist.gather(1, columns)  # carries the gradient back to the columns
+    finite = torch.isfinite(values) & (torch.arange(dist.shape[1], device=dist.device) < neg.sum(1, keepdim=True))
+    prefix = torch.cumsum(torch.where(finite, values, 0.0), dim=1)
     threshold = dist + margin
-    k = torch.searchsorted(sorted_d.detach(), threshold.detach().contiguous())  # how many d_an < threshold
+    k = torch.searchsorted(keys, threshold.detach().contiguous())  # how many d_an < threshold
     closer = torch.where(k > 0, prefix.gather(1, (k - 1).clamp(min=0)), 0.0)
-    per_pair = torch.where(pos, k.to(dist.dtype) * threshold - closer, 0.0)
-    return per_pair.sum(1), torch.where(pos, k, 0).sum()
+    per_pair = k.to(dist.dtype) * threshold - closer + _undefined_triplets(dist, neg, threshold)
+    return torch.where(pos, per_pair, 0.0).sum(1), torch.where(pos, k, 0).sum()
+
+
+def _undefined_triplets(dist, neg, threshold):
+    """NaN (through dist, for the gradient) where a pair has a triplet the sums above cannot express:
+    a NaN negative distance, or d_ap + margin = +inf against a negative at +inf (inf - inf); else 0."""
+    nan_neg = torch.where(neg & dist.isnan(), dist, 0.0).sum(1, keepdim=True)
+    inf_neg = torch.where(neg & torch.isposinf(dist), dist, 0.0).amax(1, keepdim=True)
+    clash = torch.isposinf(threshold) & torch.isposinf(inf_neg)
+    return nan_neg + torch.where(clash, threshold - inf_neg, 0.0)
 
 
 def _soft_chunk(d_ap, pos_slots, rows, neg_rows):
@@ -124,8 +163,10 @@ def _batch_all(dist, pos, neg, margin, soft_margin, chunk_size):
         return _batch_all_hinge(dist, pos, neg, margin)
     # Every (positive, negative) pair counts, so no sort helps; only each anchor's positives are visited.
     # On CPU their largest count is read (free) and the blocks are (chunk x P x B); on a GPU, where that
-    # read would wait for the device, P is B.
-    slots = int(pos.sum(1).max()) if dist.device.type == "cpu" and pos.numel() else dist.shape[1]
+    # read would wait for the device, and under torch.compile, which cannot make a Python int of a
+    # tensor's value, P is B.
+    eager_cpu = dist.device.type == "cpu" and pos.numel() and not torch.compiler.is_compiling()
+    slots = int(pos.sum(1).max()) if eager_cpu else dist.shape[1]
     columns = torch.sort(pos.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :max(slots, 1)]
     pos_slots = pos.gather(1, columns)
     d_ap = dist.gather(1, columns)
