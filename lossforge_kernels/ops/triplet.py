@@ -343,10 +343,14 @@ def _subtract_product(acc, coef, rows):
 
 
 def _subtract_transposed_product(acc, coef, rows):
-    """acc -= coef^T @ rows for fp32 acc (B rows) and coef (C x B), rows (C x D): fp32 operands, as
-    scaling the C x B block's columns would need a B x D product buffer per chunk to scale back, and
-    the C rows are few to convert."""
-    acc.addmm_(coef.t(), rows if rows.dtype == F32 else rows.to(F32), alpha=-1)
+    """acc -= coef^T @ rows for fp32 acc (B rows) and coef (C x B), rows (C x D). bf16 has fp32's range:
+    its coefficients are rounded as they are. fp16 takes fp32 operands (a cost of fp32 arithmetic,
+    see bench/NOTES.md), as scaling the C x B block's columns would need a B x D product buffer per
+    chunk to scale back."""
+    if rows.dtype == torch.bfloat16 and fp32_out_products(acc.device):
+        torch.ops.aten.addmm.dtype_out(acc, coef.t().to(rows.dtype), rows, F32, alpha=-1, out=acc)
+    else:
+        acc.addmm_(coef.t(), rows if rows.dtype == F32 else rows.to(F32), alpha=-1)
 
 
 def _squared_norms(x):
