@@ -377,15 +377,15 @@ NONFINITE_CASES = (
     dict(soft=True),
     dict(soft=True, weighted=True, label_smoothing=0.1, z_loss=1e-3, softcap=6.0),
 )
-IGNORED_ROW = 7  # holds NaN and +inf; every row after it is finite
+IGNORED_ROW = 8  # holds NaN and +inf; every row after it is finite
 
 
 def nonfinite_rows(c, soft, seed):
     """(logits, target, class weights, focal alphas): one row per case, then finite rows."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(10, c, generator=g) * 3
-    t = torch.randint(0, c, (10,), generator=g)
-    t[:7] = torch.tensor([1, 2, 3, 4, 5, 6, c - 1])
+    x = torch.randn(12, c, generator=g) * 3
+    t = torch.randint(0, c, (12,), generator=g)
+    t[:8] = torch.tensor([1, 2, 3, 4, 5, 6, c - 1, 1])
     x[0, 0] = NAN                   # off the target
     x[1, 2] = NAN                   # on the target
     x[2, c - 1] = INF               # off the target (the last lane of a chunk or row)
@@ -394,10 +394,12 @@ def nonfinite_rows(c, soft, seed):
     x[5, 6] = -INF                  # legal: the target has no mass, loss inf
     x[6, :] = -INF                  # NaN beside nothing but -inf: a max that drops NaN sees -inf
     x[6, 3] = NAN
+    x[7, 8:24] = -INF               # NaN beside -inf in its 16-byte packets, finite logits elsewhere
+    x[7, 13] = NAN
     x[IGNORED_ROW, 0], x[IGNORED_ROW, 1] = NAN, INF
     t[IGNORED_ROW] = -100
     if soft:
-        t = torch.softmax(torch.randn(10, c, generator=g), dim=1)
+        t = torch.softmax(torch.randn(12, c, generator=g), dim=1)
     return x, t, torch.rand(c, generator=g) + 0.5, torch.rand(c, generator=g)
 
 
@@ -436,7 +438,7 @@ def test_nonfinite_logits_match_the_reference(kernel_backend, max_mode, monkeypa
             torch.testing.assert_close(xk.grad.cpu().double(), x64.grad, rtol=1e-5, atol=1e-6, equal_nan=True,
                                        msg=what)
             if rows == slice(None) and reduction == "none":  # the inputs are what the test is about
-                nan_rows = [0, 1, 6] if "softcap" in opts else [0, 1, 2, 3, 6]  # softcap(+inf) is finite
+                nan_rows = [0, 1, 6, 7] if "softcap" in opts else [0, 1, 2, 3, 6, 7]  # softcap(+inf) is finite
                 assert loss[nan_rows].isnan().all() and xk.grad[nan_rows].isnan().all()
 
 
@@ -448,7 +450,7 @@ def test_reference_nonfinite_rows_are_torchs(opts):
     # (its softmax times a zero gradient), the library's is 0 (ignored rows are never read).
     soft, weighted = opts.get("soft", False), opts.get("weighted", False)
     eps = opts.get("label_smoothing", 0.0)
-    x, t, w, _ = nonfinite_rows(9, soft, seed=5)
+    x, t, w, _ = nonfinite_rows(40, soft, seed=5)
     x, w = x.double(), (w.double() if weighted else None)
     t = t.double() if soft else t
     for reduction in REDUCTIONS:
@@ -458,9 +460,9 @@ def test_reference_nonfinite_rows_are_torchs(opts):
         got.sum().backward()
         want.sum().backward()
         torch.testing.assert_close(got, want, equal_nan=True, msg=reduction)
-        counted = torch.arange(10) != IGNORED_ROW if not soft else torch.ones(10, dtype=torch.bool)
+        counted = torch.arange(12) != IGNORED_ROW if not soft else torch.ones(12, dtype=torch.bool)
         torch.testing.assert_close(x1.grad[counted], x2.grad[counted], equal_nan=True, msg=reduction)
-        assert soft or torch.equal(x1.grad[IGNORED_ROW], torch.zeros(9, dtype=x.dtype))
+        assert soft or torch.equal(x1.grad[IGNORED_ROW], torch.zeros(40, dtype=x.dtype))
 
 
 def _mixed_rows():
