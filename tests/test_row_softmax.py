@@ -244,17 +244,6 @@ def test_triton_core_carries_nan_and_inf_whatever_the_max_does(max_mode):
     assert out[7, 2] == -inf and out[8, 0] == -inf and out[8, 1:].isnan().all(), out[7:]
 
 
-def test_triton_softplus_passes_nan_and_inf(max_mode):
-    from tests.conftest import device_for, kernel_backends
-    if "triton" not in kernel_backends():
-        pytest.skip("the Triton backend is not available here")
-    device = device_for("triton")
-    v = torch.tensor([float("nan"), float("inf"), float("-inf"), -3.0, 0.0, 2.5, 100.0, -100.0, 1e30, -1e30])
-    out = torch.empty_like(v, device=device)
-    _softplus_kernel[(1,)](v.to(device), out, v.numel(), BLOCK=16)
-    torch.testing.assert_close(out.cpu(), torch.nn.functional.softplus(v.double()).float(), equal_nan=True)
-
-
 try:
     from lossforge_kernels.triton_kernels.row_softmax import softplus
 
@@ -264,3 +253,14 @@ try:
         tl.store(out_ptr + c, softplus(tl.load(v_ptr + c, mask=c < n)), mask=c < n)
 except ImportError:
     _softplus_kernel = None
+
+
+def test_triton_softplus_passes_nan_and_inf(max_mode):
+    from tests.conftest import device_for, kernel_backends
+    if "triton" not in kernel_backends():
+        pytest.skip("the Triton backend is not available here")
+    device = device_for("triton")
+    v = torch.tensor([float("nan"), float("inf"), float("-inf"), -3.0, 0.0, 2.5, 100.0, -100.0, 1e30, -1e30])
+    out = torch.empty_like(v, device=device)
+    _softplus_kernel[(1,)](v.to(device), out, v.numel(), BLOCK=16)
+    torch.testing.assert_close(out.cpu(), torch.nn.functional.softplus(v.double()).float(), equal_nan=True)
