@@ -75,11 +75,14 @@ __device__ __forceinline__ void accumulate(Acc& a, const float* y, const float* 
     a.s *= exp_diff(a.m, vmax);
     a.m = vmax;
   }
-  // All -inf: nothing to add (and -inf - -inf would be NaN). NaN passes, so NaN logits poison s.
-  if (vmax != -INFINITY) {
+  // fmaxf drops NaN, so s carries it: exp(NaN - m) is NaN. A lone -inf logit adds nothing (-inf -
+  // -inf would be NaN); a packet always adds, relative to 0 while the max is -inf, because a NaN
+  // beside -inf logits leaves vmax at -inf.
+  if (N > 1 || vmax != -INFINITY) {
+    const float ms = N > 1 && a.m == -INFINITY ? 0.f : a.m;
     float e[N];
 #pragma unroll
-    for (int i = 0; i < N; ++i) e[i] = exp_diff(y[i], a.m);
+    for (int i = 0; i < N; ++i) e[i] = exp_diff(y[i], ms);
     if (skip >= 0) {
 #pragma unroll
       for (int i = 0; i < N; ++i) e[i] = i == skip ? 0.f : e[i];
@@ -148,7 +151,7 @@ __device__ __forceinline__ Acc block_merge(Acc a, ReduceSmem& sm) {
   return a;
 }
 
-// log(1 + e^v), for any v (inf and NaN pass through).
+// log(1 + e^v), for any v (inf and NaN pass through: no fminf/fmaxf clamp, which would drop NaN).
 __device__ __forceinline__ float softplus(float v) { return v > 0.f ? v + log1pf(expf(-v)) : log1pf(expf(v)); }
 
 // (1 - p_t)^gamma from log(1 - p_t): 1 for gamma == 0, 0 when no other class has mass.
@@ -194,9 +197,10 @@ __device__ __forceinline__ RowGrad soft_row_grad(float lse, float S, float eps1,
 }
 
 // The lse of a class-target row from its max m, the sum s_excl of exp(y - m) over every class but
-// the target, and the target's logit y_t.
+// the target, and the target's logit y_t. m = -inf (an all -inf row, or a NaN y_t beside only -inf,
+// which fmaxf dropped) subtracts 0: e_t is then 0, or NaN.
 __device__ __forceinline__ float class_row_lse(float m, float s_excl, float y_t) {
-  const float e_t = m == -INFINITY ? 0.f : exp_diff(y_t, m);
+  const float e_t = exp_diff(y_t, m == -INFINITY ? 0.f : m);
   return m + logf(s_excl + e_t);
 }
 

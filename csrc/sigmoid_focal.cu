@@ -70,7 +70,9 @@ __device__ __forceinline__ float2 focal_elem(float x, float t, float alpha, floa
   const float inv = div_<kFast>(1.f, 1.f + e);
   const float p = x >= 0.f ? inv : e * inv;   // sigmoid(x)
   const float pm = x >= 0.f ? e * inv : inv;  // 1 - sigmoid(x), without cancellation
-  const float ce = fmaxf(x, 0.f) - x * t + (kFast ? __logf(1.f + e) : log1pf(e));
+  // torch's form of BCE-with-logits: an infinite x gives torch's inf or NaN (max(x, 0) - x t would
+  // swap them)
+  const float ce = fmaf(1.f - t, x, fmaxf(-x, 0.f)) + (kFast ? __logf(1.f + e) : log1pf(e));
   const float m = fmaf(p, 1.f - t, pm * t);
   const float q = gamma == 0.f ? 1.f : (m > 0.f ? pow_gamma<kFast>(m, gamma) : 0.f);
   const float at = alpha >= 0.f ? fmaf(alpha, t, (1.f - alpha) * (1.f - t)) : 1.f;

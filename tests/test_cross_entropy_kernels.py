@@ -5,12 +5,14 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lossforge_kernels as lf
 from tests import harness
 from tests.conftest import assert_close_rel, device_for
+from tests.test_row_softmax import max_mode  # noqa: F401 (a fixture)
 from tests.test_cross_entropy import make_inputs
 
 REDUCTIONS = ["none", "mean", "sum"]
@@ -357,3 +359,137 @@ def test_ignored_row_with_masked_class_has_zero_gradient(any_backend):
     t = torch.tensor([2, -100, 5], device=device)
     lf.cross_entropy(x, t, focal_gamma=0.5, label_smoothing=0.1, backend=any_backend).backward()
     assert torch.isfinite(x.grad).all() and torch.equal(x.grad[1], torch.zeros_like(x.grad[1]))
+
+
+# ---- NaN and inf logits -------------------------------------------------------------------------
+
+NAN, INF = float("nan"), float("inf")
+NONFINITE_CASES = (
+    dict(),
+    dict(weighted=True),
+    dict(label_smoothing=0.1),
+    dict(label_smoothing=0.2, weighted=True),
+    dict(z_loss=1e-3),
+    dict(softcap=3.0),
+    dict(focal_gamma=2.0),
+    dict(focal_gamma=0.5, focal_alpha="tensor"),
+    dict(focal_gamma=2.0, label_smoothing=0.1, z_loss=1e-3, softcap=8.0, weighted=True),
+    dict(soft=True),
+    dict(soft=True, weighted=True, label_smoothing=0.1, z_loss=1e-3, softcap=6.0),
+)
+IGNORED_ROW = 8  # holds NaN and +inf; every row after it is finite
+
+
+def nonfinite_rows(c, soft, seed):
+    """(logits, target, class weights, focal alphas): one row per case, then finite rows."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(12, c, generator=g) * 3
+    t = torch.randint(0, c, (12,), generator=g)
+    t[:8] = torch.tensor([1, 2, 3, 4, 5, 6, c - 1, 1])
+    x[0, 0] = NAN                   # off the target
+    x[1, 2] = NAN                   # on the target
+    x[2, c - 1] = INF               # off the target (the last lane of a chunk or row)
+    x[3, 4] = INF                   # on the target
+    x[4, 0] = -INF                  # legal: finite loss
+    x[5, 6] = -INF                  # legal: the target has no mass, loss inf
+    x[6, :] = -INF                  # NaN beside nothing but -inf: a max that drops NaN sees -inf
+    x[6, 3] = NAN
+    x[7, 8:24] = -INF               # NaN beside -inf in its 16-byte packets, finite logits elsewhere
+    x[7, 13] = NAN
+    x[IGNORED_ROW, 0], x[IGNORED_ROW, 1] = NAN, INF
+    t[IGNORED_ROW] = -100
+    if soft:
+        t = torch.softmax(torch.randn(12, c, generator=g), dim=1)
+    return x, t, torch.rand(c, generator=g) + 0.5, torch.rand(c, generator=g)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["row", "chunks"])
+@pytest.mark.parametrize("opts", NONFINITE_CASES, ids=str)
+def test_nonfinite_logits_match_the_reference(kernel_backend, max_mode, monkeypatch, opts, chunked):
+    # Loss and gradient per row, for every reduction: NaN where the float64 reference (and torch)
+    # give NaN, inf where they give inf, the same values elsewhere; an ignored row's NaN and inf stay
+    # out of 'mean' and 'sum' and out of every gradient. The chunked walk (small chunks) carries the
+    # NaN across chunks; a NaN-dropping max (a GPU's) must not lose it.
+    if chunked:
+        if kernel_backend != "triton":
+            pytest.skip("the chunk size knob is the Triton kernel's")
+        monkeypatch.setenv("LOSSFORGE_TRITON_CHUNK", "16")
+        monkeypatch.setenv("LOSSFORGE_TRITON_CHUNK_WARPS", "1")
+    opts = dict(opts)
+    soft, weighted = opts.pop("soft", False), opts.pop("weighted", False)
+    device = device_for(kernel_backend)
+    x, t, w, alpha = nonfinite_rows(40, soft, seed=len(str(opts)))
+    w = w if weighted else None
+    if opts.get("focal_alpha") == "tensor":
+        opts["focal_alpha"] = alpha
+    for rows in (slice(None), slice(IGNORED_ROW, None)):  # every case; only the ignored row's NaN
+        for reduction in REDUCTIONS:
+            xk = x[rows].to(device).requires_grad_(True)
+            on = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in opts.items()}
+            loss = lf.cross_entropy(xk, t[rows].to(device), None if w is None else w.to(device), reduction=reduction,
+                                    backend=kernel_backend, **on)
+            loss.sum().backward()
+            x64 = x[rows].double().requires_grad_(True)
+            want = lf.cross_entropy(x64, t[rows].double() if soft else t[rows], w, reduction=reduction,
+                                    backend="reference", **opts)
+            want.sum().backward()
+            what = f"{reduction} rows {rows}"
+            torch.testing.assert_close(loss.cpu().double(), want, rtol=1e-5, atol=1e-6, equal_nan=True, msg=what)
+            torch.testing.assert_close(xk.grad.cpu().double(), x64.grad, rtol=1e-5, atol=1e-6, equal_nan=True,
+                                       msg=what)
+            if rows == slice(None) and reduction == "none":  # the inputs are what the test is about
+                nan_rows = [0, 1, 6, 7] if "softcap" in opts else [0, 1, 2, 3, 6, 7]  # softcap(+inf) is finite
+                assert loss[nan_rows].isnan().all() and xk.grad[nan_rows].isnan().all()
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(weighted=True), dict(label_smoothing=0.1), dict(soft=True),
+                                  dict(soft=True, weighted=True, label_smoothing=0.2)], ids=str)
+def test_reference_nonfinite_rows_are_torchs(opts):
+    # The reference the kernels are held to gives torch's NaN, inf and values per row, loss and
+    # gradient, but for an ignored row's gradient: torch's is NaN when the row holds a NaN or +inf
+    # (its softmax times a zero gradient), the library's is 0 (ignored rows are never read).
+    soft, weighted = opts.get("soft", False), opts.get("weighted", False)
+    eps = opts.get("label_smoothing", 0.0)
+    x, t, w, _ = nonfinite_rows(40, soft, seed=5)
+    x, w = x.double(), (w.double() if weighted else None)
+    t = t.double() if soft else t
+    for reduction in REDUCTIONS:
+        x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        got = lf.cross_entropy(x1, t, w, reduction=reduction, label_smoothing=eps, backend="reference")
+        want = F.cross_entropy(x2, t, w, reduction=reduction, label_smoothing=eps)
+        got.sum().backward()
+        want.sum().backward()
+        torch.testing.assert_close(got, want, equal_nan=True, msg=reduction)
+        counted = torch.arange(12) != IGNORED_ROW if not soft else torch.ones(12, dtype=torch.bool)
+        torch.testing.assert_close(x1.grad[counted], x2.grad[counted], equal_nan=True, msg=reduction)
+        assert soft or torch.equal(x1.grad[IGNORED_ROW], torch.zeros(40, dtype=x.dtype))
+
+
+def _mixed_rows():
+    x = torch.randn(3, 6, dtype=torch.float64)
+    x[0, 2], x[1, 0], x[2, 4] = INF, NAN, -INF
+    return x, torch.tensor([1, -100, 4])
+
+
+def test_reference_z_loss_row_with_inf_logit_is_nan():
+    # as its cross-entropy is (torch.logsumexp's +inf would make it inf)
+    x, t = _mixed_rows()
+    rows = lf.cross_entropy(x, t, reduction="none", z_loss=1e-3, backend="reference")
+    assert rows[0].isnan() and rows[1] == 0 and rows[2] == INF
+
+
+def test_reference_softcap_keeps_an_ignored_rows_nan_out_of_the_gradient():
+    x, t = _mixed_rows()
+    x.requires_grad_(True)
+    lf.cross_entropy(x, t, reduction="sum", softcap=3.0, backend="reference").backward()
+    assert torch.equal(x.grad[1], torch.zeros(6, dtype=x.dtype)) and x.grad[2].isfinite().all()
+
+
+def test_reference_focal_minus_inf_target_has_the_limit_gradient():
+    # an infinite loss and the finite gradient of its limit, F (p - onehot), not 0 * inf = NaN
+    x, t = _mixed_rows()
+    xg = x[2:].clone().requires_grad_(True)
+    loss = lf.cross_entropy(xg, t[2:], reduction="sum", focal_gamma=2.0, focal_alpha=0.25, backend="reference")
+    loss.backward()
+    assert loss == INF
+    torch.testing.assert_close(xg.grad, 0.25 * (torch.softmax(x[2:], 1) - F.one_hot(t[2:], 6)))

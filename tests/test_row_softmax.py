@@ -4,6 +4,8 @@ Both kernel backends implement these formulas under the same names; here they ar
 their own: the per-row loss terms against the reference cross-entropy and the RowGrad gradient
 against autograd of it, for every option, plus the online log-sum-exp and its merge.
 """
+import contextlib
+
 import pytest
 import torch
 
@@ -136,3 +138,129 @@ def test_triton_core_online_step_and_merge_match_logsumexp():
     out = torch.empty(5, device=device)
     _lse_in_halves[(5,)](y.to(device), out, 37, HALF=16, BLOCK=8)
     torch.testing.assert_close(out.cpu(), torch.logsumexp(y, 1))
+
+
+# A GPU's max and min drop NaN (fmax: max(NaN, x) = x), so no kernel may rely on the maximum to carry
+# a NaN; the interpreters differ (Triton 3.9 drops NaN like a GPU in tl.maximum and tl.minimum, 3.6
+# propagates it; both reduce tl.max with nanmax). `interpreter_max` makes the interpreter do either,
+# so that both behaviours are tested wherever the kernels run interpreted.
+MAX_MODES = ("drops_nan", "propagates_nan")
+
+
+@contextlib.contextmanager
+def interpreter_max(mode):
+    import numpy as np
+    from triton.runtime import interpreter
+    builder, reduce_ops = interpreter.InterpreterBuilder, interpreter.ReduceOps
+    saved = builder.create_maxnumf, builder.create_minnumf, reduce_ops.min_max
+    drops = mode == "drops_nan"
+    mx, mn = (np.fmax, np.fmin) if drops else (np.maximum, np.minimum)
+    swap = {np.max: np.nanmax, np.min: np.nanmin} if drops else {np.nanmax: np.max, np.nanmin: np.min}
+    min_max = saved[2]
+
+    def reduce_min_max(self, input, val_reduce_op, idx_reduce_op=None):
+        return min_max(self, input, swap.get(val_reduce_op, val_reduce_op), idx_reduce_op)
+
+    builder.create_maxnumf = lambda self, a, b: self.binary_op(a, b, mx)
+    builder.create_minnumf = lambda self, a, b: self.binary_op(a, b, mn)
+    reduce_ops.min_max = reduce_min_max
+    try:
+        yield
+    finally:
+        builder.create_maxnumf, builder.create_minnumf, reduce_ops.min_max = saved
+
+
+@pytest.fixture(params=MAX_MODES)
+def max_mode(request):
+    """Runs the test with the interpreter's max dropping NaN (as a GPU's does) and propagating it; on
+    a GPU, once, as the hardware does."""
+    from tests.conftest import HAS_GPU, INTERPRET
+    if not INTERPRET or HAS_GPU:
+        if request.param != "drops_nan":
+            pytest.skip("the hardware's own max (it drops NaN)")
+        yield request.param
+        return
+    with interpreter_max(request.param):
+        yield request.param
+
+
+try:
+    from lossforge_kernels.triton_kernels.row_softmax import class_row_lse, target_log_probs
+
+    @triton.jit
+    def _class_row_quantities(y_ptr, t_ptr, out_ptr, C, HALF: tl.constexpr, BLOCK: tl.constexpr):
+        """lse, log p_t and log(1 - p_t) of each row, its halves reduced apart and merged, the target
+        kept out of the sum, as the cross-entropy kernels do."""
+        row = tl.program_id(0)
+        t = tl.load(t_ptr + row)
+        cols = tl.arange(0, BLOCK)
+        m_a, s_a = float("-inf"), tl.zeros([BLOCK], tl.float32)
+        for start in range(0, HALF, BLOCK):
+            c = start + cols
+            y = tl.load(y_ptr + row * C + c, mask=c < HALF, other=float("-inf"))
+            m_a, s_a = online_step(m_a, s_a, y, c != t)
+        m_b, s_b = float("-inf"), tl.zeros([BLOCK], tl.float32)
+        for start in range(HALF, C, BLOCK):
+            c = start + cols
+            y = tl.load(y_ptr + row * C + c, mask=c < C, other=float("-inf"))
+            m_b, s_b = online_step(m_b, s_b, y, c != t)
+        m, s = merge(m_a, tl.sum(s_a, axis=0), m_b, tl.sum(s_b, axis=0))
+        y_t = tl.load(y_ptr + row * C + t)
+        logp_t, log1mp = target_log_probs(m, s, y_t)
+        tl.store(out_ptr + row * 3, class_row_lse(m, s, y_t))
+        tl.store(out_ptr + row * 3 + 1, logp_t)
+        tl.store(out_ptr + row * 3 + 2, log1mp)
+except ImportError:
+    _class_row_quantities = None
+
+
+def test_triton_core_carries_nan_and_inf_whatever_the_max_does(max_mode):
+    # Each row has one NaN or +inf somewhere (first or second half, on the target, beside -inf):
+    # lse, log p_t and log(1 - p_t) are NaN, as torch's log_softmax gives; -inf logits are legal.
+    from tests.conftest import device_for, kernel_backends
+    if "triton" not in kernel_backends():
+        pytest.skip("the Triton backend is not available here")
+    nan, inf = float("nan"), float("inf")
+    y = torch.randn(9, 37) * 4
+    t = torch.tensor([3, 20, 5, 30, 7, 0, 2, 36, 9])
+    y[0, 10] = nan           # first half
+    y[1, 33] = nan           # second half
+    y[2, 5] = nan            # the target
+    y[3, :] = -inf           # only -inf beside it: a max that drops NaN sees -inf
+    y[3, 30] = nan
+    y[4, 0] = inf
+    y[5, 0] = inf            # on the target
+    y[6, 1] = -inf           # legal
+    y[7, :36] = -inf         # legal: only the target has mass
+    y[8] = -inf              # legal: nothing anywhere (lse -inf, log p_t NaN, as torch)
+    device = device_for("triton")
+    out = torch.empty(9, 3, device=device)
+    _class_row_quantities[(9,)](y.to(device), t.to(device), out, 37, HALF=16, BLOCK=8)
+    out = out.cpu()
+    logp_t = torch.log_softmax(y.double(), 1)[torch.arange(9), t]  # NaN where torch gives NaN
+    assert out[:6].isnan().all(), out
+    torch.testing.assert_close(out[6:8, 1], logp_t[6:8].float())
+    torch.testing.assert_close(out[6:8, 0], torch.logsumexp(y[6:8], 1))
+    assert out[7, 2] == -inf and out[8, 0] == -inf and out[8, 1:].isnan().all(), out[7:]
+
+
+try:
+    from lossforge_kernels.triton_kernels.row_softmax import softplus
+
+    @triton.jit
+    def _softplus_kernel(v_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        c = tl.arange(0, BLOCK)
+        tl.store(out_ptr + c, softplus(tl.load(v_ptr + c, mask=c < n)), mask=c < n)
+except ImportError:
+    _softplus_kernel = None
+
+
+def test_triton_softplus_passes_nan_and_inf(max_mode):
+    from tests.conftest import device_for, kernel_backends
+    if "triton" not in kernel_backends():
+        pytest.skip("the Triton backend is not available here")
+    device = device_for("triton")
+    v = torch.tensor([float("nan"), float("inf"), float("-inf"), -3.0, 0.0, 2.5, 100.0, -100.0, 1e30, -1e30])
+    out = torch.empty_like(v, device=device)
+    _softplus_kernel[(1,)](v.to(device), out, v.numel(), BLOCK=16)
+    torch.testing.assert_close(out.cpu(), torch.nn.functional.softplus(v.double()).float(), equal_nan=True)

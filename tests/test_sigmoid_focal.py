@@ -6,6 +6,7 @@ import torch.nn.functional as F
 import lossforge_kernels as lf
 from tests import harness
 from tests.conftest import assert_close_rel, device_for
+from tests.test_row_softmax import max_mode  # noqa: F401 (a fixture)
 
 REDUCTIONS = ["none", "mean", "sum"]
 
@@ -170,3 +171,28 @@ def test_module_and_bad_input():
 def test_module_checks_its_arguments_at_construction(kwargs, exc, msg):
     with pytest.raises(exc, match=msg):
         lf.SigmoidFocalLoss(**kwargs)
+
+
+@pytest.mark.parametrize("alpha,gamma", [(-1.0, 0.0), (0.25, 2.0), (0.25, 0.5), (-1.0, 1.5), (0.5, 1.0)])
+def test_kernel_nonfinite_inputs_give_torchs_nan_and_inf(kernel_backend, max_mode, alpha, gamma):
+    # NaN, +inf and -inf logits against hard and soft targets: the loss of torch's
+    # binary_cross_entropy_with_logits in torchvision's formula (inf for +inf below a target of 1,
+    # NaN for -inf, as torch gives), the reference's gradient, for every reduction.
+    nan, inf = float("nan"), float("inf")
+    x = torch.tensor([nan, inf, -inf] * 3 + [1.5, -2.0, 40.0, -40.0], dtype=torch.float64)
+    t = torch.tensor([0.0] * 3 + [1.0] * 3 + [0.3] * 3 + [1.0, 0.0, 1.0, 0.0], dtype=torch.float64)
+    rows = torchvision_formula(x, t, alpha, gamma)
+    assert rows[:9].isnan().sum() == 7 and rows[[1, 7]].eq(inf).all()  # the inputs are what the test is about
+    device = device_for(kernel_backend)
+    for reduction in REDUCTIONS:
+        xk = x.float().to(device).requires_grad_(True)
+        loss = lf.sigmoid_focal_loss(xk, t.float().to(device), alpha=alpha, gamma=gamma, reduction=reduction,
+                                     backend=kernel_backend)
+        loss.sum().backward()
+        x64 = x.clone().requires_grad_(True)
+        want = lf.sigmoid_focal_loss(x64, t, alpha=alpha, gamma=gamma, reduction=reduction, backend="reference")
+        want.sum().backward()
+        torch.testing.assert_close(want, torchvision_formula(x, t, alpha, gamma, reduction), equal_nan=True)
+        torch.testing.assert_close(loss.cpu().double(), want, rtol=1e-5, atol=1e-6, equal_nan=True, msg=reduction)
+        torch.testing.assert_close(xk.grad.cpu().double(), x64.grad, rtol=1e-5, atol=1e-6, equal_nan=True,
+                                   msg=reduction)

@@ -48,15 +48,15 @@ def merge(m_a, s_a, m_b, s_b):
 
 @triton.jit
 def softplus(v):
-    """log(1 + e^v) for any v (inf and NaN pass through)."""
-    return tl.where(v > 0.0, v + log1p(tl.exp(-v)), log1p(tl.exp(tl.minimum(v, 0.0))))
+    """log(1 + e^v) for any v; inf and NaN pass through (no clamp: a GPU's min drops NaN)."""
+    return tl.where(v > 0.0, v + log1p(tl.exp(-v)), log1p(tl.exp(v)))
 
 
 @triton.jit
 def class_row_lse(m, s_excl, y_t):
     """lse of a class row from its max m, the sum s_excl of exp(y_j - m) over j != t and the
-    target's y_t (an all -inf row has lse -inf)."""
-    return m + tl.log(s_excl + tl.where(m == NEG_INF, 0.0, tl.exp(y_t - m)))
+    target's y_t (an all -inf row has lse -inf; a NaN y_t gives NaN even when the max skipped it)."""
+    return m + tl.log(s_excl + tl.exp(y_t - safe_max(m)))
 
 
 @triton.jit

@@ -27,7 +27,9 @@ def _focal_terms(x, t, alpha, gamma, HAS_ALPHA: tl.constexpr, GAMMA_MODE: tl.con
     pos = x >= 0.0
     p = tl.where(pos, inv, e * inv)
     p_neg = tl.where(pos, e * inv, inv)  # 1 - p without cancellation
-    ce = tl.maximum(x, 0.0) - x * t + log1p(e)
+    # torch's form of BCE-with-logits, (1 - t) x + max(-x, 0) + log(1 + e^-|x|): an infinite x gives
+    # torch's inf or NaN (max(x, 0) - t x would give them the other way round)
+    ce = (1.0 - t) * x + tl.maximum(-x, 0.0) + log1p(e)
     dce = p * (1.0 - t) - p_neg * t  # p - t, exact for hard targets
     if GAMMA_MODE == 0:
         loss = ce
@@ -40,9 +42,9 @@ def _focal_terms(x, t, alpha, gamma, HAS_ALPHA: tl.constexpr, GAMMA_MODE: tl.con
         else:
             q = tl.where(live, tl.exp(gamma * tl.log(tl.where(live, m, 1.0))), 0.0)
         # r = (dm/dx) / m = p (1 - p)(1 - 2t) / m, |r| <= 1; the gradient never forms m^(gamma - 1).
-        r = tl.where(live, (p * p_neg * (1.0 - 2.0 * t)) / tl.where(live, m, 1.0), 0.0)
+        r = (p * p_neg * (1.0 - 2.0 * t)) / tl.where(live, m, 1.0)
         loss = ce * q
-        d = q * (dce + gamma * ce * r)
+        d = q * tl.where(live, dce + gamma * ce * r, dce)  # q = 0 where m = 0: no NaN from ce * r
     if HAS_ALPHA:
         a_t = alpha * t + (1.0 - alpha) * (1.0 - t)
         loss = a_t * loss

@@ -13,6 +13,19 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def row_lse(x: torch.Tensor) -> torch.Tensor:
+    """Each row's log-sum-exp as torch's log_softmax forms it, m + log(sum exp(x - m)) with m the row's
+    max: a +inf logit makes the row NaN (inf - inf), as in F.cross_entropy, where torch.logsumexp
+    would give +inf; NaN propagates; an all -inf row gives -inf."""
+    m = x.detach().amax(dim=1, keepdim=True)
+    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    return (m + torch.log(torch.exp(x - m).sum(dim=1, keepdim=True))).squeeze(1)
+
+
+def softcapped(x: torch.Tensor, softcap) -> torch.Tensor:
+    return x if softcap is None else softcap * torch.tanh(x / softcap)
+
+
 def focal_modulation(logits: torch.Tensor, target: torch.Tensor, gamma: float) -> torch.Tensor:
     """(1 - p_t) ** gamma per row, with log(1 - p_t) = logsumexp over the other classes - lse.
 
@@ -36,13 +49,12 @@ def cross_entropy_rows(logits, target, weight=None, *, ignore_index=-100, label_
     """Per-row loss (M,) in the compute dtype; ignored rows are 0, out-of-range targets give NaN."""
     x = logits.to(compute_dtype(logits.dtype))
     num_classes = x.shape[1]
-    if softcap is not None:
-        x = softcap * torch.tanh(x / softcap)
     w = None if weight is None else weight.to(x.dtype)
     eps = label_smoothing
 
     if target.dtype.is_floating_point:  # class probabilities
-        lse = torch.logsumexp(x, dim=1)
+        x = softcapped(x, softcap)
+        lse = row_lse(x)
         q = target.to(x.dtype) * (1.0 - eps) + eps / num_classes
         if w is not None:
             q = q * w
@@ -57,9 +69,10 @@ def cross_entropy_rows(logits, target, weight=None, *, ignore_index=-100, label_
     counted = in_range & ~ignored
     t = torch.where(counted, target, torch.zeros_like(target))
     # Rows that are not counted get stand-in logits, so that an inf in their (discarded) loss cannot
-    # turn the zero gradient of the final where() into inf * 0 = NaN.
-    x = torch.where(counted[:, None], x, torch.zeros_like(x))
-    lse = torch.logsumexp(x, dim=1)
+    # turn the zero gradient of the final where() into inf * 0 = NaN (the softcap comes after, for
+    # the same reason: tanh's gradient at a NaN is NaN).
+    x = softcapped(torch.where(counted[:, None], x, torch.zeros_like(x)), softcap)
+    lse = row_lse(x)
     logp = x - lse[:, None]
     nll = -logp.gather(1, t[:, None]).squeeze(1)
     w_t = torch.ones_like(nll) if w is None else w[t]
@@ -69,6 +82,9 @@ def cross_entropy_rows(logits, target, weight=None, *, ignore_index=-100, label_
         row = row + (eps / num_classes) * smooth
     if focal_gamma != 0.0 or focal_alpha is not None:
         factor = focal_modulation(x, t, focal_gamma)
+        # Where p_t = 0 (target logit -inf) the factor's gradient is 0 and meets an infinite CE:
+        # dropped, as the kernels do, rather than 0 * inf = NaN.
+        factor = torch.where(torch.isposinf(nll), factor.detach(), factor)
         if isinstance(focal_alpha, torch.Tensor):
             factor = factor * focal_alpha.to(x.dtype)[t]
         elif focal_alpha is not None:

@@ -34,6 +34,14 @@ A row holds C logits x_j; y_j = x_j, or y_j = softcap * tanh(x_j / softcap) with
   underflows, and no (1 - p_t)^(gamma - 1) is ever formed. gt = dt (F (-(1 - eps) w_t (1 - p_t)
   + eps/C (W p_t - w_t)) - ce dF + 2 z lse p_t). Probability rows (`soft_row_grad`): off = lse,
   coef = S + 2 z lse, cq1 = 1 - eps, cq0 = eps/C, no target term.
+- NaN and inf. A NaN or +inf logit makes its row's loss and gradient NaN, as torch's log_softmax
+  does (a +inf max gives inf - inf); -inf logits are legal (masked lanes are -inf too). The max
+  cannot be trusted with a NaN: a GPU's max drops it (max(NaN, x) = x). The sums carry it instead:
+  exp(y - m) of a NaN y is NaN whatever m is, and a NaN s stays NaN through every rescale and merge
+  (NaN * 0 is NaN); a NaN target logit, kept out of s_excl, reaches lse and lr through y_t. What
+  comes after the sums must pass NaN on: no min/max clamp of a value that may be NaN (softplus has
+  none) and no select that replaces one (class_row_lse subtracts safe_max(m) rather than selecting 0
+  for an all -inf row, so a NaN y_t beside only -inf logits stays NaN).
 """
 from __future__ import annotations
 
