@@ -34,10 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .row_softmax import NEG_INF as _NEG_INF_VALUE, softplus
+from .row_softmax import NEG_INF as _NEG_INF_VALUE, finish_lse, fold_tile_lse, softplus
 
 NEG_INF = tl.constexpr(_NEG_INF_VALUE)  # jit code may only read constexpr globals
-POS_INF = tl.constexpr(float("inf"))
 INFO_NCE = tl.constexpr(0)
 SUPCON = tl.constexpr(1)
 SIGLIP = tl.constexpr(2)
@@ -125,42 +124,6 @@ def _cosines(gram, r_own, r_other, NORMALIZE: tl.constexpr):
     if NORMALIZE:
         gram = gram * r_own[:, None] * r_other[None, :]
     return gram
-
-
-@triton.jit
-def _lse_shift(m):
-    """The shift of a log-sum-exp with max m: m, or 0 where m is +-inf, as torch.logsumexp does: a
-    +inf logit makes the lse +inf (not inf - inf = NaN) and the other logits' probabilities 0."""
-    return tl.where((m == NEG_INF) | (m == POS_INF), 0.0, m)
-
-
-@triton.jit
-def _lse_update(m, s, y):
-    """Folds a tile's rows y (-inf where left out) into the running (max, sum of exp(y - shift(max))).
-    A NaN logit reaches the sum (the maximum may skip NaN on a GPU; the exponential does not)."""
-    tile_max = tl.max(y, axis=1)
-    tile_sum = tl.sum(tl.exp(y - _lse_shift(tile_max)[:, None]), axis=1)
-    m_new = tl.maximum(m, tile_max)
-    shift = _lse_shift(m_new)
-    return m_new, s * _rebase(m, shift) + tile_sum * _rebase(tile_max, shift)
-
-
-@triton.jit
-def _rebase(m, shift):
-    """exp(shift(m) - shift): moves a sum relative to shift(m) onto the new shift of a max >= m; 0 where
-    m is -inf (that sum is 0 or NaN: never 0 * inf from a very negative shift), 1 where m is +inf."""
-    return tl.exp(tl.where(m == POS_INF, shift, m) - shift)
-
-
-@triton.jit
-def _lse_finish(m, s):
-    return _lse_shift(m) + tl.log(s)
-
-
-@triton.jit
-def _softplus(v):
-    """softplus that keeps NaN (the shared one's minimum may drop it)."""
-    return tl.where(v != v, v, softplus(v))
 
 
 @triton.jit
@@ -263,18 +226,18 @@ def _fwd_sweep(own_ptr, r_own_ptr, n_own, other_ptr, r_other_ptr, n_other, label
         valid = (other < n_other)[None, :] & (own < n_own)[:, None]
         same = own[:, None] == other[None, :]
         if KIND == INFO_NCE:
-            m, s = _lse_update(m, s, tl.where(valid, z, NEG_INF))
+            m, s = fold_tile_lse(m, s, tl.where(valid, z, NEG_INF))
             a += tl.sum(tl.where(same & valid, z, 0.0), axis=1)
         elif KIND == SUPCON:
             keep = valid & (same == 0)
             lab_other = tl.load(labels_ptr + other, mask=other < n_other, other=0)
             positive = keep & (lab_own[:, None] == lab_other[None, :])
-            m, s = _lse_update(m, s, tl.where(keep, z, NEG_INF))
+            m, s = fold_tile_lse(m, s, tl.where(keep, z, NEG_INF))
             a += tl.sum(tl.where(positive, z, 0.0), axis=1)
             n += tl.sum(tl.where(positive, 1.0, 0.0), axis=1)
         else:
-            a += tl.sum(tl.where(valid, _softplus(tl.where(same, -z, z)), 0.0), axis=1)
-    return _lse_finish(m, s), a, n
+            a += tl.sum(tl.where(valid, softplus(tl.where(same, -z, z)), 0.0), axis=1)
+    return finish_lse(m, s), a, n
 
 
 @triton.jit

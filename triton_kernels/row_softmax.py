@@ -9,6 +9,7 @@ import triton.language as tl
 from .math import log1p, tanh_and_slope
 
 NEG_INF = tl.constexpr(float("-inf"))  # jit code may read only constexpr globals
+POS_INF = tl.constexpr(float("inf"))
 
 
 @triton.jit
@@ -44,6 +45,39 @@ def merge(m_a, s_a, m_b, s_b):
     m = tl.maximum(m_a, m_b)
     m_safe = safe_max(m)
     return m, s_a * tl.exp(m_a - m_safe) + s_b * tl.exp(m_b - m_safe)
+
+
+# torch.logsumexp's rule, for losses whose rows are log-sum-exps of scores (InfoNCE, SupCon): a +inf
+# score makes the lse +inf, not inf - inf = NaN as in a log-softmax (merge above, cross-entropy's rule).
+@triton.jit
+def lse_shift(m):
+    """The shift of a log-sum-exp with max m: m, or 0 where m is +-inf, as torch.logsumexp does: a
+    +inf logit makes the lse +inf (not inf - inf = NaN) and the other logits' probabilities 0."""
+    return tl.where((m == NEG_INF) | (m == POS_INF), 0.0, m)
+
+
+@triton.jit
+def fold_tile_lse(m, s, y):
+    """Folds a tile's rows y (-inf where left out) into the running (max, sum of exp(y - shift(max))).
+    A NaN logit reaches the sum (the maximum may skip NaN on a GPU; the exponential does not)."""
+    tile_max = tl.max(y, axis=1)
+    tile_sum = tl.sum(tl.exp(y - lse_shift(tile_max)[:, None]), axis=1)
+    m_new = tl.maximum(m, tile_max)
+    shift = lse_shift(m_new)
+    return m_new, s * lse_rebase(m, shift) + tile_sum * lse_rebase(tile_max, shift)
+
+
+@triton.jit
+def lse_rebase(m, shift):
+    """exp(shift(m) - shift): moves a sum relative to shift(m) onto the new shift of a max >= m; 0 where
+    m is -inf (that sum is 0 or NaN: never 0 * inf from a very negative shift), 1 where m is +inf."""
+    return tl.exp(tl.where(m == POS_INF, shift, m) - shift)
+
+
+@triton.jit
+def finish_lse(m, s):
+    """The log-sum-exp of a (max, sum) that fold_tile_lse made."""
+    return lse_shift(m) + tl.log(s)
 
 
 @triton.jit

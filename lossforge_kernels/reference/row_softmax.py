@@ -13,6 +13,11 @@ A row holds C logits x_j; y_j = x_j, or y_j = softcap * tanh(x_j / softcap) with
   M = max(m_a, m_b), s = s_a exp(m_a - M) + s_b exp(m_b - M) (`merge`). An all -inf part has
   m = -inf and s = 0 and must not produce -inf - -inf. `exp_diff(y, m)` = exp(y - m) with the
   subtraction first (the kernels use exp2((y - m) * log2 e)), exact when y and m are large and close.
+  NaN and +inf: a GPU's max skips NaN, so a NaN reaches the row through exp(y - m) into s, and
+  nothing after the sums may clamp or select it away. A +inf logit gives a log-softmax's NaN
+  (`merge`, cross-entropy's rule, as torch's); rows that are log-sum-exps of scores (InfoNCE, SupCon)
+  follow torch.logsumexp instead, shifting by 0 where the max is +-inf so a +inf score gives +inf
+  (`lse_shift`, `fold_tile_lse`, `finish_lse` in the Triton core).
 - Class-index rows keep the target t out of s (`s_excl`), so that 1 - p_t = s_excl / s_all keeps
   its relative precision when p_t -> 1. lse = m + log(s_excl + exp(y_t - m)) (`class_row_lse`);
   from the log-odds against the target, lr = log(s_excl) - (y_t - m): logp_t = log p_t =
