@@ -1,57 +1,19 @@
 // The contrastive family's CUDA ops: InfoNCE / CLIP, SupCon and SigLIP (contract: ops/contrastive.py's
-// docstring, checked in Python before every call; C++ keeps the checks that guard memory).
+// docstring, checked in Python before every call; C++ keeps the checks that guard memory): the
+// checks, the chunk loops with their similarity and gradient products, the launches, and the
+// registration for the CUDA key. The kernels, and the work and traffic designed for, are in
+// contrastive.cuh.
 //
-// The (B, M) similarity matrix never exists: the rows are walked in chunks of at most ~32 MiB of
-// fp32 (rows_per_chunk), and each chunk's similarities S_c = x_c @ y^T come from cuBLAS (fp32 out,
-// fp32 accumulation; fp32 inputs at torch's matmul precision: full fp32 unless TF32 is allowed). With c_ij = S_ij r_i r'_j (r the
-// fp32 inverse row norms, 1 without `normalize`) and z_ij = s c_ij (+ b for SigLIP):
-//   inv_norm_kernel     r_i = 1 / max(|x_i|, 1e-12) per row, and r_i^2 where the clamp is off
-//                       (what the normalisation's backward subtracts), one warp per row.
-//   row_stats_kernel    forward, one block per chunk row: the online (max, sum-exp) of the row
-//                       (InfoNCE; SupCon without self), the diagonal, SupCon's positive count and
-//                       sum, SigLIP's softplus sum; writes loss and stats.
-//   col_stats_kernel    symmetric InfoNCE: the chunk's per-column (max, sum-exp, +inf seen), merged
-//                       into running column stats (M,) chunk after chunk (a fixed order, no atomics);
-//                       finish_symmetric_kernel then completes each row's loss with its column lse
-//                       (the diagonal waits in stats[1] until then).
-//   weight_bound_kernel backward, once per pass: max_j r'_j and max_j |g_j| r'_j over the other
-//                       side, from which each row's gradient weights get a bound (below).
-//   pair_grad_kernel    backward, one block per chunk row: dZ from the saved stats, written as
-//                       G = 2^e_i s dZ r'_j in the inputs' dtype so that one cuBLAS product G @ y gives
-//                       2^e_i times the gradient before normalisation, plus the row sums that grad_coef
-//                       and the normalisation need. A row can carry two roles of the pair term: symmetric
-//                       InfoNCE's row and column halves, or SupCon's anchor (dZ_ij) and key (dZ_ji,
-//                       the same S entry because S is symmetric) roles.
-//   finish_grad_kernel  grad_x = r (2^-e acc - coef r x) per row (2^-e acc without `normalize`), in x's
-//                       dtype.
-// Row scaling of G: with 'mean' over a large batch the weights s dZ r'_j are tiny (about s / (B M)),
-// below fp16's smallest subnormal at B = M = 65536, so stored as they are most of them would round
-// to 0. Every |dZ_ij| is at most w_own |g_i| + w_other |g_j| (each probability, sigmoid and 1/n lies
-// in [0, 1]), so row i's weights are at most bound_i = |s| (w_own |g_i| max r' + w_other max |g| r');
-// the exact power of two 2^e_i that brings bound_i just under 2^14 puts the row's largest weights
-// near the top of fp16's range (4x headroom below 65504), and the many small ones, down to 2^-28 of
-// bound_i, stay normal. The product accumulates in fp32 and finish_grad undoes 2^e_i exactly.
-// grad_query walks chunks of query rows; grad_key walks chunks of key rows on S^T = k_c @ q^T (a
-// fifth product, so that no fp32 (M, D) accumulator is needed).
-//
-// Designed work per call, B x M pairs, width D, e = element bytes, chunk buffers not counted as cached:
-//   forward   one product (2BMD FLOPs); S written once (4BM B), read by the row pass (4BM) and,
-//             symmetric only, by the column pass (4BM); inputs read once per chunk by cuBLAS.
-//   backward  with grad_query and grad_key: four products (8BMD FLOPs); per pass S written and read
-//             (8BM), G written and read (2eBM), so 2 x (8 + 2e) BM bytes.
+// The rows are walked in chunks of at most ~32 MiB of fp32 (rows_per_chunk), so the (B, M)
+// similarity matrix never exists. grad_query walks chunks of query rows; grad_key walks chunks of
+// key rows on S^T = k_c @ q^T (a fifth product, so that no fp32 (M, D) accumulator is needed).
 //
 // The products go through at::mm_out (its out_dtype overload for half inputs): torch's cuBLAS
 // handle, stream and workspace, and torch's matmul precision setting for fp32 inputs.
-//
-// Compile facts (nvcc 13.0, -O3, ptxas -v, sm_80 / sm_90): registers row_stats 27-46, col_stats 30-32,
-// pair_grad 32-48 (SupCon 63-72), finish_grad 27-32, inv_norm 32, finish_symmetric 12-17, weight_bound
-// 14-19; no stack frame, no spills, no local memory in the SASS; about 2 minutes to compile.
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <initializer_list>
-#include <limits>
 #include <optional>
 
 #include <ATen/core/Tensor.h>
@@ -59,410 +21,12 @@
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
 
-#include "common.cuh"
+#include "contrastive.cuh"
 #include "host_utils.h"
-#include "row_softmax.cuh"
 
 namespace lossforge {
+namespace contrastive {
 namespace {
-
-constexpr int kInfoNce = 0, kSupCon = 1, kSigLip = 2;
-constexpr int kThreads = 256;
-constexpr int kUnroll = 4;  // loads in flight per thread in the row loops
-constexpr float kNormEps = 1e-12f;
-
-// ---- device side ----
-
-template <bool kNorm>
-__device__ __forceinline__ float inv_norm_at(const float* inv, int64_t i) {
-  return kNorm ? inv[i] : 1.f;
-}
-
-// c = S r_a r_o, in one order for the forward and the backward so that both see the same logits.
-__device__ __forceinline__ float pair_cos(float sim, float ra, float ro) { return sim * ra * ro; }
-
-__device__ __forceinline__ float sigmoid(float t) { return 1.f / (1.f + expf(-t)); }
-
-// The log-sum-exps follow torch.logsumexp on non-finite logits: a +inf logit makes the lse +inf (and
-// the other logits' probabilities 0) rather than inf - inf = NaN. The online (max, sum) leaves +inf
-// logits out (finite_top) and its users remember that one was seen; a NaN logit reaches the sum of
-// exponentials, so it survives fmaxf (which skips NaN) in the max.
-__device__ __forceinline__ float finite_top(float z, bool& pos_inf) {
-  if (z == INFINITY) {
-    pos_inf = true;
-    return -INFINITY;
-  }
-  return z;
-}
-
-// lse from the (max, sum) of the logits other than +inf: +inf if there was one (NaN if a NaN
-// reached the sum), else m + log(s).
-__device__ __forceinline__ float lse_of(float m, float s, bool pos_inf) {
-  return pos_inf ? (isnan(s) ? s : INFINITY) : m + logf(s);
-}
-
-constexpr int kWeightTopExp = 14;  // a row's scaled gradient weights stay below 2^14
-
-// e with bound 2^e in [2^13, 2^14): the row scaling of G (see the top of the file). 0 where the
-// bound is 0 (nothing to scale) or not finite (inf and NaN weights pass as they are); |e| <= 126 so
-// that 2^e and 2^-e are normal floats.
-__device__ __forceinline__ int weight_exponent(float bound) {
-  if (!(bound > 0.f) || isinf(bound)) return 0;
-  int x;
-  frexpf(bound, &x);  // bound < 2^x
-  return max(-126, min(126, kWeightTopExp - x));
-}
-
-// Max over the block (fmaxf: NaN is skipped), valid in thread 0; scratch holds one float per warp.
-__device__ __forceinline__ float block_max(float v, float* scratch) {
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-#pragma unroll
-  for (int off = kWarpSize / 2; off > 0; off /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < static_cast<int>(blockDim.x / kWarpSize) ? scratch[lane] : 0.f;
-#pragma unroll
-    for (int off = kWarpSize / 2; off > 0; off /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
-  }
-  return v;
-}
-
-// out = {max_j r'_j, max_j |g_j| r'_j} over the other side's n rows (r' = 1 without `normalize`,
-// the second 0 without g); one block. fmaxf skips NaN: a NaN weight needs no bound, it stays NaN.
-__global__ void __launch_bounds__(kThreads) weight_bound_kernel(const float* inv, const float* g, int64_t n,
-                                                                float* out) {
-  float r_max = 0.f, gr_max = 0.f;
-  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-    const float r = inv != nullptr ? inv[j] : 1.f;
-    r_max = fmaxf(r_max, r);
-    if (g != nullptr) gr_max = fmaxf(gr_max, fabsf(g[j]) * r);
-  }
-  __shared__ float scratch[2][kThreads / kWarpSize];
-  r_max = block_max(r_max, scratch[0]);
-  gr_max = block_max(gr_max, scratch[1]);
-  if (threadIdx.x == 0) {
-    out[0] = r_max;
-    out[1] = gr_max;
-  }
-}
-
-template <typename T>
-__global__ void __launch_bounds__(kThreads) inv_norm_kernel(const T* x, int64_t rows, int64_t d, float* inv,
-                                                            float* proj) {
-  const int lane = threadIdx.x % kWarpSize;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarpSize);
-  for (int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarpSize; row < rows;
-       row += warps) {
-    const T* xr = x + row * d;
-    float ss = 0.f;
-    for (int64_t k = lane; k < d; k += kWarpSize) {
-      const float v = load_elem(xr + k);
-      ss = fmaf(v, v, ss);
-    }
-    ss = warp_sum(ss);
-    if (lane == 0) {
-      const float norm = sqrtf(ss);
-      const float r = 1.f / fmaxf(norm, kNormEps);
-      inv[row] = r;
-      if (proj != nullptr) proj[row] = norm >= kNormEps ? r * r : 0.f;  // clamped rows: d r / d x = 0
-    }
-  }
-}
-
-// A chunk of rows [row0, row0 + rows) of the own side against all n rows of the other side.
-struct FwdChunk {
-  const float* sim;  // (rows, n) fp32
-  int64_t row0, rows, n;
-  const float* inv_own;  // inverse norms by global row index, or null without `normalize`
-  const float* inv_other;
-  const float* scale;
-  const float* bias;
-  const int64_t* labels;  // SupCon
-  float* loss;            // (B,)
-  float* stats0;          // (B,) stats[0]
-  float* stats1;          // (B,) stats[1]
-  bool symmetric;
-};
-
-template <int kKind, bool kNorm>
-__global__ void __launch_bounds__(kThreads) row_stats_kernel(const FwdChunk c) {
-  const int64_t local = blockIdx.x, a = c.row0 + local;
-  const float* srow = c.sim + local * c.n;
-  const float s = *c.scale, b = kKind == kSigLip ? *c.bias : 0.f;
-  const float ra = inv_norm_at<kNorm>(c.inv_own, a);
-  const int64_t la = kKind == kSupCon ? c.labels[a] : 0;
-
-  Acc acc = acc_init();
-  bool pos_inf = false;         // a +inf logit, left out of acc
-  float npos = 0.f, sum = 0.f;  // SupCon: positives and their logits; SigLIP: the softplus sum
-  struct Col {
-    float sim, ro;
-    int64_t label;
-  };
-  auto load = [&](int64_t o) {
-    return Col{srow[o], inv_norm_at<kNorm>(c.inv_other, o), kKind == kSupCon ? c.labels[o] : 0};
-  };
-  auto use = [&](int64_t o, const Col& v) {
-    const float z = fmaf(s, pair_cos(v.sim, ra, v.ro), b);
-    if constexpr (kKind == kSigLip) {
-      sum += softplus(o == a ? -z : z);
-    } else {
-      const bool self = o == a;
-      const float y = kKind == kSupCon && self ? -INFINITY : finite_top(z, pos_inf);
-      accumulate<1, false, false, false>(acc, &y, nullptr, nullptr, -1, 0.f, 0.f, 0.f);
-      if (kKind == kSupCon && !self && v.label == la) {
-        npos += 1.f;
-        sum += z;
-      }
-    }
-  };
-  stream_packets<kUnroll>(static_cast<int64_t>(threadIdx.x), c.n, static_cast<int64_t>(blockDim.x), load, use);
-
-  __shared__ ReduceSmem sm;
-  __shared__ float scratch[2][kThreads / kWarpSize];
-  if constexpr (kKind != kSigLip) {
-    acc = block_merge<false, false>(acc, sm);
-    pos_inf = __syncthreads_or(pos_inf) != 0;
-  }
-  if constexpr (kKind != kInfoNce) sum = block_sum(sum, scratch[0]);
-  if constexpr (kKind == kSupCon) npos = block_sum(npos, scratch[1]);
-  if (threadIdx.x != 0) return;
-
-  if constexpr (kKind == kInfoNce) {
-    const float lse = lse_of(acc.m, acc.s, pos_inf);
-    const float diag = fmaf(s, pair_cos(srow[a], ra, inv_norm_at<kNorm>(c.inv_other, a)), 0.f);
-    c.stats0[a] = lse;
-    c.loss[a] = lse - diag;
-    if (c.symmetric) c.stats1[a] = diag;  // read and replaced by finish_symmetric_kernel
-  } else if constexpr (kKind == kSupCon) {
-    const bool live = npos > 0.f;
-    const float lse = live ? lse_of(acc.m, acc.s, pos_inf) : 0.f;
-    c.stats0[a] = lse;
-    c.stats1[a] = npos;
-    c.loss[a] = live ? lse - sum / npos : 0.f;
-  } else {
-    c.loss[a] = sum;
-  }
-}
-
-constexpr int kColTile = kWarpSize;                // columns per block, one per lane
-constexpr int kColGroups = kThreads / kColTile;  // row groups per block, one per warp
-
-struct ColChunk {
-  const float* sim;  // (rows, n) fp32
-  int64_t row0, rows, n;
-  const float* inv_own;
-  const float* inv_other;
-  const float* scale;
-  float* col_m;  // (n,) running column max
-  float* col_s;  // (n,) running column sum of exp(z - col_m)
-  float* col_inf;  // (n,) 1 where the column has a +inf logit (left out of col_m, col_s), else 0
-  bool first;    // the first chunk starts the running stats
-};
-
-// Each warp walks every kColGroups-th row of the chunk for 32 adjacent columns (coalesced), then
-// lane j's partials are merged in warp order and into the running stats: a fixed order throughout.
-template <bool kNorm>
-__global__ void __launch_bounds__(kThreads) col_stats_kernel(const ColChunk c) {
-  const int lane = threadIdx.x % kColTile, group = threadIdx.x / kColTile;
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * kColTile + lane;
-  Acc acc = acc_init();
-  bool pos_inf = false;
-  if (j < c.n) {
-    const float s = *c.scale, ro = inv_norm_at<kNorm>(c.inv_other, j);
-    struct Cell {
-      float sim, ra;
-    };
-    auto load = [&](int64_t i) { return Cell{c.sim[i * c.n + j], inv_norm_at<kNorm>(c.inv_own, c.row0 + i)}; };
-    auto use = [&](int64_t, const Cell& v) {
-      const float z = finite_top(fmaf(s, pair_cos(v.sim, v.ra, ro), 0.f), pos_inf);
-      accumulate<1, false, false, false>(acc, &z, nullptr, nullptr, -1, 0.f, 0.f, 0.f);
-    };
-    stream_packets<kUnroll>(static_cast<int64_t>(group), c.rows, static_cast<int64_t>(kColGroups), load, use);
-  }
-  __shared__ float part_m[kColGroups][kColTile], part_s[kColGroups][kColTile];
-  __shared__ bool part_inf[kColGroups][kColTile];
-  part_m[group][lane] = acc.m;
-  part_s[group][lane] = acc.s;
-  part_inf[group][lane] = pos_inf;
-  __syncthreads();
-  if (group != 0 || j >= c.n) return;
-  Acc chunk = acc_init();
-  for (int g = 0; g < kColGroups; ++g) {
-    merge(chunk, part_m[g][lane], part_s[g][lane], 0.f, 0.f);
-    pos_inf = pos_inf || part_inf[g][lane];
-  }
-  if (!c.first) {
-    Acc run{c.col_m[j], c.col_s[j], 0.f, 0.f};
-    merge(run, chunk.m, chunk.s, 0.f, 0.f);
-    chunk = run;
-    pos_inf = pos_inf || c.col_inf[j] != 0.f;
-  }
-  c.col_m[j] = chunk.m;
-  c.col_s[j] = chunk.s;
-  c.col_inf[j] = pos_inf ? 1.f : 0.f;
-}
-
-// loss_i = (row loss + column loss) / 2 once every chunk has reached the column stats.
-__global__ void __launch_bounds__(kThreads) finish_symmetric_kernel(int64_t b, const float* col_m, const float* col_s,
-                                                                     const float* col_inf, float* loss, float* stats1) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= b) return;
-  const float col_lse = lse_of(col_m[i], col_s[i], col_inf[i] != 0.f);
-  const float diag = stats1[i];
-  loss[i] = 0.5f * (loss[i] + (col_lse - diag));
-  stats1[i] = col_lse;
-}
-
-// What one side of the pair contributes to dZ: its rows' incoming gradient and saved stats.
-struct Role {
-  const float* g;     // grad_rows by row
-  const float* lse;   // the log-sum-exp its probabilities are relative to (InfoNCE, SupCon)
-  const float* npos;  // SupCon: positives per row
-  float weight;       // 1, or 1/2 for each half of symmetric InfoNCE
-};
-
-struct Anchor {
-  float g, lse, inv_n;
-  bool live;  // SupCon: the row has a positive
-};
-
-template <int kKind>
-__device__ __forceinline__ Anchor anchor_of(const Role& r, int64_t i) {
-  Anchor an{r.g[i], 0.f, 0.f, true};
-  if constexpr (kKind != kSigLip) an.lse = r.lse[i];
-  if constexpr (kKind == kSupCon) {
-    const float n = r.npos[i];
-    an.live = n > 0.f;
-    an.inv_n = an.live ? 1.f / n : 0.f;
-  }
-  return an;
-}
-
-// d(total)/dz of the pair for the row `an` belongs to (contract: contrastive_bwd's formulas).
-template <int kKind>
-__device__ __forceinline__ float pair_grad(float z, bool self, bool pos, const Anchor& an) {
-  if constexpr (kKind == kInfoNce) {
-    return an.g * (exp_diff(z, an.lse) - (self ? 1.f : 0.f));
-  } else if constexpr (kKind == kSupCon) {
-    if (!an.live) return 0.f;
-    const float p = self ? 0.f : exp_diff(z, an.lse);
-    return an.g * (p - (pos ? an.inv_n : 0.f));
-  } else {
-    return self ? -an.g * sigmoid(-z) : an.g * sigmoid(z);  // -y g sigmoid(-y z)
-  }
-}
-
-struct GradChunk {
-  const float* sim;  // (rows, n) fp32
-  int64_t row0, rows, n;
-  const float* inv_own;
-  const float* inv_other;
-  const float* scale;
-  const float* bias;
-  const int64_t* labels;
-  Role own, other;
-  void* g_out;   // (rows, n) G = 2^e s dZ r_o in the inputs' dtype, or null (no product wanted)
-  const float* bound;  // {max r_o, max |g_o| r_o} over the other side (weight_bound_kernel), with g_out
-  float* unscale;      // (rows,) 2^-e of each row, with g_out
-  float* ncoef;  // (rows,) s sum_o dZ c, for the normalisation's backward, or null
-  float* coef0;  // (B,) grad_coef[0] by global row, or null
-  float* coef1;  // (B,) grad_coef[1]
-};
-
-template <typename T, int kKind, bool kNorm, bool kOwn, bool kOther>
-__global__ void __launch_bounds__(kThreads) pair_grad_kernel(const GradChunk c) {
-  const int64_t local = blockIdx.x, a = c.row0 + local;
-  const float* srow = c.sim + local * c.n;
-  T* grow = c.g_out != nullptr ? static_cast<T*>(c.g_out) + local * c.n : nullptr;
-  const float s = *c.scale, b = kKind == kSigLip ? *c.bias : 0.f;
-  const float ra = inv_norm_at<kNorm>(c.inv_own, a);
-  const int64_t la = kKind == kSupCon ? c.labels[a] : 0;
-  Anchor own{};
-  if constexpr (kOwn) own = anchor_of<kKind>(c.own, a);
-  int e = 0;  // the row's scaling of G
-  if (grow != nullptr) {
-    const float own_bound = kOwn ? c.own.weight * fabsf(own.g) * c.bound[0] : 0.f;
-    const float other_bound = kOther ? c.other.weight * c.bound[1] : 0.f;
-    e = weight_exponent(fabsf(s) * (own_bound + other_bound));
-  }
-  const float up = ldexpf(1.f, e);
-
-  // sum of dZ c and of dZ for grad_coef (SupCon: the anchor role only, the entry's own gradient),
-  // and of the row's whole gradient times c for the normalisation.
-  float dz_c = 0.f, dz = 0.f, total_c = 0.f;
-  struct Col {
-    float sim, ro;
-    Anchor other;
-    int64_t label;
-  };
-  auto load = [&](int64_t o) {
-    Col v{srow[o], inv_norm_at<kNorm>(c.inv_other, o), {}, kKind == kSupCon ? c.labels[o] : 0};
-    if constexpr (kOther) v.other = anchor_of<kKind>(c.other, o);
-    return v;
-  };
-  auto use = [&](int64_t o, const Col& v) {
-    const float cc = pair_cos(v.sim, ra, v.ro);
-    const float z = fmaf(s, cc, b);
-    const bool self = o == a;
-    const bool pos = kKind == kSupCon && !self && v.label == la;
-    const float mine = kOwn ? c.own.weight * pair_grad<kKind>(z, self, pos, own) : 0.f;
-    const float theirs = kOther ? c.other.weight * pair_grad<kKind>(z, self, pos, v.other) : 0.f;
-    const float total = mine + theirs;
-    const float entry = kKind == kSupCon ? mine : total;
-    dz_c = fmaf(entry, cc, dz_c);
-    dz += entry;
-    total_c = fmaf(total, cc, total_c);
-    if (grow != nullptr) store_elem(grow + o, s * total * v.ro * up);
-  };
-  stream_packets<kUnroll>(static_cast<int64_t>(threadIdx.x), c.n, static_cast<int64_t>(blockDim.x), load, use);
-
-  __shared__ float scratch[3][kThreads / kWarpSize];
-  dz_c = block_sum(dz_c, scratch[0]);
-  dz = block_sum(dz, scratch[1]);
-  total_c = block_sum(total_c, scratch[2]);
-  if (threadIdx.x != 0) return;
-  if (c.coef0 != nullptr) {
-    c.coef0[a] = dz_c;
-    c.coef1[a] = dz;
-  }
-  if (c.ncoef != nullptr) c.ncoef[local] = s * total_c;
-  if (grow != nullptr) c.unscale[local] = ldexpf(1.f, -e);
-}
-
-struct FinishGrad {
-  const float* acc;  // (rows, d) fp32: G @ y for the chunk
-  const float* unscale;  // (rows,) 2^-e of each row of G
-  int64_t row0, rows, d;
-  const void* x;       // the side's input (global rows)
-  const float* inv;    // r by global row
-  const float* proj;   // r^2 where the norm is not clamped, else 0
-  const float* ncoef;  // (rows,)
-  void* out;           // the side's gradient (global rows)
-};
-
-// grad_x = r (u acc - coef r x) = r u acc - coef r^2 x with u = 2^-e; without `normalize`, u acc.
-template <typename T, bool kNorm>
-__global__ void __launch_bounds__(kThreads) finish_grad_kernel(const FinishGrad f) {
-  const int lane = threadIdx.x % kWarpSize;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarpSize);
-  const T* x = static_cast<const T*>(f.x);
-  T* out = static_cast<T*>(f.out);
-  for (int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarpSize; row < f.rows;
-       row += warps) {
-    const int64_t a = f.row0 + row;
-    const float* acc = f.acc + row * f.d;
-    const float ra = kNorm ? f.inv[a] : 1.f;
-    const float along = kNorm ? f.ncoef[row] * f.proj[a] : 0.f;
-    const float u = f.unscale[row];
-    for (int64_t k = lane; k < f.d; k += kWarpSize) {
-      const float sum = acc[k] * u;  // exact: a power of two
-      const float v = kNorm ? fmaf(ra, sum, -along * load_elem(x + a * f.d + k)) : sum;
-      store_elem(out + a * f.d + k, v);
-    }
-  }
-}
 
 // ---- the chunk products, through torch's matrix product (cuBLAS on the current stream) ----
 
@@ -485,7 +49,7 @@ void similarities(const at::Tensor& x, const at::Tensor& y, at::Tensor sim) { pr
 // acc (rows, d) = g (rows, n) . y (n, d)
 void gradient_product(const at::Tensor& g, const at::Tensor& y, at::Tensor acc) { product_fp32_out(g, y, acc); }
 
-// ---- host side ----
+// ---- checks, chunk loops and launches ----
 
 constexpr const char* kFwd = "contrastive_fwd_cuda";
 constexpr const char* kBwd = "contrastive_bwd_cuda";
@@ -804,9 +368,10 @@ void contrastive_bwd_cuda(const at::Tensor& grad_rows, const at::Tensor& query, 
 }
 
 }  // namespace
+}  // namespace contrastive
 }  // namespace lossforge
 
 TORCH_LIBRARY_IMPL(lossforge, CUDA, m) {
-  m.impl("contrastive_fwd_cuda", TORCH_FN(lossforge::contrastive_fwd_cuda));
-  m.impl("contrastive_bwd_cuda", TORCH_FN(lossforge::contrastive_bwd_cuda));
+  m.impl("contrastive_fwd_cuda", TORCH_FN(lossforge::contrastive::contrastive_fwd_cuda));
+  m.impl("contrastive_bwd_cuda", TORCH_FN(lossforge::contrastive::contrastive_bwd_cuda));
 }
