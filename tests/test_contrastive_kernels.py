@@ -326,17 +326,17 @@ def test_explicit_kernel_backends_run_or_say_why(monkeypatch):
 
 
 # ---- fp16 gradient weights at large-batch magnitudes: a model of the CUDA backward's arithmetic ----
-# csrc/contrastive.cu stores each chunk's gradient weights G = s dZ r'_j in the inputs' dtype and
+# csrc/contrastive.cuh stores each chunk's gradient weights G = s dZ r'_j in the inputs' dtype and
 # takes G @ y on cuBLAS with fp32 accumulation. This model repeats those steps in PyTorch, with the
 # same roundings (fp32 weights, one rounding to fp16, fp32 product, fp16 output), for InfoNCE's and
 # SupCon's passes: it checks the design of the row scaling (2^e_i before the rounding, 2^-e_i
 # after the product), not the compiled kernel, which needs a GPU (tests/test_contrastive_gpu.py).
 
-WEIGHT_TOP_EXP = 14  # csrc/contrastive.cu: kWeightTopExp
+WEIGHT_TOP_EXP = 14  # csrc/contrastive.cuh: kWeightTopExp
 
 
 def _weight_exponents(bound):
-    """weight_exponent of csrc/contrastive.cu per row: e with bound 2^e in [2^13, 2^14); 0 where the
+    """weight_exponent of csrc/contrastive.cuh per row: e with bound 2^e in [2^13, 2^14); 0 where the
     bound is 0 or not finite."""
     _, x = torch.frexp(bound)
     e = (WEIGHT_TOP_EXP - x).clamp(-126, 126)
