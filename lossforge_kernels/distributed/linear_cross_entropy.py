@@ -15,6 +15,7 @@ import torch
 
 from ..ops.linear_cross_entropy import _Chunks, _Gradients
 from ..reference.cross_entropy import compute_dtype
+from .. import _checks as C
 from .._once_differentiable import keep_anchor
 from . import _group as G
 from .cross_entropy import (capped, class_block_grad, class_block_stats, merge_class_stats, options, owned_targets,
@@ -79,8 +80,6 @@ def vocab_parallel_linear_cross_entropy(x, weight, bias, target, class_weight, *
         loss="linear_cross_entropy", reduction=reduction, **named, weight=class_weight, linear_bias=bias,
         reduce_input_grad=reduce_input_grad, rows=x.shape[0], features=x.shape[1], dtype=x.dtype))
     class_weight, alpha = slice_of("weight", class_weight, vs), slice_of("focal_alpha", alpha, vs)
-    from ..losses.cross_entropy import check_target_range
-
-    check_target_range(target, vs.total, named["ignore_index"])
+    C.check_target_range(target, vs.total, named["ignore_index"])
     return _VocabParallelLinearCE.apply(x, weight, bias, target, class_weight, alpha, vs, opts, reduction, chunk_size,
                                         fp32_weight_grad, reduce_input_grad, group, loss_dtype)

@@ -60,17 +60,6 @@ def _check_target(input, target):
     return False
 
 
-def check_target_range(target, num_classes, ignore_index):
-    """IndexError for a class index out of range, where reading the targets is free (see _checks)."""
-    if target.numel() == 0 or not C.eager_value_checks(target):
-        return
-    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
-    if bool(bad.any()):
-        value = int(target[bad].flatten()[0])
-        raise IndexError(f"target contains class index {value}, out of range [0, {num_classes}) "
-                         f"and not ignore_index={ignore_index}")
-
-
 def check_class_vector(name, t, num_classes, input):
     """A (C,) float vector on input's device; num_classes None leaves its length to the caller."""
     C.check_tensor(name, t, ndim=1, float_only=True)
@@ -171,7 +160,7 @@ def _rows_loss(logits, target, weight, soft, num_classes, reduction, inplace, sh
         return vocab_parallel_cross_entropy(AC.widen(logits, autocast), target, weight, reduction=reduction,
                                             process_group=process_group, vocab_start=vocab_start, **opts)
     if not soft:
-        check_target_range(target, num_classes, opts["ignore_index"])
+        C.check_target_range(target, num_classes, opts["ignore_index"])
     chosen = resolve_backend(backend, FAMILY, logits, gap=kernel_gap(soft, target, weight, opts["focal_alpha"]))
     if chosen == "reference" or logits.numel() == 0:
         return ref.cross_entropy(AC.widen(logits, autocast), target, weight, reduction=reduction, **opts)

@@ -12,7 +12,7 @@ from .. import _checks as C
 from .._backends import LossKernels, register_kernels, resolve_backend
 from ..reference import linear_cross_entropy as ref
 from .cross_entropy import (CrossEntropyOptions, check_class_vectors, check_options, check_sharding,
-                            check_target_range, kernel_gap, kernel_options)
+                            kernel_gap, kernel_options)
 
 FAMILY = "linear_cross_entropy"
 register_kernels(FAMILY, LossKernels(backends=("cuda", "triton"), gradients_of="input, linear_weight and "
@@ -75,7 +75,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     C.check_bool("reduce_input_grad", reduce_input_grad)
     flat_input, flat_target = input.reshape(-1, input.shape[-1]), target.reshape(-1).to(torch.int64)
     if not sharded:
-        check_target_range(flat_target, num_classes, opts["ignore_index"])
+        C.check_target_range(flat_target, num_classes, opts["ignore_index"])
     autocast = AC.autocast_dtype(input)
     with AC.off(input):
         if sharded:
