@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.linear_cross_entropy import _Chunks, _Gradients
+from ..ops.chunks import Chunks, Gradients
 from ..reference.cross_entropy import compute_dtype
 from .. import _checks as C
 from .._once_differentiable import keep_anchor
@@ -28,7 +28,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         keep_anchor(ctx, x, weight, bias, target, class_weight, alpha)
         col, owned, counted = owned_targets(target, vs, opts)
         parts = []
-        for start, stop, logits in _Chunks(x, weight, bias, chunk):
+        for start, stop, logits in Chunks(x, weight, bias, chunk):
             y, _ = capped(logits, opts.softcap)
             parts.append(class_block_stats(y, col[start:stop], owned[start:stop], class_weight, alpha,
                                            opts.label_smoothing > 0))
@@ -54,8 +54,8 @@ class _VocabParallelLinearCE(torch.autograd.Function):
             x.shape[0])
         wants = ctx.needs_input_grad[:3]
         grads = [torch.empty_like(t) if w and t is not None else None for t, w in zip((x, weight, bias), wants)]
-        chunks = _Chunks(x, weight, bias, chunk)
-        sink = _Gradients(grads, weight, fp32_weight_grad)
+        chunks = Chunks(x, weight, bias, chunk)
+        sink = Gradients(grads, weight, fp32_weight_grad)
         for start, stop, logits in chunks:
             y, slope = capped(logits, opts.softcap)
             dlogits = class_block_grad(y, slope, col, owned, counted, ctx.stats, class_weight, scale, vs, opts,
