@@ -12,7 +12,9 @@ from torch import nn
 from .. import _autocast as AC
 from .. import _checks as C
 from .._backends import BACKENDS, LossKernels, register_kernels, resolve_backend
+from ..distributed.cross_entropy import vocab_parallel_cross_entropy
 from ..ops.builder import gradient_gap
+from ..ops.cross_entropy import cross_entropy_kernels
 from ..reference import cross_entropy as ref
 
 FAMILY = "cross_entropy"
@@ -155,8 +157,6 @@ def _rows_loss(logits, target, weight, soft, num_classes, reduction, inplace, sh
     """The loss of (M, C) rows on the chosen backend; `autocast`: the autocast dtype or None (the
     logits are used as given, the loss is float32, as torch's cross_entropy under autocast)."""
     if sharded:
-        from ..distributed.cross_entropy import vocab_parallel_cross_entropy
-
         return vocab_parallel_cross_entropy(AC.widen(logits, autocast), target, weight, reduction=reduction,
                                             process_group=process_group, vocab_start=vocab_start, **opts)
     if not soft:
@@ -181,8 +181,6 @@ def kernel_options(soft, weight, *, ignore_index, label_smoothing, z_loss, softc
 
 def kernel_cross_entropy(logits, target, weight, reduction, inplace, backend, out_dtype=None, **options):
     """(M, C) rows on a kernel backend: the tensors laid out as the kernel contract asks."""
-    from ..ops.cross_entropy import cross_entropy_kernels
-
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     soft = target.dtype.is_floating_point

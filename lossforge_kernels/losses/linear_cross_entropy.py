@@ -10,6 +10,8 @@ import torch
 from .. import _autocast as AC
 from .. import _checks as C
 from .._backends import LossKernels, register_kernels, resolve_backend
+from ..distributed.linear_cross_entropy import vocab_parallel_linear_cross_entropy
+from ..ops.linear_cross_entropy import linear_cross_entropy_kernels
 from ..reference import linear_cross_entropy as ref
 from .cross_entropy import (CrossEntropyOptions, check_class_vectors, check_options, check_sharding,
                             kernel_gap, kernel_options)
@@ -97,8 +99,6 @@ def _loss(x, linear_weight, linear_bias, target, weight, reduction, backend, chu
         x, linear_weight, linear_bias = (AC.round_operand(t, autocast, reference=True)
                                          for t in (x, linear_weight, linear_bias))
         return ref.linear_cross_entropy(x, linear_weight, target, linear_bias, weight, reduction=reduction, **opts)
-    from ..ops.linear_cross_entropy import linear_cross_entropy_kernels
-
     x = AC.round_operand(x, autocast, reference=False)
     weight, weight_sum, alpha, params = kernel_options(False, weight, **opts)
     tensors = (x.contiguous(), linear_weight.contiguous(), linear_bias, target.contiguous(), weight, weight_sum,
@@ -109,8 +109,6 @@ def _loss(x, linear_weight, linear_bias, target, weight, reduction, backend, chu
 
 def _sharded_loss(x, linear_weight, linear_bias, target, weight, reduction, chunk, fp32_weight_grad, process_group,
                   vocab_start, reduce_input_grad, autocast, opts):
-    from ..distributed.linear_cross_entropy import vocab_parallel_linear_cross_entropy
-
     x = AC.round_operand(x, autocast, reference=False)
     return vocab_parallel_linear_cross_entropy(
         x.contiguous(), linear_weight.contiguous(), linear_bias, target.contiguous(), weight, reduction=reduction,
