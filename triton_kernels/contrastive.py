@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .interpreter import interpreting
+from . import interpreting
 from .row_softmax import NEG_INF as _NEG_INF_VALUE, finish_lse, fold_tile_lse, softplus
 
 NEG_INF = tl.constexpr(_NEG_INF_VALUE)  # jit code may only read constexpr globals

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .interpreter import interpreting
+from . import interpreting
 
 KINDS = {"euclidean": 0, "squared_euclidean": 1, "cosine": 2}
 NO_INDEX = tl.constexpr(2147483647)  # jit code may read only constexpr globals

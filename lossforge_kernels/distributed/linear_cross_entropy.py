@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.chunks import Chunks, Gradients
+from ..ops._chunks import Chunks, Gradients
 from ..reference.cross_entropy import compute_dtype
 from .. import _checks as C
 from .._once_differentiable import keep_anchor

@@ -21,9 +21,9 @@ from __future__ import annotations
 import torch
 
 from . import cross_entropy as ce
+from ._chunks import F32, Chunks, Gradients
 from ._library import kernel_op
 from .builder import FusedLoss, build
-from .chunks import F32, Chunks, Gradients
 
 PARAMS = ce.PARAMS + ("int chunk_size", "bool fp32_weight_grad")
 

@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 
 from ..reference import triplet as ref
+from ._chunks import fp32_out_products
 from ._labels import class_sizes
 from ._library import define_kernel_op, kernel_op, register_triton_impl
 from .builder import FusedLoss, build
-from .chunks import fp32_out_products
 
 F32, I64 = torch.float32, torch.int64
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

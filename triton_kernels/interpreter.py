@@ -1,7 +1,0 @@
-"""Whether the kernels run in the Triton interpreter (TRITON_INTERPRET), read at launch time: the
-launchers pick GPU or interpreter block sizes from it."""
-import os
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
