@@ -25,6 +25,17 @@ def eager_value_checks(t: torch.Tensor) -> bool:
     return os.environ.get("LOSSFORGE_CHECK_INPUTS", "0") not in ("", "0")
 
 
+def check_target_range(target, num_classes, ignore_index):
+    """IndexError for a class index out of range, where reading the targets is free (eager_value_checks)."""
+    if target.numel() == 0 or not eager_value_checks(target):
+        return
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if bool(bad.any()):
+        value = int(target[bad].flatten()[0])
+        raise IndexError(f"target contains class index {value}, out of range [0, {num_classes}) "
+                         f"and not ignore_index={ignore_index}")
+
+
 def check_reduction(reduction) -> str:
     if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")

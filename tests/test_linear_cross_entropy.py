@@ -314,7 +314,7 @@ def test_fused_op_under_autocast(kernel_backend):
 
 
 def test_automatic_chunk_keeps_the_logits_buffer_bounded():
-    from lossforge_kernels.ops.linear_cross_entropy import AUTO_CHUNK_BYTES, chunk_rows
+    from lossforge_kernels.ops._chunks import AUTO_CHUNK_BYTES, chunk_rows
 
     assert chunk_rows(8192, 128256, 2, 0) == 1024  # the language-model shape, bf16
     assert chunk_rows(8192, 128256, 2, 0, buffers=2) == 512

@@ -8,8 +8,8 @@ signatures:
 1. Record (a subprocess with TRITON_INTERPRET=1, at collection time): the public entry points run
    on small CPU tensors with backend="triton" while InterpretedFunction.run logs every launch
    (kernel, arguments, constexprs, num_warps, num_stages). Launchers choose GPU or interpreter
-   settings from TRITON_INTERPRET at launch time (contrastive `_interpreting()` for tiles_for,
-   _dot_modes and the norm blocks; triplet `triton_interpreter()` for _mine_config and the pair
+   settings from TRITON_INTERPRET at launch time (triton_kernels/__init__.py's `interpreting()`:
+   contrastive for tiles_for, _dot_modes and the norm blocks, triplet for _mine_config and the pair
    block; the interpreter's tl.dot cannot take bf16, hence the fp32 upcasts there). So once every
    kernel module is imported (its @triton.jit functions are then InterpretedFunctions for good),
    the recorder sets TRITON_INTERPRET=0 and keeps only the backend registry's own check

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import lossforge_kernels as lf
-from lossforge_kernels.ops.linear_cross_entropy import fp32_out_products
+from lossforge_kernels.ops._chunks import fp32_out_products
 from tests.conftest import interpreter_numpy_problem
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

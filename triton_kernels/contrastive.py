@@ -28,12 +28,12 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from . import interpreting
 from .row_softmax import NEG_INF as _NEG_INF_VALUE, finish_lse, fold_tile_lse, softplus
 
 NEG_INF = tl.constexpr(_NEG_INF_VALUE)  # jit code may only read constexpr globals
@@ -60,17 +60,13 @@ class Tiles:
         return self.k == self.d_full
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def tiles_for(d: int, interpret: bool | None = None) -> Tiles:
     """Tile sizes from the feature width only. On a GPU, 64 x 64 tiles; the own tile stays in registers
     up to D = 256, wider rows are reduced in 128-wide chunks; the backward's fp32 accumulator is at
     most 64 x 128 (more feature blocks recompute the similarity tile once each). The interpreter gets
     tiny tiles, so small tests cross row, chunk and feature-block edges (k = 64 > dg = 32)."""
     d_full = max(16, triton.next_power_of_2(max(d, 1)))
-    if _interpreting() if interpret is None else interpret:
+    if interpreting() if interpret is None else interpret:
         return Tiles(16, 16, min(d_full, 64), min(d_full, 32), d_full, 1, 1, 1)
     if d_full <= 128:
         return Tiles(64, 64, d_full, d_full, d_full, 4, 8, 2)
@@ -389,8 +385,8 @@ def _inverse_norms(x: torch.Tensor, normalize: bool, dummy: torch.Tensor) -> tor
         return dummy
     n, d = x.shape
     out = torch.empty(2, n, dtype=torch.float32, device=x.device)
-    block_r = 16 if _interpreting() else 32
-    block_c = min(triton.next_power_of_2(max(d, 1)), 128 if _interpreting() else 256)
+    block_r = 16 if interpreting() else 32
+    block_c = min(triton.next_power_of_2(max(d, 1)), 128 if interpreting() else 256)
     _inv_norm_kernel[(triton.cdiv(n, block_r),)](x, out, n, d, BLOCK_R=block_r, BLOCK_C=max(block_c, 16))
     return out
 
@@ -414,7 +410,7 @@ def contrastive_fwd(query, key, labels, scale, bias, loss, stats, kind, normaliz
     if b == 0:
         return
     t = tiles_for(d)
-    to_f32, precision, _, _ = _dot_modes(query.dtype, _interpreting())
+    to_f32, precision, _, _ = _dot_modes(query.dtype, interpreting())
     rq = _inverse_norms(query, normalize, loss)
     rk = rq if kind == KIND_SUPCON else _inverse_norms(key, normalize, loss)
     n_row_blocks = triton.cdiv(b, t.m)
@@ -442,7 +438,7 @@ def contrastive_bwd(grad_rows, query, key, labels, scale, bias, stats, grad_quer
             grad_key.zero_()  # no query: every key gradient is 0
         return
     t = tiles_for(d)
-    to_f32, precision, grad_f32, grad_precision = _dot_modes(query.dtype, _interpreting())
+    to_f32, precision, grad_f32, grad_precision = _dot_modes(query.dtype, interpreting())
     rq = _inverse_norms(query, normalize, grad_rows)
     rk = rq if kind == KIND_SUPCON else _inverse_norms(key, normalize, grad_rows)
     n_row_blocks = triton.cdiv(b, t.m) if (has_gq or has_coef) else 0

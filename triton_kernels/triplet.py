@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lossforge_kernels._backends import triton_interpreter
+from . import interpreting
 
 KINDS = {"euclidean": 0, "squared_euclidean": 1, "cosine": 2}
 NO_INDEX = tl.constexpr(2147483647)  # jit code may read only constexpr globals
@@ -166,7 +166,7 @@ def _pair_grad_kernel(x_ptr, s_ptr, off_ptr, other_ptr, coef_ptr, gx_ptr, gs_ptr
 
 def _mine_config(dtype):
     """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, upcast, dot precision)."""
-    if triton_interpreter():
+    if interpreting():
         return 32, 32, 32, 4, 1, True, "ieee"
     if dtype == torch.float32:  # exact fp32 products: tf32 would move distances by ~1e-3
         return 64, 64, 32, 4, 2, False, "ieee"
@@ -195,7 +195,7 @@ def triplet_pair_grad(x, scale, offsets, others, coef, centered, grad_x, grad_sc
     if n == 0 or (grad_x is None and grad_scale is None):
         return
     has_scale = scale is not None
-    block_r = 32 if triton_interpreter() else 8
+    block_r = 32 if interpreting() else 8
     block_d = min(triton.next_power_of_2(max(d, 1)), 512)
     _pair_grad_kernel[(triton.cdiv(n, block_r),)](
         x, scale if has_scale else coef, offsets, others, coef, x if grad_x is None else grad_x,
@@ -359,7 +359,7 @@ def _row_loss_kernel(gram_ptr, sq_ptr, s_ptr, lab_ptr, w_ptr, loss_ptr, count_pt
 def _row_config():
     """(BLOCK_R, BLOCK_P, BLOCK_N, warps). On a GPU one row per program keeps the work O(P_a B) per
     row; the interpreter takes many rows and wide blocks, as its cost is per operation."""
-    if triton_interpreter():
+    if interpreting():
         return 32, 32, 128, 1
     return 1, 16, 256, 4
 

@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from ..reference import row_softmax as core
-from ..reference.contrastive import _embed, _scalar
+from ..reference.contrastive import compute_scalar, embed
 from ..reference.cross_entropy import compute_dtype
 from .._once_differentiable import keep_anchor
 from . import _group as G
 
 
-def _finish(rows, reduction, divisor, group, dtype):
+def finish_rows(rows, reduction, divisor, group, dtype):
     """'none': this rank's rows (their gradient W times theirs); 'sum'/'mean': the global loss."""
     if reduction == "none":
         scaled = rows * group.world
@@ -31,10 +31,10 @@ def _finish(rows, reduction, divisor, group, dtype):
     return G.global_loss(share, group).to(dtype)
 
 
-def info_nce(query, key, logit_scale, *, temperature=None, symmetric, normalize, reduction, process_group, backend):
-    """`logit_scale` the multiplier, or None for 1 / `temperature`."""
-    from ..losses.cross_entropy import cross_entropy
-
+def info_nce(query, key, logit_scale, *, temperature=None, symmetric, normalize, reduction, process_group, backend,
+             cross_entropy):
+    """`logit_scale` the multiplier, or None for 1 / `temperature`; `cross_entropy` the public function
+    (passed in by the public layer, which this one does not import), run on the local rows."""
     group = G.resolve_group(process_group, query.device)
     what = "info_nce(process_group=...)"
     got = G.agree(group, what, dict(loss="info_nce", temperature=temperature, logit_scale=logit_scale,
@@ -46,11 +46,11 @@ def info_nce(query, key, logit_scale, *, temperature=None, symmetric, normalize,
         raise ValueError(f"{what}: symmetric=True needs as many keys as queries on every rank, got queries "
                          f"{b_sizes} and keys {m_sizes}")
     ct = compute_dtype(query.dtype)
-    q, k = _embed(query, normalize, ct), _embed(key, normalize, ct)
-    s = _scalar(1.0 / temperature if logit_scale is None else logit_scale, ct)
+    q, k = embed(query, normalize, ct), embed(key, normalize, ct)
+    s = compute_scalar(1.0 / temperature if logit_scale is None else logit_scale, ct)
     if group.world >= ring_min_world():
         rows = _InfoNCERing.apply(q, k, s, group, b_sizes, m_sizes, symmetric)
-        return _finish(rows, reduction, sum(b_sizes), group, query.dtype)
+        return finish_rows(rows, reduction, sum(b_sizes), group, query.dtype)
     keys = G.gather_rows(k, group, m_sizes)
     local = torch.arange(q.shape[0], device=q.device)
     rows = cross_entropy(s * (q @ keys.T), G.offsets(m_sizes)[group.rank] + local, reduction="none", backend=backend)
@@ -59,7 +59,7 @@ def info_nce(query, key, logit_scale, *, temperature=None, symmetric, normalize,
         cols = cross_entropy(s * (k @ queries.T), G.offsets(b_sizes)[group.rank] + local, reduction="none",
                              backend=backend)
         rows = 0.5 * (rows + cols)
-    return _finish(rows, reduction, sum(b_sizes), group, query.dtype)
+    return finish_rows(rows, reduction, sum(b_sizes), group, query.dtype)
 
 
 def supcon_loss(features, labels, temperature, *, normalize, reduction, process_group):
@@ -70,7 +70,7 @@ def supcon_loss(features, labels, temperature, *, normalize, reduction, process_
                   {"anchors": features.shape[0]})
     sizes = got["anchors"]
     ct = compute_dtype(features.dtype)
-    f = _embed(features, normalize, ct)
+    f = embed(features, normalize, ct)
     everyone = G.gather_rows(f, group, sizes)
     all_labels = G.gather_rows(labels.to(torch.int64), group, sizes)
     z = (f @ everyone.T) / temperature                                      # (B_r, B)
@@ -85,7 +85,7 @@ def supcon_loss(features, labels, temperature, *, normalize, reduction, process_
     rows = -torch.where(positive, log_prob, 0.0).sum(1) / n_pos.clamp_min(1).to(ct)
     rows = torch.where(has_pos, rows, 0.0)
     kept = G.all_reduce_value(has_pos.sum().to(ct), group)
-    return _finish(rows, reduction, kept, group, features.dtype)
+    return finish_rows(rows, reduction, kept, group, features.dtype)
 
 
 def siglip_loss(query, key, logit_scale, logit_bias, *, normalize, reduction, process_group):
@@ -97,8 +97,8 @@ def siglip_loss(query, key, logit_scale, logit_bias, *, normalize, reduction, pr
                   {"queries": query.shape[0], "keys": key.shape[0]})
     b_sizes, m_sizes = got["queries"], got["keys"]
     ct = compute_dtype(query.dtype)
-    q, k = _embed(query, normalize, ct), _embed(key, normalize, ct)
-    scale, bias = _scalar(logit_scale, ct), _scalar(logit_bias, ct)
+    q, k = embed(query, normalize, ct), embed(key, normalize, ct)
+    scale, bias = compute_scalar(logit_scale, ct), compute_scalar(logit_bias, ct)
     if group.world >= ring_min_world():
         rows = siglip_rows_on_a_ring(q, k, scale, bias, group, m_sizes)
     else:
@@ -107,7 +107,7 @@ def siglip_loss(query, key, logit_scale, logit_bias, *, normalize, reduction, pr
         positive = G.offsets(m_sizes)[group.rank] + torch.arange(q.shape[0], device=q.device)
         sign = torch.where(torch.arange(keys.shape[0], device=q.device)[None, :] == positive[:, None], 1.0, -1.0)
         rows = -F.logsigmoid(sign.to(ct) * logits).sum(1)
-    return _finish(rows, reduction, sum(b_sizes), group, query.dtype)
+    return finish_rows(rows, reduction, sum(b_sizes), group, query.dtype)
 
 
 # ---- SigLIP on a ring: memory per rank independent of the group's size --------------------------------

@@ -16,6 +16,7 @@ import torch
 
 from ..reference import row_softmax as core
 from ..reference.cross_entropy import compute_dtype
+from .. import _checks as C
 from .._once_differentiable import keep_anchor
 from . import _group as G
 BLOCK_ELEMENTS = 1 << 24  # logits per block of rows in the local passes (64 MiB of fp32 temporaries)
@@ -280,7 +281,5 @@ def vocab_parallel_cross_entropy(logits, target, weight, *, reduction, process_g
         target="probabilities" if soft else "class indices", rows=logits.shape[0], dtype=logits.dtype))
     weight, alpha = slice_of("weight", weight, vs), slice_of("focal_alpha", alpha, vs)
     if not soft:
-        from ..losses.cross_entropy import check_target_range
-
-        check_target_range(target, vs.total, named["ignore_index"])
+        C.check_target_range(target, vs.total, named["ignore_index"])
     return _VocabParallelCE.apply(logits, target, weight, alpha, vs, opts, reduction, group)

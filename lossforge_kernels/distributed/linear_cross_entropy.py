@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.linear_cross_entropy import _Chunks, _Gradients
+from ..ops._chunks import Chunks, Gradients
 from ..reference.cross_entropy import compute_dtype
+from .. import _checks as C
 from .._once_differentiable import keep_anchor
 from . import _group as G
 from .cross_entropy import (capped, class_block_grad, class_block_stats, merge_class_stats, options, owned_targets,
@@ -27,7 +28,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
         keep_anchor(ctx, x, weight, bias, target, class_weight, alpha)
         col, owned, counted = owned_targets(target, vs, opts)
         parts = []
-        for start, stop, logits in _Chunks(x, weight, bias, chunk):
+        for start, stop, logits in Chunks(x, weight, bias, chunk):
             y, _ = capped(logits, opts.softcap)
             parts.append(class_block_stats(y, col[start:stop], owned[start:stop], class_weight, alpha,
                                            opts.label_smoothing > 0))
@@ -53,8 +54,8 @@ class _VocabParallelLinearCE(torch.autograd.Function):
             x.shape[0])
         wants = ctx.needs_input_grad[:3]
         grads = [torch.empty_like(t) if w and t is not None else None for t, w in zip((x, weight, bias), wants)]
-        chunks = _Chunks(x, weight, bias, chunk)
-        sink = _Gradients(grads, weight, fp32_weight_grad)
+        chunks = Chunks(x, weight, bias, chunk)
+        sink = Gradients(grads, weight, fp32_weight_grad)
         for start, stop, logits in chunks:
             y, slope = capped(logits, opts.softcap)
             dlogits = class_block_grad(y, slope, col, owned, counted, ctx.stats, class_weight, scale, vs, opts,
@@ -79,8 +80,6 @@ def vocab_parallel_linear_cross_entropy(x, weight, bias, target, class_weight, *
         loss="linear_cross_entropy", reduction=reduction, **named, weight=class_weight, linear_bias=bias,
         reduce_input_grad=reduce_input_grad, rows=x.shape[0], features=x.shape[1], dtype=x.dtype))
     class_weight, alpha = slice_of("weight", class_weight, vs), slice_of("focal_alpha", alpha, vs)
-    from ..losses.cross_entropy import check_target_range
-
-    check_target_range(target, vs.total, named["ignore_index"])
+    C.check_target_range(target, vs.total, named["ignore_index"])
     return _VocabParallelLinearCE.apply(x, weight, bias, target, class_weight, alpha, vs, opts, reduction, chunk_size,
                                         fp32_weight_grad, reduce_input_grad, group, loss_dtype)

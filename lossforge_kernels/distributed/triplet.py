@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from ..reference import triplet as ref
 from ..reference.cross_entropy import compute_dtype
 from . import _group as G
-from .contrastive import _finish
+from .contrastive import finish_rows
 
 
 def triplet_loss(embeddings, labels, *, margin, mining, distance, soft_margin, normalize, reduction, process_group):
@@ -38,4 +38,4 @@ def triplet_loss(embeddings, labels, *, margin, mining, distance, soft_margin, n
     total = G.all_reduce_value(count.to(ct), group)
     if reduction == "mean" and mining == "batch_all":
         total = total.clamp_min(1)
-    return _finish(per_anchor, reduction, total, group, embeddings.dtype)
+    return finish_rows(per_anchor, reduction, total, group, embeddings.dtype)

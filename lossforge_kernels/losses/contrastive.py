@@ -13,7 +13,10 @@ from torch import nn
 from .. import _autocast as AC
 from .. import _checks as C
 from .._backends import LossKernels, register_kernels, resolve_backend
+from ..distributed import contrastive as dist_impl
+from ..ops.contrastive import info_nce_kernels, siglip_kernels, supcon_kernels
 from ..reference import contrastive as ref
+from .cross_entropy import cross_entropy
 
 FAMILY = "contrastive"
 register_kernels(FAMILY, LossKernels(backends=("triton", "cuda"),
@@ -85,15 +88,12 @@ def info_nce(query, key, *, logit_scale=None, temperature=0.07, symmetric=True, 
     with AC.off(query):
         query, key = (AC.round_operand(t, autocast, reference=not kernel) for t in (query, key))
         if process_group is not None:
-            from ..distributed import contrastive as dist_impl
-
             return dist_impl.info_nce(query, key, logit_scale, temperature=temperature, symmetric=symmetric,
                                       normalize=normalize, reduction=reduction, process_group=process_group,
-                                      backend="auto" if backend == "auto" else "reference")
+                                      backend="auto" if backend == "auto" else "reference",
+                                      cross_entropy=cross_entropy)
         if not kernel:
             return ref.info_nce(query, key, scale, symmetric=symmetric, normalize=normalize, reduction=reduction)
-        from ..ops.contrastive import info_nce_kernels
-
         tensors = (query.contiguous(), key.contiguous(), _kernel_scalar(scale, query))
         return info_nce_kernels(tensors, (normalize, symmetric), reduction=reduction, backend=chosen,
                                 out_dtype=AC.loss_dtype(autocast))
@@ -118,14 +118,10 @@ def supcon_loss(features, labels, *, temperature=0.07, normalize=True, reduction
     with AC.off(features):
         features = AC.round_operand(features, autocast, reference=not kernel)
         if process_group is not None:
-            from ..distributed import contrastive as dist_impl
-
             return dist_impl.supcon_loss(features, labels, temperature, normalize=normalize, reduction=reduction,
                                          process_group=process_group)
         if not kernel:
             return ref.supcon_loss(features, labels, temperature, normalize=normalize, reduction=reduction)
-        from ..ops.contrastive import supcon_kernels
-
         tensors = (features.contiguous(), labels.to(torch.int64).contiguous())
         return supcon_kernels(tensors, (temperature, normalize), reduction=reduction, backend=chosen,
                               out_dtype=AC.loss_dtype(autocast))
@@ -151,14 +147,10 @@ def siglip_loss(query, key, logit_scale, logit_bias, *, normalize=True, reductio
     with AC.off(query):
         query, key = (AC.round_operand(t, autocast, reference=not kernel) for t in (query, key))
         if process_group is not None:
-            from ..distributed import contrastive as dist_impl
-
             return dist_impl.siglip_loss(query, key, logit_scale, logit_bias, normalize=normalize,
                                          reduction=reduction, process_group=process_group)
         if not kernel:
             return ref.siglip_loss(query, key, logit_scale, logit_bias, normalize=normalize, reduction=reduction)
-        from ..ops.contrastive import siglip_kernels
-
         tensors = (query.contiguous(), key.contiguous(), _kernel_scalar(logit_scale, query),
                    _kernel_scalar(logit_bias, query))
         return siglip_kernels(tensors, (normalize,), reduction=reduction, backend=chosen,

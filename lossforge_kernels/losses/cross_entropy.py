@@ -12,7 +12,9 @@ from torch import nn
 from .. import _autocast as AC
 from .. import _checks as C
 from .._backends import BACKENDS, LossKernels, register_kernels, resolve_backend
+from ..distributed.cross_entropy import vocab_parallel_cross_entropy
 from ..ops.builder import gradient_gap
+from ..ops.cross_entropy import cross_entropy_kernels
 from ..reference import cross_entropy as ref
 
 FAMILY = "cross_entropy"
@@ -58,17 +60,6 @@ def _check_target(input, target):
         raise ValueError(f"target with class indices must have shape {tuple(expected)} for input of shape "
                          f"{tuple(input.shape)}, got {tuple(target.shape)}")
     return False
-
-
-def check_target_range(target, num_classes, ignore_index):
-    """IndexError for a class index out of range, where reading the targets is free (see _checks)."""
-    if target.numel() == 0 or not C.eager_value_checks(target):
-        return
-    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
-    if bool(bad.any()):
-        value = int(target[bad].flatten()[0])
-        raise IndexError(f"target contains class index {value}, out of range [0, {num_classes}) "
-                         f"and not ignore_index={ignore_index}")
 
 
 def check_class_vector(name, t, num_classes, input):
@@ -166,12 +157,10 @@ def _rows_loss(logits, target, weight, soft, num_classes, reduction, inplace, sh
     """The loss of (M, C) rows on the chosen backend; `autocast`: the autocast dtype or None (the
     logits are used as given, the loss is float32, as torch's cross_entropy under autocast)."""
     if sharded:
-        from ..distributed.cross_entropy import vocab_parallel_cross_entropy
-
         return vocab_parallel_cross_entropy(AC.widen(logits, autocast), target, weight, reduction=reduction,
                                             process_group=process_group, vocab_start=vocab_start, **opts)
     if not soft:
-        check_target_range(target, num_classes, opts["ignore_index"])
+        C.check_target_range(target, num_classes, opts["ignore_index"])
     chosen = resolve_backend(backend, FAMILY, logits, gap=kernel_gap(soft, target, weight, opts["focal_alpha"]))
     if chosen == "reference" or logits.numel() == 0:
         return ref.cross_entropy(AC.widen(logits, autocast), target, weight, reduction=reduction, **opts)
@@ -192,8 +181,6 @@ def kernel_options(soft, weight, *, ignore_index, label_smoothing, z_loss, softc
 
 def kernel_cross_entropy(logits, target, weight, reduction, inplace, backend, out_dtype=None, **options):
     """(M, C) rows on a kernel backend: the tensors laid out as the kernel contract asks."""
-    from ..ops.cross_entropy import cross_entropy_kernels
-
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     soft = target.dtype.is_floating_point

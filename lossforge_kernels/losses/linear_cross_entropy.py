@@ -10,9 +10,11 @@ import torch
 from .. import _autocast as AC
 from .. import _checks as C
 from .._backends import LossKernels, register_kernels, resolve_backend
+from ..distributed.linear_cross_entropy import vocab_parallel_linear_cross_entropy
+from ..ops.linear_cross_entropy import linear_cross_entropy_kernels
 from ..reference import linear_cross_entropy as ref
 from .cross_entropy import (CrossEntropyOptions, check_class_vectors, check_options, check_sharding,
-                            check_target_range, kernel_gap, kernel_options)
+                            kernel_gap, kernel_options)
 
 FAMILY = "linear_cross_entropy"
 register_kernels(FAMILY, LossKernels(backends=("cuda", "triton"), gradients_of="input, linear_weight and "
@@ -75,7 +77,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     C.check_bool("reduce_input_grad", reduce_input_grad)
     flat_input, flat_target = input.reshape(-1, input.shape[-1]), target.reshape(-1).to(torch.int64)
     if not sharded:
-        check_target_range(flat_target, num_classes, opts["ignore_index"])
+        C.check_target_range(flat_target, num_classes, opts["ignore_index"])
     autocast = AC.autocast_dtype(input)
     with AC.off(input):
         if sharded:
@@ -97,8 +99,6 @@ def _loss(x, linear_weight, linear_bias, target, weight, reduction, backend, chu
         x, linear_weight, linear_bias = (AC.round_operand(t, autocast, reference=True)
                                          for t in (x, linear_weight, linear_bias))
         return ref.linear_cross_entropy(x, linear_weight, target, linear_bias, weight, reduction=reduction, **opts)
-    from ..ops.linear_cross_entropy import linear_cross_entropy_kernels
-
     x = AC.round_operand(x, autocast, reference=False)
     weight, weight_sum, alpha, params = kernel_options(False, weight, **opts)
     tensors = (x.contiguous(), linear_weight.contiguous(), linear_bias, target.contiguous(), weight, weight_sum,
@@ -109,8 +109,6 @@ def _loss(x, linear_weight, linear_bias, target, weight, reduction, backend, chu
 
 def _sharded_loss(x, linear_weight, linear_bias, target, weight, reduction, chunk, fp32_weight_grad, process_group,
                   vocab_start, reduce_input_grad, autocast, opts):
-    from ..distributed.linear_cross_entropy import vocab_parallel_linear_cross_entropy
-
     x = AC.round_operand(x, autocast, reference=False)
     return vocab_parallel_linear_cross_entropy(
         x.contiguous(), linear_weight.contiguous(), linear_bias, target.contiguous(), weight, reduction=reduction,

@@ -7,6 +7,7 @@ from .. import _autocast as AC
 from .. import _checks as C
 from .._backends import BACKENDS, LossKernels, register_kernels, resolve_backend
 from ..ops.builder import gradient_gap
+from ..ops.sigmoid_focal import sigmoid_focal_kernels
 from ..reference import sigmoid_focal as ref
 
 FAMILY = "sigmoid_focal"
@@ -33,8 +34,6 @@ def sigmoid_focal_loss(input, target, *, alpha=0.25, gamma=2.0, reduction="none"
         if chosen == "reference" or input.numel() == 0:
             return ref.sigmoid_focal_loss(AC.widen(input, autocast), target, alpha=alpha, gamma=gamma,
                                           reduction=reduction)
-        from ..ops.sigmoid_focal import sigmoid_focal_kernels
-
         tensors = (input.contiguous(), target.to(input.dtype).contiguous())
         return sigmoid_focal_kernels(tensors, (alpha, gamma), reduction=reduction, backend=chosen,
                                      out_dtype=AC.loss_dtype(autocast))

@@ -16,6 +16,7 @@ from .. import _autocast as AC
 from .. import _checks as C
 from .._backends import BACKENDS, KERNEL_BACKENDS, BackendUnavailableError, LossKernels, register_kernels, \
     resolve_backend
+from ..distributed import triplet as dist_impl
 from ..ops import triplet as kernels
 from ..reference import triplet as ref
 
@@ -52,8 +53,6 @@ def triplet_loss(embeddings, labels, *, margin=0.2, mining="batch_hard", distanc
     with AC.off(embeddings):
         embeddings = AC.round_operand(embeddings, autocast, reference=not kernel)
         if process_group is not None:
-            from ..distributed import triplet as dist_impl
-
             return dist_impl.triplet_loss(embeddings, labels, margin=margin, mining=mining, distance=distance,
                                           soft_margin=soft_margin, normalize=normalize, reduction=reduction,
                                           process_group=process_group)

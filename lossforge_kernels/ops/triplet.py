@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from ..reference import triplet as ref
+from ._chunks import fp32_out_products
 from ._labels import class_sizes
-from .linear_cross_entropy import fp32_out_products
 from ._library import define_kernel_op, kernel_op, register_triton_impl
 from .builder import FusedLoss, build
 

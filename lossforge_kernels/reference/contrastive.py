@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from .cross_entropy import compute_dtype
 
 
-def _embed(x: torch.Tensor, normalize: bool, dtype: torch.dtype) -> torch.Tensor:
+def embed(x: torch.Tensor, normalize: bool, dtype: torch.dtype) -> torch.Tensor:
     x = x.to(dtype)
     return F.normalize(x, dim=1) if normalize else x
 
 
-def _scalar(value, dtype: torch.dtype):
+def compute_scalar(value, dtype: torch.dtype):
     """A Python float as is; a 0-dim tensor cast to the compute dtype (keeping its gradient)."""
     return value.to(dtype) if isinstance(value, torch.Tensor) else float(value)
 
@@ -33,8 +33,8 @@ def _reduce(rows: torch.Tensor, reduction: str, divisor) -> torch.Tensor:
 def info_nce_rows(query, key, logit_scale, *, symmetric=True, normalize=True) -> torch.Tensor:
     """Per-row loss (B,) in the compute dtype; symmetric rows are 0.5 * (row_i + column_i)."""
     ct = compute_dtype(query.dtype)
-    q, k = _embed(query, normalize, ct), _embed(key, normalize, ct)
-    logits = _scalar(logit_scale, ct) * (q @ k.T)  # (B, M)
+    q, k = embed(query, normalize, ct), embed(key, normalize, ct)
+    logits = compute_scalar(logit_scale, ct) * (q @ k.T)  # (B, M)
     b = q.shape[0]
     positive = logits[:, :b].diagonal()
     rows = torch.logsumexp(logits, dim=1) - positive
@@ -53,7 +53,7 @@ def info_nce(query, key, logit_scale, *, symmetric=True, normalize=True, reducti
 def supcon_rows(features, labels, temperature, *, normalize=True):
     """Per-anchor loss (B,) in the compute dtype and the mask of anchors that have a positive."""
     ct = compute_dtype(features.dtype)
-    f = _embed(features, normalize, ct)
+    f = embed(features, normalize, ct)
     z = (f @ f.T) / temperature  # (B, B)
     b = f.shape[0]
     is_self = torch.eye(b, dtype=torch.bool, device=f.device)
@@ -79,8 +79,8 @@ def supcon_loss(features, labels, temperature, *, normalize=True, reduction="mea
 def siglip_rows(query, key, logit_scale, logit_bias, *, normalize=True) -> torch.Tensor:
     """Per-row sums (B,) of -log sigmoid(z_ij * (s * <q_i, k_j> + b)) in the compute dtype."""
     ct = compute_dtype(query.dtype)
-    q, k = _embed(query, normalize, ct), _embed(key, normalize, ct)
-    logits = _scalar(logit_scale, ct) * (q @ k.T) + _scalar(logit_bias, ct)  # (B, M)
+    q, k = embed(query, normalize, ct), embed(key, normalize, ct)
+    logits = compute_scalar(logit_scale, ct) * (q @ k.T) + compute_scalar(logit_bias, ct)  # (B, M)
     sign = 2.0 * torch.eye(*logits.shape, dtype=ct, device=logits.device) - 1.0
     return -F.logsigmoid(sign * logits).sum(dim=1)
 
