@@ -67,8 +67,9 @@ def test_kernel_loss_refuses_a_gradient_its_kernels_do_not_compute():
     x, t = torch.randn(3, 5), torch.tensor([0, 1, 2])
     w = torch.rand(5, requires_grad=True)
     with pytest.raises(RuntimeError, match="weight requires grad, which the kernels do not compute"):
-        cross_entropy_kernels((x, t, w, None, None), (-100, 0.0, 0.0, 0.0, 0.0, 1.0), reduction="mean",
-                              backend="triton")
+        cross_entropy_kernels((x, t, w, None, None), dict(ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+                                                          softcap=0.0, focal_gamma=0.0, focal_alpha=1.0),
+                              reduction="mean", backend="triton")
 
 
 def test_every_family_has_one_file_stem_everywhere():
@@ -125,3 +126,17 @@ def test_backends_report_for_a_family_whose_kernels_lack_a_gradient():
                        match="the cross_entropy kernels compute gradients for the input .logits. only, but weight"):
         _backends.resolve_backend("triton", "cross_entropy", x, gap="weight requires grad")
     assert _backends.resolve_backend("auto", "cross_entropy", x, gap="weight requires grad") == "reference"
+
+
+def test_options_go_by_name():
+    # The builder takes a family's options by their schema names and hands the spec a named tuple:
+    # a missing or unknown name is refused before anything runs.
+    from lossforge_kernels.ops.cross_entropy import SPEC, cross_entropy_kernels
+
+    assert SPEC.Params._fields == ("ignore_index", "label_smoothing", "z_loss", "softcap", "focal_gamma",
+                                   "focal_alpha")
+    x, t = torch.randn(3, 5), torch.tensor([0, 1, 2])
+    for options in (dict(ignore_index=-100), dict(ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=0.0,
+                                                  focal_gamma=0.0, focal_alpha=1.0, eps=0.1)):
+        with pytest.raises(TypeError, match="the kernels take the options"):
+            cross_entropy_kernels((x, t, None, None, None), options, reduction="mean", backend="triton")

@@ -421,8 +421,9 @@ def test_mined_chunk_size_knob_gives_the_same_loss(kernel_backend):
     x = torch.randn(30, 6, generator=gen).to(device)
     labels = torch.randint(0, 6, (30,), generator=gen).to(device)
     tensors = (x, labels, None)
-    whole, parts = (ops.triplet_mined_kernels(tensors, ("batch_all", "euclidean", 0.3, False, c), reduction="none",
-                                              backend=kernel_backend) for c in (0, 7))
+    whole, parts = (ops.triplet_mined_kernels(tensors, dict(mining="batch_all", distance="euclidean", margin=0.3,
+                                                            soft_margin=False, chunk_size=c),
+                                              reduction="none", backend=kernel_backend) for c in (0, 7))
     torch.testing.assert_close(whole, parts, rtol=1e-6, atol=1e-6)  # the products' blocking may move an ulp
 
 

@@ -95,7 +95,7 @@ def info_nce(query, key, *, logit_scale=None, temperature=0.07, symmetric=True, 
         if not kernel:
             return ref.info_nce(query, key, scale, symmetric=symmetric, normalize=normalize, reduction=reduction)
         tensors = (query.contiguous(), key.contiguous(), _kernel_scalar(scale, query))
-        return info_nce_kernels(tensors, (normalize, symmetric), reduction=reduction, backend=chosen,
+        return info_nce_kernels(tensors, dict(normalize=normalize, symmetric=symmetric), reduction=reduction, backend=chosen,
                                 out_dtype=AC.loss_dtype(autocast))
 
 
@@ -123,7 +123,7 @@ def supcon_loss(features, labels, *, temperature=0.07, normalize=True, reduction
         if not kernel:
             return ref.supcon_loss(features, labels, temperature, normalize=normalize, reduction=reduction)
         tensors = (features.contiguous(), labels.to(torch.int64).contiguous())
-        return supcon_kernels(tensors, (temperature, normalize), reduction=reduction, backend=chosen,
+        return supcon_kernels(tensors, dict(temperature=temperature, normalize=normalize), reduction=reduction, backend=chosen,
                               out_dtype=AC.loss_dtype(autocast))
 
 
@@ -153,7 +153,7 @@ def siglip_loss(query, key, logit_scale, logit_bias, *, normalize=True, reductio
             return ref.siglip_loss(query, key, logit_scale, logit_bias, normalize=normalize, reduction=reduction)
         tensors = (query.contiguous(), key.contiguous(), _kernel_scalar(logit_scale, query),
                    _kernel_scalar(logit_bias, query))
-        return siglip_kernels(tensors, (normalize,), reduction=reduction, backend=chosen,
+        return siglip_kernels(tensors, dict(normalize=normalize), reduction=reduction, backend=chosen,
                               out_dtype=AC.loss_dtype(autocast))
 
 

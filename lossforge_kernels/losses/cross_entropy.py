@@ -170,13 +170,14 @@ def _rows_loss(logits, target, weight, soft, num_classes, reduction, inplace, sh
 
 def kernel_options(soft, weight, *, ignore_index, label_smoothing, z_loss, softcap, focal_gamma, focal_alpha):
     """The class vectors and scalar options as the kernel contract takes them: (weight, weight_sum,
-    alpha, params), see ops/cross_entropy.py."""
+    alpha, options by name), see ops/cross_entropy.py."""
     weight = None if weight is None else weight.to(torch.float32).contiguous()
     weight_sum = weight.sum() if weight is not None and not soft and label_smoothing > 0.0 else None  # on device
     alpha_vec = focal_alpha.to(torch.float32).contiguous() if isinstance(focal_alpha, torch.Tensor) else None
     alpha_scalar = 1.0 if focal_alpha is None or alpha_vec is not None else focal_alpha
-    params = (ignore_index, label_smoothing, z_loss, 0.0 if softcap is None else softcap, focal_gamma, alpha_scalar)
-    return weight, weight_sum, alpha_vec, params
+    options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+                   softcap=0.0 if softcap is None else softcap, focal_gamma=focal_gamma, focal_alpha=alpha_scalar)
+    return weight, weight_sum, alpha_vec, options
 
 
 def kernel_cross_entropy(logits, target, weight, reduction, inplace, backend, out_dtype=None, **options):
@@ -190,8 +191,8 @@ def kernel_cross_entropy(logits, target, weight, reduction, inplace, backend, ou
             target = target.contiguous()
     else:
         target = target.contiguous()
-    weight, weight_sum, alpha, params = kernel_options(soft, weight, **options)
-    return cross_entropy_kernels((logits, target, weight, weight_sum, alpha), params, reduction=reduction,
+    weight, weight_sum, alpha, named = kernel_options(soft, weight, **options)
+    return cross_entropy_kernels((logits, target, weight, weight_sum, alpha), named, reduction=reduction,
                                  backend=backend, inplace=inplace, out_dtype=out_dtype)
 
 

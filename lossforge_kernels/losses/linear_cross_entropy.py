@@ -100,10 +100,11 @@ def _loss(x, linear_weight, linear_bias, target, weight, reduction, backend, chu
                                          for t in (x, linear_weight, linear_bias))
         return ref.linear_cross_entropy(x, linear_weight, target, linear_bias, weight, reduction=reduction, **opts)
     x = AC.round_operand(x, autocast, reference=False)
-    weight, weight_sum, alpha, params = kernel_options(False, weight, **opts)
+    weight, weight_sum, alpha, named = kernel_options(False, weight, **opts)
     tensors = (x.contiguous(), linear_weight.contiguous(), linear_bias, target.contiguous(), weight, weight_sum,
                alpha)
-    return linear_cross_entropy_kernels(tensors, params + (chunk, fp32_weight_grad), reduction=reduction,
+    return linear_cross_entropy_kernels(tensors, dict(named, chunk_size=chunk, fp32_weight_grad=fp32_weight_grad),
+                                        reduction=reduction,
                                         backend=chosen, out_dtype=AC.loss_dtype(autocast))
 
 

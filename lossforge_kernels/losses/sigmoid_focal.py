@@ -35,7 +35,7 @@ def sigmoid_focal_loss(input, target, *, alpha=0.25, gamma=2.0, reduction="none"
             return ref.sigmoid_focal_loss(AC.widen(input, autocast), target, alpha=alpha, gamma=gamma,
                                           reduction=reduction)
         tensors = (input.contiguous(), target.to(input.dtype).contiguous())
-        return sigmoid_focal_kernels(tensors, (alpha, gamma), reduction=reduction, backend=chosen,
+        return sigmoid_focal_kernels(tensors, dict(alpha=alpha, gamma=gamma), reduction=reduction, backend=chosen,
                                      out_dtype=AC.loss_dtype(autocast))
 
 

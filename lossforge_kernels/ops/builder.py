@@ -25,8 +25,10 @@ returns the callable the public layer uses; it owns, for every family alike:
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
-from typing import Callable, Sequence
+import functools
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -43,6 +45,8 @@ _keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", 
 class FusedLoss:
     """A loss family's kernels as the builder composes them.
 
+    `params` below is the family's options as a named tuple made from its schema entries
+    (`p.label_smoothing`); callers pass them by name.
     forward(backend, tensors, params, grads, scale, reduce) -> (loss, saved): runs the forward
       kernel. `grads` is None (no gradient) or a list aligned with `differentiable`, each a buffer
       for d(loss)/d(that input) * scale, or None where not wanted. `scale` is None when no gradient
@@ -75,6 +79,19 @@ class FusedLoss:
     @property
     def diff_positions(self) -> tuple[int, ...]:
         return tuple(self.tensor_names.index(n) for n in self.differentiable)
+
+    @functools.cached_property
+    def Params(self) -> type:
+        """The named tuple of the options, one field per schema entry ("float label_smoothing")."""
+        return collections.namedtuple(f"{self.name}_params", [entry.split()[-1] for entry in self.params])
+
+    def named(self, options: Mapping):
+        """The options as Params, from a mapping of every schema name (no more, no fewer)."""
+        fields = self.Params._fields
+        if set(options) != set(fields):
+            raise TypeError(f"lossforge {self.name}: the kernels take the options {list(fields)}, got "
+                            f"{sorted(options)}")
+        return self.Params(**options)
 
 
 def gradient_gap(**named) -> str | None:
@@ -111,20 +128,33 @@ def _message(ctx) -> str:
             f"(double backward after create_graph=True); use backend='reference' for higher-order gradients")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """What an eager call passes its autograd.Function besides the tensors."""
+    spec: FusedLoss
+    backend: str
+    reduction: str
+    wants: tuple[bool, ...]
+    inplace: bool
+    params: tuple
+    out_dtype: torch.dtype | None
+
+
 class _EagerLoss(torch.autograd.Function):
     """Eager calls: the fused gradient is scaled in place, or handed to inplace_backward's buffer."""
 
     @staticmethod
-    def forward(ctx, spec, backend, reduction, wants, inplace, params, out_dtype, *tensors):
+    def forward(ctx, call, *tensors):
+        spec, backend, reduction, wants, params = call.spec, call.backend, call.reduction, call.wants, call.params
         fused = any(wants) and reduction != "none"
         divisor = spec.mean_divisor(tensors, params) if reduction == "mean" else None
         grads = scale = None
         if fused:
-            grads = [(t.detach() if inplace else spec.grad_buffer(t)) if w else None
+            grads = [(t.detach() if call.inplace else spec.grad_buffer(t)) if w else None
                      for t, w in zip(_pick(tensors, spec), wants)]
             scale = _reciprocal(divisor) if reduction == "mean" else 1.0
         loss, saved = spec.forward(backend, tensors, params, grads, scale, reduction != "none")
-        dtype = out_dtype or spec.out_dtype(tensors, params)
+        dtype = call.out_dtype or spec.out_dtype(tensors, params)
         out = loss.to(dtype) if reduction == "none" else finish_loss(loss, reduction, divisor, dtype)
         ctx.spec, ctx.backend, ctx.params, ctx.wants, ctx.fused = spec, backend, params, wants, fused
         keep_anchor(ctx, *[t for t, w in zip(_pick(tensors, spec), wants) if w])
@@ -154,7 +184,7 @@ class _EagerLoss(torch.autograd.Function):
         out = [None] * len(spec.tensors)
         for pos, g in zip(spec.diff_positions, grads):
             out[pos] = g
-        return (None,) * 7 + tuple(out)
+        return (None, *out)  # nothing for the call record
 
 
 def _pick(tensors, spec):
@@ -166,17 +196,18 @@ def _empty(like):
 
 
 class KernelLoss:
-    """A family's kernel-backed loss, for every kernel backend: `loss(tensors, params, ...)`."""
+    """A family's kernel-backed loss, for every kernel backend: `loss(tensors, options_by_name, ...)`."""
 
     def __init__(self, spec: FusedLoss):
         self.spec = spec
         _define_compiled_ops(spec)
 
-    def __call__(self, tensors: Sequence, params: Sequence, *, reduction: str, backend: str, inplace=False,
+    def __call__(self, tensors: Sequence, options: Mapping, *, reduction: str, backend: str, inplace=False,
                  out_dtype: torch.dtype | None = None):
-        """`out_dtype`: the loss's dtype when not the spec's (float32 under torch.autocast)."""
+        """`options` by their schema names; `out_dtype`: the loss's dtype when not the spec's (float32
+        under torch.autocast)."""
         spec = self.spec
-        tensors, params = tuple(tensors), tuple(params)
+        tensors, params = tuple(tensors), spec.named(options)
         grad_on = torch.is_grad_enabled()
         for name, t in zip(spec.tensor_names, tensors):
             if grad_on and name not in spec.differentiable and isinstance(t, torch.Tensor) and t.requires_grad:
@@ -188,7 +219,7 @@ class KernelLoss:
         if torch._C._are_functorch_transforms_active():
             raise RuntimeError(f"lossforge {spec.name}: the {backend} kernels do not run under torch.func "
                                f"transforms (grad, vjp, jacrev, vmap...); use backend='reference'")
-        return _EagerLoss.apply(spec, backend, reduction, wants, inplace, params, out_dtype, *tensors)
+        return _EagerLoss.apply(_Call(spec, backend, reduction, wants, inplace, params, out_dtype), *tensors)
 
 
 def build(spec: FusedLoss) -> KernelLoss:
@@ -237,7 +268,7 @@ def _define_compiled_ops(spec: FusedLoss) -> None:
                 *[spec.grad_buffer(t) if w else _empty(tensors[0]) for t, w in zip(_pick(tensors, spec), wants)])
 
     def rows_fake(*args):
-        out = spec.rows_fake(args[:n_t], args[n_t:])
+        out = spec.rows_fake(args[:n_t], spec.Params(*args[n_t:]))
         return out if n_s else out[0]
 
     def rows_grad_fake(grad_rows, *args):
@@ -260,7 +291,7 @@ def _register_compiled_impls(spec: FusedLoss, backend: str) -> None:
 
     # fused: the summed (and for 'mean' divided) loss and its gradients from one forward pass.
     def fused_impl(*args):
-        tensors, params, mean, wants = args[:n_t], args[n_t:n_t + n_p], args[-2], args[-1]
+        tensors, params, mean, wants = args[:n_t], spec.Params(*args[n_t:n_t + n_p]), args[-2], args[-1]
         divisor = spec.mean_divisor(tensors, params) if mean else None
         grads = [spec.grad_buffer(t) if w else None for t, w in zip(_pick(tensors, spec), wants)]
         total, _ = spec.forward(backend, tensors, params, grads, _reciprocal(divisor) if mean else 1.0, True)
@@ -280,7 +311,7 @@ def _register_compiled_impls(spec: FusedLoss, backend: str) -> None:
 
     # rows: the per-row losses and what their backward needs.
     def rows_impl(*args):
-        loss, saved = spec.forward(backend, args[:n_t], args[n_t:], None, None, False)
+        loss, saved = spec.forward(backend, args[:n_t], spec.Params(*args[n_t:]), None, None, False)
         return (loss, *saved) if n_s else loss
 
     def rows_setup(ctx, inputs, output):
@@ -301,7 +332,7 @@ def _register_compiled_impls(spec: FusedLoss, backend: str) -> None:
 
     # rows_grad: the rows backward as a functional op (the gradients get their own buffers).
     def rows_grad_impl(grad_rows, *args):
-        tensors, saved, params, wants = args[:n_t], args[n_t:n_t + n_s], args[n_t + n_s:-1], args[-1]
+        tensors, saved, params, wants = args[:n_t], args[n_t:n_t + n_s], spec.Params(*args[n_t + n_s:-1]), args[-1]
         grads = [torch.empty_like(t) if w else None for t, w in zip(_pick(tensors, spec), wants)]
         spec.backward(backend, grad_rows, tensors, saved, params, grads)
         out = [g if g is not None else _empty(tensors[0]) for g in grads]

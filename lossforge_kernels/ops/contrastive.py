@@ -284,17 +284,17 @@ SUPCON_SPEC = FusedLoss(
 
 def _siglip_forward(backend, tensors, params, grads, scale, reduce):
     query, key, logit_scale, logit_bias = tensors
-    loss, stats = _run_forward(backend, query, key, None, logit_scale, logit_bias, SIGLIP, params[0], False)
+    loss, stats = _run_forward(backend, query, key, None, logit_scale, logit_bias, SIGLIP, params.normalize, False)
     if grads is not None:
         _run_backward(backend, _uniform_rows(scale, query.shape[0], query), query, key, None, logit_scale,
-                      logit_bias, stats, list(grads), SIGLIP, params[0], False)
+                      logit_bias, stats, list(grads), SIGLIP, params.normalize, False)
     return _finish(loss, stats, reduce)
 
 
 def _siglip_backward(backend, grad_rows, tensors, saved, params, grads):
     query, key, logit_scale, logit_bias = tensors
     _run_backward(backend, grad_rows, query, key, None, logit_scale, logit_bias, saved[0], list(grads), SIGLIP,
-                  params[0], False)
+                  params.normalize, False)
 
 
 SIGLIP_SPEC = FusedLoss(

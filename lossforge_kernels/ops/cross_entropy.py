@@ -181,7 +181,7 @@ def _mean_divisor(tensors, params):
     """torch's 'mean' divisor as a device tensor in few launches: for class indices without
     weights, the int64 count of kept rows (exact at any size)."""
     logits, target, weight = tensors[:3]
-    ignore_index = params[0]
+    ignore_index = params.ignore_index
     if weight is None and not target.dtype.is_floating_point:
         return (target != ignore_index).sum()
     return mean_divisor(target, weight, ignore_index, logits.shape[0])

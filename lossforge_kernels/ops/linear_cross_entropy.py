@@ -25,7 +25,12 @@ from ._chunks import F32, Chunks, Gradients
 from ._library import kernel_op
 from .builder import FusedLoss, build
 
-PARAMS = ce.PARAMS + ("int chunk_size", "bool fp32_weight_grad")
+PARAMS = ce.PARAMS + ("int chunk_size", "bool fp32_weight_grad")  # cross-entropy's options, then its own
+
+
+def ce_options(params):
+    """The cross-entropy kernels' options (their named tuple) out of linear cross-entropy's."""
+    return ce.SPEC.Params(*(getattr(params, name) for name in ce.SPEC.Params._fields))
 
 
 def _ce_tensors(tensors, start, stop):
@@ -38,14 +43,14 @@ def _forward(backend, tensors, params, grads, scale, reduce):
     n = x.shape[0]
     rows = torch.empty(n, device=x.device, dtype=F32)
     stats = torch.empty(n, 4, device=x.device, dtype=F32)
-    chunks = Chunks(x, weight, bias, params[6])
-    sink = None if grads is None else Gradients(grads, weight, params[7])
+    chunks = Chunks(x, weight, bias, params.chunk_size)
+    sink = None if grads is None else Gradients(grads, weight, params.fp32_weight_grad)
     grad_scale = ce._grad_scale(scale, x)
     fwd = kernel_op("cross_entropy_fwd", backend)
     for start, stop, logits in chunks:
         # with a gradient, the kernel writes d(loss)/d(logits) over the logits it has read
         fwd(logits, *_ce_tensors(tensors, start, stop), grad_scale, rows[start:stop], stats[start:stop],
-            None if sink is None else logits, *params[:6])
+            None if sink is None else logits, *ce_options(params))
         if sink is not None:
             sink.add(chunks, start, stop, logits)
     if sink is not None:
@@ -56,14 +61,14 @@ def _forward(backend, tensors, params, grads, scale, reduce):
 def _backward(backend, grad_rows, tensors, saved, params, grads):
     x, weight, bias = tensors[:3]
     grad_rows = grad_rows.reshape(-1).to(F32).contiguous()
-    chunks = Chunks(x, weight, bias, params[6], buffers=2)  # the backward kernel writes a buffer of its own
+    chunks = Chunks(x, weight, bias, params.chunk_size, buffers=2)  # the backward kernel writes a buffer of its own
     dlogits = torch.empty_like(chunks.buffer)
-    sink = Gradients(grads, weight, params[7])
+    sink = Gradients(grads, weight, params.fp32_weight_grad)
     bwd = kernel_op("cross_entropy_bwd", backend)
     for start, stop, logits in chunks:
         grad = dlogits[:stop - start]
         bwd(grad_rows[start:stop], logits, *_ce_tensors(tensors, start, stop), saved[0][start:stop], grad,
-            *params[:6])
+            *ce_options(params))
         sink.add(chunks, start, stop, grad)
     sink.finish()
 
@@ -75,7 +80,7 @@ def _rows_fake(tensors, params):
 
 def _mean_divisor(tensors, params):
     x, _, _, target, weight = tensors[:5]
-    return ce._mean_divisor((x, target, weight), params)
+    return ce._mean_divisor((x, target, weight), ce_options(params))
 
 
 SPEC = FusedLoss(

@@ -198,9 +198,9 @@ def _forward(backend, tensors, params, grads, scale, reduce):
 
 def _backward(backend, grad_rows, tensors, saved, params, grads):
     x, labels, row_factor = tensors
-    _, slope, kept = _anchor_terms(saved, params[1], params[2])
+    _, slope, kept = _anchor_terms(saved, params.margin, params.soft_margin)
     weight = torch.where(kept, slope * grad_rows.to(F32), 0.0)
-    _pair_gradient(backend, x, row_factor, saved, weight, params[0], grads)
+    _pair_gradient(backend, x, row_factor, saved, weight, params.distance, grads)
 
 
 def _rows_fake(tensors, params):
@@ -470,7 +470,7 @@ def _rows_mean_divisor(tensors, params):
     the chunks (one more Gram product) since the gradient's scale is needed before the loss pass."""
     labels = tensors[1]
     n = labels.shape[0]
-    mining, soft_margin = params[0], params[3]
+    mining, soft_margin = params.mining, params.soft_margin
     if mining == "batch_all" and not soft_margin:
         with torch.no_grad():
             _, count = _rows_pass(counting_backend(labels.device), tensors, params, None, None)
