@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from . import interpreting
+from .row_softmax import softplus
 
 KINDS = {"euclidean": 0, "squared_euclidean": 1, "cosine": 2}
 NO_INDEX = tl.constexpr(2147483647)  # jit code may read only constexpr globals
@@ -242,7 +243,7 @@ def _term_and_slope(gap, margin, SOFT: tl.constexpr):
     """A triplet's loss for gap = d_ap - d_an, and its derivative (relu's is 0 at 0, as autograd's);
     a NaN gap gives a NaN loss."""
     if SOFT:
-        term = _clamp_keep_nan(gap) + tl.log(1.0 + tl.exp(-tl.abs(gap)))
+        term = softplus(gap)  # the core's: keeps NaN
         slope = 1.0 / (1.0 + tl.exp(-gap))
     else:
         term = _clamp_keep_nan(gap + margin)

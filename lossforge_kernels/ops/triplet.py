@@ -314,9 +314,9 @@ def _gram_into(out, a, b):
 # Half-precision rows meet their fp32 coefficients on the tensor cores, so the coefficients are rounded
 # to the rows' dtype. 'mean' at a large batch makes them tiny (1 / count: about 1e-6 for semi_hard and
 # 1e-11 for batch_all at B = 262144), below fp16's normal range (6e-5), where rounding loses their
-# digits or flushes them to 0: a bias, as they are the many small ones. So each coefficient row is
+# digits or flushes them to 0: a bias, as they are the many small ones. So each fp16 coefficient row is
 # scaled by a power of two that puts its largest entry in [2^14, 2^15) first, and its fp32 product
-# row is scaled back; both steps are exact.
+# row is scaled back; both steps are exact. bf16 has fp32's range and needs neither.
 HALF_TOP_EXPONENT = 15
 
 
@@ -328,11 +328,14 @@ def _row_powers(coef):
 
 
 def _subtract_product(acc, coef, rows):
-    """acc -= coef @ rows for fp32 acc and coef (C rows); half rows: scaled coefficient rows rounded to
-    their dtype, an fp32 product (C x D) and the rows scaled back, where the device has fp32-output
-    products (elsewhere, as in the interpreter tests, fp32 copies of the rows)."""
+    """acc -= coef @ rows for fp32 acc and coef (C rows), where the device has fp32-output products
+    (elsewhere, as in the interpreter tests, fp32 copies of the rows): bf16 (fp32's range) takes the
+    coefficients rounded as they are; fp16 scaled coefficient rows, an fp32 product (C x D) and the rows
+    scaled back."""
     if rows.dtype == F32:
         acc.addmm_(coef, rows, alpha=-1)
+    elif rows.dtype == torch.bfloat16 and fp32_out_products(acc.device):
+        torch.ops.aten.addmm.dtype_out(acc, coef.to(rows.dtype), rows, F32, alpha=-1, out=acc)
     elif fp32_out_products(acc.device, "mm"):
         power = _row_powers(coef)
         rounded = torch.mul(coef, power, out=coef.new_empty(coef.shape, dtype=rows.dtype))  # (fp32 math)
