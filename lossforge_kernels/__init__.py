@@ -6,9 +6,9 @@
 Every loss takes backend="auto" | "cuda" | "triton" | "reference" (LOSSFORGE_BACKEND overrides
 "auto"); lf.available_backends() says what runs here and why not.
 """
-import re as _re
-
 import torch as _torch
+
+from ._backends import major_minor as _major_minor
 
 # aten's out_dtype products (mm / addmm .dtype_out, called by the CUDA extension) are new in torch 2.8;
 # pyproject.toml states the same minimum.
@@ -17,8 +17,7 @@ _MIN_TORCH = (2, 8)
 
 def _require_torch(version: str) -> None:
     """A clear ImportError on a torch older than _MIN_TORCH (pre-releases of the minimum pass)."""
-    found = _re.match(r"(\d+)\.(\d+)", version)
-    if found and tuple(map(int, found.groups())) < _MIN_TORCH:
+    if _major_minor(version) < _MIN_TORCH:
         need = ".".join(map(str, _MIN_TORCH))
         raise ImportError(f"lossforge_kernels needs torch >= {need}, found torch {version}: "
                           f"upgrade it (pip install 'torch>={need}')")

@@ -40,7 +40,8 @@ def triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _minor(version):
+def major_minor(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as '2.8.0a0+git' or '3.6.0'."""
     return tuple(map(int, re.match(r"(\d+)\.(\d+)", version).groups()))
 
 
@@ -57,7 +58,7 @@ def interpreter_numpy_problem(triton_version=None, numpy_version=None):
         import numpy
 
         numpy_version = numpy.__version__
-    if _minor(triton_version) < (3, 7) and _minor(numpy_version) >= (2, 4):
+    if major_minor(triton_version) < (3, 7) and major_minor(numpy_version) >= (2, 4):
         return (f"the Triton {triton_version} interpreter (TRITON_INTERPRET=1) needs numpy < 2.4, found numpy "
                 f"{numpy_version}: pip install 'numpy<2.4', or Triton >= 3.7")
     return None

@@ -413,7 +413,8 @@ def test_reference_runs_at_real_batch_sizes(mining, soft_margin):
         lf.triplet_loss(x, labels, mining=mining, soft_margin=soft_margin).backward()
     elapsed = time.perf_counter() - start
     biggest = max(math.prod(shape) for _, shape in created.shapes)
-    assert biggest <= max(b * b, ref.CHUNK_ELEMENTS), (biggest, [s for s in created.shapes if math.prod(s[1]) == biggest])
+    assert biggest <= max(b * b, ref.CHUNK_ELEMENTS), \
+        (biggest, [s for s in created.shapes if math.prod(s[1]) == biggest])
     assert elapsed < 60, f"{mining} soft_margin={soft_margin}: {elapsed:.1f} s"
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 

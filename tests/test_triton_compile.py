@@ -33,8 +33,8 @@ their own), under a hash of the package sources, Triton and torch versions (so a
 recompiles, and Triton's own cache makes unchanged kernels cheap); LOSSFORGE_* variables are left
 out of the subprocesses so tuning knobs do not change what is compiled.
 LOSSFORGE_COMPILE_ARCHS="90,80" adds sm_80 (about twice the time). Skipped where Triton has no
-CUDA backend or no ptxas, or lacks the launch internals this test drives. The registers / spills table prints with -s (spills as
-Triton counts them: local memory bytes / 4).
+CUDA backend or no ptxas, or lacks the launch internals this test drives. The registers / spills
+table prints with -s (spills as Triton counts them: local memory bytes / 4).
 """
 from __future__ import annotations
 

@@ -80,7 +80,8 @@ def test_the_interpreter_numpy_bound(triton_version, numpy_version, refused):
 
 def test_interpreted_tests_stop_at_once_on_a_refused_pair():
     code, err = _run("import sys, numpy, pytest, triton; triton.__version__ = '3.6.0'; numpy.__version__ = '2.4.6'; "
-                     "sys.exit(pytest.main(['tests/test_versions.py', '-q', '-p', 'no:cacheprovider', '-k', 'metadata']))",
+                     "sys.exit(pytest.main(['tests/test_versions.py', '-q', '-p', 'no:cacheprovider', "
+                     "'-k', 'metadata']))",
                      TRITON_INTERPRET="1")
     assert code == pytest.ExitCode.USAGE_ERROR and "Triton 3.6.0 interpreter (TRITON_INTERPRET=1) needs numpy < 2.4" \
         in err, err

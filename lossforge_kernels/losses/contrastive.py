@@ -95,8 +95,8 @@ def info_nce(query, key, *, logit_scale=None, temperature=0.07, symmetric=True, 
         if not kernel:
             return ref.info_nce(query, key, scale, symmetric=symmetric, normalize=normalize, reduction=reduction)
         tensors = (query.contiguous(), key.contiguous(), _kernel_scalar(scale, query))
-        return info_nce_kernels(tensors, dict(normalize=normalize, symmetric=symmetric), reduction=reduction, backend=chosen,
-                                out_dtype=AC.loss_dtype(autocast))
+        return info_nce_kernels(tensors, dict(normalize=normalize, symmetric=symmetric), reduction=reduction,
+                                backend=chosen, out_dtype=AC.loss_dtype(autocast))
 
 
 def supcon_loss(features, labels, *, temperature=0.07, normalize=True, reduction="mean", process_group=None,
@@ -123,8 +123,8 @@ def supcon_loss(features, labels, *, temperature=0.07, normalize=True, reduction
         if not kernel:
             return ref.supcon_loss(features, labels, temperature, normalize=normalize, reduction=reduction)
         tensors = (features.contiguous(), labels.to(torch.int64).contiguous())
-        return supcon_kernels(tensors, dict(temperature=temperature, normalize=normalize), reduction=reduction, backend=chosen,
-                              out_dtype=AC.loss_dtype(autocast))
+        return supcon_kernels(tensors, dict(temperature=temperature, normalize=normalize), reduction=reduction,
+                              backend=chosen, out_dtype=AC.loss_dtype(autocast))
 
 
 def siglip_loss(query, key, logit_scale, logit_bias, *, normalize=True, reduction="mean", process_group=None,

@@ -104,8 +104,7 @@ def _loss(x, linear_weight, linear_bias, target, weight, reduction, backend, chu
     tensors = (x.contiguous(), linear_weight.contiguous(), linear_bias, target.contiguous(), weight, weight_sum,
                alpha)
     return linear_cross_entropy_kernels(tensors, dict(named, chunk_size=chunk, fp32_weight_grad=fp32_weight_grad),
-                                        reduction=reduction,
-                                        backend=chosen, out_dtype=AC.loss_dtype(autocast))
+                                        reduction=reduction, backend=chosen, out_dtype=AC.loss_dtype(autocast))
 
 
 def _sharded_loss(x, linear_weight, linear_bias, target, weight, reduction, chunk, fp32_weight_grad, process_group,

@@ -64,8 +64,7 @@ def triplet_loss(embeddings, labels, *, margin=0.2, mining="batch_hard", distanc
         out_dtype = AC.loss_dtype(autocast)
         if mining == "batch_hard":
             return kernels.triplet_kernels(tensors, dict(distance=distance, margin=margin, soft_margin=soft_margin),
-                                           reduction=reduction,
-                                           backend=chosen, out_dtype=out_dtype)
+                                           reduction=reduction, backend=chosen, out_dtype=out_dtype)
         return kernels.triplet_mined_kernels(tensors, dict(mining=mining, distance=distance, margin=margin,
                                                            soft_margin=soft_margin, chunk_size=0),
                                              reduction=reduction, backend=chosen, out_dtype=out_dtype)
