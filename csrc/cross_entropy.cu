@@ -94,7 +94,7 @@ CeArgs make_args(const Checked& ck, const at::Tensor& logits, const at::Tensor& 
   a.rows = ck.rows;
   a.C = ck.C;
   a.ignore = ignore_index;
-  a.eps = static_cast<float>(label_smoothing);
+  a.label_smoothing = static_cast<float>(label_smoothing);
   a.z = static_cast<float>(z_loss);
   a.cap = static_cast<float>(softcap);
   a.inv_cap = softcap > 0.0 ? static_cast<float>(1.0 / softcap) : 0.f;
@@ -115,11 +115,14 @@ const CeKernels& select_kernels(const char* op, const at::Tensor& logits, bool s
 
 void cross_entropy_fwd_cuda(const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
                             const std::optional<at::Tensor>& weight_sum, const std::optional<at::Tensor>& alpha,
-                            const at::Tensor& grad_scale, const at::Tensor& loss, const at::Tensor& stats,
-                            const std::optional<at::Tensor>& grad, int64_t ignore_index, double label_smoothing,
-                            double z_loss, double softcap, double focal_gamma, double focal_alpha) {
+                            const std::optional<at::Tensor>& grad_factor, const at::Tensor& loss,
+                            const at::Tensor& stats, const std::optional<at::Tensor>& grad, int64_t ignore_index,
+                            double label_smoothing, double z_loss, double softcap, double focal_gamma,
+                            double focal_alpha) {
   const Checked ck = check_rows(kFwd, logits, target, weight, weight_sum, alpha);
-  check_scalar_f32(kFwd, "grad_scale", grad_scale, logits);
+  TORCH_CHECK_VALUE(grad_factor.has_value() == grad.has_value(), kFwd,
+                    ": grad_factor must be given exactly when grad is");
+  if (grad_factor.has_value()) check_scalar_f32(kFwd, "grad_factor", *grad_factor, logits);
   check_f32_rows(kFwd, "loss", loss, logits, {ck.rows});
   check_f32_rows(kFwd, "stats", stats, logits, {ck.rows, 4});
   TORCH_CHECK_VALUE(aligned16(stats), kFwd, ": stats must be 16-byte aligned (a row's four values are written at "
@@ -132,8 +135,8 @@ void cross_entropy_fwd_cuda(const at::Tensor& logits, const at::Tensor& target, 
                        focal_gamma, focal_alpha);
   a.loss = loss.data_ptr<float>();
   a.stats = stats.data_ptr<float>();
-  a.scale = grad_scale.data_ptr<float>();
   if (grad.has_value()) {
+    a.scale = grad_factor->data_ptr<float>();
     a.grad = grad->data_ptr();
     a.sg = grad->stride(0);
   }

@@ -158,7 +158,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) ce_fwd_kernel(const CeArgs a) 
   __shared__ RowGrad shared_rg;
   const int tid = threadIdx.x;
   const int64_t nt = blockDim.x;
-  const float eps1 = 1.f - a.eps, epsC = a.eps / static_cast<float>(a.C);
+  const float eps1 = 1.f - a.label_smoothing, epsC = a.label_smoothing / static_cast<float>(a.C);
   const float W = a.weight_sum ? *a.weight_sum : static_cast<float>(a.C);
 
   for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
@@ -265,7 +265,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) ce_fwd_kernel(const CeArgs a) 
 template <typename T, bool kSoft, bool kSmooth, bool kWElem, bool kCap>
 __global__ void __launch_bounds__(kMaxThreads, 1) ce_bwd_kernel(const CeArgs a) {
   constexpr int kU = unroll_for(kSoft, kWElem, kCap);
-  const float eps1 = 1.f - a.eps, epsC = a.eps / static_cast<float>(a.C);
+  const float eps1 = 1.f - a.label_smoothing, epsC = a.label_smoothing / static_cast<float>(a.C);
   const float W = a.weight_sum ? *a.weight_sum : static_cast<float>(a.C);
   for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
     const T* x = static_cast<const T*>(a.x) + row * a.sx;

@@ -19,9 +19,9 @@ struct CeArgs {
   int64_t sg;
   float* loss;
   float* stats;
-  const float* scale;  // forward: 0-dim grad_scale; backward: grad_rows (one per row)
+  const float* scale;  // forward: 0-dim grad_factor; backward: grad_rows (one per row)
   int64_t rows, C, ignore;
-  float eps, z, cap, inv_cap, gamma, alpha_f;
+  float label_smoothing, z, cap, inv_cap, gamma, alpha_f;
   int64_t cache_packets;
   int64_t prefetch_bytes;
 };

@@ -5,7 +5,7 @@
 // loop covers the tail (and whole tensors whose pointers are not 16-byte aligned). The forward
 // writes the elementwise loss, or with reduce=True one fp32 partial sum per block (summed into
 // `out` in a fixed order by at::sum_out afterwards: deterministic, no atomics); with a gradient
-// buffer it also writes grad_scale * d loss / d input in the same pass.
+// buffer it also writes grad_factor * d loss / d input in the same pass (grad_factor read on the device).
 // Designed traffic per element (bf16): forward reduced 4 B (input + target), elementwise +2 B,
 // gradient +2 B; backward 8 B (input, target, grad_out, grad). Nothing is read twice.
 // Compile facts (nvcc 13.0, -O3, ptxas -v): 38-48 registers forward, 48-64 backward, no spills and
@@ -39,7 +39,7 @@ struct SfArgs {
   void* out;       // forward elementwise loss
   void* grad;
   float* partial;      // forward reduced: one sum per block
-  float scale;  // forward: grad_scale
+  const float* grad_factor;  // forward with a gradient: 0-dim fp32 on the device
   int64_t n;
   float alpha, gamma;
   bool vec;  // every pointer 16-byte aligned
@@ -109,7 +109,7 @@ __global__ void __launch_bounds__(kThreads) sigmoid_focal_fwd_kernel(const SfArg
   const T* t = static_cast<const T*>(a.t);
   T* out = static_cast<T*>(a.out);
   T* grad = static_cast<T*>(a.grad);
-  const float scale = a.scale;
+  const float scale = kGrad ? *a.grad_factor : 0.f;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   float sum = 0.f;
@@ -222,7 +222,8 @@ unsigned int blocks_for(int64_t n, int elems_per_packet, int device) {
                                     sms * (2048 / kThreads)));
 }
 
-void sigmoid_focal_fwd_cuda(const at::Tensor& input, const at::Tensor& target, double grad_scale, const at::Tensor& out,
+void sigmoid_focal_fwd_cuda(const at::Tensor& input, const at::Tensor& target,
+                            const std::optional<at::Tensor>& grad_factor, const at::Tensor& out,
                             const std::optional<at::Tensor>& grad, double alpha, double gamma, bool reduce) {
   check_inputs(kFwd, input, target);
   if (reduce) {
@@ -231,6 +232,9 @@ void sigmoid_focal_fwd_cuda(const at::Tensor& input, const at::Tensor& target, d
     check_like_input(kFwd, "out", out, input);
   }
   if (grad.has_value()) check_like_input(kFwd, "grad", *grad, input);
+  TORCH_CHECK_VALUE(grad_factor.has_value() == grad.has_value(), kFwd,
+                    ": grad_factor must be given exactly when grad is");
+  if (grad_factor.has_value()) check_scalar_f32(kFwd, "grad_factor", *grad_factor, input);
   const int64_t n = input.numel();
   if (n == 0) {
     if (reduce) out.zero_();
@@ -243,10 +247,12 @@ void sigmoid_focal_fwd_cuda(const at::Tensor& input, const at::Tensor& target, d
   a.n = n;
   a.alpha = static_cast<float>(alpha);
   a.gamma = static_cast<float>(gamma);
-  a.scale = static_cast<float>(grad_scale);
   a.vec = aligned16(input) && aligned16(target) && (!grad.has_value() || aligned16(*grad)) &&
           (reduce || aligned16(out));
-  if (grad.has_value()) a.grad = grad->data_ptr();
+  if (grad.has_value()) {
+    a.grad = grad->data_ptr();
+    a.grad_factor = grad_factor->data_ptr<float>();
+  }
   if (!reduce) a.out = out.data_ptr();
   dispatch_float(input.scalar_type(), kFwd, [&](auto tag) {
     using T = decltype(tag);

@@ -102,6 +102,11 @@ def _problem(name: str) -> str | None:
     raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
 
 
+def usable(name: str) -> bool:
+    """Whether backend `name` can run here (probed once, as available_backends reports it)."""
+    return _problem(name) is None
+
+
 def available_backends() -> dict[str, BackendInfo]:
     """Every backend with whether it can run here and, if not, why not."""
     out = {"reference": BackendInfo("reference", True, "plain PyTorch, any device and dtype")}

@@ -22,12 +22,13 @@ test runs on every kernel backend available here (`kernel_backend`) or on every 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 import torch
 
 import lossforge_kernels as lf
+from lossforge_kernels.ops._library import SCALE_GRAD
 from tests.conftest import HOST_SYNC_OPS, LaunchLog, assert_close_rel, device_for
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -51,17 +52,17 @@ class KernelSpec:
     half_cases: tuple = ()         # options for the bf16/fp16 check
     half_shape: tuple = ()
     half_tol: Callable = lambda dtype: 4 * (2**-8 if dtype == torch.bfloat16 else 2**-11)
-    fwd_kernel: str = ""           # the kernel op one forward runs once
+    fwd_kernel: Any = None         # the KernelOp one forward runs once
     fwd_budget: int = 6            # launches in one eager 'mean' forward, kernel included
-    fwd_exact: tuple | None = None  # or exactly these ops (backend suffix added to the kernel's)
+    fwd_exact: tuple | None = None  # or exactly these ops (aten names, or KernelOps)
     bwd_budget: int = 2            # launches in its backward (autograd's ones_like and the rescale)
     bwd_rescales: int = 1          # scale_grad launches in that backward: one per gradient
     launch_shape: tuple = ()
     compile_cases: tuple = ({},)   # options for the torch.compile check
     op_inputs: Callable | None = None  # device -> (kernel-contract tensors, params) for the builder ops
-    kernel_op_samples: Callable | None = None  # device -> [(op name, args)] for opcheck of the kernel ops
+    kernel_op_samples: Callable | None = None  # device -> [(KernelOp, args)] for opcheck of the kernel ops
     gaps: tuple = ()               # tensors the kernels do not differentiate (may require grad)
-    builder_spec: str = "SPEC"     # the FusedLoss in ops/<family>.py (its name gives the builder ops' names)
+    kernels: Any = None            # the builder's KernelLoss in ops/<family>.py (spec and compiled ops)
 
 
 def _seeded(seed):
@@ -139,12 +140,12 @@ def launches(spec: KernelSpec):
         with LaunchLog() as bwd:
             loss.backward()
         assert not HOST_SYNC_OPS & set(fwd.ops + bwd.ops), (fwd.ops, bwd.ops)
-        assert fwd.ops.count(f"{spec.fwd_kernel}_{kernel_backend}") == 1, fwd.ops
+        assert fwd.ops.count(launch_name(spec.fwd_kernel, kernel_backend)) == 1, fwd.ops
         assert len(fwd.ops) <= spec.fwd_budget, fwd.ops
         if spec.fwd_exact is not None:
-            want = [f"{op}_{kernel_backend}" if op == spec.fwd_kernel else op for op in spec.fwd_exact]
+            want = [op if isinstance(op, str) else launch_name(op, kernel_backend) for op in spec.fwd_exact]
             assert fwd.ops == want, fwd.ops
-        assert bwd.ops.count(f"scale_grad_{kernel_backend}") == spec.bwd_rescales, bwd.ops
+        assert bwd.ops.count(launch_name(SCALE_GRAD, kernel_backend)) == spec.bwd_rescales, bwd.ops
         assert len(bwd.ops) <= spec.bwd_budget, bwd.ops
     return test
 
@@ -153,8 +154,8 @@ def opcheck(spec: KernelSpec):
     def test(kernel_backend):
         """Schema, fake tensor and functionalization of the ops (not the maths: see the grids)."""
         device = device_for(kernel_backend)
-        for name, args in spec.kernel_op_samples(device):
-            torch.library.opcheck(getattr(torch.ops.lossforge, f"{name}_{kernel_backend}").default, args)
+        for op, args in spec.kernel_op_samples(device):
+            torch.library.opcheck(op.overloads[kernel_backend], args)
         tensors, params = spec.op_inputs(device)
         n_diff = len(spec_ops(spec).differentiable)
         graded = [t.clone().requires_grad_(True) if i == 0 else t for i, t in enumerate(tensors)]
@@ -285,13 +286,16 @@ def gradient_gaps(spec: KernelSpec, tol=1e-5):
 
 
 def spec_ops(spec: KernelSpec):
-    import importlib
+    return spec.kernels.spec
 
-    return getattr(importlib.import_module(f"lossforge_kernels.ops.{spec.family}"), spec.builder_spec)
+
+def launch_name(op, backend) -> str:
+    """The name a LaunchLog records for a KernelOp's launch on `backend`."""
+    return op.overloads[backend]._schema.name.split("::")[1]
 
 
 def _builder_op(spec, kind, backend):
-    return getattr(torch.ops.lossforge, f"{spec_ops(spec).name}_{kind}_{backend}").default
+    return getattr(spec.kernels.compiled, kind).overloads[backend]
 
 
 def _id(opts):

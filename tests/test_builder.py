@@ -8,7 +8,7 @@ import torch
 import lossforge_kernels as lf
 from lossforge_kernels import _backends
 from lossforge_kernels.ops import builder
-from lossforge_kernels.ops._library import kernel_op
+from lossforge_kernels.ops._library import SCALE_GRAD
 from tests.conftest import device_for
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -21,7 +21,7 @@ def test_scale_grad_contract(kernel_backend, dtype):
     # NaN one propagates. A dense tensor of several blocks, a strided (M, C) view (rows walked by a
     # grid of fewer programs than pieces), a transposed (dense) one and a layout that is neither.
     device = device_for(kernel_backend)
-    op = kernel_op("scale_grad", kernel_backend)
+    op = SCALE_GRAD[kernel_backend]
     base = torch.randn(6, 9001, device=device).to(dtype)
     views = (lambda b: b.clone(), lambda b: b.clone()[:, 1:8000], lambda b: b.clone().t(),
              lambda b: b.clone()[::2, ::3])
@@ -42,7 +42,7 @@ def test_scale_grad_contract(kernel_backend, dtype):
 
 def test_scale_grad_rejects_what_it_cannot_scale(kernel_backend):
     device = device_for(kernel_backend)
-    op = kernel_op("scale_grad", kernel_backend)
+    op = SCALE_GRAD[kernel_backend]
     with pytest.raises(ValueError, match="grad_output must be a single floating-point value"):
         op(torch.randn(3, 4, device=device), torch.ones(2, device=device))
     with pytest.raises(TypeError, match="grad must be float32, float16 or bfloat16"):

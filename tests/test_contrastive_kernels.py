@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import lossforge_kernels as lf
+from lossforge_kernels.ops import contrastive as cops
 from lossforge_kernels.ops.contrastive import INFO_NCE as KIND_INFO_NCE, SUPCON as KIND_SUPCON
 from tests import harness
 from tests.conftest import assert_close_rel, device_for
@@ -71,10 +72,10 @@ def _kernel_op_samples(device):
         q, k, lab, s, bias = _contract_inputs(device, m=6 if symmetric or kind == 1 else 9, labels=kind == 1)
         b = q.shape[0]
         loss, stats = torch.empty(b, device=device), torch.empty(2, b, device=device)
-        out.append(("contrastive_fwd", (q, k, lab, s, bias, loss, stats, kind, True, symmetric)))
+        out.append((cops.FWD, (q, k, lab, s, bias, loss, stats, kind, True, symmetric)))
         stats = torch.full((2, b), 2.0, device=device)  # finite statistics for the backward
         grad_k = None if kind == 1 else torch.empty_like(k)
-        out.append(("contrastive_bwd", (torch.rand(b, device=device), q, k, lab, s, bias, stats, torch.empty_like(q),
+        out.append((cops.BWD, (torch.rand(b, device=device), q, k, lab, s, bias, stats, torch.empty_like(q),
                                         grad_k, torch.empty(2, b, device=device), kind, True, symmetric)))
     return out
 
@@ -86,7 +87,7 @@ def _info_nce_op_inputs(device):
 
 INFO_NCE = harness.KernelSpec(
     family="contrastive",
-    builder_spec="INFO_NCE_SPEC",
+    kernels=cops.info_nce_kernels,
     make=make_info_nce,
     cases=(dict(symmetric=True, normalize=True), dict(symmetric=True, normalize=False, learn=False),
            dict(symmetric=False, normalize=True, extra=13), dict(symmetric=False, normalize=False, learn=False),
@@ -96,8 +97,8 @@ INFO_NCE = harness.KernelSpec(
     half_cases=(dict(symmetric=True, learn=False), dict(symmetric=False, extra=5, normalize=False, learn=False)),
     half_shape=(40, 24),
     half_tol=lambda dtype: 2e-2 if dtype == torch.bfloat16 else 4e-3,
-    fwd_kernel="contrastive_fwd",
-    fwd_budget=7,  # the scale's zero bias, the kernels, grad_rows, two sums, the mean
+    fwd_kernel=cops.FWD,
+    fwd_budget=8,  # the gradient factor, the zero bias, the kernels, grad_rows, two sums, the mean
     bwd_budget=4,
     bwd_rescales=3,
     launch_shape=(48, 16),
@@ -142,7 +143,7 @@ def _supcon_op_inputs(device):
 
 SUPCON = harness.KernelSpec(
     family="contrastive",
-    builder_spec="SUPCON_SPEC",
+    kernels=cops.supcon_kernels,
     make=make_supcon,
     cases=(dict(), dict(normalize=False, temperature=0.5), dict(classes=30, label_step=-7919, label_offset=2**40),
            dict(classes=1), dict(label_dtype=torch.int8, classes=5)),
@@ -151,7 +152,7 @@ SUPCON = harness.KernelSpec(
     half_cases=(dict(), dict(normalize=False, temperature=1.0)),
     half_shape=(40, 24),
     half_tol=lambda dtype: 2e-2 if dtype == torch.bfloat16 else 4e-3,
-    fwd_kernel="contrastive_fwd",
+    fwd_kernel=cops.FWD,
     fwd_budget=18,  # with the anchor count from the sorted labels
     bwd_budget=2,
     launch_shape=(48, 16),
@@ -197,7 +198,7 @@ def _siglip_op_inputs(device):
 
 SIGLIP = harness.KernelSpec(
     family="contrastive",
-    builder_spec="SIGLIP_SPEC",
+    kernels=cops.siglip_kernels,
     make=make_siglip,
     cases=(dict(), dict(normalize=False, learn=False, scale=3.0, bias=0.5), dict(extra=11, bias=2.0)),
     shapes=((1, 4), (37, 33)),  # odd tiles and extreme sizes: tests/test_contrastive_triton_ops.py
@@ -205,8 +206,8 @@ SIGLIP = harness.KernelSpec(
     half_cases=(dict(learn=False), dict(extra=5, normalize=False, learn=False)),
     half_shape=(40, 24),
     half_tol=lambda dtype: 2e-2 if dtype == torch.bfloat16 else 4e-3,
-    fwd_kernel="contrastive_fwd",
-    fwd_budget=8,
+    fwd_kernel=cops.FWD,
+    fwd_budget=9,  # as InfoNCE's, with the bias as an input
     bwd_budget=5,
     bwd_rescales=4,
     launch_shape=(48, 16),

@@ -10,6 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lossforge_kernels as lf
+from lossforge_kernels.ops import cross_entropy as ce_ops
+from lossforge_kernels.ops._library import SCALE_GRAD
 from tests import harness
 from tests.conftest import assert_close_rel, device_for
 from tests.test_row_softmax import max_mode  # noqa: F401 (a fixture)
@@ -56,12 +58,12 @@ def kernel_op_samples(device):
         return torch.empty(4, device=device), torch.empty(4, 4, device=device)
 
     stats = torch.rand(4, 4, device=device)
-    samples = [("cross_entropy_fwd", (x, t, w, w.sum(), alpha, scale, *outs(), torch.empty_like(x), *PARAMS)),
-               ("cross_entropy_fwd", (x, t, None, None, None, scale, *outs(), None, -100, 0.0, 0.0, 0.0, 2.0, 0.5)),
-               ("scale_grad", (torch.randn(4, 10, device=device), torch.tensor(0.5, device=device))),
-               ("scale_grad", (torch.randn(4, 10, device=device)[:, :7], torch.tensor(1.0, device=device)))]
-    return samples + [("cross_entropy_bwd", (torch.rand(4, device=device), x, t, w, w.sum(), alpha, stats,
-                                             torch.empty_like(x), *PARAMS))]
+    samples = [(ce_ops.FWD, (x, t, w, w.sum(), alpha, scale, *outs(), torch.empty_like(x), *PARAMS)),
+               (ce_ops.FWD, (x, t, None, None, None, None, *outs(), None, -100, 0.0, 0.0, 0.0, 2.0, 0.5)),
+               (SCALE_GRAD, (torch.randn(4, 10, device=device), torch.tensor(0.5, device=device))),
+               (SCALE_GRAD, (torch.randn(4, 10, device=device)[:, :7], torch.tensor(1.0, device=device)))]
+    return samples + [(ce_ops.BWD, (torch.rand(4, device=device), x, t, w, w.sum(), alpha, stats,
+                                    torch.empty_like(x), *PARAMS))]
 
 
 KERNEL_CASES = (
@@ -89,7 +91,7 @@ SPEC = harness.KernelSpec(
     tol=lambda opts, shape: 1e-4 if opts.get("soft") and shape[1] == 1 else 1e-5,
     half_cases=(KERNEL_CASES[0], KERNEL_CASES[9], KERNEL_CASES[11]),
     half_shape=(7, 300),
-    fwd_kernel="cross_entropy_fwd",
+    fwd_kernel=ce_ops.FWD,
     fwd_budget=6,  # the divisor (ne, sum), its reciprocal, the kernel, the rows' sum, the divide-and-cast
     bwd_budget=2,  # autograd's ones_like and the rescale
     launch_shape=(8, 50),
@@ -97,6 +99,7 @@ SPEC = harness.KernelSpec(
                                                                   inplace_backward=True)),
     op_inputs=op_inputs,
     kernel_op_samples=kernel_op_samples,
+    kernels=ce_ops.cross_entropy_kernels,
     gaps=(("weight", dict(weighted=True, label_smoothing=0.1)),
           ("focal_alpha", dict(focal_alpha="tensor", focal_gamma=1.5)),
           ("target", dict(soft=True, label_smoothing=0.1)),
@@ -262,19 +265,22 @@ def test_kernel_under_a_float64_default_dtype(kernel_backend, opts):
         torch.set_default_dtype(previous)
 
 
-def test_kernel_op_rejects_a_bad_grad_scale(kernel_backend):
-    # The contract: a 0-dim float32 tensor, on both backends alike, through the library's call path.
-    from lossforge_kernels.ops._library import kernel_op
-
+def test_kernel_op_rejects_a_bad_grad_factor(kernel_backend):
+    # The contract: a 0-dim float32 tensor given exactly with grad, on both backends alike, through the
+    # library's call path.
     device = device_for(kernel_backend)
-    fwd = kernel_op("cross_entropy_fwd", kernel_backend)
+    fwd = ce_ops.FWD[kernel_backend]
     x, t, _ = make_inputs(3, 9, device=device)
-    outs = (torch.empty(3, device=device), torch.empty(3, 4, device=device), torch.empty_like(x))
-    params = (-100, 0.0, 0.0, 0.0, 0.0, 1.0)
-    with pytest.raises(TypeError, match="grad_scale must have dtype"):
-        fwd(x, t, None, None, None, torch.ones((), device=device, dtype=torch.float64), *outs, *params)
-    with pytest.raises(ValueError, match="grad_scale must be a 0-dim tensor"):
-        fwd(x, t, None, None, None, torch.ones(1, device=device), *outs, *params)
+    loss, stats, grad = torch.empty(3, device=device), torch.empty(3, 4, device=device), torch.empty_like(x)
+    options = dict(ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=0.0, focal_gamma=0.0, focal_alpha=1.0)
+    with pytest.raises(TypeError, match="grad_factor must have dtype"):
+        fwd(x, t, None, None, None, torch.ones((), device=device, dtype=torch.float64), loss, stats, grad, **options)
+    with pytest.raises(ValueError, match="grad_factor must be a 0-dim tensor"):
+        fwd(x, t, None, None, None, torch.ones(1, device=device), loss, stats, grad, **options)
+    with pytest.raises(ValueError, match="grad_factor must be given exactly when grad is"):
+        fwd(x, t, None, None, None, None, loss, stats, grad, **options)
+    with pytest.raises(ValueError, match="grad_factor must be given exactly when grad is"):
+        fwd(x, t, None, None, None, torch.ones((), device=device), loss, stats, None, **options)
 
 
 BAD_CONTRACT = [
@@ -295,17 +301,15 @@ BAD_CONTRACT = [
 
 @pytest.mark.parametrize("bad,message", BAD_CONTRACT)
 def test_kernel_op_contract_is_checked_on_every_backend(kernel_backend, bad, message):
-    from lossforge_kernels.ops._library import kernel_op
-
     device = device_for(kernel_backend)
     x, t, w = make_inputs(3, 9, device=device)
     args = dict(logits=x, target=t, weight=None, weight_sum=None, alpha=None,
-                grad_scale=torch.ones((), device=device), loss=torch.empty(3, device=device),
+                grad_factor=torch.ones((), device=device), loss=torch.empty(3, device=device),
                 stats=torch.empty(3, 4, device=device), grad=torch.empty_like(x), ignore_index=-100,
                 label_smoothing=0.0, z_loss=0.0, softcap=0.0, focal_gamma=0.0, focal_alpha=1.0)
     args.update(bad(x, t, w))
     with pytest.raises(ValueError, match=message):
-        kernel_op("cross_entropy_fwd", kernel_backend)(*args.values())
+        ce_ops.FWD[kernel_backend](**args)
 
 
 @settings(max_examples=12, deadline=None)

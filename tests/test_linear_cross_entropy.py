@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import lossforge_kernels as lf
+from lossforge_kernels.ops import cross_entropy as ce_ops
+from lossforge_kernels.ops.linear_cross_entropy import linear_cross_entropy_kernels
 from tests import harness
 from tests.conftest import HAS_GPU, assert_close_rel, device_for, run_without_host_sync
 
@@ -195,7 +197,7 @@ SPEC = harness.KernelSpec(
     half_shape=(40, 32, 301),
     # three products per chunk round to the half dtype, on top of the loss's output rounding
     half_tol=lambda dtype: 8 * (2**-8 if dtype == torch.bfloat16 else 2**-11),
-    fwd_kernel="cross_entropy_fwd",
+    fwd_kernel=ce_ops.FWD,
     fwd_budget=16,  # one chunk: divisor, its reciprocal, zeroed accumulators, 3 products, the kernel, sums
     bwd_budget=3,   # autograd's ones_like and one rescale per gradient (input and weight: no bias here)
     bwd_rescales=2,
@@ -203,6 +205,7 @@ SPEC = harness.KernelSpec(
     compile_cases=(dict(bias=True, label_smoothing=0.1, chunk_size=10),),
     op_inputs=op_inputs,
     kernel_op_samples=lambda device: [],
+    kernels=linear_cross_entropy_kernels,
     gaps=(("weight", dict(weighted=True, label_smoothing=0.1)),
           ("focal_alpha", dict(focal_alpha="tensor", focal_gamma=1.5))),
 )

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import lossforge_kernels as lf
+from lossforge_kernels.ops import sigmoid_focal as sf_ops
 from tests import harness
 from tests.conftest import assert_close_rel, device_for
 from tests.test_row_softmax import max_mode  # noqa: F401 (a fixture)
@@ -70,10 +71,11 @@ def make_sample(shape, opts, dtype, device, generator):
 def _kernel_op_samples(device):
     x, t = make((6, 7), dtype=torch.float32, device=device)
     total, rows = torch.empty((), device=device), torch.empty_like(x)
-    return [("sigmoid_focal_fwd", (x, t, 0.5, total, torch.empty_like(x), 0.25, 2.0, True)),
-            ("sigmoid_focal_fwd", (x, t, 0.5, rows, torch.empty_like(x), 0.25, 2.0, False)),
-            ("sigmoid_focal_fwd", (x, t, 0.5, rows, None, -1.0, 0.5, False)),
-            ("sigmoid_focal_bwd", (torch.rand_like(x), x, t, torch.empty_like(x), 0.25, 2.0))]
+    factor = torch.full((), 0.5, device=device)
+    return [(sf_ops.FWD, (x, t, factor, total, torch.empty_like(x), 0.25, 2.0, True)),
+            (sf_ops.FWD, (x, t, factor, rows, torch.empty_like(x), 0.25, 2.0, False)),
+            (sf_ops.FWD, (x, t, None, rows, None, -1.0, 0.5, False)),
+            (sf_ops.BWD, (torch.rand_like(x), x, t, torch.empty_like(x), 0.25, 2.0))]
 
 
 def _op_inputs(device):
@@ -87,11 +89,12 @@ SPEC = harness.KernelSpec(
     cases=tuple(dict(alpha=a, gamma=g, soft=soft) for a, g in [(0.25, 2.0), (-1.0, 0.0), (0.6, 0.5)]
                 for soft in (False, True)),
     shapes=((1,), (37, 5), (3, 1000), (2, 3, 7)),
-    fwd_kernel="sigmoid_focal_fwd",
-    fwd_exact=("sigmoid_focal_fwd", "div"),  # the kernel with its partial sums, then one divide-and-cast
+    fwd_kernel=sf_ops.FWD,
+    fwd_exact=("full", sf_ops.FWD, "div"),  # the gradient factor, the kernel with its partial sums, a divide-and-cast
     launch_shape=(64, 80),
     op_inputs=_op_inputs,
     kernel_op_samples=_kernel_op_samples,
+    kernels=sf_ops.sigmoid_focal_kernels,
     gaps=(("target", dict(soft=True)), ("target", dict(soft=True, only=True))),
 )
 

@@ -51,8 +51,8 @@ def _kernel_op_samples(device):
                 torch.empty(n, dtype=torch.int64, device=device), torch.empty(n, device=device))
 
     csr = _csr(n, gen, device)
-    return [("triplet_mine", (x, labels, scale, "cosine", *outs())),
-            ("triplet_pair_grad", (x, scale, *csr, True, torch.empty_like(x), torch.empty_like(scale)))]
+    return [(ops.MINE, (x, labels, scale, "cosine", *outs())),
+            (ops.PAIR_GRAD, (x, scale, *csr, True, torch.empty_like(x), torch.empty_like(scale)))]
 
 
 def _op_inputs(device):
@@ -73,7 +73,7 @@ SPEC = harness.KernelSpec(
     tol=lambda opts, shape: 1e-5 if opts["distance"] == "cosine" else 5e-5,
     half_cases=(dict(), dict(distance="cosine", soft_margin=True)),
     half_shape=(40, 24),
-    fwd_kernel="triplet_mine",
+    fwd_kernel=ops.MINE,
     fwd_budget=51,  # the kernels plus ~45 O(B) torch ops: divisor, per-anchor terms, the pairs' CSR, and 3
     # for the gradient's non-finite check of the embeddings (one read of x)
     bwd_budget=2,
@@ -81,6 +81,7 @@ SPEC = harness.KernelSpec(
     compile_cases=(dict(distance="cosine", normalize=True, soft_margin=True),),
     op_inputs=_op_inputs,
     kernel_op_samples=_kernel_op_samples,
+    kernels=ops.triplet_kernels,
 )
 
 test_kernel_matches_reference = harness.matches_reference(SPEC)
@@ -221,7 +222,7 @@ def test_bad_input_is_refused_by_name(kernel_backend):
     with pytest.raises(lf.BackendUnavailableError, match="triplet kernels take"):
         lf.triplet_loss(x.double(), labels, backend=kernel_backend)
     out = [torch.empty(6, dtype=torch.int64, device=device), torch.empty(6, device=device)] * 2
-    mine = getattr(torch.ops.lossforge, f"triplet_mine_{kernel_backend}")
+    mine = ops.MINE.overloads[kernel_backend]
     with pytest.raises(ValueError, match="triplet_mine: labels must be a contiguous \\(6,\\) torch.int64"):
         mine(x, labels.int(), None, "euclidean", *out)
     with pytest.raises(ValueError, match="triplet_mine: cosine distances need the rows' scale"):
@@ -282,9 +283,9 @@ def _mined_kernel_op_samples(device):
         return torch.empty(c, device=device), torch.empty(c, dtype=torch.int64, device=device)
 
     weight = torch.rand(c, generator=gen).to(device)
-    return [("triplet_row_loss", (gram, sq, scale, labels, 3, "semi_hard", "cosine", 0.2, False, weight, *outs(),
+    return [(ops.ROW_LOSS, (gram, sq, scale, labels, 3, "semi_hard", "cosine", 0.2, False, weight, *outs(),
                                   torch.empty_like(gram))),
-            ("triplet_row_loss", (gram, sq, None, labels, 3, "batch_all", "euclidean", 0.2, False, None, *outs(),
+            (ops.ROW_LOSS, (gram, sq, None, labels, 3, "batch_all", "euclidean", 0.2, False, None, *outs(),
                                   None))]
 
 
@@ -307,14 +308,14 @@ MINED_SPEC = harness.KernelSpec(
     tol=lambda opts, shape: 1e-5 if opts["distance"] == "cosine" else 5e-5,
     half_cases=(dict(), dict(mining="batch_all"), dict(mining="batch_all", distance="cosine", soft_margin=True)),
     half_shape=(40, 24),
-    fwd_kernel="triplet_row_loss",
+    fwd_kernel=ops.ROW_LOSS,
     fwd_budget=40,  # the row kernel, the Gram product and the O(B) and O(C B) torch around them
     bwd_budget=2,
     launch_shape=(48, 16),
     compile_cases=(dict(mining="batch_all", distance="cosine", normalize=True),),
     op_inputs=_mined_op_inputs,
     kernel_op_samples=_mined_kernel_op_samples,
-    builder_spec="ROWS_SPEC",
+    kernels=ops.triplet_mined_kernels,
 )
 
 test_mined_kernel_matches_reference = harness.matches_reference(MINED_SPEC)
@@ -442,7 +443,7 @@ def test_row_kernel_refuses_bad_input_by_name(kernel_backend):
     x, labels = torch.randn(6, 4).to(device), torch.tensor([0, 1, 0, 1, 2, 2]).to(device)
     with pytest.raises(BackendUnavailableError, match="triplet kernels take"):
         lf.triplet_loss(x.double(), labels, mining="batch_all", backend=kernel_backend)
-    op = getattr(torch.ops.lossforge, f"triplet_row_loss_{kernel_backend}")
+    op = ops.ROW_LOSS.overloads[kernel_backend]
     gram, sq = (x[:2] @ x.T).contiguous(), (x * x).sum(1)
     out = (torch.empty(2, device=device), torch.empty(2, dtype=torch.int64, device=device))
     with pytest.raises(ValueError, match="triplet_row_loss: row0 must be in"):

@@ -104,8 +104,9 @@ def _target_coefs(weight_ptr, alpha_ptr, wsum_ptr, ts, C, focal_alpha, HAS_WEIGH
 
 @triton.jit
 def _ce_class_fwd_kernel(
-        logits_ptr, logits_stride, target_ptr, weight_ptr, wsum_ptr, alpha_ptr, scale_ptr, grad_ptr, grad_stride,
-        loss_ptr, stats_ptr, C, ignore_index, eps, z_loss, softcap, inv_softcap, gamma, focal_alpha,
+        logits_ptr, logits_stride, target_ptr, weight_ptr, wsum_ptr, alpha_ptr, grad_factor_ptr, grad_ptr,
+        grad_stride, loss_ptr, stats_ptr, C, ignore_index, label_smoothing, z_loss, softcap, inv_softcap, gamma,
+        focal_alpha,
         BLOCK: tl.constexpr, SINGLE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_ALPHA: tl.constexpr,
         HAS_GRAD: tl.constexpr, SMOOTH: tl.constexpr, FOCAL: tl.constexpr, SOFTCAP: tl.constexpr,
         Z_LOSS: tl.constexpr):
@@ -148,9 +149,9 @@ def _ce_class_fwd_kernel(
         logp_t, log1mp = target_log_probs(m, sx, y_t)
         w_t, a_t, wsum = _target_coefs(weight_ptr, alpha_ptr, wsum_ptr, ts, C, focal_alpha, HAS_WEIGHT, HAS_ALPHA,
                                        SMOOTH)
-        ce = (1.0 - eps) * w_t * -logp_t
+        ce = (1.0 - label_smoothing) * w_t * -logp_t
         if SMOOTH:
-            ce += (eps / C) * (wsum * lse - swy)
+            ce += (label_smoothing / C) * (wsum * lse - swy)
         loss = a_t * ce
         if FOCAL:
             loss *= tl.exp(gamma * log1mp)
@@ -162,8 +163,8 @@ def _ce_class_fwd_kernel(
         tl.store(stats_ptr + row * 4 + 2, log1mp)
         tl.store(stats_ptr + row * 4 + 3, logp_t)
         if HAS_GRAD:
-            off, coef, cq0, gt = class_row_grad(lse, ce, log1mp, logp_t, w_t, a_t, wsum, C, eps, z_loss, gamma,
-                                                tl.load(scale_ptr), slope_t, FOCAL, Z_LOSS)
+            off, coef, cq0, gt = class_row_grad(lse, ce, log1mp, logp_t, w_t, a_t, wsum, C, label_smoothing, z_loss,
+                                                gamma, tl.load(grad_factor_ptr), slope_t, FOCAL, Z_LOSS)
             if SINGLE:
                 # The row is still in registers: exp(y_j - off) = e_j / s_all, or e_j / sx when off
                 # carries log(1 - p_t) (focal), which saves the second exponential.
@@ -189,7 +190,7 @@ def _ce_class_fwd_kernel(
 @triton.jit
 def _ce_class_bwd_kernel(
         grad_rows_ptr, logits_ptr, logits_stride, target_ptr, weight_ptr, wsum_ptr, alpha_ptr, stats_ptr,
-        grad_ptr, grad_stride, C, ignore_index, eps, z_loss, softcap, inv_softcap, gamma, focal_alpha,
+        grad_ptr, grad_stride, C, ignore_index, label_smoothing, z_loss, softcap, inv_softcap, gamma, focal_alpha,
         BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_ALPHA: tl.constexpr, SMOOTH: tl.constexpr,
         FOCAL: tl.constexpr, SOFTCAP: tl.constexpr, Z_LOSS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -204,8 +205,8 @@ def _ce_class_bwd_kernel(
         y_t, slope_t = cap_logit(tl.load(x_row + ts), True, softcap, inv_softcap, SOFTCAP)
         w_t, a_t, wsum = _target_coefs(weight_ptr, alpha_ptr, wsum_ptr, ts, C, focal_alpha, HAS_WEIGHT, HAS_ALPHA,
                                        SMOOTH)
-        off, coef, cq0, gt = class_row_grad(lse, ce, log1mp, logp_t, w_t, a_t, wsum, C, eps, z_loss, gamma,
-                                            tl.load(grad_rows_ptr + row), slope_t, FOCAL, Z_LOSS)
+        off, coef, cq0, gt = class_row_grad(lse, ce, log1mp, logp_t, w_t, a_t, wsum, C, label_smoothing, z_loss,
+                                            gamma, tl.load(grad_rows_ptr + row), slope_t, FOCAL, Z_LOSS)
         _class_grad_pass(x_row, g_row, weight_ptr, C, ts, off, coef, cq0, gt, softcap, inv_softcap, BLOCK,
                          HAS_WEIGHT, SMOOTH, SOFTCAP)
     else:
@@ -214,8 +215,8 @@ def _ce_class_bwd_kernel(
 
 @triton.jit
 def _weighted_target(q_row, c, mask, weight_ptr, a, b, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr):
-    """w_j (a q_j + b) for one chunk (0 past the row); b only with smoothing. With a = 1 - eps and
-    b = eps / C it is w_j q'_j; with a RowGrad's (cq1, cq0) the gradient's target term."""
+    """w_j (a q_j + b) for one chunk (0 past the row); b only with smoothing. With a = 1 - label_smoothing
+    and b = label_smoothing / C it is w_j q'_j; with a RowGrad's (cq1, cq0) the gradient's target term."""
     q = a * tl.load(q_row + c, mask=mask, other=0.0).to(tl.float32)
     if SMOOTH:
         q += b
@@ -226,8 +227,8 @@ def _weighted_target(q_row, c, mask, weight_ptr, a, b, HAS_WEIGHT: tl.constexpr,
 
 @triton.jit
 def _ce_soft_fwd_kernel(
-        logits_ptr, logits_stride, target_ptr, target_stride, weight_ptr, scale_ptr, grad_ptr, grad_stride,
-        loss_ptr, stats_ptr, C, eps, z_loss, softcap, inv_softcap,
+        logits_ptr, logits_stride, target_ptr, target_stride, weight_ptr, grad_factor_ptr, grad_ptr, grad_stride,
+        loss_ptr, stats_ptr, C, label_smoothing, z_loss, softcap, inv_softcap,
         BLOCK: tl.constexpr, SINGLE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_GRAD: tl.constexpr,
         SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr, Z_LOSS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -235,8 +236,8 @@ def _ce_soft_fwd_kernel(
     q_row = target_ptr + row * target_stride
     g_row = grad_ptr + row * grad_stride
     cols = tl.arange(0, BLOCK)
-    eps1 = 1.0 - eps
-    epsC = eps / C
+    eps1 = 1.0 - label_smoothing
+    epsC = label_smoothing / C
     # L = S lse - sum_j wq_j y_j is accumulated as S (lse - m) + sum_j wq_j (m - y_j): every term is
     # >= 0, so large logits do not cancel. S = sum_j wq_j.
     if SINGLE:
@@ -280,7 +281,7 @@ def _ce_soft_fwd_kernel(
     tl.store(stats_ptr + row * 4 + 2, 0.0)
     tl.store(stats_ptr + row * 4 + 3, 0.0)
     if HAS_GRAD:
-        off, coef, cq0, cq1 = soft_row_grad(lse, S, C, eps, z_loss, tl.load(scale_ptr), Z_LOSS)
+        off, coef, cq0, cq1 = soft_row_grad(lse, S, C, label_smoothing, z_loss, tl.load(grad_factor_ptr), Z_LOSS)
         if SINGLE:
             w_cq = _weighted_target(q_row, cols, mask, weight_ptr, cq1, cq0, HAS_WEIGHT, SMOOTH)
             g = row_grad(coef * (e * (1.0 / s)), slope, w_cq, True)
@@ -308,13 +309,13 @@ def _soft_grad_pass(x_row, q_row, g_row, weight_ptr, C, off, coef, cq0, cq1, sof
 @triton.jit
 def _ce_soft_bwd_kernel(
         grad_rows_ptr, logits_ptr, logits_stride, target_ptr, target_stride, weight_ptr, stats_ptr,
-        grad_ptr, grad_stride, C, eps, z_loss, softcap, inv_softcap,
+        grad_ptr, grad_stride, C, label_smoothing, z_loss, softcap, inv_softcap,
         BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr,
         Z_LOSS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     lse = tl.load(stats_ptr + row * 4)
     S = tl.load(stats_ptr + row * 4 + 1)
-    off, coef, cq0, cq1 = soft_row_grad(lse, S, C, eps, z_loss, tl.load(grad_rows_ptr + row), Z_LOSS)
+    off, coef, cq0, cq1 = soft_row_grad(lse, S, C, label_smoothing, z_loss, tl.load(grad_rows_ptr + row), Z_LOSS)
     _soft_grad_pass(logits_ptr + row * logits_stride, target_ptr + row * target_stride,
                     grad_ptr + row * grad_stride, weight_ptr, C, off, coef, cq0, cq1, softcap, inv_softcap,
                     BLOCK, HAS_WEIGHT, SMOOTH, SOFTCAP)
@@ -334,7 +335,7 @@ def _softcap_args(softcap):
     return (float(softcap), 1.0 / softcap) if softcap > 0.0 else (0.0, 0.0)
 
 
-def cross_entropy_fwd(logits, target, weight, weight_sum, alpha, grad_scale, loss, stats, grad, ignore_index,
+def cross_entropy_fwd(logits, target, weight, weight_sum, alpha, grad_factor, loss, stats, grad, ignore_index,
                       label_smoothing, z_loss, softcap, focal_gamma, focal_alpha):
     """The forward op (contract: lossforge_kernels/ops/cross_entropy.py, checked there)."""
     rows, classes = logits.shape
@@ -347,14 +348,15 @@ def cross_entropy_fwd(logits, target, weight, weight_sum, alpha, grad_scale, los
     common = dict(BLOCK=block, SINGLE=single, HAS_WEIGHT=weight is not None, HAS_GRAD=has_grad,
                   SMOOTH=label_smoothing > 0.0, SOFTCAP=softcap > 0.0, Z_LOSS=z_loss > 0.0, num_warps=num_warps)
     weight_arg = loss if weight is None else weight
+    grad_factor = loss if grad_factor is None else grad_factor  # read only with a gradient
     if target.dtype.is_floating_point:
         _ce_soft_fwd_kernel[(rows,)](
-            logits, logits.stride(0), target, target.stride(0), weight_arg, grad_scale, grad_arg, grad_stride,
+            logits, logits.stride(0), target, target.stride(0), weight_arg, grad_factor, grad_arg, grad_stride,
             loss, stats, classes, label_smoothing, z_loss, cap, inv_cap, **common)
     else:
         _ce_class_fwd_kernel[(rows,)](
             logits, logits.stride(0), target, weight_arg, loss if weight_sum is None else weight_sum,
-            loss if alpha is None else alpha, grad_scale, grad_arg, grad_stride, loss, stats, classes, ignore_index,
+            loss if alpha is None else alpha, grad_factor, grad_arg, grad_stride, loss, stats, classes, ignore_index,
             label_smoothing, z_loss, cap, inv_cap, focal_gamma, focal_alpha,
             HAS_ALPHA=alpha is not None, FOCAL=focal_gamma > 0.0, **common)
 

@@ -3,7 +3,7 @@
 # One program computes BLOCK consecutive elements of the flattened tensor (int64 offsets), in fp32.
 # Forward: reads input and target once and writes either the elementwise loss, or (reduce) one fp32
 # partial sum per program that torch then sums in a fixed order (deterministic, no atomics); when a
-# gradient is wanted it is written in the same pass, times grad_scale. Traffic per element for
+# gradient is wanted it is written in the same pass, times grad_factor (read on the device). Traffic per element for
 # bf16: reduced forward 4 bytes, fused forward+gradient 6 bytes, one pass each. The backward op
 # reads grad_out, input and target and writes the gradient, also one pass.
 from __future__ import annotations
@@ -53,7 +53,7 @@ def _focal_terms(x, t, alpha, gamma, HAS_ALPHA: tl.constexpr, GAMMA_MODE: tl.con
 
 
 @triton.jit
-def _sigmoid_focal_fwd_kernel(x_ptr, t_ptr, scale, grad_ptr, out_ptr, n, alpha, gamma,
+def _sigmoid_focal_fwd_kernel(x_ptr, t_ptr, grad_factor_ptr, grad_ptr, out_ptr, n, alpha, gamma,
                               BLOCK: tl.constexpr, REDUCE: tl.constexpr, HAS_GRAD: tl.constexpr,
                               HAS_ALPHA: tl.constexpr, GAMMA_MODE: tl.constexpr):
     pid = tl.program_id(0)
@@ -67,7 +67,7 @@ def _sigmoid_focal_fwd_kernel(x_ptr, t_ptr, scale, grad_ptr, out_ptr, n, alpha, 
     else:
         tl.store(out_ptr + offs, loss.to(out_ptr.dtype.element_ty), mask=mask)
     if HAS_GRAD:
-        tl.store(grad_ptr + offs, (d * scale).to(grad_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_ptr + offs, (d * tl.load(grad_factor_ptr)).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -86,7 +86,7 @@ def _gamma_mode(gamma: float) -> int:
     return 0 if gamma == 0.0 else 2 if gamma == 2.0 else 1
 
 
-def sigmoid_focal_fwd(input, target, grad_scale, out, grad, alpha, gamma, reduce):
+def sigmoid_focal_fwd(input, target, grad_factor, out, grad, alpha, gamma, reduce):
     """The forward op (contract: lossforge_kernels/ops/sigmoid_focal.py, checked there)."""
     n = input.numel()
     if n == 0:
@@ -97,7 +97,7 @@ def sigmoid_focal_fwd(input, target, grad_scale, out, grad, alpha, gamma, reduce
     dest = torch.empty(programs, device=input.device, dtype=torch.float32) if reduce else out
     has_grad = grad is not None
     _sigmoid_focal_fwd_kernel[(programs,)](
-        input, target, float(grad_scale), grad if has_grad else input, dest, n,
+        input, target, grad_factor if has_grad else dest, grad if has_grad else input, dest, n,
         float(alpha), float(gamma), BLOCK=BLOCK, REDUCE=bool(reduce), HAS_GRAD=has_grad,
         HAS_ALPHA=alpha >= 0.0, GAMMA_MODE=_gamma_mode(gamma), num_warps=NUM_WARPS)
     if reduce:

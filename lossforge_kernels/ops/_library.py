@@ -1,19 +1,18 @@
-"""The `lossforge` torch.library namespace: kernel op schemas, fakes and contract checks, defined once.
+"""The `lossforge` torch.library namespace: kernel ops defined once, held by handle.
 
-Every kernel op exists twice with one schema, `<name>_triton` and `<name>_cuda`. Schemas and fake
-(meta) implementations live here in Python, so the ops exist where nothing was compiled; each
-csrc/<family>.cu registers its `_cuda` implementations for the CUDA key, and the Triton modules
-are registered lazily (for CPU too, so the Triton interpreter can run them).
+A `KernelOp` is one kernel contract: the ops `lossforge::<name>_cuda` and `lossforge::<name>_triton`
+with one schema and one fake (meta) implementation, defined here in Python so they exist where
+nothing was compiled. Callers hold the handle and pick a backend with `op[backend]`; csrc/<family>.cu
+registers the `_cuda` implementation for the CUDA key under the same name, and `op.implement_triton`
+routes the `_triton` op to a callable (for CPU tensors too under the Triton interpreter).
 
 A kernel op's contract check (shapes, dtypes, strides, option ranges) is written once, in Python,
-beside its schema. It runs before every call made through `kernel_op` on either backend, and
-inside the Triton implementation, which has no other guard; the CUDA implementation keeps only
+beside its schema, with the schema's argument names. It runs before every call on either backend
+(inside the Triton implementation, which has no other guard); the CUDA implementation keeps only
 the C++ checks that guard memory (devices, dtypes, shapes, strides).
 """
 from __future__ import annotations
 
-import functools
-import importlib
 from typing import Callable
 
 import torch
@@ -22,59 +21,65 @@ from .._backends import KERNEL_BACKENDS, triton_interpreter
 
 lib = torch.library.Library("lossforge", "FRAGMENT")
 
-_CHECKS: dict[str, Callable] = {}
 
+class KernelOp:
+    """One kernel contract on every kernel backend: `op["cuda"](...)`, `op["triton"](...)`."""
 
-def define_kernel_op(name: str, schema: str, fake, check: Callable | None = None) -> None:
-    """Define `lossforge::<name>_<backend>` for each kernel backend with the same schema, fake and check."""
-    for backend in KERNEL_BACKENDS:
-        lib.define(f"{name}_{backend}{schema}")
-        torch.library.register_fake(f"lossforge::{name}_{backend}", fake, lib=lib)
-    if check is not None:
-        _CHECKS[name] = check
+    def __init__(self, name: str, schema: str, fake: Callable, check: Callable | None = None):
+        self.name, self.check = name, check
+        self.overloads = {}  # backend -> the op itself, unchecked (for opcheck and tests)
+        for backend in KERNEL_BACKENDS:
+            qualified = f"{name}_{backend}"  # the one place a backend's op name is written
+            lib.define(qualified + schema)
+            torch.library.register_fake(f"lossforge::{qualified}", fake, lib=lib)
+            self.overloads[backend] = getattr(torch.ops.lossforge, qualified).default
+        self.arg_names = tuple(a.name for a in self.overloads["cuda"]._schema.arguments)
+        self._checked = {backend: self._checked_call(op) for backend, op in self.overloads.items()}
+        self._checked["triton"] = self.overloads["triton"]  # its implementation checks itself
 
+    def _checked_call(self, op):
+        check = self.check
+        if check is None:
+            return op
 
-def register_triton_impl(name: str, module: str, function: str) -> None:
-    """Route `lossforge::<name>_triton` to lossforge_kernels.triton_kernels.<module>.<function>,
-    behind the op's contract check.
+        def checked(*args, **kwargs):
+            check(**self._by_name(args, kwargs))
+            return op(*args, **kwargs)
 
-    The Triton module is imported at the first call, so `import lossforge_kernels` never needs Triton.
-    """
-    check = _CHECKS.get(name)
+        return checked
 
-    def impl(*args):
-        if check is not None:
-            check(*args)
-        kernels = importlib.import_module(f"lossforge_kernels.triton_kernels.{module}")
-        return getattr(kernels, function)(*args)
+    def _by_name(self, args, kwargs) -> dict:
+        """A call's arguments by their schema names (the contract checks take them so)."""
+        named = dict(zip(self.arg_names, args))
+        named.update(kwargs)
+        return named
 
-    lib.impl(f"{name}_triton", impl, "CUDA")
-    if triton_interpreter():
-        lib.impl(f"{name}_triton", impl, "CPU")
+    def __getitem__(self, backend: str) -> Callable:
+        """The op of `backend` behind the contract check."""
+        return self._checked[backend]
 
+    def implement_triton(self, function: Callable) -> None:
+        """Route the `_triton` op to `function` (arguments in schema order), behind the contract check."""
+        check = self.check
 
-def raw_kernel_op(name: str, backend: str):
-    return getattr(torch.ops.lossforge, f"{name}_{backend}").default
+        def impl(*args):
+            if check is not None:
+                check(**self._by_name(args, {}))
+            return function(*args)
 
+        name = self.overloads["triton"]._schema.name.split("::")[1]
+        lib.impl(name, impl, "CUDA")
+        if triton_interpreter():
+            lib.impl(name, impl, "CPU")
 
-@functools.cache  # resolved once per op: it is on every call's path
-def kernel_op(name: str, backend: str):
-    """The kernel op `<name>_<backend>` behind its contract check (the Triton op checks itself)."""
-    op = raw_kernel_op(name, backend)
-    check = _CHECKS.get(name)
-    if check is None or backend == "triton":
-        return op
-
-    def checked(*args):
-        check(*args)
-        return op(*args)
-
-    return checked
-
-
-def scale_grad(grad: torch.Tensor, grad_output: torch.Tensor, backend: str) -> None:
-    """grad *= grad_output on the device; when grad_output == 1 no gradient byte moves."""
-    kernel_op("scale_grad", backend)(grad, grad_output)
+    def implement_composite(self, backend: str, function: Callable, backward: Callable | None = None,
+                            setup_context: Callable | None = None) -> None:
+        """Give the op of `backend` one implementation for every device (it calls other ops), and an
+        autograd formula when `backward` is given."""
+        qualified = self.overloads[backend]._schema.name
+        lib.impl(qualified.split("::")[1], function, "CompositeExplicitAutograd")
+        if backward is not None:
+            torch.library.register_autograd(qualified, backward, setup_context=setup_context, lib=lib)
 
 
 def _check_scale_grad(grad, grad_output):
@@ -93,10 +98,19 @@ def _check_scale_grad(grad, grad_output):
 # grad *= grad_output (fp32 arithmetic), in place, skipped on the device when grad_output == 1.
 # Losses whose gradient is computed in the forward hand this their saved gradient in the last
 # backward: the usual grad_output of 1 costs one short launch and no pass over the gradient.
-define_kernel_op(
-    "scale_grad",
-    "(Tensor(a!) grad, Tensor grad_output) -> ()",
-    lambda grad, grad_output: None,
-    _check_scale_grad,
-)
-register_triton_impl("scale_grad", "scale_grad", "scale_grad")
+SCALE_GRAD = KernelOp("scale_grad", "(Tensor(a!) grad, Tensor grad_output) -> ()",
+                      lambda grad, grad_output: None, _check_scale_grad)
+
+
+def _scale_grad_triton(grad, grad_output):
+    from ..triton_kernels import scale_grad as kernels  # Triton is optional: loaded at the first Triton call
+
+    kernels.scale_grad(grad, grad_output)
+
+
+SCALE_GRAD.implement_triton(_scale_grad_triton)
+
+
+def scale_grad(grad: torch.Tensor, grad_output: torch.Tensor, backend: str) -> None:
+    """grad *= grad_output on the device; when grad_output == 1 no gradient byte moves."""
+    SCALE_GRAD[backend](grad, grad_output)

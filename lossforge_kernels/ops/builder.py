@@ -8,7 +8,7 @@ returns the callable the public layer uses; it owns, for every family alike:
 
 - Reductions: 'none' returns the rows; 'sum' their sum; 'mean' divides by the family's divisor.
 - The gradient convention: with 'mean'/'sum' and a gradient wanted, the forward kernel writes
-  d(loss)/d(input) for each differentiable input (times `scale`: 1/divisor for 'mean', 1 for
+  d(loss)/d(input) for each differentiable input times `grad_factor` (1/divisor for 'mean', 1 for
   'sum'), so the backward only multiplies by grad_output on the device (free when it is 1).
   With 'none' (or no gradient wanted in the forward) the backward kernel runs from saved rows.
 - Retained graphs: the saved gradient is handed out (and scaled in place) only by the backward
@@ -20,8 +20,10 @@ returns the callable the public layer uses; it owns, for every family alike:
   transforms are refused by name.
 - The loss's dtype: the spec's, or the caller's `out_dtype` (float32 under torch.autocast).
 - torch.compile: the same kernels behind functional custom ops with registered autograd
-  (lossforge::<name>_fused_<b>, <name>_rows_<b>, <name>_rows_grad_<b>), so fullgraph=True traces
-  them with no graph break and no in-place write for the compiler to functionalize.
+  (`KernelLoss.compiled`: lossforge::<name>_fused_<b>, <name>_rows_<b>, <name>_rows_grad_<b>), so
+  fullgraph=True traces them with no graph break and no in-place write for the compiler to
+  functionalize. Their fakes come from the spec's forward run on fake tensors (the kernel ops'
+  fakes), unless the spec gives `rows_fake`.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ import torch
 
 from .._backends import KERNEL_BACKENDS
 from .._once_differentiable import differentiable_once, keep_anchor
-from ._library import define_kernel_op, lib, scale_grad
+from ._library import KernelOp, scale_grad
 
 F32 = torch.float32
 
@@ -47,15 +49,16 @@ class FusedLoss:
 
     `params` below is the family's options as a named tuple made from its schema entries
     (`p.label_smoothing`); callers pass them by name.
-    forward(backend, tensors, params, grads, scale, reduce) -> (loss, saved): runs the forward
+    forward(backend, tensors, params, grads, grad_factor, reduce) -> (loss, saved): runs the forward
       kernel. `grads` is None (no gradient) or a list aligned with `differentiable`, each a buffer
-      for d(loss)/d(that input) * scale, or None where not wanted. `scale` is None when no gradient
-      is written, else 1/divisor ('mean') or 1.0 ('sum'), a float or a 0-dim float32 device tensor
-      as `mean_divisor` returned it. `reduce`: return the rows' float32 sum (0-dim) instead of the
-      rows. `saved`: the `n_saved` tensors the rows backward needs besides the inputs.
+      for d(loss)/d(that input) * grad_factor, or None where not wanted. `grad_factor` is None when
+      no gradient is written, else a 0-dim float32 tensor on the inputs' device holding 1/divisor
+      ('mean') or 1 ('sum'). `reduce`: return the rows' float32 sum (0-dim) instead of the rows.
+      `saved`: the `n_saved` tensors the rows backward needs besides the inputs.
     backward(backend, grad_rows, tensors, saved, params, grads): writes into `grads` (aligned with
       `differentiable`, None where not wanted) the gradient of sum(grad_rows * rows).
-    rows_fake(tensors, params) -> (rows, *saved): empty tensors shaped like forward(reduce=False)'s.
+    rows_fake(tensors, params) -> (rows, *saved): empty tensors shaped like forward(reduce=False)'s;
+      by default the forward itself on fake tensors (only for a forward that is not traceable so).
     mean_divisor(tensors, params) -> float or 0-dim device tensor: what 'mean' divides the sum by.
     grad_buffer(tensor) -> the buffer a gradient of `tensor` is written into (default: empty_like).
     out_dtype(tensors, params) -> the loss's dtype (default: the first tensor's).
@@ -67,8 +70,8 @@ class FusedLoss:
     n_saved: int
     forward: Callable
     backward: Callable
-    rows_fake: Callable
     mean_divisor: Callable
+    rows_fake: Callable | None = None
     grad_buffer: Callable = torch.empty_like
     out_dtype: Callable = lambda tensors, params: tensors[0].dtype
 
@@ -112,10 +115,13 @@ def finish_loss(total, reduction, divisor, dtype):
     return torch.div(total, divisor, out=torch.empty((), device=total.device, dtype=dtype))
 
 
-def _reciprocal(divisor):
+def grad_factor(divisor, like: torch.Tensor) -> torch.Tensor:
+    """What the forward kernels multiply a fused gradient by, as they all take it: a 0-dim float32
+    tensor on `like`'s device, 1 for 'sum' (divisor None), else 1/divisor (a number or a device tensor)."""
     if isinstance(divisor, torch.Tensor):
         return torch.reciprocal(divisor, out=torch.empty((), device=divisor.device, dtype=F32))
-    return 1.0 / divisor if divisor else 1.0  # no elements: the loss is 0/0, the gradient empty
+    value = 1.0 / divisor if divisor else 1.0  # 'sum', or no elements: the loss is 0/0, the gradient empty
+    return torch.full((), value, device=like.device, dtype=F32)
 
 
 def _graph_kept() -> bool:
@@ -148,12 +154,12 @@ class _EagerLoss(torch.autograd.Function):
         spec, backend, reduction, wants, params = call.spec, call.backend, call.reduction, call.wants, call.params
         fused = any(wants) and reduction != "none"
         divisor = spec.mean_divisor(tensors, params) if reduction == "mean" else None
-        grads = scale = None
+        grads = factor = None
         if fused:
             grads = [(t.detach() if call.inplace else spec.grad_buffer(t)) if w else None
                      for t, w in zip(_pick(tensors, spec), wants)]
-            scale = _reciprocal(divisor) if reduction == "mean" else 1.0
-        loss, saved = spec.forward(backend, tensors, params, grads, scale, reduction != "none")
+            factor = grad_factor(divisor, tensors[0])
+        loss, saved = spec.forward(backend, tensors, params, grads, factor, reduction != "none")
         dtype = call.out_dtype or spec.out_dtype(tensors, params)
         out = loss.to(dtype) if reduction == "none" else finish_loss(loss, reduction, divisor, dtype)
         ctx.spec, ctx.backend, ctx.params, ctx.wants, ctx.fused = spec, backend, params, wants, fused
@@ -200,7 +206,7 @@ class KernelLoss:
 
     def __init__(self, spec: FusedLoss):
         self.spec = spec
-        _define_compiled_ops(spec)
+        self.compiled = _CompiledOps.define(spec)
 
     def __call__(self, tensors: Sequence, options: Mapping, *, reduction: str, backend: str, inplace=False,
                  out_dtype: torch.dtype | None = None):
@@ -215,7 +221,7 @@ class KernelLoss:
                                    f"this call should have gone to the reference")
         wants = tuple(grad_on and t is not None and t.requires_grad for t in _pick(tensors, spec))
         if torch.compiler.is_compiling():  # inplace does not apply to a traced graph
-            return _compiled_loss(spec, backend, tensors, params, reduction, wants, out_dtype)
+            return _compiled_loss(self.compiled, backend, tensors, params, reduction, wants, out_dtype)
         if torch._C._are_functorch_transforms_active():
             raise RuntimeError(f"lossforge {spec.name}: the {backend} kernels do not run under torch.func "
                                f"transforms (grad, vjp, jacrev, vmap...); use backend='reference'")
@@ -229,15 +235,13 @@ def build(spec: FusedLoss) -> KernelLoss:
 # ---- the torch.compile path -------------------------------------------------------------------
 
 
-def _op(spec, kind, backend):
-    return getattr(torch.ops.lossforge, f"{spec.name}_{kind}_{backend}").default
-
-
-def _compiled_loss(spec, backend, tensors, params, reduction, wants, out_dtype):
+def _compiled_loss(ops, backend, tensors, params, reduction, wants, out_dtype):
+    spec = ops.spec
     dtype = out_dtype or spec.out_dtype(tensors, params)
     if any(wants) and reduction != "none":
-        return _op(spec, "fused", backend)(*tensors, *params, reduction == "mean", list(wants))[0].to(dtype)
-    out = _op(spec, "rows", backend)(*tensors, *params)
+        out = ops.fused[backend](*tensors, **params._asdict(), mean=reduction == "mean", wants=list(wants))
+        return out[0].to(dtype)
+    out = ops.rows[backend](*tensors, **params._asdict())
     rows = out[0] if spec.n_saved else out
     if reduction == "none":
         return rows.to(dtype)
@@ -255,93 +259,109 @@ def _returns(n):
     return "Tensor" if n == 1 else "(" + ", ".join(["Tensor"] * n) + ")"
 
 
-def _define_compiled_ops(spec: FusedLoss) -> None:
-    """lossforge::<name>_{fused,rows,rows_grad}_<backend>: schemas once, implementations per backend."""
-    n_t, n_d, n_s = len(spec.tensors), len(spec.differentiable), spec.n_saved
-    tensors_schema = _schema_tensors(spec)
-    params_schema = "".join(f", {p}" for p in spec.params)
-    saved_schema = "".join(f", Tensor saved{i}" for i in range(n_s))
+@dataclasses.dataclass(frozen=True)
+class _CompiledOps:
+    """A spec's functional ops for torch.compile. Their schemas take the options by the spec's schema
+    entries; callers pass them by name, and the implementations get them back as the spec's named tuple."""
+    spec: FusedLoss
+    fused: KernelOp      # (tensors, options, mean, wants) -> (summed or mean loss, *gradients)
+    rows: KernelOp       # (tensors, options) -> rows, *saved
+    rows_grad: KernelOp  # (grad_rows, tensors, saved, options, wants) -> gradients
 
-    def fused_fake(*args):
-        tensors, wants = args[:n_t], args[-1]
-        return (tensors[0].new_empty((), dtype=F32),
-                *[spec.grad_buffer(t) if w else _empty(tensors[0]) for t, w in zip(_pick(tensors, spec), wants)])
+    @classmethod
+    def define(cls, spec: FusedLoss) -> "_CompiledOps":
+        n_t, n_d, n_s = len(spec.tensors), len(spec.differentiable), spec.n_saved
+        tensors_schema = _schema_tensors(spec)
+        params_schema = "".join(f", {p}" for p in spec.params)
+        saved_schema = "".join(f", Tensor saved{i}" for i in range(n_s))
 
-    def rows_fake(*args):
-        out = spec.rows_fake(args[:n_t], spec.Params(*args[n_t:]))
-        return out if n_s else out[0]
+        def fused_fake(*args):
+            tensors, wants = args[:n_t], args[-1]
+            return (tensors[0].new_empty((), dtype=F32),
+                    *[spec.grad_buffer(t) if w else _empty(tensors[0]) for t, w in zip(_pick(tensors, spec), wants)])
 
-    def rows_grad_fake(grad_rows, *args):
-        tensors, wants = args[:n_t], args[-1]
-        out = [torch.empty_like(t) if w else _empty(tensors[0]) for t, w in zip(_pick(tensors, spec), wants)]
-        return tuple(out) if n_d > 1 else out[0]
+        def rows_fake(*args):
+            tensors, params = args[:n_t], spec.Params(*args[n_t:])
+            if spec.rows_fake is not None:
+                out = spec.rows_fake(tensors, params)
+            else:  # the forward on fake tensors: the kernel ops' fakes give its outputs' shapes
+                rows, saved = spec.forward(KERNEL_BACKENDS[0], tensors, params, None, None, False)
+                out = (rows, *saved)
+            return out if n_s else out[0]
 
-    define_kernel_op(f"{spec.name}_fused",
-                     f"({tensors_schema}{params_schema}, bool mean, bool[] wants) -> {_returns(1 + n_d)}", fused_fake)
-    define_kernel_op(f"{spec.name}_rows", f"({tensors_schema}{params_schema}) -> {_returns(1 + n_s)}", rows_fake)
-    define_kernel_op(f"{spec.name}_rows_grad",
-                     f"(Tensor grad_rows, {tensors_schema}{saved_schema}{params_schema}, bool[] wants)"
-                     f" -> {_returns(n_d)}", rows_grad_fake)
-    for backend in KERNEL_BACKENDS:
-        _register_compiled_impls(spec, backend)
+        def rows_grad_fake(grad_rows, *args):
+            tensors, wants = args[:n_t], args[-1]
+            out = [torch.empty_like(t) if w else _empty(tensors[0]) for t, w in zip(_pick(tensors, spec), wants)]
+            return tuple(out) if n_d > 1 else out[0]
 
+        ops = cls(
+            spec,
+            fused=KernelOp(f"{spec.name}_fused", f"({tensors_schema}{params_schema}, bool mean, bool[] wants) -> "
+                                                 f"{_returns(1 + n_d)}", fused_fake),
+            rows=KernelOp(f"{spec.name}_rows", f"({tensors_schema}{params_schema}) -> {_returns(1 + n_s)}",
+                          rows_fake),
+            rows_grad=KernelOp(f"{spec.name}_rows_grad", f"(Tensor grad_rows, {tensors_schema}{saved_schema}"
+                                                         f"{params_schema}, bool[] wants) -> {_returns(n_d)}",
+                               rows_grad_fake))
+        for backend in KERNEL_BACKENDS:
+            ops._implement(backend)
+        return ops
 
-def _register_compiled_impls(spec: FusedLoss, backend: str) -> None:
-    n_t, n_p, n_d, n_s = len(spec.tensors), len(spec.params), len(spec.differentiable), spec.n_saved
+    def _implement(self, backend: str) -> None:
+        spec = self.spec
+        n_t, n_p, n_d, n_s = len(spec.tensors), len(spec.params), len(spec.differentiable), spec.n_saved
+        rows_grad_op = self.rows_grad[backend]
 
-    # fused: the summed (and for 'mean' divided) loss and its gradients from one forward pass.
-    def fused_impl(*args):
-        tensors, params, mean, wants = args[:n_t], spec.Params(*args[n_t:n_t + n_p]), args[-2], args[-1]
-        divisor = spec.mean_divisor(tensors, params) if mean else None
-        grads = [spec.grad_buffer(t) if w else None for t, w in zip(_pick(tensors, spec), wants)]
-        total, _ = spec.forward(backend, tensors, params, grads, _reciprocal(divisor) if mean else 1.0, True)
-        loss = total / divisor if mean else total
-        return (loss, *[g if g is not None else _empty(tensors[0]) for g in grads])
+        # fused: the summed (and for 'mean' divided) loss and its gradients from one forward pass.
+        def fused_impl(*args):
+            tensors, params, mean, wants = args[:n_t], spec.Params(*args[n_t:n_t + n_p]), args[-2], args[-1]
+            divisor = spec.mean_divisor(tensors, params) if mean else None
+            grads = [spec.grad_buffer(t) if w else None for t, w in zip(_pick(tensors, spec), wants)]
+            total, _ = spec.forward(backend, tensors, params, grads, grad_factor(divisor, tensors[0]), True)
+            loss = total / divisor if mean else total
+            return (loss, *[g if g is not None else _empty(tensors[0]) for g in grads])
 
-    def fused_setup(ctx, inputs, output):
-        ctx.wants = inputs[-1]
-        ctx.save_for_backward(*output[1:])
+        def fused_setup(ctx, inputs, output):
+            ctx.wants = inputs[-1]
+            ctx.save_for_backward(*output[1:])
 
-    def fused_backward(ctx, grad_loss, *_):
-        out = [None] * (n_t + n_p + 2)
-        for pos, g, w in zip(spec.diff_positions, ctx.saved_tensors, ctx.wants):
-            if w:  # one elementwise pass for the compiler to fuse
-                out[pos] = (g.to(F32) * grad_loss.to(F32)).to(g.dtype)
-        return tuple(out)
+        def fused_backward(ctx, grad_loss, *_):
+            out = [None] * (n_t + n_p + 2)
+            for pos, g, w in zip(spec.diff_positions, ctx.saved_tensors, ctx.wants):
+                if w:  # one elementwise pass for the compiler to fuse
+                    out[pos] = (g.to(F32) * grad_loss.to(F32)).to(g.dtype)
+            return tuple(out)
 
-    # rows: the per-row losses and what their backward needs.
-    def rows_impl(*args):
-        loss, saved = spec.forward(backend, args[:n_t], spec.Params(*args[n_t:]), None, None, False)
-        return (loss, *saved) if n_s else loss
+        # rows: the per-row losses and what their backward needs.
+        def rows_impl(*args):
+            loss, saved = spec.forward(backend, args[:n_t], spec.Params(*args[n_t:]), None, None, False)
+            return (loss, *saved) if n_s else loss
 
-    def rows_setup(ctx, inputs, output):
-        ctx.params = inputs[n_t:]
-        ctx.save_for_backward(*inputs[:n_t], *(output[1:] if n_s else ()))
+        def rows_setup(ctx, inputs, output):
+            ctx.params = spec.Params(*inputs[n_t:])
+            ctx.save_for_backward(*inputs[:n_t], *(output[1:] if n_s else ()))
 
-    def rows_backward(ctx, grad_rows, *_):
-        everything = ctx.saved_tensors
-        tensors, saved = everything[:n_t], everything[n_t:]
-        wants = [bool(ctx.needs_input_grad[i]) for i in spec.diff_positions]
-        grads = _op(spec, "rows_grad", backend)(grad_rows, *tensors, *saved, *ctx.params, wants)
-        grads = grads if n_d > 1 else (grads,)
-        out = [None] * (n_t + n_p)
-        for pos, g, w in zip(spec.diff_positions, grads, wants):
-            if w:
-                out[pos] = g
-        return tuple(out)
+        def rows_backward(ctx, grad_rows, *_):
+            everything = ctx.saved_tensors
+            tensors, saved = everything[:n_t], everything[n_t:]
+            wants = [bool(ctx.needs_input_grad[i]) for i in spec.diff_positions]
+            grads = rows_grad_op(grad_rows, *tensors, *saved, **ctx.params._asdict(), wants=wants)
+            grads = grads if n_d > 1 else (grads,)
+            out = [None] * (n_t + n_p)
+            for pos, g, w in zip(spec.diff_positions, grads, wants):
+                if w:
+                    out[pos] = g
+            return tuple(out)
 
-    # rows_grad: the rows backward as a functional op (the gradients get their own buffers).
-    def rows_grad_impl(grad_rows, *args):
-        tensors, saved, params, wants = args[:n_t], args[n_t:n_t + n_s], spec.Params(*args[n_t + n_s:-1]), args[-1]
-        grads = [torch.empty_like(t) if w else None for t, w in zip(_pick(tensors, spec), wants)]
-        spec.backward(backend, grad_rows, tensors, saved, params, grads)
-        out = [g if g is not None else _empty(tensors[0]) for g in grads]
-        return tuple(out) if n_d > 1 else out[0]
+        # rows_grad: the rows backward as a functional op (the gradients get their own buffers).
+        def rows_grad_impl(grad_rows, *args):
+            tensors, saved = args[:n_t], args[n_t:n_t + n_s]
+            params, wants = spec.Params(*args[n_t + n_s:-1]), args[-1]
+            grads = [torch.empty_like(t) if w else None for t, w in zip(_pick(tensors, spec), wants)]
+            spec.backward(backend, grad_rows, tensors, saved, params, grads)
+            out = [g if g is not None else _empty(tensors[0]) for g in grads]
+            return tuple(out) if n_d > 1 else out[0]
 
-    for kind, impl, backward, setup in (("fused", fused_impl, fused_backward, fused_setup),
-                                        ("rows", rows_impl, rows_backward, rows_setup),
-                                        ("rows_grad", rows_grad_impl, None, None)):
-        qualified = f"{spec.name}_{kind}_{backend}"
-        lib.impl(qualified, impl, "CompositeExplicitAutograd")
-        if backward is not None:
-            torch.library.register_autograd(f"lossforge::{qualified}", backward, setup_context=setup, lib=lib)
+        self.fused.implement_composite(backend, fused_impl, fused_backward, fused_setup)
+        self.rows.implement_composite(backend, rows_impl, rows_backward, rows_setup)
+        self.rows_grad.implement_composite(backend, rows_grad_impl)

@@ -56,7 +56,7 @@ from __future__ import annotations
 import torch
 
 from ._labels import class_sizes
-from ._library import define_kernel_op, kernel_op, register_triton_impl
+from ._library import KernelOp
 from .builder import FusedLoss, build
 
 F32 = torch.float32
@@ -130,14 +130,14 @@ def _check_bwd(grad_rows, query, key, labels, scale, bias, stats, grad_query, gr
         _check_vector(op, "grad_coef", grad_coef, (2, b), query)
 
 
-define_kernel_op(
+FWD = KernelOp(
     "contrastive_fwd",
     "(Tensor query, Tensor key, Tensor? labels, Tensor scale, Tensor bias, Tensor(a!) loss, Tensor(b!) stats,"
     " int kind, bool normalize, bool symmetric) -> ()",
     lambda *args: None,
     _check_fwd,
 )
-define_kernel_op(
+BWD = KernelOp(
     "contrastive_bwd",
     "(Tensor grad_rows, Tensor query, Tensor key, Tensor? labels, Tensor scale, Tensor bias, Tensor stats,"
     " Tensor(a!)? grad_query, Tensor(b!)? grad_key, Tensor(c!)? grad_coef, int kind, bool normalize,"
@@ -145,8 +145,16 @@ define_kernel_op(
     lambda *args: None,
     _check_bwd,
 )
-register_triton_impl("contrastive_fwd", "contrastive", "contrastive_fwd")
-register_triton_impl("contrastive_bwd", "contrastive", "contrastive_bwd")
+
+
+def _triton():
+    from ..triton_kernels import contrastive as kernels  # Triton is optional: loaded at the first Triton call
+
+    return kernels
+
+
+FWD.implement_triton(lambda *args: _triton().contrastive_fwd(*args))
+BWD.implement_triton(lambda *args: _triton().contrastive_bwd(*args))
 
 
 # ---- the three losses' specs for the op builder -------------------------------------------------
@@ -159,7 +167,7 @@ def _run_forward(backend, query, key, labels, scale, bias, kind, normalize, symm
     # Rows of stats the kernel leaves untouched are zeros: the rows op returns them (as saved tensors).
     writes_all = kind == SUPCON or (kind == INFO_NCE and symmetric)
     stats = query.new_empty(2, b, dtype=F32) if writes_all else query.new_zeros(2, b, dtype=F32)
-    kernel_op("contrastive_fwd", backend)(query, key, labels, scale, bias, loss, stats, kind, normalize, symmetric)
+    FWD[backend](query, key, labels, scale, bias, loss, stats, kind=kind, normalize=normalize, symmetric=symmetric)
     return loss, stats
 
 
@@ -168,27 +176,20 @@ def _run_backward(backend, grad_rows, query, key, labels, scale, bias, stats, gr
     gradients are sums of the kernel's per-row partials."""
     grad_q, grad_k, grad_s, grad_b = grads
     coef = None if grad_s is None and grad_b is None else query.new_empty(2, query.shape[0], dtype=F32)
-    kernel_op("contrastive_bwd", backend)(grad_rows.to(F32).contiguous(), query, key, labels, scale, bias, stats,
-                                          grad_q, grad_k, coef, kind, normalize, symmetric)
+    BWD[backend](grad_rows.to(F32).contiguous(), query, key, labels, scale, bias, stats, grad_q, grad_k, coef,
+                 kind=kind, normalize=normalize, symmetric=symmetric)
     for row, grad in enumerate((grad_s, grad_b)):
         if grad is not None:
             torch.sum(coef[row], dim=0, out=grad)
 
 
-def _uniform_rows(scale, b, like):
-    """grad_rows of a fused 'mean'/'sum' forward: `scale` (a float or a 0-dim tensor) for every row."""
-    if isinstance(scale, torch.Tensor):
-        return scale.to(F32).reshape(1).expand(b).contiguous()
-    return like.new_full((b,), scale, dtype=F32)
+def _uniform_rows(grad_factor, b):
+    """grad_rows of a fused 'mean'/'sum' forward: the builder's gradient factor for every row."""
+    return grad_factor.reshape(1).expand(b).contiguous()
 
 
 def _zero(like):
     return like.new_zeros((), dtype=F32)
-
-
-def _rows_fake(tensors, params):
-    b = tensors[0].shape[0]
-    return tensors[0].new_empty(b, dtype=F32), tensors[0].new_empty(2, b, dtype=F32)
 
 
 def _finish(loss, stats, reduce):
@@ -197,20 +198,21 @@ def _finish(loss, stats, reduce):
 
 # InfoNCE / CLIP: tensors (query, key, logit_scale), the scale a 0-dim fp32 tensor.
 
-def _info_nce_forward(backend, tensors, params, grads, scale, reduce):
+def _info_nce_forward(backend, tensors, params, grads, grad_factor, reduce):
     query, key, logit_scale = tensors
     bias = _zero(query)
-    loss, stats = _run_forward(backend, query, key, None, logit_scale, bias, INFO_NCE, *params)
+    loss, stats = _run_forward(backend, query, key, None, logit_scale, bias, INFO_NCE, params.normalize,
+                               params.symmetric)
     if grads is not None:
-        _run_backward(backend, _uniform_rows(scale, query.shape[0], query), query, key, None, logit_scale, bias,
-                      stats, [*grads, None], INFO_NCE, *params)
+        _run_backward(backend, _uniform_rows(grad_factor, query.shape[0]), query, key, None, logit_scale, bias,
+                      stats, [*grads, None], INFO_NCE, params.normalize, params.symmetric)
     return _finish(loss, stats, reduce)
 
 
 def _info_nce_backward(backend, grad_rows, tensors, saved, params, grads):
     query, key, logit_scale = tensors
     _run_backward(backend, grad_rows, query, key, None, logit_scale, _zero(query), saved[0], [*grads, None],
-                  INFO_NCE, *params)
+                  INFO_NCE, params.normalize, params.symmetric)
 
 
 def _row_count(tensors, params):
@@ -225,7 +227,6 @@ INFO_NCE_SPEC = FusedLoss(
     n_saved=1,
     forward=_info_nce_forward,
     backward=_info_nce_backward,
-    rows_fake=_rows_fake,
     mean_divisor=_row_count,
 )
 
@@ -243,28 +244,27 @@ def _supcon_rows_grad(grad_rows, stats):
     return torch.where(stats[1] > 0, grad_rows.to(F32), 0.0)
 
 
-def _supcon_call(tensors, params):
+def _supcon_logit_scale(features, params):
+    return features.new_full((), 1.0 / params.temperature, dtype=F32)
+
+
+def _supcon_forward(backend, tensors, params, grads, grad_factor, reduce):
     features, labels = tensors
-    temperature, normalize = params
-    scale = features.new_full((), 1.0 / temperature, dtype=F32)
-    return features, labels, scale, normalize
-
-
-def _supcon_forward(backend, tensors, params, grads, scale, reduce):
-    features, labels, logit_scale, normalize = _supcon_call(tensors, params)
-    bias = _zero(features)
-    loss, stats = _run_forward(backend, features, features, labels, logit_scale, bias, SUPCON, normalize, False)
+    logit_scale, bias = _supcon_logit_scale(features, params), _zero(features)
+    loss, stats = _run_forward(backend, features, features, labels, logit_scale, bias, SUPCON, params.normalize,
+                               False)
     if grads is not None:
-        rows = _supcon_rows_grad(_uniform_rows(scale, features.shape[0], features), stats)
+        rows = _supcon_rows_grad(_uniform_rows(grad_factor, features.shape[0]), stats)
         _run_backward(backend, rows, features, features, labels, logit_scale, bias, stats,
-                      [grads[0], None, None, None], SUPCON, normalize, False)
+                      [grads[0], None, None, None], SUPCON, params.normalize, False)
     return _finish(loss, stats, reduce)
 
 
 def _supcon_backward(backend, grad_rows, tensors, saved, params, grads):
-    features, labels, logit_scale, normalize = _supcon_call(tensors, params)
-    _run_backward(backend, _supcon_rows_grad(grad_rows, saved[0]), features, features, labels, logit_scale,
-                  _zero(features), saved[0], [grads[0], None, None, None], SUPCON, normalize, False)
+    features, labels = tensors
+    _run_backward(backend, _supcon_rows_grad(grad_rows, saved[0]), features, features, labels,
+                  _supcon_logit_scale(features, params), _zero(features), saved[0], [grads[0], None, None, None],
+                  SUPCON, params.normalize, False)
 
 
 SUPCON_SPEC = FusedLoss(
@@ -275,18 +275,17 @@ SUPCON_SPEC = FusedLoss(
     n_saved=1,
     forward=_supcon_forward,
     backward=_supcon_backward,
-    rows_fake=_rows_fake,
     mean_divisor=_anchor_count,
 )
 
 
 # SigLIP: tensors (query, key, logit_scale, logit_bias), both scalars 0-dim fp32 tensors.
 
-def _siglip_forward(backend, tensors, params, grads, scale, reduce):
+def _siglip_forward(backend, tensors, params, grads, grad_factor, reduce):
     query, key, logit_scale, logit_bias = tensors
     loss, stats = _run_forward(backend, query, key, None, logit_scale, logit_bias, SIGLIP, params.normalize, False)
     if grads is not None:
-        _run_backward(backend, _uniform_rows(scale, query.shape[0], query), query, key, None, logit_scale,
+        _run_backward(backend, _uniform_rows(grad_factor, query.shape[0]), query, key, None, logit_scale,
                       logit_bias, stats, list(grads), SIGLIP, params.normalize, False)
     return _finish(loss, stats, reduce)
 
@@ -305,7 +304,6 @@ SIGLIP_SPEC = FusedLoss(
     n_saved=1,
     forward=_siglip_forward,
     backward=_siglip_backward,
-    rows_fake=_rows_fake,
     mean_divisor=_row_count,
 )
 

@@ -3,7 +3,7 @@
 Kernel contract, the same for the Triton and the CUDA implementation (M rows of C classes); the
 per-row quantities and the gradient formula are those of reference/row_softmax.py:
 
-cross_entropy_fwd_<b>(logits, target, weight, weight_sum, alpha, grad_scale, loss, stats, grad,
+cross_entropy_fwd_<b>(logits, target, weight, weight_sum, alpha, grad_factor, loss, stats, grad,
                       ignore_index, label_smoothing, z_loss, softcap, focal_gamma, focal_alpha) -> ()
   logits   (M, C) fp32/fp16/bf16, stride(1) == 1, any stride(0)
   target   (M,) int64 contiguous class indices, or (M, C) class probabilities in logits' dtype,
@@ -12,8 +12,8 @@ cross_entropy_fwd_<b>(logits, target, weight, weight_sum, alpha, grad_scale, los
   weight_sum  0-dim fp32, the sum of weight: given exactly when there are weights, class-index
            targets and label smoothing (the smoothing term needs it); else None
   alpha    (C,) fp32 contiguous focal alpha per class, or None (then the float focal_alpha is used)
-  grad_scale  0-dim fp32: the gradient's multiplier (1/divisor for 'mean', 1 for 'sum'), read on
-           the device and only when a gradient is written
+  grad_factor  0-dim fp32: the gradient's multiplier (1/divisor for 'mean', 1 for 'sum'), read on
+           the device; given exactly when grad is
   loss     out (M,) fp32 contiguous: the unreduced loss
   stats    out (M, 4) fp32 contiguous, what the backward needs:
            class targets: [lse, smoothed weighted CE before the focal factor, log(1 - p_t), log p_t]
@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from ..reference.cross_entropy import mean_divisor
-from ._library import define_kernel_op, kernel_op, register_triton_impl
+from ._library import KernelOp
 from .builder import FusedLoss, build
 
 F32 = torch.float32
@@ -52,7 +52,8 @@ def _unit_inner(t):
     return t.shape[1] <= 1 or t.stride(1) == 1
 
 
-def check_rows(op, logits, target, weight, weight_sum, alpha, grad, params):
+def check_rows(op, logits, target, weight, weight_sum, alpha, grad, ignore_index, label_smoothing, z_loss, softcap,
+               focal_gamma, focal_alpha):
     """The contract shared by the forward and the backward op (see the module docstring)."""
     if logits.dim() != 2 or logits.dtype not in KERNEL_DTYPES:
         _fail(op, f"logits must be a 2-D fp32/fp16/bf16 tensor, got shape {tuple(logits.shape)} and dtype "
@@ -75,8 +76,7 @@ def check_rows(op, logits, target, weight, weight_sum, alpha, grad, params):
         if vec is not None and (vec.shape != (classes,) or vec.dtype != F32 or not vec.is_contiguous()):
             _fail(op, f"{name} must be a contiguous fp32 tensor of shape ({classes},), got shape "
                       f"{tuple(vec.shape)} and dtype {vec.dtype}")
-    ignore_index, eps, z_loss, softcap, gamma, focal_alpha = params
-    needs_sum = weight is not None and not soft and eps > 0.0
+    needs_sum = weight is not None and not soft and label_smoothing > 0.0
     if needs_sum != (weight_sum is not None):
         _fail(op, "weight_sum must be given exactly when there are class weights, class-index targets and label "
                   f"smoothing (here: {'needed' if needs_sum else 'not needed'})")
@@ -92,26 +92,35 @@ def check_rows(op, logits, target, weight, weight_sum, alpha, grad, params):
                     ("grad", grad)):
         if t is not None and t.device != logits.device:
             _fail(op, f"{name} is on {t.device} but logits are on {logits.device}")
-    if not 0.0 <= eps <= 1.0:
-        _fail(op, f"label_smoothing must be in [0, 1], got {eps}")
-    if not z_loss >= 0.0 or not softcap >= 0.0 or not gamma >= 0.0 or softcap == float("inf"):
+    if not 0.0 <= label_smoothing <= 1.0:
+        _fail(op, f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if not z_loss >= 0.0 or not softcap >= 0.0 or not focal_gamma >= 0.0 or softcap == float("inf"):
         _fail(op, f"z_loss, focal_gamma must be >= 0 and softcap finite and >= 0 (0 = off), got z_loss={z_loss}, "
-                  f"softcap={softcap}, focal_gamma={gamma}")
+                  f"softcap={softcap}, focal_gamma={focal_gamma}")
     if not abs(focal_alpha) < float("inf"):
         _fail(op, f"focal_alpha must be finite, got {focal_alpha}")
-    if soft and (gamma != 0.0 or focal_alpha != 1.0 or alpha is not None):
-        _fail(op, f"focal options need class-index targets; got probability targets with focal_gamma={gamma}, "
+    if soft and (focal_gamma != 0.0 or focal_alpha != 1.0 or alpha is not None):
+        _fail(op, f"focal options need class-index targets; got probability targets with focal_gamma={focal_gamma}, "
                   f"focal_alpha={focal_alpha}, alpha tensor={alpha is not None}")
 
 
-def _check_fwd(logits, target, weight, weight_sum, alpha, grad_scale, loss, stats, grad, *params):
+def check_grad_factor(op, grad_factor, grad, like):
+    """The forward ops' gradient factor: a 0-dim fp32 tensor on `like`'s device, given exactly with grad."""
+    if (grad_factor is None) != (grad is None):
+        _fail(op, f"grad_factor must be given exactly when grad is (grad is {'not ' if grad is None else ''}None)")
+    if grad_factor is None:
+        return
+    if grad_factor.dtype != F32:
+        _fail(op, f"grad_factor must have dtype torch.float32, got {grad_factor.dtype}", TypeError)
+    if grad_factor.dim() != 0 or grad_factor.device != like.device:
+        _fail(op, f"grad_factor must be a 0-dim tensor on {like.device}, got shape {tuple(grad_factor.shape)} on "
+                  f"{grad_factor.device}")
+
+
+def _check_fwd(logits, target, weight, weight_sum, alpha, grad_factor, loss, stats, grad, **options):
     op = "cross_entropy_fwd"
-    check_rows(op, logits, target, weight, weight_sum, alpha, grad, params)
-    if grad_scale.dtype != F32:
-        _fail(op, f"grad_scale must have dtype torch.float32, got {grad_scale.dtype}", TypeError)
-    if grad_scale.dim() != 0 or grad_scale.device != logits.device:
-        _fail(op, f"grad_scale must be a 0-dim tensor on logits' device, got shape {tuple(grad_scale.shape)} on "
-                  f"{grad_scale.device}")
+    check_rows(op, logits, target, weight, weight_sum, alpha, grad, **options)
+    check_grad_factor(op, grad_factor, grad, logits)
     rows = logits.shape[0]
     for name, t, shape in (("loss", loss, (rows,)), ("stats", stats, (rows, 4))):
         if t.shape != shape or t.dtype != F32 or not t.is_contiguous() or t.device != logits.device:
@@ -119,9 +128,9 @@ def _check_fwd(logits, target, weight, weight_sum, alpha, grad_scale, loss, stat
                       f"{tuple(t.shape)}, dtype {t.dtype} on {t.device}")
 
 
-def _check_bwd(grad_rows, logits, target, weight, weight_sum, alpha, stats, grad, *params):
+def _check_bwd(grad_rows, logits, target, weight, weight_sum, alpha, stats, grad, **options):
     op = "cross_entropy_bwd"
-    check_rows(op, logits, target, weight, weight_sum, alpha, grad, params)
+    check_rows(op, logits, target, weight, weight_sum, alpha, grad, **options)
     rows = logits.shape[0]
     for name, t, shape in (("grad_rows", grad_rows, (rows,)), ("stats", stats, (rows, 4))):
         if t.shape != shape or t.dtype != F32 or not t.is_contiguous() or t.device != logits.device:
@@ -129,55 +138,58 @@ def _check_bwd(grad_rows, logits, target, weight, weight_sum, alpha, stats, grad
                       f"{tuple(t.shape)}, dtype {t.dtype} on {t.device}")
 
 
-define_kernel_op(
+FWD = KernelOp(
     "cross_entropy_fwd",
-    "(Tensor logits, Tensor target, Tensor? weight, Tensor? weight_sum, Tensor? alpha, Tensor grad_scale,"
+    "(Tensor logits, Tensor target, Tensor? weight, Tensor? weight_sum, Tensor? alpha, Tensor? grad_factor,"
     f" Tensor(a!) loss, Tensor(b!) stats, Tensor(c!)? grad, {_PARAMS}) -> ()",
-    lambda *args: None,
+    lambda *args, **kwargs: None,
     _check_fwd,
 )
-define_kernel_op(
+BWD = KernelOp(
     "cross_entropy_bwd",
     "(Tensor grad_rows, Tensor logits, Tensor target, Tensor? weight, Tensor? weight_sum, Tensor? alpha,"
     f" Tensor stats, Tensor(a!) grad, {_PARAMS}) -> ()",
-    lambda *args: None,
+    lambda *args, **kwargs: None,
     _check_bwd,
 )
-register_triton_impl("cross_entropy_fwd", "cross_entropy", "cross_entropy_fwd")
-register_triton_impl("cross_entropy_bwd", "cross_entropy", "cross_entropy_bwd")
+
+
+def _triton():
+    from ..triton_kernels import cross_entropy as kernels  # Triton is optional: loaded at the first Triton call
+
+    return kernels
+
+
+FWD.implement_triton(lambda *args: _triton().cross_entropy_fwd(*args))
+BWD.implement_triton(lambda *args: _triton().cross_entropy_bwd(*args))
 
 
 # ---- the family's spec for the op builder ------------------------------------------------------
 
-def _grad_scale(scale, like):
-    """The kernel's 0-dim fp32 grad_scale: unread without a gradient, so then left unset."""
-    if isinstance(scale, torch.Tensor):
-        return scale
-    out = torch.empty((), device=like.device, dtype=F32)
-    return out if scale is None else out.fill_(scale)
+def kernel_options(p) -> dict:
+    """The kernels' scalar options by name, from cross-entropy's named options (or linear
+    cross-entropy's, which include them)."""
+    return dict(ignore_index=p.ignore_index, label_smoothing=p.label_smoothing, z_loss=p.z_loss, softcap=p.softcap,
+                focal_gamma=p.focal_gamma, focal_alpha=p.focal_alpha)
 
 
-def _forward(backend, tensors, params, grads, scale, reduce):
-    logits = tensors[0]
+def _forward(backend, tensors, params, grads, grad_factor, reduce):
+    logits, target, weight, weight_sum, alpha = tensors
     rows = logits.shape[0]
     loss = torch.empty(rows, device=logits.device, dtype=F32)
     stats = torch.empty(rows, 4, device=logits.device, dtype=F32)
-    kernel_op("cross_entropy_fwd", backend)(*tensors, _grad_scale(scale, logits), loss, stats,
-                                            None if grads is None else grads[0], *params)
+    FWD[backend](logits, target, weight, weight_sum, alpha, grad_factor, loss, stats,
+                 None if grads is None else grads[0], **kernel_options(params))
     return (loss.sum() if reduce else loss), (stats,)
 
 
 def _backward(backend, grad_rows, tensors, saved, params, grads):
-    kernel_op("cross_entropy_bwd", backend)(grad_rows.reshape(-1).to(F32).contiguous(), *tensors, saved[0],
-                                            grads[0], *params)
+    logits, target, weight, weight_sum, alpha = tensors
+    BWD[backend](grad_rows.reshape(-1).to(F32).contiguous(), logits, target, weight, weight_sum, alpha, saved[0],
+                 grads[0], **kernel_options(params))
 
 
-def _rows_fake(tensors, params):
-    logits = tensors[0]
-    return logits.new_empty(logits.shape[0], dtype=F32), logits.new_empty(logits.shape[0], 4, dtype=F32)
-
-
-def _mean_divisor(tensors, params):
+def mean_divisor_of(tensors, params):
     """torch's 'mean' divisor as a device tensor in few launches: for class indices without
     weights, the int64 count of kept rows (exact at any size)."""
     logits, target, weight = tensors[:3]
@@ -195,7 +207,6 @@ SPEC = FusedLoss(
     n_saved=1,
     forward=_forward,
     backward=_backward,
-    rows_fake=_rows_fake,
-    mean_divisor=_mean_divisor,
+    mean_divisor=mean_divisor_of,
 )
 cross_entropy_kernels = build(SPEC)

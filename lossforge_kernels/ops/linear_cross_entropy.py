@@ -22,15 +22,9 @@ import torch
 
 from . import cross_entropy as ce
 from ._chunks import F32, Chunks, Gradients
-from ._library import kernel_op
 from .builder import FusedLoss, build
 
 PARAMS = ce.PARAMS + ("int chunk_size", "bool fp32_weight_grad")  # cross-entropy's options, then its own
-
-
-def ce_options(params):
-    """The cross-entropy kernels' options (their named tuple) out of linear cross-entropy's."""
-    return ce.SPEC.Params(*(getattr(params, name) for name in ce.SPEC.Params._fields))
 
 
 def _ce_tensors(tensors, start, stop):
@@ -38,19 +32,18 @@ def _ce_tensors(tensors, start, stop):
     return target[start:stop], weight, weight_sum, alpha
 
 
-def _forward(backend, tensors, params, grads, scale, reduce):
+def _forward(backend, tensors, params, grads, grad_factor, reduce):
     x, weight, bias = tensors[:3]
     n = x.shape[0]
     rows = torch.empty(n, device=x.device, dtype=F32)
     stats = torch.empty(n, 4, device=x.device, dtype=F32)
     chunks = Chunks(x, weight, bias, params.chunk_size)
     sink = None if grads is None else Gradients(grads, weight, params.fp32_weight_grad)
-    grad_scale = ce._grad_scale(scale, x)
-    fwd = kernel_op("cross_entropy_fwd", backend)
+    fwd, options = ce.FWD[backend], ce.kernel_options(params)
     for start, stop, logits in chunks:
         # with a gradient, the kernel writes d(loss)/d(logits) over the logits it has read
-        fwd(logits, *_ce_tensors(tensors, start, stop), grad_scale, rows[start:stop], stats[start:stop],
-            None if sink is None else logits, *ce_options(params))
+        fwd(logits, *_ce_tensors(tensors, start, stop), grad_factor, rows[start:stop], stats[start:stop],
+            None if sink is None else logits, **options)
         if sink is not None:
             sink.add(chunks, start, stop, logits)
     if sink is not None:
@@ -64,23 +57,17 @@ def _backward(backend, grad_rows, tensors, saved, params, grads):
     chunks = Chunks(x, weight, bias, params.chunk_size, buffers=2)  # the backward kernel writes a buffer of its own
     dlogits = torch.empty_like(chunks.buffer)
     sink = Gradients(grads, weight, params.fp32_weight_grad)
-    bwd = kernel_op("cross_entropy_bwd", backend)
+    bwd, options = ce.BWD[backend], ce.kernel_options(params)
     for start, stop, logits in chunks:
         grad = dlogits[:stop - start]
-        bwd(grad_rows[start:stop], logits, *_ce_tensors(tensors, start, stop), saved[0][start:stop], grad,
-            *ce_options(params))
+        bwd(grad_rows[start:stop], logits, *_ce_tensors(tensors, start, stop), saved[0][start:stop], grad, **options)
         sink.add(chunks, start, stop, grad)
     sink.finish()
 
 
-def _rows_fake(tensors, params):
-    x = tensors[0]
-    return x.new_empty(x.shape[0], dtype=F32), x.new_empty(x.shape[0], 4, dtype=F32)
-
-
 def _mean_divisor(tensors, params):
     x, _, _, target, weight = tensors[:5]
-    return ce._mean_divisor((x, target, weight), ce_options(params))
+    return ce.mean_divisor_of((x, target, weight), params)
 
 
 SPEC = FusedLoss(
@@ -91,7 +78,6 @@ SPEC = FusedLoss(
     n_saved=1,
     forward=_forward,
     backward=_backward,
-    rows_fake=_rows_fake,
     mean_divisor=_mean_divisor,
 )
 linear_cross_entropy_kernels = build(SPEC)

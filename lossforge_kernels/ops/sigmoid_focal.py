@@ -2,9 +2,10 @@
 
 Kernel contract, the same for the Triton and the CUDA implementation (n elements, any shape):
 
-sigmoid_focal_fwd_<b>(input, target, grad_scale, out, grad, alpha, gamma, reduce) -> ()
+sigmoid_focal_fwd_<b>(input, target, grad_factor, out, grad, alpha, gamma, reduce) -> ()
   input    contiguous fp32/fp16/bf16; target contiguous, the same shape and dtype
-  grad_scale  float multiplier of the gradient (1/n for 'mean', 1 for 'sum')
+  grad_factor  0-dim fp32 multiplier of the gradient (1/n for 'mean', 1 for 'sum'), read on the device;
+           given exactly when grad is
   out      reduce=True: a 0-dim fp32 tensor that receives the sum over all elements, summed in a
            fixed order (deterministic); reduce=False: the elementwise loss, contiguous, shaped and
            typed like input
@@ -19,8 +20,9 @@ import math
 
 import torch
 
-from ._library import define_kernel_op, kernel_op, register_triton_impl
+from ._library import KernelOp
 from .builder import FusedLoss, build
+from .cross_entropy import check_grad_factor
 
 F32 = torch.float32
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -51,9 +53,10 @@ def _check_inputs(op, input, target, grad, alpha, gamma):
                   f"gamma={gamma}")
 
 
-def _check_fwd(input, target, grad_scale, out, grad, alpha, gamma, reduce):
+def _check_fwd(input, target, grad_factor, out, grad, alpha, gamma, reduce):
     op = "sigmoid_focal_fwd"
     _check_inputs(op, input, target, grad, alpha, gamma)
+    check_grad_factor(op, grad_factor, grad, input)
     if reduce:
         if out.dim() != 0 or out.dtype != F32 or out.device != input.device:
             _fail(op, f"out must be a 0-dim fp32 tensor on {input.device} when reduce=True, got shape "
@@ -70,35 +73,44 @@ def _check_bwd(grad_out, input, target, grad, alpha, gamma):
         _fail(op, f"grad_out must be a floating-point tensor, got {grad_out.dtype}")
 
 
-define_kernel_op(
+FWD = KernelOp(
     "sigmoid_focal_fwd",
-    "(Tensor input, Tensor target, float grad_scale, Tensor(a!) out, Tensor(b!)? grad, float alpha, float gamma,"
+    "(Tensor input, Tensor target, Tensor? grad_factor, Tensor(a!) out, Tensor(b!)? grad, float alpha, float gamma,"
     " bool reduce) -> ()",
     lambda *args: None,
     _check_fwd,
 )
-define_kernel_op(
+BWD = KernelOp(
     "sigmoid_focal_bwd",
     "(Tensor grad_out, Tensor input, Tensor target, Tensor(a!) grad, float alpha, float gamma) -> ()",
     lambda *args: None,
     _check_bwd,
 )
-register_triton_impl("sigmoid_focal_fwd", "sigmoid_focal", "sigmoid_focal_fwd")
-register_triton_impl("sigmoid_focal_bwd", "sigmoid_focal", "sigmoid_focal_bwd")
+
+
+def _triton():
+    from ..triton_kernels import sigmoid_focal as kernels  # Triton is optional: loaded at the first Triton call
+
+    return kernels
+
+
+FWD.implement_triton(lambda *args: _triton().sigmoid_focal_fwd(*args))
+BWD.implement_triton(lambda *args: _triton().sigmoid_focal_bwd(*args))
 
 
 # ---- the family's spec for the op builder ------------------------------------------------------
 
-def _forward(backend, tensors, params, grads, scale, reduce):
+def _forward(backend, tensors, params, grads, grad_factor, reduce):
     input, target = tensors
     out = torch.empty((), device=input.device, dtype=F32) if reduce else torch.empty_like(input)
-    kernel_op("sigmoid_focal_fwd", backend)(input, target, 1.0 if scale is None else scale, out,
-                                            None if grads is None else grads[0], *params, reduce)
+    FWD[backend](input, target, grad_factor, out, None if grads is None else grads[0], alpha=params.alpha,
+                 gamma=params.gamma, reduce=reduce)
     return out, ()
 
 
 def _backward(backend, grad_rows, tensors, saved, params, grads):
-    kernel_op("sigmoid_focal_bwd", backend)(grad_rows.contiguous(), *tensors, grads[0], *params)
+    input, target = tensors
+    BWD[backend](grad_rows.contiguous(), input, target, grads[0], alpha=params.alpha, gamma=params.gamma)
 
 
 SPEC = FusedLoss(
@@ -109,7 +121,6 @@ SPEC = FusedLoss(
     n_saved=0,
     forward=_forward,
     backward=_backward,
-    rows_fake=lambda tensors, params: (torch.empty_like(tensors[0]),),
     mean_divisor=lambda tensors, params: float(tensors[0].numel()),
 )
 sigmoid_focal_kernels = build(SPEC)

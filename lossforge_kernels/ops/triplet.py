@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from ..reference import triplet as ref
 from ._chunks import fp32_out_products
 from ._labels import class_sizes
-from ._library import define_kernel_op, kernel_op, register_triton_impl
+from .._backends import usable
+from ._library import KernelOp
 from .builder import FusedLoss, build
 
 F32, I64 = torch.float32, torch.int64
@@ -95,22 +96,30 @@ def _check_pair_grad(x, scale, offsets, others, coef, centered, grad_x, grad_sca
         _check_vector(op, "grad_scale", grad_scale, x, x.shape[0], F32)
 
 
-define_kernel_op(
+MINE = KernelOp(
     "triplet_mine",
     "(Tensor x, Tensor labels, Tensor? scale, str distance, Tensor(a!) pos_index, Tensor(b!) pos_dist,"
     " Tensor(c!) neg_index, Tensor(d!) neg_dist) -> ()",
     lambda *args: None,
     _check_mine,
 )
-define_kernel_op(
+PAIR_GRAD = KernelOp(
     "triplet_pair_grad",
     "(Tensor x, Tensor? scale, Tensor offsets, Tensor others, Tensor coef, bool centered, Tensor(a!)? grad_x,"
     " Tensor(b!)? grad_scale) -> ()",
     lambda *args: None,
     _check_pair_grad,
 )
-register_triton_impl("triplet_mine", "triplet", "triplet_mine")
-register_triton_impl("triplet_pair_grad", "triplet", "triplet_pair_grad")
+
+
+def _triton():
+    from ..triton_kernels import triplet as kernels  # Triton is optional: loaded at the first Triton call
+
+    return kernels
+
+
+MINE.implement_triton(lambda *args: _triton().triplet_mine(*args))
+PAIR_GRAD.implement_triton(lambda *args: _triton().triplet_pair_grad(*args))
 
 
 # ---- torch between the kernels: O(B) work, no host sync ----------------------------------------
@@ -136,7 +145,9 @@ def _mine(backend, x, labels, scale, distance):
     n = x.shape[0]
     out = (torch.empty(n, device=x.device, dtype=I64), torch.empty(n, device=x.device, dtype=F32),
            torch.empty(n, device=x.device, dtype=I64), torch.empty(n, device=x.device, dtype=F32))
-    kernel_op("triplet_mine", backend)(x, labels, scale, distance, *out)
+    pos_index, pos_dist, neg_index, neg_dist = out
+    MINE[backend](x, labels, scale, distance=distance, pos_index=pos_index, pos_dist=pos_dist, neg_index=neg_index,
+                  neg_dist=neg_dist)
     return out
 
 
@@ -182,17 +193,18 @@ def _pair_gradient(backend, x, scale, mined, weight, distance, grads):
     others = torch.cat([pos, anchors, neg, anchors])[order]
     coef = torch.cat([c_pos, c_pos, c_neg, c_neg])[order] + _nan_if_non_finite(x)
     offsets = torch.searchsorted(rows, torch.arange(n + 1, device=x.device))
-    kernel_op("triplet_pair_grad", backend)(x, scale, offsets, others, coef, distance != "cosine", *grads)
+    grad_x, grad_scale = grads
+    PAIR_GRAD[backend](x, scale, offsets, others, coef, centered=distance != "cosine", grad_x=grad_x,
+                       grad_scale=grad_scale)
 
 
-def _forward(backend, tensors, params, grads, scale, reduce):
+def _forward(backend, tensors, params, grads, grad_factor, reduce):
     x, labels, row_factor = tensors
-    distance, margin, soft_margin = params
-    mined = _mine(backend, x, labels, row_factor, distance)
-    rows, slope, kept = _anchor_terms(mined, margin, soft_margin)
+    mined = _mine(backend, x, labels, row_factor, params.distance)
+    rows, slope, kept = _anchor_terms(mined, params.margin, params.soft_margin)
     if grads is not None:
-        weight = torch.where(kept, slope * scale, 0.0)  # 'mean' of nothing: scale is inf, the gradient 0
-        _pair_gradient(backend, x, row_factor, mined, weight, distance, grads)
+        weight = torch.where(kept, slope * grad_factor, 0.0)  # 'mean' of nothing: the factor is inf, the gradient 0
+        _pair_gradient(backend, x, row_factor, mined, weight, params.distance, grads)
     return (rows.sum() if reduce else rows), mined
 
 
@@ -203,13 +215,6 @@ def _backward(backend, grad_rows, tensors, saved, params, grads):
     _pair_gradient(backend, x, row_factor, saved, weight, params.distance, grads)
 
 
-def _rows_fake(tensors, params):
-    x = tensors[0]
-    n = x.shape[0]
-    return (x.new_empty(n, dtype=F32), x.new_empty(n, dtype=I64), x.new_empty(n, dtype=F32),
-            x.new_empty(n, dtype=I64), x.new_empty(n, dtype=F32))
-
-
 SPEC = FusedLoss(
     name="triplet",
     tensors=("embeddings", "labels", "scale?"),
@@ -218,7 +223,6 @@ SPEC = FusedLoss(
     n_saved=4,
     forward=_forward,
     backward=_backward,
-    rows_fake=_rows_fake,
     mean_divisor=lambda tensors, params: kept_anchors(tensors[1]).sum(dtype=F32),
 )
 triplet_kernels = build(SPEC)
@@ -284,14 +288,14 @@ def _check_row_loss(gram, sq, scale, labels, row0, mining, distance, margin, sof
                       f"{tuple(coef.shape)}, dtype {coef.dtype} on {coef.device}")
 
 
-define_kernel_op(
+ROW_LOSS = KernelOp(
     "triplet_row_loss",
     "(Tensor gram, Tensor sq, Tensor? scale, Tensor labels, int row0, str mining, str distance, float margin,"
     " bool soft_margin, Tensor? row_weight, Tensor(a!) loss, Tensor(b!) count, Tensor(c!)? coef) -> ()",
     lambda *args: None,
     _check_row_loss,
 )
-register_triton_impl("triplet_row_loss", "triplet", "triplet_row_loss")
+ROW_LOSS.implement_triton(lambda *args: _triton().triplet_row_loss(*args))
 
 
 def chunk_anchors(n: int, chunk_size: int) -> int:
@@ -368,12 +372,13 @@ class _RowChunks:
 
     def __init__(self, backend, tensors, params):
         self.x, self.labels, self.scale = tensors
-        self.mining, self.distance, self.margin, self.soft_margin, chunk_size = params
+        self.params = params
+        self.distance = params.distance
         n = self.x.shape[0]
-        self.step = chunk_anchors(n, chunk_size)
+        self.step = chunk_anchors(n, params.chunk_size)
         self.gram = self.x.new_empty((self.step, n), dtype=F32)
         self.sq = _squared_norms(self.x)
-        self.kernel = kernel_op("triplet_row_loss", backend)
+        self.kernel = ROW_LOSS[backend]
 
     def run(self, loss, count, row_weight=None, coef=None, on_chunk=None):
         """Each chunk's loss and count into loss, count; with row_weight (B,), its coef block to on_chunk."""
@@ -383,9 +388,11 @@ class _RowChunks:
             gram = self.gram[:stop - start]
             _gram_into(gram, self.x[start:stop], self.x)
             block = None if coef is None else coef[:stop - start]
-            self.kernel(gram, self.sq, self.scale, self.labels, start, self.mining, self.distance, self.margin,
-                        self.soft_margin, None if row_weight is None else row_weight[start:stop],
-                        loss[start:stop], count[start:stop], block)
+            p = self.params
+            self.kernel(gram, self.sq, self.scale, self.labels, start, mining=p.mining, distance=p.distance,
+                        margin=p.margin, soft_margin=p.soft_margin,
+                        row_weight=None if row_weight is None else row_weight[start:stop], loss=loss[start:stop],
+                        count=count[start:stop], coef=block)
             if on_chunk is not None:
                 on_chunk(start, stop, block)
 
@@ -444,12 +451,8 @@ def _rows_pass(backend, tensors, params, row_weight, grads):
     return loss, count
 
 
-def _row_weights(scale, like):
-    return torch.as_tensor(scale, dtype=F32, device=like.device).reshape(1).expand(like.shape[0]).contiguous()
-
-
-def _rows_forward(backend, tensors, params, grads, scale, reduce):
-    weight = None if grads is None else _row_weights(scale, tensors[0])
+def _rows_forward(backend, tensors, params, grads, grad_factor, reduce):
+    weight = None if grads is None else grad_factor.reshape(1).expand(tensors[0].shape[0]).contiguous()
     loss, _ = _rows_pass(backend, tensors, params, weight, grads)
     return (loss.sum() if reduce else loss), ()
 
@@ -461,10 +464,7 @@ def _rows_backward(backend, grad_rows, tensors, saved, params, grads):
 
 def counting_backend(device: torch.device) -> str:
     """The backend whose kernel counts hinge batch_all's non-zero triplets: a count is the same on both."""
-    cuda_op = "lossforge::triplet_row_loss_cuda"
-    if device.type == "cuda" and torch._C._dispatch_has_kernel_for_dispatch_key(cuda_op, "CUDA"):
-        return "cuda"
-    return "triton"
+    return "cuda" if device.type == "cuda" and usable("cuda") else "triton"
 
 
 def _rows_mean_divisor(tensors, params):
@@ -484,10 +484,6 @@ def _rows_mean_divisor(tensors, params):
     return (pairs * (n - 1 - pairs)).sum(dtype=F32).clamp_min(1.0)
 
 
-def _rows_only_fake(tensors, params):
-    return (tensors[0].new_empty(tensors[0].shape[0], dtype=F32),)
-
-
 ROWS_SPEC = FusedLoss(
     name="triplet_mined",
     tensors=("embeddings", "labels", "scale?"),
@@ -496,7 +492,6 @@ ROWS_SPEC = FusedLoss(
     n_saved=0,
     forward=_rows_forward,
     backward=_rows_backward,
-    rows_fake=_rows_only_fake,
     mean_divisor=_rows_mean_divisor,
 )
 triplet_mined_kernels = build(ROWS_SPEC)
