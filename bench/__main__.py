@@ -2,15 +2,31 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
+import pkgutil
 import sys
 
 import torch
 
-from . import ceilings, contrastive, cross_entropy, harness, linear_cross_entropy, report, sigmoid_focal, triplet
+from . import ceilings, harness, report
 
-SUITES = {s.name: s for s in (cross_entropy.SUITE, linear_cross_entropy.SUITE, sigmoid_focal.SUITE,
-                                           contrastive.SUITE, triplet.SUITE)}
+
+def suites(folder: str = os.path.dirname(os.path.abspath(__file__)), package: str = __package__) -> dict:
+    """Name -> Suite of every public module of the bench package that defines a SUITE, in their ORDER."""
+    found = []
+    for info in pkgutil.iter_modules([folder]):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{package}.{info.name}")
+        if hasattr(module, "SUITE"):
+            if not hasattr(module, "ORDER"):
+                raise ImportError(f"{module.__name__} has a SUITE but no ORDER: say where it runs among the suites")
+            found.append((module.ORDER, module.SUITE.name, module.SUITE))
+    return {name: suite for _, name, suite in sorted(found, key=lambda item: item[:2])}
+
+
+SUITES = suites()
 PROVIDERS = tuple(dict.fromkeys(n for s in SUITES.values() for n in s.provider_names))
 FAMILIES = tuple(dict.fromkeys(n.split("-")[0] for n in PROVIDERS if "-" in n))  # "lf" selects every lf-*
 KNOWN_PROVIDERS = ", ".join(PROVIDERS) + "".join(f"; '{f}' selects every {f}-*" for f in FAMILIES)

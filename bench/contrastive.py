@@ -181,5 +181,6 @@ def providers(settings):
     return standard_providers(settings, _bind_eager, _lf_call, ("inf_cl", _inf_cl), ("open_clip", _open_clip))
 
 
+ORDER = 40  # where `python -m bench` runs this suite among the others (lowest first)
 SUITE = Suite("contrastive", cases, make_inputs, providers, reference, bytes_model,
               STANDARD_PROVIDERS + ("inf_cl", "open_clip"), grads=grads, flops_model=flops_model)

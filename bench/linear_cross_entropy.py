@@ -177,6 +177,7 @@ def providers(settings):
                               ("torch.lce.chunked", _torch_lce(True)), ("liger", _liger), ("cce", _cce))
 
 
+ORDER = 20  # where `python -m bench` runs this suite among the others (lowest first)
 SUITE = Suite("linear_cross_entropy", cases, make_inputs, providers, reference, bytes_model,
               STANDARD_PROVIDERS + ("torch.lce", "torch.lce.chunked", "liger", "cce"),
               grads=("input", "linear_weight"), flops_model=flops_model, accum_mb=accum_mb, tradeoff_plot=True)

@@ -27,16 +27,9 @@ _require_torch(_torch.__version__)
 
 from . import ops as _ops  # noqa: F401  (defines the torch.library ops before any extension loads)
 from ._backends import BackendInfo, BackendUnavailableError, available_backends
-from .functional import (cross_entropy, focal_loss, info_nce, linear_cross_entropy, sigmoid_focal_loss,
-                         siglip_loss, supcon_loss, triplet_loss)
-from .modules import (CrossEntropyLoss, FocalLoss, InfoNCELoss, LinearCrossEntropyLoss, SigLIPLoss,
-                      SigmoidFocalLoss, SupConLoss, TripletLoss)
+from .functional import *  # noqa: F401,F403  (every family's functions, found by walking losses/)
+from .modules import *  # noqa: F401,F403  (every family's nn.Modules)
+from . import functional, modules
 
 __version__ = "0.1.0"
-__all__ = [
-    "available_backends", "BackendInfo", "BackendUnavailableError",
-    "cross_entropy", "focal_loss", "linear_cross_entropy", "sigmoid_focal_loss",
-    "info_nce", "supcon_loss", "siglip_loss", "triplet_loss",
-    "CrossEntropyLoss", "FocalLoss", "LinearCrossEntropyLoss", "SigmoidFocalLoss",
-    "InfoNCELoss", "SupConLoss", "SigLIPLoss", "TripletLoss",
-]
+__all__ = ["available_backends", "BackendInfo", "BackendUnavailableError", *functional.__all__, *modules.__all__]

@@ -1,9 +1,6 @@
-"""nn.Module wrappers, with the same arguments as the functions."""
-from .losses.contrastive import InfoNCELoss, SigLIPLoss, SupConLoss
-from .losses.cross_entropy import CrossEntropyLoss, FocalLoss
-from .losses.linear_cross_entropy import LinearCrossEntropyLoss
-from .losses.sigmoid_focal import SigmoidFocalLoss
-from .losses.triplet import TripletLoss
+"""nn.Module wrappers, with the same arguments as the functions: every family's `MODULES`."""
+from .losses import MODULES
 
-__all__ = ["CrossEntropyLoss", "FocalLoss", "LinearCrossEntropyLoss", "SigmoidFocalLoss", "InfoNCELoss",
-           "SupConLoss", "SigLIPLoss", "TripletLoss"]
+globals().update(MODULES)
+__all__ = list(MODULES)
+del MODULES

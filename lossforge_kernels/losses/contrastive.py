@@ -231,3 +231,8 @@ class SigLIPLoss(nn.Module):
     def forward(self, query, key):
         return siglip_loss(query, key, self.log_logit_scale.exp(), self.logit_bias, normalize=self.normalize,
                            reduction=self.reduction, process_group=self.process_group, backend=self.backend)
+
+
+# The family's public API (functional.py, modules.py and the package export exactly these).
+FUNCTIONS = (info_nce, supcon_loss, siglip_loss)
+MODULES = (InfoNCELoss, SupConLoss, SigLIPLoss)

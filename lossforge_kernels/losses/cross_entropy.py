@@ -256,3 +256,8 @@ class FocalLoss(CrossEntropyLoss):
         CrossEntropyOptions.__init__(self, None, alpha, names=_FOCAL_NAMES, ignore_index=ignore_index,
                                      reduction=reduction, label_smoothing=label_smoothing, z_loss=0.0, softcap=None,
                                      focal_gamma=gamma, backend=backend)
+
+
+# The family's public API (functional.py, modules.py and the package export exactly these).
+FUNCTIONS = (cross_entropy, focal_loss)
+MODULES = (CrossEntropyLoss, FocalLoss)

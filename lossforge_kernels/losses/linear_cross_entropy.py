@@ -135,3 +135,8 @@ class LinearCrossEntropyLoss(CrossEntropyOptions):
     def forward(self, input, linear_weight, target, linear_bias=None):
         return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, chunk_size=self.chunk_size,
                                     fp32_weight_grad=self.fp32_weight_grad, **self.sharding, **self._keywords())
+
+
+# The family's public API (functional.py, modules.py and the package export exactly these).
+FUNCTIONS = (linear_cross_entropy,)
+MODULES = (LinearCrossEntropyLoss,)

@@ -48,3 +48,8 @@ class SigmoidFocalLoss(nn.Module):
     def forward(self, input, target):
         return sigmoid_focal_loss(input, target, alpha=self.alpha, gamma=self.gamma, reduction=self.reduction,
                                   backend=self.backend)
+
+
+# The family's public API (functional.py, modules.py and the package export exactly these).
+FUNCTIONS = (sigmoid_focal_loss,)
+MODULES = (SigmoidFocalLoss,)

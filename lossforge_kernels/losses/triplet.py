@@ -105,3 +105,8 @@ class TripletLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"margin={self.margin}, mining={self.mining!r}, distance={self.distance!r}, "
                 f"soft_margin={self.soft_margin}, normalize={self.normalize}, reduction={self.reduction!r}")
+
+
+# The family's public API (functional.py, modules.py and the package export exactly these).
+FUNCTIONS = (triplet_loss,)
+MODULES = (TripletLoss,)
