@@ -22,11 +22,17 @@ from .._backends import KERNEL_BACKENDS, triton_interpreter
 lib = torch.library.Library("lossforge", "FRAGMENT")
 
 
+def _writes_only(*args, **kwargs):
+    return None
+
+
 class KernelOp:
     """One kernel contract on every kernel backend: `op["cuda"](...)`, `op["triton"](...)`."""
 
-    def __init__(self, name: str, schema: str, fake: Callable, check: Callable | None = None):
+    def __init__(self, name: str, schema: str, fake: Callable | None = None, check: Callable | None = None):
+        """`fake` may be left out for an op that only writes into its arguments (returns ())."""
         self.name, self.check = name, check
+        fake = fake or _writes_only
         self.overloads = {}  # backend -> the op itself, unchecked (for opcheck and tests)
         for backend in KERNEL_BACKENDS:
             qualified = f"{name}_{backend}"  # the one place a backend's op name is written
@@ -98,8 +104,7 @@ def _check_scale_grad(grad, grad_output):
 # grad *= grad_output (fp32 arithmetic), in place, skipped on the device when grad_output == 1.
 # Losses whose gradient is computed in the forward hand this their saved gradient in the last
 # backward: the usual grad_output of 1 costs one short launch and no pass over the gradient.
-SCALE_GRAD = KernelOp("scale_grad", "(Tensor(a!) grad, Tensor grad_output) -> ()",
-                      lambda grad, grad_output: None, _check_scale_grad)
+SCALE_GRAD = KernelOp("scale_grad", "(Tensor(a!) grad, Tensor grad_output) -> ()", check=_check_scale_grad)
 
 
 def _scale_grad_triton(grad, grad_output):

@@ -34,18 +34,13 @@ from __future__ import annotations
 import torch
 
 from ..reference.cross_entropy import mean_divisor
+from ._contracts import F32, KERNEL_DTYPES, fail, require_grad_factor
 from ._library import KernelOp
 from .builder import FusedLoss, build
 
-F32 = torch.float32
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PARAMS = ("int ignore_index", "float label_smoothing", "float z_loss", "float softcap", "float focal_gamma",
           "float focal_alpha")
 _PARAMS = ", ".join(PARAMS)
-
-
-def _fail(op, message, exc=ValueError):
-    raise exc(f"{op}: {message}")
 
 
 def _unit_inner(t):
@@ -56,75 +51,62 @@ def check_rows(op, logits, target, weight, weight_sum, alpha, grad, ignore_index
                focal_gamma, focal_alpha):
     """The contract shared by the forward and the backward op (see the module docstring)."""
     if logits.dim() != 2 or logits.dtype not in KERNEL_DTYPES:
-        _fail(op, f"logits must be a 2-D fp32/fp16/bf16 tensor, got shape {tuple(logits.shape)} and dtype "
+        fail(op, f"logits must be a 2-D fp32/fp16/bf16 tensor, got shape {tuple(logits.shape)} and dtype "
                   f"{logits.dtype}")
     rows, classes = logits.shape
     if not _unit_inner(logits):
-        _fail(op, f"logits must have unit column stride, got strides {logits.stride()}")
+        fail(op, f"logits must have unit column stride, got strides {logits.stride()}")
     if classes == 0 and rows > 0:
-        _fail(op, f"logits must have at least one class, got shape {tuple(logits.shape)}")
+        fail(op, f"logits must have at least one class, got shape {tuple(logits.shape)}")
     soft = target.dtype.is_floating_point
     if soft:
         if target.shape != logits.shape or target.dtype != logits.dtype or not _unit_inner(target):
-            _fail(op, f"probability target must have logits' shape {tuple(logits.shape)} and dtype {logits.dtype} "
+            fail(op, f"probability target must have logits' shape {tuple(logits.shape)} and dtype {logits.dtype} "
                       f"and unit column stride, got shape {tuple(target.shape)}, dtype {target.dtype} and strides "
                       f"{target.stride()}")
     elif target.shape != (rows,) or target.dtype != torch.int64 or not target.is_contiguous():
-        _fail(op, f"class target must be a contiguous int64 tensor of shape ({rows},), got shape "
+        fail(op, f"class target must be a contiguous int64 tensor of shape ({rows},), got shape "
                   f"{tuple(target.shape)} and dtype {target.dtype}")
     for name, vec in (("weight", weight), ("alpha", alpha)):
         if vec is not None and (vec.shape != (classes,) or vec.dtype != F32 or not vec.is_contiguous()):
-            _fail(op, f"{name} must be a contiguous fp32 tensor of shape ({classes},), got shape "
+            fail(op, f"{name} must be a contiguous fp32 tensor of shape ({classes},), got shape "
                       f"{tuple(vec.shape)} and dtype {vec.dtype}")
     needs_sum = weight is not None and not soft and label_smoothing > 0.0
     if needs_sum != (weight_sum is not None):
-        _fail(op, "weight_sum must be given exactly when there are class weights, class-index targets and label "
+        fail(op, "weight_sum must be given exactly when there are class weights, class-index targets and label "
                   f"smoothing (here: {'needed' if needs_sum else 'not needed'})")
     if weight_sum is not None and (weight_sum.dim() != 0 or weight_sum.dtype != F32):
-        _fail(op, f"weight_sum must be a 0-dim fp32 tensor, got shape {tuple(weight_sum.shape)} and dtype "
+        fail(op, f"weight_sum must be a 0-dim fp32 tensor, got shape {tuple(weight_sum.shape)} and dtype "
                   f"{weight_sum.dtype}")
     if grad is not None and (grad.shape != logits.shape or grad.dtype != logits.dtype or not _unit_inner(grad)
                              or (rows > 1 and grad.stride(0) < classes)):
-        _fail(op, f"grad must match logits (shape {tuple(logits.shape)}, dtype {logits.dtype}, unit column "
+        fail(op, f"grad must match logits (shape {tuple(logits.shape)}, dtype {logits.dtype}, unit column "
                   f"stride, rows not overlapping), got shape {tuple(grad.shape)}, dtype {grad.dtype}, strides "
                   f"{grad.stride()}")
     for name, t in (("target", target), ("weight", weight), ("weight_sum", weight_sum), ("alpha", alpha),
                     ("grad", grad)):
         if t is not None and t.device != logits.device:
-            _fail(op, f"{name} is on {t.device} but logits are on {logits.device}")
+            fail(op, f"{name} is on {t.device} but logits are on {logits.device}")
     if not 0.0 <= label_smoothing <= 1.0:
-        _fail(op, f"label_smoothing must be in [0, 1], got {label_smoothing}")
+        fail(op, f"label_smoothing must be in [0, 1], got {label_smoothing}")
     if not z_loss >= 0.0 or not softcap >= 0.0 or not focal_gamma >= 0.0 or softcap == float("inf"):
-        _fail(op, f"z_loss, focal_gamma must be >= 0 and softcap finite and >= 0 (0 = off), got z_loss={z_loss}, "
+        fail(op, f"z_loss, focal_gamma must be >= 0 and softcap finite and >= 0 (0 = off), got z_loss={z_loss}, "
                   f"softcap={softcap}, focal_gamma={focal_gamma}")
     if not abs(focal_alpha) < float("inf"):
-        _fail(op, f"focal_alpha must be finite, got {focal_alpha}")
+        fail(op, f"focal_alpha must be finite, got {focal_alpha}")
     if soft and (focal_gamma != 0.0 or focal_alpha != 1.0 or alpha is not None):
-        _fail(op, f"focal options need class-index targets; got probability targets with focal_gamma={focal_gamma}, "
+        fail(op, f"focal options need class-index targets; got probability targets with focal_gamma={focal_gamma}, "
                   f"focal_alpha={focal_alpha}, alpha tensor={alpha is not None}")
-
-
-def check_grad_factor(op, grad_factor, grad, like):
-    """The forward ops' gradient factor: a 0-dim fp32 tensor on `like`'s device, given exactly with grad."""
-    if (grad_factor is None) != (grad is None):
-        _fail(op, f"grad_factor must be given exactly when grad is (grad is {'not ' if grad is None else ''}None)")
-    if grad_factor is None:
-        return
-    if grad_factor.dtype != F32:
-        _fail(op, f"grad_factor must have dtype torch.float32, got {grad_factor.dtype}", TypeError)
-    if grad_factor.dim() != 0 or grad_factor.device != like.device:
-        _fail(op, f"grad_factor must be a 0-dim tensor on {like.device}, got shape {tuple(grad_factor.shape)} on "
-                  f"{grad_factor.device}")
 
 
 def _check_fwd(logits, target, weight, weight_sum, alpha, grad_factor, loss, stats, grad, **options):
     op = "cross_entropy_fwd"
     check_rows(op, logits, target, weight, weight_sum, alpha, grad, **options)
-    check_grad_factor(op, grad_factor, grad, logits)
+    require_grad_factor(op, grad_factor, grad, logits)
     rows = logits.shape[0]
     for name, t, shape in (("loss", loss, (rows,)), ("stats", stats, (rows, 4))):
         if t.shape != shape or t.dtype != F32 or not t.is_contiguous() or t.device != logits.device:
-            _fail(op, f"{name} must be a contiguous fp32 tensor of shape {shape} on logits' device, got shape "
+            fail(op, f"{name} must be a contiguous fp32 tensor of shape {shape} on logits' device, got shape "
                       f"{tuple(t.shape)}, dtype {t.dtype} on {t.device}")
 
 
@@ -134,7 +116,7 @@ def _check_bwd(grad_rows, logits, target, weight, weight_sum, alpha, stats, grad
     rows = logits.shape[0]
     for name, t, shape in (("grad_rows", grad_rows, (rows,)), ("stats", stats, (rows, 4))):
         if t.shape != shape or t.dtype != F32 or not t.is_contiguous() or t.device != logits.device:
-            _fail(op, f"{name} must be a contiguous fp32 tensor of shape {shape} on logits' device, got shape "
+            fail(op, f"{name} must be a contiguous fp32 tensor of shape {shape} on logits' device, got shape "
                       f"{tuple(t.shape)}, dtype {t.dtype} on {t.device}")
 
 
@@ -142,15 +124,13 @@ FWD = KernelOp(
     "cross_entropy_fwd",
     "(Tensor logits, Tensor target, Tensor? weight, Tensor? weight_sum, Tensor? alpha, Tensor? grad_factor,"
     f" Tensor(a!) loss, Tensor(b!) stats, Tensor(c!)? grad, {_PARAMS}) -> ()",
-    lambda *args, **kwargs: None,
-    _check_fwd,
+    check=_check_fwd,
 )
 BWD = KernelOp(
     "cross_entropy_bwd",
     "(Tensor grad_rows, Tensor logits, Tensor target, Tensor? weight, Tensor? weight_sum, Tensor? alpha,"
     f" Tensor stats, Tensor(a!) grad, {_PARAMS}) -> ()",
-    lambda *args, **kwargs: None,
-    _check_bwd,
+    check=_check_bwd,
 )
 
 

@@ -20,71 +20,55 @@ import math
 
 import torch
 
+from ._contracts import F32, KERNEL_DTYPES, fail, require_grad_factor, require_like
 from ._library import KernelOp
 from .builder import FusedLoss, build
-from .cross_entropy import check_grad_factor
 
-F32 = torch.float32
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PARAMS = ("float alpha", "float gamma")
-
-
-def _fail(op, message):
-    raise ValueError(f"{op}: {message}")
-
-
-def _check_like(op, name, t, like, dtype=None):
-    if t.shape != like.shape or not t.is_contiguous() or t.device != like.device:
-        _fail(op, f"{name} must be contiguous with shape {tuple(like.shape)} on {like.device}, got shape "
-                  f"{tuple(t.shape)}, strides {t.stride()} on {t.device}")
-    if dtype is not None and t.dtype != dtype:
-        _fail(op, f"{name} must have dtype {dtype}, got {t.dtype}")
 
 
 def _check_inputs(op, input, target, grad, alpha, gamma):
     if input.dtype not in KERNEL_DTYPES or not input.is_contiguous():
-        _fail(op, f"input must be a contiguous fp32/fp16/bf16 tensor, got dtype {input.dtype} and strides "
+        fail(op, f"input must be a contiguous fp32/fp16/bf16 tensor, got dtype {input.dtype} and strides "
                   f"{input.stride()}")
-    _check_like(op, "target", target, input, input.dtype)
+    require_like(op, "target", target, input, input.dtype)
     if grad is not None:
-        _check_like(op, "grad", grad, input, input.dtype)
+        require_like(op, "grad", grad, input, input.dtype)
     if not math.isfinite(alpha) or not gamma >= 0.0 or not math.isfinite(gamma):
-        _fail(op, f"alpha must be finite (< 0 disables it) and gamma finite and >= 0, got alpha={alpha}, "
+        fail(op, f"alpha must be finite (< 0 disables it) and gamma finite and >= 0, got alpha={alpha}, "
                   f"gamma={gamma}")
 
 
 def _check_fwd(input, target, grad_factor, out, grad, alpha, gamma, reduce):
     op = "sigmoid_focal_fwd"
     _check_inputs(op, input, target, grad, alpha, gamma)
-    check_grad_factor(op, grad_factor, grad, input)
+    require_grad_factor(op, grad_factor, grad, input)
     if reduce:
         if out.dim() != 0 or out.dtype != F32 or out.device != input.device:
-            _fail(op, f"out must be a 0-dim fp32 tensor on {input.device} when reduce=True, got shape "
+            fail(op, f"out must be a 0-dim fp32 tensor on {input.device} when reduce=True, got shape "
                       f"{tuple(out.shape)} and dtype {out.dtype}")
     else:
-        _check_like(op, "out", out, input, input.dtype)
+        require_like(op, "out", out, input, input.dtype)
 
 
 def _check_bwd(grad_out, input, target, grad, alpha, gamma):
     op = "sigmoid_focal_bwd"
     _check_inputs(op, input, target, grad, alpha, gamma)
-    _check_like(op, "grad_out", grad_out, input)
+    require_like(op, "grad_out", grad_out, input)
     if not grad_out.dtype.is_floating_point:
-        _fail(op, f"grad_out must be a floating-point tensor, got {grad_out.dtype}")
+        fail(op, f"grad_out must be a floating-point tensor, got {grad_out.dtype}")
 
 
 FWD = KernelOp(
     "sigmoid_focal_fwd",
     "(Tensor input, Tensor target, Tensor? grad_factor, Tensor(a!) out, Tensor(b!)? grad, float alpha, float gamma,"
     " bool reduce) -> ()",
-    lambda *args: None,
-    _check_fwd,
+    check=_check_fwd,
 )
 BWD = KernelOp(
     "sigmoid_focal_bwd",
     "(Tensor grad_out, Tensor input, Tensor target, Tensor(a!) grad, float alpha, float gamma) -> ()",
-    lambda *args: None,
-    _check_bwd,
+    check=_check_bwd,
 )
 
 
