@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..reference import triplet as ref
-from ._chunks import fp32_out_products
+from ._chunks import chunk_rows, fp32_out_products
 from ._labels import class_sizes
 from ._library import define_kernel_op, kernel_op, register_triton_impl
 from .builder import FusedLoss, build
@@ -250,8 +250,6 @@ triplet_kernels = build(SPEC)
 
 ROW_MININGS = ("semi_hard", "batch_all")
 ROW_PARAMS = ("str mining", "str distance", "float margin", "bool soft_margin", "int chunk_size")
-# One C x B fp32 block (the Gram block; the coefficient block is a second one) is at most this many bytes.
-CHUNK_BYTES = 32 << 20
 
 
 def _check_row_loss(gram, sq, scale, labels, row0, mining, distance, margin, soft_margin, row_weight, loss, count,
@@ -292,13 +290,6 @@ define_kernel_op(
     _check_row_loss,
 )
 register_triton_impl("triplet_row_loss", "triplet", "triplet_row_loss")
-
-
-def chunk_anchors(n: int, chunk_size: int) -> int:
-    """Anchors per chunk: `chunk_size`, or for 0 as many as keep one C x B fp32 block in CHUNK_BYTES."""
-    if chunk_size > 0:
-        return max(1, min(n, chunk_size))
-    return max(1, min(n, CHUNK_BYTES // max(1, 4 * n)))
 
 
 def _gram_into(out, a, b):
@@ -370,7 +361,7 @@ class _RowChunks:
         self.x, self.labels, self.scale = tensors
         self.mining, self.distance, self.margin, self.soft_margin, chunk_size = params
         n = self.x.shape[0]
-        self.step = chunk_anchors(n, chunk_size)
+        self.step = chunk_rows(n, 4 * n, chunk_size, input_bytes=self.x.nbytes)  # one C x B fp32 block in the budget
         self.gram = self.x.new_empty((self.step, n), dtype=F32)
         self.sq = _squared_norms(self.x)
         self.kernel = kernel_op("triplet_row_loss", backend)
