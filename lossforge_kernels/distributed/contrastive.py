@@ -229,9 +229,9 @@ class _InfoNCERing(torch.autograd.Function):
         for step in range(group.world):
             pending = ring.start(*blocks) if step < group.world - 1 else None
             qo, ko = blocks
-            row_m, row_s = _online(row_m, row_s, _masked(scale * (q @ ko.T), m_sizes[owner]))
+            row_m, row_s = core.online_step(row_m, row_s, _masked(scale * (q @ ko.T), m_sizes[owner]))
             if symmetric:
-                col_m, col_s = _online(col_m, col_s, _masked(scale * (k @ qo.T), b_sizes[owner]))
+                col_m, col_s = core.online_step(col_m, col_s, _masked(scale * (k @ qo.T), b_sizes[owner]))
             if pending is not None:
                 blocks = ring.finish(*pending, q.device)
                 owner = (owner - 1) % group.world
@@ -283,9 +283,3 @@ class _InfoNCERing(torch.autograd.Function):
         dq += travel[0][:n]
         dk += travel[1][:k.shape[0]]
         return dq, dk, dscale.reshape(scale.shape) if isinstance(scale, torch.Tensor) else None, None, None, None, None
-
-
-def _online(m, s, logits):
-    """The running row max and sum of exp after one more block of a row's logits."""
-    block_m = logits.max(1).values
-    return core.merge(m, s, block_m, core.exp_diff(logits, core.safe_max(block_m)[:, None]).sum(1))
