@@ -4,9 +4,10 @@
 // registration for the CUDA key. The kernels, and the work and traffic designed for, are in
 // contrastive.cuh.
 //
-// The rows are walked in chunks of at most ~32 MiB of fp32 (rows_per_chunk), so the (B, M)
-// similarity matrix never exists. grad_query walks chunks of query rows; grad_key walks chunks of
-// key rows on S^T = k_c @ q^T (a fifth product, so that no fp32 (M, D) accumulator is needed).
+// The rows are walked in chunks (rows_per_chunk: chunks.h's budget rule, 32 MiB of fp32, or up to a
+// quarter of the inputs' bytes for large inputs), so the (B, M) similarity matrix never exists.
+// grad_query walks chunks of query rows; grad_key walks chunks of key rows on S^T = k_c @ q^T (a
+// fifth product, so that no fp32 (M, D) accumulator is needed).
 //
 // The products go through at::mm_out (its out_dtype overload for half inputs): torch's cuBLAS
 // handle, stream and workspace, and torch's matmul precision setting for fp32 inputs.
@@ -21,6 +22,7 @@
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
 
+#include "chunks.h"
 #include "contrastive.cuh"
 #include "host_utils.h"
 
@@ -53,15 +55,13 @@ void gradient_product(const at::Tensor& g, const at::Tensor& y, at::Tensor acc) 
 
 constexpr const char* kFwd = "contrastive_fwd_cuda";
 constexpr const char* kBwd = "contrastive_bwd_cuda";
-constexpr int64_t kChunkBytes = int64_t{32} << 20;
 
-// Rows per chunk: an fp32 (rows, max(n, d)) buffer of at most ~32 MiB (one row at least), a
-// multiple of 128 rows when that many fit (whole tiles for cuBLAS), never more than `total`.
-int64_t rows_per_chunk(int64_t total, int64_t n, int64_t d) {
+// Rows per chunk: an fp32 (rows, max(n, d)) buffer under chunks.h's budget for inputs `a` and `b` (one
+// tensor counted once, as SupCon's key is its query).
+int64_t rows_per_chunk(int64_t total, int64_t n, int64_t d, const at::Tensor& a, const at::Tensor& b) {
   const int64_t width = std::max<int64_t>({n, d, 1});
-  int64_t rows = std::max<int64_t>(1, kChunkBytes / static_cast<int64_t>(sizeof(float)) / width);
-  if (rows >= 128) rows = rows / 128 * 128;
-  return std::min(rows, std::max<int64_t>(total, 1));
+  const int64_t input_bytes = static_cast<int64_t>(a.nbytes() + (b.is_same(a) ? 0 : b.nbytes()));
+  return chunks::chunk_rows(total, static_cast<int64_t>(sizeof(float)) * width, 0, input_bytes);
 }
 
 unsigned int warp_rows_grid(int64_t rows) {
@@ -137,7 +137,7 @@ void contrastive_fwd_cuda(const at::Tensor& query, const at::Tensor& key, const 
       inverse_norms(key, inv_k.data_ptr<float>(), nullptr);
     }
   }
-  const int64_t chunk = rows_per_chunk(B, M, D);
+  const int64_t chunk = rows_per_chunk(B, M, D, query, key);
   at::Tensor sim = at::empty({chunk, M}, f32);
   at::Tensor col = symmetric ? at::empty({3, M}, f32) : at::Tensor();
   float* const sim_buf = sim.data_ptr<float>();
@@ -206,7 +206,7 @@ void gradient_pass(const Side& own, const Side& other, const GradChunk& proto, i
   const at::Tensor& x = *own.x;
   const at::Tensor& y = *other.x;
   const int64_t rows_total = x.size(0), n = y.size(0), d = x.size(1);
-  const int64_t chunk = rows_per_chunk(rows_total, n, d);
+  const int64_t chunk = rows_per_chunk(rows_total, n, d, x, y);
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor sim = at::empty({chunk, n}, f32);
   at::Tensor g, acc, ncoef, unscale, bound;

@@ -5,7 +5,8 @@
 //
 // Mining walks the anchors in chunks of C rows: cuBLAS makes the chunk's C x B Gram block in fp32
 // (at::mm with an fp32 output, so half-precision products are accumulated and kept in fp32) into one
-// buffer reused by every chunk (C * B * 4 bytes, about 32 MiB, so it mostly stays in L2).
+// buffer reused by every chunk (C * B * 4 bytes under chunks.h's budget rule: 32 MiB for inputs of up
+// to 128 MiB, so it mostly stays in L2; never fewer than kMinChunkRows anchors while they fit its cap).
 
 #include <algorithm>
 #include <climits>
@@ -18,6 +19,7 @@
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
 
+#include "chunks.h"
 #include "host_utils.h"
 #include "triplet.cuh"
 
@@ -25,7 +27,6 @@ namespace lossforge {
 namespace triplet {
 namespace {
 
-constexpr int64_t kChunkBytes = 32ll << 20;
 constexpr int64_t kMinChunkRows = 256;  // below this the products are bound by re-reading x
 
 constexpr const char* kMine = "triplet_mine_cuda";
@@ -90,7 +91,7 @@ void triplet_mine_cuda(const at::Tensor& x, const at::Tensor& labels, const std:
   if (n == 0) return;
 
   const at::Tensor sq = row_sq_norms(x);
-  const int64_t chunk = std::min(n, std::max(kMinChunkRows, kChunkBytes / (4 * n)));
+  const int64_t chunk = chunks::chunk_rows(n, 4 * n, 0, static_cast<int64_t>(x.nbytes()), 1, kMinChunkRows);
   at::Tensor gram = at::empty({chunk, n}, x.options().dtype(at::kFloat));
   const at::Tensor xt = x.t();
   MineArgs a{};

@@ -191,3 +191,35 @@ def test_process_group_argument_is_checked():
         lf.siglip_loss(q, k, 10.0, -10.0, process_group="world")
     with pytest.raises(TypeError, match="process_group must be a torch.distributed ProcessGroup"):
         lf.SupConLoss(process_group=1)
+
+
+# ---- the local rows' cross-entropy: the ops layer's, not the public function --------------------------
+
+def test_global_batch_info_nce_takes_no_cross_entropy_function():
+    import inspect
+
+    from lossforge_kernels.distributed import contrastive as dist_contrastive
+
+    assert "cross_entropy" not in inspect.signature(dist_contrastive.info_nce).parameters
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_local_rows_cross_entropy_matches_the_reference(backend, kernel_backend, monkeypatch):
+    from lossforge_kernels.ops.cross_entropy import class_rows_loss
+    from lossforge_kernels.reference.cross_entropy import cross_entropy_rows
+    from tests.conftest import device_for
+
+    monkeypatch.setenv("LOSSFORGE_BACKEND", kernel_backend if backend == "auto" else "")
+    device = device_for(kernel_backend)
+    g = torch.Generator().manual_seed(41)
+    logits = (torch.randn(9, 13, generator=g) * 4).requires_grad_(True)
+    target = torch.randint(0, 13, (9,), generator=g)
+    wide = logits.detach().double().requires_grad_(True)
+    want = cross_entropy_rows(wide, target)
+    got = class_rows_loss(logits.to(device), target.to(device), backend=backend)
+    assert got.shape == (9,) and got.dtype == torch.float32
+    torch.testing.assert_close(got.cpu().double(), want, rtol=1e-5, atol=1e-6)
+    weights = torch.linspace(0.5, 1.5, 9, dtype=torch.float64)
+    (got.cpu().double() * weights).sum().backward()
+    (want * weights).sum().backward()
+    torch.testing.assert_close(logits.grad.double(), wide.grad, rtol=1e-5, atol=1e-6)

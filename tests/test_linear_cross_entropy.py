@@ -317,16 +317,21 @@ def test_fused_op_under_autocast(kernel_backend):
 
 
 def test_automatic_chunk_keeps_the_logits_buffer_bounded():
-    from lossforge_kernels.ops._chunks import AUTO_CHUNK_BYTES, chunk_rows
+    from lossforge_kernels.ops._chunks import MAX_CHUNK_BYTES, Chunks
 
-    assert chunk_rows(8192, 128256, 2, 0) == 1024  # the language-model shape, bf16
-    assert chunk_rows(8192, 128256, 2, 0, buffers=2) == 512
-    assert chunk_rows(16384, 256000, 2, 0) == 512
-    assert chunk_rows(4096, 32000, 2, 0) == 4096  # the whole batch fits
-    assert chunk_rows(10, 10**9, 4, 0) == 1  # a vocabulary too big for the budget still runs a row at a time
-    assert chunk_rows(100, 50, 2, 7) == 7 and chunk_rows(5, 50, 2, 7) == 5
-    for n, v, size in ((8192, 128256, 2), (16384, 262144, 2), (4096, 32000, 4), (100, 10**6, 2)):
-        assert chunk_rows(n, v, size, 0) * v * size <= max(AUTO_CHUNK_BYTES, v * size)
+    def step(n, v, dtype, buffers=1):
+        return Chunks(torch.empty(n, 1, dtype=dtype, device="meta"), torch.empty(v, 1, dtype=dtype, device="meta"),
+                      None, 0, buffers).step
+
+    assert step(8192, 128256, torch.bfloat16) == 1024  # the language-model shape
+    assert step(8192, 128256, torch.bfloat16, buffers=2) == 512
+    assert step(16384, 256000, torch.bfloat16) == 512
+    assert step(4096, 32000, torch.bfloat16) == 4096  # the whole batch fits
+    assert step(10, 10**9, torch.float32) == 1  # a vocabulary too big for the budget still runs a row at a time
+    for n, v, dtype in ((8192, 128256, torch.bfloat16), (16384, 262144, torch.bfloat16), (4096, 32000, torch.float32),
+                        (100, 10**6, torch.bfloat16)):
+        size = dtype.itemsize
+        assert step(n, v, dtype) * v * size <= max(MAX_CHUNK_BYTES, v * size)
 
 
 @pytest.mark.parametrize("kwargs,exc,msg", [

@@ -100,6 +100,27 @@ def test_online_lse_and_merge_match_logsumexp_with_masked_chunks():
     assert not torch.isnan(ss).any()
 
 
+
+def test_online_step_matches_logsumexp_with_inf_rows_and_nan():
+    gen = torch.Generator().manual_seed(3)
+    y = torch.randn(6, 11, generator=gen, dtype=torch.float64) * 6
+    y[1, :4] = float("-inf")   # the first block holds nothing, the next ones do
+    y[2] = float("-inf")       # a row with nothing: lse -inf, and no NaN on the way
+    y[3, 7] = float("nan")     # NaN in a later block: the row's lse is NaN
+    y[4, 0] = float("nan")     # ... and in the first block
+    y[5, 5:] = float("-inf")   # the last blocks hold nothing
+    m, s = torch.full((6,), float("-inf"), dtype=y.dtype), torch.zeros(6, dtype=y.dtype)
+    for start in range(0, 11, 4):
+        m, s = core.online_step(m, s, y[:, start:start + 4])
+    torch.testing.assert_close(m + torch.log(s), torch.logsumexp(y, 1), equal_nan=True)
+    assert torch.isnan(s[3]) and torch.isnan(s[4]) and s[2] == 0 and not torch.isnan(s[[0, 1, 2, 5]]).any()
+    # a +inf value follows cross-entropy's rule (module docstring): NaN, not torch.logsumexp's +inf
+    inf_row = torch.tensor([[1.0, float("inf"), 2.0]], dtype=torch.float64)
+    m, s = core.online_step(torch.tensor([float("-inf")], dtype=torch.float64), torch.zeros(1, dtype=torch.float64),
+                            inf_row)
+    assert torch.isnan(m + torch.log(s)).all()
+
+
 try:
     import triton
     import triton.language as tl

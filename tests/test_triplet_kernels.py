@@ -9,6 +9,7 @@ import torch
 
 import lossforge_kernels as lf
 from lossforge_kernels import BackendUnavailableError
+from lossforge_kernels.ops import _chunks
 from lossforge_kernels.ops import triplet as ops
 from lossforge_kernels.reference import triplet as ref
 from tests import harness
@@ -247,10 +248,16 @@ MINED = ("semi_hard", "batch_all")
 SMALL_CHUNK_BYTES = 8000
 
 
+def chunk_budget(monkeypatch, size):
+    """Every chunk's buffers in `size` bytes, whatever the inputs (ops/_chunks.py's rule, both bounds)."""
+    monkeypatch.setattr(_chunks, "MIN_CHUNK_BYTES", size)
+    monkeypatch.setattr(_chunks, "MAX_CHUNK_BYTES", size)
+
+
 @pytest.fixture(autouse=True)
 def _small_chunks(request, monkeypatch):
     if "launches" not in request.node.name:  # that test counts one kernel launch per pass
-        monkeypatch.setattr(ops, "CHUNK_BYTES", SMALL_CHUNK_BYTES)
+        chunk_budget(monkeypatch, SMALL_CHUNK_BYTES)
 
 
 def make_mined_sample(shape, opts, dtype, device, generator):
@@ -405,7 +412,7 @@ def test_mined_no_b_by_b_tensor(kernel_backend, mining, soft_margin, reduction, 
     device = device_for(kernel_backend)
     gen = torch.Generator().manual_seed(25)
     b, d, chunk = 120, 8, 16
-    monkeypatch.setattr(ops, "CHUNK_BYTES", 4 * b * chunk)
+    chunk_budget(monkeypatch, 4 * b * chunk)
     x = torch.randn(b, d, generator=gen).to(device).requires_grad_(True)
     labels = torch.randint(0, 30, (b,), generator=gen).to(device)
     with CreatedTensors() as created:

@@ -4,11 +4,12 @@ from the whole batch, the concatenation of every rank's rows in rank order.
 Every rank gathers the (normalised) embeddings with gradients, computes the rows it owns against the
 whole batch (its queries against all keys and, for the symmetric InfoNCE, its keys against all
 queries), and returns the global loss with the gradient convention of distributed/_group.py. Memory
-per rank: the gathered embeddings and its (B_r x M) block of logits; the row losses go through
-lf.cross_entropy, so its kernels do the local work where they apply. InfoNCE and SigLIP run on a
-ring instead in groups of RING_MIN_WORLD ranks or more (LOSSFORGE_RING_MIN_WORLD): query and key
-blocks pass from rank to rank while the previous block is reduced (InfoNCE into online row and
-column log-sum-exps), and memory per rank is O((B_r + M_r) D + B_r M_r), whatever the group's size.
+per rank: the gathered embeddings and its (B_r x M) block of logits; the row losses go through the
+cross-entropy ops (ops/cross_entropy.py), so their kernels do the local work where they apply.
+InfoNCE and SigLIP run on a ring instead in groups of RING_MIN_WORLD ranks or more
+(LOSSFORGE_RING_MIN_WORLD): query and key blocks pass from rank to rank while the previous block is
+reduced (InfoNCE into online row and column log-sum-exps, the row-softmax core's online_step), and
+memory per rank is O((B_r + M_r) D + B_r M_r), whatever the group's size.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from ..reference import row_softmax as core
 from ..reference.contrastive import compute_scalar, embed
 from ..reference.cross_entropy import compute_dtype
 from .._once_differentiable import keep_anchor
+from ..ops.cross_entropy import class_rows_loss
 from . import _group as G
 
 
@@ -31,10 +33,9 @@ def finish_rows(rows, reduction, divisor, group, dtype):
     return G.global_loss(share, group).to(dtype)
 
 
-def info_nce(query, key, logit_scale, *, temperature=None, symmetric, normalize, reduction, process_group, backend,
-             cross_entropy):
-    """`logit_scale` the multiplier, or None for 1 / `temperature`; `cross_entropy` the public function
-    (passed in by the public layer, which this one does not import), run on the local rows."""
+def info_nce(query, key, logit_scale, *, temperature=None, symmetric, normalize, reduction, process_group, backend):
+    """`logit_scale` the multiplier, or None for 1 / `temperature`; `backend` that of the local rows'
+    cross-entropy ("auto" or "reference")."""
     group = G.resolve_group(process_group, query.device)
     what = "info_nce(process_group=...)"
     got = G.agree(group, what, dict(loss="info_nce", temperature=temperature, logit_scale=logit_scale,
@@ -53,11 +54,10 @@ def info_nce(query, key, logit_scale, *, temperature=None, symmetric, normalize,
         return finish_rows(rows, reduction, sum(b_sizes), group, query.dtype)
     keys = G.gather_rows(k, group, m_sizes)
     local = torch.arange(q.shape[0], device=q.device)
-    rows = cross_entropy(s * (q @ keys.T), G.offsets(m_sizes)[group.rank] + local, reduction="none", backend=backend)
+    rows = class_rows_loss(s * (q @ keys.T), G.offsets(m_sizes)[group.rank] + local, backend=backend)
     if symmetric:
         queries = G.gather_rows(q, group, b_sizes)
-        cols = cross_entropy(s * (k @ queries.T), G.offsets(b_sizes)[group.rank] + local, reduction="none",
-                             backend=backend)
+        cols = class_rows_loss(s * (k @ queries.T), G.offsets(b_sizes)[group.rank] + local, backend=backend)
         rows = 0.5 * (rows + cols)
     return finish_rows(rows, reduction, sum(b_sizes), group, query.dtype)
 
@@ -229,9 +229,9 @@ class _InfoNCERing(torch.autograd.Function):
         for step in range(group.world):
             pending = ring.start(*blocks) if step < group.world - 1 else None
             qo, ko = blocks
-            row_m, row_s = _online(row_m, row_s, _masked(scale * (q @ ko.T), m_sizes[owner]))
+            row_m, row_s = core.online_step(row_m, row_s, _masked(scale * (q @ ko.T), m_sizes[owner]))
             if symmetric:
-                col_m, col_s = _online(col_m, col_s, _masked(scale * (k @ qo.T), b_sizes[owner]))
+                col_m, col_s = core.online_step(col_m, col_s, _masked(scale * (k @ qo.T), b_sizes[owner]))
             if pending is not None:
                 blocks = ring.finish(*pending, q.device)
                 owner = (owner - 1) % group.world
@@ -283,9 +283,3 @@ class _InfoNCERing(torch.autograd.Function):
         dq += travel[0][:n]
         dk += travel[1][:k.shape[0]]
         return dq, dk, dscale.reshape(scale.shape) if isinstance(scale, torch.Tensor) else None, None, None, None, None
-
-
-def _online(m, s, logits):
-    """The running row max and sum of exp after one more block of a row's logits."""
-    block_m = logits.max(1).values
-    return core.merge(m, s, block_m, core.exp_diff(logits, core.safe_max(block_m)[:, None]).sum(1))

@@ -18,8 +18,8 @@ from ..reference import row_softmax as core
 from ..reference.cross_entropy import compute_dtype
 from .. import _checks as C
 from .._once_differentiable import keep_anchor
+from ..ops._chunks import chunk_rows
 from . import _group as G
-BLOCK_ELEMENTS = 1 << 24  # logits per block of rows in the local passes (64 MiB of fp32 temporaries)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +188,9 @@ def class_block_grad(y, slope, col, owned, counted, st: RowStats, weight, scale,
 
 
 def row_blocks(rows: int, cols: int):
-    step = max(1, BLOCK_ELEMENTS // max(1, cols))
+    """Slices of `rows` rows of `cols` logits whose block-sized fp32 temporaries each take chunk_rows'
+    smallest budget: elementwise passes, with no per-block cost that taller blocks would amortise."""
+    step = chunk_rows(rows, 4 * cols)
     for start in range(0, rows, step):
         yield slice(start, min(rows, start + step))
 

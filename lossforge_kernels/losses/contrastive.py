@@ -16,7 +16,6 @@ from .._backends import LossKernels, register_kernels, resolve_backend
 from ..distributed import contrastive as dist_impl
 from ..ops.contrastive import info_nce_kernels, siglip_kernels, supcon_kernels
 from ..reference import contrastive as ref
-from .cross_entropy import cross_entropy
 
 FAMILY = "contrastive"
 register_kernels(FAMILY, LossKernels(backends=("triton", "cuda"),
@@ -90,8 +89,7 @@ def info_nce(query, key, *, logit_scale=None, temperature=0.07, symmetric=True, 
         if process_group is not None:
             return dist_impl.info_nce(query, key, logit_scale, temperature=temperature, symmetric=symmetric,
                                       normalize=normalize, reduction=reduction, process_group=process_group,
-                                      backend="auto" if backend == "auto" else "reference",
-                                      cross_entropy=cross_entropy)
+                                      backend="auto" if backend == "auto" else "reference")
         if not kernel:
             return ref.info_nce(query, key, scale, symmetric=symmetric, normalize=normalize, reduction=reduction)
         tensors = (query.contiguous(), key.contiguous(), _kernel_scalar(scale, query))

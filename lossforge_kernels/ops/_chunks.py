@@ -1,27 +1,36 @@
-"""The row-chunk machinery of the linear cross-entropy ops (local and vocabulary-parallel): logits of
-a chunk of rows into one reused buffer, and the products that turn a chunk's logit gradient into
-input, weight and bias gradients; also whether a device multiplies half factors into fp32 directly."""
+"""The row chunks of the chunked paths: `chunk_rows`, the one rule for their height; and the
+linear cross-entropy's chunk loop (local and vocabulary-parallel): logits of a chunk of rows into one
+reused buffer, and the products that turn a chunk's logit gradient into input, weight and bias
+gradients; also whether a device multiplies half factors into fp32 directly."""
 from __future__ import annotations
 
 import torch
 
 F32 = torch.float32
 HALF = (torch.float16, torch.bfloat16)  # weights whose gradient is accumulated in fp32 by default
-# rows per chunk when chunk_size is 0: as many as keep the chunk buffers of logits under this many
-# bytes (1024 rows at V=128256 in bf16, where smaller chunks make the weight gradient's fp32
-# accumulator traffic, 2 x 4 x V x D bytes per chunk, outweigh its product)
-AUTO_CHUNK_BYTES = 252 << 20
+# The budget rule of every chunked path (linear cross-entropy, local and vocabulary-parallel; triplet's
+# row chunks; the vocabulary-parallel cross-entropy's row blocks; the CUDA contrastive and triplet host
+# loops through csrc/chunks.h, which a test holds to these numbers): a chunk's buffers take at most a
+# quarter of the bytes the call's inputs already occupy, never less than MIN_CHUNK_BYTES (small inputs
+# still get tall enough chunks) nor more than MAX_CHUNK_BYTES; a path whose every chunk pays a fixed
+# cost asks for `min_rows` rows, which it gets while they fit MAX_CHUNK_BYTES.
+MIN_CHUNK_BYTES = 32 << 20
+MAX_CHUNK_BYTES = 256 << 20
+TILE_ROWS = 128  # rows per chunk are a multiple of this once that many fit (whole tiles for the products)
 
 
-def chunk_rows(n: int, v: int, itemsize: int, chunk_size: int, buffers: int = 1) -> int:
-    """Rows per chunk: `chunk_size`, or for 0 the most rows whose `buffers` chunk buffers of logits fit
-    AUTO_CHUNK_BYTES, rounded down to a multiple of 128 once that many fit (the products' tiles)."""
+def chunk_rows(total: int, row_bytes: int, chunk_size: int = 0, *, input_bytes: int = 0, buffers: int = 1,
+               min_rows: int = 1) -> int:
+    """Rows per chunk of `total` rows whose chunk buffers take `row_bytes` per row each (`buffers` of
+    them): `chunk_size` when > 0, else the budget rule above. Always in [1, max(total, 1)]."""
     if chunk_size > 0:
-        return max(1, min(n, chunk_size))
-    rows = max(1, AUTO_CHUNK_BYTES // (buffers * max(1, v * itemsize)))
-    if rows >= 128:
-        rows -= rows % 128
-    return max(1, min(n, rows))
+        return max(1, min(total, chunk_size))
+    per_row = max(1, buffers) * max(1, row_bytes)
+    budget = min(MAX_CHUNK_BYTES, max(MIN_CHUNK_BYTES, input_bytes // 4))
+    rows = max(budget // per_row, min(min_rows, MAX_CHUNK_BYTES // per_row))
+    if rows >= TILE_ROWS:
+        rows -= rows % TILE_ROWS
+    return max(1, min(total, rows))
 
 
 def fp32_out_products(device: torch.device, op: str = "addmm") -> bool:
@@ -52,7 +61,9 @@ class Chunks:
         self.x = x
         self.weight = weight if weight.dtype == x.dtype else weight.to(x.dtype)
         self.bias = None if bias is None else bias.to(x.dtype)
-        self.step = chunk_rows(x.shape[0], weight.shape[0], x.element_size(), chunk_size, buffers)
+        # every chunk reads and writes the V x D weight-gradient accumulator: as many rows as fit
+        self.step = chunk_rows(x.shape[0], weight.shape[0] * x.element_size(), chunk_size, buffers=buffers,
+                               min_rows=x.shape[0])
         self.buffer = x.new_empty(self.step, weight.shape[0])
 
     def __iter__(self):

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import torch
 
+from .._backends import resolve_backend
+from ..reference import cross_entropy as ref
 from ..reference.cross_entropy import mean_divisor
 from ._contracts import F32, KERNEL_DTYPES, fail, require_grad_factor
 from ._library import KernelOp
@@ -190,3 +192,16 @@ SPEC = FusedLoss(
     mean_divisor=mean_divisor_of,
 )
 cross_entropy_kernels = build(SPEC)
+
+
+def class_rows_loss(logits, target, *, backend, ignore_index=-100):
+    """Per-row cross-entropy (reduction 'none') of (M, C) logits and (M,) int64 class indices with no
+    option but ignore_index, on the backend that `backend` resolves to for the family: its kernels, or
+    the reference where it resolves to "reference" (or there is nothing to reduce)."""
+    chosen = resolve_backend(backend, "cross_entropy", logits)
+    if chosen == "reference" or logits.numel() == 0:
+        return ref.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none")
+    options = dict(ignore_index=ignore_index, label_smoothing=0.0, z_loss=0.0, softcap=0.0, focal_gamma=0.0,
+                   focal_alpha=1.0)
+    return cross_entropy_kernels((logits.contiguous(), target.contiguous(), None, None, None), options,
+                                 reduction="none", backend=chosen)

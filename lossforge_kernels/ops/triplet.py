@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..reference import triplet as ref
-from ._chunks import fp32_out_products
+from ._chunks import chunk_rows, fp32_out_products
 from ._labels import class_sizes
 from .._backends import usable
 from ._library import KernelOp
@@ -254,8 +254,6 @@ triplet_kernels = build(SPEC)
 
 ROW_MININGS = ("semi_hard", "batch_all")
 ROW_PARAMS = ("str mining", "str distance", "float margin", "bool soft_margin", "int chunk_size")
-# One C x B fp32 block (the Gram block; the coefficient block is a second one) is at most this many bytes.
-CHUNK_BYTES = 32 << 20
 
 
 def _check_row_loss(gram, sq, scale, labels, row0, mining, distance, margin, soft_margin, row_weight, loss, count,
@@ -296,13 +294,6 @@ ROW_LOSS = KernelOp(
     _check_row_loss,
 )
 ROW_LOSS.implement_triton(lambda *args: _triton().triplet_row_loss(*args))
-
-
-def chunk_anchors(n: int, chunk_size: int) -> int:
-    """Anchors per chunk: `chunk_size`, or for 0 as many as keep one C x B fp32 block in CHUNK_BYTES."""
-    if chunk_size > 0:
-        return max(1, min(n, chunk_size))
-    return max(1, min(n, CHUNK_BYTES // max(1, 4 * n)))
 
 
 def _gram_into(out, a, b):
@@ -375,7 +366,8 @@ class _RowChunks:
         self.params = params
         self.distance = params.distance
         n = self.x.shape[0]
-        self.step = chunk_anchors(n, params.chunk_size)
+        # one C x B fp32 block within the budget
+        self.step = chunk_rows(n, 4 * n, params.chunk_size, input_bytes=self.x.nbytes)
         self.gram = self.x.new_empty((self.step, n), dtype=F32)
         self.sq = _squared_norms(self.x)
         self.kernel = ROW_LOSS[backend]

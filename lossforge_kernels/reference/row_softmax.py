@@ -10,7 +10,8 @@ A row holds C logits x_j; y_j = x_j, or y_j = softcap * tanh(x_j / softcap) with
 
 - Online log-sum-exp: `m` is the running max of the y seen and `s` the sum of exp(y_j - m) over
   them; when m grows, s is rescaled by exp(m_old - m_new). Two partial results merge as
-  M = max(m_a, m_b), s = s_a exp(m_a - M) + s_b exp(m_b - M) (`merge`). An all -inf part has
+  M = max(m_a, m_b), s = s_a exp(m_a - M) + s_b exp(m_b - M) (`merge`; `online_step` folds in one
+  more block of a row, `online_lse` a whole row chunk by chunk). An all -inf part has
   m = -inf and s = 0 and must not produce -inf - -inf. `exp_diff(y, m)` = exp(y - m) with the
   subtraction first (the kernels use exp2((y - m) * log2 e)), exact when y and m are large and close.
   NaN and +inf: a GPU's max skips NaN, so a NaN reaches the row through exp(y - m) into s, and
@@ -80,14 +81,19 @@ def merge(m_a, s_a, m_b, s_b):
     return m, s_a * exp_diff(m_a, safe) + s_b * exp_diff(m_b, safe)
 
 
+def online_step(m, s, block):
+    """The rows' running (max, sum of exp) after one more block of their values (rows, k), k >= 1: the
+    block's own max and sum, merged (the Triton core's `online_step` on whole blocks)."""
+    block_m = block.max(dim=1).values
+    return merge(m, s, block_m, exp_diff(block, safe_max(block_m)[:, None]).sum(dim=1))
+
+
 def online_lse(y, chunk):
     """(m, s) of each row of y, accumulated chunk by chunk as a streaming kernel does."""
-    m = torch.full(y.shape[:1], float("-inf"), dtype=y.dtype)
-    s = torch.zeros(y.shape[:1], dtype=y.dtype)
+    m = torch.full(y.shape[:1], float("-inf"), dtype=y.dtype, device=y.device)
+    s = torch.zeros(y.shape[:1], dtype=y.dtype, device=y.device)
     for start in range(0, y.shape[1], chunk):
-        part = y[:, start:start + chunk]
-        m_part = part.max(dim=1).values
-        m, s = merge(m, s, m_part, exp_diff(part, safe_max(m_part)[:, None]).sum(dim=1))
+        m, s = online_step(m, s, y[:, start:start + chunk])
     return m, s
 
 
