@@ -140,3 +140,46 @@ def test_options_go_by_name():
                                                   focal_gamma=0.0, focal_alpha=1.0, eps=0.1)):
         with pytest.raises(TypeError, match="the kernels take the options"):
             cross_entropy_kernels((x, t, None, None, None), options, reduction="mean", backend="triton")
+
+
+def test_a_new_specs_options_can_be_named_first_inside_torch_compile():
+    # A spec's named tuple exists once the spec does: naming options for the first time inside a
+    # compiled region (the first call of a compiled model) traces no lazy cache.
+    spec = builder.FusedLoss(name="toy", tensors=("input",), params=("float alpha", "bool beta"),
+                             differentiable=("input",), n_saved=0, forward=None, backward=None,
+                             mean_divisor=None)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def scaled(x):
+        params = spec.named(dict(alpha=2.0, beta=True))
+        return x * params.alpha if params.beta else x
+
+    assert torch.equal(scaled(torch.ones(3)), torch.full((3,), 2.0))
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "linear_cross_entropy"])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_compiled_losses_keep_a_dynamic_batch(kernel_backend, loss, reduction):
+    # The compiled ops' fakes keep a dynamic row count symbolic (a fake that walked the chunks would
+    # fix it): three batch sizes, one graph, each matching the eager reference.
+    device = device_for(kernel_backend)
+    w = torch.randn(23, 8, device=device)
+    if loss == "cross_entropy":
+        def call(x, t, backend):
+            return lf.cross_entropy(x @ w.T, t, label_smoothing=0.1, reduction=reduction, backend=backend)
+    else:
+        def call(x, t, backend):
+            return lf.linear_cross_entropy(x, w, t, reduction=reduction, chunk_size=4, backend=backend)
+    torch._dynamo.reset()
+    compiled = torch.compile(call, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    for n in (9, 13, 17):
+        x = torch.randn(n, 8, device=device, requires_grad=True)
+        t = torch.randint(0, 23, (n,), device=device)
+        torch._dynamo.mark_dynamic(x, 0)
+        torch._dynamo.mark_dynamic(t, 0)
+        got = compiled(x, t, kernel_backend)
+        (grad,) = torch.autograd.grad(got.sum(), x)
+        want = call(x, t, "reference")
+        (want_grad,) = torch.autograd.grad(want.sum(), x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-6)

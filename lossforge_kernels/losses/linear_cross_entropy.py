@@ -53,7 +53,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     (V, D), linear_bias (V,). Every option of cross_entropy except probability targets and
     inplace_backward; `ignore_index=None` means -100, as in torch.nn.functional.linear_cross_entropy.
     The kernel backends compute the logits `chunk_size` rows at a time (None: as many rows as fit
-    128 MiB of logits) and accumulate the weight and bias gradients over the chunks in float32
+    256 MiB of logits, ops/_chunks.py's chunk_rows) and accumulate the weight and bias gradients over the chunks in float32
     (`fp32_weight_grad=False`: in the weight's dtype, which saves the V x D fp32 accumulator of a
     half-precision weight). Under torch.autocast the products run in the autocast dtype and the
     loss is float32.

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -58,7 +57,8 @@ class FusedLoss:
     backward(backend, grad_rows, tensors, saved, params, grads): writes into `grads` (aligned with
       `differentiable`, None where not wanted) the gradient of sum(grad_rows * rows).
     rows_fake(tensors, params) -> (rows, *saved): empty tensors shaped like forward(reduce=False)'s;
-      by default the forward itself on fake tensors (only for a forward that is not traceable so).
+      by default the forward itself on fake tensors. A forward that loops over chunks gives its own:
+      the loop would fix the sizes of a dynamic shape.
     mean_divisor(tensors, params) -> float or 0-dim device tensor: what 'mean' divides the sum by.
     grad_buffer(tensor) -> the buffer a gradient of `tensor` is written into (default: empty_like).
     out_dtype(tensors, params) -> the loss's dtype (default: the first tensor's).
@@ -74,6 +74,13 @@ class FusedLoss:
     rows_fake: Callable | None = None
     grad_buffer: Callable = torch.empty_like
     out_dtype: Callable = lambda tensors, params: tensors[0].dtype
+    # The named tuple of the options, one field per schema entry ("float label_smoothing"). Made here,
+    # not on first use: a first use inside torch.compile's trace could not take a cache's lock.
+    Params: type = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        fields = [entry.split()[-1] for entry in self.params]
+        object.__setattr__(self, "Params", collections.namedtuple(f"{self.name}_params", fields))
 
     @property
     def tensor_names(self) -> tuple[str, ...]:
@@ -82,11 +89,6 @@ class FusedLoss:
     @property
     def diff_positions(self) -> tuple[int, ...]:
         return tuple(self.tensor_names.index(n) for n in self.differentiable)
-
-    @functools.cached_property
-    def Params(self) -> type:
-        """The named tuple of the options, one field per schema entry ("float label_smoothing")."""
-        return collections.namedtuple(f"{self.name}_params", [entry.split()[-1] for entry in self.params])
 
     def named(self, options: Mapping):
         """The options as Params, from a mapping of every schema name (no more, no fewer)."""

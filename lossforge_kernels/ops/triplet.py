@@ -476,6 +476,11 @@ def _rows_mean_divisor(tensors, params):
     return (pairs * (n - 1 - pairs)).sum(dtype=F32).clamp_min(1.0)
 
 
+def _rows_fake(tensors, params):
+    """The rows op's fake, written out: the forward's chunk loop would fix the sizes of a dynamic shape."""
+    return (tensors[0].new_empty(tensors[0].shape[0], dtype=F32),)
+
+
 ROWS_SPEC = FusedLoss(
     name="triplet_mined",
     tensors=("embeddings", "labels", "scale?"),
@@ -485,5 +490,6 @@ ROWS_SPEC = FusedLoss(
     forward=_rows_forward,
     backward=_rows_backward,
     mean_divisor=_rows_mean_divisor,
+    rows_fake=_rows_fake,
 )
 triplet_mined_kernels = build(ROWS_SPEC)
