@@ -203,15 +203,15 @@ def make_siglip(shape, opts, dtype, device, generator):
     spread = 1.0 if normalize else 0.4 / math.sqrt(d)
     q = _rows((b, d), generator, spread).to(dtype).to(device)
     k = _rows((m, d), generator, spread).to(dtype).to(device)
-    scale = _scalar(opts.pop("scale", 10.0), learn, device)
-    bias = _scalar(opts.pop("bias", -10.0), learn, device)
+    logit_scale = _scalar(opts.pop("logit_scale", 10.0), learn, device)
+    logit_bias = _scalar(opts.pop("logit_bias", -10.0), learn, device)
     names = ("query", "key") + (("logit_scale", "logit_bias") if learn else ())
 
     def call(ts, backend, reduction):
         return lf.siglip_loss(ts["query"], ts["key"], ts["logit_scale"], ts["logit_bias"], normalize=normalize,
                               reduction=reduction, backend=backend)
 
-    return harness.Sample({"query": q, "key": k, "logit_scale": scale, "logit_bias": bias}, names, call)
+    return harness.Sample({"query": q, "key": k, "logit_scale": logit_scale, "logit_bias": logit_bias}, names, call)
 
 
 def _siglip_op_inputs(device):
@@ -223,7 +223,8 @@ SIGLIP = harness.KernelSpec(
     family="contrastive",
     kernels=cops.siglip_kernels,
     make=make_siglip,
-    cases=(dict(), dict(normalize=False, learn=False, scale=3.0, bias=0.5), dict(extra=11, bias=2.0)),
+    cases=(dict(), dict(normalize=False, learn=False, logit_scale=3.0, logit_bias=0.5),
+           dict(extra=11, logit_bias=2.0)),
     shapes=((1, 4), (37, 33)),  # odd tiles and extreme sizes: tests/test_contrastive_triton_ops.py
     tol=_tol,
     half_cases=(dict(learn=False), dict(extra=5, normalize=False, learn=False)),
@@ -496,8 +497,8 @@ def test_fp16_weight_scaling_model_two_roles(kind):
         centres = torch.randn(64, 64, generator=gen)
         q = k = (centres[labels] + 0.3 * torch.randn(256, 64, generator=gen)).to(torch.float16)
     grad_rows = (2.0**10 / 262144) * torch.linspace(0.5, 2.0, 256)
-    want = dense_expected(case, dict(query=q, key=k, labels=labels, scale=torch.tensor(s),
-                                     bias=torch.tensor(0.0), grad_rows=grad_rows))
+    want = dense_expected(case, dict(query=q, key=k, labels=labels, logit_scale=torch.tensor(s),
+                                     logit_bias=torch.tensor(0.0), grad_rows=grad_rows))
     got_q, got_k, top = _model_two_role_grads(case, q, k, labels, s, grad_rows)
     assert top < 2.0**14
     assert _excess_row_error(got_q, want["grad_query"]) < 3e-3
