@@ -1,9 +1,8 @@
 """Kernel ops of the contrastive family (InfoNCE / CLIP, SupCon, SigLIP) and their specs.
 
 One pair of kernel ops serves the three losses; `kind` (reference/contrastive.py: Kind) picks the
-per-pair term. The (B, M)
-similarity matrix never exists in device memory: the kernels rebuild tiles of it on chip (Triton)
-or in bounded chunks (CUDA), in the forward and again in the backward.
+per-pair term. The (B, M) similarity matrix never exists in device memory: the kernels rebuild tiles
+of it on chip (Triton) or in bounded chunks (CUDA), in the forward and again in the backward.
 
 Kernel contract, the same for the Triton and the CUDA implementation:
 
