@@ -70,7 +70,7 @@ unsigned int warp_rows_grid(int64_t rows) {
 
 // The checks that guard memory, shared by both ops.
 void check_inputs(const char* op, const at::Tensor& query, const at::Tensor& key,
-                  const std::optional<at::Tensor>& labels, const at::Tensor& scale, const at::Tensor& bias,
+                  const std::optional<at::Tensor>& labels, const at::Tensor& logit_scale, const at::Tensor& logit_bias,
                   int64_t kind, bool symmetric) {
   check_cuda(op, "query", query);
   check_kernel_float(op, "query", query);
@@ -93,8 +93,8 @@ void check_inputs(const char* op, const at::Tensor& query, const at::Tensor& key
     TORCH_CHECK_VALUE(labels->is_contiguous(), op, ": labels must be contiguous, got strides ", labels->strides());
   }
   TORCH_CHECK_VALUE(!symmetric || key.size(0) == query.size(0), op, ": symmetric needs as many keys as queries");
-  check_scalar_f32(op, "scale", scale, query);
-  check_scalar_f32(op, "bias", bias, query);
+  check_scalar_f32(op, "logit_scale", logit_scale, query);
+  check_scalar_f32(op, "logit_bias", logit_bias, query);
 }
 
 template <typename F>
@@ -116,9 +116,9 @@ void inverse_norms(const at::Tensor& x, float* inv, float* proj) {
 }
 
 void contrastive_fwd_cuda(const at::Tensor& query, const at::Tensor& key, const std::optional<at::Tensor>& labels,
-                          const at::Tensor& scale, const at::Tensor& bias, const at::Tensor& loss,
+                          const at::Tensor& logit_scale, const at::Tensor& logit_bias, const at::Tensor& loss,
                           const at::Tensor& stats, int64_t kind, bool normalize, bool symmetric) {
-  check_inputs(kFwd, query, key, labels, scale, bias, kind, symmetric);
+  check_inputs(kFwd, query, key, labels, logit_scale, logit_bias, kind, symmetric);
   const int64_t B = query.size(0), M = key.size(0), D = query.size(1);
   check_f32_rows(kFwd, "loss", loss, query, {B});
   check_f32_rows(kFwd, "stats", stats, query, {2, B});
@@ -147,8 +147,8 @@ void contrastive_fwd_cuda(const at::Tensor& query, const at::Tensor& key, const 
   fc.n = M;
   fc.inv_own = normalize ? inv_q.data_ptr<float>() : nullptr;
   fc.inv_other = normalize ? inv_k.data_ptr<float>() : nullptr;
-  fc.scale = scale.data_ptr<float>();
-  fc.bias = bias.data_ptr<float>();
+  fc.logit_scale = logit_scale.data_ptr<float>();
+  fc.logit_bias = logit_bias.data_ptr<float>();
   fc.labels = kind == kSupCon ? labels->data_ptr<int64_t>() : nullptr;
   fc.loss = loss.data_ptr<float>();
   fc.stats0 = stats.data_ptr<float>();
@@ -159,7 +159,7 @@ void contrastive_fwd_cuda(const at::Tensor& query, const at::Tensor& key, const 
   cc.n = M;
   cc.inv_own = fc.inv_own;
   cc.inv_other = fc.inv_other;
-  cc.scale = fc.scale;
+  cc.logit_scale = fc.logit_scale;
   if (symmetric) {
     cc.col_m = col.data_ptr<float>();
     cc.col_s = col.data_ptr<float>() + M;
@@ -280,11 +280,12 @@ void gradient_pass(const Side& own, const Side& other, const GradChunk& proto, i
 Role role(const float* g, const float* lse, const float* npos, float weight) { return Role{g, lse, npos, weight}; }
 
 void contrastive_bwd_cuda(const at::Tensor& grad_rows, const at::Tensor& query, const at::Tensor& key,
-                          const std::optional<at::Tensor>& labels, const at::Tensor& scale, const at::Tensor& bias,
-                          const at::Tensor& stats, const std::optional<at::Tensor>& grad_query,
-                          const std::optional<at::Tensor>& grad_key, const std::optional<at::Tensor>& grad_coef,
+                          const std::optional<at::Tensor>& labels, const at::Tensor& logit_scale,
+                          const at::Tensor& logit_bias, const at::Tensor& stats,
+                          const std::optional<at::Tensor>& grad_query, const std::optional<at::Tensor>& grad_key,
+                          const std::optional<at::Tensor>& grad_coef,
                           int64_t kind, bool normalize, bool symmetric) {
-  check_inputs(kBwd, query, key, labels, scale, bias, kind, symmetric);
+  check_inputs(kBwd, query, key, labels, logit_scale, logit_bias, kind, symmetric);
   const int64_t B = query.size(0), M = key.size(0);
   check_f32_rows(kBwd, "grad_rows", grad_rows, query, {B});
   check_f32_rows(kBwd, "stats", stats, query, {2, B});
@@ -328,8 +329,8 @@ void contrastive_bwd_cuda(const at::Tensor& grad_rows, const at::Tensor& query, 
   const float* lse = stats.data_ptr<float>();
   const float* stats1 = lse + B;  // column lse (symmetric InfoNCE) or positive counts (SupCon)
   GradChunk proto{};
-  proto.scale = scale.data_ptr<float>();
-  proto.bias = bias.data_ptr<float>();
+  proto.logit_scale = logit_scale.data_ptr<float>();
+  proto.logit_bias = logit_bias.data_ptr<float>();
   proto.labels = kind == kSupCon ? labels->data_ptr<int64_t>() : nullptr;
 
   if (grad_query.has_value() || grad_coef.has_value()) {

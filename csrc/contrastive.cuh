@@ -4,7 +4,8 @@
 // The (B, M) similarity matrix never exists: contrastive.cu walks the rows in chunks, and each
 // chunk's similarities S_c = x_c @ y^T come from cuBLAS (fp32 out, fp32 accumulation; fp32 inputs at
 // torch's matmul precision: full fp32 unless TF32 is allowed). With c_ij = S_ij r_i r'_j (r the
-// fp32 inverse row norms, 1 without `normalize`) and z_ij = s c_ij (+ b for SigLIP):
+// fp32 inverse row norms, 1 without `normalize`) and z_ij = s c_ij (+ b for SigLIP), s and b the
+// logit scale and bias:
 //   inv_norm_kernel     r_i = 1 / max(|x_i|, 1e-12) per row, and r_i^2 where the clamp is off
 //                       (what the normalisation's backward subtracts), one warp per row.
 //   row_stats_kernel    forward, one block per chunk row: the online (max, sum-exp) of the row
@@ -48,12 +49,12 @@
 #include <cstdint>
 
 #include "common.cuh"
+#include "enums.h"
 #include "row_softmax.cuh"
 
 namespace lossforge {
 namespace contrastive {
 
-constexpr int kInfoNce = 0, kSupCon = 1, kSigLip = 2;
 constexpr int kThreads = 256;
 constexpr int kUnroll = 4;  // loads in flight per thread in the row loops
 constexpr float kNormEps = 1e-12f;
@@ -89,7 +90,7 @@ __device__ __forceinline__ float lse_of(float m, float s, bool pos_inf) {
 constexpr int kWeightTopExp = 14;  // a row's scaled gradient weights stay below 2^14
 
 // e with bound 2^e in [2^13, 2^14): the row scaling of G (see the top of the file). 0 where the
-// bound is 0 (nothing to scale) or not finite (inf and NaN weights pass as they are); |e| <= 126 so
+// bound is 0 (nothing to rescale) or not finite (inf and NaN weights pass as they are); |e| <= 126 so
 // that 2^e and 2^-e are normal floats.
 __device__ __forceinline__ int weight_exponent(float bound) {
   if (!(bound > 0.f) || isinf(bound)) return 0;
@@ -161,8 +162,8 @@ struct FwdChunk {
   int64_t row0, rows, n;
   const float* inv_own;  // inverse norms by global row index, or null without `normalize`
   const float* inv_other;
-  const float* scale;
-  const float* bias;
+  const float* logit_scale;
+  const float* logit_bias;
   const int64_t* labels;  // SupCon
   float* loss;            // (B,)
   float* stats0;          // (B,) stats[0]
@@ -174,7 +175,7 @@ template <int kKind, bool kNorm>
 __global__ void __launch_bounds__(kThreads) row_stats_kernel(const FwdChunk c) {
   const int64_t local = blockIdx.x, a = c.row0 + local;
   const float* srow = c.sim + local * c.n;
-  const float s = *c.scale, b = kKind == kSigLip ? *c.bias : 0.f;
+  const float s = *c.logit_scale, b = kKind == kSigLip ? *c.logit_bias : 0.f;
   const float ra = inv_norm_at<kNorm>(c.inv_own, a);
   const int64_t la = kKind == kSupCon ? c.labels[a] : 0;
 
@@ -239,7 +240,7 @@ struct ColChunk {
   int64_t row0, rows, n;
   const float* inv_own;
   const float* inv_other;
-  const float* scale;
+  const float* logit_scale;
   float* col_m;  // (n,) running column max
   float* col_s;  // (n,) running column sum of exp(z - col_m)
   float* col_inf;  // (n,) 1 where the column has a +inf logit (left out of col_m, col_s), else 0
@@ -255,7 +256,7 @@ __global__ void __launch_bounds__(kThreads) col_stats_kernel(const ColChunk c) {
   Acc acc = acc_init();
   bool pos_inf = false;
   if (j < c.n) {
-    const float s = *c.scale, ro = inv_norm_at<kNorm>(c.inv_other, j);
+    const float s = *c.logit_scale, ro = inv_norm_at<kNorm>(c.inv_other, j);
     struct Cell {
       float sim, ra;
     };
@@ -344,8 +345,8 @@ struct GradChunk {
   int64_t row0, rows, n;
   const float* inv_own;
   const float* inv_other;
-  const float* scale;
-  const float* bias;
+  const float* logit_scale;
+  const float* logit_bias;
   const int64_t* labels;
   Role own, other;
   void* g_out;   // (rows, n) G = 2^e s dZ r_o in the inputs' dtype, or null (no product wanted)
@@ -361,7 +362,7 @@ __global__ void __launch_bounds__(kThreads) pair_grad_kernel(const GradChunk c) 
   const int64_t local = blockIdx.x, a = c.row0 + local;
   const float* srow = c.sim + local * c.n;
   T* grow = c.g_out != nullptr ? static_cast<T*>(c.g_out) + local * c.n : nullptr;
-  const float s = *c.scale, b = kKind == kSigLip ? *c.bias : 0.f;
+  const float s = *c.logit_scale, b = kKind == kSigLip ? *c.logit_bias : 0.f;
   const float ra = inv_norm_at<kNorm>(c.inv_own, a);
   const int64_t la = kKind == kSupCon ? c.labels[a] : 0;
   Anchor own{};

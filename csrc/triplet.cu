@@ -12,7 +12,6 @@
 #include <climits>
 #include <cstdint>
 #include <optional>
-#include <string>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -40,27 +39,28 @@ void check_vector(const char* op, const char* name, const at::Tensor& t, const a
   TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous, got strides ", t.strides());
 }
 
-void check_rows(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& scale) {
+void check_rows(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& inv_norm) {
   check_cuda(op, "x", x);
   check_kernel_float(op, "x", x);
   TORCH_CHECK_VALUE(x.dim() == 2 && x.is_contiguous(), op, ": x must be a contiguous 2-D tensor, got shape ",
                     x.sizes(), " and strides ", x.strides());
   TORCH_CHECK_VALUE(x.size(0) < INT_MAX, op, ": at most ", INT_MAX - 1, " rows, got ", x.size(0));
-  if (scale.has_value()) check_vector(op, "scale", *scale, x, x.size(0), at::kFloat);
+  if (inv_norm.has_value()) check_vector(op, "inv_norm", *inv_norm, x, x.size(0), at::kFloat);
 }
 
-int kind_of(const std::string& distance) {
-  if (distance == "euclidean") return kEuclidean;
-  if (distance == "squared_euclidean") return kSquared;
-  TORCH_CHECK_VALUE(distance == "cosine", kMine, ": unknown distance '", distance, "'");
-  return kCosine;
+// distance: a Distance value (enums.h); cosine reads inv_norm.
+int checked_distance(const char* op, int64_t distance, const std::optional<at::Tensor>& inv_norm) {
+  TORCH_CHECK_VALUE(distance == kEuclidean || distance == kSquaredEuclidean || distance == kCosine, op,
+                    ": unknown distance ", distance);
+  TORCH_CHECK_VALUE(distance != kCosine || inv_norm.has_value(), op, ": cosine distances need inv_norm");
+  return static_cast<int>(distance);
 }
 
 template <typename F>
 void with_kind(int kind, F&& f) {
   switch (kind) {
     case kEuclidean: f(std::integral_constant<int, kEuclidean>{}); break;
-    case kSquared: f(std::integral_constant<int, kSquared>{}); break;
+    case kSquaredEuclidean: f(std::integral_constant<int, kSquaredEuclidean>{}); break;
     default: f(std::integral_constant<int, kCosine>{}); break;
   }
 }
@@ -76,18 +76,17 @@ at::Tensor row_sq_norms(const at::Tensor& x) {
   return sq;
 }
 
-void triplet_mine_cuda(const at::Tensor& x, const at::Tensor& labels, const std::optional<at::Tensor>& scale,
-                       c10::string_view distance, const at::Tensor& pos_index, const at::Tensor& pos_dist,
+void triplet_mine_cuda(const at::Tensor& x, const at::Tensor& labels, const std::optional<at::Tensor>& inv_norm,
+                       int64_t distance, const at::Tensor& pos_index, const at::Tensor& pos_dist,
                        const at::Tensor& neg_index, const at::Tensor& neg_dist) {
-  check_rows(kMine, x, scale);
+  check_rows(kMine, x, inv_norm);
   const int64_t n = x.size(0);
   check_vector(kMine, "labels", labels, x, n, at::kLong);
   check_vector(kMine, "pos_index", pos_index, x, n, at::kLong);
   check_vector(kMine, "pos_dist", pos_dist, x, n, at::kFloat);
   check_vector(kMine, "neg_index", neg_index, x, n, at::kLong);
   check_vector(kMine, "neg_dist", neg_dist, x, n, at::kFloat);
-  const int kind = kind_of(std::string(distance));
-  TORCH_CHECK_VALUE(kind != kCosine || scale.has_value(), kMine, ": cosine distances need the rows' scale");
+  const int kind = checked_distance(kMine, distance, inv_norm);
   if (n == 0) return;
 
   const at::Tensor sq = row_sq_norms(x);
@@ -97,7 +96,7 @@ void triplet_mine_cuda(const at::Tensor& x, const at::Tensor& labels, const std:
   MineArgs a{};
   a.labels = labels.const_data_ptr<int64_t>();
   a.sq = sq.const_data_ptr<float>();
-  a.scale = scale.has_value() ? scale->const_data_ptr<float>() : nullptr;
+  a.inv_norm = inv_norm.has_value() ? inv_norm->const_data_ptr<float>() : nullptr;
   a.pos_index = pos_index.data_ptr<int64_t>();
   a.pos_dist = pos_dist.data_ptr<float>();
   a.neg_index = neg_index.data_ptr<int64_t>();
@@ -116,7 +115,7 @@ void triplet_mine_cuda(const at::Tensor& x, const at::Tensor& labels, const std:
     a.row0 = row0;
     a.rows = rows;
     with_kind(kind, [&](auto k) {
-      with_flag(scale.has_value(), [&](auto s) {
+      with_flag(inv_norm.has_value(), [&](auto s) {
         launch(x.device(), &triplet_mine_kernel<decltype(k)::value, decltype(s)::value>,
                grid_for((rows + kMineRows - 1) / kMineRows), kMineThreads, 0, a);
       });
@@ -124,10 +123,10 @@ void triplet_mine_cuda(const at::Tensor& x, const at::Tensor& labels, const std:
   }
 }
 
-void triplet_pair_grad_cuda(const at::Tensor& x, const std::optional<at::Tensor>& scale, const at::Tensor& offsets,
+void triplet_pair_grad_cuda(const at::Tensor& x, const std::optional<at::Tensor>& inv_norm, const at::Tensor& offsets,
                             const at::Tensor& others, const at::Tensor& coef, bool centered,
-                            const std::optional<at::Tensor>& grad_x, const std::optional<at::Tensor>& grad_scale) {
-  check_rows(kPairGrad, x, scale);
+                            const std::optional<at::Tensor>& grad_x, const std::optional<at::Tensor>& grad_inv_norm) {
+  check_rows(kPairGrad, x, inv_norm);
   const int64_t n = x.size(0);
   check_vector(kPairGrad, "offsets", offsets, x, n + 1, at::kLong);
   TORCH_CHECK_VALUE(others.dim() == 1, kPairGrad, ": others must be 1-D, got shape ", others.sizes());
@@ -139,24 +138,24 @@ void triplet_pair_grad_cuda(const at::Tensor& x, const std::optional<at::Tensor>
     check_shape(kPairGrad, "grad_x", *grad_x, x.sizes());
     TORCH_CHECK_VALUE(grad_x->is_contiguous(), kPairGrad, ": grad_x must be contiguous");
   }
-  if (grad_scale.has_value()) {
-    TORCH_CHECK_VALUE(scale.has_value(), kPairGrad, ": grad_scale needs a scale");
-    check_vector(kPairGrad, "grad_scale", *grad_scale, x, n, at::kFloat);
+  if (grad_inv_norm.has_value()) {
+    TORCH_CHECK_VALUE(inv_norm.has_value(), kPairGrad, ": grad_inv_norm needs inv_norm");
+    check_vector(kPairGrad, "grad_inv_norm", *grad_inv_norm, x, n, at::kFloat);
   }
-  if (n == 0 || (!grad_x.has_value() && !grad_scale.has_value())) return;
+  if (n == 0 || (!grad_x.has_value() && !grad_inv_norm.has_value())) return;
 
   PairGradArgs a{};
   a.x = x.const_data_ptr();
-  a.scale = scale.has_value() ? scale->const_data_ptr<float>() : nullptr;
+  a.inv_norm = inv_norm.has_value() ? inv_norm->const_data_ptr<float>() : nullptr;
   a.offsets = offsets.const_data_ptr<int64_t>();
   a.others = others.const_data_ptr<int64_t>();
   a.coef = coef.const_data_ptr<float>();
   a.grad_x = grad_x.has_value() ? grad_x->data_ptr() : nullptr;
-  a.grad_scale = grad_scale.has_value() ? grad_scale->data_ptr<float>() : nullptr;
+  a.grad_inv_norm = grad_inv_norm.has_value() ? grad_inv_norm->data_ptr<float>() : nullptr;
   a.d = x.size(1);
   dispatch_float(x.scalar_type(), kPairGrad, [&](auto tag) {
     using T = decltype(tag);
-    with_flag(scale.has_value(), [&](auto s) {
+    with_flag(inv_norm.has_value(), [&](auto s) {
       with_flag(centered, [&](auto c) {
         launch(x.device(), &triplet_pair_grad_kernel<T, decltype(s)::value, decltype(c)::value>, grid_for(n),
                kGradThreads, 0, a);
@@ -167,8 +166,8 @@ void triplet_pair_grad_cuda(const at::Tensor& x, const std::optional<at::Tensor>
 
 constexpr const char* kRowLoss = "triplet_row_loss_cuda";
 
-void triplet_row_loss_cuda(const at::Tensor& gram, const at::Tensor& sq, const std::optional<at::Tensor>& scale,
-                           const at::Tensor& labels, int64_t row0, c10::string_view mining, c10::string_view distance,
+void triplet_row_loss_cuda(const at::Tensor& gram, const at::Tensor& sq, const std::optional<at::Tensor>& inv_norm,
+                           const at::Tensor& labels, int64_t row0, int64_t mining, int64_t distance,
                            double margin, bool soft_margin, const std::optional<at::Tensor>& row_weight,
                            const at::Tensor& loss, const at::Tensor& count, const std::optional<at::Tensor>& coef) {
   check_cuda(kRowLoss, "gram", gram);
@@ -179,7 +178,7 @@ void triplet_row_loss_cuda(const at::Tensor& gram, const at::Tensor& sq, const s
   TORCH_CHECK_VALUE(n < INT_MAX, kRowLoss, ": at most ", INT_MAX - 1, " columns, got ", n);
   TORCH_CHECK_VALUE(row0 >= 0 && row0 + rows <= n, kRowLoss, ": row0 must be in [0, ", n - rows, "], got ", row0);
   check_vector(kRowLoss, "sq", sq, gram, n, at::kFloat);
-  if (scale.has_value()) check_vector(kRowLoss, "scale", *scale, gram, n, at::kFloat);
+  if (inv_norm.has_value()) check_vector(kRowLoss, "inv_norm", *inv_norm, gram, n, at::kFloat);
   check_vector(kRowLoss, "labels", labels, gram, n, at::kLong);
   check_vector(kRowLoss, "loss", loss, gram, rows, at::kFloat);
   check_vector(kRowLoss, "count", count, gram, rows, at::kLong);
@@ -191,16 +190,14 @@ void triplet_row_loss_cuda(const at::Tensor& gram, const at::Tensor& sq, const s
     check_shape(kRowLoss, "coef", *coef, gram.sizes());
     TORCH_CHECK_VALUE(coef->is_contiguous(), kRowLoss, ": coef must be contiguous");
   }
-  const std::string how(mining);
-  TORCH_CHECK_VALUE(how == "semi_hard" || how == "batch_all", kRowLoss, ": unknown mining '", how, "'");
-  const int kind = kind_of(std::string(distance));
-  TORCH_CHECK_VALUE(kind != kCosine || scale.has_value(), kRowLoss, ": cosine distances need the rows' scale");
+  TORCH_CHECK_VALUE(mining == kSemiHard || mining == kBatchAll, kRowLoss, ": unknown mining ", mining);
+  const int kind = checked_distance(kRowLoss, distance, inv_norm);
   if (rows == 0) return;
 
   RowLossArgs a{};
   a.gram = gram.const_data_ptr<float>();
   a.sq = sq.const_data_ptr<float>();
-  a.scale = scale.has_value() ? scale->const_data_ptr<float>() : nullptr;
+  a.inv_norm = inv_norm.has_value() ? inv_norm->const_data_ptr<float>() : nullptr;
   a.labels = labels.const_data_ptr<int64_t>();
   a.row_weight = row_weight.has_value() ? row_weight->const_data_ptr<float>() : nullptr;
   a.loss = loss.data_ptr<float>();
@@ -210,8 +207,8 @@ void triplet_row_loss_cuda(const at::Tensor& gram, const at::Tensor& sq, const s
   a.row0 = row0;
   a.margin = static_cast<float>(margin);
   with_kind(kind, [&](auto k) {
-    with_flag(scale.has_value(), [&](auto s) {
-      with_flag(how == "semi_hard", [&](auto semi) {
+    with_flag(inv_norm.has_value(), [&](auto s) {
+      with_flag(mining == kSemiHard, [&](auto semi) {
         with_flag(soft_margin, [&](auto soft) {
           with_flag(coef.has_value(), [&](auto grad) {
             launch(gram.device(),

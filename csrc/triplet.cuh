@@ -5,7 +5,7 @@
 // Mining: for each chunk of anchor rows, triplet.cu has cuBLAS make the C x B Gram block in fp32, and
 // a reduction kernel turns each block of 8 rows into distances and keeps per anchor the farthest
 // positive and nearest negative, ties to the smallest column. Each thread reads a column's label,
-// norm and scale once for the 8 rows. The full B x B matrix is never held.
+// norm and inverse norm once for the 8 rows. The full B x B matrix is never held.
 // Designed traffic: the products' 2 B^2 D FLOPs plus 8 B^2 bytes of Gram blocks (written, read once).
 // The pair gradient runs one block per row over its CSR entries in order (fp32, deterministic), one
 // read of the other row per entry: ~(1 + entries) * D * elem_size bytes per row.
@@ -21,6 +21,7 @@
 #include <cstdint>
 
 #include "common.cuh"
+#include "enums.h"
 
 namespace lossforge {
 namespace triplet {
@@ -30,8 +31,6 @@ constexpr int kMineRows = 8;  // rows of the Gram block per reduction block
 constexpr int kGradThreads = 128;
 constexpr int kNormRowsPerBlock = 8;  // one warp per row
 constexpr float kEuclideanEps = 1e-12f;
-
-enum Kind : int { kEuclidean = 0, kSquared = 1, kCosine = 2 };
 
 // ---- batch-hard mining and the pair gradient ----
 
@@ -87,7 +86,7 @@ struct MineArgs {
   const float* gram;   // rows x n block of the chunk
   const int64_t* labels;
   const float* sq;     // squared row norms
-  const float* scale;  // or nullptr
+  const float* inv_norm;  // per row 1 / max(|x_i|, eps) (ops/triplet.py), or nullptr
   int64_t* pos_index;
   float* pos_dist;
   int64_t* neg_index;
@@ -95,16 +94,16 @@ struct MineArgs {
   int64_t n, row0, rows;  // the chunk: rows row0 .. row0 + rows
 };
 
-template <int kKind, bool kScale>
-__device__ __forceinline__ float distance(float dot, float s_r, float e_r, float s_c, float e_c) {
-  if constexpr (kScale) dot *= s_r * s_c;
+template <int kKind, bool kInvNorm>
+__device__ __forceinline__ float distance(float dot, float inv_r, float e_r, float inv_c, float e_c) {
+  if constexpr (kInvNorm) dot *= inv_r * inv_c;
   if constexpr (kKind == kCosine) return 1.f - dot;
   const float sq = clamp_keep_nan(e_r + e_c - 2.f * dot);
-  if constexpr (kKind == kSquared) return sq;
+  if constexpr (kKind == kSquaredEuclidean) return sq;
   return sqrtf(sq + kEuclideanEps);
 }
 
-template <int kKind, bool kScale>
+template <int kKind, bool kInvNorm>
 __global__ void __launch_bounds__(kMineThreads) triplet_mine_kernel(const MineArgs a) {
   constexpr int kWarps = kMineThreads / kWarpSize;
   __shared__ float sv[2][kWarps][kMineRows];
@@ -112,24 +111,24 @@ __global__ void __launch_bounds__(kMineThreads) triplet_mine_kernel(const MineAr
   const int64_t local0 = static_cast<int64_t>(blockIdx.x) * kMineRows;
   const int rows = static_cast<int>(std::min<int64_t>(kMineRows, a.rows - local0));
   int64_t label[kMineRows];
-  float s_r[kMineRows], e_r[kMineRows];
+  float inv_r[kMineRows], e_r[kMineRows];
 #pragma unroll
   for (int r = 0; r < kMineRows; ++r) {
     const int64_t g = a.row0 + local0 + (r < rows ? r : rows - 1);
     label[r] = a.labels[g];
-    s_r[r] = kScale ? a.scale[g] : 1.f;
-    e_r[r] = a.sq[g] * s_r[r] * s_r[r];
+    inv_r[r] = kInvNorm ? a.inv_norm[g] : 1.f;
+    e_r[r] = a.sq[g] * inv_r[r] * inv_r[r];
   }
   Best<true> pos[kMineRows];
   Best<false> neg[kMineRows];
   for (int64_t j = threadIdx.x; j < a.n; j += kMineThreads) {
     const int64_t label_c = a.labels[j];
-    const float s_c = kScale ? a.scale[j] : 1.f;
-    const float e_c = a.sq[j] * s_c * s_c;
+    const float inv_c = kInvNorm ? a.inv_norm[j] : 1.f;
+    const float e_c = a.sq[j] * inv_c * inv_c;
 #pragma unroll
     for (int r = 0; r < kMineRows; ++r) {
       if (r >= rows) break;
-      const float d = distance<kKind, kScale>(a.gram[(local0 + r) * a.n + j], s_r[r], e_r[r], s_c, e_c);
+      const float d = distance<kKind, kInvNorm>(a.gram[(local0 + r) * a.n + j], inv_r[r], e_r[r], inv_c, e_c);
       if (label_c == label[r]) {
         if (j != a.row0 + local0 + r) pos[r].take(d, static_cast<int>(j));
       } else {
@@ -167,39 +166,39 @@ __global__ void __launch_bounds__(kMineThreads) triplet_mine_kernel(const MineAr
 
 struct PairGradArgs {
   const void* x;
-  const float* scale;  // or nullptr
+  const float* inv_norm;  // or nullptr
   const int64_t* offsets;
   const int64_t* others;
   const float* coef;
-  void* grad_x;        // or nullptr
-  float* grad_scale;   // or nullptr
+  void* grad_x;           // or nullptr
+  float* grad_inv_norm;   // or nullptr
   int64_t d;
 };
 
-template <typename T, bool kScale, bool kCentered>
+template <typename T, bool kInvNorm, bool kCentered>
 __global__ void __launch_bounds__(kGradThreads) triplet_pair_grad_kernel(const PairGradArgs a) {
   __shared__ float scratch[kGradThreads / kWarpSize];
   const T* x = static_cast<const T*>(a.x);
   T* grad_x = static_cast<T*>(a.grad_x);
   const int64_t r = blockIdx.x;
   const int64_t start = a.offsets[r], end = a.offsets[r + 1];
-  const float s_r = kScale ? a.scale[r] : 1.f;
+  const float inv_r = kInvNorm ? a.inv_norm[r] : 1.f;
   float dot = 0.f;
   for (int64_t k = threadIdx.x; k < a.d; k += kGradThreads) {
     const float x_r = load_elem(x + r * a.d + k);
-    const float v_r = x_r * s_r;
+    const float v_r = x_r * inv_r;
     float g = 0.f;
     for (int64_t e = start; e < end; ++e) {
       const int64_t o = a.others[e];
-      const float v_o = load_elem(x + o * a.d + k) * (kScale ? a.scale[o] : 1.f);
+      const float v_o = load_elem(x + o * a.d + k) * (kInvNorm ? a.inv_norm[o] : 1.f);
       g = kCentered ? fmaf(a.coef[e], v_r - v_o, g) : fmaf(-a.coef[e], v_o, g);
     }
-    if (grad_x != nullptr) store_elem(grad_x + r * a.d + k, g * s_r);
+    if (grad_x != nullptr) store_elem(grad_x + r * a.d + k, g * inv_r);
     dot = fmaf(x_r, g, dot);
   }
-  if (a.grad_scale != nullptr) {
+  if (a.grad_inv_norm != nullptr) {
     dot = block_sum(dot, scratch);
-    if (threadIdx.x == 0) a.grad_scale[r] = dot;
+    if (threadIdx.x == 0) a.grad_inv_norm[r] = dot;
   }
 }
 
@@ -213,7 +212,7 @@ constexpr float kClampedEuclidean = 1.000001e-6f;  // ops/triplet.py's CLAMPED_E
 struct RowLossArgs {
   const float* gram;  // rows x n: gram[i][j] = x[row0 + i] . x[j]
   const float* sq;
-  const float* scale;  // or nullptr
+  const float* inv_norm;  // or nullptr
   const int64_t* labels;
   const float* row_weight;  // with coef, or nullptr
   float* loss;
@@ -226,7 +225,7 @@ struct RowLossArgs {
 template <int kKind>
 __device__ __forceinline__ float grad_factor(float d) {
   if constexpr (kKind == kEuclidean) return d > kClampedEuclidean ? 1.f / d : 0.f;
-  if constexpr (kKind == kSquared) return d > 0.f ? 2.f : 0.f;
+  if constexpr (kKind == kSquaredEuclidean) return d > 0.f ? 2.f : 0.f;
   return 1.f;
 }
 
@@ -260,15 +259,15 @@ __device__ __forceinline__ int64_t block_sum_i64(int64_t v, int64_t* scratch) {
 }
 
 // Distances of one row from its Gram row (pointers copied: no address of the kernel's parameter).
-template <int kKind, bool kScale>
+template <int kKind, bool kInvNorm>
 struct RowDistances {
   const float* gram;
   const float* sq;
-  const float* scale;
-  float s_r, e_r;
+  const float* inv_norm;
+  float inv_r, e_r;
   __device__ __forceinline__ float operator()(int64_t j) const {
-    const float s_c = kScale ? scale[j] : 1.f;
-    return distance<kKind, kScale>(gram[j], s_r, e_r, s_c, sq[j] * s_c * s_c);
+    const float inv_c = kInvNorm ? inv_norm[j] : 1.f;
+    return distance<kKind, kInvNorm>(gram[j], inv_r, e_r, inv_c, sq[j] * inv_c * inv_c);
   }
 };
 
@@ -287,8 +286,8 @@ struct RowShared {
 // semi_hard: per positive the nearest negative beyond d_ap (else the farthest; a NaN negative, which
 // no comparison finds beyond d_ap, is the farthest and then every pair's choice); thread 0 adds the
 // terms and writes the coefficients in positive order, so shared negatives sum deterministically.
-template <int kKind, bool kScale, bool kSoft, bool kGrad>
-__device__ __forceinline__ void semi_hard_group(const RowLossArgs& a, const RowDistances<kKind, kScale>& dist,
+template <int kKind, bool kInvNorm, bool kSoft, bool kGrad>
+__device__ __forceinline__ void semi_hard_group(const RowLossArgs& a, const RowDistances<kKind, kInvNorm>& dist,
                                                 RowShared& sh, int64_t label, const int* group, int size,
                                                 const float* d_ap, float rw, float* coef, float& my_loss) {
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
@@ -333,8 +332,8 @@ __device__ __forceinline__ void semi_hard_group(const RowLossArgs& a, const RowD
 
 // batch_all: every (positive, negative); a negative's coefficient is updated only by the thread that
 // owns its column (j = threadIdx.x mod kRowThreads), the positives' by thread 0 after a block sum.
-template <int kKind, bool kScale, bool kSoft, bool kGrad>
-__device__ __forceinline__ void batch_all_group(const RowLossArgs& a, const RowDistances<kKind, kScale>& dist,
+template <int kKind, bool kInvNorm, bool kSoft, bool kGrad>
+__device__ __forceinline__ void batch_all_group(const RowLossArgs& a, const RowDistances<kKind, kInvNorm>& dist,
                                                 RowShared& sh, int64_t label, const int* group, int size,
                                                 const float* d_ap, float rw, float* coef, float& my_loss,
                                                 int64_t& my_count) {
@@ -372,15 +371,15 @@ __device__ __forceinline__ void batch_all_group(const RowLossArgs& a, const RowD
 }
 
 // min 1 block per SM: without it ptxas held this kernel at 64 registers and spilled 4-12 bytes in 7 variants
-template <int kKind, bool kScale, bool kSemi, bool kSoft, bool kGrad>
+template <int kKind, bool kInvNorm, bool kSemi, bool kSoft, bool kGrad>
 __global__ void __launch_bounds__(kRowThreads, 1) triplet_row_loss_kernel(const RowLossArgs a) {
   constexpr int kWarps = kRowThreads / kWarpSize;
   __shared__ RowShared sh;
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   const int64_t i = blockIdx.x, anchor = a.row0 + i;
   const int64_t label = a.labels[anchor];
-  const float s_r = kScale ? a.scale[anchor] : 1.f;
-  const RowDistances<kKind, kScale> dist{a.gram + i * a.n, a.sq, a.scale, s_r, a.sq[anchor] * s_r * s_r};
+  const float inv_r = kInvNorm ? a.inv_norm[anchor] : 1.f;
+  const RowDistances<kKind, kInvNorm> dist{a.gram + i * a.n, a.sq, a.inv_norm, inv_r, a.sq[anchor] * inv_r * inv_r};
   float* coef = kGrad ? a.coef + i * a.n : nullptr;
   const float rw = kGrad ? a.row_weight[i] : 0.f;
 
@@ -436,10 +435,10 @@ __global__ void __launch_bounds__(kRowThreads, 1) triplet_row_loss_kernel(const 
 #pragma unroll
       for (int k = 0; k < kGroup; ++k) d_ap[k] = k < size ? dist(sh.list[g0 + k]) : 0.f;
       if constexpr (kSemi) {
-        semi_hard_group<kKind, kScale, kSoft, kGrad>(a, dist, sh, label, sh.list + g0, size, d_ap, rw, coef,
+        semi_hard_group<kKind, kInvNorm, kSoft, kGrad>(a, dist, sh, label, sh.list + g0, size, d_ap, rw, coef,
                                                      my_loss);
       } else {
-        batch_all_group<kKind, kScale, kSoft, kGrad>(a, dist, sh, label, sh.list + g0, size, d_ap, rw, coef,
+        batch_all_group<kKind, kInvNorm, kSoft, kGrad>(a, dist, sh, label, sh.list + g0, size, d_ap, rw, coef,
                                                      my_loss, my_count);
       }
       __syncthreads();

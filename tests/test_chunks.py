@@ -16,6 +16,7 @@ from lossforge_kernels.distributed import cross_entropy as dist_ce
 from lossforge_kernels.ops import _chunks
 from lossforge_kernels.ops import triplet as triplet_ops
 from lossforge_kernels.ops._chunks import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, Chunks, chunk_rows
+from lossforge_kernels.reference.triplet import Distance, Mining
 
 from .test_csrc_build import CSRC
 
@@ -136,9 +137,9 @@ def test_linear_cross_entropy_chunks_follow_the_rule(small_budget):
 
 def test_triplet_row_chunks_follow_the_rule(small_budget):
     x = torch.randn(60, 8)
-    chunks = triplet_ops._RowChunks("triton", (x, torch.zeros(60, dtype=torch.int64), None),
-                                    triplet_ops.ROWS_SPEC.named(dict(mining="semi_hard", distance="euclidean",
-                                                                     margin=0.2, soft_margin=False, chunk_size=0)))
+    params = triplet_ops.ROWS_SPEC.named(dict(mining=Mining.SEMI_HARD, distance=Distance.EUCLIDEAN, margin=0.2,
+                                              soft_margin=False, chunk_size=0))
+    chunks = triplet_ops._RowChunks("triton", (x, torch.zeros(60, dtype=torch.int64), None), params)
     assert chunks.step == 8000 // (4 * 60) and chunks.gram.shape == (chunks.step, 60)
 
 

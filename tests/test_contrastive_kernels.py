@@ -12,7 +12,7 @@ import torch
 
 import lossforge_kernels as lf
 from lossforge_kernels.ops import contrastive as cops
-from lossforge_kernels.ops.contrastive import INFO_NCE as KIND_INFO_NCE, SUPCON as KIND_SUPCON
+from lossforge_kernels.reference.contrastive import Kind
 from tests import harness
 from tests.conftest import assert_close_rel, device_for
 from tests.test_linear_cross_entropy import CreatedTensors
@@ -48,14 +48,14 @@ def make_info_nce(shape, opts, dtype, device, generator):
     if opts.pop("duplicates", False):  # equal rows: tied logits in every row and column
         q[1::2], k[1::2] = q[0::2][:b // 2], k[0::2][:m // 2]
     q, k = q.to(dtype).to(device), k.to(dtype).to(device)
-    scale = _scalar(opts.pop("scale", 7.0), learn, device)
+    logit_scale = _scalar(opts.pop("logit_scale", 7.0), learn, device)
     names = ("query", "key") + (("logit_scale",) if learn else ())
 
     def call(ts, backend, reduction):
         return lf.info_nce(ts["query"], ts["key"], logit_scale=ts["logit_scale"], symmetric=symmetric,
                            normalize=normalize, reduction=reduction, backend=backend)
 
-    return harness.Sample({"query": q, "key": k, "logit_scale": scale}, names, call)
+    return harness.Sample({"query": q, "key": k, "logit_scale": logit_scale}, names, call)
 
 
 def _contract_inputs(device, b=6, m=6, d=5, labels=False):
@@ -68,16 +68,39 @@ def _contract_inputs(device, b=6, m=6, d=5, labels=False):
 
 def _kernel_op_samples(device):
     out = []
-    for kind, symmetric in ((0, True), (0, False), (1, False), (2, False)):
-        q, k, lab, s, bias = _contract_inputs(device, m=6 if symmetric or kind == 1 else 9, labels=kind == 1)
+    for kind, symmetric in ((Kind.INFO_NCE, True), (Kind.INFO_NCE, False), (Kind.SUPCON, False),
+                            (Kind.SIGLIP, False)):
+        supcon = kind == Kind.SUPCON
+        q, k, lab, s, bias = _contract_inputs(device, m=6 if symmetric or supcon else 9, labels=supcon)
         b = q.shape[0]
         loss, stats = torch.empty(b, device=device), torch.empty(2, b, device=device)
         out.append((cops.FWD, (q, k, lab, s, bias, loss, stats, kind, True, symmetric)))
         stats = torch.full((2, b), 2.0, device=device)  # finite statistics for the backward
-        grad_k = None if kind == 1 else torch.empty_like(k)
+        grad_k = None if supcon else torch.empty_like(k)
         out.append((cops.BWD, (torch.rand(b, device=device), q, k, lab, s, bias, stats, torch.empty_like(q),
                                         grad_k, torch.empty(2, b, device=device), kind, True, symmetric)))
     return out
+
+
+def test_kernel_ops_refuse_bad_options_by_name(kernel_backend):
+    device = device_for(kernel_backend)
+    q, k, lab, logit_scale, logit_bias = _contract_inputs(device)
+    b = q.shape[0]
+    loss, stats = torch.empty(b, device=device), torch.empty(2, b, device=device)
+    fwd, bwd = cops.FWD[kernel_backend], cops.BWD[kernel_backend]
+    with pytest.raises(ValueError, match=r"contrastive_fwd: kind must be one of 0 \(INFO_NCE\), 1 \(SUPCON\), "
+                                         r"2 \(SIGLIP\), got 3"):
+        fwd(q, k, lab, logit_scale, logit_bias, loss, stats, kind=3, normalize=True, symmetric=False)
+    with pytest.raises(ValueError, match="contrastive_bwd: kind must be one of .*, got -1"):
+        bwd(torch.rand(b, device=device), q, k, lab, logit_scale, logit_bias, stats, torch.empty_like(q), None, None,
+            kind=-1, normalize=True, symmetric=False)
+    with pytest.raises(ValueError, match=r"contrastive_fwd: logit_scale must be a contiguous torch.float32 tensor "
+                                         r"of shape \(\)"):
+        fwd(q, k, lab, logit_scale.reshape(1), logit_bias, loss, stats, kind=Kind.INFO_NCE, normalize=True,
+            symmetric=False)
+    with pytest.raises(ValueError, match="contrastive_fwd: logit_bias must be a contiguous torch.float32"):
+        fwd(q, k, lab, logit_scale, logit_bias.double(), loss, stats, kind=Kind.SIGLIP, normalize=True,
+            symmetric=False)
 
 
 def _info_nce_op_inputs(device):
@@ -91,7 +114,7 @@ INFO_NCE = harness.KernelSpec(
     make=make_info_nce,
     cases=(dict(symmetric=True, normalize=True), dict(symmetric=True, normalize=False, learn=False),
            dict(symmetric=False, normalize=True, extra=13), dict(symmetric=False, normalize=False, learn=False),
-           dict(symmetric=True, duplicates=True, scale=30.0)),
+           dict(symmetric=True, duplicates=True, logit_scale=30.0)),
     shapes=((1, 4), (37, 33)),  # odd tiles and extreme sizes: tests/test_contrastive_triton_ops.py
     tol=_tol,
     half_cases=(dict(symmetric=True, learn=False), dict(symmetric=False, extra=5, normalize=False, learn=False)),
@@ -180,15 +203,15 @@ def make_siglip(shape, opts, dtype, device, generator):
     spread = 1.0 if normalize else 0.4 / math.sqrt(d)
     q = _rows((b, d), generator, spread).to(dtype).to(device)
     k = _rows((m, d), generator, spread).to(dtype).to(device)
-    scale = _scalar(opts.pop("scale", 10.0), learn, device)
-    bias = _scalar(opts.pop("bias", -10.0), learn, device)
+    logit_scale = _scalar(opts.pop("logit_scale", 10.0), learn, device)
+    logit_bias = _scalar(opts.pop("logit_bias", -10.0), learn, device)
     names = ("query", "key") + (("logit_scale", "logit_bias") if learn else ())
 
     def call(ts, backend, reduction):
         return lf.siglip_loss(ts["query"], ts["key"], ts["logit_scale"], ts["logit_bias"], normalize=normalize,
                               reduction=reduction, backend=backend)
 
-    return harness.Sample({"query": q, "key": k, "logit_scale": scale, "logit_bias": bias}, names, call)
+    return harness.Sample({"query": q, "key": k, "logit_scale": logit_scale, "logit_bias": logit_bias}, names, call)
 
 
 def _siglip_op_inputs(device):
@@ -200,7 +223,8 @@ SIGLIP = harness.KernelSpec(
     family="contrastive",
     kernels=cops.siglip_kernels,
     make=make_siglip,
-    cases=(dict(), dict(normalize=False, learn=False, scale=3.0, bias=0.5), dict(extra=11, bias=2.0)),
+    cases=(dict(), dict(normalize=False, learn=False, logit_scale=3.0, logit_bias=0.5),
+           dict(extra=11, logit_bias=2.0)),
     shapes=((1, 4), (37, 33)),  # odd tiles and extreme sizes: tests/test_contrastive_triton_ops.py
     tol=_tol,
     half_cases=(dict(learn=False), dict(extra=5, normalize=False, learn=False)),
@@ -437,22 +461,22 @@ def _model_two_role_grads(case, q, k, labels, s, grad_rows):
     forms it; also the largest scaled weight, which the bound must keep below 2^14."""
     from tests.test_contrastive_triton_ops import dense_loss
     q32 = q.float().requires_grad_(True)
-    k32 = q32 if case.kind == KIND_SUPCON else k.float()
+    k32 = q32 if case.kind == Kind.SUPCON else k.float()
     rows, _, z, _ = dense_loss(q32, k32, labels, torch.tensor(s), None, case)
     z.retain_grad()
     (grad_rows * rows).sum().backward()
     dz = z.grad
     rq = 1.0 / q.float().norm(dim=1).clamp_min(1e-12)
-    rk = rq if case.kind == KIND_SUPCON else 1.0 / k.float().norm(dim=1).clamp_min(1e-12)
-    w_own, w_other = (1.0, 1.0) if case.kind == KIND_SUPCON else (0.5, 0.5)  # both roles on every row
+    rk = rq if case.kind == Kind.SUPCON else 1.0 / k.float().norm(dim=1).clamp_min(1e-12)
+    w_own, w_other = (1.0, 1.0) if case.kind == Kind.SUPCON else (0.5, 0.5)  # both roles on every row
 
     def bound(r_other):
         return abs(s) * (w_own * grad_rows.abs() * r_other.max() + w_other * (grad_rows.abs() * r_other).max())
-    row_w = dz + dz.T if case.kind == KIND_SUPCON else dz
+    row_w = dz + dz.T if case.kind == Kind.SUPCON else dz
     top = _largest_scaled_weight(row_w, s, rk, bound(rk))
     grad_q = _model_pass(q, k, rq, rk, row_w, s, bound(rk), True)
     grad_k = None
-    if case.kind != KIND_SUPCON:
+    if case.kind != Kind.SUPCON:
         top = max(top, _largest_scaled_weight(dz.T, s, rq, bound(rq)))
         grad_k = _model_pass(k, q, rk, rq, dz.T.contiguous(), s, bound(rq), True)
     return grad_q, grad_k, top
@@ -466,15 +490,15 @@ def test_fp16_weight_scaling_model_two_roles(kind):
     from tests.test_contrastive_triton_ops import Case, dense_expected
     q, k = _large_batch_inputs(7, b=256, m=256)
     s = 1.0 / 0.07
-    case = Case(KIND_SUPCON if kind == "supcon" else KIND_INFO_NCE, 256, 256, 64, symmetric=kind != "supcon")
+    case = Case(Kind.SUPCON if kind == "supcon" else Kind.INFO_NCE, 256, 256, 64, symmetric=kind != "supcon")
     labels = torch.arange(256) // 4 if kind == "supcon" else None
     if kind == "supcon":  # classes of 4 around their centres: small negative probabilities
         gen = torch.Generator().manual_seed(8)
         centres = torch.randn(64, 64, generator=gen)
         q = k = (centres[labels] + 0.3 * torch.randn(256, 64, generator=gen)).to(torch.float16)
     grad_rows = (2.0**10 / 262144) * torch.linspace(0.5, 2.0, 256)
-    want = dense_expected(case, dict(query=q, key=k, labels=labels, scale=torch.tensor(s),
-                                     bias=torch.tensor(0.0), grad_rows=grad_rows))
+    want = dense_expected(case, dict(query=q, key=k, labels=labels, logit_scale=torch.tensor(s),
+                                     logit_bias=torch.tensor(0.0), grad_rows=grad_rows))
     got_q, got_k, top = _model_two_role_grads(case, q, k, labels, s, grad_rows)
     assert top < 2.0**14
     assert _excess_row_error(got_q, want["grad_query"]) < 3e-3

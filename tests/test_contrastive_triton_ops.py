@@ -90,14 +90,14 @@ def make_inputs(case: Case, device):
             if case.b > 2:
                 labels[0] = case.b + 5  # a class of its own
     s = 3.0 if case.normalize else 0.4
-    scale = torch.tensor(s, dtype=torch.float32)
-    bias = torch.tensor(-1.3, dtype=torch.float32)
+    logit_scale = torch.tensor(s, dtype=torch.float32)
+    logit_bias = torch.tensor(-1.3, dtype=torch.float32)
     grad_rows = torch.randn(case.b, generator=gen, dtype=torch.float64).to(torch.float32)
     q = q.to(case.dtype)
     k = q if case.kind == SUPCON else k.to(case.dtype)
     return dict(query=q.to(device), key=k.to(device) if case.kind != SUPCON else q.to(device),
-                labels=None if labels is None else labels.to(device), scale=scale.to(device), bias=bias.to(device),
-                grad_rows=grad_rows.to(device))
+                labels=None if labels is None else labels.to(device), logit_scale=logit_scale.to(device),
+                logit_bias=logit_bias.to(device), grad_rows=grad_rows.to(device))
 
 
 def run_ops(case: Case, x, want=("grad_query", "grad_key", "grad_coef")):
@@ -107,13 +107,13 @@ def run_ops(case: Case, x, want=("grad_query", "grad_key", "grad_coef")):
         k = q
     loss = torch.empty(case.b, dtype=torch.float32, device=q.device)
     stats = torch.full((2, case.b), SENTINEL, dtype=torch.float32, device=q.device)
-    torch.ops.lossforge.contrastive_fwd_triton(q, k, x["labels"], x["scale"], x["bias"], loss, stats, case.kind,
-                                               case.normalize, case.symmetric)
+    torch.ops.lossforge.contrastive_fwd_triton(q, k, x["labels"], x["logit_scale"], x["logit_bias"], loss, stats,
+                                               case.kind, case.normalize, case.symmetric)
     grad_query = torch.empty_like(q) if "grad_query" in want else None
     grad_key = torch.empty_like(k) if "grad_key" in want and case.kind != SUPCON else None
     grad_coef = torch.empty(2, case.b, dtype=torch.float32, device=q.device) if "grad_coef" in want else None
-    torch.ops.lossforge.contrastive_bwd_triton(x["grad_rows"], q, k, x["labels"], x["scale"], x["bias"], stats,
-                                               grad_query, grad_key, grad_coef, case.kind, case.normalize,
+    torch.ops.lossforge.contrastive_bwd_triton(x["grad_rows"], q, k, x["labels"], x["logit_scale"], x["logit_bias"],
+                                               stats, grad_query, grad_key, grad_coef, case.kind, case.normalize,
                                                case.symmetric)
     return dict(loss=loss, stats=stats, grad_query=grad_query, grad_key=grad_key, grad_coef=grad_coef)
 
@@ -161,15 +161,15 @@ def dense_loss(q, k, labels, s, b, case: Case):
 def dense_expected(case: Case, x):
     q = x["query"].cpu().double().requires_grad_(True)
     k = q if case.kind == SUPCON else x["key"].cpu().double().requires_grad_(True)
-    s = x["scale"].cpu().double().requires_grad_(True)
-    b = x["bias"].cpu().double().requires_grad_(True)
+    s = x["logit_scale"].cpu().double().requires_grad_(True)
+    b = x["logit_bias"].cpu().double().requires_grad_(True)
     labels = None if x["labels"] is None else x["labels"].cpu()
     rows, stats, z, c = dense_loss(q, k, labels, s, b, case)
     z.retain_grad()
     (x["grad_rows"].cpu().double() * rows).sum().backward()
     dz = z.grad
     return dict(loss=rows.detach(), stats=stats, grad_query=q.grad, grad_key=None if case.kind == SUPCON else k.grad,
-                grad_scale=s.grad, grad_bias=b.grad if case.kind == SIGLIP else None,
+                grad_logit_scale=s.grad, grad_logit_bias=b.grad if case.kind == SIGLIP else None,
                 grad_coef=torch.stack([(dz * c.detach()).sum(dim=1), dz.sum(dim=1)]))
 
 
@@ -187,9 +187,9 @@ def check_against_dense(case: Case, got, want, tol):
             assert_close_rel(got[name].cpu(), want[name], tol, f"{what} {name}")
     coef = got["grad_coef"].cpu()
     assert_close_rel(coef, want["grad_coef"], tol, f"{what} grad_coef")
-    assert_close_rel(coef[0].double().sum(), want["grad_scale"], tol, f"{what} scale gradient")
-    if want["grad_bias"] is not None:
-        assert_close_rel(coef[1].double().sum(), want["grad_bias"], tol, f"{what} bias gradient")
+    assert_close_rel(coef[0].double().sum(), want["grad_logit_scale"], tol, f"{what} logit_scale gradient")
+    if want["grad_logit_bias"] is not None:
+        assert_close_rel(coef[1].double().sum(), want["grad_logit_bias"], tol, f"{what} logit_bias gradient")
 
 
 DEVICE = device_for("triton")
@@ -239,13 +239,13 @@ def test_loss_rows_match_reference(kind):
             SIGLIP: Case(SIGLIP, 13, 21, 33)}[kind]
     x = make_inputs(case, DEVICE)
     got = run_ops(case, x, want=())["loss"].cpu().double()
-    q, k, s = x["query"].cpu().double(), x["key"].cpu().double(), x["scale"].cpu().double()
+    q, k, s = x["query"].cpu().double(), x["key"].cpu().double(), x["logit_scale"].cpu().double()
     if kind == INFO_NCE:
         want = ref.info_nce_rows(q, k, s, symmetric=True, normalize=True)
     elif kind == SUPCON:
         want, _ = ref.supcon_rows(q, x["labels"].cpu(), 1.0 / s, normalize=True)
     else:
-        want = ref.siglip_rows(q, k, s, x["bias"].cpu().double(), normalize=True)
+        want = ref.siglip_rows(q, k, s, x["logit_bias"].cpu().double(), normalize=True)
     assert_close_rel(got, want, 2e-5, f"{case} loss vs reference")
 
 
@@ -267,7 +267,7 @@ def test_fp16_gradients_at_large_batch_magnitudes():
     k = torch.randn(case.m, case.d, generator=gen)
     k[:case.b] = q + 0.3 * torch.randn(case.b, case.d, generator=gen)
     x = dict(query=q.to(torch.float16).to(DEVICE), key=k.to(torch.float16).to(DEVICE), labels=None,
-             scale=torch.tensor(1 / 0.07, device=DEVICE), bias=torch.tensor(0.0, device=DEVICE),
+             logit_scale=torch.tensor(1 / 0.07, device=DEVICE), logit_bias=torch.tensor(0.0, device=DEVICE),
              grad_rows=torch.full((case.b,), 2.0**10 / 262144, device=DEVICE))
     got, want = run_ops(case, x), dense_expected(case, x)
     for name in ("grad_query", "grad_key"):

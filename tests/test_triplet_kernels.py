@@ -12,6 +12,7 @@ from lossforge_kernels import BackendUnavailableError
 from lossforge_kernels.ops import _chunks
 from lossforge_kernels.ops import triplet as ops
 from lossforge_kernels.reference import triplet as ref
+from lossforge_kernels.reference.triplet import Distance, Mining
 from tests import harness
 from tests.conftest import assert_close_rel, device_for
 from tests.test_linear_cross_entropy import CreatedTensors
@@ -45,22 +46,22 @@ def _kernel_op_samples(device):
     n = 9
     x = torch.randn(n, 5, generator=gen).to(device)
     labels = torch.randint(0, 3, (n,), generator=gen).to(device)
-    scale = (torch.rand(n, generator=gen) + 0.5).to(device)
+    inv_norm = (torch.rand(n, generator=gen) + 0.5).to(device)
 
     def outs():
         return (torch.empty(n, dtype=torch.int64, device=device), torch.empty(n, device=device),
                 torch.empty(n, dtype=torch.int64, device=device), torch.empty(n, device=device))
 
     csr = _csr(n, gen, device)
-    return [(ops.MINE, (x, labels, scale, "cosine", *outs())),
-            (ops.PAIR_GRAD, (x, scale, *csr, True, torch.empty_like(x), torch.empty_like(scale)))]
+    return [(ops.MINE, (x, labels, inv_norm, Distance.COSINE, *outs())),
+            (ops.PAIR_GRAD, (x, inv_norm, *csr, True, torch.empty_like(x), torch.empty_like(inv_norm)))]
 
 
 def _op_inputs(device):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(12, 6, generator=gen).to(device)
     labels = torch.randint(0, 3, (12,), generator=gen).to(device)
-    return (x, labels, (torch.rand(12, generator=gen) + 0.5).to(device)), ("euclidean", 0.2, False)
+    return (x, labels, (torch.rand(12, generator=gen) + 0.5).to(device)), (Distance.EUCLIDEAN, 0.2, False)
 
 
 SPEC = harness.KernelSpec(
@@ -139,8 +140,9 @@ def test_ties_go_to_the_smallest_index(kernel_backend, distance, normalize, data
     else:
         base = torch.arange(9).repeat(5)[torch.randperm(45, generator=gen)]
         x, labels = (torch.randint(-8, 9, (9, 6), generator=gen) / 4)[base], base % 4
-    scale = ops.row_scale(x.to(device), distance, normalize)
-    pos_index, _, neg_index, _ = ops._mine(kernel_backend, x.to(device), labels.to(device), scale, distance)
+    kind = ref.DISTANCE_IDS[distance]
+    inv_norm = ops.row_inv_norm(x.to(device), kind, normalize)
+    pos_index, _, neg_index, _ = ops._mine(kernel_backend, x.to(device), labels.to(device), inv_norm, kind)
     want_pos, want_neg = _reference_choice(x, labels, distance, normalize)
     assert torch.equal(pos_index.cpu(), want_pos), (pos_index, want_pos)
     assert torch.equal(neg_index.cpu(), want_neg), (neg_index, want_neg)
@@ -225,11 +227,17 @@ def test_bad_input_is_refused_by_name(kernel_backend):
     out = [torch.empty(6, dtype=torch.int64, device=device), torch.empty(6, device=device)] * 2
     mine = ops.MINE.overloads[kernel_backend]
     with pytest.raises(ValueError, match="triplet_mine: labels must be a contiguous \\(6,\\) torch.int64"):
-        mine(x, labels.int(), None, "euclidean", *out)
-    with pytest.raises(ValueError, match="triplet_mine: cosine distances need the rows' scale"):
-        mine(x, labels, None, "cosine", *out)
+        mine(x, labels.int(), None, Distance.EUCLIDEAN, *out)
+    with pytest.raises(ValueError, match="triplet_mine: cosine distances need inv_norm"):
+        mine(x, labels, None, Distance.COSINE, *out)
     with pytest.raises(ValueError, match="triplet_mine: x must be a contiguous 2-D"):
-        mine(x.t(), labels[:4], None, "euclidean", *[t[:4] for t in out])
+        mine(x.t(), labels[:4], None, Distance.EUCLIDEAN, *[t[:4] for t in out])
+    with pytest.raises(ValueError, match=r"triplet_mine: distance must be one of 0 \(EUCLIDEAN\), "
+                                         r"1 \(SQUARED_EUCLIDEAN\), 2 \(COSINE\), got 3"):
+        ops.MINE[kernel_backend](x, labels, torch.ones(6, device=device), 3, *out)
+    with pytest.raises(ValueError, match="triplet_pair_grad: grad_inv_norm needs inv_norm"):
+        ops.PAIR_GRAD[kernel_backend](x, None, *_csr(6, torch.Generator().manual_seed(3), device), True, None,
+                                      torch.empty(6, device=device))
 
 
 def test_inputs_are_not_modified(kernel_backend):
@@ -282,7 +290,7 @@ def _mined_kernel_op_samples(device):
     n, c = 11, 4
     x = torch.randn(n, 5, generator=gen).to(device)
     labels = torch.randint(0, 3, (n,), generator=gen).to(device)
-    scale = (torch.rand(n, generator=gen) + 0.5).to(device)
+    inv_norm = (torch.rand(n, generator=gen) + 0.5).to(device)
     gram = (x[3:3 + c] @ x.T).contiguous()
     sq = (x * x).sum(1)
 
@@ -290,15 +298,15 @@ def _mined_kernel_op_samples(device):
         return torch.empty(c, device=device), torch.empty(c, dtype=torch.int64, device=device)
 
     weight = torch.rand(c, generator=gen).to(device)
-    return [(ops.ROW_LOSS, (gram, sq, scale, labels, 3, "semi_hard", "cosine", 0.2, False, weight, *outs(),
-                                  torch.empty_like(gram))),
-            (ops.ROW_LOSS, (gram, sq, None, labels, 3, "batch_all", "euclidean", 0.2, False, None, *outs(),
-                                  None))]
+    return [(ops.ROW_LOSS, (gram, sq, inv_norm, labels, 3, Mining.SEMI_HARD, Distance.COSINE, 0.2, False, weight,
+                            *outs(), torch.empty_like(gram))),
+            (ops.ROW_LOSS, (gram, sq, None, labels, 3, Mining.BATCH_ALL, Distance.EUCLIDEAN, 0.2, False, None,
+                            *outs(), None))]
 
 
 def _mined_op_inputs(device):
     tensors, _ = _op_inputs(device)
-    return tensors, ("batch_all", "euclidean", 0.2, False, 0)
+    return tensors, (Mining.BATCH_ALL, Distance.EUCLIDEAN, 0.2, False, 0)
 
 
 MINED_SPEC = harness.KernelSpec(
@@ -429,8 +437,8 @@ def test_mined_chunk_size_knob_gives_the_same_loss(kernel_backend):
     x = torch.randn(30, 6, generator=gen).to(device)
     labels = torch.randint(0, 6, (30,), generator=gen).to(device)
     tensors = (x, labels, None)
-    whole, parts = (ops.triplet_mined_kernels(tensors, dict(mining="batch_all", distance="euclidean", margin=0.3,
-                                                            soft_margin=False, chunk_size=c),
+    whole, parts = (ops.triplet_mined_kernels(tensors, dict(mining=Mining.BATCH_ALL, distance=Distance.EUCLIDEAN,
+                                                            margin=0.3, soft_margin=False, chunk_size=c),
                                               reduction="none", backend=kernel_backend) for c in (0, 7))
     torch.testing.assert_close(whole, parts, rtol=1e-6, atol=1e-6)  # the products' blocking may move an ulp
 
@@ -454,13 +462,20 @@ def test_row_kernel_refuses_bad_input_by_name(kernel_backend):
     gram, sq = (x[:2] @ x.T).contiguous(), (x * x).sum(1)
     out = (torch.empty(2, device=device), torch.empty(2, dtype=torch.int64, device=device))
     with pytest.raises(ValueError, match="triplet_row_loss: row0 must be in"):
-        op(gram, sq, None, labels, 5, "semi_hard", "euclidean", 0.2, False, None, *out, None)
+        op(gram, sq, None, labels, 5, Mining.SEMI_HARD, Distance.EUCLIDEAN, 0.2, False, None, *out, None)
     with pytest.raises(ValueError, match="triplet_row_loss: labels must be a contiguous"):
-        op(gram, sq, None, labels.int(), 0, "semi_hard", "euclidean", 0.2, False, None, *out, None)
+        op(gram, sq, None, labels.int(), 0, Mining.SEMI_HARD, Distance.EUCLIDEAN, 0.2, False, None, *out, None)
     with pytest.raises(ValueError, match="row_weight and coef come together"):
-        op(gram, sq, None, labels, 0, "batch_all", "euclidean", 0.2, False, None, *out, torch.empty_like(gram))
-    with pytest.raises(ValueError, match="mining must be one of"):
-        op(gram, sq, None, labels, 0, "batch_hard", "euclidean", 0.2, False, None, *out, None)
+        op(gram, sq, None, labels, 0, Mining.BATCH_ALL, Distance.EUCLIDEAN, 0.2, False, None, *out,
+           torch.empty_like(gram))
+    with pytest.raises(ValueError, match=r"triplet_row_loss: mining must be one of 1 \(SEMI_HARD\), "
+                                         r"2 \(BATCH_ALL\), got 0"):
+        ops.ROW_LOSS[kernel_backend](gram, sq, None, labels, 0, Mining.BATCH_HARD, Distance.EUCLIDEAN, 0.2, False,
+                                     None, *out, None)
+    with pytest.raises(ValueError, match=r"triplet_row_loss: distance must be one of .*, got -1"):
+        ops.ROW_LOSS[kernel_backend](gram, sq, None, labels, 0, Mining.SEMI_HARD, -1, 0.2, False, None, *out, None)
+    with pytest.raises(ValueError, match="triplet_row_loss: cosine distances need inv_norm"):
+        op(gram, sq, None, labels, 0, Mining.SEMI_HARD, Distance.COSINE, 0.2, False, None, *out, None)
 
 
 # ---------------------------------------------------------------- NaN and inf
@@ -563,9 +578,9 @@ def _parts(coef):
     return {"all": coef, "positives": coef.clamp_min(0), "negatives": coef.clamp_max(0)}
 
 
-def _exact_row_gradient(x, scale, coef, centered):
-    """The gradient _RowGradient accumulates (w.r.t. the scaled rows v), in float64."""
-    v = x.double() * (1.0 if scale is None else scale.double()[:, None])
+def _exact_row_gradient(x, inv_norm, coef, centered):
+    """The gradient _RowGradient accumulates (w.r.t. the rows v = inv_norm * x), in float64."""
+    v = x.double() * (1.0 if inv_norm is None else inv_norm.double()[:, None])
     both = coef + coef.t()
     g = -both @ v
     return g + (coef.sum(1) + coef.sum(0))[:, None] * v if centered else g
@@ -585,17 +600,18 @@ def test_half_gradient_products_at_large_batch_magnitudes(fp32_out_products_on_c
     x = torch.randn(n, d, generator=gen).to(dtype)
     coef = _coefficient_block(n, batch, mining, gen)
     unit = 2.0 ** -11 if dtype == torch.float16 else 2.0 ** -8
-    cases = itertools.product((("euclidean", None), ("cosine", torch.rand(n, generator=gen) + 0.5),
-                               ("squared_euclidean", torch.rand(n, generator=gen) + 0.5)), _parts(coef).items())
-    for (distance, scale), (part, coef) in cases:
-        chunks = SimpleNamespace(x=x, scale=scale, distance=distance, gram=torch.empty(step, n))
+    cases = itertools.product(((Distance.EUCLIDEAN, None), (Distance.COSINE, torch.rand(n, generator=gen) + 0.5),
+                               (Distance.SQUARED_EUCLIDEAN, torch.rand(n, generator=gen) + 0.5)),
+                              _parts(coef).items())
+    for (distance, inv_norm), (part, coef) in cases:
+        chunks = SimpleNamespace(x=x, inv_norm=inv_norm, distance=distance, gram=torch.empty(step, n))
         sink = ops._RowGradient(chunks)
         for start in range(0, n, step):
             stop = min(n, start + step)
             sink.add(start, stop, coef[start:stop].float().clone())
-        want = _exact_row_gradient(x, scale, coef, distance != "cosine")
+        want = _exact_row_gradient(x, inv_norm, coef, distance != Distance.COSINE)
         # per row, against the size of the row's terms (what one rounding of each coefficient can move)
-        size = (coef.abs() + coef.abs().t()) @ (x.double().abs() * (1.0 if scale is None else scale[:, None]))
+        size = (coef.abs() + coef.abs().t()) @ (x.double().abs() * (1.0 if inv_norm is None else inv_norm[:, None]))
         error = ((sink.g.double() - want).abs() / size).max()
         assert error < 2 * unit, f"{distance}, {part}: largest error {float(error):.2e} of the terms' size"
         grad_x = torch.empty_like(x)

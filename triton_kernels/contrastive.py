@@ -1,5 +1,6 @@
 # Contrastive family (InfoNCE / CLIP, SupCon, SigLIP) over query (B, D) and key (M, D), flash-attention
 # style: the (B, M) similarity matrix only ever exists as on-chip tiles, rebuilt in the backward.
+# s and b are the logit scale and bias (logit_scale, logit_bias).
 #
 # A program owns BLOCK_M rows of one operand ("own": query rows, or key rows for the column role) and
 # sweeps the other operand in BLOCK_N tiles. Each step builds the tile c = <own, other> r r' with one
@@ -37,11 +38,11 @@ from . import interpreting
 from .row_softmax import NEG_INF as _NEG_INF_VALUE, finish_lse, fold_tile_lse, softplus
 
 NEG_INF = tl.constexpr(_NEG_INF_VALUE)  # jit code may only read constexpr globals
+# The `kind` values of the contract (reference/contrastive.py: Kind; tests/test_enums.py checks them).
 INFO_NCE = tl.constexpr(0)
 SUPCON = tl.constexpr(1)
 SIGLIP = tl.constexpr(2)
 NORM_EPS = tl.constexpr(1e-12)
-KIND_SUPCON = 1  # the host-side value of SUPCON
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,8 +197,8 @@ def _inv_norm_kernel(x_ptr, out_ptr, N, D, BLOCK_R: tl.constexpr, BLOCK_C: tl.co
 
 
 @triton.jit
-def _fwd_sweep(own_ptr, r_own_ptr, n_own, other_ptr, r_other_ptr, n_other, labels_ptr, scale, bias, start, D,
-               KIND: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _fwd_sweep(own_ptr, r_own_ptr, n_own, other_ptr, r_other_ptr, n_other, labels_ptr, logit_scale, logit_bias,
+               start, D, KIND: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_K: tl.constexpr, SINGLE_K: tl.constexpr, TO_F32: tl.constexpr, PRECISION: tl.constexpr):
     """One block of own rows against every other row: (lse, a, n) with a the diagonal z (InfoNCE), the
     positives' z sum (SupCon) or the softplus sum (SigLIP), and n the positive count (SupCon)."""
@@ -218,7 +219,7 @@ def _fwd_sweep(own_ptr, r_own_ptr, n_own, other_ptr, r_other_ptr, n_other, label
         r_other, unused = _inv_norms(r_other_ptr, other, n_other, NORMALIZE)
         gram = _gram_tile(own_ptr, own, n_own, own_tile, other_ptr, other, n_other, D, BLOCK_M, BLOCK_N, BLOCK_K,
                           SINGLE_K, TO_F32, PRECISION)
-        z = scale * _cosines(gram, r_own, r_other, NORMALIZE) + bias
+        z = logit_scale * _cosines(gram, r_own, r_other, NORMALIZE) + logit_bias
         valid = (other < n_other)[None, :] & (own < n_own)[:, None]
         same = own[:, None] == other[None, :]
         if KIND == INFO_NCE:
@@ -238,22 +239,22 @@ def _fwd_sweep(own_ptr, r_own_ptr, n_own, other_ptr, r_other_ptr, n_other, label
 
 @triton.jit
 def _contrastive_fwd_kernel(
-        q_ptr, k_ptr, labels_ptr, scale_ptr, bias_ptr, rq_ptr, rk_ptr, loss_ptr, stats_ptr, col_loss_ptr,
+        q_ptr, k_ptr, labels_ptr, logit_scale_ptr, logit_bias_ptr, rq_ptr, rk_ptr, loss_ptr, stats_ptr, col_loss_ptr,
         B, M, D, n_row_blocks,
         KIND: tl.constexpr, NORMALIZE: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_K: tl.constexpr, TO_F32: tl.constexpr,
         PRECISION: tl.constexpr):
     pid = tl.program_id(0)
-    scale = tl.load(scale_ptr)
-    bias = 0.0
+    logit_scale = tl.load(logit_scale_ptr)
+    logit_bias = 0.0
     if KIND == SIGLIP:
-        bias = tl.load(bias_ptr)
+        logit_bias = tl.load(logit_bias_ptr)
     if pid < n_row_blocks:
         start = pid * BLOCK_M
         rows = start + tl.arange(0, BLOCK_M)
         mask = rows < B
-        lse, a, n = _fwd_sweep(q_ptr, rq_ptr, B, k_ptr, rk_ptr, M, labels_ptr, scale, bias, start, D, KIND, NORMALIZE,
-                               BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K, TO_F32, PRECISION)
+        lse, a, n = _fwd_sweep(q_ptr, rq_ptr, B, k_ptr, rk_ptr, M, labels_ptr, logit_scale, logit_bias, start, D, KIND,
+                               NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K, TO_F32, PRECISION)
         if KIND == INFO_NCE:
             tl.store(loss_ptr + rows, lse - a, mask=mask)
             tl.store(stats_ptr + rows, lse, mask=mask)
@@ -269,8 +270,8 @@ def _contrastive_fwd_kernel(
             start = (pid - n_row_blocks) * BLOCK_M
             cols = start + tl.arange(0, BLOCK_M)
             mask = cols < B
-            lse, a, n = _fwd_sweep(k_ptr, rk_ptr, B, q_ptr, rq_ptr, B, labels_ptr, scale, bias, start, D, KIND,
-                                   NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K, TO_F32, PRECISION)
+            lse, a, n = _fwd_sweep(k_ptr, rk_ptr, B, q_ptr, rq_ptr, B, labels_ptr, logit_scale, logit_bias, start, D,
+                                   KIND, NORMALIZE, BLOCK_M, BLOCK_N, BLOCK_K, SINGLE_K, TO_F32, PRECISION)
             tl.store(col_loss_ptr + cols, lse - a, mask=mask)
             tl.store(stats_ptr + B + cols, lse, mask=mask)
 
@@ -286,8 +287,8 @@ def _mean_of_directions_kernel(loss_ptr, col_loss_ptr, B, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _bwd_block(grad_rows_ptr, own_ptr, r_own_ptr, n_own, other_ptr, r_other_ptr, n_other, labels_ptr, scale, bias,
-               stats_ptr, out_ptr, gcoef_ptr, start, dblock, B, D,
+def _bwd_block(grad_rows_ptr, own_ptr, r_own_ptr, n_own, other_ptr, r_other_ptr, n_other, labels_ptr, logit_scale,
+               logit_bias, stats_ptr, out_ptr, gcoef_ptr, start, dblock, B, D,
                IS_ROW: tl.constexpr, HAS_OUT: tl.constexpr, HAS_COEF: tl.constexpr, KIND: tl.constexpr,
                NORMALIZE: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_K: tl.constexpr, BLOCK_DG: tl.constexpr, SINGLE_K: tl.constexpr, TO_F32: tl.constexpr,
@@ -312,7 +313,7 @@ def _bwd_block(grad_rows_ptr, own_ptr, r_own_ptr, n_own, other_ptr, r_other_ptr,
         gram = _gram_tile(own_ptr, own, n_own, own_tile, other_ptr, other, n_other, D, BLOCK_M, BLOCK_N, BLOCK_K,
                           SINGLE_K, TO_F32, PRECISION)
         c = _cosines(gram, r_own, r_other, NORMALIZE)
-        z = scale * c + bias
+        z = logit_scale * c + logit_bias
         valid = (other < n_other)[None, :] & (own < n_own)[:, None]
         same = own[:, None] == other[None, :]
         g_oth, s0_oth, s1_oth, lab_oth = _index_stats(other, B, grad_rows_ptr, stats_ptr, labels_ptr, KIND, False)
@@ -329,7 +330,7 @@ def _bwd_block(grad_rows_ptr, own_ptr, r_own_ptr, n_own, other_ptr, r_other_ptr,
             norm_c += tl.sum(w * c, axis=1)
         if HAS_OUT:
             b = _load_tile(other_ptr, other, n_other, dg, D, GRAD_F32)
-            wb = w * (scale * r_other)[None, :]
+            wb = w * (logit_scale * r_other)[None, :]
             if not GRAD_F32:
                 wb = wb.to(other_ptr.dtype.element_ty)
             acc = tl.dot(wb, b, acc, input_precision=GRAD_PRECISION)
@@ -337,7 +338,7 @@ def _bwd_block(grad_rows_ptr, own_ptr, r_own_ptr, n_own, other_ptr, r_other_ptr,
     if HAS_OUT:
         if NORMALIZE:  # r (sum_j W s r' k_j - (sum_j W s c) r q_i), the radial part only where |q_i| >= 1e-12
             own_dg = _load_tile(own_ptr, own, n_own, dg, D, True)
-            acc = r_own[:, None] * acc - (r_own * r_own_kept * scale * norm_c)[:, None] * own_dg
+            acc = r_own[:, None] * acc - (r_own * r_own_kept * logit_scale * norm_c)[:, None] * own_dg
         out_mask = mask[:, None] & (dg[None, :] < D)
         tl.store(out_ptr + own[:, None].to(tl.int64) * D + dg[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=out_mask)
@@ -349,30 +350,31 @@ def _bwd_block(grad_rows_ptr, own_ptr, r_own_ptr, n_own, other_ptr, r_other_ptr,
 
 @triton.jit
 def _contrastive_bwd_kernel(
-        grad_rows_ptr, q_ptr, k_ptr, labels_ptr, scale_ptr, bias_ptr, stats_ptr, rq_ptr, rk_ptr, gq_ptr, gk_ptr,
-        gcoef_ptr, B, M, D, n_row_blocks,
+        grad_rows_ptr, q_ptr, k_ptr, labels_ptr, logit_scale_ptr, logit_bias_ptr, stats_ptr, rq_ptr, rk_ptr, gq_ptr,
+        gk_ptr, gcoef_ptr, B, M, D, n_row_blocks,
         KIND: tl.constexpr, NORMALIZE: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_GQ: tl.constexpr,
         HAS_COEF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_DG: tl.constexpr, SINGLE_K: tl.constexpr, TO_F32: tl.constexpr, PRECISION: tl.constexpr,
         GRAD_F32: tl.constexpr, GRAD_PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     dblock = tl.program_id(1)
-    scale = tl.load(scale_ptr)
-    bias = 0.0
+    logit_scale = tl.load(logit_scale_ptr)
+    logit_bias = 0.0
     if KIND == SIGLIP:
-        bias = tl.load(bias_ptr)
+        logit_bias = tl.load(logit_bias_ptr)
     if pid < n_row_blocks:
         # Without grad_query only the grad_coef partials are wanted: one feature block computes them.
         row_block_works = dblock == 0
         if HAS_GQ:
             row_block_works = dblock >= 0
         if row_block_works:
-            _bwd_block(grad_rows_ptr, q_ptr, rq_ptr, B, k_ptr, rk_ptr, M, labels_ptr, scale, bias, stats_ptr, gq_ptr,
-                       gcoef_ptr, pid * BLOCK_M, dblock, B, D, True, HAS_GQ, HAS_COEF, KIND, NORMALIZE, SYMMETRIC,
-                       BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_DG, SINGLE_K, TO_F32, PRECISION, GRAD_F32, GRAD_PRECISION)
+            _bwd_block(grad_rows_ptr, q_ptr, rq_ptr, B, k_ptr, rk_ptr, M, labels_ptr, logit_scale, logit_bias,
+                       stats_ptr, gq_ptr, gcoef_ptr, pid * BLOCK_M, dblock, B, D, True, HAS_GQ, HAS_COEF, KIND,
+                       NORMALIZE, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_DG, SINGLE_K, TO_F32, PRECISION,
+                       GRAD_F32, GRAD_PRECISION)
     else:
-        _bwd_block(grad_rows_ptr, k_ptr, rk_ptr, M, q_ptr, rq_ptr, B, labels_ptr, scale, bias, stats_ptr, gk_ptr,
-                   gcoef_ptr, (pid - n_row_blocks) * BLOCK_M, dblock, B, D, False, True, False, KIND, NORMALIZE,
+        _bwd_block(grad_rows_ptr, k_ptr, rk_ptr, M, q_ptr, rq_ptr, B, labels_ptr, logit_scale, logit_bias, stats_ptr,
+                   gk_ptr, gcoef_ptr, (pid - n_row_blocks) * BLOCK_M, dblock, B, D, False, True, False, KIND, NORMALIZE,
                    SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_DG, SINGLE_K, TO_F32, PRECISION, GRAD_F32,
                    GRAD_PRECISION)
 
@@ -404,7 +406,7 @@ def _dot_modes(dtype: torch.dtype, interpret: bool):
     return False, "ieee", False, "ieee"
 
 
-def contrastive_fwd(query, key, labels, scale, bias, loss, stats, kind, normalize, symmetric):
+def contrastive_fwd(query, key, labels, logit_scale, logit_bias, loss, stats, kind, normalize, symmetric):
     b, d = query.shape
     m = key.shape[0]
     if b == 0:
@@ -412,12 +414,12 @@ def contrastive_fwd(query, key, labels, scale, bias, loss, stats, kind, normaliz
     t = tiles_for(d)
     to_f32, precision, _, _ = _dot_modes(query.dtype, interpreting())
     rq = _inverse_norms(query, normalize, loss)
-    rk = rq if kind == KIND_SUPCON else _inverse_norms(key, normalize, loss)
+    rk = rq if kind == SUPCON.value else _inverse_norms(key, normalize, loss)
     n_row_blocks = triton.cdiv(b, t.m)
     n_col_blocks = n_row_blocks if symmetric else 0
     col_loss = torch.empty(b, dtype=torch.float32, device=query.device) if symmetric else loss
     _contrastive_fwd_kernel[(n_row_blocks + n_col_blocks,)](
-        query, key, loss if labels is None else labels, scale, bias, rq, rk, loss, stats, col_loss, b, m, d,
+        query, key, loss if labels is None else labels, logit_scale, logit_bias, rq, rk, loss, stats, col_loss, b, m, d,
         n_row_blocks, KIND=kind, NORMALIZE=bool(normalize), SYMMETRIC=bool(symmetric), BLOCK_M=t.m, BLOCK_N=t.n,
         BLOCK_K=t.k, SINGLE_K=t.single_k, TO_F32=to_f32, PRECISION=precision, num_warps=t.warps,
         num_stages=t.stages)
@@ -426,8 +428,8 @@ def contrastive_fwd(query, key, labels, scale, bias, loss, stats, kind, normaliz
         _mean_of_directions_kernel[(triton.cdiv(b, block),)](loss, col_loss, b, BLOCK=block)
 
 
-def contrastive_bwd(grad_rows, query, key, labels, scale, bias, stats, grad_query, grad_key, grad_coef, kind,
-                    normalize, symmetric):
+def contrastive_bwd(grad_rows, query, key, labels, logit_scale, logit_bias, stats, grad_query, grad_key, grad_coef,
+                    kind, normalize, symmetric):
     b, d = query.shape
     m = key.shape[0]
     has_gq, has_gk, has_coef = grad_query is not None, grad_key is not None, grad_coef is not None
@@ -440,13 +442,13 @@ def contrastive_bwd(grad_rows, query, key, labels, scale, bias, stats, grad_quer
     t = tiles_for(d)
     to_f32, precision, grad_f32, grad_precision = _dot_modes(query.dtype, interpreting())
     rq = _inverse_norms(query, normalize, grad_rows)
-    rk = rq if kind == KIND_SUPCON else _inverse_norms(key, normalize, grad_rows)
+    rk = rq if kind == SUPCON.value else _inverse_norms(key, normalize, grad_rows)
     n_row_blocks = triton.cdiv(b, t.m) if (has_gq or has_coef) else 0
     n_col_blocks = triton.cdiv(m, t.m) if has_gk else 0
     n_dblocks = triton.cdiv(d, t.dg) if (has_gq or has_gk) else 1
     placeholder = grad_rows
     _contrastive_bwd_kernel[(n_row_blocks + n_col_blocks, max(n_dblocks, 1))](
-        grad_rows, query, key, placeholder if labels is None else labels, scale, bias, stats, rq, rk,
+        grad_rows, query, key, placeholder if labels is None else labels, logit_scale, logit_bias, stats, rq, rk,
         grad_query if has_gq else query, grad_key if has_gk else key, grad_coef if has_coef else placeholder,
         b, m, d, n_row_blocks, KIND=kind, NORMALIZE=bool(normalize), SYMMETRIC=bool(symmetric), HAS_GQ=has_gq,
         HAS_COEF=has_coef, BLOCK_M=t.m, BLOCK_N=t.n, BLOCK_K=t.k, BLOCK_DG=t.dg, SINGLE_K=t.single_k,

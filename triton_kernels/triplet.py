@@ -17,7 +17,14 @@ import triton.language as tl
 from . import interpreting
 from .row_softmax import softplus
 
-KINDS = {"euclidean": 0, "squared_euclidean": 1, "cosine": 2}
+# The `distance` and `mining` values of the contract (reference/triplet.py: Distance, Mining;
+# tests/test_enums.py checks them).
+EUCLIDEAN = tl.constexpr(0)
+SQUARED_EUCLIDEAN = tl.constexpr(1)
+COSINE = tl.constexpr(2)
+BATCH_HARD = tl.constexpr(0)
+SEMI_HARD = tl.constexpr(1)
+BATCH_ALL = tl.constexpr(2)
 NO_INDEX = tl.constexpr(2147483647)  # jit code may read only constexpr globals
 # A Euclidean distance at most this had its Gram clamp active: no gradient (ops/triplet.py's CLAMPED_EUCLIDEAN).
 CLAMPED_EUCLIDEAN = tl.constexpr(1.000001e-6)
@@ -69,28 +76,28 @@ def _fold_best(best_v, best_i, d, cand, cols, LARGEST: tl.constexpr):
 
 
 @triton.jit
-def _tile_distances(dot, s_r, e_r, s_c, e_c, KIND: tl.constexpr, HAS_SCALE: tl.constexpr):
-    """Distances from the tile's dot products; e_* are the rows' squared norms (scaled)."""
-    if HAS_SCALE:
-        dot = dot * (s_r[:, None] * s_c[None, :])
-    if KIND == 2:
+def _tile_distances(dot, inv_r, e_r, inv_c, e_c, DISTANCE: tl.constexpr, HAS_INV_NORM: tl.constexpr):
+    """Distances from the tile's dot products; e_* are the rows' squared norms (times inv_*^2)."""
+    if HAS_INV_NORM:
+        dot = dot * (inv_r[:, None] * inv_c[None, :])
+    if DISTANCE == COSINE:
         return 1.0 - dot
     sq = _clamp_keep_nan(e_r[:, None] + e_c[None, :] - 2.0 * dot)
-    if KIND == 1:
+    if DISTANCE == SQUARED_EUCLIDEAN:
         return sq
     return tl.sqrt_rn(sq + 1e-12)
 
 
 @triton.jit
-def _mine_kernel(x_ptr, lab_ptr, sq_ptr, s_ptr, pi_ptr, pd_ptr, ni_ptr, nd_ptr, B, D,
-                 KIND: tl.constexpr, HAS_SCALE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+def _mine_kernel(x_ptr, lab_ptr, sq_ptr, inv_ptr, pi_ptr, pd_ptr, ni_ptr, nd_ptr, B, D,
+                 DISTANCE: tl.constexpr, HAS_INV_NORM: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < B
     rows64 = rows.to(tl.int64)
     lab_r = tl.load(lab_ptr + rows, mask=rmask, other=0)
-    s_r = tl.load(s_ptr + rows, mask=rmask, other=0.0) if HAS_SCALE else tl.full([BLOCK_M], 1.0, tl.float32)
-    e_r = tl.load(sq_ptr + rows, mask=rmask, other=0.0) * s_r * s_r
+    inv_r = tl.load(inv_ptr + rows, mask=rmask, other=0.0) if HAS_INV_NORM else tl.full([BLOCK_M], 1.0, tl.float32)
+    e_r = tl.load(sq_ptr + rows, mask=rmask, other=0.0) * inv_r * inv_r
     best_p = tl.full([BLOCK_M], float("-inf"), tl.float32)
     best_n = tl.full([BLOCK_M], float("inf"), tl.float32)
     arg_p = tl.full([BLOCK_M], NO_INDEX, tl.int32)
@@ -109,9 +116,9 @@ def _mine_kernel(x_ptr, lab_ptr, sq_ptr, s_ptr, pi_ptr, pd_ptr, ni_ptr, nd_ptr, 
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
-        s_c = tl.load(s_ptr + cols, mask=cmask, other=0.0) if HAS_SCALE else tl.full([BLOCK_N], 1.0, tl.float32)
-        e_c = tl.load(sq_ptr + cols, mask=cmask, other=0.0) * s_c * s_c
-        dist = _tile_distances(acc, s_r, e_r, s_c, e_c, KIND, HAS_SCALE)
+        inv_c = tl.load(inv_ptr + cols, mask=cmask, other=0.0) if HAS_INV_NORM else tl.full([BLOCK_N], 1.0, tl.float32)
+        e_c = tl.load(sq_ptr + cols, mask=cmask, other=0.0) * inv_c * inv_c
+        dist = _tile_distances(acc, inv_r, e_r, inv_c, e_c, DISTANCE, HAS_INV_NORM)
         lab_c = tl.load(lab_ptr + cols, mask=cmask, other=0)
         same = lab_r[:, None] == lab_c[None, :]
         valid = rmask[:, None] & cmask[None, :]
@@ -128,8 +135,8 @@ def _mine_kernel(x_ptr, lab_ptr, sq_ptr, s_ptr, pi_ptr, pd_ptr, ni_ptr, nd_ptr, 
 
 
 @triton.jit
-def _pair_grad_kernel(x_ptr, s_ptr, off_ptr, other_ptr, coef_ptr, gx_ptr, gs_ptr, B, D,
-                      HAS_SCALE: tl.constexpr, CENTERED: tl.constexpr, HAS_GX: tl.constexpr, HAS_GS: tl.constexpr,
+def _pair_grad_kernel(x_ptr, inv_ptr, off_ptr, other_ptr, coef_ptr, gx_ptr, ginv_ptr, B, D,
+                      HAS_INV_NORM: tl.constexpr, CENTERED: tl.constexpr, HAS_GX: tl.constexpr, HAS_GINV: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     # BLOCK_R rows side by side: step j adds each row's j-th entry (rows with fewer sit idle).
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -138,31 +145,31 @@ def _pair_grad_kernel(x_ptr, s_ptr, off_ptr, other_ptr, coef_ptr, gx_ptr, gs_ptr
     start = tl.load(off_ptr + rows, mask=rmask, other=0)
     count = tl.load(off_ptr + rows + 1, mask=rmask, other=0) - start
     longest = tl.max(count, axis=0)
-    s_r = tl.load(s_ptr + rows, mask=rmask, other=0.0) if HAS_SCALE else tl.full([BLOCK_R], 1.0, tl.float32)
+    inv_r = tl.load(inv_ptr + rows, mask=rmask, other=0.0) if HAS_INV_NORM else tl.full([BLOCK_R], 1.0, tl.float32)
     dot = tl.zeros([BLOCK_R], dtype=tl.float32)
     for k in range(0, D, BLOCK_D):
         ks = k + tl.arange(0, BLOCK_D)
         tile = rmask[:, None] & (ks < D)[None, :]
         x_r = tl.load(x_ptr + rows64[:, None] * D + ks[None, :], mask=tile, other=0.0).to(tl.float32)
-        v_r = x_r * s_r[:, None]
+        v_r = x_r * inv_r[:, None]
         g = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
         for j in range(0, longest):
             live = rmask & (j < count)
             o = tl.load(other_ptr + start + j, mask=live, other=0)
             c = tl.load(coef_ptr + start + j, mask=live, other=0.0)
-            s_o = tl.load(s_ptr + o, mask=live, other=0.0) if HAS_SCALE else tl.full([BLOCK_R], 1.0, tl.float32)
+            inv_o = tl.load(inv_ptr + o, mask=live, other=0.0) if HAS_INV_NORM else tl.full([BLOCK_R], 1.0, tl.float32)
             v_o = tl.load(x_ptr + o[:, None] * D + ks[None, :], mask=tile & live[:, None],
-                          other=0.0).to(tl.float32) * s_o[:, None]
+                          other=0.0).to(tl.float32) * inv_o[:, None]
             if CENTERED:
                 g += c[:, None] * (v_r - v_o)
             else:
                 g -= c[:, None] * v_o
         if HAS_GX:
-            tl.store(gx_ptr + rows64[:, None] * D + ks[None, :], (g * s_r[:, None]).to(gx_ptr.dtype.element_ty),
+            tl.store(gx_ptr + rows64[:, None] * D + ks[None, :], (g * inv_r[:, None]).to(gx_ptr.dtype.element_ty),
                      mask=tile)
         dot += tl.sum(x_r * g, axis=1)
-    if HAS_GS:
-        tl.store(gs_ptr + rows, dot, mask=rmask)
+    if HAS_GINV:
+        tl.store(ginv_ptr + rows, dot, mask=rmask)
 
 
 def _mine_config(dtype):
@@ -174,7 +181,7 @@ def _mine_config(dtype):
     return 128, 128, 64, 8, 3, False, "tf32"
 
 
-def triplet_mine(x, labels, scale, distance, pos_index, pos_dist, neg_index, neg_dist):
+def triplet_mine(x, labels, inv_norm, distance, pos_index, pos_dist, neg_index, neg_dist):
     """The mining op (contract: lossforge_kernels/ops/triplet.py, checked there)."""
     n, d = x.shape
     if n == 0:
@@ -183,25 +190,25 @@ def triplet_mine(x, labels, scale, distance, pos_index, pos_dist, neg_index, neg
     block_d = min(triton.next_power_of_2(max(d, 1)), 256)
     _row_sq_norm_kernel[(triton.cdiv(n, 16),)](x, sq, n, d, BLOCK_R=16, BLOCK_D=block_d, num_warps=4)
     bm, bn, bk, warps, stages, upcast, precision = _mine_config(x.dtype)
-    has_scale = scale is not None
+    has_inv_norm = inv_norm is not None
     _mine_kernel[(triton.cdiv(n, bm),)](
-        x, labels, sq, scale if has_scale else sq, pos_index, pos_dist, neg_index, neg_dist, n, d,
-        KIND=KINDS[distance], HAS_SCALE=has_scale, DOT_F32=upcast, PRECISION=precision,
+        x, labels, sq, inv_norm if has_inv_norm else sq, pos_index, pos_dist, neg_index, neg_dist, n, d,
+        DISTANCE=distance, HAS_INV_NORM=has_inv_norm, DOT_F32=upcast, PRECISION=precision,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
 
 
-def triplet_pair_grad(x, scale, offsets, others, coef, centered, grad_x, grad_scale):
+def triplet_pair_grad(x, inv_norm, offsets, others, coef, centered, grad_x, grad_inv_norm):
     """The pair-gradient op (contract: lossforge_kernels/ops/triplet.py, checked there)."""
     n, d = x.shape
-    if n == 0 or (grad_x is None and grad_scale is None):
+    if n == 0 or (grad_x is None and grad_inv_norm is None):
         return
-    has_scale = scale is not None
+    has_inv_norm = inv_norm is not None
     block_r = 32 if interpreting() else 8
     block_d = min(triton.next_power_of_2(max(d, 1)), 512)
     _pair_grad_kernel[(triton.cdiv(n, block_r),)](
-        x, scale if has_scale else coef, offsets, others, coef, x if grad_x is None else grad_x,
-        coef if grad_scale is None else grad_scale, n, d, HAS_SCALE=has_scale, CENTERED=bool(centered),
-        HAS_GX=grad_x is not None, HAS_GS=grad_scale is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
+        x, inv_norm if has_inv_norm else coef, offsets, others, coef, x if grad_x is None else grad_x,
+        coef if grad_inv_norm is None else grad_inv_norm, n, d, HAS_INV_NORM=has_inv_norm, CENTERED=bool(centered),
+        HAS_GX=grad_x is not None, HAS_GINV=grad_inv_norm is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
 
 
 # ---- semi_hard and batch_all: per anchor row of a C x B Gram block ----------------------------
@@ -215,25 +222,25 @@ def triplet_pair_grad(x, scale, offsets, others, coef, centered, grad_x, grad_sc
 
 
 @triton.jit
-def _block_distances(gram_ptr, sq_ptr, s_ptr, rows64, rmask, cols, cmask, s_r, e_r, B,
-                     KIND: tl.constexpr, HAS_SCALE: tl.constexpr):
+def _block_distances(gram_ptr, sq_ptr, inv_ptr, rows64, rmask, cols, cmask, inv_r, e_r, B,
+                     DISTANCE: tl.constexpr, HAS_INV_NORM: tl.constexpr):
     """(BLOCK_R, cols) distances of the rows to the columns, from the Gram block."""
     tile = rmask[:, None] & cmask[None, :]
     dot = tl.load(gram_ptr + rows64[:, None] * B + cols[None, :], mask=tile, other=0.0)
     e_c = tl.load(sq_ptr + cols, mask=cmask, other=0.0)
-    s_c = 1.0
-    if HAS_SCALE:
-        s_c = tl.load(s_ptr + cols, mask=cmask, other=0.0)
-        e_c = e_c * s_c * s_c
-    return _tile_distances(dot, s_r, e_r, s_c, e_c, KIND, HAS_SCALE)
+    inv_c = 1.0
+    if HAS_INV_NORM:
+        inv_c = tl.load(inv_ptr + cols, mask=cmask, other=0.0)
+        e_c = e_c * inv_c * inv_c
+    return _tile_distances(dot, inv_r, e_r, inv_c, e_c, DISTANCE, HAS_INV_NORM)
 
 
 @triton.jit
-def _grad_factor(d, KIND: tl.constexpr):
+def _grad_factor(d, DISTANCE: tl.constexpr):
     """d(distance)/d(its Gram quantity) as the torch products apply it (see ops/triplet.py)."""
-    if KIND == 0:
+    if DISTANCE == EUCLIDEAN:
         return tl.where(d > CLAMPED_EUCLIDEAN, 1.0 / d, 0.0)
-    if KIND == 1:
+    if DISTANCE == SQUARED_EUCLIDEAN:
         return tl.where(d > 0.0, 2.0, 0.0)
     return tl.where(d == d, 1.0, 1.0)
 
@@ -252,16 +259,16 @@ def _term_and_slope(gap, margin, SOFT: tl.constexpr):
 
 
 @triton.jit
-def _row_loss_kernel(gram_ptr, sq_ptr, s_ptr, lab_ptr, w_ptr, loss_ptr, count_ptr, coef_ptr, C, B, row0, margin,
-                     SEMI: tl.constexpr, SOFT: tl.constexpr, KIND: tl.constexpr, HAS_SCALE: tl.constexpr,
+def _row_loss_kernel(gram_ptr, sq_ptr, inv_ptr, lab_ptr, w_ptr, loss_ptr, count_ptr, coef_ptr, C, B, row0, margin,
+                     SEMI: tl.constexpr, SOFT: tl.constexpr, DISTANCE: tl.constexpr, HAS_INV_NORM: tl.constexpr,
                      HAS_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     local = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = local < C
     rows64 = local.to(tl.int64)
     anchor = row0 + local
     lab_r = tl.load(lab_ptr + anchor, mask=rmask, other=0)
-    s_r = tl.load(s_ptr + anchor, mask=rmask, other=0.0) if HAS_SCALE else tl.full([BLOCK_R], 1.0, tl.float32)
-    e_r = tl.load(sq_ptr + anchor, mask=rmask, other=0.0) * s_r * s_r
+    inv_r = tl.load(inv_ptr + anchor, mask=rmask, other=0.0) if HAS_INV_NORM else tl.full([BLOCK_R], 1.0, tl.float32)
+    e_r = tl.load(sq_ptr + anchor, mask=rmask, other=0.0) * inv_r * inv_r
     rw = tl.load(w_ptr + local, mask=rmask, other=0.0) if HAS_GRAD else tl.zeros([BLOCK_R], dtype=tl.float32)
     lanes = tl.arange(0, BLOCK_N)
     slots = tl.arange(0, BLOCK_P)
@@ -276,7 +283,8 @@ def _row_loss_kernel(gram_ptr, sq_ptr, s_ptr, lab_ptr, w_ptr, loss_ptr, count_pt
         neg = (lab_c[None, :] != lab_r[:, None]) & cmask[None, :] & rmask[:, None]
         n_neg += tl.sum(neg.to(tl.int32), axis=1)
         if SEMI:  # a NaN negative is the farthest (NaN over every number), and every pair's choice below
-            d = _block_distances(gram_ptr, sq_ptr, s_ptr, rows64, rmask, cols, cmask, s_r, e_r, B, KIND, HAS_SCALE)
+            d = _block_distances(gram_ptr, sq_ptr, inv_ptr, rows64, rmask, cols, cmask, inv_r, e_r, B, DISTANCE,
+                                 HAS_INV_NORM)
             far_v, far_i = _fold_best(far_v, far_i, d, neg, cols, True)
         if HAS_GRAD:
             tl.store(coef_ptr + rows64[:, None] * B + cols[None, :], tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32),
@@ -294,8 +302,8 @@ def _row_loss_kernel(gram_ptr, sq_ptr, s_ptr, lab_ptr, w_ptr, loss_ptr, count_pt
             & (n_neg > 0)[:, None]
         n_pos = tl.sum(pos.to(tl.int32), axis=1)
         if tl.max(n_pos, axis=0) > 0:
-            d_ap = _block_distances(gram_ptr, sq_ptr, s_ptr, rows64, rmask, p_cols, p_mask, s_r, e_r, B, KIND,
-                                    HAS_SCALE)
+            d_ap = _block_distances(gram_ptr, sq_ptr, inv_ptr, rows64, rmask, p_cols, p_mask, inv_r, e_r, B, DISTANCE,
+                                    HAS_INV_NORM)
             best_v = tl.full([BLOCK_R, BLOCK_P], float("inf"), tl.float32)  # semi_hard: nearest beyond d_ap
             best_i = tl.full([BLOCK_R, BLOCK_P], NO_INDEX, tl.int32)
             w_pos = tl.zeros([BLOCK_R, BLOCK_P], dtype=tl.float32)          # batch_all: d loss / d d_ap
@@ -304,8 +312,8 @@ def _row_loss_kernel(gram_ptr, sq_ptr, s_ptr, lab_ptr, w_ptr, loss_ptr, count_pt
                 cmask = cols < B
                 lab_c = tl.load(lab_ptr + cols, mask=cmask, other=0)
                 neg = (lab_c[None, :] != lab_r[:, None]) & cmask[None, :] & rmask[:, None]
-                d = _block_distances(gram_ptr, sq_ptr, s_ptr, rows64, rmask, cols, cmask, s_r, e_r, B, KIND,
-                                     HAS_SCALE)
+                d = _block_distances(gram_ptr, sq_ptr, inv_ptr, rows64, rmask, cols, cmask, inv_r, e_r, B, DISTANCE,
+                                     HAS_INV_NORM)
                 if SEMI:
                     beyond = neg[:, None, :] & (d[:, None, :] > d_ap[:, :, None])
                     d_b = tl.where(beyond, d[:, None, :], float("inf"))
@@ -326,7 +334,7 @@ def _row_loss_kernel(gram_ptr, sq_ptr, s_ptr, lab_ptr, w_ptr, loss_ptr, count_pt
                         at = coef_ptr + rows64[:, None] * B + cols[None, :]
                         old = tl.load(at, mask=neg, other=0.0)
                         w_neg = tl.sum(slope, axis=1) * rw[:, None]
-                        tl.store(at, old - w_neg * _grad_factor(d, KIND), mask=neg)
+                        tl.store(at, old - w_neg * _grad_factor(d, DISTANCE), mask=neg)
             p_at = coef_ptr + rows64[:, None] * B + p_cols[None, :]
             if SEMI:
                 found = (best_i != NO_INDEX) & (far_v == far_v)[:, None]
@@ -337,7 +345,7 @@ def _row_loss_kernel(gram_ptr, sq_ptr, s_ptr, lab_ptr, w_ptr, loss_ptr, count_pt
                 count += n_pos.to(tl.int64)
                 if HAS_GRAD:
                     w = tl.where(pos, slope * rw[:, None], 0.0)
-                    tl.store(p_at, w * _grad_factor(d_ap, KIND), mask=pos)
+                    tl.store(p_at, w * _grad_factor(d_ap, DISTANCE), mask=pos)
                     # a row's positives sharing a chosen negative add up first: one store per distinct column
                     shared = (chosen[:, :, None] == chosen[:, None, :]) & pos[:, None, :]
                     w_sum = tl.sum(tl.where(shared, w[:, None, :], 0.0), axis=2)
@@ -345,12 +353,12 @@ def _row_loss_kernel(gram_ptr, sq_ptr, s_ptr, lab_ptr, w_ptr, loss_ptr, count_pt
                     first = pos & (earlier == 0)
                     n_at = coef_ptr + rows64[:, None] * B + chosen
                     old = tl.load(n_at, mask=first, other=0.0)
-                    tl.store(n_at, old - w_sum * _grad_factor(d_an, KIND), mask=first)
+                    tl.store(n_at, old - w_sum * _grad_factor(d_an, DISTANCE), mask=first)
             else:
                 if SOFT:
                     count += n_pos.to(tl.int64) * n_neg.to(tl.int64)
                 if HAS_GRAD:
-                    tl.store(p_at, w_pos * rw[:, None] * _grad_factor(d_ap, KIND), mask=pos)
+                    tl.store(p_at, w_pos * rw[:, None] * _grad_factor(d_ap, DISTANCE), mask=pos)
             if HAS_GRAD:
                 tl.debug_barrier()  # the next group reads back the negatives' coefficients
     tl.store(loss_ptr + local, total, mask=rmask)
@@ -365,7 +373,7 @@ def _row_config():
     return 1, 16, 256, 4
 
 
-def triplet_row_loss(gram, sq, scale, labels, row0, mining, distance, margin, soft_margin, row_weight, loss, count,
+def triplet_row_loss(gram, sq, inv_norm, labels, row0, mining, distance, margin, soft_margin, row_weight, loss, count,
                      coef):
     """The row kernel op (contract: lossforge_kernels/ops/triplet.py, checked there)."""
     rows, n = gram.shape
@@ -374,7 +382,7 @@ def triplet_row_loss(gram, sq, scale, labels, row0, mining, distance, margin, so
     block_r, block_p, block_n, warps = _row_config()
     has_grad = coef is not None
     _row_loss_kernel[(triton.cdiv(rows, block_r),)](
-        gram, sq, scale if scale is not None else sq, labels, row_weight if has_grad else sq, loss, count,
-        coef if has_grad else gram, rows, n, row0, float(margin), SEMI=mining == "semi_hard", SOFT=bool(soft_margin),
-        KIND=KINDS[distance], HAS_SCALE=scale is not None, HAS_GRAD=has_grad, BLOCK_R=block_r, BLOCK_P=block_p,
-        BLOCK_N=block_n, num_warps=warps)
+        gram, sq, inv_norm if inv_norm is not None else sq, labels, row_weight if has_grad else sq, loss, count,
+        coef if has_grad else gram, rows, n, row0, float(margin), SEMI=mining == SEMI_HARD.value,
+        SOFT=bool(soft_margin), DISTANCE=distance, HAS_INV_NORM=inv_norm is not None, HAS_GRAD=has_grad,
+        BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps)

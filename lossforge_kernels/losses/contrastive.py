@@ -81,7 +81,6 @@ def info_nce(query, key, *, logit_scale=None, temperature=0.07, symmetric=True, 
                          f"{tuple(key.shape)}; pass symmetric=False to use extra keys as negatives")
     reduction = C.check_reduction(reduction)
     chosen = resolve_backend(backend, FAMILY, query)
-    scale = 1.0 / temperature if logit_scale is None else logit_scale
     autocast = AC.autocast_dtype(query)
     kernel = process_group is None and chosen != "reference" and query.shape[0] > 0
     with AC.off(query):
@@ -90,9 +89,11 @@ def info_nce(query, key, *, logit_scale=None, temperature=0.07, symmetric=True, 
             return dist_impl.info_nce(query, key, logit_scale, temperature=temperature, symmetric=symmetric,
                                       normalize=normalize, reduction=reduction, process_group=process_group,
                                       backend="auto" if backend == "auto" else "reference")
+        if logit_scale is None:
+            logit_scale = 1.0 / temperature
         if not kernel:
-            return ref.info_nce(query, key, scale, symmetric=symmetric, normalize=normalize, reduction=reduction)
-        tensors = (query.contiguous(), key.contiguous(), _kernel_scalar(scale, query))
+            return ref.info_nce(query, key, logit_scale, symmetric=symmetric, normalize=normalize, reduction=reduction)
+        tensors = (query.contiguous(), key.contiguous(), _kernel_scalar(logit_scale, query))
         return info_nce_kernels(tensors, dict(normalize=normalize, symmetric=symmetric), reduction=reduction,
                                 backend=chosen, out_dtype=AC.loss_dtype(autocast))
 
@@ -185,8 +186,8 @@ class InfoNCELoss(nn.Module):
         return self.log_logit_scale.exp().clamp(max=self.max_logit_scale)
 
     def forward(self, query, key):
-        scale = self.logit_scale() if self.learn_temperature else None
-        return info_nce(query, key, logit_scale=scale, temperature=self.temperature, symmetric=self.symmetric,
+        logit_scale = self.logit_scale() if self.learn_temperature else None
+        return info_nce(query, key, logit_scale=logit_scale, temperature=self.temperature, symmetric=self.symmetric,
                         normalize=self.normalize, reduction=self.reduction, process_group=self.process_group,
                         backend=self.backend)
 

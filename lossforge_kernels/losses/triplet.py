@@ -60,13 +60,14 @@ def triplet_loss(embeddings, labels, *, margin=0.2, mining="batch_hard", distanc
             return ref.triplet_loss(embeddings, labels, margin=margin, mining=mining, distance=distance,
                                     soft_margin=soft_margin, normalize=normalize, reduction=reduction)
         x = embeddings.contiguous()
-        tensors = (x, labels.to(torch.int64).contiguous(), kernels.row_scale(x, distance, normalize))
+        distance_id = ref.DISTANCE_IDS[distance]  # the kernel ops take the enums' values
+        tensors = (x, labels.to(torch.int64).contiguous(), kernels.row_inv_norm(x, distance_id, normalize))
         out_dtype = AC.loss_dtype(autocast)
         if mining == "batch_hard":
-            return kernels.triplet_kernels(tensors, dict(distance=distance, margin=margin, soft_margin=soft_margin),
+            return kernels.triplet_kernels(tensors, dict(distance=distance_id, margin=margin, soft_margin=soft_margin),
                                            reduction=reduction, backend=chosen, out_dtype=out_dtype)
-        return kernels.triplet_mined_kernels(tensors, dict(mining=mining, distance=distance, margin=margin,
-                                                           soft_margin=soft_margin, chunk_size=0),
+        return kernels.triplet_mined_kernels(tensors, dict(mining=ref.MINING_IDS[mining], distance=distance_id,
+                                                           margin=margin, soft_margin=soft_margin, chunk_size=0),
                                              reduction=reduction, backend=chosen, out_dtype=out_dtype)
 
 

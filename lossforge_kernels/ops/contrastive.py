@@ -1,17 +1,18 @@
 """Kernel ops of the contrastive family (InfoNCE / CLIP, SupCon, SigLIP) and their specs.
 
-One pair of kernel ops serves the three losses; `kind` picks the per-pair term. The (B, M)
-similarity matrix never exists in device memory: the kernels rebuild tiles of it on chip (Triton)
-or in bounded chunks (CUDA), in the forward and again in the backward.
+One pair of kernel ops serves the three losses; `kind` (reference/contrastive.py: Kind) picks the
+per-pair term. The (B, M) similarity matrix never exists in device memory: the kernels rebuild tiles
+of it on chip (Triton) or in bounded chunks (CUDA), in the forward and again in the backward.
 
 Kernel contract, the same for the Triton and the CUDA implementation:
 
-contrastive_fwd_<b>(query, key, labels, scale, bias, loss, stats, kind, normalize, symmetric) -> ()
+contrastive_fwd_<b>(query, key, labels, logit_scale, logit_bias, loss, stats, kind, normalize, symmetric) -> ()
   query    (B, D) fp32/fp16/bf16 contiguous; key (M, D) the same dtype and device, contiguous.
            kind SUPCON: key holds query's rows (the spec passes query itself; M == B).
   labels   (B,) int64 contiguous for SUPCON, else None.
-  scale    0-dim fp32 on the device: the logit multiplier s (read on the device, never on the host).
-  bias     0-dim fp32 on the device: SigLIP's b (read for SIGLIP only).
+  logit_scale  0-dim fp32 on the device: the logit multiplier s (read on the device, never on the host).
+  logit_bias   0-dim fp32 on the device: SigLIP's b (read for SIGLIP only).
+  kind     a Kind value (INFO_NCE 0, SUPCON 1, SIGLIP 2); any other int is refused.
   normalize  rows are divided by max(|row|, 1e-12) in fp32 inside the kernel (no normalised copy):
            r_i = 1 / max(|q_i|, 1e-12) (and likewise r'_j for key rows), else r = r' = 1.
   Pair terms, with c_ij = <q_i, k_j> r_i r'_j accumulated in fp32 and z_ij = s c_ij (+ b for SIGLIP):
@@ -30,7 +31,7 @@ contrastive_fwd_<b>(query, key, labels, scale, bias, loss, stats, kind, normaliz
            SIGLIP    left untouched.
   symmetric  INFO_NCE only; requires M == B.
 
-contrastive_bwd_<b>(grad_rows, query, key, labels, scale, bias, stats, grad_query, grad_key,
+contrastive_bwd_<b>(grad_rows, query, key, labels, logit_scale, logit_bias, stats, grad_query, grad_key,
                     grad_coef, kind, normalize, symmetric) -> ()
   grad_rows (B,) fp32 contiguous: g_i = d(total)/d(loss_i). With P_ij = exp(z_ij - stats[0, i]),
            the gradient of the total with respect to z_ij is
@@ -43,7 +44,7 @@ contrastive_bwd_<b>(grad_rows, query, key, labels, scale, bias, stats, grad_quer
            both roles of a row (as query and as key) here, but only the anchor role in grad_coef.
   grad_key out (M, D) in key's dtype, or None (always None for SUPCON).
   grad_coef out (2, B) fp32 contiguous, or None: per-row partial sums [sum_j dZ_ij c_ij,
-           sum_j dZ_ij]; the scale's gradient is the sum of row 0, the bias's of row 1.
+           sum_j dZ_ij]; logit_scale's gradient is the sum of row 0, logit_bias's of row 1.
   Every output is overwritten, not accumulated, and reduced in a fixed order: no floating-point
   atomics, so a call's result does not change from run to run.
   Half-precision gradients: the pair weights s dZ_ij r'_j are about s / B^2 under 'mean' (below fp16's
@@ -55,14 +56,14 @@ from __future__ import annotations
 
 import torch
 
+from ..reference.contrastive import Kind
 from ._labels import class_sizes
 from ._library import KernelOp
 from .builder import FusedLoss, build
 
 F32 = torch.float32
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-INFO_NCE, SUPCON, SIGLIP = 0, 1, 2
-KINDS = (INFO_NCE, SUPCON, SIGLIP)
+INFO_NCE, SUPCON, SIGLIP = Kind  # the kernel ops' `kind` values
 
 
 def _fail(op, message, exc=ValueError):
@@ -84,10 +85,14 @@ def _check_vector(op, name, t, shape, like, dtype=F32):
                   f"{tuple(t.shape)}, dtype {t.dtype} on {t.device}")
 
 
-def check_inputs(op, query, key, labels, scale, bias, kind, symmetric):
+def _check_kind(op, kind):
+    if kind not in {int(k) for k in Kind}:
+        _fail(op, f"kind must be one of {', '.join(f'{int(k)} ({k.name})' for k in Kind)}, got {kind!r}")
+
+
+def check_inputs(op, query, key, labels, logit_scale, logit_bias, kind, symmetric):
     """The contract both ops share (see the module docstring)."""
-    if kind not in KINDS:
-        _fail(op, f"kind must be one of {KINDS}, got {kind}")
+    _check_kind(op, kind)
     _check_matrix(op, "query", query)
     _check_matrix(op, "key", key, like=query)
     b, m = query.shape[0], key.shape[0]
@@ -102,22 +107,23 @@ def check_inputs(op, query, key, labels, scale, bias, kind, symmetric):
     elif labels is not None:
         _fail(op, "labels are for kind SUPCON only")
     if symmetric and (kind != INFO_NCE or m != b):
-        _fail(op, f"symmetric needs kind INFO_NCE and as many keys as queries, got kind {kind}, B={b}, M={m}")
-    _check_vector(op, "scale", scale, (), query)
-    _check_vector(op, "bias", bias, (), query)
+        _fail(op, f"symmetric needs kind INFO_NCE and as many keys as queries, got kind {Kind(kind).name}, B={b}, "
+                  f"M={m}")
+    _check_vector(op, "logit_scale", logit_scale, (), query)
+    _check_vector(op, "logit_bias", logit_bias, (), query)
 
 
-def _check_fwd(query, key, labels, scale, bias, loss, stats, kind, normalize, symmetric):
+def _check_fwd(query, key, labels, logit_scale, logit_bias, loss, stats, kind, normalize, symmetric):
     op = "contrastive_fwd"
-    check_inputs(op, query, key, labels, scale, bias, kind, symmetric)
+    check_inputs(op, query, key, labels, logit_scale, logit_bias, kind, symmetric)
     _check_vector(op, "loss", loss, (query.shape[0],), query)
     _check_vector(op, "stats", stats, (2, query.shape[0]), query)
 
 
-def _check_bwd(grad_rows, query, key, labels, scale, bias, stats, grad_query, grad_key, grad_coef, kind, normalize,
-               symmetric):
+def _check_bwd(grad_rows, query, key, labels, logit_scale, logit_bias, stats, grad_query, grad_key, grad_coef, kind,
+               normalize, symmetric):
     op = "contrastive_bwd"
-    check_inputs(op, query, key, labels, scale, bias, kind, symmetric)
+    check_inputs(op, query, key, labels, logit_scale, logit_bias, kind, symmetric)
     b = query.shape[0]
     _check_vector(op, "grad_rows", grad_rows, (b,), query)
     _check_vector(op, "stats", stats, (2, b), query)
@@ -132,16 +138,16 @@ def _check_bwd(grad_rows, query, key, labels, scale, bias, stats, grad_query, gr
 
 FWD = KernelOp(
     "contrastive_fwd",
-    "(Tensor query, Tensor key, Tensor? labels, Tensor scale, Tensor bias, Tensor(a!) loss, Tensor(b!) stats,"
-    " int kind, bool normalize, bool symmetric) -> ()",
+    "(Tensor query, Tensor key, Tensor? labels, Tensor logit_scale, Tensor logit_bias, Tensor(a!) loss,"
+    " Tensor(b!) stats, int kind, bool normalize, bool symmetric) -> ()",
     lambda *args: None,
     _check_fwd,
 )
 BWD = KernelOp(
     "contrastive_bwd",
-    "(Tensor grad_rows, Tensor query, Tensor key, Tensor? labels, Tensor scale, Tensor bias, Tensor stats,"
-    " Tensor(a!)? grad_query, Tensor(b!)? grad_key, Tensor(c!)? grad_coef, int kind, bool normalize,"
-    " bool symmetric) -> ()",
+    "(Tensor grad_rows, Tensor query, Tensor key, Tensor? labels, Tensor logit_scale, Tensor logit_bias,"
+    " Tensor stats, Tensor(a!)? grad_query, Tensor(b!)? grad_key, Tensor(c!)? grad_coef, int kind,"
+    " bool normalize, bool symmetric) -> ()",
     lambda *args: None,
     _check_bwd,
 )
@@ -158,27 +164,30 @@ BWD.implement_triton(lambda *args: _triton().contrastive_bwd(*args))
 
 
 # ---- the three losses' specs for the op builder -------------------------------------------------
-# Each spec only maps its tensors onto the shared kernel ops: logit scale and bias are 0-dim fp32
+# Each spec only maps its tensors onto the shared kernel ops: logit_scale and logit_bias are 0-dim fp32
 # device tensors (the public layer turns floats into them), so no value is ever read on the host.
 
-def _run_forward(backend, query, key, labels, scale, bias, kind, normalize, symmetric):
+def _run_forward(backend, query, key, labels, logit_scale, logit_bias, kind, normalize, symmetric):
     b = query.shape[0]
     loss = query.new_empty(b, dtype=F32)
     # Rows of stats the kernel leaves untouched are zeros: the rows op returns them (as saved tensors).
     writes_all = kind == SUPCON or (kind == INFO_NCE and symmetric)
     stats = query.new_empty(2, b, dtype=F32) if writes_all else query.new_zeros(2, b, dtype=F32)
-    FWD[backend](query, key, labels, scale, bias, loss, stats, kind=kind, normalize=normalize, symmetric=symmetric)
+    FWD[backend](query, key, labels, logit_scale, logit_bias, loss, stats, kind=kind, normalize=normalize,
+                 symmetric=symmetric)
     return loss, stats
 
 
-def _run_backward(backend, grad_rows, query, key, labels, scale, bias, stats, grads, kind, normalize, symmetric):
-    """grads: [query, key, scale, bias] buffers (None where not wanted); the scale's and bias's
-    gradients are sums of the kernel's per-row partials."""
-    grad_q, grad_k, grad_s, grad_b = grads
-    coef = None if grad_s is None and grad_b is None else query.new_empty(2, query.shape[0], dtype=F32)
-    BWD[backend](grad_rows.to(F32).contiguous(), query, key, labels, scale, bias, stats, grad_q, grad_k, coef,
-                 kind=kind, normalize=normalize, symmetric=symmetric)
-    for row, grad in enumerate((grad_s, grad_b)):
+def _run_backward(backend, grad_rows, query, key, labels, logit_scale, logit_bias, stats, grads, kind, normalize,
+                  symmetric):
+    """grads: [query, key, logit_scale, logit_bias] buffers (None where not wanted); the gradients of
+    logit_scale and logit_bias are sums of the kernel's per-row partials."""
+    grad_q, grad_k, grad_logit_scale, grad_logit_bias = grads
+    wants_coef = grad_logit_scale is not None or grad_logit_bias is not None
+    coef = query.new_empty(2, query.shape[0], dtype=F32) if wants_coef else None
+    BWD[backend](grad_rows.to(F32).contiguous(), query, key, labels, logit_scale, logit_bias, stats, grad_q, grad_k,
+                 coef, kind=kind, normalize=normalize, symmetric=symmetric)
+    for row, grad in enumerate((grad_logit_scale, grad_logit_bias)):
         if grad is not None:
             torch.sum(coef[row], dim=0, out=grad)
 
@@ -196,15 +205,15 @@ def _finish(loss, stats, reduce):
     return (loss.sum() if reduce else loss), (stats,)
 
 
-# InfoNCE / CLIP: tensors (query, key, logit_scale), the scale a 0-dim fp32 tensor.
+# InfoNCE / CLIP: tensors (query, key, logit_scale), logit_scale a 0-dim fp32 tensor.
 
 def _info_nce_forward(backend, tensors, params, grads, grad_factor, reduce):
     query, key, logit_scale = tensors
-    bias = _zero(query)
-    loss, stats = _run_forward(backend, query, key, None, logit_scale, bias, INFO_NCE, params.normalize,
+    logit_bias = _zero(query)
+    loss, stats = _run_forward(backend, query, key, None, logit_scale, logit_bias, INFO_NCE, params.normalize,
                                params.symmetric)
     if grads is not None:
-        _run_backward(backend, _uniform_rows(grad_factor, query.shape[0]), query, key, None, logit_scale, bias,
+        _run_backward(backend, _uniform_rows(grad_factor, query.shape[0]), query, key, None, logit_scale, logit_bias,
                       stats, [*grads, None], INFO_NCE, params.normalize, params.symmetric)
     return _finish(loss, stats, reduce)
 
@@ -250,12 +259,12 @@ def _supcon_logit_scale(features, params):
 
 def _supcon_forward(backend, tensors, params, grads, grad_factor, reduce):
     features, labels = tensors
-    logit_scale, bias = _supcon_logit_scale(features, params), _zero(features)
-    loss, stats = _run_forward(backend, features, features, labels, logit_scale, bias, SUPCON, params.normalize,
-                               False)
+    logit_scale, logit_bias = _supcon_logit_scale(features, params), _zero(features)
+    loss, stats = _run_forward(backend, features, features, labels, logit_scale, logit_bias, SUPCON,
+                               params.normalize, False)
     if grads is not None:
         rows = _supcon_rows_grad(_uniform_rows(grad_factor, features.shape[0]), stats)
-        _run_backward(backend, rows, features, features, labels, logit_scale, bias, stats,
+        _run_backward(backend, rows, features, features, labels, logit_scale, logit_bias, stats,
                       [grads[0], None, None, None], SUPCON, params.normalize, False)
     return _finish(loss, stats, reduce)
 

@@ -148,7 +148,7 @@ BWD.implement_triton(lambda *args: _triton().cross_entropy_bwd(*args))
 
 # ---- the family's spec for the op builder ------------------------------------------------------
 
-def kernel_options(p) -> dict:
+def scalar_options(p) -> dict:
     """The kernels' scalar options by name, from cross-entropy's named options (or linear
     cross-entropy's, which include them)."""
     return dict(ignore_index=p.ignore_index, label_smoothing=p.label_smoothing, z_loss=p.z_loss, softcap=p.softcap,
@@ -161,14 +161,14 @@ def _forward(backend, tensors, params, grads, grad_factor, reduce):
     loss = torch.empty(rows, device=logits.device, dtype=F32)
     stats = torch.empty(rows, 4, device=logits.device, dtype=F32)
     FWD[backend](logits, target, weight, weight_sum, alpha, grad_factor, loss, stats,
-                 None if grads is None else grads[0], **kernel_options(params))
+                 None if grads is None else grads[0], **scalar_options(params))
     return (loss.sum() if reduce else loss), (stats,)
 
 
 def _backward(backend, grad_rows, tensors, saved, params, grads):
     logits, target, weight, weight_sum, alpha = tensors
     BWD[backend](grad_rows.reshape(-1).to(F32).contiguous(), logits, target, weight, weight_sum, alpha, saved[0],
-                 grads[0], **kernel_options(params))
+                 grads[0], **scalar_options(params))
 
 
 def mean_divisor_of(tensors, params):

@@ -39,7 +39,7 @@ def _forward(backend, tensors, params, grads, grad_factor, reduce):
     stats = torch.empty(n, 4, device=x.device, dtype=F32)
     chunks = Chunks(x, weight, bias, params.chunk_size)
     sink = None if grads is None else Gradients(grads, weight, params.fp32_weight_grad)
-    fwd, options = ce.FWD[backend], ce.kernel_options(params)
+    fwd, options = ce.FWD[backend], ce.scalar_options(params)
     for start, stop, logits in chunks:
         # with a gradient, the kernel writes d(loss)/d(logits) over the logits it has read
         fwd(logits, *_ce_tensors(tensors, start, stop), grad_factor, rows[start:stop], stats[start:stop],
@@ -57,7 +57,7 @@ def _backward(backend, grad_rows, tensors, saved, params, grads):
     chunks = Chunks(x, weight, bias, params.chunk_size, buffers=2)  # the backward kernel writes a buffer of its own
     dlogits = torch.empty_like(chunks.buffer)
     sink = Gradients(grads, weight, params.fp32_weight_grad)
-    bwd, options = ce.BWD[backend], ce.kernel_options(params)
+    bwd, options = ce.BWD[backend], ce.scalar_options(params)
     for start, stop, logits in chunks:
         grad = dlogits[:stop - start]
         bwd(grad_rows[start:stop], logits, *_ce_tensors(tensors, start, stop), saved[0][start:stop], grad, **options)

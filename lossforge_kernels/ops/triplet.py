@@ -6,26 +6,31 @@ farthest positive and nearest negative over tiles of the Gram matrix, and a pair
 turns the 2B mined (anchor, other) pairs into the embeddings' gradient. The per-anchor loss and
 its derivative w.r.t. the two mined distances are (B,) torch ops between them.
 
-Normalisation (normalize=True, and always for cosine) enters as a per-row fp32 scale s (the rows
-are v = s x, s = 1 / max(|x|, 1e-12), computed by torch with autograd): the kernels see x in its
-own dtype and s, and differentiate both, so torch's autograd carries the scale's share back to x.
+Normalisation (normalize=True, and always for cosine) enters as a per-row fp32 inverse norm
+inv_norm (the rows are v = inv_norm * x, inv_norm = 1 / max(|x|, 1e-12), computed by torch with
+autograd): the kernels see x in its own dtype and inv_norm, and differentiate both, so torch's
+autograd carries inv_norm's share back to x.
+
+The options travel as the values of reference/triplet.py's enums: `distance` a Distance (EUCLIDEAN 0,
+SQUARED_EUCLIDEAN 1, COSINE 2), `mining` a Mining (BATCH_HARD 0, SEMI_HARD 1, BATCH_ALL 2); the public
+layer turns the public names ('cosine', 'semi_hard') into them once, and any other int is refused.
 
 Kernel contract, the same for the Triton and the CUDA implementation (B rows, D features):
 
-triplet_mine_<b>(x, labels, scale, distance, pos_index, pos_dist, neg_index, neg_dist) -> ()
+triplet_mine_<b>(x, labels, inv_norm, distance, pos_index, pos_dist, neg_index, neg_dist) -> ()
   x        (B, D) contiguous fp32/fp16/bf16; labels (B,) contiguous int64 on x's device
-  scale    None, or (B,) contiguous fp32: the rows are scale[i] * x[i] (required for cosine)
-  distance 'euclidean', 'squared_euclidean' or 'cosine', in fp32 from the Gram form
+  inv_norm None, or (B,) contiguous fp32: the rows are inv_norm[i] * x[i] (required for COSINE)
+  distance a Distance: EUCLIDEAN, SQUARED_EUCLIDEAN or COSINE, in fp32 from the Gram form
            (squared: max(|a|^2 + |b|^2 - 2 a.b, 0); euclidean: sqrt(squared + 1e-12); cosine: 1 - a.b)
   writes per anchor the index (int64, -1 when there is none) and fp32 distance (0 when none) of its
            farthest positive (same label, other row) and nearest negative (other label); ties go
            to the smallest index, and a NaN distance is chosen over any number (the first NaN
            column), as torch's argmax/argmin choose; a candidate at +inf counts.
-triplet_pair_grad_<b>(x, scale, offsets, others, coef, centered, grad_x, grad_scale) -> ()
-  x, scale as above; offsets (B + 1,) int64 with offsets[0] = 0, non-decreasing, offsets[B] = E;
+triplet_pair_grad_<b>(x, inv_norm, offsets, others, coef, centered, grad_x, grad_inv_norm) -> ()
+  x, inv_norm as above; offsets (B + 1,) int64 with offsets[0] = 0, non-decreasing, offsets[B] = E;
   others (E,) int64 in [0, B), coef (E,) fp32: row r's entries are offsets[r] .. offsets[r + 1].
   With g_r = sum over r's entries e, in order, of coef[e] * (centered * v_r - v_others[e]) in fp32,
-  writes grad_x[r] = scale[r] * g_r (g_r without a scale) in x's dtype and grad_scale[r] = x_r . g_r
+  writes grad_x[r] = inv_norm[r] * g_r (g_r without inv_norm) in x's dtype and grad_inv_norm[r] = x_r . g_r
   (fp32, (B,)); either output may be None.
 """
 from __future__ import annotations
@@ -34,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ..reference import triplet as ref
+from ..reference.triplet import Distance, Mining
 from ._chunks import chunk_rows, fp32_out_products
 from ._labels import class_sizes
 from .._backends import usable
@@ -42,7 +48,7 @@ from .builder import FusedLoss, build
 
 F32, I64 = torch.float32, torch.int64
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-PARAMS = ("str distance", "float margin", "bool soft_margin")
+PARAMS = ("int distance", "float margin", "bool soft_margin")
 # A Euclidean distance at most this is sqrt(0 + 1e-12): the clamp was active, so no gradient flows
 # (one fp32 ulp of slack for an approximate square root).
 CLAMPED_EUCLIDEAN = 1.000001e-6
@@ -58,21 +64,30 @@ def _check_vector(op, name, t, like, n, dtype):
                   f"{tuple(t.shape)}, dtype {t.dtype}, strides {t.stride()} on {t.device}")
 
 
-def _check_rows(op, x, scale):
+def _check_choice(op, name, value, choices):
+    """value must be one of `choices` (enum members), compared as ints: the kernel ops take their values."""
+    if value not in {int(c) for c in choices}:
+        _fail(op, f"{name} must be one of {', '.join(f'{int(c)} ({c.name})' for c in choices)}, got {value!r}")
+
+
+def _check_distance(op, distance, inv_norm):
+    _check_choice(op, "distance", distance, tuple(Distance))
+    if distance == Distance.COSINE and inv_norm is None:
+        _fail(op, "cosine distances need inv_norm (the rows' 1 / max(|x|, eps))")
+
+
+def _check_rows(op, x, inv_norm):
     if x.dim() != 2 or x.dtype not in KERNEL_DTYPES or not x.is_contiguous():
         _fail(op, f"x must be a contiguous 2-D fp32/fp16/bf16 tensor, got shape {tuple(x.shape)}, dtype {x.dtype} "
                   f"and strides {x.stride()}")
-    if scale is not None:
-        _check_vector(op, "scale", scale, x, x.shape[0], F32)
+    if inv_norm is not None:
+        _check_vector(op, "inv_norm", inv_norm, x, x.shape[0], F32)
 
 
-def _check_mine(x, labels, scale, distance, pos_index, pos_dist, neg_index, neg_dist):
+def _check_mine(x, labels, inv_norm, distance, pos_index, pos_dist, neg_index, neg_dist):
     op = "triplet_mine"
-    _check_rows(op, x, scale)
-    if distance not in ref.DISTANCES:
-        _fail(op, f"distance must be one of {ref.DISTANCES}, got {distance!r}")
-    if distance == "cosine" and scale is None:
-        _fail(op, "cosine distances need the rows' scale (1 / their norm)")
+    _check_rows(op, x, inv_norm)
+    _check_distance(op, distance, inv_norm)
     n = x.shape[0]
     _check_vector(op, "labels", labels, x, n, I64)
     for name, t, dtype in (("pos_index", pos_index, I64), ("pos_dist", pos_dist, F32), ("neg_index", neg_index, I64),
@@ -80,9 +95,9 @@ def _check_mine(x, labels, scale, distance, pos_index, pos_dist, neg_index, neg_
         _check_vector(op, name, t, x, n, dtype)
 
 
-def _check_pair_grad(x, scale, offsets, others, coef, centered, grad_x, grad_scale):
+def _check_pair_grad(x, inv_norm, offsets, others, coef, centered, grad_x, grad_inv_norm):
     op = "triplet_pair_grad"
-    _check_rows(op, x, scale)
+    _check_rows(op, x, inv_norm)
     _check_vector(op, "offsets", offsets, x, x.shape[0] + 1, I64)
     _check_vector(op, "others", others, x, others.shape[0] if others.dim() == 1 else -1, I64)
     _check_vector(op, "coef", coef, x, others.shape[0], F32)
@@ -90,23 +105,23 @@ def _check_pair_grad(x, scale, offsets, others, coef, centered, grad_x, grad_sca
                                or grad_x.device != x.device):
         _fail(op, f"grad_x must be contiguous like x {tuple(x.shape)} {x.dtype} on {x.device}, got shape "
                   f"{tuple(grad_x.shape)}, dtype {grad_x.dtype} on {grad_x.device}")
-    if grad_scale is not None:
-        if scale is None:
-            _fail(op, "grad_scale needs a scale")
-        _check_vector(op, "grad_scale", grad_scale, x, x.shape[0], F32)
+    if grad_inv_norm is not None:
+        if inv_norm is None:
+            _fail(op, "grad_inv_norm needs inv_norm")
+        _check_vector(op, "grad_inv_norm", grad_inv_norm, x, x.shape[0], F32)
 
 
 MINE = KernelOp(
     "triplet_mine",
-    "(Tensor x, Tensor labels, Tensor? scale, str distance, Tensor(a!) pos_index, Tensor(b!) pos_dist,"
+    "(Tensor x, Tensor labels, Tensor? inv_norm, int distance, Tensor(a!) pos_index, Tensor(b!) pos_dist,"
     " Tensor(c!) neg_index, Tensor(d!) neg_dist) -> ()",
     lambda *args: None,
     _check_mine,
 )
 PAIR_GRAD = KernelOp(
     "triplet_pair_grad",
-    "(Tensor x, Tensor? scale, Tensor offsets, Tensor others, Tensor coef, bool centered, Tensor(a!)? grad_x,"
-    " Tensor(b!)? grad_scale) -> ()",
+    "(Tensor x, Tensor? inv_norm, Tensor offsets, Tensor others, Tensor coef, bool centered, Tensor(a!)? grad_x,"
+    " Tensor(b!)? grad_inv_norm) -> ()",
     lambda *args: None,
     _check_pair_grad,
 )
@@ -124,15 +139,16 @@ PAIR_GRAD.implement_triton(lambda *args: _triton().triplet_pair_grad(*args))
 
 # ---- torch between the kernels: O(B) work, no host sync ----------------------------------------
 
-def row_scale(x: torch.Tensor, distance: str, normalize: bool) -> torch.Tensor | None:
-    """The fp32 per-row factor the kernels apply (None: rows as they are), differentiable in x."""
-    if distance != "cosine" and not normalize:
+def row_inv_norm(x: torch.Tensor, distance: int, normalize: bool) -> torch.Tensor | None:
+    """The fp32 per-row inverse norm the kernels apply (None: rows as they are), differentiable in x."""
+    cosine = distance == Distance.COSINE
+    if not cosine and not normalize:
         return None
     norm = torch.linalg.vector_norm(x, dim=1, dtype=F32)
-    scale = 1.0 / norm.clamp_min(ref.NORM_EPS)
-    if distance == "cosine" and normalize:  # the reference normalises the normalised rows again
-        scale = scale / (norm * scale).clamp_min(ref.NORM_EPS)
-    return scale
+    inv_norm = 1.0 / norm.clamp_min(ref.NORM_EPS)
+    if cosine and normalize:  # the reference normalises the normalised rows again
+        inv_norm = inv_norm / (norm * inv_norm).clamp_min(ref.NORM_EPS)
+    return inv_norm
 
 
 def kept_anchors(labels: torch.Tensor) -> torch.Tensor:
@@ -141,12 +157,12 @@ def kept_anchors(labels: torch.Tensor) -> torch.Tensor:
     return (size >= 2) & (size < labels.shape[0])
 
 
-def _mine(backend, x, labels, scale, distance):
+def _mine(backend, x, labels, inv_norm, distance):
     n = x.shape[0]
     out = (torch.empty(n, device=x.device, dtype=I64), torch.empty(n, device=x.device, dtype=F32),
            torch.empty(n, device=x.device, dtype=I64), torch.empty(n, device=x.device, dtype=F32))
     pos_index, pos_dist, neg_index, neg_dist = out
-    MINE[backend](x, labels, scale, distance=distance, pos_index=pos_index, pos_dist=pos_dist, neg_index=neg_index,
+    MINE[backend](x, labels, inv_norm, distance=distance, pos_index=pos_index, pos_dist=pos_dist, neg_index=neg_index,
                   neg_dist=neg_dist)
     return out
 
@@ -166,9 +182,9 @@ def _anchor_terms(mined, margin, soft_margin):
 
 def _distance_coef(dist, weight, distance):
     """coef of a pair's entries: the distance's derivative w.r.t. its squared form (cosine: 1), times weight."""
-    if distance == "euclidean":
+    if distance == Distance.EUCLIDEAN:
         return torch.where(dist > CLAMPED_EUCLIDEAN, weight / dist, 0.0)
-    if distance == "squared_euclidean":
+    if distance == Distance.SQUARED_EUCLIDEAN:
         return torch.where(dist > 0, 2.0 * weight, 0.0)
     return weight
 
@@ -179,8 +195,8 @@ def _nan_if_non_finite(x):
     return torch.linalg.vector_norm(x, float("inf"), dtype=F32) * 0.0  # (inf * 0 and NaN * 0 are NaN)
 
 
-def _pair_gradient(backend, x, scale, mined, weight, distance, grads):
-    """grads (x's, scale's) of sum(weight * (d_ap - d_an)) over the mined pairs, deterministically:
+def _pair_gradient(backend, x, inv_norm, mined, weight, distance, grads):
+    """grads (x's, inv_norm's) of sum(weight * (d_ap - d_an)) over the mined pairs, deterministically:
     each pair listed under both its rows, stably sorted by row, each row's entries summed in order."""
     pos_index, pos_dist, neg_index, neg_dist = mined
     n = x.shape[0]
@@ -193,33 +209,33 @@ def _pair_gradient(backend, x, scale, mined, weight, distance, grads):
     others = torch.cat([pos, anchors, neg, anchors])[order]
     coef = torch.cat([c_pos, c_pos, c_neg, c_neg])[order] + _nan_if_non_finite(x)
     offsets = torch.searchsorted(rows, torch.arange(n + 1, device=x.device))
-    grad_x, grad_scale = grads
-    PAIR_GRAD[backend](x, scale, offsets, others, coef, centered=distance != "cosine", grad_x=grad_x,
-                       grad_scale=grad_scale)
+    grad_x, grad_inv_norm = grads
+    PAIR_GRAD[backend](x, inv_norm, offsets, others, coef, centered=distance != Distance.COSINE, grad_x=grad_x,
+                       grad_inv_norm=grad_inv_norm)
 
 
 def _forward(backend, tensors, params, grads, grad_factor, reduce):
-    x, labels, row_factor = tensors
-    mined = _mine(backend, x, labels, row_factor, params.distance)
+    x, labels, inv_norm = tensors
+    mined = _mine(backend, x, labels, inv_norm, params.distance)
     rows, slope, kept = _anchor_terms(mined, params.margin, params.soft_margin)
     if grads is not None:
         weight = torch.where(kept, slope * grad_factor, 0.0)  # 'mean' of nothing: the factor is inf, the gradient 0
-        _pair_gradient(backend, x, row_factor, mined, weight, params.distance, grads)
+        _pair_gradient(backend, x, inv_norm, mined, weight, params.distance, grads)
     return (rows.sum() if reduce else rows), mined
 
 
 def _backward(backend, grad_rows, tensors, saved, params, grads):
-    x, labels, row_factor = tensors
+    x, labels, inv_norm = tensors
     _, slope, kept = _anchor_terms(saved, params.margin, params.soft_margin)
     weight = torch.where(kept, slope * grad_rows.to(F32), 0.0)
-    _pair_gradient(backend, x, row_factor, saved, weight, params.distance, grads)
+    _pair_gradient(backend, x, inv_norm, saved, weight, params.distance, grads)
 
 
 SPEC = FusedLoss(
     name="triplet",
-    tensors=("embeddings", "labels", "scale?"),
+    tensors=("embeddings", "labels", "inv_norm?"),
     params=PARAMS,
-    differentiable=("embeddings", "scale"),
+    differentiable=("embeddings", "inv_norm"),
     n_saved=4,
     forward=_forward,
     backward=_backward,
@@ -238,11 +254,11 @@ triplet_kernels = build(SPEC)
 # squared: 2, 0 at 0; cosine: 1, applied to -dot). Two more products turn the block into the
 # embeddings' gradient, accumulated over the chunks in a fixed order in fp32.
 #
-# triplet_row_loss_<b>(gram, sq, scale, labels, row0, mining, distance, margin, soft_margin,
+# triplet_row_loss_<b>(gram, sq, inv_norm, labels, row0, mining, distance, margin, soft_margin,
 #                      row_weight, loss, count, coef) -> ()
 #   gram (C, B) contiguous fp32: gram[i, j] = x[row0 + i] . x[j] (the unscaled rows);
-#   sq (B,) fp32 |x_j|^2; scale None or (B,) fp32 (required for cosine); labels (B,) int64;
-#   0 <= row0, row0 + C <= B; mining 'semi_hard' or 'batch_all'.
+#   sq (B,) fp32 |x_j|^2; inv_norm None or (B,) fp32 (required for COSINE); labels (B,) int64;
+#   0 <= row0, row0 + C <= B; mining Mining.SEMI_HARD or BATCH_ALL; distance a Distance.
 #   writes loss (C,) fp32 (the row's sum over its pairs or triplets) and count (C,) int64 (what
 #   'mean' divides by: semi_hard the row's positives if it has a negative; batch_all hinge the
 #   triplets with a loss > 0, soft every triplet). row_weight (C,) fp32 and coef (C, B) fp32 come
@@ -252,11 +268,11 @@ triplet_kernels = build(SPEC)
 # Per row the work is O(P_a B) (P_a its positives), visited in groups of column blocks that hold a
 # positive; nothing is allocated per row and nothing waits for the host.
 
-ROW_MININGS = ("semi_hard", "batch_all")
-ROW_PARAMS = ("str mining", "str distance", "float margin", "bool soft_margin", "int chunk_size")
+ROW_MININGS = (Mining.SEMI_HARD, Mining.BATCH_ALL)
+ROW_PARAMS = ("int mining", "int distance", "float margin", "bool soft_margin", "int chunk_size")
 
 
-def _check_row_loss(gram, sq, scale, labels, row0, mining, distance, margin, soft_margin, row_weight, loss, count,
+def _check_row_loss(gram, sq, inv_norm, labels, row0, mining, distance, margin, soft_margin, row_weight, loss, count,
                     coef):
     op = "triplet_row_loss"
     if gram.dim() != 2 or gram.dtype != F32 or not gram.is_contiguous():
@@ -264,17 +280,13 @@ def _check_row_loss(gram, sq, scale, labels, row0, mining, distance, margin, sof
                   f"{gram.dtype} and strides {gram.stride()}")
     c, n = gram.shape
     _check_vector(op, "sq", sq, gram, n, F32)
-    if scale is not None:
-        _check_vector(op, "scale", scale, gram, n, F32)
+    if inv_norm is not None:
+        _check_vector(op, "inv_norm", inv_norm, gram, n, F32)
     _check_vector(op, "labels", labels, gram, n, I64)
     if not 0 <= row0 <= n - c:
         _fail(op, f"row0 must be in [0, {n - c}] for {c} rows of {n}, got {row0}")
-    if mining not in ROW_MININGS:
-        _fail(op, f"mining must be one of {ROW_MININGS}, got {mining!r}")
-    if distance not in ref.DISTANCES:
-        _fail(op, f"distance must be one of {ref.DISTANCES}, got {distance!r}")
-    if distance == "cosine" and scale is None:
-        _fail(op, "cosine distances need the rows' scale (1 / their norm)")
+    _check_choice(op, "mining", mining, ROW_MININGS)
+    _check_distance(op, distance, inv_norm)
     _check_vector(op, "loss", loss, gram, c, F32)
     _check_vector(op, "count", count, gram, c, I64)
     if (row_weight is None) != (coef is None):
@@ -288,7 +300,7 @@ def _check_row_loss(gram, sq, scale, labels, row0, mining, distance, margin, sof
 
 ROW_LOSS = KernelOp(
     "triplet_row_loss",
-    "(Tensor gram, Tensor sq, Tensor? scale, Tensor labels, int row0, str mining, str distance, float margin,"
+    "(Tensor gram, Tensor sq, Tensor? inv_norm, Tensor labels, int row0, int mining, int distance, float margin,"
     " bool soft_margin, Tensor? row_weight, Tensor(a!) loss, Tensor(b!) count, Tensor(c!)? coef) -> ()",
     lambda *args: None,
     _check_row_loss,
@@ -344,7 +356,7 @@ def _subtract_transposed_product(acc, coef, rows):
     """acc -= coef^T @ rows for fp32 acc (B rows) and coef (C x B), rows (C x D). bf16 has fp32's range:
     its coefficients are rounded as they are. fp16 takes fp32 operands (a cost of fp32 arithmetic,
     see bench/NOTES.md), as scaling the C x B block's columns would need a B x D product buffer per
-    chunk to scale back."""
+    chunk to undo it."""
     if rows.dtype == torch.bfloat16 and fp32_out_products(acc.device):
         torch.ops.aten.addmm.dtype_out(acc, coef.t().to(rows.dtype), rows, F32, alpha=-1, out=acc)
     else:
@@ -362,7 +374,7 @@ class _RowChunks:
     """The chunk loop: Gram blocks of anchors [start, stop) into a reused buffer, and the row kernel."""
 
     def __init__(self, backend, tensors, params):
-        self.x, self.labels, self.scale = tensors
+        self.x, self.labels, self.inv_norm = tensors
         self.params = params
         self.distance = params.distance
         n = self.x.shape[0]
@@ -381,7 +393,7 @@ class _RowChunks:
             _gram_into(gram, self.x[start:stop], self.x)
             block = None if coef is None else coef[:stop - start]
             p = self.params
-            self.kernel(gram, self.sq, self.scale, self.labels, start, mining=p.mining, distance=p.distance,
+            self.kernel(gram, self.sq, self.inv_norm, self.labels, start, mining=p.mining, distance=p.distance,
                         margin=p.margin, soft_margin=p.soft_margin,
                         row_weight=None if row_weight is None else row_weight[start:stop], loss=loss[start:stop],
                         count=count[start:stop], coef=block)
@@ -390,41 +402,41 @@ class _RowChunks:
 
 
 class _RowGradient:
-    """Accumulates the gradient w.r.t. the scaled rows v = scale * x (fp32, B x D) from coef blocks:
+    """Accumulates the gradient w.r.t. the rows v = inv_norm * x (fp32, B x D) from coef blocks:
     g[a] += sum_j coef[a, j] (v_a - v_j), g[j] += sum_a coef[a, j] (v_j - v_a) (euclidean forms), and
     the non-centered g[a] -= sum_j coef[a, j] v_j, g[j] -= sum_a coef[a, j] v_a for cosine."""
 
     def __init__(self, chunks):
         self.chunks = chunks
-        self.centered = chunks.distance != "cosine"
+        self.centered = chunks.distance != Distance.COSINE
         self.g = torch.zeros(chunks.x.shape, device=chunks.x.device, dtype=F32)
 
     def add(self, start, stop, coef):
-        x, s = self.chunks.x, self.chunks.scale
+        x, inv = self.chunks.x, self.chunks.inv_norm
         x_c, g_c = x[start:stop], self.g[start:stop]
         if self.centered:
             rows, cols = coef.sum(1), coef.sum(0)
-            if s is not None:
-                rows, cols = rows * s[start:stop], cols * s
+            if inv is not None:
+                rows, cols = rows * inv[start:stop], cols * inv
             g_c.addcmul_(x_c, rows[:, None])
             self.g.addcmul_(x, cols[:, None])
-        if s is None:
+        if inv is None:
             _subtract_product(g_c, coef, x)
             _subtract_transposed_product(self.g, coef, x_c)
             return
         scaled = self.chunks.gram[:stop - start]  # the Gram block is free once the kernel has read it
-        torch.mul(coef, s[None, :], out=scaled)
+        torch.mul(coef, inv[None, :], out=scaled)
         _subtract_product(g_c, scaled, x)
-        coef.mul_(s[start:stop, None])
+        coef.mul_(inv[start:stop, None])
         _subtract_transposed_product(self.g, coef, x_c)
 
     def write(self, grads):
-        grad_x, grad_scale = grads
-        s = self.chunks.scale
+        grad_x, grad_inv_norm = grads
+        inv = self.chunks.inv_norm
         if grad_x is not None:
-            grad_x.copy_(self.g if s is None else self.g * s[:, None])
-        if grad_scale is not None:
-            torch.sum(self.chunks.x * self.g, dim=1, out=grad_scale)
+            grad_x.copy_(self.g if inv is None else self.g * inv[:, None])
+        if grad_inv_norm is not None:
+            torch.sum(self.chunks.x * self.g, dim=1, out=grad_inv_norm)
 
 
 def _rows_pass(backend, tensors, params, row_weight, grads):
@@ -462,16 +474,16 @@ def counting_backend(device: torch.device) -> str:
 def _rows_mean_divisor(tensors, params):
     """semi_hard: the (anchor, positive) pairs whose anchor has a negative; batch_all soft: every triplet,
     both from the class sizes; batch_all hinge: the non-zero triplets, which need a counting pass over
-    the chunks (one more Gram product) since the gradient's scale is needed before the loss pass."""
+    the chunks (one more Gram product) since the gradient's factor is needed before the loss pass."""
     labels = tensors[1]
     n = labels.shape[0]
     mining, soft_margin = params.mining, params.soft_margin
-    if mining == "batch_all" and not soft_margin:
+    if mining == Mining.BATCH_ALL and not soft_margin:
         with torch.no_grad():
             _, count = _rows_pass(counting_backend(labels.device), tensors, params, None, None)
         return count.sum(dtype=F32).clamp_min(1.0)
     pairs = class_sizes(labels) - 1
-    if mining == "semi_hard":
+    if mining == Mining.SEMI_HARD:
         return torch.where(pairs + 1 < n, pairs, 0).sum(dtype=F32)
     return (pairs * (n - 1 - pairs)).sum(dtype=F32).clamp_min(1.0)
 
@@ -483,9 +495,9 @@ def _rows_fake(tensors, params):
 
 ROWS_SPEC = FusedLoss(
     name="triplet_mined",
-    tensors=("embeddings", "labels", "scale?"),
+    tensors=("embeddings", "labels", "inv_norm?"),
     params=ROW_PARAMS,
-    differentiable=("embeddings", "scale"),
+    differentiable=("embeddings", "inv_norm"),
     n_saved=0,
     forward=_rows_forward,
     backward=_rows_backward,

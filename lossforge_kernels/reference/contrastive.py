@@ -6,10 +6,20 @@ the loss comes back in the input dtype. The largest intermediate is the (B, M) l
 """
 from __future__ import annotations
 
+import enum
+
 import torch
 import torch.nn.functional as F
 
 from .cross_entropy import compute_dtype
+
+
+class Kind(enum.IntEnum):
+    """The per-pair term of the contrastive kernel ops, which serve the three losses. The values are
+    the kernels' too: csrc/enums.h and triton_kernels/contrastive.py, checked by tests/test_enums.py."""
+    INFO_NCE = 0
+    SUPCON = 1
+    SIGLIP = 2
 
 
 def embed(x: torch.Tensor, normalize: bool, dtype: torch.dtype) -> torch.Tensor:

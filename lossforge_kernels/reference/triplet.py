@@ -43,14 +43,42 @@ backward (it recomputes each chunk there rather than keeping B^3 values).
 """
 from __future__ import annotations
 
+import enum
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .cross_entropy import compute_dtype
 
-MININGS = ("batch_hard", "semi_hard", "batch_all")
-DISTANCES = ("euclidean", "squared_euclidean", "cosine")
+
+
+class _Choice(enum.IntEnum):
+    """A closed option: the public API names a member by its lower-case name ('semi_hard'), the kernel
+    ops take its value (the kernels' values too: csrc/enums.h, checked by tests/test_enums.py)."""
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+class Distance(_Choice):
+    EUCLIDEAN = 0
+    SQUARED_EUCLIDEAN = 1
+    COSINE = 2
+
+
+class Mining(_Choice):
+    BATCH_HARD = 0
+    SEMI_HARD = 1
+    BATCH_ALL = 2
+
+
+DISTANCES = tuple(d.label for d in Distance)
+MININGS = tuple(m.label for m in Mining)
+# The public names as the kernel ops take them (plain ints: a dict lookup that torch.compile traces).
+DISTANCE_IDS = {d.label: int(d) for d in Distance}
+MINING_IDS = {m.label: int(m) for m in Mining}
 EUCLIDEAN_EPS = 1e-12
 NORM_EPS = 1e-12
 # Elements of one chunk x P x B block of soft-margin batch_all: 2M float32 values are 8 MB.
