@@ -37,8 +37,7 @@ def _info_nce_direct(rank, **opts):
     from lossforge_kernels.distributed import contrastive
 
     rows, _ = _inputs(rank)
-    defaults = dict(symmetric=True, normalize=True, reduction="mean", backend="reference",
-                    cross_entropy=lf.cross_entropy)
+    defaults = dict(symmetric=True, normalize=True, reduction="mean", backend="reference")
     return contrastive.info_nce(rows(6, 4), rows(6, 4), None, **{**defaults, **opts})
 
 

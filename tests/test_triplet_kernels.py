@@ -226,7 +226,8 @@ def test_bad_input_is_refused_by_name(kernel_backend):
         lf.triplet_loss(x.double(), labels, backend=kernel_backend)
     out = [torch.empty(6, dtype=torch.int64, device=device), torch.empty(6, device=device)] * 2
     mine = ops.MINE.overloads[kernel_backend]
-    with pytest.raises(ValueError, match="triplet_mine: labels must be a contiguous \\(6,\\) torch.int64"):
+    with pytest.raises(ValueError, match=r"triplet_mine: labels must be a contiguous torch.int64 tensor of shape "
+                                         r"\(6,\)"):
         mine(x, labels.int(), None, Distance.EUCLIDEAN, *out)
     with pytest.raises(ValueError, match="triplet_mine: cosine distances need inv_norm"):
         mine(x, labels, None, Distance.COSINE, *out)

@@ -23,12 +23,12 @@ from .cross_entropy import (capped, class_block_grad, class_block_stats, merge_c
 
 class _VocabParallelLinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, target, class_weight, alpha, vs, opts, reduction, chunk, fp32_weight_grad,
+    def forward(ctx, x, weight, bias, target, class_weight, alpha, vs, opts, reduction, chunk_size, fp32_weight_grad,
                 reduce_input_grad, group, loss_dtype):
         keep_anchor(ctx, x, weight, bias, target, class_weight, alpha)
         col, owned, counted = owned_targets(target, vs, opts)
         parts = []
-        for start, stop, logits in Chunks(x, weight, bias, chunk):
+        for start, stop, logits in Chunks(x, weight, bias, chunk_size):
             y, _ = capped(logits, opts.softcap)
             parts.append(class_block_stats(y, col[start:stop], owned[start:stop], class_weight, alpha,
                                            opts.label_smoothing > 0))
@@ -39,7 +39,7 @@ class _VocabParallelLinearCE(torch.autograd.Function):
             kept.sum().to(compute_dtype(x.dtype))
         ctx.save_for_backward(x, weight, bias, class_weight)
         ctx.stats, ctx.masks = st, (col, owned, counted)
-        ctx.args = (vs, opts, reduction, chunk, fp32_weight_grad, reduce_input_grad, group, divisor)
+        ctx.args = (vs, opts, reduction, chunk_size, fp32_weight_grad, reduce_input_grad, group, divisor)
         loss = st.loss if reduction == "none" else st.loss.sum()
         return (loss / divisor if reduction == "mean" else loss).to(loss_dtype)
 
@@ -47,14 +47,14 @@ class _VocabParallelLinearCE(torch.autograd.Function):
     @G.once_differentiable
     def backward(ctx, grad):
         x, weight, bias, class_weight = ctx.saved_tensors
-        vs, opts, reduction, chunk, fp32_weight_grad, reduce_input_grad, group, divisor = ctx.args
+        vs, opts, reduction, chunk_size, fp32_weight_grad, reduce_input_grad, group, divisor = ctx.args
         col, owned, counted = ctx.masks
         g = grad.to(compute_dtype(x.dtype))
         scale = g.reshape(-1) if reduction == "none" else (g / divisor if reduction == "mean" else g).expand(
             x.shape[0])
         wants = ctx.needs_input_grad[:3]
         grads = [torch.empty_like(t) if w and t is not None else None for t, w in zip((x, weight, bias), wants)]
-        chunks = Chunks(x, weight, bias, chunk)
+        chunks = Chunks(x, weight, bias, chunk_size)
         sink = Gradients(grads, weight, fp32_weight_grad)
         for start, stop, logits in chunks:
             y, slope = capped(logits, opts.softcap)

@@ -43,6 +43,13 @@ def _check_shapes(input, linear_weight, target, linear_bias):
                          f"got {tuple(target.shape)}")
 
 
+def check_chunk_size(chunk_size):
+    """None (rows per chunk from the shared budget rule) or a positive number of rows."""
+    if chunk_size is not None and C.check_int("chunk_size", chunk_size) <= 0:
+        raise ValueError(f"chunk_size must be a positive number of rows or None, got {chunk_size!r}")
+    return chunk_size
+
+
 def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None, reduction="mean",
                          ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, focal_gamma=0.0,
                          focal_alpha=None, chunk_size=None, fp32_weight_grad=True, process_group=None,
@@ -53,9 +60,9 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     (V, D), linear_bias (V,). Every option of cross_entropy except probability targets and
     inplace_backward; `ignore_index=None` means -100, as in torch.nn.functional.linear_cross_entropy.
     The kernel backends compute the logits `chunk_size` rows at a time (None: as many rows as fit
-    256 MiB of logits, ops/_chunks.py's chunk_rows) and accumulate the weight and bias gradients over the chunks in float32
-    (`fp32_weight_grad=False`: in the weight's dtype, which saves the V x D fp32 accumulator of a
-    half-precision weight). Under torch.autocast the products run in the autocast dtype and the
+    256 MiB of logits, ops/_chunks.py's chunk_rows) and accumulate the weight and bias gradients over
+    the chunks in float32 (`fp32_weight_grad=False`: in the weight's dtype, which saves the V x D fp32
+    accumulator of a half-precision weight). Under torch.autocast the products run in the autocast dtype and the
     loss is float32.
     `process_group`: vocabulary-parallel (see distributed/linear_cross_entropy.py): linear_weight
     (V_r, D) and linear_bias are this rank's rows of the head, from `vocab_start` (default: in rank
@@ -67,9 +74,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     opts = check_options(ignore_index=-100 if ignore_index is None else ignore_index, reduction=reduction,
                          label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, focal_gamma=focal_gamma,
                          focal_alpha=focal_alpha, backend=backend)
-    chunk = 0 if chunk_size is None else C.check_int("chunk_size", chunk_size)
-    if chunk < 0 or (chunk == 0 and chunk_size is not None):
-        raise ValueError(f"chunk_size must be a positive number of rows or None, got {chunk_size!r}")
+    chunk_size = check_chunk_size(chunk_size)
     C.check_bool("fp32_weight_grad", fp32_weight_grad)
     reduction = opts.pop("reduction")
     sharded = check_sharding(process_group, vocab_start)
@@ -81,16 +86,16 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     autocast = AC.autocast_dtype(input)
     with AC.off(input):
         if sharded:
-            loss = _sharded_loss(flat_input, linear_weight, linear_bias, flat_target, weight, reduction, chunk,
+            loss = _sharded_loss(flat_input, linear_weight, linear_bias, flat_target, weight, reduction, chunk_size,
                                  fp32_weight_grad, process_group, vocab_start, reduce_input_grad, autocast, opts)
         else:
-            loss = _loss(flat_input, linear_weight, linear_bias, flat_target, weight, reduction, backend, chunk,
+            loss = _loss(flat_input, linear_weight, linear_bias, flat_target, weight, reduction, backend, chunk_size,
                          fp32_weight_grad, autocast, opts)
     return loss.reshape(target.shape) if reduction == "none" else loss
 
 
-def _loss(x, linear_weight, linear_bias, target, weight, reduction, backend, chunk, fp32_weight_grad, autocast,
-          opts):
+def _loss(x, linear_weight, linear_bias, target, weight, reduction, backend, chunk_size, fp32_weight_grad,
+          autocast, opts):
     """Under autocast (`autocast` its dtype) the products' operands are rounded to it and the loss is float32:
     the kernels take the rounded input and cast the weight once inside (its gradient stays fp32); the
     reference computes from the same rounded values in float32."""
@@ -103,16 +108,16 @@ def _loss(x, linear_weight, linear_bias, target, weight, reduction, backend, chu
     weight, weight_sum, alpha, named = kernel_options(False, weight, **opts)
     tensors = (x.contiguous(), linear_weight.contiguous(), linear_bias, target.contiguous(), weight, weight_sum,
                alpha)
-    return linear_cross_entropy_kernels(tensors, dict(named, chunk_size=chunk, fp32_weight_grad=fp32_weight_grad),
+    return linear_cross_entropy_kernels(tensors, dict(named, chunk_size=chunk_size, fp32_weight_grad=fp32_weight_grad),
                                         reduction=reduction, backend=chosen, out_dtype=AC.loss_dtype(autocast))
 
 
-def _sharded_loss(x, linear_weight, linear_bias, target, weight, reduction, chunk, fp32_weight_grad, process_group,
+def _sharded_loss(x, linear_weight, linear_bias, target, weight, reduction, chunk_size, fp32_weight_grad, process_group,
                   vocab_start, reduce_input_grad, autocast, opts):
     x = AC.round_operand(x, autocast, reference=False)
     return vocab_parallel_linear_cross_entropy(
         x.contiguous(), linear_weight.contiguous(), linear_bias, target.contiguous(), weight, reduction=reduction,
-        process_group=process_group, vocab_start=vocab_start, chunk_size=chunk, fp32_weight_grad=fp32_weight_grad,
+        process_group=process_group, vocab_start=vocab_start, chunk_size=chunk_size, fp32_weight_grad=fp32_weight_grad,
         reduce_input_grad=reduce_input_grad, loss_dtype=AC.loss_dtype(autocast) or x.dtype, **opts)
 
 
@@ -125,9 +130,8 @@ class LinearCrossEntropyLoss(CrossEntropyOptions):
         super().__init__(weight, focal_alpha, ignore_index=-100 if ignore_index is None else ignore_index,
                          reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                          focal_gamma=focal_gamma, backend=backend)
-        if chunk_size is not None and (C.check_int("chunk_size", chunk_size) <= 0):
-            raise ValueError(f"chunk_size must be a positive number of rows or None, got {chunk_size!r}")
-        self.chunk_size, self.fp32_weight_grad = chunk_size, C.check_bool("fp32_weight_grad", fp32_weight_grad)
+        self.chunk_size = check_chunk_size(chunk_size)
+        self.fp32_weight_grad = C.check_bool("fp32_weight_grad", fp32_weight_grad)
         C.check_process_group(process_group)
         self.sharding = dict(process_group=process_group, vocab_start=vocab_start,
                              reduce_input_grad=C.check_bool("reduce_input_grad", reduce_input_grad))

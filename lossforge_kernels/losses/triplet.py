@@ -67,7 +67,7 @@ def triplet_loss(embeddings, labels, *, margin=0.2, mining="batch_hard", distanc
             return kernels.triplet_kernels(tensors, dict(distance=distance_id, margin=margin, soft_margin=soft_margin),
                                            reduction=reduction, backend=chosen, out_dtype=out_dtype)
         return kernels.triplet_mined_kernels(tensors, dict(mining=ref.MINING_IDS[mining], distance=distance_id,
-                                                           margin=margin, soft_margin=soft_margin, chunk_size=0),
+                                                           margin=margin, soft_margin=soft_margin, chunk_size=None),
                                              reduction=reduction, backend=chosen, out_dtype=out_dtype)
 
 

@@ -19,11 +19,12 @@ MAX_CHUNK_BYTES = 256 << 20
 TILE_ROWS = 128  # rows per chunk are a multiple of this once that many fit (whole tiles for the products)
 
 
-def chunk_rows(total: int, row_bytes: int, chunk_size: int = 0, *, input_bytes: int = 0, buffers: int = 1,
-               min_rows: int = 1) -> int:
+def chunk_rows(total: int, row_bytes: int, chunk_size: int | None = None, *, input_bytes: int = 0,
+               buffers: int = 1, min_rows: int = 1) -> int:
     """Rows per chunk of `total` rows whose chunk buffers take `row_bytes` per row each (`buffers` of
-    them): `chunk_size` when > 0, else the budget rule above. Always in [1, max(total, 1)]."""
-    if chunk_size > 0:
+    them): `chunk_size` when given (> 0), else (None, or 0 as the C++ side passes) the budget rule
+    above. Always in [1, max(total, 1)]."""
+    if chunk_size:
         return max(1, min(total, chunk_size))
     per_row = max(1, buffers) * max(1, row_bytes)
     budget = min(MAX_CHUNK_BYTES, max(MIN_CHUNK_BYTES, input_bytes // 4))

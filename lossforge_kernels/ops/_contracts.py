@@ -21,6 +21,19 @@ def require_like(op: str, name: str, t: torch.Tensor, like: torch.Tensor, dtype:
         fail(op, f"{name} must have dtype {dtype}, got {t.dtype}")
 
 
+def require_tensor(op: str, name: str, t: torch.Tensor, shape: tuple, like: torch.Tensor, dtype=F32) -> None:
+    """`t` a contiguous `dtype` tensor of exactly `shape`, on `like`'s device."""
+    if tuple(t.shape) != tuple(shape) or t.dtype != dtype or not t.is_contiguous() or t.device != like.device:
+        fail(op, f"{name} must be a contiguous {dtype} tensor of shape {tuple(shape)} on {like.device}, got shape "
+                 f"{tuple(t.shape)}, dtype {t.dtype}, strides {t.stride()} on {t.device}")
+
+
+def require_choice(op: str, name: str, value: int, choices) -> None:
+    """`value` one of `choices` (members of an IntEnum), as the int the kernel ops take."""
+    if value not in {int(c) for c in choices}:
+        fail(op, f"{name} must be one of {', '.join(f'{int(c)} ({c.name})' for c in choices)}, got {value!r}")
+
+
 def require_grad_factor(op: str, grad_factor: torch.Tensor | None, grad, like: torch.Tensor) -> None:
     """A forward op's gradient factor: a 0-dim fp32 tensor on `like`'s device, given exactly with grad."""
     if (grad_factor is None) != (grad is None):

@@ -58,66 +58,50 @@ import torch
 
 from ..reference.contrastive import Kind
 from ._labels import class_sizes
+from ._contracts import F32, KERNEL_DTYPES, fail, require_choice, require_tensor
 from ._library import KernelOp
 from .builder import FusedLoss, build
 
-F32 = torch.float32
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INFO_NCE, SUPCON, SIGLIP = Kind  # the kernel ops' `kind` values
-
-
-def _fail(op, message, exc=ValueError):
-    raise exc(f"{op}: {message}")
 
 
 def _check_matrix(op, name, t, like=None):
     if t.dim() != 2 or t.dtype not in KERNEL_DTYPES or not t.is_contiguous():
-        _fail(op, f"{name} must be a contiguous 2-D fp32/fp16/bf16 tensor, got shape {tuple(t.shape)}, dtype "
-                  f"{t.dtype}, strides {t.stride()}")
+        fail(op, f"{name} must be a contiguous 2-D fp32/fp16/bf16 tensor, got shape {tuple(t.shape)}, dtype "
+                 f"{t.dtype}, strides {t.stride()}")
     if like is not None and (t.dtype != like.dtype or t.device != like.device or t.shape[1] != like.shape[1]):
-        _fail(op, f"{name} must match query's dtype {like.dtype}, device {like.device} and width {like.shape[1]}, "
-                  f"got {t.dtype}, {t.device}, shape {tuple(t.shape)}")
-
-
-def _check_vector(op, name, t, shape, like, dtype=F32):
-    if tuple(t.shape) != shape or t.dtype != dtype or not t.is_contiguous() or t.device != like.device:
-        _fail(op, f"{name} must be a contiguous {dtype} tensor of shape {shape} on {like.device}, got shape "
-                  f"{tuple(t.shape)}, dtype {t.dtype} on {t.device}")
-
-
-def _check_kind(op, kind):
-    if kind not in {int(k) for k in Kind}:
-        _fail(op, f"kind must be one of {', '.join(f'{int(k)} ({k.name})' for k in Kind)}, got {kind!r}")
+        fail(op, f"{name} must match query's dtype {like.dtype}, device {like.device} and width {like.shape[1]}, "
+                 f"got {t.dtype}, {t.device}, shape {tuple(t.shape)}")
 
 
 def check_inputs(op, query, key, labels, logit_scale, logit_bias, kind, symmetric):
     """The contract both ops share (see the module docstring)."""
-    _check_kind(op, kind)
+    require_choice(op, "kind", kind, tuple(Kind))
     _check_matrix(op, "query", query)
     _check_matrix(op, "key", key, like=query)
     b, m = query.shape[0], key.shape[0]
     if m < b:
-        _fail(op, f"key needs at least as many rows as query ({b}), got {m}")
+        fail(op, f"key needs at least as many rows as query ({b}), got {m}")
     if kind == SUPCON:
         if m != b:
-            _fail(op, f"kind SUPCON takes key = query, got {m} key rows for {b} query rows")
+            fail(op, f"kind SUPCON takes key = query, got {m} key rows for {b} query rows")
         if labels is None:
-            _fail(op, "kind SUPCON needs labels")
-        _check_vector(op, "labels", labels, (b,), query, torch.int64)
+            fail(op, "kind SUPCON needs labels")
+        require_tensor(op, "labels", labels, (b,), query, torch.int64)
     elif labels is not None:
-        _fail(op, "labels are for kind SUPCON only")
+        fail(op, "labels are for kind SUPCON only")
     if symmetric and (kind != INFO_NCE or m != b):
-        _fail(op, f"symmetric needs kind INFO_NCE and as many keys as queries, got kind {Kind(kind).name}, B={b}, "
-                  f"M={m}")
-    _check_vector(op, "logit_scale", logit_scale, (), query)
-    _check_vector(op, "logit_bias", logit_bias, (), query)
+        fail(op, f"symmetric needs kind INFO_NCE and as many keys as queries, got kind {Kind(kind).name}, B={b}, "
+                 f"M={m}")
+    require_tensor(op, "logit_scale", logit_scale, (), query)
+    require_tensor(op, "logit_bias", logit_bias, (), query)
 
 
 def _check_fwd(query, key, labels, logit_scale, logit_bias, loss, stats, kind, normalize, symmetric):
     op = "contrastive_fwd"
     check_inputs(op, query, key, labels, logit_scale, logit_bias, kind, symmetric)
-    _check_vector(op, "loss", loss, (query.shape[0],), query)
-    _check_vector(op, "stats", stats, (2, query.shape[0]), query)
+    require_tensor(op, "loss", loss, (query.shape[0],), query)
+    require_tensor(op, "stats", stats, (2, query.shape[0]), query)
 
 
 def _check_bwd(grad_rows, query, key, labels, logit_scale, logit_bias, stats, grad_query, grad_key, grad_coef, kind,
@@ -125,31 +109,29 @@ def _check_bwd(grad_rows, query, key, labels, logit_scale, logit_bias, stats, gr
     op = "contrastive_bwd"
     check_inputs(op, query, key, labels, logit_scale, logit_bias, kind, symmetric)
     b = query.shape[0]
-    _check_vector(op, "grad_rows", grad_rows, (b,), query)
-    _check_vector(op, "stats", stats, (2, b), query)
+    require_tensor(op, "grad_rows", grad_rows, (b,), query)
+    require_tensor(op, "stats", stats, (2, b), query)
     for name, grad, like in (("grad_query", grad_query, query), ("grad_key", grad_key, key)):
         if grad is not None:
-            _check_vector(op, name, grad, tuple(like.shape), like, like.dtype)
+            require_tensor(op, name, grad, tuple(like.shape), like, like.dtype)
     if kind == SUPCON and grad_key is not None:
-        _fail(op, "kind SUPCON writes both roles of a row into grad_query; grad_key must be None")
+        fail(op, "kind SUPCON writes both roles of a row into grad_query; grad_key must be None")
     if grad_coef is not None:
-        _check_vector(op, "grad_coef", grad_coef, (2, b), query)
+        require_tensor(op, "grad_coef", grad_coef, (2, b), query)
 
 
 FWD = KernelOp(
     "contrastive_fwd",
     "(Tensor query, Tensor key, Tensor? labels, Tensor logit_scale, Tensor logit_bias, Tensor(a!) loss,"
     " Tensor(b!) stats, int kind, bool normalize, bool symmetric) -> ()",
-    lambda *args: None,
-    _check_fwd,
+    check=_check_fwd,
 )
 BWD = KernelOp(
     "contrastive_bwd",
     "(Tensor grad_rows, Tensor query, Tensor key, Tensor? labels, Tensor logit_scale, Tensor logit_bias,"
     " Tensor stats, Tensor(a!)? grad_query, Tensor(b!)? grad_key, Tensor(c!)? grad_coef, int kind,"
     " bool normalize, bool symmetric) -> ()",
-    lambda *args: None,
-    _check_bwd,
+    check=_check_bwd,
 )
 
 

@@ -54,7 +54,7 @@ def check_rows(op, logits, target, weight, weight_sum, alpha, grad, ignore_index
     """The contract shared by the forward and the backward op (see the module docstring)."""
     if logits.dim() != 2 or logits.dtype not in KERNEL_DTYPES:
         fail(op, f"logits must be a 2-D fp32/fp16/bf16 tensor, got shape {tuple(logits.shape)} and dtype "
-                  f"{logits.dtype}")
+                 f"{logits.dtype}")
     rows, classes = logits.shape
     if not _unit_inner(logits):
         fail(op, f"logits must have unit column stride, got strides {logits.stride()}")
@@ -64,27 +64,27 @@ def check_rows(op, logits, target, weight, weight_sum, alpha, grad, ignore_index
     if soft:
         if target.shape != logits.shape or target.dtype != logits.dtype or not _unit_inner(target):
             fail(op, f"probability target must have logits' shape {tuple(logits.shape)} and dtype {logits.dtype} "
-                      f"and unit column stride, got shape {tuple(target.shape)}, dtype {target.dtype} and strides "
-                      f"{target.stride()}")
+                     f"and unit column stride, got shape {tuple(target.shape)}, dtype {target.dtype} and strides "
+                     f"{target.stride()}")
     elif target.shape != (rows,) or target.dtype != torch.int64 or not target.is_contiguous():
         fail(op, f"class target must be a contiguous int64 tensor of shape ({rows},), got shape "
-                  f"{tuple(target.shape)} and dtype {target.dtype}")
+                 f"{tuple(target.shape)} and dtype {target.dtype}")
     for name, vec in (("weight", weight), ("alpha", alpha)):
         if vec is not None and (vec.shape != (classes,) or vec.dtype != F32 or not vec.is_contiguous()):
             fail(op, f"{name} must be a contiguous fp32 tensor of shape ({classes},), got shape "
-                      f"{tuple(vec.shape)} and dtype {vec.dtype}")
+                     f"{tuple(vec.shape)} and dtype {vec.dtype}")
     needs_sum = weight is not None and not soft and label_smoothing > 0.0
     if needs_sum != (weight_sum is not None):
         fail(op, "weight_sum must be given exactly when there are class weights, class-index targets and label "
-                  f"smoothing (here: {'needed' if needs_sum else 'not needed'})")
+                 f"smoothing (here: {'needed' if needs_sum else 'not needed'})")
     if weight_sum is not None and (weight_sum.dim() != 0 or weight_sum.dtype != F32):
         fail(op, f"weight_sum must be a 0-dim fp32 tensor, got shape {tuple(weight_sum.shape)} and dtype "
-                  f"{weight_sum.dtype}")
+                 f"{weight_sum.dtype}")
     if grad is not None and (grad.shape != logits.shape or grad.dtype != logits.dtype or not _unit_inner(grad)
                              or (rows > 1 and grad.stride(0) < classes)):
         fail(op, f"grad must match logits (shape {tuple(logits.shape)}, dtype {logits.dtype}, unit column "
-                  f"stride, rows not overlapping), got shape {tuple(grad.shape)}, dtype {grad.dtype}, strides "
-                  f"{grad.stride()}")
+                 f"stride, rows not overlapping), got shape {tuple(grad.shape)}, dtype {grad.dtype}, strides "
+                 f"{grad.stride()}")
     for name, t in (("target", target), ("weight", weight), ("weight_sum", weight_sum), ("alpha", alpha),
                     ("grad", grad)):
         if t is not None and t.device != logits.device:
@@ -93,12 +93,12 @@ def check_rows(op, logits, target, weight, weight_sum, alpha, grad, ignore_index
         fail(op, f"label_smoothing must be in [0, 1], got {label_smoothing}")
     if not z_loss >= 0.0 or not softcap >= 0.0 or not focal_gamma >= 0.0 or softcap == float("inf"):
         fail(op, f"z_loss, focal_gamma must be >= 0 and softcap finite and >= 0 (0 = off), got z_loss={z_loss}, "
-                  f"softcap={softcap}, focal_gamma={focal_gamma}")
+                 f"softcap={softcap}, focal_gamma={focal_gamma}")
     if not abs(focal_alpha) < float("inf"):
         fail(op, f"focal_alpha must be finite, got {focal_alpha}")
     if soft and (focal_gamma != 0.0 or focal_alpha != 1.0 or alpha is not None):
         fail(op, f"focal options need class-index targets; got probability targets with focal_gamma={focal_gamma}, "
-                  f"focal_alpha={focal_alpha}, alpha tensor={alpha is not None}")
+                 f"focal_alpha={focal_alpha}, alpha tensor={alpha is not None}")
 
 
 def _check_fwd(logits, target, weight, weight_sum, alpha, grad_factor, loss, stats, grad, **options):
@@ -109,7 +109,7 @@ def _check_fwd(logits, target, weight, weight_sum, alpha, grad_factor, loss, sta
     for name, t, shape in (("loss", loss, (rows,)), ("stats", stats, (rows, 4))):
         if t.shape != shape or t.dtype != F32 or not t.is_contiguous() or t.device != logits.device:
             fail(op, f"{name} must be a contiguous fp32 tensor of shape {shape} on logits' device, got shape "
-                      f"{tuple(t.shape)}, dtype {t.dtype} on {t.device}")
+                     f"{tuple(t.shape)}, dtype {t.dtype} on {t.device}")
 
 
 def _check_bwd(grad_rows, logits, target, weight, weight_sum, alpha, stats, grad, **options):
@@ -119,7 +119,7 @@ def _check_bwd(grad_rows, logits, target, weight, weight_sum, alpha, stats, grad
     for name, t, shape in (("grad_rows", grad_rows, (rows,)), ("stats", stats, (rows, 4))):
         if t.shape != shape or t.dtype != F32 or not t.is_contiguous() or t.device != logits.device:
             fail(op, f"{name} must be a contiguous fp32 tensor of shape {shape} on logits' device, got shape "
-                      f"{tuple(t.shape)}, dtype {t.dtype} on {t.device}")
+                     f"{tuple(t.shape)}, dtype {t.dtype} on {t.device}")
 
 
 FWD = KernelOp(

@@ -24,7 +24,7 @@ from . import cross_entropy as ce
 from ._chunks import F32, Chunks, Gradients
 from .builder import FusedLoss, build
 
-PARAMS = ce.PARAMS + ("int chunk_size", "bool fp32_weight_grad")  # cross-entropy's options, then its own
+PARAMS = ce.PARAMS + ("int? chunk_size", "bool fp32_weight_grad")  # cross-entropy's options, then its own
 
 
 def _ce_tensors(tensors, start, stop):

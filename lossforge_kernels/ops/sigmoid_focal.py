@@ -30,13 +30,13 @@ PARAMS = ("float alpha", "float gamma")
 def _check_inputs(op, input, target, grad, alpha, gamma):
     if input.dtype not in KERNEL_DTYPES or not input.is_contiguous():
         fail(op, f"input must be a contiguous fp32/fp16/bf16 tensor, got dtype {input.dtype} and strides "
-                  f"{input.stride()}")
+                 f"{input.stride()}")
     require_like(op, "target", target, input, input.dtype)
     if grad is not None:
         require_like(op, "grad", grad, input, input.dtype)
     if not math.isfinite(alpha) or not gamma >= 0.0 or not math.isfinite(gamma):
         fail(op, f"alpha must be finite (< 0 disables it) and gamma finite and >= 0, got alpha={alpha}, "
-                  f"gamma={gamma}")
+                 f"gamma={gamma}")
 
 
 def _check_fwd(input, target, grad_factor, out, grad, alpha, gamma, reduce):
@@ -46,7 +46,7 @@ def _check_fwd(input, target, grad_factor, out, grad, alpha, gamma, reduce):
     if reduce:
         if out.dim() != 0 or out.dtype != F32 or out.device != input.device:
             fail(op, f"out must be a 0-dim fp32 tensor on {input.device} when reduce=True, got shape "
-                      f"{tuple(out.shape)} and dtype {out.dtype}")
+                     f"{tuple(out.shape)} and dtype {out.dtype}")
     else:
         require_like(op, "out", out, input, input.dtype)
 

@@ -43,45 +43,29 @@ from ..reference.triplet import Distance, Mining
 from ._chunks import chunk_rows, fp32_out_products
 from ._labels import class_sizes
 from .._backends import usable
+from ._contracts import F32, KERNEL_DTYPES, fail, require_choice, require_tensor
 from ._library import KernelOp
 from .builder import FusedLoss, build
 
-F32, I64 = torch.float32, torch.int64
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+I64 = torch.int64
 PARAMS = ("int distance", "float margin", "bool soft_margin")
 # A Euclidean distance at most this is sqrt(0 + 1e-12): the clamp was active, so no gradient flows
 # (one fp32 ulp of slack for an approximate square root).
 CLAMPED_EUCLIDEAN = 1.000001e-6
 
 
-def _fail(op, message):
-    raise ValueError(f"{op}: {message}")
-
-
-def _check_vector(op, name, t, like, n, dtype):
-    if t.dim() != 1 or t.shape[0] != n or not t.is_contiguous() or t.device != like.device or t.dtype != dtype:
-        _fail(op, f"{name} must be a contiguous ({n},) {dtype} tensor on {like.device}, got shape "
-                  f"{tuple(t.shape)}, dtype {t.dtype}, strides {t.stride()} on {t.device}")
-
-
-def _check_choice(op, name, value, choices):
-    """value must be one of `choices` (enum members), compared as ints: the kernel ops take their values."""
-    if value not in {int(c) for c in choices}:
-        _fail(op, f"{name} must be one of {', '.join(f'{int(c)} ({c.name})' for c in choices)}, got {value!r}")
-
-
 def _check_distance(op, distance, inv_norm):
-    _check_choice(op, "distance", distance, tuple(Distance))
+    require_choice(op, "distance", distance, tuple(Distance))
     if distance == Distance.COSINE and inv_norm is None:
-        _fail(op, "cosine distances need inv_norm (the rows' 1 / max(|x|, eps))")
+        fail(op, "cosine distances need inv_norm (the rows' 1 / max(|x|, eps))")
 
 
 def _check_rows(op, x, inv_norm):
     if x.dim() != 2 or x.dtype not in KERNEL_DTYPES or not x.is_contiguous():
-        _fail(op, f"x must be a contiguous 2-D fp32/fp16/bf16 tensor, got shape {tuple(x.shape)}, dtype {x.dtype} "
-                  f"and strides {x.stride()}")
+        fail(op, f"x must be a contiguous 2-D fp32/fp16/bf16 tensor, got shape {tuple(x.shape)}, dtype {x.dtype} "
+                 f"and strides {x.stride()}")
     if inv_norm is not None:
-        _check_vector(op, "inv_norm", inv_norm, x, x.shape[0], F32)
+        require_tensor(op, "inv_norm", inv_norm, (x.shape[0],), x, F32)
 
 
 def _check_mine(x, labels, inv_norm, distance, pos_index, pos_dist, neg_index, neg_dist):
@@ -89,41 +73,39 @@ def _check_mine(x, labels, inv_norm, distance, pos_index, pos_dist, neg_index, n
     _check_rows(op, x, inv_norm)
     _check_distance(op, distance, inv_norm)
     n = x.shape[0]
-    _check_vector(op, "labels", labels, x, n, I64)
+    require_tensor(op, "labels", labels, (n,), x, I64)
     for name, t, dtype in (("pos_index", pos_index, I64), ("pos_dist", pos_dist, F32), ("neg_index", neg_index, I64),
                            ("neg_dist", neg_dist, F32)):
-        _check_vector(op, name, t, x, n, dtype)
+        require_tensor(op, name, t, (n,), x, dtype)
 
 
 def _check_pair_grad(x, inv_norm, offsets, others, coef, centered, grad_x, grad_inv_norm):
     op = "triplet_pair_grad"
     _check_rows(op, x, inv_norm)
-    _check_vector(op, "offsets", offsets, x, x.shape[0] + 1, I64)
-    _check_vector(op, "others", others, x, others.shape[0] if others.dim() == 1 else -1, I64)
-    _check_vector(op, "coef", coef, x, others.shape[0], F32)
+    require_tensor(op, "offsets", offsets, (x.shape[0] + 1,), x, I64)
+    require_tensor(op, "others", others, (others.shape[0] if others.dim() == 1 else -1,), x, I64)
+    require_tensor(op, "coef", coef, (others.shape[0],), x, F32)
     if grad_x is not None and (grad_x.shape != x.shape or grad_x.dtype != x.dtype or not grad_x.is_contiguous()
                                or grad_x.device != x.device):
-        _fail(op, f"grad_x must be contiguous like x {tuple(x.shape)} {x.dtype} on {x.device}, got shape "
-                  f"{tuple(grad_x.shape)}, dtype {grad_x.dtype} on {grad_x.device}")
+        fail(op, f"grad_x must be contiguous like x {tuple(x.shape)} {x.dtype} on {x.device}, got shape "
+                 f"{tuple(grad_x.shape)}, dtype {grad_x.dtype} on {grad_x.device}")
     if grad_inv_norm is not None:
         if inv_norm is None:
-            _fail(op, "grad_inv_norm needs inv_norm")
-        _check_vector(op, "grad_inv_norm", grad_inv_norm, x, x.shape[0], F32)
+            fail(op, "grad_inv_norm needs inv_norm")
+        require_tensor(op, "grad_inv_norm", grad_inv_norm, (x.shape[0],), x, F32)
 
 
 MINE = KernelOp(
     "triplet_mine",
     "(Tensor x, Tensor labels, Tensor? inv_norm, int distance, Tensor(a!) pos_index, Tensor(b!) pos_dist,"
     " Tensor(c!) neg_index, Tensor(d!) neg_dist) -> ()",
-    lambda *args: None,
-    _check_mine,
+    check=_check_mine,
 )
 PAIR_GRAD = KernelOp(
     "triplet_pair_grad",
     "(Tensor x, Tensor? inv_norm, Tensor offsets, Tensor others, Tensor coef, bool centered, Tensor(a!)? grad_x,"
     " Tensor(b!)? grad_inv_norm) -> ()",
-    lambda *args: None,
-    _check_pair_grad,
+    check=_check_pair_grad,
 )
 
 
@@ -269,41 +251,40 @@ triplet_kernels = build(SPEC)
 # positive; nothing is allocated per row and nothing waits for the host.
 
 ROW_MININGS = (Mining.SEMI_HARD, Mining.BATCH_ALL)
-ROW_PARAMS = ("int mining", "int distance", "float margin", "bool soft_margin", "int chunk_size")
+ROW_PARAMS = ("int mining", "int distance", "float margin", "bool soft_margin", "int? chunk_size")
 
 
 def _check_row_loss(gram, sq, inv_norm, labels, row0, mining, distance, margin, soft_margin, row_weight, loss, count,
                     coef):
     op = "triplet_row_loss"
     if gram.dim() != 2 or gram.dtype != F32 or not gram.is_contiguous():
-        _fail(op, f"gram must be a contiguous 2-D float32 tensor, got shape {tuple(gram.shape)}, dtype "
-                  f"{gram.dtype} and strides {gram.stride()}")
+        fail(op, f"gram must be a contiguous 2-D float32 tensor, got shape {tuple(gram.shape)}, dtype "
+                 f"{gram.dtype} and strides {gram.stride()}")
     c, n = gram.shape
-    _check_vector(op, "sq", sq, gram, n, F32)
+    require_tensor(op, "sq", sq, (n,), gram, F32)
     if inv_norm is not None:
-        _check_vector(op, "inv_norm", inv_norm, gram, n, F32)
-    _check_vector(op, "labels", labels, gram, n, I64)
+        require_tensor(op, "inv_norm", inv_norm, (n,), gram, F32)
+    require_tensor(op, "labels", labels, (n,), gram, I64)
     if not 0 <= row0 <= n - c:
-        _fail(op, f"row0 must be in [0, {n - c}] for {c} rows of {n}, got {row0}")
-    _check_choice(op, "mining", mining, ROW_MININGS)
+        fail(op, f"row0 must be in [0, {n - c}] for {c} rows of {n}, got {row0}")
+    require_choice(op, "mining", mining, ROW_MININGS)
     _check_distance(op, distance, inv_norm)
-    _check_vector(op, "loss", loss, gram, c, F32)
-    _check_vector(op, "count", count, gram, c, I64)
+    require_tensor(op, "loss", loss, (c,), gram, F32)
+    require_tensor(op, "count", count, (c,), gram, I64)
     if (row_weight is None) != (coef is None):
-        _fail(op, "row_weight and coef come together")
+        fail(op, "row_weight and coef come together")
     if coef is not None:
-        _check_vector(op, "row_weight", row_weight, gram, c, F32)
+        require_tensor(op, "row_weight", row_weight, (c,), gram, F32)
         if coef.shape != gram.shape or coef.dtype != F32 or not coef.is_contiguous() or coef.device != gram.device:
-            _fail(op, f"coef must be a contiguous float32 tensor shaped like gram {tuple(gram.shape)}, got shape "
-                      f"{tuple(coef.shape)}, dtype {coef.dtype} on {coef.device}")
+            fail(op, f"coef must be a contiguous float32 tensor shaped like gram {tuple(gram.shape)}, got shape "
+                     f"{tuple(coef.shape)}, dtype {coef.dtype} on {coef.device}")
 
 
 ROW_LOSS = KernelOp(
     "triplet_row_loss",
     "(Tensor gram, Tensor sq, Tensor? inv_norm, Tensor labels, int row0, int mining, int distance, float margin,"
     " bool soft_margin, Tensor? row_weight, Tensor(a!) loss, Tensor(b!) count, Tensor(c!)? coef) -> ()",
-    lambda *args: None,
-    _check_row_loss,
+    check=_check_row_loss,
 )
 ROW_LOSS.implement_triton(lambda *args: _triton().triplet_row_loss(*args))
 
