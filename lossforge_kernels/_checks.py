@@ -73,7 +73,9 @@ def check_float(name: str, value, *, low=None, high=None, low_open=False, allow_
     if not _is_number(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
     value = float(value)
-    bad = math.isnan(value) or (finite and math.isinf(value))
+    # comparisons, not math.isnan/isinf: under torch.compile(dynamic=True) an option may arrive as a
+    # symbolic float, which comparisons guard on and math's functions cannot take
+    bad = value != value or (finite and abs(value) == math.inf)
     if low is not None:
         bad |= value <= low if low_open else value < low
     if high is not None:

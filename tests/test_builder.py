@@ -183,3 +183,29 @@ def test_compiled_losses_keep_a_dynamic_batch(kernel_backend, loss, reduction):
         (want_grad,) = torch.autograd.grad(want.sum(), x)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-6)
+
+
+DYNAMIC_CALLS = {
+    "cross_entropy": lambda x, backend: lf.cross_entropy(x, (x.detach().argmax(1) + 1) % x.shape[1],
+                                                         label_smoothing=0.1, backend=backend),
+    "linear_cross_entropy": lambda x, backend: lf.linear_cross_entropy(
+        x, torch.ones(5, x.shape[1], device=x.device), (x.detach().argmax(1) + 1) % 5, z_loss=1e-3, backend=backend),
+    "sigmoid_focal_loss": lambda x, backend: lf.sigmoid_focal_loss(x, (x.detach() > 0).float(), gamma=1.5,
+                                                                   reduction="mean", backend=backend),
+    "info_nce": lambda x, backend: lf.info_nce(x, x.flip(0), temperature=0.1, backend=backend),
+    "triplet_loss": lambda x, backend: lf.triplet_loss(x, torch.arange(x.shape[0], device=x.device) % 3, margin=0.3,
+                                                       backend=backend),
+}
+
+
+@pytest.mark.parametrize("name", list(DYNAMIC_CALLS))
+def test_losses_compile_with_dynamic_true(any_backend, name):
+    # torch.compile(dynamic=True) may hand a loss its float options as symbolic floats: the option
+    # checks compare them (guards), never pass them to math's functions (a graph break).
+    device = device_for(any_backend)
+    call = DYNAMIC_CALLS[name]
+    torch._dynamo.reset()
+    compiled = torch.compile(call, dynamic=True, fullgraph=True,
+                             backend="aot_eager" if device == "cpu" else "inductor")
+    x = torch.randn(6, 4, device=device)
+    torch.testing.assert_close(compiled(x, any_backend), call(x, "reference"), rtol=1e-5, atol=1e-6)

@@ -26,7 +26,7 @@ register_kernels(FAMILY, LossKernels(backends=("triton", "cuda")))  # Triton fir
 
 def _check_options(margin, mining, distance, soft_margin, normalize, reduction):
     margin = C.check_float("margin", margin)
-    if not math.isfinite(margin):
+    if not abs(margin) < math.inf:  # a comparison: see _checks.check_float
         raise ValueError(f"margin must be a finite number, got {margin!r}")
     C.check_choice("mining", mining, ref.MININGS)
     C.check_choice("distance", distance, ref.DISTANCES)
