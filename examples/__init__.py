@@ -1,0 +1,1 @@
+"""Training runs on synthetic data (no downloads): stock torch against lossforge, same seed, same batches."""
