@@ -22,6 +22,7 @@ LEAF, REFERENCE, OPS, DISTRIBUTED, PUBLIC = range(5)
 LEAVES = {f"{PACKAGE}.{name}" for name in ("_checks", "_backends", "_autocast", "_once_differentiable")}
 PREFIX_LAYERS = [  # longest first
     (f"{PACKAGE}.losses", PUBLIC), (f"{PACKAGE}.functional", PUBLIC), (f"{PACKAGE}.modules", PUBLIC),
+    (f"{PACKAGE}.integrations", PUBLIC),
     (f"{PACKAGE}.distributed", DISTRIBUTED), (f"{PACKAGE}.ops", OPS), (f"{PACKAGE}.reference", REFERENCE),
 ]
 
