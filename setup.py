@@ -13,7 +13,8 @@ import sys
 from setuptools import setup
 
 PACKAGES = ["lossforge_kernels", "lossforge_kernels.reference", "lossforge_kernels.losses",
-            "lossforge_kernels.ops", "lossforge_kernels.distributed", "lossforge_kernels.triton_kernels"]
+            "lossforge_kernels.ops", "lossforge_kernels.distributed", "lossforge_kernels.integrations",
+            "lossforge_kernels.triton_kernels"]
 # Our Triton kernels live in ./triton_kernels but install as lossforge_kernels.triton_kernels: the
 # top-level name `triton_kernels` belongs to another distribution and must not be clobbered.
 PACKAGE_DIR = {"lossforge_kernels.triton_kernels": "triton_kernels"}
