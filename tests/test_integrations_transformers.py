@@ -221,3 +221,59 @@ def test_no_tensor_of_n_by_v_elements(patched):
         assert largest_tensor_of_a_training_step(model, inputs) < n_by_v
     else:  # the recorder sees the model's own logits
         assert largest_tensor_of_a_training_step(model, inputs) >= n_by_v
+
+
+def test_the_patched_forward_keeps_the_models_signature():
+    # Callers read it: transformers' Trainer keeps only the dataset columns the forward names.
+    import inspect
+
+    model = tiny("Llama")
+    before = inspect.signature(model.forward)
+    lf_hf.patch(model)
+    assert inspect.signature(model.forward) == before
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_trainer_with_gradient_accumulation_matches_the_unpatched_run(backend, tmp_path):
+    # A few optimiser steps of transformers' Trainer, two micro-batches per step (its loss is then a
+    # sum divided by num_items_in_batch): the logged losses and the final weights of both runs agree.
+    pytest.importorskip("accelerate")
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for ids in torch.randint(0, 97, (8, 12), generator=g):
+        data.append(dict(input_ids=ids, labels=torch.where(torch.rand(12, generator=g) < 0.2, -100, ids)))
+
+    def train(model):
+        losses = []
+
+        class Log(transformers.TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and "loss" in logs:
+                    losses.append(logs["loss"])
+
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2,
+            logging_steps=1, report_to=[], use_cpu=True, learning_rate=1e-2, save_strategy="no", seed=0,
+            dataloader_num_workers=0, disable_tqdm=True)
+        transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[Log()]).train()
+        return losses, [p.detach().clone() for p in model.parameters()]
+
+    want_losses, want_weights = train(tiny("Llama"))
+    losses, weights = train(lf_hf.patch(tiny("Llama"), backend=backend))
+    assert len(losses) == len(want_losses) == 2
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses), rtol=1e-5, atol=1e-6)
+    for w, want in zip(weights, want_weights):
+        torch.testing.assert_close(w, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_of_the_patched_model(backend):
+    model, inputs = tiny("Llama"), batch()
+    expected, expected_grads = loss_and_grads(model, inputs)
+    compiled = torch.compile(lf_hf.patch(model, backend=backend), backend="aot_eager")
+    got, got_grads = loss_and_grads(compiled, inputs)
+    assert got.logits is None
+    torch.testing.assert_close(got.loss, expected.loss, rtol=1e-5, atol=1e-7)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(got_grads[name.removeprefix("_orig_mod.")] if name in got_grads
+                                   else got_grads["_orig_mod." + name], grad, rtol=1e-5, atol=1e-7)

@@ -17,6 +17,7 @@ causal loss): any other step on the logits (a logit scale, an auxiliary loss...)
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 import types
@@ -70,8 +71,18 @@ def patch(model, *, backend="auto", **options):
     original = lm.__dict__.get("forward", _NO_FORWARD)
     setattr(lm, _STATE, (original, dict(options, backend=backend, softcap=cap) if cap is not None
                          else dict(options, backend=backend)))
-    lm.forward = types.MethodType(_forward, lm)
+    lm.forward = types.MethodType(_with_signature_of(type(lm).forward), lm)
     return model
+
+
+def _with_signature_of(forward):
+    """_forward under the class forward's name and signature: callers that inspect it (transformers'
+    Trainer keeps only the dataset columns the forward names) see the model's own arguments."""
+    @functools.wraps(forward)
+    def patched(self, *args, **kwargs):
+        return _forward(self, *args, **kwargs)
+
+    return patched
 
 
 def unpatch(model):
