@@ -21,7 +21,8 @@ KERNELS = f"{PACKAGE}.triton_kernels"
 LEAF, REFERENCE, OPS, DISTRIBUTED, PUBLIC = range(5)
 LEAVES = {f"{PACKAGE}.{name}" for name in ("_checks", "_backends", "_autocast", "_once_differentiable")}
 PREFIX_LAYERS = [  # longest first
-    (f"{PACKAGE}.losses", PUBLIC), (f"{PACKAGE}.functional", PUBLIC), (f"{PACKAGE}.modules", PUBLIC),
+    (f"{PACKAGE}.integrations", PUBLIC), (f"{PACKAGE}.losses", PUBLIC), (f"{PACKAGE}.functional", PUBLIC),
+    (f"{PACKAGE}.modules", PUBLIC),
     (f"{PACKAGE}.distributed", DISTRIBUTED), (f"{PACKAGE}.ops", OPS), (f"{PACKAGE}.reference", REFERENCE),
 ]
 
