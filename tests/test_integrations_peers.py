@@ -147,9 +147,10 @@ def test_batch_triplet_losses_match_sentence_transformers(st_losses, backend, di
 
 
 @pytest.mark.parametrize("name", ["BatchSemiHardTripletLoss", "BatchAllTripletLoss"])
-def test_semi_hard_and_batch_all_match_with_lone_labels(st_losses, name):
+@pytest.mark.parametrize("labels", [[0, 1, 2, 0, 1, 5, 3, 3, 0, 4], list(range(10))])  # some or all labels once
+def test_semi_hard_and_batch_all_match_with_lone_labels(st_losses, name, labels):
     g = torch.Generator().manual_seed(7)
-    labels = torch.tensor([0, 1, 2, 0, 1, 5, 3, 3, 0, 4])  # labels 2, 4 and 5 occur once
+    labels = torch.tensor(labels)
     ours, theirs = getattr(lf_st, name)(_Passthrough()), getattr(st_losses, name)(_Passthrough())
     _assert_same(lambda x: ours(_columns(x), labels), lambda x: theirs.compute_loss_from_embeddings([x], labels),
                  (torch.randn(10, 8, generator=g),))
