@@ -9,7 +9,9 @@ squared=True)`) or lossforge's names ("cos_sim", "dot_score", "euclidean", "squa
 
 Differences from sentence-transformers (both compute distances in the Gram form):
 - euclidean distance is `sqrt(max(squared, 0) + 1e-12)`; sentence-transformers gives exactly 0
-  (and a zero gradient) for coincident points. Equal to within 1e-12 / (2 d) for distinct points.
+  (and a zero gradient) where the squared distance rounds to 0 or below. Equal to within
+  1e-12 / (2 d) for distinct points; for (nearly) coincident points both are the Gram form's
+  rounding noise, about sqrt(2^-23) * |x|, and differ by that much.
 - cosine distance is `1 - cos`, not clamped at 0 (they differ only by rounding for near-duplicates).
 - BatchHardTripletLoss / BatchHardSoftMarginTripletLoss: an anchor whose label occurs once in the
   batch has no positive; sentence-transformers scores it as if its positive were at distance 0,
