@@ -1,5 +1,7 @@
-"""Adapters that put the fused losses into other libraries' models, one module per library.
+"""Adapters that put the fused losses into other libraries' models and training code, one module per
+library: a one-line patch for Hugging Face transformers' causal LMs, and drop-in loss modules with the
+constructor arguments and forward conventions of open_clip's and sentence-transformers' losses.
 
-Each module imports its library (an optional dependency) when it is imported itself:
-`from lossforge_kernels.integrations import transformers` needs Hugging Face transformers.
+`transformers` imports Hugging Face transformers (an optional dependency) when it is imported itself;
+the drop-in modules import nothing of their peers.
 """
