@@ -277,3 +277,27 @@ def test_torch_compile_of_the_patched_model(backend):
     for name, grad in expected_grads.items():
         torch.testing.assert_close(got_grads[name.removeprefix("_orig_mod.")] if name in got_grads
                                    else got_grads["_orig_mod." + name], grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_peft_lora_model(backend):
+    # patch() on a PEFT model patches the causal LM inside; the LoRA factors' gradients (and the loss)
+    # are the unpatched model's.
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny("Llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                lora_dropout=0.0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # LoRA starts at B = 0: give its factors a gradient through A as well
+                p.normal_(generator=torch.Generator().manual_seed(3))
+    inputs = batch()
+    expected, expected_grads = loss_and_grads(model, inputs)
+    lf_hf.patch(model, backend=backend)
+    got, got_grads = loss_and_grads(model, inputs)
+    assert got.logits is None and any("lora_A" in name for name in got_grads)
+    torch.testing.assert_close(got.loss, expected.loss, rtol=1e-5, atol=1e-7)
+    assert got_grads.keys() == expected_grads.keys()
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-5, atol=1e-7)
+    lf_hf.unpatch(model)
+    assert model(**inputs).logits is not None
