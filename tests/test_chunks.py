@@ -4,9 +4,7 @@ path sizing its chunks through it."""
 from __future__ import annotations
 
 import itertools
-import os
 import re
-import shutil
 import subprocess
 
 import pytest
@@ -18,10 +16,9 @@ from lossforge_kernels.ops import triplet as triplet_ops
 from lossforge_kernels.ops._chunks import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, Chunks, chunk_rows
 from lossforge_kernels.reference.triplet import Distance, Mining
 
-from .test_csrc_build import CSRC
+from .test_csrc_build import CSRC, host_program
 
 MiB = 1 << 20
-CXX = shutil.which(os.environ.get("CXX", "g++"))
 
 
 def _lce(n, v, buffers=1):
@@ -92,14 +89,7 @@ GRID = list(itertools.product((0, 1, 127, 4096, 262144), (1, 4 * 768, 2 * 128256
 
 @pytest.fixture(scope="module")
 def header_program(tmp_path_factory):
-    if CXX is None:
-        pytest.skip("a host C++ compiler is needed")
-    tmp = tmp_path_factory.mktemp("chunks")
-    (tmp / "chunks.cpp").write_text(_MAIN)
-    out = subprocess.run([CXX, "-std=c++17", "-O1", "-Wall", "-Werror", f"-I{CSRC}", str(tmp / "chunks.cpp"), "-o",
-                          str(tmp / "chunks")], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    return tmp / "chunks"
+    return host_program(tmp_path_factory, "chunks", _MAIN)
 
 
 def test_header_matches_the_python_rule(header_program):

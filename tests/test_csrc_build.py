@@ -310,16 +310,21 @@ int main(int argc, char** argv) {
 """
 
 
-@pytest.fixture(scope="module")
-def plan_program(tmp_path_factory):
+def host_program(tmp_path_factory, name: str, source: str) -> pathlib.Path:
+    """`source` (a main() over csrc/ headers) compiled for the host: the plain C++ tests of host logic."""
     if CXX is None:
         pytest.skip("a host C++ compiler is needed")
-    tmp = tmp_path_factory.mktemp("row_plan")
-    (tmp / "plan.cpp").write_text(_PLAN_MAIN)
-    cmd, code, text = _run([CXX, "-std=c++17", "-O1", "-Wall", "-Werror", f"-I{CSRC}", str(tmp / "plan.cpp"),
-                            "-o", str(tmp / "plan")])
+    tmp = tmp_path_factory.mktemp(name)
+    (tmp / f"{name}.cpp").write_text(source)
+    cmd, code, text = _run([CXX, "-std=c++17", "-O1", "-Wall", "-Werror", f"-I{CSRC}", str(tmp / f"{name}.cpp"),
+                            "-o", str(tmp / name)])
     assert code == 0, f"$ {' '.join(cmd)}\n{text}"
-    return tmp / "plan"
+    return tmp / name
+
+
+@pytest.fixture(scope="module")
+def plan_program(tmp_path_factory):
+    return host_program(tmp_path_factory, "row_plan", _PLAN_MAIN)
 
 
 def _plan(program, packets, unroll, keep_in_smem, rows, **knobs):

@@ -605,7 +605,8 @@ def test_half_gradient_products_at_large_batch_magnitudes(fp32_out_products_on_c
                                (Distance.SQUARED_EUCLIDEAN, torch.rand(n, generator=gen) + 0.5)),
                               _parts(coef).items())
     for (distance, inv_norm), (part, coef) in cases:
-        chunks = SimpleNamespace(x=x, inv_norm=inv_norm, distance=distance, gram=torch.empty(step, n))
+        chunks = SimpleNamespace(x=x, inv_norm=inv_norm, params=SimpleNamespace(distance=distance),
+                                 gram=torch.empty(step, n))
         sink = ops._RowGradient(chunks)
         for start in range(0, n, step):
             stop = min(n, start + step)

@@ -126,6 +126,12 @@ def grad_factor(divisor, like: torch.Tensor) -> torch.Tensor:
     return torch.full((), value, device=like.device, dtype=F32)
 
 
+def grad_factor_rows(grad_factor: torch.Tensor, rows: int) -> torch.Tensor:
+    """The gradient factor as per-row grad_outputs, for families whose fused forward runs their rows
+    backward: (rows,) float32, contiguous."""
+    return grad_factor.reshape(1).expand(rows).contiguous()
+
+
 def _graph_kept() -> bool:
     """Whether the running backward keeps the graph for another one (True when unknown)."""
     return True if _keep_graph is None else bool(_keep_graph())

@@ -60,7 +60,7 @@ from ..reference.contrastive import Kind
 from ._labels import class_sizes
 from ._contracts import F32, KERNEL_DTYPES, fail, require_choice, require_tensor
 from ._library import KernelOp
-from .builder import FusedLoss, build
+from .builder import FusedLoss, build, grad_factor_rows
 
 INFO_NCE, SUPCON, SIGLIP = Kind  # the kernel ops' `kind` values
 
@@ -174,11 +174,6 @@ def _run_backward(backend, grad_rows, query, key, labels, logit_scale, logit_bia
             torch.sum(coef[row], dim=0, out=grad)
 
 
-def _uniform_rows(grad_factor, b):
-    """grad_rows of a fused 'mean'/'sum' forward: the builder's gradient factor for every row."""
-    return grad_factor.reshape(1).expand(b).contiguous()
-
-
 def _zero(like):
     return like.new_zeros((), dtype=F32)
 
@@ -195,7 +190,7 @@ def _info_nce_forward(backend, tensors, params, grads, grad_factor, reduce):
     loss, stats = _run_forward(backend, query, key, None, logit_scale, logit_bias, INFO_NCE, params.normalize,
                                params.symmetric)
     if grads is not None:
-        _run_backward(backend, _uniform_rows(grad_factor, query.shape[0]), query, key, None, logit_scale, logit_bias,
+        _run_backward(backend, grad_factor_rows(grad_factor, query.shape[0]), query, key, None, logit_scale, logit_bias,
                       stats, [*grads, None], INFO_NCE, params.normalize, params.symmetric)
     return _finish(loss, stats, reduce)
 
@@ -245,7 +240,7 @@ def _supcon_forward(backend, tensors, params, grads, grad_factor, reduce):
     loss, stats = _run_forward(backend, features, features, labels, logit_scale, logit_bias, SUPCON,
                                params.normalize, False)
     if grads is not None:
-        rows = _supcon_rows_grad(_uniform_rows(grad_factor, features.shape[0]), stats)
+        rows = _supcon_rows_grad(grad_factor_rows(grad_factor, features.shape[0]), stats)
         _run_backward(backend, rows, features, features, labels, logit_scale, logit_bias, stats,
                       [grads[0], None, None, None], SUPCON, params.normalize, False)
     return _finish(loss, stats, reduce)
@@ -276,7 +271,7 @@ def _siglip_forward(backend, tensors, params, grads, grad_factor, reduce):
     query, key, logit_scale, logit_bias = tensors
     loss, stats = _run_forward(backend, query, key, None, logit_scale, logit_bias, SIGLIP, params.normalize, False)
     if grads is not None:
-        _run_backward(backend, _uniform_rows(grad_factor, query.shape[0]), query, key, None, logit_scale,
+        _run_backward(backend, grad_factor_rows(grad_factor, query.shape[0]), query, key, None, logit_scale,
                       logit_bias, stats, list(grads), SIGLIP, params.normalize, False)
     return _finish(loss, stats, reduce)
 

@@ -45,7 +45,7 @@ from ._labels import class_sizes
 from .._backends import usable
 from ._contracts import F32, KERNEL_DTYPES, fail, require_choice, require_tensor
 from ._library import KernelOp
-from .builder import FusedLoss, build
+from .builder import FusedLoss, build, grad_factor_rows
 
 I64 = torch.int64
 PARAMS = ("int distance", "float margin", "bool soft_margin")
@@ -357,7 +357,6 @@ class _RowChunks:
     def __init__(self, backend, tensors, params):
         self.x, self.labels, self.inv_norm = tensors
         self.params = params
-        self.distance = params.distance
         n = self.x.shape[0]
         # one C x B fp32 block within the budget
         self.step = chunk_rows(n, 4 * n, params.chunk_size, input_bytes=self.x.nbytes)
@@ -389,7 +388,7 @@ class _RowGradient:
 
     def __init__(self, chunks):
         self.chunks = chunks
-        self.centered = chunks.distance != Distance.COSINE
+        self.centered = chunks.params.distance != Distance.COSINE
         self.g = torch.zeros(chunks.x.shape, device=chunks.x.device, dtype=F32)
 
     def add(self, start, stop, coef):
@@ -437,7 +436,7 @@ def _rows_pass(backend, tensors, params, row_weight, grads):
 
 
 def _rows_forward(backend, tensors, params, grads, grad_factor, reduce):
-    weight = None if grads is None else grad_factor.reshape(1).expand(tensors[0].shape[0]).contiguous()
+    weight = None if grads is None else grad_factor_rows(grad_factor, tensors[0].shape[0])
     loss, _ = _rows_pass(backend, tensors, params, weight, grads)
     return (loss.sum() if reduce else loss), ()
 
