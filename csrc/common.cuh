@@ -11,6 +11,11 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+// The dynamic shared memory of a launch, as an array of `type` (the emulation defines its own).
+#ifndef LOSSFORGE_DYNAMIC_SMEM
+#define LOSSFORGE_DYNAMIC_SMEM(type, name) extern __shared__ type name[]
+#endif
+
 namespace lossforge {
 
 constexpr float kLog2e = 1.4426950408889634f;
@@ -107,16 +112,22 @@ __device__ __forceinline__ void st_once(void* p, const uint4& v) { __stcs(reinte
 // 2^x on the special-function unit (2 ulp; results below 2^-126 flush to 0, which every caller
 // adds to or multiplies a term of order 1 with).
 __device__ __forceinline__ float fast_exp2(float x) {
+#ifdef LOSSFORGE_EMULATE
+  return emulate::ex2_approx_ftz(x);
+#else
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+#endif
 }
 // Asks L2 for the first `bytes` of p (one request per 128-byte line, spread over the block): a
 // block about to reduce a row and write its gradient keeps DRAM busy with the next row meanwhile.
 __device__ __forceinline__ void prefetch_l2(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (int64_t off = threadIdx.x * int64_t{128}; off < bytes; off += blockDim.x * int64_t{128}) {
+#ifndef LOSSFORGE_EMULATE  // a hint only: nothing to emulate
     asm volatile("prefetch.global.L2 [%0];" ::"l"(c + off));
+#endif
   }
 }
 

@@ -19,7 +19,6 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include "chunks.h"
@@ -31,19 +30,6 @@ namespace contrastive {
 namespace {
 
 // ---- the chunk products, through torch's matrix product (cuBLAS on the current stream) ----
-
-// out (rows, n) fp32 = a (rows, k) . b^T with b (n, k); half inputs accumulate straight into fp32
-// (mm's out_dtype overload), fp32 inputs follow torch's matmul precision (full fp32 unless the
-// caller allowed TF32).
-void product_fp32_out(const at::Tensor& a, const at::Tensor& b_t, at::Tensor out) {
-  if (a.size(1) == 0) {  // an empty sum
-    out.zero_();
-  } else if (a.scalar_type() == at::kFloat) {
-    at::mm_out(out, a, b_t);
-  } else {
-    at::mm_out(out, a, b_t, at::kFloat);
-  }
-}
 
 // sim (rows, n) = x (rows, d) . y (n, d)^T
 void similarities(const at::Tensor& x, const at::Tensor& y, at::Tensor sim) { product_fp32_out(x, y.t(), sim); }
@@ -372,7 +358,7 @@ void contrastive_bwd_cuda(const at::Tensor& grad_rows, const at::Tensor& query, 
 }  // namespace contrastive
 }  // namespace lossforge
 
-TORCH_LIBRARY_IMPL(lossforge, CUDA, m) {
+TORCH_LIBRARY_IMPL(lossforge, LOSSFORGE_DISPATCH_KEY, m) {
   m.impl("contrastive_fwd_cuda", TORCH_FN(lossforge::contrastive::contrastive_fwd_cuda));
   m.impl("contrastive_bwd_cuda", TORCH_FN(lossforge::contrastive::contrastive_bwd_cuda));
 }

@@ -173,7 +173,7 @@ void cross_entropy_bwd_cuda(const at::Tensor& grad_rows, const at::Tensor& logit
 }  // namespace
 }  // namespace lossforge
 
-TORCH_LIBRARY_IMPL(lossforge, CUDA, m) {
+TORCH_LIBRARY_IMPL(lossforge, LOSSFORGE_DISPATCH_KEY, m) {
   m.impl("cross_entropy_fwd_cuda", TORCH_FN(lossforge::cross_entropy_fwd_cuda));
   m.impl("cross_entropy_bwd_cuda", TORCH_FN(lossforge::cross_entropy_bwd_cuda));
 }

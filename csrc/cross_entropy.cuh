@@ -153,7 +153,7 @@ template <typename T, bool kSoft, bool kSmooth, bool kWElem, bool kCap, bool kGr
 __global__ void __launch_bounds__(kMaxThreads, 1) ce_fwd_kernel(const CeArgs a) {
   constexpr int kN = Elem<T>::kPerPacket;
   constexpr int kU = unroll_for(kSoft, kWElem, kCap);
-  extern __shared__ uint4 cache[];
+  LOSSFORGE_DYNAMIC_SMEM(uint4, cache);
   __shared__ ReduceSmem red;
   __shared__ RowGrad shared_rg;
   const int tid = threadIdx.x;

@@ -9,6 +9,7 @@
 #include <utility>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/mm.h>
 #include <c10/core/Device.h>
 #include <c10/core/ScalarType.h>
 #include <c10/cuda/CUDAException.h>
@@ -20,6 +21,11 @@
 
 #include "row_plan.h"
 
+// The dispatch key the ops register for: CUDA, or CPU when the kernels are emulated on the host.
+#ifndef LOSSFORGE_DISPATCH_KEY
+#define LOSSFORGE_DISPATCH_KEY CUDA
+#endif
+
 namespace lossforge {
 
 // ---- checks (ValueError / TypeError in Python) ----
@@ -30,7 +36,11 @@ inline void check_on(const char* op, const char* name, const at::Tensor& t, cons
 }
 
 inline void check_cuda(const char* op, const char* name, const at::Tensor& t) {
+#ifdef LOSSFORGE_EMULATE
+  TORCH_CHECK_VALUE(t.is_cpu(), op, ": ", name, " must be a CPU tensor (CUDA emulation), got device ", t.device());
+#else
   TORCH_CHECK_VALUE(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
+#endif
 }
 
 inline bool is_kernel_float(at::ScalarType st) {
@@ -95,6 +105,26 @@ void with_flag(bool b, F&& f) {
   }
 }
 
+// ---- products (cuBLAS through torch, on the current stream) ----
+
+// out (rows, n) fp32 = a (rows, k) . b (k, n); half inputs accumulate straight into fp32 (mm's
+// out_dtype overload), fp32 inputs follow torch's matmul precision (full fp32 unless the caller
+// allowed TF32). Emulated, the CPU has no out_dtype product: the half inputs are widened first,
+// which gives the same exact products and fp32 sums.
+inline void product_fp32_out(const at::Tensor& a, const at::Tensor& b, at::Tensor out) {
+  if (a.size(1) == 0) {  // an empty sum
+    out.zero_();
+  } else if (a.scalar_type() == at::kFloat) {
+    at::mm_out(out, a, b);
+  } else {
+#ifdef LOSSFORGE_EMULATE
+    at::mm_out(out, a.to(at::kFloat), b.to(at::kFloat));
+#else
+    at::mm_out(out, a, b, at::kFloat);
+#endif
+  }
+}
+
 // ---- device limits and launch plans ----
 
 inline int device_attr(cudaDeviceAttr attr, int device) {
@@ -123,7 +153,11 @@ void launch(c10::Device device, void (*kernel)(Params...), dim3 grid, dim3 block
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                                         cudaSharedmemCarveoutMaxShared));
   }
+#ifdef LOSSFORGE_EMULATE
+  emulate::launch(kernel, grid, block, smem, std::forward<Args>(args)...);
+#else
   kernel<<<grid, block, smem, c10::cuda::getCurrentCUDAStream(device.index())>>>(std::forward<Args>(args)...);
+#endif
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -96,6 +96,6 @@ void scale_grad_cuda(const at::Tensor& grad, const at::Tensor& grad_output) {
 }  // namespace
 }  // namespace lossforge
 
-TORCH_LIBRARY_IMPL(lossforge, CUDA, m) {
+TORCH_LIBRARY_IMPL(lossforge, LOSSFORGE_DISPATCH_KEY, m) {
   m.impl("scale_grad_cuda", TORCH_FN(lossforge::scale_grad_cuda));
 }

@@ -312,7 +312,7 @@ void sigmoid_focal_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& input,
 }  // namespace
 }  // namespace lossforge
 
-TORCH_LIBRARY_IMPL(lossforge, CUDA, m) {
+TORCH_LIBRARY_IMPL(lossforge, LOSSFORGE_DISPATCH_KEY, m) {
   m.impl("sigmoid_focal_fwd_cuda", TORCH_FN(lossforge::sigmoid_focal_fwd_cuda));
   m.impl("sigmoid_focal_bwd_cuda", TORCH_FN(lossforge::sigmoid_focal_bwd_cuda));
 }

@@ -15,7 +15,6 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include "chunks.h"
@@ -106,11 +105,7 @@ void triplet_mine_cuda(const at::Tensor& x, const at::Tensor& labels, const std:
     const int64_t rows = std::min(chunk, n - row0);
     at::Tensor block = gram.narrow(0, 0, rows);
     const at::Tensor part = x.narrow(0, row0, rows);
-    if (x.scalar_type() == at::kFloat) {
-      at::mm_out(block, part, xt);
-    } else {
-      at::mm_out(block, part, xt, at::kFloat);  // fp32 output: no rounding of the dot products
-    }
+    product_fp32_out(part, xt, block);  // fp32 output: no rounding of the dot products
     a.gram = block.const_data_ptr<float>();
     a.row0 = row0;
     a.rows = rows;
@@ -226,7 +221,7 @@ void triplet_row_loss_cuda(const at::Tensor& gram, const at::Tensor& sq, const s
 }  // namespace triplet
 }  // namespace lossforge
 
-TORCH_LIBRARY_IMPL(lossforge, CUDA, m) {
+TORCH_LIBRARY_IMPL(lossforge, LOSSFORGE_DISPATCH_KEY, m) {
   m.impl("triplet_mine_cuda", TORCH_FN(lossforge::triplet::triplet_mine_cuda));
   m.impl("triplet_pair_grad_cuda", TORCH_FN(lossforge::triplet::triplet_pair_grad_cuda));
   m.impl("triplet_row_loss_cuda", TORCH_FN(lossforge::triplet::triplet_row_loss_cuda));

@@ -1,7 +1,8 @@
 """Backend registry: which implementations exist, which are usable here, which one a call gets.
 
 Backends: "reference" (plain PyTorch, any device), "triton" and "cuda" (fused kernels, CUDA
-tensors; Triton also runs CPU tensors under TRITON_INTERPRET=1). Availability is probed once.
+tensors; Triton also runs CPU tensors under TRITON_INTERPRET=1, and the CUDA kernels under
+LOSSFORGE_CUDA_EMULATE=1). Availability is probed once.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import os
 import re
 
 import torch
+
+from . import _cuda_emulation
 
 BACKENDS = ("auto", "cuda", "triton", "reference")
 KERNEL_BACKENDS = ("cuda", "triton")
@@ -79,6 +82,13 @@ def _triton_problem() -> str | None:
 
 @functools.cache
 def _cuda_extension_problem() -> str | None:
+    if _cuda_emulation.enabled():
+        try:
+            _cuda_emulation.load()
+        except Exception as exc:
+            return (f"{_cuda_emulation.ENV}=1 is set but the emulated CUDA kernels could not be built or loaded "
+                    f"({type(exc).__name__}: {exc})")
+        return None
     if not torch.cuda.is_available():
         return "no CUDA GPU is visible to torch"
     try:
@@ -113,8 +123,11 @@ def available_backends() -> dict[str, BackendInfo]:
     for name, what in (("triton", "Triton kernels"), ("cuda", "CUDA C++ kernels")):
         problem = _problem(name)
         if problem is None:
-            where = "CPU tensors through the Triton interpreter" if name == "triton" and triton_interpreter() \
-                else "CUDA tensors"
+            where = "CUDA tensors"
+            if name == "triton" and triton_interpreter():
+                where = "CPU tensors through the Triton interpreter"
+            elif name == "cuda" and _cuda_emulation.enabled():
+                where = "CPU tensors through the CUDA emulation"
             out[name] = BackendInfo(name, True, f"{what} on {where}")
         else:
             out[name] = BackendInfo(name, False, problem)
@@ -142,7 +155,10 @@ def families() -> dict[str, LossKernels]:
     return dict(_FAMILIES)
 
 
-def _runs_on(name: str, device: torch.device) -> bool:
+def runs_on(name: str, device: torch.device) -> bool:
+    """Whether kernel backend `name` takes tensors on `device` (CPU: under the interpreter or emulation)."""
+    if name == "cuda" and _cuda_emulation.enabled():
+        return device.type == "cpu"
     if device.type == "cuda":
         return True
     return name == "triton" and triton_interpreter() and device.type == "cpu"
@@ -194,9 +210,10 @@ def resolve_backend(backend: str, family: str, sample: torch.Tensor, gap: str | 
     problem = _problem(backend)
     if problem is not None:
         raise BackendUnavailableError(f"{source} is unavailable: {problem}")
-    if not _runs_on(backend, sample.device):
+    if not runs_on(backend, sample.device):
         raise BackendUnavailableError(
-            f"{source} needs CUDA tensors, got a tensor on {sample.device}")
+            f"{source} needs {'CPU tensors (CUDA emulation)' if backend == 'cuda' and _cuda_emulation.enabled() else 'CUDA tensors'}, "
+            f"got a tensor on {sample.device}")
     if sample.dtype not in kernels.dtypes:
         raise BackendUnavailableError(
             f"{source}: {family} kernels take {[str(d) for d in kernels.dtypes]}, got {sample.dtype}")

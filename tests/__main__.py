@@ -1,7 +1,8 @@
 """`python -m tests [pytest args]`: the project's whole test command.
 
-Without a CUDA GPU the Triton kernels are tested on CPU tensors through the Triton interpreter
-(TRITON_INTERPRET=1, set here before anything imports Triton); with a GPU they run natively.
+Without a CUDA GPU the kernels are tested on CPU tensors: the Triton kernels through the Triton
+interpreter (TRITON_INTERPRET=1, set here before anything imports Triton) and the CUDA kernels through
+the CUDA emulation (LOSSFORGE_CUDA_EMULATE=1, built on first use); with a GPU they run natively.
 pytest's "no tests collected" counts as a failure.
 """
 import importlib
@@ -30,8 +31,10 @@ def main() -> int:
         has_gpu = False
     if not has_gpu:
         env.setdefault("TRITON_INTERPRET", "1")
+        env.setdefault("LOSSFORGE_CUDA_EMULATE", "1")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    mode = "native GPU" if has_gpu else f"CPU, TRITON_INTERPRET={env['TRITON_INTERPRET']}"
+    mode = "native GPU" if has_gpu else \
+        f"CPU, TRITON_INTERPRET={env['TRITON_INTERPRET']}, LOSSFORGE_CUDA_EMULATE={env['LOSSFORGE_CUDA_EMULATE']}"
     print(f"lossforge_kernels tests ({mode}; {_versions()})", flush=True)
     code = subprocess.call([sys.executable, "-m", "pytest", "tests", *sys.argv[1:]], cwd=root, env=env)
     if code == 5:

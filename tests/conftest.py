@@ -1,7 +1,8 @@
 """Shared fixtures: which backends and device the tests run on here.
 
 Kernel backends are tested where they run: on a GPU ("cuda", "triton"), or on CPU tensors for
-"triton" when TRITON_INTERPRET=1 was set before the first import.
+"triton" when TRITON_INTERPRET=1 was set before the first import, and for "cuda" when
+LOSSFORGE_CUDA_EMULATE=1 was.
 """
 import os
 
@@ -13,12 +14,15 @@ from lossforge_kernels._backends import interpreter_numpy_problem  # noqa: F401 
 
 HAS_GPU = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+EMULATE = os.environ.get("LOSSFORGE_CUDA_EMULATE", "0") not in ("", "0")
 
 
 def pytest_configure(config):
     problem = interpreter_numpy_problem() if INTERPRET else None
     if problem:
         raise pytest.UsageError(problem)
+    if EMULATE and not lf.available_backends()["cuda"].available:  # never a silent skip of the CUDA kernels
+        raise pytest.UsageError(lf.available_backends()["cuda"].reason)
 
 
 def kernel_backends():
@@ -29,6 +33,8 @@ def kernel_backends():
 def device_for(backend):
     if backend == "reference":
         return "cuda" if HAS_GPU else "cpu"
+    if backend == "cuda":
+        return "cpu" if EMULATE else "cuda"
     return "cpu" if (backend == "triton" and INTERPRET and not HAS_GPU) else "cuda"
 
 

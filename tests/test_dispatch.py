@@ -8,18 +8,30 @@ import torch
 
 import lossforge_kernels as lf
 from lossforge_kernels import _backends
-from tests.conftest import HAS_GPU, INTERPRET
+from lossforge_kernels import _cuda_emulation
+from tests.conftest import EMULATE, HAS_GPU, INTERPRET
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_python(code, **env):
-    full_env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LOSSFORGE_BACKEND")}
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("TRITON_INTERPRET", "LOSSFORGE_BACKEND", _cuda_emulation.ENV)}
     full_env.update(env)
     out = subprocess.run([sys.executable, "-c", code], cwd="/tmp" if os.path.isdir("/tmp") else None,
                          env=full_env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
+
+
+@pytest.fixture
+def no_emulation(monkeypatch):
+    """The CUDA backend as a CPU machine without the emulation sees it."""
+    monkeypatch.setenv(_cuda_emulation.ENV, "0")
+    _backends._cuda_extension_problem.cache_clear()
+    yield
+    monkeypatch.undo()
+    _backends._cuda_extension_problem.cache_clear()
 
 
 def test_available_backends_reports_every_backend_with_a_reason():
@@ -28,12 +40,45 @@ def test_available_backends_reports_every_backend_with_a_reason():
     assert info["reference"].available
     for item in info.values():
         assert isinstance(item, lf.BackendInfo) and item.reason
-    if not HAS_GPU:
+    if EMULATE:
+        assert info["cuda"].available and "CPU tensors through the CUDA emulation" in info["cuda"].reason
+    elif not HAS_GPU:
         assert not info["cuda"].available and "GPU" in info["cuda"].reason
 
 
 @pytest.mark.skipif(HAS_GPU, reason="checks the behaviour without a GPU")
-def test_explicit_unavailable_backend_raises_with_reason():
+def test_without_a_gpu_or_emulation_cuda_is_unavailable(no_emulation):
+    info = lf.available_backends()["cuda"]
+    assert not info.available and "no CUDA GPU" in info.reason
+
+
+@pytest.mark.skipif(not EMULATE, reason="runs with the CUDA emulation (LOSSFORGE_CUDA_EMULATE=1)")
+def test_emulated_cuda_takes_cpu_tensors_only():
+    x, t = torch.randn(2, 3), torch.tensor([0, 1])
+    torch.testing.assert_close(lf.cross_entropy(x, t, backend="cuda"), torch.nn.functional.cross_entropy(x, t))
+    assert _backends.resolve_backend("auto", "cross_entropy", x) == "reference"  # auto keeps CPU on the reference
+    with pytest.raises(lf.BackendUnavailableError, match=r"needs CPU tensors \(CUDA emulation\), got a tensor on meta"):
+        _backends.resolve_backend("cuda", "cross_entropy", torch.empty(2, 3, device="meta"))
+
+
+def test_emulation_build_failure_is_the_reason(monkeypatch):
+    def broken():
+        raise RuntimeError("c++: command not found")
+
+    monkeypatch.setenv(_cuda_emulation.ENV, "1")
+    monkeypatch.setattr(_cuda_emulation, "load", broken)
+    _backends._cuda_extension_problem.cache_clear()
+    try:
+        problem = _backends._cuda_extension_problem()
+    finally:
+        monkeypatch.undo()
+        _backends._cuda_extension_problem.cache_clear()
+    assert "LOSSFORGE_CUDA_EMULATE=1 is set but the emulated CUDA kernels could not be built" in problem
+    assert "c++: command not found" in problem
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the behaviour without a GPU")
+def test_explicit_unavailable_backend_raises_with_reason(no_emulation):
     x, t = torch.randn(2, 3), torch.tensor([0, 1])
     with pytest.raises(lf.BackendUnavailableError, match="backend='cuda' is unavailable: no CUDA GPU"):
         lf.cross_entropy(x, t, backend="cuda")
@@ -42,7 +87,7 @@ def test_explicit_unavailable_backend_raises_with_reason():
             lf.sigmoid_focal_loss(x, t.float()[:, None].expand(2, 3).contiguous(), backend="triton")
 
 
-def test_auto_on_cpu_is_reference_and_env_override(monkeypatch):
+def test_auto_on_cpu_is_reference_and_env_override(monkeypatch, no_emulation):
     x, t = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
     assert _backends.resolve_backend("auto", "cross_entropy", x) == "reference"
     monkeypatch.setenv("LOSSFORGE_BACKEND", "reference")
@@ -77,7 +122,7 @@ def test_float64_and_unknown_backend():
         _backends.resolve_backend("fast", "cross_entropy", x)
 
 
-def test_missing_extension_warns_once_and_leaves_other_backends(monkeypatch, caplog):
+def test_missing_extension_warns_once_and_leaves_other_backends(monkeypatch, caplog, no_emulation):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setitem(sys.modules, "lossforge_kernels._C", None)  # import fails as if never built
     _backends._cuda_extension_problem.cache_clear()

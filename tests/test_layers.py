@@ -1,5 +1,6 @@
 """The package's imports go one way: public losses -> distributed -> ops -> reference, with leaf
-modules (argument checks, backends, autocast, once-differentiable) importable from anywhere.
+modules (argument checks, backends, the CUDA emulation, autocast, once-differentiable) importable from
+anywhere.
 
 Pure `ast` over the sources (nothing is imported), so a cycle cannot hide behind a function-level
 import, and a layer cannot reach into another module's private names. The Triton kernel modules
@@ -19,7 +20,7 @@ KERNELS = f"{PACKAGE}.triton_kernels"
 
 # Rank of each layer: a module may import its own rank or lower. Leaves import only leaves.
 LEAF, REFERENCE, OPS, DISTRIBUTED, PUBLIC = range(5)
-LEAVES = {f"{PACKAGE}.{name}" for name in ("_checks", "_backends", "_autocast", "_once_differentiable")}
+LEAVES = {f"{PACKAGE}.{name}" for name in ("_checks", "_backends", "_cuda_emulation", "_autocast", "_once_differentiable")}
 PREFIX_LAYERS = [  # longest first
     (f"{PACKAGE}.losses", PUBLIC), (f"{PACKAGE}.functional", PUBLIC), (f"{PACKAGE}.modules", PUBLIC),
     (f"{PACKAGE}.integrations", PUBLIC),

@@ -225,7 +225,7 @@ def test_bad_input_is_refused_by_name(kernel_backend):
     with pytest.raises(lf.BackendUnavailableError, match="triplet kernels take"):
         lf.triplet_loss(x.double(), labels, backend=kernel_backend)
     out = [torch.empty(6, dtype=torch.int64, device=device), torch.empty(6, device=device)] * 2
-    mine = ops.MINE.overloads[kernel_backend]
+    mine = ops.MINE[kernel_backend]  # the contract check, then the kernel
     with pytest.raises(ValueError, match=r"triplet_mine: labels must be a contiguous torch.int64 tensor of shape "
                                          r"\(6,\)"):
         mine(x, labels.int(), None, Distance.EUCLIDEAN, *out)
@@ -459,7 +459,7 @@ def test_row_kernel_refuses_bad_input_by_name(kernel_backend):
     x, labels = torch.randn(6, 4).to(device), torch.tensor([0, 1, 0, 1, 2, 2]).to(device)
     with pytest.raises(BackendUnavailableError, match="triplet kernels take"):
         lf.triplet_loss(x.double(), labels, mining="batch_all", backend=kernel_backend)
-    op = ops.ROW_LOSS.overloads[kernel_backend]
+    op = ops.ROW_LOSS[kernel_backend]  # the contract check, then the kernel
     gram, sq = (x[:2] @ x.T).contiguous(), (x * x).sum(1)
     out = (torch.empty(2, device=device), torch.empty(2, dtype=torch.int64, device=device))
     with pytest.raises(ValueError, match="triplet_row_loss: row0 must be in"):

@@ -31,7 +31,8 @@ def require_tensor(op: str, name: str, t: torch.Tensor, shape: tuple, like: torc
 def require_choice(op: str, name: str, value: int, choices) -> None:
     """`value` one of `choices` (members of an IntEnum), as the int the kernel ops take."""
     if value not in {int(c) for c in choices}:
-        fail(op, f"{name} must be one of {', '.join(f'{int(c)} ({c.name})' for c in choices)}, got {value!r}")
+        got = int(value) if isinstance(value, int) else repr(value)  # an enum member as the int the op takes
+        fail(op, f"{name} must be one of {', '.join(f'{int(c)} ({c.name})' for c in choices)}, got {got}")
 
 
 def require_grad_factor(op: str, grad_factor: torch.Tensor | None, grad, like: torch.Tensor) -> None:

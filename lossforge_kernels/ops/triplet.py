@@ -42,7 +42,7 @@ from ..reference import triplet as ref
 from ..reference.triplet import Distance, Mining
 from ._chunks import chunk_rows, fp32_out_products
 from ._labels import class_sizes
-from .._backends import usable
+from .._backends import runs_on, usable
 from ._contracts import F32, KERNEL_DTYPES, fail, require_choice, require_tensor
 from ._library import KernelOp
 from .builder import FusedLoss, build, grad_factor_rows
@@ -448,7 +448,7 @@ def _rows_backward(backend, grad_rows, tensors, saved, params, grads):
 
 def counting_backend(device: torch.device) -> str:
     """The backend whose kernel counts hinge batch_all's non-zero triplets: a count is the same on both."""
-    return "cuda" if device.type == "cuda" and usable("cuda") else "triton"
+    return "cuda" if usable("cuda") and runs_on("cuda", device) else "triton"
 
 
 def _rows_mean_divisor(tensors, params):

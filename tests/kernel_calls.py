@@ -1,0 +1,54 @@
+"""One small call of every kernel family, forward and backward, on one backend:
+`python -m tests.kernel_calls BACKEND DEVICE`. Run under AddressSanitizer on the CUDA emulation
+(tests/test_cuda_emulation.py) and under compute-sanitizer on a GPU (python -m tests.gpu), so that a
+memory error with the kernels' real index arithmetic fails. Shapes are odd and small: every kernel
+meets a ragged edge, and a sanitizer run stays short."""
+import sys
+
+import torch
+
+import lossforge_kernels as lf
+from lossforge_kernels.ops._library import SCALE_GRAD
+
+
+def _backward(loss):
+    loss.backward()
+    if not torch.isfinite(loss).all():
+        raise AssertionError(f"non-finite loss {loss}")
+
+
+def every_family(backend: str, device: str) -> None:
+    torch.manual_seed(0)
+
+    def rand(*shape, dtype, grad=True):
+        return torch.randn(*shape, dtype=dtype, device=device).requires_grad_(grad)
+
+    for dtype in (torch.float32, torch.bfloat16):
+        x = rand(7, 45, dtype=dtype)
+        t = torch.randint(0, 45, (7,), device=device)
+        _backward(lf.cross_entropy(x, t, label_smoothing=0.1, backend=backend))
+        soft = torch.softmax(torch.randn(7, 45, device=device), -1).to(dtype)
+        _backward(lf.cross_entropy(x, soft, backend=backend))
+        _backward(lf.cross_entropy(x, t, reduction="none", focal_gamma=2.0, softcap=20.0, backend=backend).sum())
+        h, w = rand(7, 24, dtype=dtype), rand(45, 24, dtype=dtype)
+        _backward(lf.linear_cross_entropy(h, w, t, backend=backend))
+        _backward(lf.sigmoid_focal_loss(x, torch.rand(7, 45, device=device).to(dtype), reduction="mean",
+                                        backend=backend))
+        q, k = rand(9, 20, dtype=dtype), rand(11, 20, dtype=dtype)
+        _backward(lf.info_nce(q, k, symmetric=False, backend=backend))
+        _backward(lf.info_nce(q, k[:9], backend=backend))
+        scale, bias = torch.tensor(10.0, device=device), torch.tensor(-10.0, device=device)
+        _backward(lf.siglip_loss(q, k[:9], scale, bias, backend=backend))
+        _backward(lf.supcon_loss(q, torch.arange(9, device=device) % 3, backend=backend))
+        e = rand(12, 20, dtype=dtype)
+        labels = torch.arange(12, device=device) % 4
+        for mining in ("batch_hard", "semi_hard", "batch_all"):
+            _backward(lf.triplet_loss(e, labels, mining=mining, backend=backend))
+        SCALE_GRAD[backend](torch.randn(5, 33, dtype=dtype, device=device), torch.tensor(0.5, device=device))
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    every_family(*sys.argv[1:3])
+    print("every family ran")

@@ -1,0 +1,145 @@
+"""The CUDA emulation (LOSSFORGE_CUDA_EMULATE=1, csrc/emulate/): what it models and what it reports.
+
+The kernels of tests/emulation/kernels.cu run on the emulation's scheduler as a plain host program:
+barriers and warp collectives exchange values between threads, launch limits are the driver's,
+conversions round as the GPU does, and each kind of bug the GPU would show only as a hang or garbage
+is reported with its source line. Under AddressSanitizer an out-of-bounds global access fails, in
+that program and in one small call of every kernel family of the real extension.
+The kernel families themselves are tested against the references by every test that takes
+`kernel_backend` (the "cuda" backend runs on CPU tensors under the emulation).
+"""
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from lossforge_kernels import _cuda_emulation
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CXX = shutil.which("c++") or shutil.which("g++")
+needs_cxx = pytest.mark.skipif(CXX is None, reason="a host C++ compiler is needed")
+
+
+def _libasan():
+    if CXX is None:
+        return None
+    found = subprocess.run([CXX, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    return found if os.path.isabs(found) and os.path.exists(found) else None
+
+
+def _build(tmp_path_factory, sanitize=None):
+    from torch.utils.cpp_extension import include_paths
+
+    tmp = tmp_path_factory.mktemp("emulation")
+    exe = tmp / "kernels"
+    flags = [f.replace("-O2", "-O1") for f in _cuda_emulation.compile_flags(sanitize)]
+    cmd = [CXX, "-std=c++17", *flags, "-Wall", "-Werror", *[f"-I{p}" for p in include_paths()], "-x", "c++",
+           str(ROOT / "tests" / "emulation" / "kernels.cu"), "-x", "none", str(_cuda_emulation.CSRC / "emulate" / "runtime.cpp"),
+           "-o", str(exe)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, f"$ {' '.join(cmd)}\n{done.stdout}{done.stderr}"
+    return exe
+
+
+@pytest.fixture(scope="module")
+def program(tmp_path_factory):
+    if CXX is None:
+        pytest.skip("a host C++ compiler is needed")
+    return _build(tmp_path_factory)
+
+
+def _run(program, case, env=None):
+    done = subprocess.run([str(program), case], capture_output=True, text=True, env=env, timeout=120)
+    return done.returncode, done.stdout.strip(), done.stderr
+
+
+def _floats(text):
+    return [float(v) for v in text.split()]
+
+
+def test_barriers_order_shared_memory(program):
+    code, out, _ = _run(program, "reverse")
+    assert code == 0 and _floats(out) == [float(b * 64 + 63 - i) for b in range(2) for i in range(64)]
+
+
+def test_a_missing_barrier_reads_unwritten_shared_memory_as_nan(program):
+    # Without __syncthreads thread 0 reads buf[63] before thread 63 wrote it: NaN, as no GPU promises.
+    code, out, _ = _run(program, "reverse_nosync")
+    values = _floats(out)
+    assert code == 0 and values[0] != values[0] and values[32] == 31.0
+
+
+def test_warp_and_block_collectives(program):
+    code, out, _ = _run(program, "collectives")
+    assert code == 0
+    sums, rest = out.split("\n")
+    want = [sum(float((b * 96 + w * 32 + i) % 7) + 0.5 for i in range(32)) for b in range(2) for w in range(3)]
+    assert _floats(sums) == want
+    ballots = rest.split()[:6]
+    assert ballots == ["aaaaaaaa"] * 6
+    assert [int(v) for v in rest.split()[6:]] == [32, 1, 32, 1]  # __syncthreads_count(i % 3 == 0), _or(i == 7)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("divergent_barrier", r"__syncthreads at kernels.cu:\d+ is reached by 16 of 64 threads \(48 exited"),
+    ("exited_barrier", r"__syncthreads at kernels.cu:\d+ is reached by 63 of 64 threads \(1 exited"),
+    ("two_barriers", r"wait at different barriers: __syncthreads at kernels.cu:\d+ and __syncthreads at kernels.cu:\d+"),
+    ("missing_lane", r"__shfl_xor_sync at kernels.cu:\d+ in warp 0 waits for lanes 3 \(exited\) that never join"),
+    ("partial_warp", r"in warp 1 waits for lanes 3 \(exited\) 8 \(not in the block\)"),
+    ("smem_over_default", r"65536 bytes of dynamic shared memory, the kernel allows 49152"),
+    ("too_many_threads", r"1025 threads per block"),
+])
+def test_reports_what_a_gpu_shows_as_a_hang_or_garbage(program, case, message):
+    import re
+
+    code, out, _ = _run(program, case)
+    assert code == 3 and out.startswith("error: CUDA emulation"), out
+    assert re.search(message, out), out
+
+
+def test_opted_in_shared_memory_launches(program):
+    assert _run(program, "smem_opted_in")[:2] == (0, "ok")
+
+
+def test_unwritten_dynamic_shared_memory_is_nan(program):
+    code, out, _ = _run(program, "unwritten_smem")
+    values = _floats(out)
+    assert code == 0 and values[:7] == [2.0] * 7 and values[7] != values[7]
+
+
+def test_half_conversions_round_to_nearest_even(program):
+    code, out, _ = _run(program, "halves")
+    # ties go to the even neighbour (1.0), above them up; 65504 is half's largest; __expf(-100) is
+    # subnormal in float and flushed to zero like ex2.approx.ftz.
+    assert code == 0 and out.split() == ["3c00", "3c02", "3f80", "3f82", "65504", "0"]
+
+
+# ---- AddressSanitizer ----
+
+needs_asan = pytest.mark.skipif(_libasan() is None, reason="the compiler's libasan is needed")
+
+
+@needs_asan
+def test_asan_reports_an_out_of_bounds_read_in_a_kernel(tmp_path_factory):
+    exe = _build(tmp_path_factory, sanitize="address")
+    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0")
+    code, out, err = _run(exe, "out_of_bounds", env)
+    assert code != 0 and "heap-buffer-overflow" in err and "out_of_bounds_kernel" in err, err[-3000:]
+    code, out, err = _run(exe, "collectives", env)  # the fibers' stack switches raise no false report
+    assert code == 0, err[-3000:]
+
+
+@needs_asan
+@pytest.mark.skipif(not _cuda_emulation.enabled(), reason="runs with the CUDA emulation (LOSSFORGE_CUDA_EMULATE=1)")
+def test_every_kernel_family_under_asan():
+    # One small call of every family's kernels, forward and backward, built with AddressSanitizer:
+    # a global access outside a tensor, with the kernels' real index arithmetic, fails here.
+    env = dict(os.environ, LOSSFORGE_CUDA_EMULATE="1", LOSSFORGE_CUDA_EMULATE_SANITIZE="address",
+               LD_PRELOAD=_libasan(), ASAN_OPTIONS="detect_leaks=0:halt_on_error=1")
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run([sys.executable, "-m", "tests.kernel_calls", "cuda", "cpu"], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=900)
+    assert done.returncode == 0 and "every family ran" in done.stdout, (done.stdout + done.stderr)[-5000:]
