@@ -262,3 +262,25 @@ S, T = torch.randn(3, 7), torch.randn(3, 7)
 def test_bad_input_is_refused_naming_the_argument(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compile_fullgraph_gives_the_eager_loss_and_gradients(kernel, reduction):
+    device, g = device_for(kernel), _gen(14)
+    sx, sw = torch.randn(6, 8, generator=g).to(device), torch.randn(33, 8, generator=g).to(device)
+    tx, tw = torch.randn(6, 8, generator=g).to(device), torch.randn(33, 8, generator=g).to(device)
+    target = _mask((6,), 33, g, device)
+
+    def call(sx, sw):
+        return lf.linear_distillation_loss(sx, sw, tx, tw, target, divergence="jsd", reduction=reduction, chunk_size=4,
+                                           backend=kernel) + lf.distillation_loss(sx @ sw.T, tx @ tw.T, target,
+                                                                                  reduction=reduction, backend=kernel)
+
+    torch._dynamo.reset()
+    results = []
+    for fn in (call, torch.compile(call, fullgraph=True)):
+        leaves = [sx.clone().requires_grad_(), sw.clone().requires_grad_()]
+        loss = fn(*leaves)
+        results.append((loss, *torch.autograd.grad(loss, leaves, torch.ones_like(loss))))
+    for got, want in zip(results[1], results[0]):
+        assert_close_rel(got, want, 1e-6, "under torch.compile")

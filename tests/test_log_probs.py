@@ -250,3 +250,20 @@ def test_the_cuda_backend_is_refused_by_name():
 def test_bad_input_is_refused_naming_the_argument(call, exc, match):
     with pytest.raises(exc, match=match):
         call(torch.randn(3, 7), torch.tensor([0, 1, 2]))
+
+
+def test_compile_fullgraph_gives_the_eager_results_and_gradients(kernel):
+    device, g = device_for(kernel), _gen(14)
+    x, w = torch.randn(6, 8, generator=g).to(device), torch.randn(33, 8, generator=g).to(device)
+    t = _targets((6,), 33, g, device)
+    go = _grad_outputs((6,), g, device)
+    calls = {"log_probs": (lambda x, w: lf.log_probs(x @ w.T, t, return_entropy=True, temperature=2.0, backend=kernel)),
+             "linear_log_probs": (lambda x, w: lf.linear_log_probs(x, w, t, return_entropy=True, chunk_size=4,
+                                                                   backend=kernel))}
+    for name, call in calls.items():
+        torch._dynamo.reset()
+        eager = _run(call, [x.clone().requires_grad_(), w.clone().requires_grad_()], go, True)
+        compiled = _run(torch.compile(call, fullgraph=True), [x.clone().requires_grad_(), w.clone().requires_grad_()],
+                        go, True)
+        for got, want in zip((compiled[0], compiled[1], *compiled[2]), (eager[0], eager[1], *eager[2])):
+            assert_close_rel(got, want, 1e-6, f"{name} under torch.compile")
