@@ -13,8 +13,10 @@ from torch import nn
 from .. import _autocast as AC
 from .. import _checks as C
 from .._backends import BACKENDS, LossKernels, register_kernels, resolve_backend
+from ..distributed.log_probs import vocab_parallel_linear_log_probs, vocab_parallel_log_probs
 from ..ops.log_probs import linear_log_probs_kernels, log_probs_kernels
 from ..reference import log_probs as ref
+from .cross_entropy import check_sharding
 from .linear_cross_entropy import check_chunk_size
 
 FAMILY = "log_probs"
@@ -66,17 +68,25 @@ def _split(out, shape, return_entropy):
     return (log_p, out[:, 1].reshape(shape)) if return_entropy else log_p
 
 
-def log_probs(logits, target, *, temperature=1.0, return_entropy=False, ignore_index=-100, backend="auto"):
+def log_probs(logits, target, *, temperature=1.0, return_entropy=False, ignore_index=-100, process_group=None,
+              vocab_start=None, backend="auto"):
     """log_softmax(logits / temperature)[target] per token, and with `return_entropy` the entropy of
     softmax(logits / temperature): float32 tensors of the target's shape (float64 for float64 logits),
     0 where the target is ignore_index. logits (..., V), target (...) of class indices. Differentiable
-    with respect to the logits for any grad_outputs of both results at once."""
+    with respect to the logits for any grad_outputs of both results at once.
+    `process_group`: vocabulary-parallel (see distributed/log_probs.py): logits hold this rank's slice of
+    the classes, from `vocab_start` (default: the slices in rank order), target the global class
+    indices; every rank returns the results of the unsharded call and its slice's gradient."""
     C.check_tensor("logits", logits, min_ndim=1, float_only=True)
     check_token_target(target, logits.shape[:-1], "logits")
     C.check_same_device("logits", logits, target=target)
     temperature, ignore_index = _options(temperature, return_entropy, ignore_index, backend)
     num_classes = logits.shape[-1]
     rows, flat_target = logits.reshape(-1, num_classes), target.reshape(-1).to(torch.int64)
+    if check_sharding(process_group, vocab_start):
+        out = vocab_parallel_log_probs(rows, flat_target, temperature=temperature, ignore_index=ignore_index,
+                                       process_group=process_group, vocab_start=vocab_start)
+        return _split(out, target.shape, return_entropy)
     C.check_target_range(flat_target, num_classes, ignore_index)
     chosen = resolve_backend(backend, FAMILY, logits)
     autocast = AC.autocast_dtype(logits)
@@ -91,20 +101,32 @@ def log_probs(logits, target, *, temperature=1.0, return_entropy=False, ignore_i
 
 
 def linear_log_probs(input, linear_weight, target, *, linear_bias=None, temperature=1.0, return_entropy=False,
-                     ignore_index=-100, chunk_size=None, backend="auto"):
+                     ignore_index=-100, chunk_size=None, process_group=None, vocab_start=None, reduce_input_grad=True,
+                     backend="auto"):
     """log_probs(input @ linear_weight.T + linear_bias, target, ...) without the (N, V) logits.
 
     input (..., D), linear_weight (V, D), linear_bias (V,), target (...). The kernel backends compute
     the logits `chunk_size` rows at a time (None: the shared budget rule of ops/_chunks.py), in the
     forward and again in the backward, and accumulate the weight and bias gradients in float32. Under
-    torch.autocast the products run in the autocast dtype."""
+    torch.autocast the products run in the autocast dtype.
+    `process_group`: vocabulary-parallel (see distributed/log_probs.py): linear_weight (V_r, D) and
+    linear_bias are this rank's rows of the head, from `vocab_start` (default: in rank order), input is
+    the same on every rank; every rank returns the unsharded results, the gradients of its own rows and
+    the full input gradient (`reduce_input_grad=False`: this rank's part of it)."""
     check_head("input", input, "linear_weight", linear_weight, "linear_bias", linear_bias)
     check_token_target(target, input.shape[:-1], "input")
     C.check_same_device("input", input, target=target)
     temperature, ignore_index = _options(temperature, return_entropy, ignore_index, backend)
     chunk_size = check_chunk_size(chunk_size)
+    C.check_bool("reduce_input_grad", reduce_input_grad)
     num_classes = linear_weight.shape[0]
     x, flat_target = input.reshape(-1, input.shape[-1]), target.reshape(-1).to(torch.int64)
+    if check_sharding(process_group, vocab_start):
+        out = vocab_parallel_linear_log_probs(
+            x.contiguous(), linear_weight.contiguous(), linear_bias, flat_target, temperature=temperature,
+            ignore_index=ignore_index, process_group=process_group, vocab_start=vocab_start, chunk_size=chunk_size,
+            reduce_input_grad=reduce_input_grad)
+        return _split(out, target.shape, return_entropy)
     C.check_target_range(flat_target, num_classes, ignore_index)
     chosen = resolve_backend(backend, FAMILY, input)
     autocast = AC.autocast_dtype(input)
@@ -127,11 +149,13 @@ def linear_log_probs(input, linear_weight, target, *, linear_bias=None, temperat
 class LogProbs(nn.Module):
     """Module form of log_probs: forward(logits, target)."""
 
-    def __init__(self, *, temperature=1.0, return_entropy=False, ignore_index=-100, backend="auto"):
+    def __init__(self, *, temperature=1.0, return_entropy=False, ignore_index=-100, process_group=None,
+                 vocab_start=None, backend="auto"):
         super().__init__()
         _options(temperature, return_entropy, ignore_index, backend)
+        C.check_process_group(process_group)
         self.options = dict(temperature=temperature, return_entropy=return_entropy, ignore_index=ignore_index,
-                            backend=backend)
+                            process_group=process_group, vocab_start=vocab_start, backend=backend)
 
     def forward(self, logits, target):
         return log_probs(logits, target, **self.options)
@@ -140,11 +164,16 @@ class LogProbs(nn.Module):
 class LinearLogProbs(nn.Module):
     """Module form of linear_log_probs: forward(input, linear_weight, target, linear_bias=None)."""
 
-    def __init__(self, *, temperature=1.0, return_entropy=False, ignore_index=-100, chunk_size=None, backend="auto"):
+    def __init__(self, *, temperature=1.0, return_entropy=False, ignore_index=-100, chunk_size=None,
+                 process_group=None, vocab_start=None, reduce_input_grad=True, backend="auto"):
         super().__init__()
         _options(temperature, return_entropy, ignore_index, backend)
+        C.check_process_group(process_group)
         self.options = dict(temperature=temperature, return_entropy=return_entropy, ignore_index=ignore_index,
-                            chunk_size=check_chunk_size(chunk_size), backend=backend)
+                            chunk_size=check_chunk_size(chunk_size), process_group=process_group,
+                            vocab_start=vocab_start, reduce_input_grad=C.check_bool("reduce_input_grad",
+                                                                                    reduce_input_grad),
+                            backend=backend)
 
     def forward(self, input, linear_weight, target, linear_bias=None):
         return linear_log_probs(input, linear_weight, target, linear_bias=linear_bias, **self.options)
