@@ -82,7 +82,7 @@ def _linear_worker(rank, world):
         (want_logp * go[0] + want_ent * go[1]).sum().backward()
         x_grad = xs.grad
         if opts.get("reduce_input_grad") is False:  # this rank's part: the sum over ranks is the gradient
-            x_grad = torch.tensor(0.0) + x_grad
+            x_grad = x_grad.clone()
             dist.all_reduce(x_grad)
         ok = [_close(logp, want_logp), _close(ent, want_ent), _close(x_grad, xf.grad),
               _close(ws.grad, wf.grad[start:start + size])]
