@@ -284,3 +284,20 @@ def test_compile_fullgraph_gives_the_eager_loss_and_gradients(kernel, reduction)
         results.append((loss, *torch.autograd.grad(loss, leaves, torch.ones_like(loss))))
     for got, want in zip(results[1], results[0]):
         assert_close_rel(got, want, 1e-6, "under torch.compile")
+
+
+def test_under_autocast_the_products_run_in_its_dtype_and_the_loss_is_float32(kernel):
+    device, g = device_for(kernel), _gen(15)
+    sx, sw = torch.randn(6, 16, generator=g).to(device), torch.randn(40, 16, generator=g).to(device)
+    tx, tw = torch.randn(6, 16, generator=g).to(device), torch.randn(40, 16, generator=g).to(device)
+    results = {}
+    for backend in (kernel, "reference"):
+        leaves = [sx.clone().requires_grad_(), sw.clone().requires_grad_()]
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = lf.linear_distillation_loss(*leaves, tx, tw, divergence="jsd", backend=backend)
+        assert loss.dtype == torch.float32
+        loss.backward()
+        results[backend] = (loss, leaves[0].grad, leaves[1].grad)
+    for got, want in zip(results[kernel], results["reference"]):
+        # the kernels read chunks of logits rounded to bf16, the reference the float32 products of the same operands
+        assert_close_rel(got, want, 2 * HALF_TOL[torch.bfloat16], "under autocast")

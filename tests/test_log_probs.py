@@ -267,3 +267,20 @@ def test_compile_fullgraph_gives_the_eager_results_and_gradients(kernel):
                         go, True)
         for got, want in zip((compiled[0], compiled[1], *compiled[2]), (eager[0], eager[1], *eager[2])):
             assert_close_rel(got, want, 1e-6, f"{name} under torch.compile")
+
+
+def test_under_autocast_the_products_run_in_its_dtype_and_the_results_are_float32(kernel):
+    device, g = device_for(kernel), _gen(15)
+    x, w = torch.randn(6, 16, generator=g).to(device), torch.randn(40, 16, generator=g).to(device)
+    t = _targets((6,), 40, g, device)
+    results = {}
+    for backend in (kernel, "reference"):
+        leaves = [x.clone().requires_grad_(), w.clone().requires_grad_()]
+        with torch.autocast(device, dtype=torch.bfloat16):
+            logp, ent = lf.linear_log_probs(*leaves, t, return_entropy=True, backend=backend)
+        assert logp.dtype == ent.dtype == torch.float32
+        (logp.sum() + ent.sum()).backward()
+        results[backend] = (logp, ent, leaves[0].grad, leaves[1].grad)
+    for got, want in zip(results[kernel], results["reference"]):
+        # the kernels read a chunk of logits rounded to bf16, the reference the float32 product of the same operands
+        assert_close_rel(got, want, 2 * HALF_TOL[torch.bfloat16], "under autocast")
