@@ -301,3 +301,23 @@ def test_under_autocast_the_products_run_in_its_dtype_and_the_loss_is_float32(ke
     for got, want in zip(results[kernel], results["reference"]):
         # the kernels read chunks of logits rounded to bf16, the reference the float32 products of the same operands
         assert_close_rel(got, want, 2 * HALF_TOL[torch.bfloat16], "under autocast")
+
+
+def test_opcheck_kernel_and_builder_ops(kernel):
+    from lossforge_kernels.ops import distillation as ops
+
+    device, g = device_for(kernel), _gen(16)
+    s, t = torch.randn(5, 37, generator=g).to(device), torch.randn(5, 37, generator=g).to(device)
+    target = _mask((5,), 37, g, device)
+    loss, stats = torch.empty(5, device=device), torch.empty(5, 5, device=device)
+    options = (int(Divergence.JSD), 0.3, 2.0, -100)
+    factor = torch.tensor(0.5, device=device)
+    torch.library.opcheck(ops.FWD.overloads[kernel], (s, t, target, factor, loss, stats, torch.empty_like(s), *options))
+    grad_rows = torch.randn(5, generator=g).to(device)
+    torch.library.opcheck(ops.BWD.overloads[kernel], (grad_rows, s, t, target, stats, torch.empty_like(s), *options))
+    compiled = ops.distillation_kernels.compiled
+    for mean in (True, False):
+        torch.library.opcheck(compiled.fused.overloads[kernel], (s.clone().requires_grad_(), t, target, *options, mean,
+                                                                 [True]))
+    torch.library.opcheck(compiled.rows.overloads[kernel], (s.clone().requires_grad_(), t, target, *options))
+    torch.library.opcheck(compiled.rows_grad.overloads[kernel], (grad_rows, s, t, target, stats, *options, [True]))

@@ -284,3 +284,20 @@ def test_under_autocast_the_products_run_in_its_dtype_and_the_results_are_float3
     for got, want in zip(results[kernel], results["reference"]):
         # the kernels read a chunk of logits rounded to bf16, the reference the float32 product of the same operands
         assert_close_rel(got, want, 2 * HALF_TOL[torch.bfloat16], "under autocast")
+
+
+def test_opcheck_kernel_and_builder_ops(kernel):
+    from lossforge_kernels.ops import log_probs as ops
+
+    device, g = device_for(kernel), _gen(16)
+    logits = torch.randn(5, 37, generator=g).to(device)
+    target = _targets((5,), 37, g, device)
+    out, stats = torch.empty(5, 2, device=device), torch.empty(5, 3, device=device)
+    options = (-100, 0.5)
+    torch.library.opcheck(ops.FWD.overloads[kernel], (logits, target, out, stats, *options))
+    grad_rows = torch.randn(5, 2, generator=g).to(device)
+    torch.library.opcheck(ops.BWD.overloads[kernel], (grad_rows, logits, target, stats, torch.empty_like(logits),
+                                                      *options))
+    compiled = ops.log_probs_kernels.compiled
+    torch.library.opcheck(compiled.rows.overloads[kernel], (logits.clone().requires_grad_(), target, *options))
+    torch.library.opcheck(compiled.rows_grad.overloads[kernel], (grad_rows, logits, target, stats, *options, [True]))
