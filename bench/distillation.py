@@ -135,8 +135,8 @@ def _liger(settings) -> Provider | str:
         if o.get("divergence") != "jsd" or o.get("beta", 0.5) != 0.5:
             raise Unsupported("its fused linear JSD, compared at beta 0.5")
         return lambda inputs: liger_fused_linear_jsd(inputs["input"], inputs["linear_weight"], inputs["teacher_input"],
-                                                     inputs["teacher_weight"], None, 0.5, -100,
-                                                     o.get("temperature", 1.0))
+                                                     inputs["teacher_weight"], shift_labels=None, jsd_beta=0.5,
+                                                     temperature=o.get("temperature", 1.0))
 
     return Provider("liger", bind)
 
