@@ -195,16 +195,16 @@ def test_an_unknown_provider_is_refused_before_anything_is_measured(tmp_path, ca
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "--providers: unknown provider(s) ['nope', 'lf-cude']; known: torch, torch.compile, lf-cuda, " \
-           "lf-triton, lf-reference, liger, torch.lce, torch.lce.chunked, cce, torchvision, inf_cl, open_clip, " \
-           "metric_learning; 'lf' selects every lf-*" in err
+           "lf-triton, lf-reference, liger, torch.lce, torch.lce.chunked, cce, torch.chunked, " \
+           "lf.linear_cross_entropy, torchvision, inf_cl, open_clip, metric_learning; 'lf' selects every lf-*" in err
     assert (out / "results.md").read_text() == "old"
     assert cli._parse(["--providers", "lf,torchvision,liger"]).providers == "lf,torchvision,liger"
 
 
 def test_the_known_providers_come_from_the_suites():
     assert cli.PROVIDERS == ("torch", "torch.compile", "lf-cuda", "lf-triton", "lf-reference", "liger",
-                             "torch.lce", "torch.lce.chunked", "cce", "torchvision", "inf_cl", "open_clip",
-                             "metric_learning")
+                             "torch.lce", "torch.lce.chunked", "cce", "torch.chunked", "lf.linear_cross_entropy",
+                             "torchvision", "inf_cl", "open_clip", "metric_learning")
     assert cli.FAMILIES == ("lf",)
 
 

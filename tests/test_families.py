@@ -131,7 +131,7 @@ def test_a_new_family_needs_no_central_edit(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     suites, providers = out.stdout.split()
-    assert suites == "cross_entropy,toy,linear_cross_entropy,sigmoid_focal,contrastive,triplet"
+    assert suites == "cross_entropy,toy,linear_cross_entropy,log_probs,distillation,sigmoid_focal,contrastive,triplet"
     assert providers.split(",").index("toy-lib") == providers.split(",").index("liger") + 1  # the suite's own
 
 
@@ -145,7 +145,8 @@ def test_bench_suites_are_the_modules_with_a_suite_in_their_order(tmp_path, monk
     (folder / "_private.py").write_text("raise AssertionError('a private module is not a suite')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     assert list(cli.suites(str(folder), "toybench")) == ["z", "b"]
-    assert list(cli.SUITES) == ["cross_entropy", "linear_cross_entropy", "sigmoid_focal", "contrastive", "triplet"]
+    assert list(cli.SUITES) == ["cross_entropy", "linear_cross_entropy", "log_probs", "distillation", "sigmoid_focal",
+                                "contrastive", "triplet"]
     (folder / "third.py").write_text("import types\nSUITE = types.SimpleNamespace(name='c')\n")
     with pytest.raises(ImportError, match="toybench.third has a SUITE but no ORDER"):
         cli.suites(str(folder), "toybench")

@@ -142,6 +142,34 @@ def _cases():
             backward(lf.triplet_loss(x, classes(12, 3), mining=mining, backend=T, **opts), 2.0)
         return run
 
+    def log_probs(dtype, c, linear=False, **opts):
+        def run():
+            t = classes(3, c)
+            t[1] = -100
+            if linear:
+                logp, ent = lf.linear_log_probs(randn(3, 32, dtype=dtype), randn(c, 32, dtype=dtype), t, chunk_size=2,
+                                                return_entropy=True, backend=T, **opts)
+            else:
+                logp, ent = lf.log_probs(randn(3, c, dtype=dtype), t, return_entropy=True, backend=T, **opts)
+            (logp.sum() + 2.0 * ent.sum()).backward()
+        return run
+
+    def distillation(dtype, c, reduction, target=True, linear=False, **opts):
+        def run():
+            t = classes(3, c) if target else None
+            if t is not None:
+                t[1] = -100
+            if linear:
+                loss = lf.linear_distillation_loss(randn(3, 32, dtype=dtype), randn(c, 32, dtype=dtype),
+                                                   randn(3, 16, dtype=dtype, grad=False),
+                                                   randn(c, 16, dtype=dtype, grad=False), t, reduction=reduction,
+                                                   chunk_size=2, backend=T, **opts)
+            else:
+                loss = lf.distillation_loss(randn(3, c, dtype=dtype), randn(3, c, dtype=dtype, grad=False), t,
+                                            reduction=reduction, backend=T, **opts)
+            backward(loss, 2.0)
+        return run
+
     everything = dict(label_smoothing=0.1, weight=torch.rand(10000, generator=gen) + 0.5, focal_gamma=2.0,
                       focal_alpha=torch.rand(10000, generator=gen), z_loss=1e-4, softcap=30.0)
     small = {k: (v[:1000] if isinstance(v, torch.Tensor) else v) for k, v in everything.items()}
@@ -166,6 +194,16 @@ def _cases():
         # linear cross-entropy: logits in chunks of a shared buffer
         ("linear_ce bf16 mean smoothing", lce(bf16, "mean", label_smoothing=0.1)),
         ("linear_ce fp32 none z_loss", lce(f32, "none", z_loss=1e-4)),
+        # RL heads: per-token log-probs and entropy (one block and chunked rows), distillation per divergence
+        ("log_probs bf16", log_probs(bf16, 1000, temperature=0.7)),
+        ("log_probs chunked fp32", log_probs(f32, 10000)),
+        ("linear_log_probs bf16", log_probs(bf16, 1000, linear=True)),
+        ("distillation kl bf16 mean", distillation(bf16, 1000, "mean", divergence="kl")),
+        ("distillation reverse_kl fp32 none no target", distillation(f32, 1000, "none", target=False,
+                                                                     divergence="reverse_kl", temperature=2.0)),
+        ("distillation jsd chunked bf16 sum", distillation(bf16, 10000, "sum", divergence="jsd", beta=0.3)),
+        ("distillation jsd bf16 none", distillation(bf16, 1000, "none", divergence="jsd")),
+        ("linear_distillation kl bf16 mean", distillation(bf16, 1000, "mean", linear=True, divergence="kl")),
         # sigmoid focal: each gamma mode, alpha on/off, reduced and elementwise
         ("sigmoid_focal bf16 mean gamma=2", focal(bf16, "mean", alpha=0.25, gamma=2.0)),
         ("sigmoid_focal fp32 none gamma=1.5 no alpha", focal(f32, "none", alpha=-1.0, gamma=1.5)),

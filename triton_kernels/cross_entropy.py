@@ -331,6 +331,13 @@ def _launch_config(num_classes: int):
     return block, True, max(1, min(warps, block // 256))  # about 8 logits per thread
 
 
+def chunk_plan(num_classes: int):
+    """(BLOCK, num_warps) of a kernel that streams rows of `num_classes` in chunks (the RL heads'),
+    by the same rule and knobs as cross-entropy's."""
+    block, _, num_warps = _launch_config(num_classes)
+    return block, num_warps
+
+
 def _softcap_args(softcap):
     return (float(softcap), 1.0 / softcap) if softcap > 0.0 else (0.0, 0.0)
 

@@ -47,6 +47,21 @@ def merge(m_a, s_a, m_b, s_b):
     return m, s_a * tl.exp(m_a - m_safe) + s_b * tl.exp(m_b - m_safe)
 
 
+@triton.jit
+def online_moment_step(m, s_lanes, u_lanes, y):
+    """online_step over every lane, plus per-lane sums u_lanes of exp(y - m) (y - m): the softmax's
+    first moment E[y] - m = u / s (the entropy is log s - u / s, a sum of non-negative terms, with
+    no cancellation at large logits). When m grows by d, each old (y - m) term loses d:
+    u <- (u - d s) exp(-d). A -inf lane adds 0 to u, a NaN lane NaN."""
+    m_new = tl.maximum(m, tl.max(y, axis=0))
+    m_safe = safe_max(m_new)
+    rescale = tl.exp(m - m_safe)
+    shift = tl.where(m == NEG_INF, 0.0, m_safe - m)  # old sums of an empty part are 0: no 0 * inf
+    e = tl.exp(y - m_safe)
+    u_lanes = (u_lanes - shift * s_lanes) * rescale + tl.where(e == 0.0, 0.0, e * (y - m_safe))
+    return m_new, s_lanes * rescale + e, u_lanes
+
+
 # torch.logsumexp's rule, for losses whose rows are log-sum-exps of scores (InfoNCE, SupCon): a +inf
 # score makes the lse +inf, not inf - inf = NaN as in a log-softmax (merge above, cross-entropy's rule).
 @triton.jit

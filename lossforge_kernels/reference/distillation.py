@@ -12,11 +12,22 @@ detached here; the public layer refuses a teacher tensor that requires grad).
 """
 from __future__ import annotations
 
+import enum
+
 import torch
 
 from .cross_entropy import compute_dtype
 
-DIVERGENCES = ("kl", "reverse_kl", "jsd")
+
+class Divergence(enum.IntEnum):
+    """The per-position divergence; the public API takes the lower-case names, the kernel ops the
+    values (triton_kernels/distillation.py holds the same constants, checked by tests/test_distillation.py)."""
+    KL = 0
+    REVERSE_KL = 1
+    JSD = 2
+
+
+DIVERGENCES = tuple(d.name.lower() for d in Divergence)  # ("kl", "reverse_kl", "jsd")
 
 
 def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,11 @@ A row holds C logits x_j; y_j = x_j, or y_j = softcap * tanh(x_j / softcap) with
   (`merge`, cross-entropy's rule, as torch's); rows that are log-sum-exps of scores (InfoNCE, SupCon)
   follow torch.logsumexp instead, shifting by 0 where the max is +-inf so a +inf score gives +inf
   (`lse_shift`, `fold_tile_lse`, `finish_lse` in the Triton core).
+- Entropy rows (the RL heads, reference/log_probs.py) keep one more running sum beside s,
+  u = sum_j exp(y_j - m) (y_j - m), rescaled when m grows by d as u <- (u - d s) exp(-d)
+  (`online_moment_step` in the Triton core). Then lse = m + log s, log p_t = (y_t - m) - log s and
+  the entropy H = log s - u / s, two non-negative terms (no cancellation at large logits). The
+  gradient for grad_outputs g (log p_t) and h (H) is dL/dy_j = g (1[j = t] - p_j) - h p_j (y_j - lse + H).
 - Class-index rows keep the target t out of s (`s_excl`), so that 1 - p_t = s_excl / s_all keeps
   its relative precision when p_t -> 1. lse = m + log(s_excl + exp(y_t - m)) (`class_row_lse`);
   from the log-odds against the target, lr = log(s_excl) - (y_t - m): logp_t = log p_t =
