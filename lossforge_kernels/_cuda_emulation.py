@@ -34,8 +34,10 @@ def sanitizer() -> str | None:
 
 
 def sources() -> list[pathlib.Path]:
-    """The extension's sources, as the CUDA build compiles them (kernels and host code alike)."""
-    return sorted(CSRC.glob("*.cu")) + sorted(CSRC.glob("*.cpp")) + [CSRC / "emulate" / "runtime.cpp"]
+    """The kernels and host code, as the CUDA build compiles them, and the emulation's runtime. Not
+    module.cpp: the library is loaded as a plain shared object (its ops register themselves), so no
+    Python module's thread-locals share the TLS block that holds the emulated shared memory."""
+    return sorted(CSRC.glob("*.cu")) + [CSRC / "emulate" / "runtime.cpp"]
 
 
 def compile_flags(sanitize: str | None = None) -> list[str]:
@@ -59,8 +61,9 @@ def _wrappers(build_dir: pathlib.Path) -> list[str]:
     return out
 
 
-def load():
-    """Build (once per source state) and import the emulated extension; its ops register for CPU."""
+def load() -> str:
+    """Build (once per source state) and load the emulated extension, whose ops register for CPU;
+    returns the library's path."""
     if not (CSRC / "emulate" / "lossforge_emulate.h").exists():
         raise RuntimeError(f"{ENV}=1 needs the csrc/ sources of a source checkout, not found at {CSRC}")
     from torch.utils import cpp_extension
@@ -74,4 +77,4 @@ def load():
     return cpp_extension.load(
         name=name, sources=_wrappers(build_dir / "src"), extra_cflags=flags,
         extra_ldflags=[f"-fsanitize={sanitize}"] if sanitize else [], build_directory=str(build_dir),
-        with_cuda=False, verbose=os.environ.get("LOSSFORGE_CUDA_EMULATE_VERBOSE", "0") not in ("", "0"))
+        with_cuda=False, is_python_module=False, verbose=os.environ.get("LOSSFORGE_CUDA_EMULATE_VERBOSE", "0") not in ("", "0"))

@@ -22,24 +22,30 @@ BUGS = [
     ("off-by-one tail mask (sigmoid focal)", "sigmoid_focal.cu",
      "for (int64_t j = tail + first; j < a.n; j += step) scalar(j);",
      "for (int64_t j = tail + first; j <= a.n; j += step) scalar(j);", "tests/test_sigmoid_focal.py"),
-    ("missing __syncthreads in the block sum", "common.cuh",
+    ("missing __syncthreads in the block sum (256-thread blocks)", "common.cuh",
      "  if (lane == 0) scratch[warp] = v;\n  __syncthreads();",
-     "  if (lane == 0) scratch[warp] = v;", "tests/test_cross_entropy_kernels.py"),
-    ("wrong shuffle offset in the warp sum", "common.cuh",
-     "v += __shfl_xor_sync(0xffffffffu, v, off);", "v += __shfl_xor_sync(0xffffffffu, v, off / 2 + 1);",
-     "tests/test_cross_entropy_kernels.py"),
+     "  if (lane == 0) scratch[warp] = v;", "tests/test_sigmoid_focal.py"),
+    ("wrong shuffle offset in the row-softmax warp merge", "row_softmax.cuh",
+     "const float s = __shfl_xor_sync(0xffffffffu, a.s, off);",
+     "const float s = __shfl_xor_sync(0xffffffffu, a.s, off / 2 + 1);",
+     "tests/test_cross_entropy_kernels.py tests/test_cross_entropy_gpu.py"),
     ("wrong row stride (logits rows taken as contiguous)", "cross_entropy.cu",
-     "a.sx = logits.stride(0);", "a.sx = logits.size(1);", "tests/test_cross_entropy_kernels.py"),
+     "a.sx = logits.stride(0);", "a.sx = logits.size(1);",
+     "tests/test_cross_entropy_kernels.py tests/test_cross_entropy_gpu.py"),
 ]
 
 
 def _run(csrc: pathlib.Path, tests: str) -> tuple[int, str]:
     env = dict(os.environ, LOSSFORGE_CUDA_EMULATE="1", LOSSFORGE_CUDA_EMULATE_CSRC=str(csrc))
     env.pop("TRITON_INTERPRET", None)
-    done = subprocess.run([sys.executable, "-m", "pytest", tests, "-q", "-x", "-p", "no:cacheprovider", "-k", "cuda",
-                           "-W", "ignore"], cwd=ROOT, env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "pytest", *tests.split(), "-q", "-x", "-p", "no:cacheprovider",
+                           "-k", "cuda", "-W", "ignore"], cwd=ROOT, env=env, capture_output=True, text=True)
     failed = [ln for ln in done.stdout.splitlines() if ln.startswith(("FAILED", "ERROR"))]
-    return done.returncode, (failed[0] if failed else done.stdout.strip().splitlines()[-1])
+    crashed = [ln for ln in done.stderr.splitlines() if "Fatal Python error" in ln]
+    if failed or crashed:
+        return done.returncode, (failed or crashed)[0][:160]
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    return done.returncode, (lines[-1] if lines else f"exit code {done.returncode}")[:160]
 
 
 def main() -> int:

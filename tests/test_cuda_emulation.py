@@ -110,11 +110,29 @@ def test_unwritten_dynamic_shared_memory_is_nan(program):
     assert code == 0 and values[:7] == [2.0] * 7 and values[7] != values[7]
 
 
+def test_unwritten_static_shared_memory_is_nan_in_every_block(program):
+    # slots[0] is never written: NaN in the second block too (not the first block's leftovers)
+    code, out, _ = _run(program, "unwritten_static_smem")
+    values = _floats(out)
+    assert code == 0 and values[:3] == [3.0] * 3 and values[3] != values[3]
+
+
 def test_half_conversions_round_to_nearest_even(program):
     code, out, _ = _run(program, "halves")
     # ties go to the even neighbour (1.0), above them up; 65504 is half's largest; __expf(-100) is
     # subnormal in float and flushed to zero like ex2.approx.ftz.
     assert code == 0 and out.split() == ["3c00", "3c02", "3f80", "3f82", "65504", "0"]
+
+
+@pytest.mark.skipif(not _cuda_emulation.enabled() or shutil.which("readelf") is None,
+                    reason="runs with the CUDA emulation (LOSSFORGE_CUDA_EMULATE=1) and readelf")
+def test_only_shared_memory_lives_in_the_emulated_librarys_tls():
+    # The runtime fills the library's whole TLS block with 0xff before every block (the static
+    # __shared__ variables live there): any other thread-local would be destroyed.
+    listing = subprocess.run(["readelf", "-sW", _cuda_emulation.load()], capture_output=True, text=True).stdout
+    tls = {line.split()[-1] for line in listing.splitlines() if " TLS " in line}
+    assert tls, "no static shared memory found in the emulated library"
+    assert all("9lossforge" in name for name in tls), sorted(n for n in tls if "9lossforge" not in n)
 
 
 # ---- AddressSanitizer ----

@@ -5,15 +5,15 @@
 // What it models: every thread of a block runs (as a fiber, one block after another), with real
 // __syncthreads barriers between them; warp shuffles, votes and barrier reductions exchange values
 // among the 32 lanes of a warp (or the whole block); dynamic shared memory is a per-block arena of
-// the launch's size, filled with 0xff bytes (NaN as float, half or bfloat16) before every block;
-// static __shared__ variables are function statics; launch limits (1024 threads, 48 KiB of dynamic
+// the launch's size, and static __shared__ variables are thread_local function statics; both are
+// filled with 0xff bytes (NaN as float, half or bfloat16, -1 as an integer) before every block, so a
+// read before any thread wrote shows in the results; launch limits (1024 threads, 48 KiB of dynamic
 // shared memory unless opted in to) are checked as the driver would; half and bfloat16 conversions
 // round to nearest even; the fast-math intrinsics flush subnormal results to zero as the GPU does.
 // It reports, as an exception naming the source line, a __syncthreads that not every thread of the
 // block reaches (some exited, or wait at another barrier) and a warp collective that a lane of its
 // mask never joins. It does not model: memory ordering or races between threads or blocks, timing,
-// occupancy, the ulp error of the approximate intrinsics, or a read of static shared memory before
-// any thread wrote it (dynamic shared memory reads as NaN then, which the reference tests see).
+// occupancy, or the ulp error of the approximate intrinsics.
 #pragma once
 
 #define LOSSFORGE_EMULATE 1
@@ -34,7 +34,9 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static
+// Per OS thread, so that one block's threads (fibers of one OS thread) share them; the runtime fills
+// this module's whole TLS block (nothing else lives there) with 0xff before every block.
+#define __shared__ static thread_local
 #define LOSSFORGE_DYNAMIC_SMEM(type, name) type* const name = ::lossforge::emulate::dynamic_smem<type>()
 #define LOSSFORGE_DISPATCH_KEY CPU
 

@@ -6,6 +6,8 @@
 // thread never reaches) is stopped with an exception that says who waits where.
 #include "lossforge_emulate.h"
 
+#include <dlfcn.h>
+#include <link.h>
 #include <sys/mman.h>
 #include <ucontext.h>
 #include <unistd.h>
@@ -143,6 +145,49 @@ struct Stacks {
     for (size_t i = 0; i < n; ++i) mprotect(base + i * stride, page(), PROT_NONE);  // overflow faults
   }
 } g_stacks;
+
+// This module's TLS block in the calling OS thread: the static __shared__ variables of every kernel
+// (tests/test_cuda_emulation.py checks that nothing else lives there).
+struct TlsBlock {
+  void* data = nullptr;
+  size_t bytes = 0;
+};
+
+thread_local char g_tls_anchor;  // touched first, so that this thread's block is allocated
+
+// The TLS block of the module whose code holds `module_tls` (found by address: the main program's
+// name is empty in the loader's list).
+TlsBlock module_tls() {
+  g_tls_anchor = 1;
+  struct Search {
+    uintptr_t code;
+    TlsBlock found;
+  } search{reinterpret_cast<uintptr_t>(&module_tls), {}};
+  dl_iterate_phdr(
+      [](dl_phdr_info* info, size_t, void* arg) {
+        auto* s = static_cast<Search*>(arg);
+        bool mine = false;
+        TlsBlock tls;
+        for (int i = 0; i < info->dlpi_phnum; ++i) {
+          const ElfW(Phdr)& ph = info->dlpi_phdr[i];
+          const uintptr_t start = info->dlpi_addr + ph.p_vaddr;
+          if (ph.p_type == PT_LOAD && s->code >= start && s->code < start + ph.p_memsz) mine = true;
+          if (ph.p_type == PT_TLS) tls = {info->dlpi_tls_data, ph.p_memsz};
+        }
+        if (mine) s->found = tls;
+        return mine ? 1 : 0;
+      },
+      &search);
+  return search.found;
+}
+
+TlsBlock g_tls;  // of the launching thread, found once per launch (not in TLS: it is overwritten)
+
+// Unwritten shared memory reads as 0xff bytes (NaN as a float): dynamic and static alike.
+void poison_shared_memory() {
+  std::fill(g_smem.begin(), g_smem.end(), 0xff);
+  if (g_tls.data != nullptr) std::memset(g_tls.data, 0xff, g_tls.bytes);
+}
 
 Thread& me() { return g_block->threads[g_block->current]; }
 
@@ -289,7 +334,7 @@ void run_block(int n, const dim3& block) {
   b.threads.assign(n, Thread{});
   b.warps.assign((n + kWarp - 1) / kWarp, Warp{});
   for (int i = 0; i < n; ++i) start(b.threads[i], g_stacks.get(i), kStackBytes);
-  std::fill(g_smem.begin(), g_smem.end(), 0xff);  // unwritten shared memory reads as NaN
+  poison_shared_memory();
   while (b.done < n) {
     bool ran = false;
     for (int i = 0; i < n; ++i) {
@@ -371,6 +416,7 @@ void run_grid(dim3 grid, dim3 block, size_t smem, const void* kernel, Body body,
   const std::lock_guard<std::mutex> lock(g_launch_mutex);
   g_stacks.reserve(static_cast<size_t>(n));
   g_smem.assign(std::max<size_t>(smem, 16), 0xff);
+  g_tls = module_tls();
   Block b;
   g_block = &b;
   g_body = body;

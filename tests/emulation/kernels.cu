@@ -76,6 +76,14 @@ __global__ void unwritten_smem_kernel(float* out) {
   out[threadIdx.x] = buf[(threadIdx.x + 1) % blockDim.x];
 }
 
+// Thread 0 reads a static shared slot no thread wrote in this launch.
+__global__ void unwritten_static_smem_kernel(float* out) {
+  __shared__ float slots[4];
+  if (threadIdx.x > 0) slots[threadIdx.x] = 3.f;
+  __syncthreads();
+  out[threadIdx.x] = slots[(threadIdx.x + 1) % 4];
+}
+
 __global__ void out_of_bounds_kernel(const float* in, float* out) {
   out[threadIdx.x] = in[threadIdx.x + 1];  // the last thread reads one past the end
 }
@@ -121,6 +129,9 @@ int run(const std::string& c) {
   } else if (c == "unwritten_smem") {
     launch(unwritten_smem_kernel, dim3(1), dim3(8), 8 * sizeof(float), out.data());
     print_floats(std::vector<float>(out.begin(), out.begin() + 8));
+  } else if (c == "unwritten_static_smem") {
+    launch(unwritten_static_smem_kernel, dim3(2), dim3(4), 0, out.data());  // block 1 sees block 0's writes?
+    print_floats(std::vector<float>(out.begin(), out.begin() + 4));
   } else if (c == "smem_over_default") {
     launch(reverse_kernel, dim3(1), dim3(64), 64 * 1024, out.data(), out.data(), true);
   } else if (c == "smem_opted_in") {
