@@ -83,8 +83,6 @@ __device__ __forceinline__ void walk_pair(const T* s, const T* t, int64_t V, flo
   stream_packets<kUnroll>(threadIdx.x, rs.packets, blockDim.x, load, use);
 }
 
-__device__ __forceinline__ float exp_of(float l) { return exp_diff(l, 0.f); }
-
 // p (la - lb), 0 where p is 0 (not 0 * inf).
 __device__ __forceinline__ float p_log_ratio(float p, float la, float lb) { return p == 0.f ? 0.f : p * (la - lb); }
 

@@ -94,7 +94,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) log_probs_bwd_kernel(const Arg
       constexpr int n = sizeof(z) / sizeof(float);
 #pragma unroll
       for (int i = 0; i < n; ++i) {
-        const float logp = (z[i] * a.inv_t - m) - log_s, p = exp_diff(logp, 0.f);
+        const float logp = (z[i] * a.inv_t - m) - log_s, p = exp_of(logp);
         // p (log p + H) is 0 where p is 0 (a -inf logit), not 0 * -inf
         z[i] = -go * p - (p == 0.f ? 0.f : gh * p * (logp + entropy));
         if (j0 + i == t) z[i] += go;

@@ -24,6 +24,9 @@ struct RowGrad {
 // and close (y*log2e - m*log2e in one fma would not: at |y| ~ 1000 that costs 4e-5 relative).
 __device__ __forceinline__ float exp_diff(float y, float m) { return fast_exp2((y - m) * kLog2e); }
 
+// p = e^l of a log-probability l (0 for l = -inf).
+__device__ __forceinline__ float exp_of(float l) { return fast_exp2(l * kLog2e); }
+
 // Running max m of the row's logits, s = sum of exp(y - m) over the elements seen (target
 // excluded), ys = sum of w_j (y_j - c) or w_j q'_j (y_j - c), qs = sum of w_j q'_j.
 struct Acc {
