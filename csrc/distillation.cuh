@@ -19,7 +19,11 @@
 // Masked rows (target == ignore_index) are not read: loss, stats and gradient 0. Designed traffic per
 // logit of each head: forward 2 reads (4 B bf16), with the gradient 3 reads + 1 write of the
 // student's (8 B bf16) and 3 reads of the teacher's (6 B); backward 1 read of each + 1 write.
-// 2 packets of each head in flight per thread.
+// 2 packets of each head in flight per thread. The second and third reads come from L2 only while
+// the rows in flight fit it (at V = 151936 in bf16, 4 blocks per SM of two 297 KiB rows do not);
+// keeping the rows' heads in shared memory between passes, as cross_entropy.cuh does, would help there.
+// Compile facts (nvcc 13.0, -O3, ptxas -v, sm_80 and sm_90): no spills, no stack frame; forward 48-64
+// registers (64 for every fp16/bf16 one) and 1300 B of static shared memory, backward 50-60.
 #pragma once
 
 #include <cmath>
