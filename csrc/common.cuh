@@ -195,6 +195,20 @@ struct RowSplit {
   __device__ __forceinline__ int64_t first(int64_t k) const { return head + k * kN; }
 };
 
+// Writes v over the n elements of the row at g (ignored or invalid rows' gradients).
+template <typename T>
+__device__ void fill_row(T* g, int64_t n, float v, int tid, int64_t nt) {
+  constexpr int kN = Elem<T>::kPerPacket;
+  const RowSplit<T> rs(g, n);
+  if (tid < rs.head) store_elem(g + tid, v);
+  if (rs.body_end + tid < n) store_elem(g + rs.body_end + tid, v);
+  float vals[kN];
+#pragma unroll
+  for (int i = 0; i < kN; ++i) vals[i] = v;
+  const uint4 p = pack<T>(vals);
+  for (int64_t k = tid; k < rs.packets; k += nt) st_once(g + rs.first(k), p);
+}
+
 // use(k, load(k)) for k = start, start + step, ... < end, with the loads of U consecutive k issued
 // before any use so that U packets per thread are in flight. Returns the first k >= end.
 template <int U, typename Load, typename Use>
@@ -209,6 +223,41 @@ __device__ __forceinline__ int64_t stream_packets(int64_t k, int64_t end, int64_
   }
   for (; k < end; k += step) use(k, load(k));
   return k;
+}
+
+// f(j, v) over the n elements of the row at x, as floats: v is one element of the scalar head or
+// tail (float[1]) or a 16-byte packet (float[kPerPacket]) at element j, kU packets in flight per
+// thread; kKeep: the row stays in L2 for another pass.
+template <typename T, int kU, bool kKeep, typename F>
+__device__ __forceinline__ void walk_row(const T* x, int64_t n, F&& f) {
+  constexpr int kN = Elem<T>::kPerPacket;
+  const int tid = threadIdx.x;
+  const int64_t nt = blockDim.x;
+  const RowSplit<T> rs(x, n);
+  auto scalar = [&](int64_t j) {
+    float v[1] = {load_elem(x + j)};
+    f(j, v);
+  };
+  if (tid < rs.head) scalar(tid);
+  if (rs.body_end + tid < n) scalar(rs.body_end + tid);
+  auto load = [&](int64_t k) { return load_raw<T, kKeep>(x + rs.first(k), true); };
+  auto use = [&](int64_t k, const uint4& p) {
+    float v[kN];
+    unpack<T>(p, v);
+    f(rs.first(k), v);
+  };
+  stream_packets<kU>(tid, rs.packets, nt, load, use);
+}
+
+// N values at p: a packet (16-byte store when `vec`) or one element of a row's head or tail.
+template <typename T, int N>
+__device__ __forceinline__ void store_vals(T* p, bool vec, const float (&v)[N]) {
+  if constexpr (N == Elem<T>::kPerPacket) {
+    store_packet<T>(p, vec, v);
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) store_elem(p + i, v[i]);
+  }
 }
 
 __device__ __forceinline__ float warp_sum(float v) {

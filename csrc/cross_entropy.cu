@@ -66,15 +66,6 @@ Checked check_rows(const char* op, const at::Tensor& logits, const at::Tensor& t
   return {soft, rows, C};
 }
 
-void check_grad_buffer(const char* op, const at::Tensor& grad, const at::Tensor& logits) {
-  check_on(op, "grad", grad, logits);
-  check_dtype(op, "grad", grad, logits.scalar_type());
-  check_shape(op, "grad", grad, logits.sizes());
-  check_unit_inner_stride(op, "grad", grad);
-  TORCH_CHECK_VALUE(grad.size(0) <= 1 || grad.stride(0) >= grad.size(1), op,
-                    ": grad rows must not overlap (stride(0) >= C), got strides ", grad.strides());
-}
-
 CeArgs make_args(const Checked& ck, const at::Tensor& logits, const at::Tensor& target,
                  const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& weight_sum,
                  const std::optional<at::Tensor>& alpha, int64_t ignore_index, double label_smoothing, double z_loss,

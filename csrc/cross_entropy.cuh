@@ -33,19 +33,6 @@
 
 namespace lossforge {
 
-template <typename T>
-__device__ void fill_row(T* g, int64_t n, float v, int tid, int64_t nt) {
-  constexpr int kN = Elem<T>::kPerPacket;
-  const RowSplit<T> rs(g, n);
-  if (tid < rs.head) store_elem(g + tid, v);
-  if (rs.body_end + tid < n) store_elem(g + rs.body_end + tid, v);
-  float vals[kN];
-#pragma unroll
-  for (int i = 0; i < kN; ++i) vals[i] = v;
-  const uint4 p = pack<T>(vals);
-  for (int64_t k = tid; k < rs.packets; k += nt) st_once(g + rs.first(k), p);
-}
-
 // What each 16-byte packet of a row's logits is read with: the probability targets and class
 // weights of its classes, each read 16 bytes at a time when its alignment matches the row walk's.
 template <typename T, bool kSoft, bool kWElem>

@@ -81,6 +81,17 @@ inline void check_f32_rows(const char* op, const char* name, const at::Tensor& t
   TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous, got strides ", t.strides());
 }
 
+// A gradient buffer for the rows of `logits`: its shape, dtype and device, unit column stride, and
+// rows that do not overlap (each row is written by one block).
+inline void check_grad_buffer(const char* op, const at::Tensor& grad, const at::Tensor& logits) {
+  check_on(op, "grad", grad, logits);
+  check_dtype(op, "grad", grad, logits.scalar_type());
+  check_shape(op, "grad", grad, logits.sizes());
+  check_unit_inner_stride(op, "grad", grad);
+  TORCH_CHECK_VALUE(grad.size(0) <= 1 || grad.stride(0) >= grad.size(1), op,
+                    ": grad rows must not overlap (stride(0) >= C), got strides ", grad.strides());
+}
+
 inline bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
 // ---- dispatch ----

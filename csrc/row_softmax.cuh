@@ -1,7 +1,8 @@
 // The row-softmax core of the kernels that reduce rows of logits: the online max and sum of
 // exponentials per thread and its merge across a warp and a block, exp by subtraction, softcap, the
-// softplus/log-odds helpers, and softmax cross-entropy's per-row coefficients and gradient formula.
-// Used by the cross-entropy kernels; written for any kernel whose rows come from elsewhere too
+// softplus/log-odds helpers, softmax cross-entropy's per-row coefficients and gradient formula, and
+// the running first moment of entropy rows (MomentAcc). Used by the cross-entropy, log-probs and
+// distillation kernels; written for any kernel whose rows come from elsewhere too
 // (matrix-product tiles of a fused linear cross-entropy, similarity tiles of InfoNCE). The names
 // and formulas are those of lossforge_kernels/reference/row_softmax.py, where they are documented.
 #pragma once
@@ -22,6 +23,9 @@ struct RowGrad {
 // exp(y - m) as 2^((y - m) log2e): subtracting first keeps full precision when y and m are large
 // and close (y*log2e - m*log2e in one fma would not: at |y| ~ 1000 that costs 4e-5 relative).
 __device__ __forceinline__ float exp_diff(float y, float m) { return fast_exp2((y - m) * kLog2e); }
+
+// p = e^l of a log-probability l (0 for l = -inf).
+__device__ __forceinline__ float exp_of(float l) { return fast_exp2(l * kLog2e); }
 
 // Running max m of the row's logits, s = sum of exp(y - m) over the elements seen (target
 // excluded), ys = sum of w_j (y_j - c) or w_j q'_j (y_j - c), qs = sum of w_j q'_j.
@@ -218,6 +222,78 @@ __device__ __forceinline__ TargetLogProbs target_log_probs(float m, float s_excl
   const float lr = logf(s_excl) - (y_t - m);
   const float nll_t = softplus(lr);
   return {-nll_t, -softplus(-lr), nll_t};
+}
+
+
+// Entropy rows (reference/row_softmax.py): beside the running max m and s = sum e^(y - m), the
+// first moment u = sum e^(y - m) (y - m), so that the entropy log s - u / s is a sum of two
+// non-negative terms (no cancellation at large logits).
+struct MomentAcc {
+  float m, s, u;
+};
+
+__device__ __forceinline__ MomentAcc moment_init() { return {-INFINITY, 0.f, 0.f}; }
+
+// (s, u) relative to max m, re-expressed relative to mm >= m: when the max grows by d,
+// s <- s e^-d and u <- (u - d s) e^-d. Sums of an empty part (m = -inf) are 0, or NaN, relative to
+// any max (and a +inf max has made s NaN already).
+__device__ __forceinline__ void moment_rescale(float m, float mm, float& s, float& u) {
+  if (m == -INFINITY || m == mm) return;
+  const float r = exp_diff(m, mm);
+  u = (u - (mm - m) * s) * r;
+  s *= r;
+}
+
+// Adds N logits y. While the max is -inf (nothing but -inf or NaN seen) the terms are relative to
+// 0: -inf adds 0 to both sums (not 0 * -inf to u), NaN adds NaN (fmaxf dropped it from the max).
+template <int N>
+__device__ __forceinline__ void accumulate_moment(MomentAcc& a, const float (&y)[N]) {
+  float vmax = y[0];
+#pragma unroll
+  for (int i = 1; i < N; ++i) vmax = fmaxf(vmax, y[i]);
+  if (vmax > a.m) {
+    moment_rescale(a.m, vmax, a.s, a.u);
+    a.m = vmax;
+  }
+  const float ms = a.m == -INFINITY ? 0.f : a.m;
+  float e[N], f[N];
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    e[i] = exp_diff(y[i], ms);
+    f[i] = e[i] == 0.f ? 0.f : e[i] * (y[i] - ms);
+  }
+  a.s += tree_sum<N>(e);
+  a.u += tree_sum<N>(f);
+}
+
+__device__ __forceinline__ void merge_moment(MomentAcc& a, MomentAcc b) {
+  const float mm = fmaxf(a.m, b.m);
+  moment_rescale(a.m, mm, a.s, a.u);
+  moment_rescale(b.m, mm, b.s, b.u);
+  a = {mm, a.s + b.s, a.u + b.u};
+}
+
+__device__ __forceinline__ void warp_merge_moment(MomentAcc& a) {
+#pragma unroll
+  for (int off = kWarpSize / 2; off > 0; off /= 2) {
+    merge_moment(a, {__shfl_xor_sync(0xffffffffu, a.m, off), __shfl_xor_sync(0xffffffffu, a.s, off),
+                     __shfl_xor_sync(0xffffffffu, a.u, off)});
+  }
+}
+
+// The row's totals, valid in thread 0 (ReduceSmem's ys holds u). The caller syncs before `sm` is
+// written again.
+__device__ __forceinline__ MomentAcc block_merge_moment(MomentAcc a, ReduceSmem& sm) {
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  warp_merge_moment(a);
+  if (lane == 0) sm.m[warp] = a.m, sm.s[warp] = a.s, sm.ys[warp] = a.u;
+  __syncthreads();
+  if (warp == 0) {
+    a = moment_init();
+    if (lane < static_cast<int>(blockDim.x / kWarpSize)) a = {sm.m[lane], sm.s[lane], sm.ys[lane]};
+    warp_merge_moment(a);
+  }
+  return a;
 }
 
 }  // namespace lossforge

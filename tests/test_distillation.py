@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lossforge_kernels as lf
-from lossforge_kernels._backends import BackendUnavailableError, families
+from lossforge_kernels._backends import families
 from lossforge_kernels.reference.distillation import DIVERGENCES, Divergence
 from tests.conftest import assert_close_rel, device_for, kernel_backends
 from tests.test_linear_cross_entropy import CreatedTensors
@@ -227,12 +227,43 @@ def test_modules_match_the_functions(kernel):
                                                                                                  **opts))
 
 
-def test_the_cuda_backend_is_refused_by_name():
-    with pytest.raises(BackendUnavailableError, match="distillation has no cuda kernel"):
-        lf.distillation_loss(torch.randn(2, 5), torch.randn(2, 5), backend="cuda")
-    with pytest.raises(BackendUnavailableError, match="distillation has no cuda kernel"):
-        lf.linear_distillation_loss(torch.randn(2, 3), torch.randn(5, 3), torch.randn(2, 3), torch.randn(5, 3),
-                                    backend="cuda")
+def test_both_kernel_backends_have_the_family():
+    assert families()["distillation"].backends == ("triton", "cuda")
+
+
+@pytest.mark.parametrize("divergence", list(Divergence))
+def test_kernel_ops_write_the_gradient_over_the_student_logits(kernel, divergence):
+    """The contract allows grad to be the student's logits: each element is read before it is written."""
+    from lossforge_kernels.ops import distillation as ops
+
+    device, g = device_for(kernel), _gen(18)
+    s, t = (torch.randn(5, 45, generator=g) * 3).to(device), (torch.randn(5, 45, generator=g) * 3).to(device)
+    target = _mask((5,), 45, g, device)
+    options = dict(divergence=int(divergence), beta=0.3, temperature=2.0, ignore_index=-100)
+    factor = torch.tensor(0.5, device=device)
+    loss, stats, apart = torch.empty(5, device=device), torch.empty(5, 5, device=device), torch.empty_like(s)
+    ops.FWD[kernel](s, t, target, factor, loss, stats, apart, **options)
+    in_place = s.clone()
+    ops.FWD[kernel](in_place, t, target, factor, torch.empty_like(loss), torch.empty_like(stats), in_place, **options)
+    assert torch.equal(in_place, apart)
+    grad_rows = torch.randn(5, generator=g).to(device)
+    ops.BWD[kernel](grad_rows, s, t, target, stats, apart, **options)
+    in_place = s.clone()
+    ops.BWD[kernel](grad_rows, in_place, t, target, stats, in_place, **options)
+    assert torch.equal(in_place, apart)
+    assert (apart[target == -100] == 0).all() and (apart[target != -100] != 0).any()
+
+
+@pytest.mark.skipif("cuda" not in KERNELS, reason="the CUDA kernels are not available here")
+def test_the_cuda_kernels_refuse_heads_of_two_dtypes_by_name():
+    # they read both rows in the same 16-byte packets (the public functions take one dtype anyway)
+    from lossforge_kernels.ops import distillation as ops
+
+    device = device_for("cuda")
+    s, t = torch.randn(2, 5, device=device), torch.randn(2, 5, device=device, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="teacher must have dtype"):
+        ops.FWD["cuda"](s, t, None, None, torch.empty(2, device=device), torch.empty(2, 5, device=device), None,
+                        divergence=0, beta=0.5, temperature=1.0, ignore_index=-100)
 
 
 S, T = torch.randn(3, 7), torch.randn(3, 7)

@@ -1,18 +1,20 @@
 """The closed enums the kernel ops take as ints are defined once, in Python (reference/contrastive.py:
-Kind; reference/triplet.py: Distance, Mining). The kernels' copies must agree with them, name for
-name and value for value: csrc/enums.h (read as text, so this needs no compiler) and the constexpr
-constants of the Triton modules (which import nothing from the package)."""
+Kind; reference/triplet.py: Distance, Mining; reference/distillation.py: Divergence). The kernels'
+copies must agree with them, name for name and value for value: csrc/enums.h (read as text, so this
+needs no compiler) and the constexpr constants of the Triton modules (which import nothing from the
+package)."""
 import pathlib
 import re
 
 import pytest
 
 from lossforge_kernels.reference.contrastive import Kind
+from lossforge_kernels.reference.distillation import Divergence
 from lossforge_kernels.reference.triplet import Distance, Mining
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HEADER = ROOT / "csrc" / "enums.h"
-ENUMS = {"Kind": Kind, "Distance": Distance, "Mining": Mining}
+ENUMS = {"Kind": Kind, "Distance": Distance, "Mining": Mining, "Divergence": Divergence}
 _ENUM = re.compile(r"\benum\s+(?:class\s+)?(\w+)\s*:\s*int\s*\{([^}]*)\}")
 _MEMBER = re.compile(r"^\s*(\w+)\s*=\s*(-?\d+)\s*$")
 
@@ -63,7 +65,8 @@ def test_no_other_csrc_file_defines_the_members():
         assert not again, f"{path.name} defines {again} again: include enums.h"
 
 
-@pytest.mark.parametrize("module,enum", [("contrastive", Kind), ("triplet", Distance), ("triplet", Mining)])
+@pytest.mark.parametrize("module,enum", [("contrastive", Kind), ("triplet", Distance), ("triplet", Mining),
+                                         ("distillation", Divergence)])
 def test_triton_constants_match_the_python_enums(module, enum):
     pytest.importorskip("triton")
     import importlib

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lossforge_kernels as lf
-from lossforge_kernels._backends import BackendUnavailableError, families
+from lossforge_kernels._backends import families
 from tests.conftest import assert_close_rel, device_for, kernel_backends
 from tests.test_linear_cross_entropy import CreatedTensors
 
@@ -135,9 +135,7 @@ def test_nan_rows_as_torch_gives_them(backend):
     assert_close_rel(logp, want_logp, 1e-5, "log_probs")  # the NaN pattern must match too
     assert_close_rel(ent, want_ent, 1e-5, "entropy")
     assert_close_rel(grad[[0, 1, 2, 4]], want_grad[[0, 1, 2, 4]], 1e-5, "gradient")
-    if backend == "reference":
-        return  # autograd through the reference's p log p gives -inf logits 0 * -inf = NaN
-    # the kernels give -inf logits a 0 gradient, and the others that of the row without them
+    # -inf logits get a 0 gradient, and the others that of the row without them
     assert (grad[3, :10] == 0).all()
     rest = logits[3:4, 10:].double().requires_grad_()
     rest_logp, rest_ent = lf.log_probs(rest, target[3:4] - 10, return_entropy=True, backend="reference")
@@ -223,12 +221,33 @@ def test_ignore_index_gives_zero_results_and_gradient(kernel):
     assert (logits.grad[0] == 0).all() and (logits.grad[2] == 0).all() and (logits.grad[1] != 0).any()
 
 
-def test_the_cuda_backend_is_refused_by_name():
-    logits, target = torch.randn(2, 5), torch.tensor([1, 2])
-    with pytest.raises(BackendUnavailableError, match="log_probs has no cuda kernel"):
-        lf.log_probs(logits, target, backend="cuda")
-    with pytest.raises(BackendUnavailableError, match="log_probs has no cuda kernel"):
-        lf.linear_log_probs(torch.randn(2, 3), torch.randn(5, 3), target, backend="cuda")
+def test_both_kernel_backends_have_the_family():
+    assert families()["log_probs"].backends == ("triton", "cuda")
+
+
+def test_kernel_ops_keep_the_row_contract(kernel):
+    """Out-of-range targets give NaN rows, ignored rows 0, and the backward may write over the logits."""
+    from lossforge_kernels.ops import log_probs as ops
+
+    device, g = device_for(kernel), _gen(17)
+    logits = (torch.randn(6, 45, generator=g) * 3).to(device)
+    target = torch.tensor([3, -100, 45, -1, 44, 0], device=device)
+    out, stats = torch.empty(6, 2, device=device), torch.empty(6, 3, device=device)
+    ops.FWD[kernel](logits, target, out, stats, ignore_index=-100, temperature=0.5)
+    assert (out[1] == 0).all() and (stats[1] == 0).all()
+    assert torch.isnan(out[2:4]).all() and torch.isnan(stats[2:4]).all()
+    kept = [0, 4, 5]
+    want_logp, want_ent = lf.log_probs(logits[kept].double(), target[kept], temperature=0.5, return_entropy=True,
+                                       backend="reference")
+    assert_close_rel(out[kept, 0], want_logp, 1e-5, "log_probs")
+    assert_close_rel(out[kept, 1], want_ent, 1e-5, "entropy")
+    grad_rows = torch.randn(6, 2, generator=g).to(device)
+    apart = torch.empty_like(logits)
+    ops.BWD[kernel](grad_rows, logits, target, stats, apart, ignore_index=-100, temperature=0.5)
+    in_place = logits.clone()
+    ops.BWD[kernel](grad_rows, in_place, target, stats, in_place, ignore_index=-100, temperature=0.5)
+    torch.testing.assert_close(in_place, apart, rtol=0, atol=0, equal_nan=True)
+    assert (apart[1] == 0).all() and torch.isnan(apart[2:4]).all() and torch.isfinite(apart[kept]).all()
 
 
 @pytest.mark.parametrize("call, exc, match", [

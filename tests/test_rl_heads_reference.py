@@ -156,3 +156,35 @@ def test_distillation_without_target_counts_every_position_and_linear_form_match
     with pytest.raises(ValueError, match="divergence must be one of"):
         dist_ref.distillation_loss(xs, xs, divergence="js")
     assert math.isclose(float(dist_ref.distillation_loss(xs @ ws.T, xs @ ws.T)), 0.0, abs_tol=1e-6)
+
+
+def test_minus_inf_logits_get_a_zero_gradient_and_leave_the_row_alone():
+    # autograd through p log p at p = 0 must give 0, not 0 * -inf = NaN (which log_softmax's backward
+    # spreads over the whole row)
+    logits, target = inputs(dtype=F64)
+    logits[0, :5] = float("-inf")
+    target[0] = 7
+    go = torch.randn(2, len(target), generator=torch.Generator().manual_seed(1), dtype=F64)
+    full = logits.clone().requires_grad_()
+    logp, h = lp_ref.log_probs(full, target, temperature=2.0, return_entropy=True)
+    (logp * go[0] + h * go[1]).sum().backward()
+    rest = logits[:1, 5:].clone().requires_grad_()
+    logp, h = lp_ref.log_probs(rest, target[:1] - 5, temperature=2.0, return_entropy=True)
+    (logp * go[0, 0] + h * go[1, 0]).sum().backward()
+    assert (full.grad[0, :5] == 0).all()
+    torch.testing.assert_close(full.grad[0, 5:], rest.grad[0])
+    assert torch.isfinite(full.grad).all()
+
+
+@pytest.mark.parametrize("kind", dist_ref.DIVERGENCES)
+def test_distillation_gives_minus_inf_student_logits_a_zero_gradient(kind):
+    student, _ = inputs(seed=2, dtype=F64)
+    teacher, _ = inputs(seed=3, dtype=F64)
+    student[0, :4] = teacher[0, :4] = float("-inf")  # classes masked in both heads
+    full = student.clone().requires_grad_()
+    dist_ref.distillation_loss(full, teacher, divergence=kind, beta=0.3, reduction="sum").backward()
+    rest = student[:1, 4:].clone().requires_grad_()
+    dist_ref.distillation_loss(rest, teacher[:1, 4:], divergence=kind, beta=0.3, reduction="sum").backward()
+    assert (full.grad[0, :4] == 0).all(), kind
+    torch.testing.assert_close(full.grad[0, 4:], rest.grad[0])
+    assert torch.isfinite(full.grad).all(), kind

@@ -23,8 +23,10 @@ from .linear_cross_entropy import check_chunk_size
 from .log_probs import check_head, check_temperature, check_token_target
 
 FAMILY = "distillation"
-# Triton kernels only so far (no CUDA C++ kernel for this family): backend='cuda' is refused by name.
-register_kernels(FAMILY, LossKernels(backends=("triton",), gradients_of="the student's tensors"))
+# auto's order: Triton first until the bench has measured both on a GPU; the CUDA kernels
+# (csrc/distillation.cuh) are designed for the same traffic (per logit of each head: forward 2 reads,
+# 3 reads with the gradient, which adds 1 write), so nothing yet says which is faster.
+register_kernels(FAMILY, LossKernels(backends=("triton", "cuda"), gradients_of="the student's tensors"))
 
 
 def _options(divergence, beta, temperature, ignore_index, reduction, backend):

@@ -20,8 +20,10 @@ from .cross_entropy import check_sharding
 from .linear_cross_entropy import check_chunk_size
 
 FAMILY = "log_probs"
-# Triton kernels only so far (no CUDA C++ kernel for this family): backend='cuda' is refused by name.
-register_kernels(FAMILY, LossKernels(backends=("triton",), gradients_of="the logits (the linear form: input, "
+# auto's order: Triton first until the bench has measured both on a GPU; the CUDA kernels
+# (csrc/log_probs.cuh) are designed for the same traffic (forward 1 read per logit, backward 1 read
+# + 1 write), so nothing yet says which is faster.
+register_kernels(FAMILY, LossKernels(backends=("triton", "cuda"), gradients_of="the logits (the linear form: input, "
                                                                         "linear_weight and linear_bias)"))
 
 

@@ -31,9 +31,17 @@ DIVERGENCES = tuple(d.name.lower() for d in Divergence)  # ("kl", "reverse_kl", 
 
 
 def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """sum_j a_j (log a_j - log b_j) over the last dimension, with 0 log 0 = 0 (a NaN stays NaN)."""
+    """sum_j a_j (log a_j - log b_j) over the last dimension, with 0 log 0 = 0 (a NaN stays NaN); the
+    select is inside the product, so that autograd also gives a_j = 0 the gradient 0, not NaN."""
     a = log_a.exp()
-    return torch.where(a == 0, 0.0, a * (log_a - log_b)).sum(-1)
+    return (a * torch.where(a == 0, 0.0, log_a - log_b)).sum(-1)
+
+
+def _log_mix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """log(e^a + e^b), exact where either is tiny; -inf where both are, with the gradient 0 there
+    (logaddexp's own backward gives e^(-inf - -inf) = NaN)."""
+    both = (a == float("-inf")) & (b == float("-inf"))
+    return torch.where(both, float("-inf"), torch.logaddexp(torch.where(both, 0.0, a), torch.where(both, 0.0, b)))
 
 
 def per_position(student: torch.Tensor, teacher: torch.Tensor, kind: str, beta: float) -> torch.Tensor:
@@ -46,9 +54,8 @@ def per_position(student: torch.Tensor, teacher: torch.Tensor, kind: str, beta: 
         return _kl(log_s, log_t)
     if kind != "jsd":
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {kind!r}")
-    # log m = logsumexp(log beta + log p_t, log(1 - beta) + log p_s), exact where either is tiny
-    log_m = torch.logaddexp(log_t + torch.log(torch.tensor(beta, dtype=log_t.dtype)),
-                            log_s + torch.log(torch.tensor(1.0 - beta, dtype=log_s.dtype)))
+    log_m = _log_mix(log_t + torch.log(torch.tensor(beta, dtype=log_t.dtype)),
+                     log_s + torch.log(torch.tensor(1.0 - beta, dtype=log_s.dtype)))
     return beta * _kl(log_t, log_m) + (1.0 - beta) * _kl(log_s, log_m)
 
 

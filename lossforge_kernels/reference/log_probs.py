@@ -27,8 +27,9 @@ def token_log_probs(z: torch.Tensor, target: torch.Tensor, ignore_index: int, re
     if not return_entropy:
         return out
     p = logp.exp()
-    # p log p is 0 where p is 0 (a -inf logit), not 0 * -inf; a NaN p stays NaN
-    entropy = -torch.where(p == 0, 0.0, p * logp).sum(-1)
+    # p log p is 0 where p is 0 (a -inf logit), not 0 * -inf; a NaN p stays NaN. The select is inside
+    # the product so that autograd too sees 0 there (d(p log p)/dp = log p = -inf would spread NaN).
+    entropy = -(p * torch.where(p == 0, 0.0, logp)).sum(-1)
     return out, torch.where(keep, entropy, 0.0)
 
 
