@@ -44,6 +44,15 @@ def every_family(backend: str, device: str) -> None:
         labels = torch.arange(12, device=device) % 4
         for mining in ("batch_hard", "semi_hard", "batch_all"):
             _backward(lf.triplet_loss(e, labels, mining=mining, backend=backend))
+        lp, entropy = lf.log_probs(x, t, return_entropy=True, temperature=0.7, backend=backend)
+        _backward(lp.sum() + entropy.sum())
+        lp, entropy = lf.linear_log_probs(h, w, t, return_entropy=True, backend=backend)
+        _backward(lp.sum() + entropy.sum())
+        teacher = rand(7, 45, dtype=dtype, grad=False)
+        for divergence in ("kl", "reverse_kl", "jsd"):
+            _backward(lf.distillation_loss(x, teacher, t, divergence=divergence, backend=backend))
+        ht, wt = rand(7, 16, dtype=dtype, grad=False), rand(45, 16, dtype=dtype, grad=False)
+        _backward(lf.linear_distillation_loss(h, w, ht, wt, divergence="jsd", backend=backend))
         SCALE_GRAD[backend](torch.randn(5, 33, dtype=dtype, device=device), torch.tensor(0.5, device=device))
     if device == "cuda":
         torch.cuda.synchronize()

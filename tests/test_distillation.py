@@ -254,16 +254,22 @@ def test_kernel_ops_write_the_gradient_over_the_student_logits(kernel, divergenc
     assert (apart[target == -100] == 0).all() and (apart[target != -100] != 0).any()
 
 
-@pytest.mark.skipif("cuda" not in KERNELS, reason="the CUDA kernels are not available here")
-def test_the_cuda_kernels_refuse_heads_of_two_dtypes_by_name():
-    # they read both rows in the same 16-byte packets (the public functions take one dtype anyway)
+@pytest.mark.parametrize("backend", KERNELS)
+def test_the_kernel_ops_refuse_heads_of_two_dtypes_by_name(backend):
+    # the contract takes one dtype for both heads (the CUDA kernels read both rows in the same
+    # 16-byte packets; the public functions take one dtype anyway): the contract check refuses
+    # first on every backend, and the CUDA op's own check behind it
     from lossforge_kernels.ops import distillation as ops
 
-    device = device_for("cuda")
+    device = device_for(backend)
     s, t = torch.randn(2, 5, device=device), torch.randn(2, 5, device=device, dtype=torch.bfloat16)
-    with pytest.raises(TypeError, match="teacher must have dtype"):
-        ops.FWD["cuda"](s, t, None, None, torch.empty(2, device=device), torch.empty(2, 5, device=device), None,
-                        divergence=0, beta=0.5, temperature=1.0, ignore_index=-100)
+    args = (s, t, None, None, torch.empty(2, device=device), torch.empty(2, 5, device=device), None)
+    opts = dict(divergence=0, beta=0.5, temperature=1.0, ignore_index=-100)
+    with pytest.raises(TypeError, match="teacher must have student's dtype torch.float32, got torch.bfloat16"):
+        ops.FWD[backend](*args, **opts)
+    if backend == "cuda":
+        with pytest.raises(TypeError, match="teacher must have dtype"):
+            ops.FWD.overloads["cuda"](*args, **opts)
 
 
 S, T = torch.randn(3, 7), torch.randn(3, 7)

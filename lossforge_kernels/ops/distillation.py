@@ -6,7 +6,8 @@ reference/distillation.py, the per-element formulas in triton_kernels/distillati
 
 distillation_fwd_<b>(student, teacher, target, grad_factor, loss, stats, grad, divergence, beta,
                      temperature, ignore_index) -> ()
-  student, teacher  (M, V) fp32/fp16/bf16 (each its own), stride(1) == 1, any stride(0)
+  student, teacher  (M, V) fp32/fp16/bf16, one dtype for both (the kernels read the two rows in the
+           same 16-byte packets), stride(1) == 1, any stride(0)
   target   (M,) int64 contiguous, or None: rows equal to ignore_index count for nothing
   grad_factor  0-dim fp32, the gradient's multiplier (1/divisor for 'mean', 1 for 'sum'), given
            exactly when grad is
@@ -51,6 +52,8 @@ def _check_rows(op, student, teacher, target, grad, divergence, beta, temperatur
     if teacher.shape != student.shape or teacher.device != student.device:
         fail(op, f"teacher must have student's shape {tuple(student.shape)} on {student.device}, got shape "
                  f"{tuple(teacher.shape)} on {teacher.device}")
+    if teacher.dtype != student.dtype:
+        fail(op, f"teacher must have student's dtype {student.dtype}, got {teacher.dtype}", TypeError)
     if classes == 0 and rows > 0:
         fail(op, f"student must have at least one class, got shape {tuple(student.shape)}")
     if target is not None:
