@@ -7,7 +7,8 @@ in csrc/emulate/lossforge_emulate.h.
 The build needs a source checkout (csrc/ beside the package) and a C++ compiler; it runs once per
 source state through torch.utils.cpp_extension (cached under TORCH_EXTENSIONS_DIR).
 LOSSFORGE_CUDA_EMULATE_SANITIZE=address builds it with AddressSanitizer instead (the process must
-then be started with libasan preloaded; tests/test_cuda_emulation.py does so).
+then be started with libasan preloaded; tests/test_cuda_emulation.py does so);
+LOSSFORGE_CUDA_EMULATE_VERBOSE=1 shows the build's commands.
 """
 from __future__ import annotations
 
@@ -41,11 +42,11 @@ def sources() -> list[pathlib.Path]:
 
 
 def compile_flags(sanitize: str | None = None) -> list[str]:
-    flags = ["-O2", "-g0" if sanitize is None else "-g", "-Wno-unknown-pragmas",
-             f"-I{CSRC / 'emulate'}", f"-I{CSRC}", "-include", "lossforge_emulate.h"]
-    if sanitize:
-        flags = [{"-O2": "-O1", "-g": "-g1"}.get(f, f) for f in flags] + [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer"]
-    return flags
+    """The host compiler's flags; a sanitized build trades speed for line tables in its reports."""
+    flags = ["-Wno-unknown-pragmas", f"-I{CSRC / 'emulate'}", f"-I{CSRC}", "-include", "lossforge_emulate.h"]
+    if sanitize is None:
+        return ["-O2", "-g0", *flags]
+    return ["-O1", "-g1", *flags, f"-fsanitize={sanitize}", "-fno-omit-frame-pointer"]
 
 
 def _wrappers(build_dir: pathlib.Path) -> list[str]:
@@ -74,7 +75,8 @@ def load() -> str:
     tag = hashlib.sha1(str(CSRC).encode()).hexdigest()[:10]
     build_dir = pathlib.Path(cpp_extension._get_build_directory(f"{name}_{tag}", verbose=False))
     flags = compile_flags(sanitize)
+    verbose = os.environ.get("LOSSFORGE_CUDA_EMULATE_VERBOSE", "0") not in ("", "0")
     return cpp_extension.load(
         name=name, sources=_wrappers(build_dir / "src"), extra_cflags=flags,
         extra_ldflags=[f"-fsanitize={sanitize}"] if sanitize else [], build_directory=str(build_dir),
-        with_cuda=False, is_python_module=False, verbose=os.environ.get("LOSSFORGE_CUDA_EMULATE_VERBOSE", "0") not in ("", "0"))
+        with_cuda=False, is_python_module=False, verbose=verbose)
