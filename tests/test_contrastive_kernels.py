@@ -342,7 +342,9 @@ def test_explicit_kernel_backends_run_or_say_why(monkeypatch):
     for call in calls:
         want = call(backend="reference")
         assert torch.equal(call(), want)  # auto on CPU tensors: the reference
-        if not torch.cuda.is_available():
+        if lf.available_backends()["cuda"].available and not torch.cuda.is_available():  # the CUDA emulation
+            torch.testing.assert_close(call(backend="cuda"), want, rtol=1e-5, atol=1e-6)
+        elif not torch.cuda.is_available():
             with pytest.raises(lf.BackendUnavailableError, match="backend='cuda' is unavailable"):
                 call(backend="cuda")
         monkeypatch.setenv("LOSSFORGE_BACKEND", "reference")
