@@ -95,7 +95,7 @@ def test_vocab_parallel_distillation_matches_one_process(world):
     distributed.run(world, _distillation_worker)
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2])  # the slicing is the plain form's, tested at 2 and 4
 def test_vocab_parallel_linear_distillation_matches_one_process(world):
     distributed.run(world, _linear_worker)
 

@@ -97,6 +97,6 @@ def test_vocab_parallel_log_probs_match_one_process(world):
     distributed.run(world, _log_probs_worker)
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2])  # the slicing is the plain form's, tested at 2 and 4
 def test_vocab_parallel_linear_log_probs_match_one_process(world):
     distributed.run(world, _linear_worker)
