@@ -3,6 +3,7 @@ a dense float64 implementation of their contract (lossforge_kernels/ops/contrast
 stats, and the gradients by autograd of sum(grad_rows * rows). Runs on CPU tensors under
 TRITON_INTERPRET=1 (tiny tiles, so small shapes cross tile and feature-chunk edges) or on a GPU."""
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -45,6 +46,7 @@ CASES = [
     Case(INFO_NCE, 1, 1, 3, symmetric=True),
     Case(INFO_NCE, 1, 7, 100),  # the gradient split in two feature blocks
     Case(INFO_NCE, 20, 20, 100, symmetric=True),
+    Case(INFO_NCE, 20, 20, 80, symmetric=True),  # the gradient's width in two segments (64 + 32)
     Case(INFO_NCE, 6, 9, 3, normalize=False),
     Case(INFO_NCE, 17, 23, 16, duplicates=True),
     Case(INFO_NCE, 17, 17, 16, symmetric=True, duplicates=True),
@@ -53,10 +55,12 @@ CASES = [
     Case(SUPCON, 1, 1, 3),
     Case(SUPCON, 20, 20, 16, labels="one"),
     Case(SUPCON, 18, 18, 100, normalize=False),
+    Case(SUPCON, 18, 18, 80),
     Case(SUPCON, 17, 17, 16, duplicates=True),
     Case(SIGLIP, 37, 70, 33),
     Case(SIGLIP, 5, 5, 3, normalize=False),
     Case(SIGLIP, 1, 3, 100),
+    Case(SIGLIP, 9, 20, 80, normalize=False),
     Case(SIGLIP, 17, 23, 16, duplicates=True),
 ]
 LOW_PRECISION_CASES = [
@@ -219,7 +223,8 @@ def test_two_runs_are_bitwise_equal(case):
             assert torch.equal(value, second[name]), f"{case} {name} differs between runs"
 
 
-@pytest.mark.parametrize("case", [Case(INFO_NCE, 17, 20, 100), Case(SUPCON, 9, 9, 33)], ids=str)
+@pytest.mark.parametrize("case", [Case(INFO_NCE, 17, 20, 100), Case(INFO_NCE, 17, 17, 33, symmetric=True),
+                                  Case(SUPCON, 9, 9, 33)], ids=str)
 def test_optional_outputs(case):
     """Each output alone, or some of them, equal the same outputs of the full call."""
     x = make_inputs(case, DEVICE)
@@ -275,3 +280,33 @@ def test_fp16_gradients_at_large_batch_magnitudes():
         row_error = ((got[name].cpu().double() - exact).norm(dim=1) / exact.norm(dim=1))
         rounding = ((exact.to(torch.float16).double() - exact).norm(dim=1) / exact.norm(dim=1))
         assert (row_error - rounding).max() < 3e-3, name
+
+
+@pytest.fixture
+def dot_work(monkeypatch):
+    """Multiply-adds of every tl.dot the interpreter runs (a list: the running total is its sum)."""
+    interpreter = pytest.importorskip("triton.runtime.interpreter")
+    if not hasattr(interpreter, "InterpreterBuilder") or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("counts the Triton interpreter's dots")
+    work = []
+    create_dot = interpreter.InterpreterBuilder.create_dot
+
+    def counted(self, a, b, *args, **kwargs):
+        work.append(a.data.shape[-2] * a.data.shape[-1] * b.data.shape[-1])
+        return create_dot(self, a, b, *args, **kwargs)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", counted)
+    return work
+
+
+@pytest.mark.parametrize("d", [64, 768, 1024])
+@pytest.mark.parametrize("case", [Case(INFO_NCE, 48, 48, 0, symmetric=True), Case(INFO_NCE, 32, 48, 0),
+                                  Case(SUPCON, 48, 48, 0), Case(SIGLIP, 32, 48, 0)], ids=str)
+def test_forward_and_backward_take_at_most_five_products(case, d, dot_work):
+    """Every gradient and the learnt scale's in at most 5 B x M x D products (SupCon: 3), counted over
+    the dots the kernels run (tile sizes divide the shapes: no padding in the count)."""
+    case = dataclasses.replace(case, d=d)
+    x = make_inputs(case, DEVICE)
+    run_ops(case, x)
+    products = sum(dot_work) / (case.b * case.m * d)
+    assert products == (3 if case.kind == SUPCON else 5), products

@@ -214,6 +214,12 @@ def _cases():
         ("info_nce one-way scale grad only fp32 D=64 M>B", info_nce(f32, 64, False, True, grads=("s",), m=12)),
         ("supcon normalized bf16 D=256", supcon(bf16, 256, True)),
         ("siglip raw bf16 D=512 key grad", siglip(bf16, 512, False, grads=("k",))),
+        # the widths the spill budgets name: a row length that is a multiple of 8 only, 768 and 1024, each dtype
+        ("info_nce symmetric normalized bf16 D=520", info_nce(bf16, 520, True, True)),
+        ("info_nce symmetric normalized fp16 D=1024", info_nce(torch.float16, 1024, True, True)),
+        ("info_nce symmetric normalized fp32 D=768", info_nce(f32, 768, True, True)),
+        ("siglip normalized fp16 D=128", siglip(torch.float16, 128, True)),
+        ("supcon normalized fp32 D=128", supcon(f32, 128, True)),
         # triplet: batch_hard (the kernel mining), each distance, with and without the row scale
         ("triplet euclidean bf16", triplet(bf16, 64)),
         ("triplet squared soft_margin fp32", triplet(f32, 64, distance="squared_euclidean", soft_margin=True)),
@@ -591,6 +597,20 @@ def test_recording_ran_every_case(records):
     assert not records["failures"], "entry points failed while recording:\n" + "\n".join(records["failures"])
 
 
+# Local memory (spilled registers) a thread may use, by kernel module and input dtype: the contrastive
+# tiles (triton_kernels/contrastive.py GRAD_TILES, tiles_for) keep half inputs in registers and fp32
+# within 256 bytes.
+SPILL_BUDGETS = {"contrastive": {"bf16": 0, "fp16": 0, "fp32": 256}}
+
+
+def _spill_budget(config):
+    budgets = SPILL_BUDGETS.get(config["kernel"].split(":")[0].rsplit(".", 1)[-1])
+    if budgets is None:
+        return None
+    dtypes = {t[1:] for t in config["signature"] if t.startswith("*")}
+    return budgets[next((d for d in ("bf16", "fp16") if d in dtypes), "fp32")]
+
+
 def test_kernel_compiles(kernel_config, compiled):
     assert kernel_config is not None, "no launches were recorded"
     results = compiled[kernel_config["id"]]
@@ -598,6 +618,11 @@ def test_kernel_compiles(kernel_config, compiled):
     assert not failed, (f"{kernel_config['kernel']} failed to compile (cases: {kernel_config['cases']}; constexprs "
                         f"{kernel_config['constexprs']}; signature {kernel_config['signature']}; options "
                         f"{kernel_config['options']}):\n" + "\n".join(f"sm{r['arch']}: {r['error']}" for r in failed))
+    budget = _spill_budget(kernel_config)
+    if budget is not None:
+        over = [r for r in results if r["local"] > budget]
+        assert not over, (f"{kernel_config['kernel']} uses " + ", ".join(f"{r['local']} B (sm{r['arch']})" for r in over)
+                          + f" of local memory per thread, over its {budget} B (cases: {kernel_config['cases']})")
 
 
 def _launch_targets():

@@ -77,9 +77,15 @@ def fold_tile_lse(m, s, y):
     A NaN logit reaches the sum (the maximum may skip NaN on a GPU; the exponential does not)."""
     tile_max = tl.max(y, axis=1)
     tile_sum = tl.sum(tl.exp(y - lse_shift(tile_max)[:, None]), axis=1)
-    m_new = tl.maximum(m, tile_max)
-    shift = lse_shift(m_new)
-    return m_new, s * lse_rebase(m, shift) + tile_sum * lse_rebase(tile_max, shift)
+    return merge_lse(m, s, tile_max, tile_sum)
+
+
+@triton.jit
+def merge_lse(m_a, s_a, m_b, s_b):
+    """Two partial (max, sum of exp(y - shift(max))) of fold_tile_lse as one."""
+    m = tl.maximum(m_a, m_b)
+    shift = lse_shift(m)
+    return m, s_a * lse_rebase(m_a, shift) + s_b * lse_rebase(m_b, shift)
 
 
 @triton.jit
