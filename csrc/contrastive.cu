@@ -4,6 +4,9 @@
 // registration for the CUDA key. The kernels, and the work and traffic designed for, are in
 // contrastive.cuh.
 //
+// The forward of bf16/fp16 inputs runs on tensor-core tiles (tiled_forward: the inverse norms, one
+// tile_stats_kernel launch, and for symmetric InfoNCE the average of row and column losses); fp32
+// inputs, whose contract is full fp32 precision, and the backward of every dtype take the chunks.
 // The rows are walked in chunks (rows_per_chunk: chunks.h's budget rule, 32 MiB of fp32, or up to a
 // quarter of the inputs' bytes for large inputs), so the (B, M) similarity matrix never exists.
 // grad_query walks chunks of query rows; grad_key walks chunks of key rows on S^T = k_c @ q^T (a

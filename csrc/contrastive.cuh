@@ -1,8 +1,11 @@
 // The contrastive family's kernels: InfoNCE / CLIP, SupCon and SigLIP (contract: ops/contrastive.py's
 // docstring). The checks, the chunk loops, the products and the launches are in contrastive.cu.
 //
-// The (B, M) similarity matrix never exists: contrastive.cu walks the rows in chunks, and each
-// chunk's similarities S_c = x_c @ y^T come from cuBLAS (fp32 out, fp32 accumulation; fp32 inputs at
+// The (B, M) similarity matrix never exists. The forward of bf16/fp16 inputs keeps it on chip:
+// tile_stats_kernel (bottom of the file) forms 16 x 64 tiles of it per warp with tensor-core products
+// and folds them into the row statistics in registers. fp32 inputs, and every backward, go through
+// chunks: contrastive.cu walks the rows in chunks, and each chunk's similarities S_c = x_c @ y^T come
+// from cuBLAS (fp32 out, fp32 accumulation; fp32 inputs at
 // torch's matmul precision: full fp32 unless TF32 is allowed). With c_ij = S_ij r_i r'_j (r the
 // fp32 inverse row norms, 1 without `normalize`) and z_ij = s c_ij (+ b for SigLIP), s and b the
 // logit scale and bias:
@@ -36,10 +39,14 @@
 // Designed work per call, B x M pairs, width D, e = element bytes, chunk buffers not counted as cached:
 //   forward   one product (2BMD FLOPs); S written once (4BM B), read by the row pass (4BM) and,
 //             symmetric only, by the column pass (4BM); inputs read once per chunk by cuBLAS.
+//             Half inputs (tiled): no S traffic; each block stages its 64 rows and every tile of the
+//             other side through shared memory (2 x 64 x D x e bytes per tile, from L2 mostly):
+//             (B / 64) M D e + B D e bytes of loads, twice and 2BMD FLOPs twice for symmetric.
 //   backward  with grad_query and grad_key: four products (8BMD FLOPs); per pass S written and read
 //             (8BM), G written and read (2eBM), so 2 x (8 + 2e) BM bytes.
 //
-// Compile facts (nvcc 13.0, -O3, ptxas -v, sm_80 / sm_90): registers row_stats 27-46, col_stats 30-32,
+// Compile facts (nvcc 13.0, -O3, ptxas -v, sm_80 / sm_90): registers tile_stats 72-142 (InfoNCE 72,
+// SigLIP 72-80, SupCon 105-142; 18.3 KiB of static shared memory), finish_symmetric_tiles 10, row_stats 27-46, col_stats 30-32,
 // pair_grad 32-48 (SupCon 63-72), finish_grad 27-32, inv_norm 32, finish_symmetric 12-17, weight_bound
 // 14-19; no stack frame, no spills, no local memory in the SASS; about 2 minutes to compile
 // (contrastive.cu, the one file that includes this header).
