@@ -4,6 +4,9 @@
 // registration for the CUDA key. The kernels, and the work and traffic designed for, are in
 // contrastive.cuh.
 //
+// The forward of bf16/fp16 inputs runs on tensor-core tiles (tiled_forward: the inverse norms, one
+// tile_stats_kernel launch, and for symmetric InfoNCE the average of row and column losses); fp32
+// inputs, whose contract is full fp32 precision, and the backward of every dtype take the chunks.
 // The rows are walked in chunks (rows_per_chunk: chunks.h's budget rule, 32 MiB of fp32, or up to a
 // quarter of the inputs' bytes for large inputs), so the (B, M) similarity matrix never exists.
 // grad_query walks chunks of query rows; grad_key walks chunks of key rows on S^T = k_c @ q^T (a
@@ -101,6 +104,51 @@ void inverse_norms(const at::Tensor& x, float* inv, float* proj) {
   });
 }
 
+// The forward for half inputs on tile_stats_kernel: no similarity chunk, one launch (plus the
+// symmetric average).
+void tiled_forward(const at::Tensor& query, const at::Tensor& key, const std::optional<at::Tensor>& labels,
+                   const at::Tensor& logit_scale, const at::Tensor& logit_bias, const at::Tensor& loss,
+                   const at::Tensor& stats, int64_t kind, bool symmetric, const float* inv_q, const float* inv_k) {
+  const int64_t B = query.size(0), M = key.size(0);
+  float* const stats0 = stats.data_ptr<float>();
+  float* const stats1 = stats0 + B;
+  at::Tensor col_loss = symmetric ? at::empty({B}, query.options().dtype(at::kFloat)) : at::Tensor();
+  TileFwd f{};
+  f.pass[0] = TilePass{query.data_ptr(), key.data_ptr(), B, M, inv_q, inv_k, loss.data_ptr<float>(), stats0, stats1};
+  if (symmetric) {
+    f.pass[1] = TilePass{key.data_ptr(), query.data_ptr(), M, B, inv_k, inv_q, col_loss.data_ptr<float>(), stats1,
+                         nullptr};
+  }
+  const int64_t row_blocks = (B + kTileRows - 1) / kTileRows;
+  const int64_t col_blocks = symmetric ? (M + kTileRows - 1) / kTileRows : 0;
+  f.first_blocks = row_blocks;
+  f.d = query.size(1);
+  f.logit_scale = logit_scale.data_ptr<float>();
+  f.logit_bias = logit_bias.data_ptr<float>();
+  f.labels = kind == kSupCon ? labels->data_ptr<int64_t>() : nullptr;
+  f.vec = f.d % 8 == 0 && aligned16(query) && aligned16(key);
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    with_kind(kind, [&](auto kind_tag) {
+      with_flag(inv_q != nullptr, [&](auto norm_tag) {
+        constexpr int kKind = decltype(kind_tag)::value;
+        constexpr bool kNorm = decltype(norm_tag)::value;
+        launch(query.device(), &tile_stats_kernel<T, kKind, kNorm>, grid_for(row_blocks + col_blocks), kTileThreads,
+               0, f);
+      });
+    });
+  };
+  if (query.scalar_type() == at::kHalf) {
+    run(c10::Half{});
+  } else {
+    run(c10::BFloat16{});
+  }
+  if (symmetric) {
+    launch(query.device(), &finish_symmetric_tiles_kernel, grid_for((B + kThreads - 1) / kThreads), kThreads, 0, B,
+           static_cast<const float*>(col_loss.data_ptr<float>()), loss.data_ptr<float>());
+  }
+}
+
 void contrastive_fwd_cuda(const at::Tensor& query, const at::Tensor& key, const std::optional<at::Tensor>& labels,
                           const at::Tensor& logit_scale, const at::Tensor& logit_bias, const at::Tensor& loss,
                           const at::Tensor& stats, int64_t kind, bool normalize, bool symmetric) {
@@ -122,6 +170,11 @@ void contrastive_fwd_cuda(const at::Tensor& query, const at::Tensor& key, const 
       inv_k = at::empty({M}, f32);
       inverse_norms(key, inv_k.data_ptr<float>(), nullptr);
     }
+  }
+  if (query.scalar_type() != at::kFloat) {  // fp32 stays on the chunked products: its contract is full fp32
+    tiled_forward(query, key, labels, logit_scale, logit_bias, loss, stats, kind, symmetric,
+                  normalize ? inv_q.data_ptr<float>() : nullptr, normalize ? inv_k.data_ptr<float>() : nullptr);
+    return;
   }
   const int64_t chunk = rows_per_chunk(B, M, D, query, key);
   at::Tensor sim = at::empty({chunk, M}, f32);

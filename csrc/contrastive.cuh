@@ -1,8 +1,11 @@
 // The contrastive family's kernels: InfoNCE / CLIP, SupCon and SigLIP (contract: ops/contrastive.py's
 // docstring). The checks, the chunk loops, the products and the launches are in contrastive.cu.
 //
-// The (B, M) similarity matrix never exists: contrastive.cu walks the rows in chunks, and each
-// chunk's similarities S_c = x_c @ y^T come from cuBLAS (fp32 out, fp32 accumulation; fp32 inputs at
+// The (B, M) similarity matrix never exists. The forward of bf16/fp16 inputs keeps it on chip:
+// tile_stats_kernel (bottom of the file) forms 16 x 64 tiles of it per warp with tensor-core products
+// and folds them into the row statistics in registers. fp32 inputs, and every backward, go through
+// chunks: contrastive.cu walks the rows in chunks, and each chunk's similarities S_c = x_c @ y^T come
+// from cuBLAS (fp32 out, fp32 accumulation; fp32 inputs at
 // torch's matmul precision: full fp32 unless TF32 is allowed). With c_ij = S_ij r_i r'_j (r the
 // fp32 inverse row norms, 1 without `normalize`) and z_ij = s c_ij (+ b for SigLIP), s and b the
 // logit scale and bias:
@@ -36,10 +39,14 @@
 // Designed work per call, B x M pairs, width D, e = element bytes, chunk buffers not counted as cached:
 //   forward   one product (2BMD FLOPs); S written once (4BM B), read by the row pass (4BM) and,
 //             symmetric only, by the column pass (4BM); inputs read once per chunk by cuBLAS.
+//             Half inputs (tiled): no S traffic; each block stages its 64 rows and every tile of the
+//             other side through shared memory (2 x 64 x D x e bytes per tile, from L2 mostly):
+//             (B / 64) M D e + B D e bytes of loads, twice and 2BMD FLOPs twice for symmetric.
 //   backward  with grad_query and grad_key: four products (8BMD FLOPs); per pass S written and read
 //             (8BM), G written and read (2eBM), so 2 x (8 + 2e) BM bytes.
 //
-// Compile facts (nvcc 13.0, -O3, ptxas -v, sm_80 / sm_90): registers row_stats 27-46, col_stats 30-32,
+// Compile facts (nvcc 13.0, -O3, ptxas -v, sm_80 / sm_90): registers tile_stats 72-142 (InfoNCE 72,
+// SigLIP 72-80, SupCon 105-142; 18.3 KiB of static shared memory), finish_symmetric_tiles 10, row_stats 27-46, col_stats 30-32,
 // pair_grad 32-48 (SupCon 63-72), finish_grad 27-32, inv_norm 32, finish_symmetric 12-17, weight_bound
 // 14-19; no stack frame, no spills, no local memory in the SASS; about 2 minutes to compile
 // (contrastive.cu, the one file that includes this header).
@@ -50,6 +57,7 @@
 
 #include "common.cuh"
 #include "enums.h"
+#include "mma.cuh"
 #include "row_softmax.cuh"
 
 namespace lossforge {
@@ -448,6 +456,248 @@ __global__ void __launch_bounds__(kThreads) finish_grad_kernel(const FinishGrad 
       store_elem(out + a * f.d + k, v);
     }
   }
+}
+
+// ---- the forward for half inputs: similarity tiles on chip (tensor-core products, csrc/mma.cuh) ----
+//
+// tile_stats_kernel: a block of 4 warps owns 64 rows of its own side (16 per warp) and sweeps the
+// other side in tiles of 64 rows. Per tile, both sides' rows are staged through shared memory 64
+// features at a time (zero beyond D and beyond the last row, so any D runs the same 16-wide k
+// steps) and each warp forms its 16 x 64 block of S with 8 m16n8k16 products per k step, in fp32
+// registers. The tile then folds into the lane's two rows (g and g + 8 of the warp's 16) with the
+// row kernel's arithmetic: the online (max, sum-exp) without +inf logits, the diagonal, SupCon's
+// positives and SigLIP's softplus sums. At the end the 4 lanes of a row merge in a fixed order; no
+// similarity is written to device memory, and nothing is accumulated across blocks (no atomics).
+// Symmetric InfoNCE: blocks past `first_blocks` take the column role (own = key, other = query, the
+// same products in the same order, so S^T's entries are S's), and write the column lse and the
+// column loss, which finish_symmetric_tiles_kernel averages with the row loss.
+
+constexpr int kTileWarps = 4;
+constexpr int kTileThreads = kTileWarps * kWarpSize;
+constexpr int kTileRows = 16 * kTileWarps;  // own rows per block
+constexpr int kTileCols = 64;               // other rows per tile: 8 products of 8 columns per warp
+constexpr int kTileK = 64;                  // features staged at a time
+constexpr int kTilePairs = kTileK / 2;      // element pairs (32-bit words) of a staged row
+// Words per staged row: +4 puts the 8 rows one fragment load reads on different banks.
+constexpr int kTileStride = kTilePairs + 4;
+static_assert(kTileRows == kTileCols, "one staging routine serves both sides");
+
+using StagedRows = uint32_t[kTileRows][kTileStride];
+
+// One role of the tiled forward: the rows whose statistics its blocks compute (own) against the rows
+// of the other side.
+struct TilePass {
+  const void* own;
+  const void* other;
+  int64_t n_own, n_other;
+  const float* inv_own;  // null without `normalize`
+  const float* inv_other;
+  float* loss;   // (n_own,) the row's loss (the column loss in the column role)
+  float* lse;    // (n_own,) stats[0] (stats[1], the column lse, in the column role)
+  float* npos;   // SupCon: stats[1]
+};
+
+struct TileFwd {
+  TilePass pass[2];      // rows, and (symmetric InfoNCE) columns: own is the key side there, and
+                         // c = S r_other r_own keeps the row role's order of the products
+  int64_t first_blocks;  // blocks of pass[0]
+  int64_t d;
+  const float* logit_scale;
+  const float* logit_bias;
+  const int64_t* labels;  // SupCon
+  bool vec;               // 16-byte loads: d % 8 == 0 and both inputs 16-byte aligned
+};
+
+// Rows [row0, row0 + kTileRows) x features [k0, k0 + kTileK) of x (rows x d) into dst as element
+// pairs, zero outside x.
+template <typename T>
+__device__ __forceinline__ void stage_rows(StagedRows& dst, const T* x, int64_t row0, int64_t rows, int64_t d,
+                                           int64_t k0, bool vec) {
+  using Raw = typename Elem<T>::Raw;
+  static_assert(sizeof(Raw) == 2, "the tensor-core path takes 16-bit elements");
+  const Raw* raw = reinterpret_cast<const Raw*>(x);
+  if (vec) {  // k0 and d multiples of 8: a packet is wholly inside x's row or wholly outside
+    constexpr int kPackets = kTileK / 8;
+    for (int i = threadIdx.x; i < kTileRows * kPackets; i += blockDim.x) {
+      const int r = i / kPackets, q = i % kPackets;
+      const int64_t row = row0 + r, k = k0 + 8 * q;
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);
+      if (row < rows && k < d) v = ld_keep(raw + row * d + k);
+      dst[r][4 * q] = v.x, dst[r][4 * q + 1] = v.y, dst[r][4 * q + 2] = v.z, dst[r][4 * q + 3] = v.w;
+    }
+  } else {
+    for (int i = threadIdx.x; i < kTileRows * kTilePairs; i += blockDim.x) {
+      const int r = i / kTilePairs, p = i % kTilePairs;
+      const int64_t row = row0 + r, k = k0 + 2 * p;
+      uint32_t lo = 0, hi = 0;
+      if (row < rows) {
+        if (k < d) lo = raw[row * d + k];
+        if (k + 1 < d) hi = raw[row * d + k + 1];
+      }
+      dst[r][p] = lo | (hi << 16);
+    }
+  }
+}
+
+// softplus(v) with the same value (max(v, 0) adds an exact 0 or v) but no branch around the two
+// transcendental paths: 16 of them unrolled per tile kept predicates alive across a spill on sm_80.
+// NaN passes (fmaxf drops it, -|v| keeps it), +-inf give inf and 0.
+__device__ __forceinline__ float softplus_select(float v) { return fmaxf(v, 0.f) + log1pf(expf(-fabsf(v))); }
+
+// The statistics of one own row, kept by each of the 4 lanes that hold its columns.
+struct TileRow {
+  Acc acc;
+  bool pos_inf;  // a +inf logit, left out of acc
+  float sum;     // SupCon: positives' logits; SigLIP: softplus sum
+  float npos;    // SupCon
+  float diag;    // InfoNCE: z_aa, in the one lane that holds it (0 in the others)
+};
+
+template <int kKind>
+__device__ __forceinline__ void fold_tile(TileRow& st, const float (&acc)[8][4], int half, int64_t a, float ra,
+                                          int64_t la, int64_t j0, const TilePass& p, bool columns, float s, float b,
+                                          const float* s_ro, const int64_t* s_label) {
+  const int t = threadIdx.x % 4;
+  float y[8];  // two packets of 8 logits (accumulate<8> stays in registers; at 16 its tree sum did not)
+#pragma unroll
+  for (int n = 0; n < 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int local = n * 8 + 2 * t + e;
+      const int64_t j = j0 + local;
+      const bool valid = j < p.n_other, self = j == a;
+      const float sim = acc[n][2 * half + e], ro = s_ro[local];
+      const float z = fmaf(s, columns ? pair_cos(sim, ro, ra) : pair_cos(sim, ra, ro), b);
+      // Columns past the other side's rows (and SupCon's self) as a -inf logit: selects, not branches
+      // (softplus(-inf) and exp(-inf - m) add exact zeros).
+      const float zv = valid ? z : -INFINITY;
+      if constexpr (kKind == kSigLip) {
+        st.sum += softplus_select(self ? -zv : zv);
+      } else {
+        if (kKind == kInfoNce && self) st.diag = z;
+        y[(2 * n + e) % 8] = finite_top(kKind == kSupCon && self ? -INFINITY : zv, st.pos_inf);
+        if (kKind == kSupCon && valid && !self && s_label[local] == la) {
+          st.npos += 1.f;
+          st.sum += z;
+        }
+      }
+    }
+    if (kKind != kSigLip && n % 4 == 3) accumulate<8, false, false, false>(st.acc, y, nullptr, nullptr, -1, 0.f, 0.f, 0.f);
+  }
+}
+
+// The 4 lanes of a row (lane = 4 g + t) merge their statistics, xor 1 then xor 2: a fixed order.
+template <int kKind>
+__device__ __forceinline__ void merge_row_lanes(TileRow& st) {
+#pragma unroll
+  for (int off = 1; off < 4; off *= 2) {
+    if constexpr (kKind != kSigLip) {
+      const float m = __shfl_xor_sync(0xffffffffu, st.acc.m, off);
+      const float sm = __shfl_xor_sync(0xffffffffu, st.acc.s, off);
+      merge(st.acc, m, sm, 0.f, 0.f);
+      st.pos_inf = (__shfl_xor_sync(0xffffffffu, st.pos_inf ? 1 : 0, off) != 0) || st.pos_inf;
+    }
+    if constexpr (kKind == kInfoNce) st.diag += __shfl_xor_sync(0xffffffffu, st.diag, off);
+    if constexpr (kKind != kInfoNce) st.sum += __shfl_xor_sync(0xffffffffu, st.sum, off);
+    if constexpr (kKind == kSupCon) st.npos += __shfl_xor_sync(0xffffffffu, st.npos, off);
+  }
+}
+
+// The row's outputs, as row_stats_kernel writes them.
+template <int kKind>
+__device__ __forceinline__ void write_row(const TileRow& st, int64_t a, const TilePass& p) {
+  if constexpr (kKind == kInfoNce) {
+    const float lse = lse_of(st.acc.m, st.acc.s, st.pos_inf);
+    p.lse[a] = lse;
+    p.loss[a] = lse - st.diag;
+  } else if constexpr (kKind == kSupCon) {
+    const bool live = st.npos > 0.f;
+    const float lse = live ? lse_of(st.acc.m, st.acc.s, st.pos_inf) : 0.f;
+    p.lse[a] = lse;
+    p.npos[a] = st.npos;
+    p.loss[a] = live ? lse - st.sum / st.npos : 0.f;
+  } else {
+    p.loss[a] = st.sum;
+  }
+}
+
+// The block's role, field by field (a select of the whole struct went through local memory).
+__device__ __forceinline__ TilePass pick_pass(const TileFwd& f, bool second) {
+  const TilePass &r = f.pass[0], &c = f.pass[1];
+  return TilePass{second ? c.own : r.own,         second ? c.other : r.other,
+                  second ? c.n_own : r.n_own,     second ? c.n_other : r.n_other,
+                  second ? c.inv_own : r.inv_own, second ? c.inv_other : r.inv_other,
+                  second ? c.loss : r.loss,       second ? c.lse : r.lse,
+                  second ? c.npos : r.npos};
+}
+
+template <typename T, int kKind, bool kNorm>
+__global__ void __launch_bounds__(kTileThreads) tile_stats_kernel(const TileFwd f) {
+  const bool second = blockIdx.x >= f.first_blocks;
+  const TilePass p = pick_pass(f, second);
+  const int64_t row0 = (static_cast<int64_t>(blockIdx.x) - (second ? f.first_blocks : 0)) * kTileRows;
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const float s = *f.logit_scale, b = kKind == kSigLip ? *f.logit_bias : 0.f;
+  const T* own = static_cast<const T*>(p.own);
+  const T* other = static_cast<const T*>(p.other);
+
+  __shared__ StagedRows s_own, s_other;
+  __shared__ float s_ro[kTileCols];
+  __shared__ int64_t s_label[kTileCols];
+
+  TileRow st[2];
+  int64_t a[2], la[2];
+  float ra[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    st[h] = {acc_init(), false, 0.f, 0.f, 0.f};
+    a[h] = row0 + warp * 16 + lane / 4 + 8 * h;
+    const bool valid = a[h] < p.n_own;
+    ra[h] = valid ? inv_norm_at<kNorm>(p.inv_own, a[h]) : 1.f;
+    la[h] = kKind == kSupCon && valid ? f.labels[a[h]] : 0;
+  }
+
+  for (int64_t j0 = 0; j0 < p.n_other; j0 += kTileCols) {
+    float acc[8][4] = {};
+    int64_t k0 = 0;
+    do {  // once at least (d == 0: S = 0)
+      __syncthreads();  // the previous step's fragment loads and fold are done
+      if (j0 == 0 || f.d > kTileK) stage_rows<T>(s_own, own, row0, p.n_own, f.d, k0, f.vec);
+      stage_rows<T>(s_other, other, j0, p.n_other, f.d, k0, f.vec);
+      if (k0 == 0 && threadIdx.x < kTileCols) {
+        const int64_t j = j0 + threadIdx.x;
+        s_ro[threadIdx.x] = j < p.n_other ? inv_norm_at<kNorm>(p.inv_other, j) : 1.f;
+        if constexpr (kKind == kSupCon) s_label[threadIdx.x] = j < p.n_other ? f.labels[j] : 0;
+      }
+      __syncthreads();
+      const int steps = static_cast<int>((min(static_cast<int64_t>(kTileK), f.d - k0) + 15) / 16);
+      for (int ks = 0; ks < steps; ++ks) {
+        uint32_t fa[4];
+        mma::load_a(fa, &s_own[warp * 16][ks * 8], kTileStride, lane);
+#pragma unroll
+        for (int n = 0; n < 8; ++n) {
+          uint32_t fb[2];
+          mma::load_b(fb, &s_other[n * 8][ks * 8], kTileStride, lane);
+          mma::mma_m16n8k16<T>(acc[n], fa, fb);
+        }
+      }
+      k0 += kTileK;
+    } while (k0 < f.d);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) fold_tile<kKind>(st[h], acc, h, a[h], ra[h], la[h], j0, p, second, s, b, s_ro, s_label);
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    merge_row_lanes<kKind>(st[h]);
+    if (lane % 4 == 0 && a[h] < p.n_own) write_row<kKind>(st[h], a[h], p);
+  }
+}
+
+// loss_i = (row loss + column loss) / 2 once both roles of the tiled forward are done.
+__global__ void __launch_bounds__(kThreads) finish_symmetric_tiles_kernel(int64_t b, const float* col_loss,
+                                                                           float* loss) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < b) loss[i] = 0.5f * (loss[i] + col_loss[i]);
 }
 
 }  // namespace contrastive

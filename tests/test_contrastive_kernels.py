@@ -5,6 +5,7 @@ tests/test_contrastive_triton_ops.py; here the three losses as users call them: 
 reduction against the float64 reference, half precision, launches, opcheck, torch.compile, retained
 graphs, double backward, bad input, and that no (B, M) tensor is ever created.
 """
+import dataclasses
 import math
 
 import pytest
@@ -14,7 +15,8 @@ import lossforge_kernels as lf
 from lossforge_kernels.ops import contrastive as cops
 from lossforge_kernels.reference.contrastive import Kind
 from tests import harness
-from tests.conftest import assert_close_rel, device_for
+from tests.conftest import assert_close_rel, device_for, kernel_backends
+from tests.test_contrastive_triton_ops import SENTINEL, Case, dense_loss, make_inputs
 from tests.test_linear_cross_entropy import CreatedTensors
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -523,3 +525,82 @@ def test_fp16_gradients_at_large_batch_magnitudes(kernel_backend, symmetric):
     want.backward(torch.full_like(want, 2.0**10 / 262144))
     assert _excess_row_error(q.grad.cpu(), q64.grad) < 3e-3
     assert _excess_row_error(k.grad.cpu(), k64.grad) < 3e-3
+
+
+# ---- the CUDA forward for half inputs: similarity tiles from tensor-core products ----------------
+# (csrc/contrastive.cuh tile_stats_kernel: blocks of 64 rows, tiles of 64 columns, 64 features staged
+# at a time). The kernel op against the dense float64 contract on the same rounded inputs: only fp32
+# accumulation separates them, so the tolerance is fp32's. 70 rows and 83 columns cross the 64-row
+# blocks and tiles; D = 33 has a tail of 1 past two 16-wide k steps, D = 520 runs 9 staging steps with
+# a tail of 8 (element loads), D = 24 the 16-byte loads.
+
+
+_HALF_TILE_CASES = [
+    Case(Kind.INFO_NCE, 70, 70, 33, symmetric=True),
+    Case(Kind.INFO_NCE, 70, 83, 520),
+    Case(Kind.INFO_NCE, 70, 70, 24, normalize=False, symmetric=True),
+    Case(Kind.INFO_NCE, 70, 83, 33, normalize=False),
+    Case(Kind.INFO_NCE, 17, 17, 16, symmetric=True, duplicates=True),
+    Case(Kind.SUPCON, 70, 70, 33),
+    Case(Kind.SUPCON, 70, 70, 520, normalize=False, labels="singletons"),
+    Case(Kind.SUPCON, 20, 20, 24, labels="one"),
+    Case(Kind.SUPCON, 1, 1, 3),
+    Case(Kind.SIGLIP, 70, 83, 33),
+    Case(Kind.SIGLIP, 70, 83, 520, normalize=False),
+    Case(Kind.SIGLIP, 5, 5, 24, duplicates=True),
+]
+
+
+def _cuda_forward_op(case, x):
+    loss = torch.empty(case.b, dtype=torch.float32, device=x["query"].device)
+    stats = torch.full((2, case.b), SENTINEL, dtype=torch.float32, device=x["query"].device)
+    torch.ops.lossforge.contrastive_fwd_cuda(x["query"], x["key"], x["labels"], x["logit_scale"], x["logit_bias"],
+                                             loss, stats, case.kind, case.normalize, case.symmetric)
+    return loss, stats
+
+
+def _dense_forward(case, x):
+    q, k = x["query"].cpu().double(), x["key"].cpu().double()
+    labels = None if x["labels"] is None else x["labels"].cpu()
+    rows, stats, _, _ = dense_loss(q, k, labels, x["logit_scale"].cpu().double(), x["logit_bias"].cpu().double(),
+                                   case)
+    return rows, stats
+
+
+def _need_cuda_backend():
+    if "cuda" not in kernel_backends():
+        pytest.skip("needs the CUDA backend (a GPU, or LOSSFORGE_CUDA_EMULATE=1)")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("base", _HALF_TILE_CASES, ids=str)
+def test_cuda_half_forward_on_tensor_core_tiles(base, dtype):
+    _need_cuda_backend()
+    case = dataclasses.replace(base, dtype=dtype)
+    x = make_inputs(case, device_for("cuda"))
+    loss, stats = _cuda_forward_op(case, x)
+    rows, want_stats = _dense_forward(case, x)
+    assert_close_rel(loss.cpu(), rows, 2e-5, f"{case} loss")
+    for row in (0, 1):
+        if row in want_stats:
+            assert_close_rel(stats[row].cpu(), want_stats[row], 2e-5, f"{case} stats[{row}]")
+        else:
+            assert torch.all(stats[row].cpu() == SENTINEL), f"{case}: stats[{row}] was written"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", list(Kind))
+def test_cuda_half_forward_non_finite_inputs(kind, dtype):
+    # +inf in one query row and NaN in another row reach the rows (and columns) torch gives them.
+    _need_cuda_backend()
+    case = Case(kind, 70, 70, 33, normalize=False, symmetric=kind == Kind.INFO_NCE, dtype=dtype)
+    x = make_inputs(case, device_for("cuda"))
+    x["query"][3, 5] = float("inf")
+    x["query"][66, 0] = float("nan")
+    if kind == Kind.SUPCON:
+        x["key"] = x["query"]
+    loss, stats = _cuda_forward_op(case, x)
+    rows, want_stats = _dense_forward(case, x)
+    torch.testing.assert_close(loss.cpu().double(), rows, rtol=2e-5, atol=1e-5, equal_nan=True)
+    for row, want in want_stats.items():
+        torch.testing.assert_close(stats[row].cpu().double(), want.double(), rtol=2e-5, atol=1e-5, equal_nan=True)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from lossforge_kernels import _cuda_emulation
 
@@ -133,6 +134,91 @@ def test_only_shared_memory_lives_in_the_emulated_librarys_tls():
     tls = {line.split()[-1] for line in listing.splitlines() if " TLS " in line}
     assert tls, "no static shared memory found in the emulated library"
     assert all("9lossforge" in name for name in tls), sorted(n for n in tls if "9lossforge" not in n)
+
+
+# ---- the tensor-core product (csrc/mma.cuh): mma.sync m16n8k16 as a warp collective ----
+
+MMA_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _bits(x, dtype):
+    return (x.to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF).tolist()
+
+
+def _mma_fragments(a, b, c, dtype, swap_a=False):
+    """Each lane's registers of A (16 x 16), B (16 x 8) and C (16 x 8, fp32) as the PTX ISA lays them
+    out for m16n8k16 (g = lane // 4, t = lane % 4); swap_a exchanges a[1] and a[2] (a wrong layout)."""
+    ab, bb = _bits(a, dtype), _bits(b, dtype)
+    cw = c.float().view(torch.int32).to(torch.int64).__and__(0xFFFFFFFF).tolist()
+    lanes = []
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        row_pair = lambda r, k: ab[r][k] | ab[r][k + 1] << 16  # noqa: E731
+        regs_a = [row_pair(g, 2 * t), row_pair(g + 8, 2 * t), row_pair(g, 2 * t + 8), row_pair(g + 8, 2 * t + 8)]
+        if swap_a:
+            regs_a[1], regs_a[2] = regs_a[2], regs_a[1]
+        regs_b = [bb[2 * t][g] | bb[2 * t + 1][g] << 16, bb[2 * t + 8][g] | bb[2 * t + 9][g] << 16]
+        regs_c = [cw[g][2 * t], cw[g][2 * t + 1], cw[g + 8][2 * t], cw[g + 8][2 * t + 1]]
+        lanes.append(regs_a + regs_b + regs_c)
+    return lanes
+
+
+def _mma_d(words):
+    """D (16 x 8) from each lane's d[0..3] words, by the same layout."""
+    vals = torch.tensor([int(w, 16) for w in words], dtype=torch.int64).to(torch.int32).view(torch.float32)
+    d = torch.empty(16, 8)
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        for i in range(4):
+            d[g + (8 if i >= 2 else 0), 2 * t + (i & 1)] = vals[lane * 4 + i]
+    return d
+
+
+def _run_mma(program, name, dtype, swap_a=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a, b, c = torch.randn(16, 16, generator=g), torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g)
+    a, b = a.to(MMA_DTYPES[dtype]), b.to(MMA_DTYPES[dtype])
+    text = "\n".join(" ".join(f"{w:x}" for w in lane) for lane in _mma_fragments(a, b, c, MMA_DTYPES[dtype], swap_a))
+    done = subprocess.run([str(program), f"mma_fragments_{dtype}"], input=text, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return _mma_d(done.stdout.split()), a.double() @ b.double() + c.double()
+
+
+@pytest.mark.parametrize("dtype", list(MMA_DTYPES))
+def test_mma_fragments_follow_the_ptx_layout(program, dtype):
+    # Every lane's D elements, from the whole warp's fragments, against the float64 product.
+    for seed in range(3):
+        got, want = _run_mma(program, "mma", dtype, seed=seed)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", list(MMA_DTYPES))
+def test_mma_with_a_wrong_fragment_layout_does_not_match(program, dtype):
+    # The comparison above can fail: A's registers 1 and 2 exchanged give another product.
+    got, want = _run_mma(program, "mma", dtype, swap_a=True)
+    assert (got.double() - want).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("dtype", list(MMA_DTYPES))
+@pytest.mark.parametrize("k", [16, 48])
+def test_mma_fragment_loads_from_shared_memory(program, dtype, k):
+    # mma::load_a / load_b on shared tiles of element pairs, k / 16 products accumulated.
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(16, k, generator=g).to(MMA_DTYPES[dtype])
+    y = torch.randn(8, k, generator=g).to(MMA_DTYPES[dtype])
+    pairs = lambda m: [r[i] | r[i + 1] << 16 for r in _bits(m, MMA_DTYPES[dtype]) for i in range(0, k, 2)]  # noqa: E731
+    text = f"{k}\n" + " ".join(f"{w:x}" for w in pairs(x) + pairs(y))
+    done = subprocess.run([str(program), f"mma_tile_{dtype}"], input=text, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    got = torch.tensor(_floats(done.stdout), dtype=torch.float64).reshape(16, 8)
+    torch.testing.assert_close(got, x.double() @ y.double().T, rtol=1e-5, atol=1e-5)
+
+
+def test_mma_needs_the_whole_warp(program):
+    code, out, _ = _run(program, "mma_partial_warp")
+    assert code == 3 and "mma.m16n8k16.f16 at mma.cuh" in out and "not in the block" in out, out
 
 
 # ---- AddressSanitizer ----

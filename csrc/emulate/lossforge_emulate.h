@@ -82,6 +82,9 @@ void sync_block(const char* file, int line);
 int sync_block_reduce(int value, int op, const char* file, int line);  // op: 0 or, 1 and, 2 count
 uint64_t warp_exchange(unsigned mask, uint64_t value, int src_lane, const char* what, const char* file, int line);
 unsigned warp_ballot(unsigned mask, bool pred, const char* file, int line);
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: d += a b for the calling lane's fragments
+// (operand 0 bf16, 1 fp16; csrc/mma.cuh has the layout), a collective of the whole warp.
+void warp_mma_m16n8k16(int operand, float* d, const uint32_t* a, const uint32_t* b, const char* file, int line);
 void* dynamic_smem_base();
 using Body = void (*)(void* closure);
 void run_grid(dim3 grid, dim3 block, size_t smem, const void* kernel, Body body, void* closure);

@@ -100,6 +100,7 @@ struct Warp {
   uint32_t gen = 0;
   Site site;
   uint64_t slots[2][kWarp];
+  uint32_t fragments[2][kWarp][6];  // mma: a[0..3], b[0..1] of each lane
 };
 
 struct Block {
@@ -383,6 +384,47 @@ unsigned warp_ballot(unsigned mask, bool pred, const char* file, int line) {
     if (((mask >> l) & 1u) && slots[l]) bits |= 1u << l;
   }
   return bits;
+}
+
+namespace {
+
+float operand_value(int operand, uint32_t word, int high) {
+  const uint16_t bits = static_cast<uint16_t>(high ? word >> 16 : word & 0xffffu);
+  return operand == 0 ? static_cast<float>(c10::BFloat16(bits, c10::BFloat16::from_bits()))
+                      : static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+}
+
+// The m16n8k16 fragments (PTX ISA): A(r, k) is in lane (r % 8) * 4 + (k % 8) / 2, register
+// (r >= 8) + 2 (k >= 8); B(k, n) in lane n * 4 + (k % 8) / 2, register 4 + (k >= 8); the low half
+// of a register holds the even k.
+float a_at(const uint32_t (*f)[6], int operand, int r, int k) {
+  return operand_value(operand, f[(r % 8) * 4 + (k % 8) / 2][(r >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)], k & 1);
+}
+float b_at(const uint32_t (*f)[6], int operand, int k, int n) {
+  return operand_value(operand, f[n * 4 + (k % 8) / 2][4 + (k >= 8 ? 1 : 0)], k & 1);
+}
+
+}  // namespace
+
+// Each lane's D elements from the whole warp's fragments: D(r, n) = C(r, n) + sum_k A(r, k) B(k, n),
+// the products exact in fp32 (8- or 11-bit significands) and added in k order with fp32 rounding.
+// The hardware's order and rounding of the additions are not documented: this is one fp32 order.
+void warp_mma_m16n8k16(int operand, float* d, const uint32_t* a, const uint32_t* b, const char* file, int line) {
+  Warp& warp = g_block->warps[g_block->current / kWarp];
+  const int lane = lane_id();
+  const uint32_t gen = warp.gen;
+  uint32_t* mine = warp.fragments[gen & 1][lane];
+  for (int i = 0; i < 4; ++i) mine[i] = a[i];
+  for (int i = 0; i < 2; ++i) mine[4 + i] = b[i];
+  arrive_warp(0xffffffffu, 0, {operand == 0 ? "mma.m16n8k16.bf16" : "mma.m16n8k16.f16", file, line});
+  const uint32_t (*f)[6] = warp.fragments[gen & 1];
+  const int g = lane / 4, t = lane % 4;
+  for (int i = 0; i < 4; ++i) {
+    const int r = g + (i >= 2 ? 8 : 0), n = 2 * t + (i & 1);
+    float acc = d[i];
+    for (int k = 0; k < 16; ++k) acc += a_at(f, operand, r, k) * b_at(f, operand, k, n);
+    d[i] = acc;
+  }
 }
 
 void* dynamic_smem_base() { return g_smem.data(); }
