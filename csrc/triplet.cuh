@@ -156,6 +156,8 @@ __device__ __forceinline__ float exact_distance(const MineArgs& a, int64_t row, 
   return kKind == kSquaredEuclidean ? sq : sqrtf(sq + kEuclideanEps);
 }
 
+// Two blocks per SM declared: without it ptxas spilled 4 bytes in the euclidean soft-margin variants
+// (sm_90), with it 72-96 registers and no spills.
 template <typename T, int kKind, bool kInvNorm, bool kSoft>
 __global__ void __launch_bounds__(kMineThreads, 2) triplet_mine_kernel(const MineArgs a) {
   constexpr int kWarps = kMineThreads / kWarpSize;
