@@ -122,7 +122,10 @@ def _exact_distance(d, sq, has, DISTANCE: tl.constexpr):
 @triton.jit
 def _mine_kernel(x_ptr, lab_ptr, sq_ptr, inv_ptr, pi_ptr, pd_ptr, ni_ptr, nd_ptr, loss_ptr, slope_ptr, B, D, margin,
                  DISTANCE: tl.constexpr, HAS_INV_NORM: tl.constexpr, SOFT: tl.constexpr, DOT_F32: tl.constexpr,
-                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 D_IN_EIGHTS: tl.constexpr):
+    if D_IN_EIGHTS:  # D came as features / 8, so the compiler knows the multiple: aligned rows and whole
+        D = D * 8    # vectors in the K tail give the pipelined (cp.async) loads of D % 16 == 0
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < B
     rows64 = rows.to(tl.int64)
@@ -295,8 +298,7 @@ def triplet_kept(labels, kept):
     if n == 0:
         return
     block = 32 if interpreting() else 64
-    _kept_kernel[(triton.cdiv(n, block),)](labels, kept, n, BLOCK_M=block, BLOCK_N=128 if block == 64 else 32,
-                                           num_warps=4)
+    _kept_kernel[(triton.cdiv(n, block),)](labels, kept, n, BLOCK_M=block, BLOCK_N=32, num_warps=4)
 
 
 def triplet_mine(x, labels, inv_norm, distance, margin, soft_margin, pos_index, pos_dist, neg_index, neg_dist, loss,
@@ -310,10 +312,12 @@ def triplet_mine(x, labels, inv_norm, distance, margin, soft_margin, pos_index, 
     _row_sq_norm_kernel[(triton.cdiv(n, 16),)](x, sq, n, d, BLOCK_R=16, BLOCK_D=block_d, num_warps=4)
     bm, bn, bk, warps, stages, upcast, precision = _mine_config(x.dtype)
     has_inv_norm = inv_norm is not None
+    in_eights = d % 16 == 8  # (a multiple of 16 is specialised by Triton itself)
     _mine_kernel[(triton.cdiv(n, bm),)](
-        x, labels, sq, inv_norm if has_inv_norm else sq, pos_index, pos_dist, neg_index, neg_dist, loss, slope, n, d,
-        float(margin), DISTANCE=distance, HAS_INV_NORM=has_inv_norm, SOFT=bool(soft_margin), DOT_F32=upcast,
-        PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        x, labels, sq, inv_norm if has_inv_norm else sq, pos_index, pos_dist, neg_index, neg_dist, loss, slope, n,
+        d // 8 if in_eights else d, float(margin), DISTANCE=distance, HAS_INV_NORM=has_inv_norm, SOFT=bool(soft_margin),
+        DOT_F32=upcast, PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, D_IN_EIGHTS=in_eights,
+        num_warps=warps, num_stages=stages)
 
 
 def triplet_pair_grad(x, inv_norm, pos_index, pos_dist, neg_index, neg_dist, slope, weight, distance, grad_x,
@@ -333,7 +337,7 @@ def triplet_pair_grad(x, inv_norm, pos_index, pos_dist, neg_index, neg_dist, slo
         x, inv_norm if has_inv_norm else slope, pos_index, pos_dist, neg_index, neg_dist, slope, weight,
         0 if weight.dim() == 0 else 1, x if grad_x is None else grad_x, slope if ginv is None else ginv, n, d,
         DISTANCE=distance, HAS_INV_NORM=has_inv_norm, HAS_GX=grad_x is not None, HAS_GINV=ginv is not None,
-        BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_A=32 if interpreting() else 256, num_warps=4)
+        BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_A=32 if interpreting() else 256, num_warps=8 if block_d > 64 else 4)
     if ginv is not None and slices > 1:
         torch.sum(ginv, dim=1, out=grad_inv_norm)
 
