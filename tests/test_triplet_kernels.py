@@ -2,7 +2,9 @@
 chunked row kernels), each through the harness grid, ties, degenerate label sets, label dtypes, bad
 input, determinism, and no B x B tensor."""
 import itertools
+import json
 import math
+import pathlib
 
 import pytest
 import torch
@@ -766,3 +768,45 @@ def test_half_gradient_products_at_large_batch_magnitudes(fp32_out_products_on_c
         grad_x = torch.empty_like(x)
         sink.write((grad_x, None))
         assert torch.isfinite(grad_x).all()
+
+
+# ---------------------------------------------------------------- offline compile of the mining kernel
+
+_PIPELINE_PROBE = r"""
+import json, re, sys, torch, triton
+from triton.compiler import ASTSource
+from tests import test_triton_compile as tc
+from lossforge_kernels.triton_kernels import triplet as k
+
+def facts(d):
+    n, seen = 4096, {}
+    k._row_sq_norm_kernel.run = lambda *a, **kw: None  # no GPU: the launcher's own arguments are recorded
+    k._mine_kernel.run = lambda *a, grid, warmup, **kw: seen.update(args=a, kwargs=kw)
+    x = torch.empty(n, d, dtype=torch.bfloat16)
+    f32, i64 = torch.empty(n), torch.empty(n, dtype=torch.int64)
+    k.triplet_mine(x, i64, None, 0, 0.2, False, i64, f32, i64, f32, f32, f32)
+    backend, target, kwargs, bound, spec, options = tc._specialize(k._mine_kernel, seen["args"], seen["kwargs"], 90)
+    options, signature, constexprs, attrs = k._mine_kernel._pack_args(backend, kwargs, bound, spec, options)
+    c = triton.compile(ASTSource(k._mine_kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+    return len(re.findall(r"cp\.async\.c[ag]", c.asm["ptx"])), tc._resources(c.asm["cubin"])[1]
+
+print(json.dumps({d: facts(d) for d in (512, 520)}))
+"""
+
+
+def test_a_feature_count_of_8_mod_16_keeps_the_mining_pipeline():
+    # D = 520 used to compile without cp.async (the compiler could not see 16-byte aligned rows) and with
+    # 752 bytes of local memory; passed in eighths it gets D = 512's pipelined loads.
+    import subprocess
+    import sys
+
+    from tests import test_triton_compile as tc
+
+    problem = tc._compile_problem()
+    if problem:
+        pytest.skip(problem)
+    out = subprocess.run([sys.executable, "-c", _PIPELINE_PROBE], capture_output=True, text=True, env=tc._env(False),
+                         cwd=pathlib.Path(__file__).resolve().parents[1], timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    facts = json.loads(out.stdout.strip().splitlines()[-1])
+    assert facts["520"] == facts["512"] and facts["512"][0] > 0, facts  # (cp.async count, local bytes)
