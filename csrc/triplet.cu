@@ -1,7 +1,7 @@
-// The triplet family's CUDA ops: batch-hard mining, its pair gradient, and the semi_hard / batch_all
-// row loss (contract: ops/triplet.py's docstring, checked in Python before every call; C++ keeps the
-// checks that guard memory): the checks, the chunk loop of the mining products, the launches, and the
-// registration for the CUDA key. The kernels, and the traffic designed for, are in triplet.cuh.
+// The triplet family's CUDA ops: batch-hard mining, its kept-anchor count and pair gradient, and the
+// semi_hard / batch_all row loss (contract: ops/triplet.py's docstring, checked in Python before every call; C++
+// keeps the checks that guard memory): the checks, the chunk loop of the mining products, the launches, and
+// the registration for the CUDA key. The kernels, and the traffic designed for, are in triplet.cuh.
 //
 // Mining walks the anchors in chunks of C rows: cuBLAS makes the chunk's C x B Gram block in fp32
 // (at::mm with an fp32 output, so half-precision products are accumulated and kept in fp32) into one

@@ -1,14 +1,20 @@
-// The triplet family's kernels: batch-hard mining, its pair gradient, and the semi_hard / batch_all
-// row loss (contract: ops/triplet.py's docstring). The checks, the mining products and the launches
-// are in triplet.cu.
+// The triplet family's kernels: batch-hard mining, its kept-anchor count and pair gradient, and the
+// semi_hard / batch_all row loss (contract: ops/triplet.py's docstring). The checks, the mining
+// products and the launches are in triplet.cu.
 //
 // Mining: for each chunk of anchor rows, triplet.cu has cuBLAS make the C x B Gram block in fp32, and
 // a reduction kernel turns each block of 8 rows into distances and keeps per anchor the farthest
 // positive and nearest negative, ties to the smallest column. Each thread reads a column's label,
-// norm and inverse norm once for the 8 rows. The full B x B matrix is never held.
-// Designed traffic: the products' 2 B^2 D FLOPs plus 8 B^2 bytes of Gram blocks (written, read once).
-// The pair gradient runs one block per row over its CSR entries in order (fp32, deterministic), one
-// read of the other row per entry: ~(1 + entries) * D * elem_size bytes per row.
+// norm, inverse norm and non-finite flag once for the 8 rows. The full B x B matrix is never held.
+// Its epilogue (one warp per row) takes the two mined distances again from the rows' differences
+// and writes the anchor's loss and slope.
+// Designed traffic: the products' 2 B^2 D FLOPs plus 8 B^2 bytes of Gram blocks (written, read once),
+// 20 B^2 / 8 bytes of per-column values from L2, 3 D elements per anchor in the epilogue.
+// Kept count: one thread per anchor against tiles of labels, until each anchor of the block has a
+// positive and a negative (B^2 integer compares at worst).
+// The pair gradient: a block owns 32 rows x 256 features; after the rows' own pairs it scans every
+// anchor's partner indices (16 B bytes per block, from L2) and adds the anchors that chose one of its
+// rows in anchor order (fp32 in shared memory, deterministic, no atomics).
 // The semi_hard / batch_all row kernel runs one block per anchor row of a C x B Gram block that
 // ops/triplet.py makes with a matrix product: O(P_a B) work per row (P_a its positives, taken 4
 // (semi_hard) or 8 (batch_all) at a time after an ordered compaction of each 256-column tile), every
