@@ -327,8 +327,8 @@ def triplet_pair_grad(x, inv_norm, pos_index, pos_dist, neg_index, neg_dist, slo
     if n == 0 or (grad_x is None and grad_inv_norm is None):
         return
     has_inv_norm = inv_norm is not None
-    block_r = 32 if interpreting() else 64
-    block_d = min(triton.next_power_of_2(max(d, 1)), 128)
+    block_r = 32 if interpreting() or has_inv_norm else 64  # (inv_norm's 64 x 64 tiles: 255 registers and spills)
+    block_d = min(triton.next_power_of_2(max(d, 1)), 64)
     slices = triton.cdiv(d, block_d)
     # grad_inv_norm's dot products per feature slice, summed in slice order (one slice: written in place)
     ginv = None if grad_inv_norm is None else grad_inv_norm if slices == 1 else \
@@ -337,7 +337,7 @@ def triplet_pair_grad(x, inv_norm, pos_index, pos_dist, neg_index, neg_dist, slo
         x, inv_norm if has_inv_norm else slope, pos_index, pos_dist, neg_index, neg_dist, slope, weight,
         0 if weight.dim() == 0 else 1, x if grad_x is None else grad_x, slope if ginv is None else ginv, n, d,
         DISTANCE=distance, HAS_INV_NORM=has_inv_norm, HAS_GX=grad_x is not None, HAS_GINV=ginv is not None,
-        BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_A=32 if interpreting() else 256, num_warps=8 if block_d > 64 else 4)
+        BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_A=32 if interpreting() else 256, num_warps=4)
     if ginv is not None and slices > 1:
         torch.sum(ginv, dim=1, out=grad_inv_norm)
 
