@@ -1,7 +1,7 @@
-// The triplet family's CUDA ops: batch-hard mining, its pair gradient, and the semi_hard / batch_all
-// row loss (contract: ops/triplet.py's docstring, checked in Python before every call; C++ keeps the
-// checks that guard memory): the checks, the chunk loop of the mining products, the launches, and the
-// registration for the CUDA key. The kernels, and the traffic designed for, are in triplet.cuh.
+// The triplet family's CUDA ops: batch-hard mining, its kept-anchor count and pair gradient, and the
+// semi_hard / batch_all row loss (contract: ops/triplet.py's docstring, checked in Python before every call; C++
+// keeps the checks that guard memory): the checks, the chunk loop of the mining products, the launches, and
+// the registration for the CUDA key. The kernels, and the traffic designed for, are in triplet.cuh.
 //
 // Mining walks the anchors in chunks of C rows: cuBLAS makes the chunk's C x B Gram block in fp32
 // (at::mm with an fp32 output, so half-precision products are accumulated and kept in fp32) into one
@@ -15,6 +15,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
 #include <torch/library.h>
 
 #include "chunks.h"
@@ -29,6 +30,7 @@ constexpr int64_t kMinChunkRows = 256;  // below this the products are bound by 
 
 constexpr const char* kMine = "triplet_mine_cuda";
 constexpr const char* kPairGrad = "triplet_pair_grad_cuda";
+constexpr const char* kKept = "triplet_kept_cuda";
 
 void check_vector(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x, int64_t n,
                   at::ScalarType dtype) {
@@ -64,9 +66,10 @@ void with_kind(int kind, F&& f) {
   }
 }
 
+// |x_i|^2, then per row 1 if it holds a NaN or inf (2n fp32 values).
 at::Tensor row_sq_norms(const at::Tensor& x) {
   const int64_t n = x.size(0), d = x.size(1);
-  at::Tensor sq = at::empty({n}, x.options().dtype(at::kFloat));
+  at::Tensor sq = at::empty({2 * n}, x.options().dtype(at::kFloat));
   dispatch_float(x.scalar_type(), kMine, [&](auto tag) {
     using T = decltype(tag);
     launch(x.device(), &row_sq_norm_kernel<T>, grid_for((n + kNormRowsPerBlock - 1) / kNormRowsPerBlock),
@@ -75,9 +78,21 @@ at::Tensor row_sq_norms(const at::Tensor& x) {
   return sq;
 }
 
+void triplet_kept_cuda(const at::Tensor& labels, const at::Tensor& kept) {
+  check_cuda(kKept, "labels", labels);
+  TORCH_CHECK_VALUE(labels.dim() == 1, kKept, ": labels must be 1-D, got shape ", labels.sizes());
+  const int64_t n = labels.size(0);
+  check_vector(kKept, "labels", labels, labels, n, at::kLong);
+  check_vector(kKept, "kept", kept, labels, n, at::kFloat);
+  if (n == 0) return;
+  launch(labels.device(), &triplet_kept_kernel, grid_for((n + kKeptThreads - 1) / kKeptThreads), kKeptThreads, 0,
+         labels.const_data_ptr<int64_t>(), kept.data_ptr<float>(), n);
+}
+
 void triplet_mine_cuda(const at::Tensor& x, const at::Tensor& labels, const std::optional<at::Tensor>& inv_norm,
-                       int64_t distance, const at::Tensor& pos_index, const at::Tensor& pos_dist,
-                       const at::Tensor& neg_index, const at::Tensor& neg_dist) {
+                       int64_t distance, double margin, bool soft_margin, const at::Tensor& pos_index,
+                       const at::Tensor& pos_dist, const at::Tensor& neg_index, const at::Tensor& neg_dist,
+                       const at::Tensor& loss, const at::Tensor& slope) {
   check_rows(kMine, x, inv_norm);
   const int64_t n = x.size(0);
   check_vector(kMine, "labels", labels, x, n, at::kLong);
@@ -85,6 +100,8 @@ void triplet_mine_cuda(const at::Tensor& x, const at::Tensor& labels, const std:
   check_vector(kMine, "pos_dist", pos_dist, x, n, at::kFloat);
   check_vector(kMine, "neg_index", neg_index, x, n, at::kLong);
   check_vector(kMine, "neg_dist", neg_dist, x, n, at::kFloat);
+  check_vector(kMine, "loss", loss, x, n, at::kFloat);
+  check_vector(kMine, "slope", slope, x, n, at::kFloat);
   const int kind = checked_distance(kMine, distance, inv_norm);
   if (n == 0) return;
 
@@ -93,6 +110,7 @@ void triplet_mine_cuda(const at::Tensor& x, const at::Tensor& labels, const std:
   at::Tensor gram = at::empty({chunk, n}, x.options().dtype(at::kFloat));
   const at::Tensor xt = x.t();
   MineArgs a{};
+  a.x = x.const_data_ptr();
   a.labels = labels.const_data_ptr<int64_t>();
   a.sq = sq.const_data_ptr<float>();
   a.inv_norm = inv_norm.has_value() ? inv_norm->const_data_ptr<float>() : nullptr;
@@ -100,7 +118,11 @@ void triplet_mine_cuda(const at::Tensor& x, const at::Tensor& labels, const std:
   a.pos_dist = pos_dist.data_ptr<float>();
   a.neg_index = neg_index.data_ptr<int64_t>();
   a.neg_dist = neg_dist.data_ptr<float>();
+  a.loss = loss.data_ptr<float>();
+  a.slope = slope.data_ptr<float>();
   a.n = n;
+  a.d = x.size(1);
+  a.margin = static_cast<float>(margin);
   for (int64_t row0 = 0; row0 < n; row0 += chunk) {
     const int64_t rows = std::min(chunk, n - row0);
     at::Tensor block = gram.narrow(0, 0, rows);
@@ -109,24 +131,36 @@ void triplet_mine_cuda(const at::Tensor& x, const at::Tensor& labels, const std:
     a.gram = block.const_data_ptr<float>();
     a.row0 = row0;
     a.rows = rows;
-    with_kind(kind, [&](auto k) {
-      with_flag(inv_norm.has_value(), [&](auto s) {
-        launch(x.device(), &triplet_mine_kernel<decltype(k)::value, decltype(s)::value>,
-               grid_for((rows + kMineRows - 1) / kMineRows), kMineThreads, 0, a);
+    dispatch_float(x.scalar_type(), kMine, [&](auto tag) {
+      using T = decltype(tag);
+      with_kind(kind, [&](auto k) {
+        with_flag(inv_norm.has_value(), [&](auto s) {
+          with_flag(soft_margin, [&](auto soft) {
+            launch(x.device(),
+                   &triplet_mine_kernel<T, decltype(k)::value, decltype(s)::value, decltype(soft)::value>,
+                   grid_for((rows + kMineRows - 1) / kMineRows), kMineThreads, 0, a);
+          });
+        });
       });
     });
   }
 }
 
-void triplet_pair_grad_cuda(const at::Tensor& x, const std::optional<at::Tensor>& inv_norm, const at::Tensor& offsets,
-                            const at::Tensor& others, const at::Tensor& coef, bool centered,
-                            const std::optional<at::Tensor>& grad_x, const std::optional<at::Tensor>& grad_inv_norm) {
+void triplet_pair_grad_cuda(const at::Tensor& x, const std::optional<at::Tensor>& inv_norm,
+                            const at::Tensor& pos_index, const at::Tensor& pos_dist, const at::Tensor& neg_index,
+                            const at::Tensor& neg_dist, const at::Tensor& slope, const at::Tensor& weight,
+                            int64_t distance, const std::optional<at::Tensor>& grad_x,
+                            const std::optional<at::Tensor>& grad_inv_norm) {
   check_rows(kPairGrad, x, inv_norm);
   const int64_t n = x.size(0);
-  check_vector(kPairGrad, "offsets", offsets, x, n + 1, at::kLong);
-  TORCH_CHECK_VALUE(others.dim() == 1, kPairGrad, ": others must be 1-D, got shape ", others.sizes());
-  check_vector(kPairGrad, "others", others, x, others.size(0), at::kLong);
-  check_vector(kPairGrad, "coef", coef, x, others.size(0), at::kFloat);
+  const int kind = checked_distance(kPairGrad, distance, inv_norm);
+  check_vector(kPairGrad, "pos_index", pos_index, x, n, at::kLong);
+  check_vector(kPairGrad, "pos_dist", pos_dist, x, n, at::kFloat);
+  check_vector(kPairGrad, "neg_index", neg_index, x, n, at::kLong);
+  check_vector(kPairGrad, "neg_dist", neg_dist, x, n, at::kFloat);
+  check_vector(kPairGrad, "slope", slope, x, n, at::kFloat);
+  TORCH_CHECK_VALUE(weight.dim() <= 1, kPairGrad, ": weight must be 0-dim or (B,), got shape ", weight.sizes());
+  check_vector(kPairGrad, "weight", weight.reshape({-1}), x, weight.dim() == 0 ? 1 : n, at::kFloat);
   if (grad_x.has_value()) {
     check_on(kPairGrad, "grad_x", *grad_x, x);
     check_dtype(kPairGrad, "grad_x", *grad_x, x.scalar_type());
@@ -139,24 +173,41 @@ void triplet_pair_grad_cuda(const at::Tensor& x, const std::optional<at::Tensor>
   }
   if (n == 0 || (!grad_x.has_value() && !grad_inv_norm.has_value())) return;
 
+  const int64_t slices = (x.size(1) + kGradThreads - 1) / kGradThreads;
+  // grad_inv_norm's dot products per feature slice, summed in slice order (one slice: written in place)
+  at::Tensor partial;
+  if (grad_inv_norm.has_value()) {
+    partial = slices == 1 ? *grad_inv_norm : at::empty({n, slices}, x.options().dtype(at::kFloat));
+  }
   PairGradArgs a{};
   a.x = x.const_data_ptr();
   a.inv_norm = inv_norm.has_value() ? inv_norm->const_data_ptr<float>() : nullptr;
-  a.offsets = offsets.const_data_ptr<int64_t>();
-  a.others = others.const_data_ptr<int64_t>();
-  a.coef = coef.const_data_ptr<float>();
+  a.pos_index = pos_index.const_data_ptr<int64_t>();
+  a.pos_dist = pos_dist.const_data_ptr<float>();
+  a.neg_index = neg_index.const_data_ptr<int64_t>();
+  a.neg_dist = neg_dist.const_data_ptr<float>();
+  a.slope = slope.const_data_ptr<float>();
+  a.weight = weight.const_data_ptr<float>();
+  a.weight_step = weight.dim() == 0 ? 0 : 1;
   a.grad_x = grad_x.has_value() ? grad_x->data_ptr() : nullptr;
-  a.grad_inv_norm = grad_inv_norm.has_value() ? grad_inv_norm->data_ptr<float>() : nullptr;
+  a.grad_inv_norm = grad_inv_norm.has_value() ? partial.data_ptr<float>() : nullptr;
+  a.n = n;
   a.d = x.size(1);
+  TORCH_CHECK_VALUE(slices < 65536, kPairGrad, ": at most ", 65535 * kGradThreads, " features, got ", a.d);
+  const dim3 grid(grid_for((n + kGradRows - 1) / kGradRows), static_cast<unsigned int>(slices));
   dispatch_float(x.scalar_type(), kPairGrad, [&](auto tag) {
     using T = decltype(tag);
-    with_flag(inv_norm.has_value(), [&](auto s) {
-      with_flag(centered, [&](auto c) {
-        launch(x.device(), &triplet_pair_grad_kernel<T, decltype(s)::value, decltype(c)::value>, grid_for(n),
-               kGradThreads, 0, a);
+    with_kind(kind, [&](auto k) {
+      with_flag(inv_norm.has_value(), [&](auto s) {
+        launch(x.device(), &triplet_pair_grad_kernel<T, decltype(k)::value, decltype(s)::value>, grid, kGradThreads,
+               0, a);
       });
     });
   });
+  if (grad_inv_norm.has_value() && slices > 1) {
+    at::Tensor out = *grad_inv_norm;  // (a handle onto the caller's buffer)
+    at::sum_out(out, partial, {1});
+  }
 }
 
 constexpr const char* kRowLoss = "triplet_row_loss_cuda";
@@ -222,6 +273,7 @@ void triplet_row_loss_cuda(const at::Tensor& gram, const at::Tensor& sq, const s
 }  // namespace lossforge
 
 TORCH_LIBRARY_IMPL(lossforge, LOSSFORGE_DISPATCH_KEY, m) {
+  m.impl("triplet_kept_cuda", TORCH_FN(lossforge::triplet::triplet_kept_cuda));
   m.impl("triplet_mine_cuda", TORCH_FN(lossforge::triplet::triplet_mine_cuda));
   m.impl("triplet_pair_grad_cuda", TORCH_FN(lossforge::triplet::triplet_pair_grad_cuda));
   m.impl("triplet_row_loss_cuda", TORCH_FN(lossforge::triplet::triplet_row_loss_cuda));

@@ -1,14 +1,20 @@
-// The triplet family's kernels: batch-hard mining, its pair gradient, and the semi_hard / batch_all
-// row loss (contract: ops/triplet.py's docstring). The checks, the mining products and the launches
-// are in triplet.cu.
+// The triplet family's kernels: batch-hard mining, its kept-anchor count and pair gradient, and the
+// semi_hard / batch_all row loss (contract: ops/triplet.py's docstring). The checks, the mining
+// products and the launches are in triplet.cu.
 //
 // Mining: for each chunk of anchor rows, triplet.cu has cuBLAS make the C x B Gram block in fp32, and
 // a reduction kernel turns each block of 8 rows into distances and keeps per anchor the farthest
 // positive and nearest negative, ties to the smallest column. Each thread reads a column's label,
-// norm and inverse norm once for the 8 rows. The full B x B matrix is never held.
-// Designed traffic: the products' 2 B^2 D FLOPs plus 8 B^2 bytes of Gram blocks (written, read once).
-// The pair gradient runs one block per row over its CSR entries in order (fp32, deterministic), one
-// read of the other row per entry: ~(1 + entries) * D * elem_size bytes per row.
+// norm, inverse norm and non-finite flag once for the 8 rows. The full B x B matrix is never held.
+// Its epilogue (one warp per row) takes the two mined distances again from the rows' differences
+// and writes the anchor's loss and slope.
+// Designed traffic: the products' 2 B^2 D FLOPs plus 8 B^2 bytes of Gram blocks (written, read once),
+// 20 B^2 / 8 bytes of per-column values from L2, 3 D elements per anchor in the epilogue.
+// Kept count: one thread per anchor against tiles of labels, until each anchor of the block has a
+// positive and a negative (B^2 integer compares at worst).
+// The pair gradient: a block owns 32 rows x 256 features; after the rows' own pairs it scans every
+// anchor's partner indices (16 B bytes per block, from L2) and adds the anchors that chose one of its
+// rows in anchor order (fp32 in shared memory, deterministic, no atomics).
 // The semi_hard / batch_all row kernel runs one block per anchor row of a C x B Gram block that
 // ops/triplet.py makes with a matrix product: O(P_a B) work per row (P_a its positives, taken 4
 // (semi_hard) or 8 (batch_all) at a time after an ordered compaction of each 256-column tile), every
@@ -28,29 +34,56 @@ namespace triplet {
 
 constexpr int kMineThreads = 256;
 constexpr int kMineRows = 8;  // rows of the Gram block per reduction block
-constexpr int kGradThreads = 128;
 constexpr int kNormRowsPerBlock = 8;  // one warp per row
 constexpr float kEuclideanEps = 1e-12f;
+constexpr float kClampedEuclidean = 1.000001e-6f;  // ops/triplet.py's CLAMPED_EUCLIDEAN
 
-// ---- batch-hard mining and the pair gradient ----
+// ---- batch-hard mining, its kept-anchor count and its pair gradient ----
 
+// out[row] = |x_row|^2 and out[n + row] = 1 if x_row holds a NaN or inf, else 0.
 template <typename T>
 __global__ void __launch_bounds__(kNormRowsPerBlock * kWarpSize)
     row_sq_norm_kernel(const T* __restrict__ x, float* __restrict__ out, int64_t n, int64_t d) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kNormRowsPerBlock + threadIdx.x / kWarpSize;
   if (row >= n) return;
   const int lane = threadIdx.x % kWarpSize;
-  float acc = 0.f;
+  float acc = 0.f, bad = 0.f;
   for (int64_t k = lane; k < d; k += kWarpSize) {
     const float v = load_elem(x + row * d + k);
     acc = fmaf(v, v, acc);
+    bad = fabsf(v) < INFINITY ? bad : 1.f;
   }
   acc = warp_sum(acc);
-  if (lane == 0) out[row] = acc;
+  bad = warp_sum(bad);
+  if (lane == 0) {
+    out[row] = acc;
+    out[n + row] = bad > 0.f ? 1.f : 0.f;
+  }
 }
 
 // max(v, 0) that keeps a NaN (fmaxf returns the other operand for a NaN).
 __device__ __forceinline__ float clamp_keep_nan(float v) { return isnan(v) ? v : fmaxf(v, 0.f); }
+
+template <int kKind>
+__device__ __forceinline__ float grad_factor(float d) {
+  if constexpr (kKind == kEuclidean) return d > kClampedEuclidean ? 1.f / d : 0.f;
+  if constexpr (kKind == kSquaredEuclidean) return d > 0.f ? 2.f : 0.f;
+  return 1.f;
+}
+
+// A triplet's loss for gap = d_ap - d_an and its derivative (relu's is 0 at 0, as autograd's); a NaN
+// gap gives a NaN loss.
+template <bool kSoft>
+__device__ __forceinline__ void term_and_slope(float gap, float margin, float& term, float& slope) {
+  if constexpr (kSoft) {
+    term = clamp_keep_nan(gap) + log1pf(expf(-fabsf(gap)));
+    slope = 1.f / (1.f + expf(-gap));
+  } else {
+    const float z = gap + margin;
+    term = clamp_keep_nan(z);
+    slope = z > 0.f ? 1.f : 0.f;
+  }
+}
 
 // A running best (value, index): `kMax` keeps the larger value, else the smaller; equal values
 // keep the smaller index, so the result is that of a scan in index order (and exact in any order).
@@ -83,15 +116,19 @@ struct Best {
 };
 
 struct MineArgs {
+  const void* x;       // (n, d) rows, for the mined pairs' differences
   const float* gram;   // rows x n block of the chunk
   const int64_t* labels;
-  const float* sq;     // squared row norms
+  const float* sq;     // squared row norms, then per row 1 if it holds a NaN or inf (2n values)
   const float* inv_norm;  // per row 1 / max(|x_i|, eps) (ops/triplet.py), or nullptr
   int64_t* pos_index;
   float* pos_dist;
   int64_t* neg_index;
   float* neg_dist;
-  int64_t n, row0, rows;  // the chunk: rows row0 .. row0 + rows
+  float* loss;
+  float* slope;
+  int64_t n, d, row0, rows;  // the chunk: rows row0 .. row0 + rows
+  float margin;
 };
 
 template <int kKind, bool kInvNorm>
@@ -103,9 +140,34 @@ __device__ __forceinline__ float distance(float dot, float inv_r, float e_r, flo
   return sqrtf(sq + kEuclideanEps);
 }
 
-template <int kKind, bool kInvNorm>
-__global__ void __launch_bounds__(kMineThreads) triplet_mine_kernel(const MineArgs a) {
+// sum over d of (v_a - v_o)^2 in fp32 by one warp (v = inv_norm * x), valid in every lane.
+template <typename T, bool kInvNorm>
+__device__ __forceinline__ float difference_sq(const MineArgs& a, int64_t row, int64_t other) {
+  const T* x = static_cast<const T*>(a.x);
+  const float inv_a = kInvNorm ? a.inv_norm[row] : 1.f, inv_o = kInvNorm ? a.inv_norm[other] : 1.f;
+  float acc = 0.f;
+  for (int64_t k = threadIdx.x % kWarpSize; k < a.d; k += kWarpSize) {
+    const float diff = load_elem(x + row * a.d + k) * inv_a - load_elem(x + other * a.d + k) * inv_o;
+    acc = fmaf(diff, diff, acc);
+  }
+  return warp_sum(acc);
+}
+
+// A mined Gram-form distance taken again from the rows' difference when it is finite (cosine: as is).
+template <typename T, int kKind, bool kInvNorm>
+__device__ __forceinline__ float exact_distance(const MineArgs& a, int64_t row, int other, float gram_form) {
+  if constexpr (kKind == kCosine) return gram_form;
+  const float sq = difference_sq<T, kInvNorm>(a, row, other);  // (every lane: the warp's sum)
+  if (!(fabsf(gram_form) < INFINITY)) return gram_form;
+  return kKind == kSquaredEuclidean ? sq : sqrtf(sq + kEuclideanEps);
+}
+
+// Two blocks per SM declared: without it ptxas spilled 4 bytes in the euclidean soft-margin variants
+// (sm_90), with it 72-96 registers and no spills.
+template <typename T, int kKind, bool kInvNorm, bool kSoft>
+__global__ void __launch_bounds__(kMineThreads, 2) triplet_mine_kernel(const MineArgs a) {
   constexpr int kWarps = kMineThreads / kWarpSize;
+  static_assert(kWarps == kMineRows, "the epilogue takes one row per warp");
   __shared__ float sv[2][kWarps][kMineRows];
   __shared__ int si[2][kWarps][kMineRows];
   const int64_t local0 = static_cast<int64_t>(blockIdx.x) * kMineRows;
@@ -121,10 +183,12 @@ __global__ void __launch_bounds__(kMineThreads) triplet_mine_kernel(const MineAr
   }
   Best<true> pos[kMineRows];
   Best<false> neg[kMineRows];
+  bool poison = false;  // a row of x seen holds a NaN or inf
   for (int64_t j = threadIdx.x; j < a.n; j += kMineThreads) {
     const int64_t label_c = a.labels[j];
     const float inv_c = kInvNorm ? a.inv_norm[j] : 1.f;
     const float e_c = a.sq[j] * inv_c * inv_c;
+    poison = poison || a.sq[a.n + j] != 0.f;
 #pragma unroll
     for (int r = 0; r < kMineRows; ++r) {
       if (r >= rows) break;
@@ -148,9 +212,9 @@ __global__ void __launch_bounds__(kMineThreads) triplet_mine_kernel(const MineAr
       si[1][warp][r] = neg[r].i;
     }
   }
-  __syncthreads();
-  if (threadIdx.x >= rows) return;
-  const int r = threadIdx.x;
+  const bool poisoned = __syncthreads_or(poison);
+  if (warp >= rows) return;
+  const int r = warp;  // the epilogue: one warp per row, every lane alike
   Best<true> p;
   Best<false> q;
   for (int w = 0; w < kWarps; ++w) {  // a fixed order; the result does not depend on it anyway
@@ -158,47 +222,154 @@ __global__ void __launch_bounds__(kMineThreads) triplet_mine_kernel(const MineAr
     q.take(sv[1][w][r], si[1][w][r]);
   }
   const int64_t g = a.row0 + local0 + r;
+  const float d_p = p.found() ? exact_distance<T, kKind, kInvNorm>(a, g, p.index(), p.value()) : 0.f;
+  const float d_n = q.found() ? exact_distance<T, kKind, kInvNorm>(a, g, q.index(), q.value()) : 0.f;
+  if (lane != 0) return;
+  const bool kept = p.found() && q.found();
+  float term, slope;
+  term_and_slope<kSoft>(d_p - d_n, a.margin, term, slope);
   a.pos_index[g] = p.found() ? p.index() : -1;
-  a.pos_dist[g] = p.found() ? p.value() : 0.f;
+  a.pos_dist[g] = d_p;
   a.neg_index[g] = q.found() ? q.index() : -1;
-  a.neg_dist[g] = q.found() ? q.value() : 0.f;
+  a.neg_dist[g] = d_n;
+  a.loss[g] = kept ? term : 0.f;
+  a.slope[g] = poisoned ? NAN : (kept ? slope : 0.f);
 }
+
+// kept[i] = 1 where anchor i has a positive and a negative: one thread per anchor against tiles of
+// the labels in shared memory; a block stops once each of its anchors has both.
+constexpr int kKeptThreads = 256;
+
+__global__ void __launch_bounds__(kKeptThreads)
+    triplet_kept_kernel(const int64_t* __restrict__ labels, float* __restrict__ kept, int64_t n) {
+  __shared__ int64_t tile[kKeptThreads];
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kKeptThreads + threadIdx.x;
+  const int64_t label = i < n ? labels[i] : 0;
+  bool pos = false, neg = false;
+  for (int64_t t0 = 0; t0 < n; t0 += kKeptThreads) {
+    if (!__syncthreads_or(i < n && !(pos && neg))) break;  // (also the barrier before the tile is refilled)
+    if (t0 + threadIdx.x < n) tile[threadIdx.x] = labels[t0 + threadIdx.x];
+    __syncthreads();
+    const int m = static_cast<int>(std::min<int64_t>(kKeptThreads, n - t0));
+    for (int c = 0; c < m; ++c) {
+      const bool same = tile[c] == label;
+      pos = pos || (same && t0 + c != i);
+      neg = neg || !same;
+    }
+  }
+  if (i < n) kept[i] = pos && neg ? 1.f : 0.f;
+}
+
+// The pair gradient: a block owns kGradRows rows x kGradThreads features (one per thread), its
+// sums in shared memory (each thread its own column: no races). The rows' own two pairs first, then
+// the anchors in chunks of kGradThreads: each thread tests one anchor's partners against the block's
+// rows, a ballot compacts the hits in anchor order, and every thread adds them in that order.
+constexpr int kGradRows = 32;
+constexpr int kGradThreads = 256;
 
 struct PairGradArgs {
   const void* x;
   const float* inv_norm;  // or nullptr
-  const int64_t* offsets;
-  const int64_t* others;
-  const float* coef;
+  const int64_t* pos_index;
+  const float* pos_dist;
+  const int64_t* neg_index;
+  const float* neg_dist;
+  const float* slope;
+  const float* weight;
+  int64_t weight_step;    // 0: one weight for every anchor
   void* grad_x;           // or nullptr
-  float* grad_inv_norm;   // or nullptr
-  int64_t d;
+  float* grad_inv_norm;   // (n, gridDim.y) partial dot products, or nullptr
+  int64_t n, d;
 };
 
-template <typename T, bool kInvNorm, bool kCentered>
-__global__ void __launch_bounds__(kGradThreads) triplet_pair_grad_kernel(const PairGradArgs a) {
-  __shared__ float scratch[kGradThreads / kWarpSize];
-  const T* x = static_cast<const T*>(a.x);
-  T* grad_x = static_cast<T*>(a.grad_x);
-  const int64_t r = blockIdx.x;
-  const int64_t start = a.offsets[r], end = a.offsets[r + 1];
-  const float inv_r = kInvNorm ? a.inv_norm[r] : 1.f;
-  float dot = 0.f;
-  for (int64_t k = threadIdx.x; k < a.d; k += kGradThreads) {
-    const float x_r = load_elem(x + r * a.d + k);
-    const float v_r = x_r * inv_r;
-    float g = 0.f;
-    for (int64_t e = start; e < end; ++e) {
-      const int64_t o = a.others[e];
-      const float v_o = load_elem(x + o * a.d + k) * (kInvNorm ? a.inv_norm[o] : 1.f);
-      g = kCentered ? fmaf(a.coef[e], v_r - v_o, g) : fmaf(-a.coef[e], v_o, g);
-    }
-    if (grad_x != nullptr) store_elem(grad_x + r * a.d + k, g * inv_r);
-    dot = fmaf(x_r, g, dot);
+template <int kKind>
+struct AnchorCoefs {
+  float pos, neg;
+  __device__ __forceinline__ AnchorCoefs(const PairGradArgs& a, int64_t anchor, bool kept) {
+    const float s = a.slope[anchor];
+    const float w = kept ? s * a.weight[anchor * a.weight_step] : 0.f;
+    const float poison = isnan(s) ? NAN : 0.f;
+    pos = grad_factor<kKind>(a.pos_dist[anchor]) * w + poison;
+    neg = poison - grad_factor<kKind>(a.neg_dist[anchor]) * w;
   }
-  if (a.grad_inv_norm != nullptr) {
-    dot = block_sum(dot, scratch);
-    if (threadIdx.x == 0) a.grad_inv_norm[r] = dot;
+};
+
+template <bool kCentered>
+__device__ __forceinline__ float pair_term(float c, float v_r, float v_o) {
+  return kCentered ? c * (v_r - v_o) : -(c * v_o);
+}
+
+template <typename T, bool kInvNorm>
+__device__ __forceinline__ float scaled_elem(const PairGradArgs& a, int64_t row, int64_t k) {
+  return load_elem(static_cast<const T*>(a.x) + row * a.d + k) * (kInvNorm ? a.inv_norm[row] : 1.f);
+}
+
+template <typename T, int kKind, bool kInvNorm>
+__global__ void __launch_bounds__(kGradThreads) triplet_pair_grad_kernel(const PairGradArgs a) {
+  constexpr bool kCentered = kKind != kCosine;
+  constexpr int kWarps = kGradThreads / kWarpSize;
+  __shared__ float g[kGradRows][kGradThreads];
+  __shared__ int hits[kGradThreads];
+  __shared__ int warp_hits[kWarps];
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kGradRows;
+  const int rows = static_cast<int>(std::min<int64_t>(kGradRows, a.n - r0));
+  const int64_t k = static_cast<int64_t>(blockIdx.y) * kGradThreads + threadIdx.x;
+  const bool live = k < a.d;
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  for (int r = 0; r < rows; ++r) {  // own pairs; a left-out anchor's partner is itself (coefficient 0 or NaN)
+    const int64_t row = r0 + r, p = a.pos_index[row], q = a.neg_index[row];
+    const AnchorCoefs<kKind> c(a, row, p >= 0 && q >= 0);
+    if (!live) continue;
+    const float v_r = scaled_elem<T, kInvNorm>(a, row, k);
+    g[r][threadIdx.x] = pair_term<kCentered>(c.pos, v_r, scaled_elem<T, kInvNorm>(a, p >= 0 ? p : row, k)) +
+                        pair_term<kCentered>(c.neg, v_r, scaled_elem<T, kInvNorm>(a, q >= 0 ? q : row, k));
+  }
+  for (int64_t a0 = 0; a0 < a.n; a0 += kGradThreads) {
+    const int64_t anchor = a0 + threadIdx.x;
+    bool hit = false;
+    if (anchor < a.n) {
+      const int64_t p = a.pos_index[anchor] - r0, q = a.neg_index[anchor] - r0;
+      hit = (p >= 0 && p < rows) || (q >= 0 && q < rows);
+    }
+    const unsigned ballot = __ballot_sync(0xffffffffu, hit);
+    if (lane == 0) warp_hits[warp] = __popc(ballot);
+    __syncthreads();
+    int base = 0, total = 0;
+    for (int w = 0; w < kWarps; ++w) {
+      base += w < warp ? warp_hits[w] : 0;
+      total += warp_hits[w];
+    }
+    if (hit) hits[base + __popc(ballot & ((1u << lane) - 1u))] = static_cast<int>(anchor);
+    __syncthreads();
+    for (int h = 0; h < total && live; ++h) {  // in anchor order
+      const int64_t b = hits[h], p = a.pos_index[b], q = a.neg_index[b];
+      const AnchorCoefs<kKind> c(a, b, p >= 0 && q >= 0);
+      const float v_b = scaled_elem<T, kInvNorm>(a, b, k);
+      if (p - r0 >= 0 && p - r0 < rows) {
+        g[p - r0][threadIdx.x] += pair_term<kCentered>(c.pos, scaled_elem<T, kInvNorm>(a, p, k), v_b);
+      }
+      if (q - r0 >= 0 && q - r0 < rows) {
+        g[q - r0][threadIdx.x] += pair_term<kCentered>(c.neg, scaled_elem<T, kInvNorm>(a, q, k), v_b);
+      }
+    }
+    __syncthreads();  // before the next chunk's hits are written
+  }
+  if (live && a.grad_x != nullptr) {
+    for (int r = 0; r < rows; ++r) {
+      const float inv_r = kInvNorm ? a.inv_norm[r0 + r] : 1.f;
+      store_elem(static_cast<T*>(a.grad_x) + (r0 + r) * a.d + k, g[r][threadIdx.x] * inv_r);
+    }
+  }
+  if (a.grad_inv_norm == nullptr) return;
+  for (int r = 0; r < rows; ++r) {  // x_r . g_r over the block's features, a fixed order
+    g[r][threadIdx.x] = live ? g[r][threadIdx.x] * load_elem(static_cast<const T*>(a.x) + (r0 + r) * a.d + k) : 0.f;
+  }
+  __syncthreads();
+  for (int r = warp; r < rows; r += kWarps) {
+    float dot = 0.f;
+    for (int t = lane; t < kGradThreads; t += kWarpSize) dot += g[r][t];
+    dot = warp_sum(dot);
+    if (lane == 0) a.grad_inv_norm[(r0 + r) * gridDim.y + blockIdx.y] = dot;
   }
 }
 
@@ -207,7 +378,6 @@ __global__ void __launch_bounds__(kGradThreads) triplet_pair_grad_kernel(const P
 constexpr int kRowThreads = 256;
 constexpr int kRowGroup = 8;   // batch_all: positives taken together (one slope sum each per thread)
 constexpr int kSemiGroup = 4;  // semi_hard: fewer, as each keeps a running best (value, index) per thread
-constexpr float kClampedEuclidean = 1.000001e-6f;  // ops/triplet.py's CLAMPED_EUCLIDEAN
 
 struct RowLossArgs {
   const float* gram;  // rows x n: gram[i][j] = x[row0 + i] . x[j]
@@ -221,27 +391,6 @@ struct RowLossArgs {
   int64_t n, row0;
   float margin;
 };
-
-template <int kKind>
-__device__ __forceinline__ float grad_factor(float d) {
-  if constexpr (kKind == kEuclidean) return d > kClampedEuclidean ? 1.f / d : 0.f;
-  if constexpr (kKind == kSquaredEuclidean) return d > 0.f ? 2.f : 0.f;
-  return 1.f;
-}
-
-// A triplet's loss for gap = d_ap - d_an and its derivative (relu's is 0 at 0, as autograd's); a NaN
-// gap gives a NaN loss.
-template <bool kSoft>
-__device__ __forceinline__ void term_and_slope(float gap, float margin, float& term, float& slope) {
-  if constexpr (kSoft) {
-    term = clamp_keep_nan(gap) + log1pf(expf(-fabsf(gap)));
-    slope = 1.f / (1.f + expf(-gap));
-  } else {
-    const float z = gap + margin;
-    term = clamp_keep_nan(z);
-    slope = z > 0.f ? 1.f : 0.f;
-  }
-}
 
 // Sum over the block in a fixed order; valid in thread 0; the caller syncs before reusing scratch.
 __device__ __forceinline__ int64_t block_sum_i64(int64_t v, int64_t* scratch) {

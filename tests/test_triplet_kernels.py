@@ -2,7 +2,9 @@
 chunked row kernels), each through the harness grid, ties, degenerate label sets, label dtypes, bad
 input, determinism, and no B x B tensor."""
 import itertools
+import json
 import math
+import pathlib
 
 import pytest
 import torch
@@ -34,11 +36,12 @@ def make_sample(shape, opts, dtype, device, generator):
     return harness.Sample({"embeddings": x, "labels": labels}, ("embeddings",), call)
 
 
-def _csr(n, gen, device):
-    rows, order = torch.sort(torch.randint(0, n, (4 * n,), generator=gen), stable=True)
-    others = torch.randint(0, n, (4 * n,), generator=gen)
-    offsets = torch.searchsorted(rows, torch.arange(n + 1))
-    return offsets.to(device), others.to(device), torch.randn(4 * n, generator=gen).to(device)
+def _mined(n, gen, device):
+    """Arguments of the pair-gradient op as a mining writes them: partners (some -1), distances, slopes."""
+    pos, neg = (torch.where(torch.rand(n, generator=gen) < 0.2, -1, torch.randint(0, n, (n,), generator=gen))
+                for _ in range(2))
+    dist = (torch.rand(2, n, generator=gen) + 0.1).unbind()
+    return tuple(t.to(device) for t in (pos, dist[0], neg, dist[1], torch.rand(n, generator=gen)))
 
 
 def _kernel_op_samples(device):
@@ -50,11 +53,16 @@ def _kernel_op_samples(device):
 
     def outs():
         return (torch.empty(n, dtype=torch.int64, device=device), torch.empty(n, device=device),
-                torch.empty(n, dtype=torch.int64, device=device), torch.empty(n, device=device))
+                torch.empty(n, dtype=torch.int64, device=device), torch.empty(n, device=device),
+                torch.empty(n, device=device), torch.empty(n, device=device))
 
-    csr = _csr(n, gen, device)
-    return [(ops.MINE, (x, labels, inv_norm, Distance.COSINE, *outs())),
-            (ops.PAIR_GRAD, (x, inv_norm, *csr, True, torch.empty_like(x), torch.empty_like(inv_norm)))]
+    mined = _mined(n, gen, device)
+    weight = torch.rand(n, generator=gen).to(device)
+    return [(ops.KEPT, (labels, torch.empty(n, device=device))),
+            (ops.MINE, (x, labels, inv_norm, Distance.COSINE, 0.2, True, *outs())),
+            (ops.PAIR_GRAD, (x, inv_norm, *mined, weight, Distance.EUCLIDEAN, torch.empty_like(x),
+                             torch.empty_like(inv_norm))),
+            (ops.PAIR_GRAD, (x, None, *mined, weight[0], Distance.SQUARED_EUCLIDEAN, torch.empty_like(x), None))]
 
 
 def _op_inputs(device):
@@ -71,14 +79,16 @@ SPEC = harness.KernelSpec(
            dict(distance="cosine", margin=0.3))
     + tuple(dict(distance=d, soft_margin=True, normalize=True) for d in DISTANCES),
     shapes=((1, 3), (17, 3), (70, 33)),
-    # the mined pairs' distances are taken again from the rows' differences (ops/triplet.py
-    # _exact_distances): no cancellation for close rows, so the tolerance of the other families
+    # the mined pairs' distances are taken again from the rows' differences (the mining kernels'
+    # epilogue): no cancellation for close rows, so the tolerance of the other families
     tol=lambda opts, shape: 1e-5,
     half_cases=(dict(), dict(distance="cosine", soft_margin=True)),
     half_shape=(40, 24),
     fwd_kernel=ops.MINE,
-    fwd_budget=70,  # the kernels plus ~64 O(B) torch ops: divisor, the mined distances again from the rows'
-    # differences (19), per-anchor terms, the pairs' CSR, and 3 for the gradient's non-finite check of x
+    # the kept-anchor count and its sum, the builder's reciprocal, the mining (its epilogue: the exact
+    # distances, losses and slopes), the pair gradient, the loss's sum and division; backward: autograd's
+    # ones_like and the rescale (9 launches in all, was 72)
+    fwd_budget=7,
     bwd_budget=2,
     launch_shape=(48, 16),
     compile_cases=(dict(distance="cosine", normalize=True, soft_margin=True),),
@@ -159,7 +169,7 @@ def test_ties_go_to_the_smallest_index(kernel_backend, distance, normalize, data
         x, labels = (torch.randint(-8, 9, (9, 6), generator=gen) / 4)[base], base % 4
     kind = ref.DISTANCE_IDS[distance]
     inv_norm = ops.row_inv_norm(x.to(device), kind, normalize)
-    pos_index, _, neg_index, _ = ops._mine(kernel_backend, x.to(device), labels.to(device), inv_norm, kind)
+    pos_index, _, neg_index, *_ = ops._mine(kernel_backend, x.to(device), labels.to(device), inv_norm, kind)
     want_pos, want_neg = _reference_choice(x, labels, distance, normalize)
     assert torch.equal(pos_index.cpu(), want_pos), (pos_index, want_pos)
     assert torch.equal(neg_index.cpu(), want_neg), (neg_index, want_neg)
@@ -241,21 +251,135 @@ def test_bad_input_is_refused_by_name(kernel_backend):
         lf.triplet_loss(x, labels.float(), backend=kernel_backend)
     with pytest.raises(lf.BackendUnavailableError, match="triplet kernels take"):
         lf.triplet_loss(x.double(), labels, backend=kernel_backend)
-    out = [torch.empty(6, dtype=torch.int64, device=device), torch.empty(6, device=device)] * 2
+    out = [torch.empty(6, dtype=torch.int64, device=device), torch.empty(6, device=device)] * 2 + \
+        [torch.empty(6, device=device)] * 2
     mine = ops.MINE[kernel_backend]  # the contract check, then the kernel
     with pytest.raises(ValueError, match=r"triplet_mine: labels must be a contiguous torch.int64 tensor of shape "
                                          r"\(6,\)"):
-        mine(x, labels.int(), None, Distance.EUCLIDEAN, *out)
+        mine(x, labels.int(), None, Distance.EUCLIDEAN, 0.2, False, *out)
     with pytest.raises(ValueError, match="triplet_mine: cosine distances need inv_norm"):
-        mine(x, labels, None, Distance.COSINE, *out)
+        mine(x, labels, None, Distance.COSINE, 0.2, False, *out)
     with pytest.raises(ValueError, match="triplet_mine: x must be a contiguous 2-D"):
-        mine(x.t(), labels[:4], None, Distance.EUCLIDEAN, *[t[:4] for t in out])
+        mine(x.t(), labels[:4], None, Distance.EUCLIDEAN, 0.2, False, *[t[:4] for t in out])
     with pytest.raises(ValueError, match=r"triplet_mine: distance must be one of 0 \(EUCLIDEAN\), "
                                          r"1 \(SQUARED_EUCLIDEAN\), 2 \(COSINE\), got 3"):
-        ops.MINE[kernel_backend](x, labels, torch.ones(6, device=device), 3, *out)
+        ops.MINE[kernel_backend](x, labels, torch.ones(6, device=device), 3, 0.2, False, *out)
+    with pytest.raises(ValueError, match=r"triplet_mine: slope must be a contiguous torch.float32 tensor of shape"):
+        mine(x, labels, None, Distance.EUCLIDEAN, 0.2, False, *out[:5], out[0])
+    with pytest.raises(ValueError, match=r"triplet_kept: kept must be a contiguous torch.float32 tensor of shape "
+                                         r"\(6,\)"):
+        ops.KEPT[kernel_backend](labels, torch.empty(5, device=device))
+    mined = _mined(6, torch.Generator().manual_seed(3), device)
+    grad = ops.PAIR_GRAD[kernel_backend]
     with pytest.raises(ValueError, match="triplet_pair_grad: grad_inv_norm needs inv_norm"):
-        ops.PAIR_GRAD[kernel_backend](x, None, *_csr(6, torch.Generator().manual_seed(3), device), True, None,
-                                      torch.empty(6, device=device))
+        grad(x, None, *mined, torch.ones((), device=device), Distance.EUCLIDEAN, None, torch.empty(6, device=device))
+    with pytest.raises(ValueError, match=r"triplet_pair_grad: weight must be a contiguous torch.float32 tensor of "
+                                         r"shape \(6,\)"):
+        grad(x, None, *mined, torch.ones(5, device=device), Distance.EUCLIDEAN, torch.empty_like(x), None)
+    with pytest.raises(ValueError, match=r"triplet_pair_grad: neg_index must be a contiguous torch.int64 tensor"):
+        grad(x, None, *mined[:2], mined[2].int(), *mined[3:], torch.ones((), device=device), Distance.EUCLIDEAN,
+             torch.empty_like(x), None)
+
+
+@pytest.mark.parametrize("n", [1, 2, 37, 300])
+def test_kept_count_is_the_class_size_rule(kernel_backend, n):
+    # Anchors with a positive and a negative: classes of 2 to B - 1 rows. Several tiles of labels on
+    # every backend (300), singletons, one class, and labels distinct only in their low bits.
+    device = device_for(kernel_backend)
+    gen = torch.Generator().manual_seed(n)
+    cases = [torch.randint(0, max(1, n // 3), (n,), generator=gen), torch.full((n,), 7),
+             torch.randint(0, 3, (n,), generator=gen) + (2**62 - 1), torch.arange(n)]
+    cases[0][: n // 4] = -torch.arange(1, n // 4 + 1)  # some classes of one
+    for labels in cases:
+        size = (labels[:, None] == labels[None, :]).sum(1)
+        want = ((size >= 2) & (size < n)).float()
+        kept = torch.full((n,), 5.0, device=device)
+        ops.KEPT[kernel_backend](labels.to(device), kept)
+        assert torch.equal(kept.cpu(), want), (labels, kept, want)
+
+
+def _pair_gradient_float64(x, inv_norm, mined, weight, distance):
+    """The pair-gradient contract in float64, pair by pair: (grad_x, grad_inv_norm)."""
+    pos, d_pos, neg, d_neg, slope = (t.cpu() for t in mined)
+    x = x.cpu().double()
+    inv = torch.ones(len(x), dtype=torch.float64) if inv_norm is None else inv_norm.cpu().double()
+    v = x * inv[:, None]
+    weight = weight.cpu().double().expand(len(x))
+    g = torch.zeros_like(v)
+
+    def factor(d):
+        if distance == Distance.EUCLIDEAN:
+            return 1 / d if d > ops.CLAMPED_EUCLIDEAN else 0.0
+        return (2.0 if d > 0 else 0.0) if distance == Distance.SQUARED_EUCLIDEAN else 1.0
+
+    for a in range(len(x)):
+        kept = pos[a] >= 0 and neg[a] >= 0
+        w = float(slope[a]) * float(weight[a]) if kept else 0.0
+        for other, c in ((pos[a], factor(float(d_pos[a])) * w), (neg[a], -factor(float(d_neg[a])) * w)):
+            o = int(other) if other >= 0 else a
+            if distance == Distance.COSINE:
+                g[a] -= c * v[o]
+                g[o] -= c * v[a]
+            else:
+                g[a] += c * (v[a] - v[o])
+                g[o] += c * (v[o] - v[a])
+    return g * inv[:, None], (x * g).sum(1)
+
+
+@pytest.mark.parametrize("distance", list(Distance))
+def test_pair_gradient_sums_every_anchor_that_chose_a_row(kernel_backend, distance):
+    # 300 rows in several row blocks and anchor chunks, 300 features in several slices: a row chosen
+    # by a third of the anchors, others by none, left-out anchors (-1), a clamped euclidean distance,
+    # per-anchor and shared weights, against the contract summed pair by pair in float64.
+    device = device_for(kernel_backend)
+    gen = torch.Generator().manual_seed(31 + int(distance))
+    n, d = 300, 300
+    x = torch.randn(n, d, generator=gen)
+    inv_norm = torch.rand(n, generator=gen) + 0.5
+    pos, neg = torch.randint(0, n, (n,), generator=gen), torch.randint(0, n // 2, (n,), generator=gen)
+    neg[torch.rand(n, generator=gen) < 0.33] = 211
+    pos[torch.rand(n, generator=gen) < 0.1] = -1
+    neg[torch.rand(n, generator=gen) < 0.05] = -1
+    d_pos, d_neg = torch.rand(n, generator=gen) + 0.1, torch.rand(n, generator=gen) + 0.1
+    d_pos[5] = 1e-6  # the clamp: no gradient through this pair
+    mined = (pos, d_pos, neg, d_neg, torch.rand(n, generator=gen))
+    for weight in (torch.rand(n, generator=gen) + 0.5, torch.tensor(0.25)):
+        for inv in ((inv_norm,) if distance == Distance.COSINE else (None, inv_norm)):
+            want_x, want_inv = _pair_gradient_float64(x, inv, mined, weight, distance)
+            grad_x = torch.empty(n, d, device=device)
+            grad_inv = None if inv is None else torch.empty(n, device=device)
+            ops.PAIR_GRAD[kernel_backend](x.to(device), None if inv is None else inv.to(device),
+                                          *(t.to(device) for t in mined), weight.to(device), distance, grad_x,
+                                          grad_inv)
+            assert_close_rel(grad_x, want_x, 1e-5, f"grad_x {distance} {weight.dim()}")
+            if inv is not None:
+                assert_close_rel(grad_inv, want_inv, 1e-5, f"grad_inv_norm {distance} {weight.dim()}")
+
+
+def test_mining_writes_the_losses_and_slopes(kernel_backend):
+    # The epilogue's per-anchor terms against the reference's per-anchor losses ('none'), and the slopes
+    # against autograd's derivative of each loss w.r.t. its gap; a NaN slope everywhere for a NaN row.
+    device = device_for(kernel_backend)
+    gen = torch.Generator().manual_seed(32)
+    x = torch.randn(70, 9, generator=gen)
+    labels = torch.randint(0, 14, (70,), generator=gen)
+    labels[:3] = -1 - torch.arange(3)  # left out: loss and slope 0
+    for soft_margin, margin in ((False, 0.3), (True, 0.0)):
+        _, d_pos, _, d_neg, loss, slope = ops._mine(kernel_backend, x.to(device), labels.to(device), None,
+                                                    Distance.EUCLIDEAN, margin, soft_margin)
+        want = lf.triplet_loss(x.double(), labels, margin=margin, soft_margin=soft_margin, reduction="none",
+                               backend="reference")
+        assert_close_rel(loss, want, 1e-5, f"loss soft={soft_margin}")
+        gap = (d_pos - d_neg).cpu().double().requires_grad_(True)
+        term = torch.nn.functional.softplus(gap) if soft_margin else torch.relu(gap + margin)
+        term.sum().backward()
+        size = (labels[:, None] == labels[None, :]).sum(1)
+        kept = (size >= 2) & (size < len(labels)) & ((want > 0) if not soft_margin else True)
+        want_slope = torch.where(kept, gap.grad, 0.0)
+        assert_close_rel(slope, want_slope, 1e-5, f"slope soft={soft_margin}")
+    x[40, 2] = math.inf
+    slope = ops._mine(kernel_backend, x.to(device), labels.to(device), None, Distance.EUCLIDEAN, 0.3, False)[5]
+    assert torch.isnan(slope).all(), slope
 
 
 def test_inputs_are_not_modified(kernel_backend):
@@ -644,3 +768,45 @@ def test_half_gradient_products_at_large_batch_magnitudes(fp32_out_products_on_c
         grad_x = torch.empty_like(x)
         sink.write((grad_x, None))
         assert torch.isfinite(grad_x).all()
+
+
+# ---------------------------------------------------------------- offline compile of the mining kernel
+
+_PIPELINE_PROBE = r"""
+import json, re, sys, torch, triton
+from triton.compiler import ASTSource
+from tests import test_triton_compile as tc
+from lossforge_kernels.triton_kernels import triplet as k
+
+def facts(d):
+    n, seen = 4096, {}
+    k._row_sq_norm_kernel.run = lambda *a, **kw: None  # no GPU: the launcher's own arguments are recorded
+    k._mine_kernel.run = lambda *a, grid, warmup, **kw: seen.update(args=a, kwargs=kw)
+    x = torch.empty(n, d, dtype=torch.bfloat16)
+    f32, i64 = torch.empty(n), torch.empty(n, dtype=torch.int64)
+    k.triplet_mine(x, i64, None, 0, 0.2, False, i64, f32, i64, f32, f32, f32)
+    backend, target, kwargs, bound, spec, options = tc._specialize(k._mine_kernel, seen["args"], seen["kwargs"], 90)
+    options, signature, constexprs, attrs = k._mine_kernel._pack_args(backend, kwargs, bound, spec, options)
+    c = triton.compile(ASTSource(k._mine_kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
+    return len(re.findall(r"cp\.async\.c[ag]", c.asm["ptx"])), tc._resources(c.asm["cubin"])[1]
+
+print(json.dumps({d: facts(d) for d in (512, 520)}))
+"""
+
+
+def test_a_feature_count_of_8_mod_16_keeps_the_mining_pipeline():
+    # D = 520 used to compile without cp.async (the compiler could not see 16-byte aligned rows) and with
+    # 752 bytes of local memory; passed in eighths it gets D = 512's pipelined loads.
+    import subprocess
+    import sys
+
+    from tests import test_triton_compile as tc
+
+    problem = tc._compile_problem()
+    if problem:
+        pytest.skip(problem)
+    out = subprocess.run([sys.executable, "-c", _PIPELINE_PROBE], capture_output=True, text=True, env=tc._env(False),
+                         cwd=pathlib.Path(__file__).resolve().parents[1], timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    facts = json.loads(out.stdout.strip().splitlines()[-1])
+    assert facts["520"] == facts["512"] and facts["512"][0] > 0, facts  # (cp.async count, local bytes)

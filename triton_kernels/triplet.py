@@ -1,13 +1,20 @@
-# Batch-hard triplet mining and its pair gradient (contract: lossforge_kernels/ops/triplet.py).
+# Batch-hard triplet mining, its kept-anchor count and its pair gradient (contract:
+# lossforge_kernels/ops/triplet.py).
 #
 # Mining: one program owns BLOCK_M anchors and walks every BLOCK_N-column tile of the Gram matrix
 # x x^T (tl.dot over BLOCK_K slices, fp32 accumulation), turns the tile into distances in
 # registers and folds it into a running farthest positive and nearest negative per anchor, ties
 # to the smallest column. Nothing B x B is stored; the work is 2 B^2 D FLOPs on the tensor cores
 # (each program re-reads all of x: B^2 D / BLOCK_M elements, from L2). A small pre-pass writes the
-# rows' squared norms (fp32, B values).
-# Pair gradient: one program per BLOCK_R rows sums each row's CSR entries (about 4 per row) in order
-# over D slices, reading one other row per entry: ~(1 + entries) * D * elem_size bytes per row, one pass.
+# rows' squared norms and whether a row holds a NaN or inf (fp32, 2B values). The epilogue reads
+# each anchor's two partner rows once more (the exact difference-form distances: 3 D elements and
+# 6 D FLOPs per anchor) and writes the anchor's loss and slope.
+# Kept count ('mean''s divisor): labels only, B^2 integer compares, a block of anchors stops once
+# each has a positive and a negative.
+# Pair gradient: a program owns BLOCK_R rows x BLOCK_D features. It adds the rows' own two pairs,
+# then scans every anchor's two partner indices for those inside its rows (a range test: 16 B bytes
+# per program from L2) and adds each hit's pair in anchor order (one read of the anchor's slice).
+# Deterministic (no atomics, a fixed order), nothing built or sorted beforehand.
 from __future__ import annotations
 
 import torch
@@ -28,19 +35,24 @@ BATCH_ALL = tl.constexpr(2)
 NO_INDEX = tl.constexpr(2147483647)  # jit code may read only constexpr globals
 # A Euclidean distance at most this had its Gram clamp active: no gradient (ops/triplet.py's CLAMPED_EUCLIDEAN).
 CLAMPED_EUCLIDEAN = tl.constexpr(1.000001e-6)
+EUCLIDEAN_EPS = tl.constexpr(1e-12)
 
 
 @triton.jit
 def _row_sq_norm_kernel(x_ptr, out_ptr, B, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[i] = |x_i|^2 and out[B + i] = 1 if x_i holds a NaN or inf, else 0."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < B
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    bad = tl.zeros([BLOCK_R], dtype=tl.float32)
     for k in range(0, D, BLOCK_D):
         ks = k + tl.arange(0, BLOCK_D)
         v = tl.load(x_ptr + rows.to(tl.int64)[:, None] * D + ks[None, :], mask=rmask[:, None] & (ks < D)[None, :],
                     other=0.0).to(tl.float32)
         acc += tl.sum(v * v, axis=1)
+        bad = tl.maximum(bad, tl.max(tl.where(tl.abs(v) < float("inf"), 0.0, 1.0), axis=1))
     tl.store(out_ptr + rows, acc, mask=rmask)
+    tl.store(out_ptr + B + rows, bad, mask=rmask)
 
 
 @triton.jit
@@ -89,9 +101,31 @@ def _tile_distances(dot, inv_r, e_r, inv_c, e_c, DISTANCE: tl.constexpr, HAS_INV
 
 
 @triton.jit
-def _mine_kernel(x_ptr, lab_ptr, sq_ptr, inv_ptr, pi_ptr, pd_ptr, ni_ptr, nd_ptr, B, D,
-                 DISTANCE: tl.constexpr, HAS_INV_NORM: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _scaled_rows(x_ptr, inv_ptr, idx, rmask, ks, kmask, D, HAS_INV_NORM: tl.constexpr):
+    """The rows v_idx = inv_norm[idx] * x[idx] at features ks, in fp32 (idx int64)."""
+    v = tl.load(x_ptr + idx[:, None] * D + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+    v = v.to(tl.float32)
+    if HAS_INV_NORM:
+        v = v * tl.load(inv_ptr + idx, mask=rmask, other=0.0)[:, None]
+    return v
+
+
+@triton.jit
+def _exact_distance(d, sq, has, DISTANCE: tl.constexpr):
+    """A mined distance taken again from the difference's square sq where it is finite (cosine: as is)."""
+    if DISTANCE == COSINE:
+        return d
+    again = sq if DISTANCE == SQUARED_EUCLIDEAN else tl.sqrt_rn(sq + EUCLIDEAN_EPS)
+    return tl.where(has & (tl.abs(d) < float("inf")), again, d)
+
+
+@triton.jit
+def _mine_kernel(x_ptr, lab_ptr, sq_ptr, inv_ptr, pi_ptr, pd_ptr, ni_ptr, nd_ptr, loss_ptr, slope_ptr, B, D, margin,
+                 DISTANCE: tl.constexpr, HAS_INV_NORM: tl.constexpr, SOFT: tl.constexpr, DOT_F32: tl.constexpr,
+                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 D_IN_EIGHTS: tl.constexpr):
+    if D_IN_EIGHTS:  # D came as features / 8, so the compiler knows the multiple: aligned rows and whole
+        D = D * 8    # vectors in the K tail give the pipelined (cp.async) loads of D % 16 == 0
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < B
     rows64 = rows.to(tl.int64)
@@ -102,6 +136,7 @@ def _mine_kernel(x_ptr, lab_ptr, sq_ptr, inv_ptr, pi_ptr, pd_ptr, ni_ptr, nd_ptr
     best_n = tl.full([BLOCK_M], float("inf"), tl.float32)
     arg_p = tl.full([BLOCK_M], NO_INDEX, tl.int32)
     arg_n = tl.full([BLOCK_M], NO_INDEX, tl.int32)
+    poison = tl.zeros([BLOCK_N], dtype=tl.float32)  # 1 where a row of x seen holds a NaN or inf
     for start in range(0, B, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         cmask = cols < B
@@ -118,6 +153,7 @@ def _mine_kernel(x_ptr, lab_ptr, sq_ptr, inv_ptr, pi_ptr, pd_ptr, ni_ptr, nd_ptr
             acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
         inv_c = tl.load(inv_ptr + cols, mask=cmask, other=0.0) if HAS_INV_NORM else tl.full([BLOCK_N], 1.0, tl.float32)
         e_c = tl.load(sq_ptr + cols, mask=cmask, other=0.0) * inv_c * inv_c
+        poison = tl.maximum(poison, tl.load(sq_ptr + B + cols, mask=cmask, other=0.0))
         dist = _tile_distances(acc, inv_r, e_r, inv_c, e_c, DISTANCE, HAS_INV_NORM)
         lab_c = tl.load(lab_ptr + cols, mask=cmask, other=0)
         same = lab_r[:, None] == lab_c[None, :]
@@ -128,48 +164,123 @@ def _mine_kernel(x_ptr, lab_ptr, sq_ptr, inv_ptr, pi_ptr, pd_ptr, ni_ptr, nd_ptr
         best_n, arg_n = _fold_best(best_n, arg_n, dist, neg, cols, False)   # nearest negative
     has_p = arg_p != NO_INDEX
     has_n = arg_n != NO_INDEX
+    # epilogue: the two mined distances again from the rows' differences (no cancellation)
+    p64 = tl.where(has_p, arg_p, rows).to(tl.int64)
+    n64 = tl.where(has_n, arg_n, rows).to(tl.int64)
+    sq_p = tl.zeros([BLOCK_M], dtype=tl.float32)
+    sq_n = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if DISTANCE != COSINE:
+        for k in range(0, D, BLOCK_K):
+            ks = k + tl.arange(0, BLOCK_K)
+            kmask = ks < D
+            v_a = _scaled_rows(x_ptr, inv_ptr, rows64, rmask, ks, kmask, D, HAS_INV_NORM)
+            diff = v_a - _scaled_rows(x_ptr, inv_ptr, p64, rmask, ks, kmask, D, HAS_INV_NORM)
+            sq_p += tl.sum(diff * diff, axis=1)
+            diff = v_a - _scaled_rows(x_ptr, inv_ptr, n64, rmask, ks, kmask, D, HAS_INV_NORM)
+            sq_n += tl.sum(diff * diff, axis=1)
+    d_p = tl.where(has_p, _exact_distance(best_p, sq_p, has_p, DISTANCE), 0.0)
+    d_n = tl.where(has_n, _exact_distance(best_n, sq_n, has_n, DISTANCE), 0.0)
+    kept = has_p & has_n
+    term, slope = _term_and_slope(d_p - d_n, margin, SOFT)
+    slope = tl.where(tl.max(poison, axis=0) > 0.0, float("nan"), tl.where(kept, slope, 0.0))
     tl.store(pi_ptr + rows, tl.where(has_p, arg_p, -1).to(tl.int64), mask=rmask)
-    tl.store(pd_ptr + rows, tl.where(has_p, best_p, 0.0), mask=rmask)
+    tl.store(pd_ptr + rows, d_p, mask=rmask)
     tl.store(ni_ptr + rows, tl.where(has_n, arg_n, -1).to(tl.int64), mask=rmask)
-    tl.store(nd_ptr + rows, tl.where(has_n, best_n, 0.0), mask=rmask)
+    tl.store(nd_ptr + rows, d_n, mask=rmask)
+    tl.store(loss_ptr + rows, tl.where(kept, term, 0.0), mask=rmask)
+    tl.store(slope_ptr + rows, slope, mask=rmask)
 
 
 @triton.jit
-def _pair_grad_kernel(x_ptr, inv_ptr, off_ptr, other_ptr, coef_ptr, gx_ptr, ginv_ptr, B, D,
-                      HAS_INV_NORM: tl.constexpr, CENTERED: tl.constexpr, HAS_GX: tl.constexpr, HAS_GINV: tl.constexpr,
-                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    # BLOCK_R rows side by side: step j adds each row's j-th entry (rows with fewer sit idle).
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+def _kept_kernel(lab_ptr, kept_ptr, B, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < B
+    lab_r = tl.load(lab_ptr + rows, mask=rmask, other=0)
+    has_p = rows < 0
+    has_n = rows < 0
+    start = tl.program_id(0) * 0
+    todo = tl.sum(rmask.to(tl.int32), axis=0)
+    while todo > 0:  # until each anchor has both, or every column was seen
+        cols = start + tl.arange(0, BLOCK_N)
+        cmask = cols < B
+        lab_c = tl.load(lab_ptr + cols, mask=cmask, other=0)
+        same = (lab_r[:, None] == lab_c[None, :]) & (rows[:, None] != cols[None, :]) & cmask[None, :]
+        other = (lab_r[:, None] != lab_c[None, :]) & cmask[None, :]
+        has_p = has_p | (tl.max(same.to(tl.int32), axis=1) > 0)
+        has_n = has_n | (tl.max(other.to(tl.int32), axis=1) > 0)
+        start += BLOCK_N
+        todo = tl.sum((rmask & ~(has_p & has_n)).to(tl.int32), axis=0) * (start < B).to(tl.int32)
+    tl.store(kept_ptr + rows, tl.where(has_p & has_n, 1.0, 0.0), mask=rmask)
+
+
+@triton.jit
+def _anchor_coefs(d_p, d_n, slope, weight, kept, DISTANCE: tl.constexpr):
+    """The coefficients of an anchor's two pairs (ops/triplet.py's contract; NaN with a NaN slope)."""
+    w = tl.where(kept, slope * weight, 0.0)
+    poison = tl.where(slope != slope, float("nan"), 0.0)
+    return _grad_factor(d_p, DISTANCE) * w + poison, poison - _grad_factor(d_n, DISTANCE) * w
+
+
+@triton.jit
+def _pair_term(c, v_r, v_o, CENTERED: tl.constexpr):
+    if CENTERED:
+        return c[:, None] * (v_r - v_o)
+    return -(c[:, None] * v_o)
+
+
+@triton.jit
+def _pair_grad_kernel(x_ptr, inv_ptr, pi_ptr, pd_ptr, ni_ptr, nd_ptr, slope_ptr, w_ptr, w_step, gx_ptr, ginv_ptr,
+                      B, D, DISTANCE: tl.constexpr, HAS_INV_NORM: tl.constexpr, HAS_GX: tl.constexpr,
+                      HAS_GINV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr):
+    CENTERED: tl.constexpr = DISTANCE != COSINE
+    r0 = tl.program_id(0) * BLOCK_R
+    rows = r0 + tl.arange(0, BLOCK_R)
     rmask = rows < B
     rows64 = rows.to(tl.int64)
-    start = tl.load(off_ptr + rows, mask=rmask, other=0)
-    count = tl.load(off_ptr + rows + 1, mask=rmask, other=0) - start
-    longest = tl.max(count, axis=0)
+    ks = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    kmask = ks < D
+    tile = rmask[:, None] & kmask[None, :]
     inv_r = tl.load(inv_ptr + rows, mask=rmask, other=0.0) if HAS_INV_NORM else tl.full([BLOCK_R], 1.0, tl.float32)
-    dot = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for k in range(0, D, BLOCK_D):
-        ks = k + tl.arange(0, BLOCK_D)
-        tile = rmask[:, None] & (ks < D)[None, :]
-        x_r = tl.load(x_ptr + rows64[:, None] * D + ks[None, :], mask=tile, other=0.0).to(tl.float32)
-        v_r = x_r * inv_r[:, None]
-        g = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-        for j in range(0, longest):
-            live = rmask & (j < count)
-            o = tl.load(other_ptr + start + j, mask=live, other=0)
-            c = tl.load(coef_ptr + start + j, mask=live, other=0.0)
-            inv_o = tl.load(inv_ptr + o, mask=live, other=0.0) if HAS_INV_NORM else tl.full([BLOCK_R], 1.0, tl.float32)
-            v_o = tl.load(x_ptr + o[:, None] * D + ks[None, :], mask=tile & live[:, None],
-                          other=0.0).to(tl.float32) * inv_o[:, None]
-            if CENTERED:
-                g += c[:, None] * (v_r - v_o)
-            else:
-                g -= c[:, None] * v_o
-        if HAS_GX:
-            tl.store(gx_ptr + rows64[:, None] * D + ks[None, :], (g * inv_r[:, None]).to(gx_ptr.dtype.element_ty),
-                     mask=tile)
-        dot += tl.sum(x_r * g, axis=1)
+    x_r = tl.load(x_ptr + rows64[:, None] * D + ks[None, :], mask=tile, other=0.0).to(tl.float32)
+    v_r = x_r * inv_r[:, None]
+    # the rows' own pairs (a left-out anchor's partner is itself, its coefficient 0 or NaN)
+    p = tl.load(pi_ptr + rows, mask=rmask, other=-1)
+    n = tl.load(ni_ptr + rows, mask=rmask, other=-1)
+    c_p, c_n = _anchor_coefs(tl.load(pd_ptr + rows, mask=rmask, other=0.0), tl.load(nd_ptr + rows, mask=rmask, other=0.0),
+                             tl.load(slope_ptr + rows, mask=rmask, other=0.0),
+                             tl.load(w_ptr + rows * w_step, mask=rmask, other=0.0), (p >= 0) & (n >= 0), DISTANCE)
+    v_p = _scaled_rows(x_ptr, inv_ptr, tl.where(p >= 0, p, rows64), rmask, ks, kmask, D, HAS_INV_NORM)
+    g = _pair_term(c_p, v_r, v_p, CENTERED)
+    v_n = _scaled_rows(x_ptr, inv_ptr, tl.where(n >= 0, n, rows64), rmask, ks, kmask, D, HAS_INV_NORM)
+    g += _pair_term(c_n, v_r, v_n, CENTERED)
+    # the pairs of the anchors that chose one of the rows, in anchor order
+    lanes = tl.arange(0, BLOCK_A)
+    for a0 in range(0, B, BLOCK_A):
+        anchors = a0 + lanes
+        amask = anchors < B
+        ap = tl.load(pi_ptr + anchors, mask=amask, other=-1)
+        an = tl.load(ni_ptr + anchors, mask=amask, other=-1)
+        hit = ((ap >= r0) & (ap < r0 + BLOCK_R)) | ((an >= r0) & (an < r0 + BLOCK_R))
+        left = tl.sum(hit.to(tl.int32), axis=0)
+        while left > 0:
+            a = tl.min(tl.where(hit, anchors, B), axis=0)
+            hit = hit & (anchors != a)
+            left -= 1
+            pa = tl.load(pi_ptr + a)
+            na = tl.load(ni_ptr + a)
+            ca_p, ca_n = _anchor_coefs(tl.load(pd_ptr + a), tl.load(nd_ptr + a), tl.load(slope_ptr + a),
+                                       tl.load(w_ptr + a * w_step), (pa >= 0) & (na >= 0), DISTANCE)
+            v_a = tl.load(x_ptr + a.to(tl.int64) * D + ks, mask=kmask, other=0.0).to(tl.float32)
+            if HAS_INV_NORM:
+                v_a = v_a * tl.load(inv_ptr + a)
+            chosen = (rows == pa) | (rows == na)
+            c = tl.where(rows == pa, ca_p, 0.0) + tl.where(rows == na, ca_n, 0.0)
+            g = tl.where(chosen[:, None], g + _pair_term(c, v_r, v_a[None, :], CENTERED), g)
+    if HAS_GX:
+        tl.store(gx_ptr + rows64[:, None] * D + ks[None, :], (g * inv_r[:, None]).to(gx_ptr.dtype.element_ty),
+                 mask=tile)
     if HAS_GINV:
-        tl.store(ginv_ptr + rows, dot, mask=rmask)
+        tl.store(ginv_ptr + rows * tl.num_programs(1) + tl.program_id(1), tl.sum(x_r * g, axis=1), mask=rmask)
 
 
 def _mine_config(dtype):
@@ -181,34 +292,54 @@ def _mine_config(dtype):
     return 128, 128, 64, 8, 3, False, "tf32"
 
 
-def triplet_mine(x, labels, inv_norm, distance, pos_index, pos_dist, neg_index, neg_dist):
+def triplet_kept(labels, kept):
+    """The kept-anchor op (contract: lossforge_kernels/ops/triplet.py, checked there)."""
+    n = labels.shape[0]
+    if n == 0:
+        return
+    block = 32 if interpreting() else 64
+    _kept_kernel[(triton.cdiv(n, block),)](labels, kept, n, BLOCK_M=block, BLOCK_N=32, num_warps=4)
+
+
+def triplet_mine(x, labels, inv_norm, distance, margin, soft_margin, pos_index, pos_dist, neg_index, neg_dist, loss,
+                 slope):
     """The mining op (contract: lossforge_kernels/ops/triplet.py, checked there)."""
     n, d = x.shape
     if n == 0:
         return
-    sq = torch.empty(n, device=x.device, dtype=torch.float32)
+    sq = torch.empty(2 * n, device=x.device, dtype=torch.float32)
     block_d = min(triton.next_power_of_2(max(d, 1)), 256)
     _row_sq_norm_kernel[(triton.cdiv(n, 16),)](x, sq, n, d, BLOCK_R=16, BLOCK_D=block_d, num_warps=4)
     bm, bn, bk, warps, stages, upcast, precision = _mine_config(x.dtype)
     has_inv_norm = inv_norm is not None
+    in_eights = d % 16 == 8  # (a multiple of 16 is specialised by Triton itself)
     _mine_kernel[(triton.cdiv(n, bm),)](
-        x, labels, sq, inv_norm if has_inv_norm else sq, pos_index, pos_dist, neg_index, neg_dist, n, d,
-        DISTANCE=distance, HAS_INV_NORM=has_inv_norm, DOT_F32=upcast, PRECISION=precision,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        x, labels, sq, inv_norm if has_inv_norm else sq, pos_index, pos_dist, neg_index, neg_dist, loss, slope, n,
+        d // 8 if in_eights else d, float(margin), DISTANCE=distance, HAS_INV_NORM=has_inv_norm, SOFT=bool(soft_margin),
+        DOT_F32=upcast, PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, D_IN_EIGHTS=in_eights,
+        num_warps=warps, num_stages=stages)
 
 
-def triplet_pair_grad(x, inv_norm, offsets, others, coef, centered, grad_x, grad_inv_norm):
+def triplet_pair_grad(x, inv_norm, pos_index, pos_dist, neg_index, neg_dist, slope, weight, distance, grad_x,
+                      grad_inv_norm):
     """The pair-gradient op (contract: lossforge_kernels/ops/triplet.py, checked there)."""
     n, d = x.shape
     if n == 0 or (grad_x is None and grad_inv_norm is None):
         return
     has_inv_norm = inv_norm is not None
-    block_r = 32 if interpreting() else 8
-    block_d = min(triton.next_power_of_2(max(d, 1)), 512)
-    _pair_grad_kernel[(triton.cdiv(n, block_r),)](
-        x, inv_norm if has_inv_norm else coef, offsets, others, coef, x if grad_x is None else grad_x,
-        coef if grad_inv_norm is None else grad_inv_norm, n, d, HAS_INV_NORM=has_inv_norm, CENTERED=bool(centered),
-        HAS_GX=grad_x is not None, HAS_GINV=grad_inv_norm is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
+    block_r = 32 if interpreting() or has_inv_norm else 64  # (inv_norm's 64 x 64 tiles: 255 registers and spills)
+    block_d = min(triton.next_power_of_2(max(d, 1)), 64)
+    slices = triton.cdiv(d, block_d)
+    # grad_inv_norm's dot products per feature slice, summed in slice order (one slice: written in place)
+    ginv = None if grad_inv_norm is None else grad_inv_norm if slices == 1 else \
+        torch.empty((n, slices), device=x.device, dtype=torch.float32)
+    _pair_grad_kernel[(triton.cdiv(n, block_r), slices)](
+        x, inv_norm if has_inv_norm else slope, pos_index, pos_dist, neg_index, neg_dist, slope, weight,
+        0 if weight.dim() == 0 else 1, x if grad_x is None else grad_x, slope if ginv is None else ginv, n, d,
+        DISTANCE=distance, HAS_INV_NORM=has_inv_norm, HAS_GX=grad_x is not None, HAS_GINV=ginv is not None,
+        BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_A=32 if interpreting() else 256, num_warps=4)
+    if ginv is not None and slices > 1:
+        torch.sum(ginv, dim=1, out=grad_inv_norm)
 
 
 # ---- semi_hard and batch_all: per anchor row of a C x B Gram block ----------------------------

@@ -2,9 +2,12 @@
 semi_hard and batch_all in the second half of this file.
 
 The B x B distances never reach device memory: a mining kernel keeps, per anchor, a running
-farthest positive and nearest negative over tiles of the Gram matrix, and a pair-gradient kernel
-turns the 2B mined (anchor, other) pairs into the embeddings' gradient. The per-anchor loss and
-its derivative w.r.t. the two mined distances are (B,) torch ops between them.
+farthest positive and nearest negative over tiles of the Gram matrix and, in its epilogue, takes
+the two mined distances again from the rows' differences and writes the anchor's loss and slope;
+a pair-gradient kernel turns the 2B mined (anchor, other) pairs into the embeddings' gradient.
+Nothing per anchor runs in torch between them: a 'mean' 'fwd+bwd' is 9 launches (the kept-anchor
+count and its sum, the builder's reciprocal, the mining, the pair gradient, the loss's sum and
+division; autograd's ones_like and the rescale).
 
 Normalisation (normalize=True, and always for cosine) enters as a per-row fp32 inverse norm
 inv_norm (the rows are v = inv_norm * x, inv_norm = 1 / max(|x|, 1e-12), computed by torch with
@@ -17,28 +20,41 @@ layer turns the public names ('cosine', 'semi_hard') into them once, and any oth
 
 Kernel contract, the same for the Triton and the CUDA implementation (B rows, D features):
 
-triplet_mine_<b>(x, labels, inv_norm, distance, pos_index, pos_dist, neg_index, neg_dist) -> ()
+triplet_kept_<b>(labels, kept) -> ()
+  labels (B,) contiguous int64; writes kept (B,) fp32: 1 where the anchor has a positive and a
+  negative (its class has 2 to B - 1 members), else 0. Integer work only: exact and deterministic.
+triplet_mine_<b>(x, labels, inv_norm, distance, margin, soft_margin, pos_index, pos_dist, neg_index,
+                 neg_dist, loss, slope) -> ()
   x        (B, D) contiguous fp32/fp16/bf16; labels (B,) contiguous int64 on x's device
-  inv_norm None, or (B,) contiguous fp32: the rows are inv_norm[i] * x[i] (required for COSINE)
-  distance a Distance: EUCLIDEAN, SQUARED_EUCLIDEAN or COSINE, in fp32 from the Gram form
-           (squared: max(|a|^2 + |b|^2 - 2 a.b, 0); euclidean: sqrt(squared + 1e-12); cosine: 1 - a.b)
-  writes per anchor the index (int64, -1 when there is none) and fp32 distance (0 when none) of its
-           farthest positive (same label, other row) and nearest negative (other label); ties go
+  inv_norm None, or (B,) contiguous fp32: the rows are v_i = inv_norm[i] * x[i] (required for COSINE)
+  distance a Distance: EUCLIDEAN, SQUARED_EUCLIDEAN or COSINE. The mining compares the Gram form in
+           fp32 (squared: max(|a|^2 + |b|^2 - 2 a.b, 0); euclidean: sqrt(squared + 1e-12); cosine: 1 - a.b)
+  writes per anchor (all (B,)) the index (int64, -1 when there is none) and fp32 distance (0 when none)
+           of its farthest positive (same label, other row) and nearest negative (other label); ties go
            to the smallest index, and a NaN distance is chosen over any number (the first NaN
-           column), as torch's argmax/argmin choose; a candidate at +inf counts.
-triplet_pair_grad_<b>(x, inv_norm, offsets, others, coef, centered, grad_x, grad_inv_norm) -> ()
-  x, inv_norm as above; offsets (B + 1,) int64 with offsets[0] = 0, non-decreasing, offsets[B] = E;
-  others (E,) int64 in [0, B), coef (E,) fp32: row r's entries are offsets[r] .. offsets[r + 1].
-  With g_r = sum over r's entries e, in order, of coef[e] * (centered * v_r - v_others[e]) in fp32,
-  writes grad_x[r] = inv_norm[r] * g_r (g_r without inv_norm) in x's dtype and grad_inv_norm[r] = x_r . g_r
-  (fp32, (B,)); either output may be None.
+           column), as torch's argmax/argmin choose; a candidate at +inf counts. A chosen euclidean or
+           squared distance that is finite is then taken again from the difference, sum over D of
+           (v_a - v_o)^2 in fp32 (the Gram form loses digits to cancellation for close rows); cosine
+           keeps the Gram form.
+           loss (fp32): soft_margin ? softplus(gap) : relu(gap + margin), gap = pos_dist - neg_dist,
+           for an anchor with both partners, else 0 (NaN kept). slope (fp32): d loss / d gap
+           (sigmoid(gap), or 1 where the hinge's loss > 0, else 0) for an anchor with both, else 0;
+           NaN for every anchor when x holds a NaN or inf (then every row's gradient is NaN, as in the
+           reference, whose Gram-form backward multiplies every row by every other).
+triplet_pair_grad_<b>(x, inv_norm, pos_index, pos_dist, neg_index, neg_dist, slope, weight, distance,
+                      grad_x, grad_inv_norm) -> ()
+  x, inv_norm, distance as above; pos_index .. slope as the mining wrote them; weight fp32, () (every
+  anchor's) or (B,) (per anchor). The gradient of sum over kept anchors a of w_a (d_ap - d_an), with
+  w_a = slope[a] * weight[a]: each pair (a, o) of coefficient c (d distance / d its squared form times
+  +-w_a: euclidean w / d, 0 at d <= 1.000001e-6 (the clamp); squared 2 w, 0 at 0; cosine w; plus NaN
+  when slope[a] is NaN) adds c (v_r - v_other) (cosine: -c v_other) to g_r of both its rows. Row r
+  sums, in fp32 and in this order, its own two pairs, then the pairs of the anchors that chose it,
+  by anchor (deterministic, no atomics). Writes grad_x[r] = inv_norm[r] * g_r (g_r without inv_norm)
+  in x's dtype and grad_inv_norm[r] = x_r . g_r (fp32, (B,)); either output may be None.
 """
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 
 from ..reference import triplet as ref
 from ..reference.triplet import Distance, Mining
@@ -54,6 +70,7 @@ PARAMS = ("int distance", "float margin", "bool soft_margin")
 # A Euclidean distance at most this is sqrt(0 + 1e-12): the clamp was active, so no gradient flows
 # (one fp32 ulp of slack for an approximate square root).
 CLAMPED_EUCLIDEAN = 1.000001e-6
+MINED_NAMES = ("pos_index", "pos_dist", "neg_index", "neg_dist")
 
 
 def _check_distance(op, distance, inv_norm):
@@ -70,23 +87,42 @@ def _check_rows(op, x, inv_norm):
         require_tensor(op, "inv_norm", inv_norm, (x.shape[0],), x, F32)
 
 
-def _check_mine(x, labels, inv_norm, distance, pos_index, pos_dist, neg_index, neg_dist):
+def _check_mined(op, x, mined):
+    """The per-anchor tensors of the mining: pos_index, pos_dist, neg_index, neg_dist, then those in `mined`'s tail."""
+    n = x.shape[0]
+    for name, t, dtype in zip(MINED_NAMES, mined, (I64, F32, I64, F32)):
+        require_tensor(op, name, t, (n,), x, dtype)
+
+
+def _check_kept(labels, kept):
+    op = "triplet_kept"
+    if labels.dim() != 1:
+        fail(op, f"labels must be a contiguous torch.int64 tensor of shape (B,), got shape {tuple(labels.shape)}")
+    require_tensor(op, "labels", labels, (labels.shape[0],), labels, I64)
+    require_tensor(op, "kept", kept, (labels.shape[0],), labels, F32)
+
+
+def _check_mine(x, labels, inv_norm, distance, margin, soft_margin, pos_index, pos_dist, neg_index, neg_dist, loss,
+                slope):
     op = "triplet_mine"
     _check_rows(op, x, inv_norm)
     _check_distance(op, distance, inv_norm)
     n = x.shape[0]
     require_tensor(op, "labels", labels, (n,), x, I64)
-    for name, t, dtype in (("pos_index", pos_index, I64), ("pos_dist", pos_dist, F32), ("neg_index", neg_index, I64),
-                           ("neg_dist", neg_dist, F32)):
-        require_tensor(op, name, t, (n,), x, dtype)
+    _check_mined(op, x, (pos_index, pos_dist, neg_index, neg_dist))
+    require_tensor(op, "loss", loss, (n,), x, F32)
+    require_tensor(op, "slope", slope, (n,), x, F32)
 
 
-def _check_pair_grad(x, inv_norm, offsets, others, coef, centered, grad_x, grad_inv_norm):
+def _check_pair_grad(x, inv_norm, pos_index, pos_dist, neg_index, neg_dist, slope, weight, distance, grad_x,
+                     grad_inv_norm):
     op = "triplet_pair_grad"
     _check_rows(op, x, inv_norm)
-    require_tensor(op, "offsets", offsets, (x.shape[0] + 1,), x, I64)
-    require_tensor(op, "others", others, (others.shape[0] if others.dim() == 1 else -1,), x, I64)
-    require_tensor(op, "coef", coef, (others.shape[0],), x, F32)
+    _check_distance(op, distance, inv_norm)
+    n = x.shape[0]
+    _check_mined(op, x, (pos_index, pos_dist, neg_index, neg_dist))
+    require_tensor(op, "slope", slope, (n,), x, F32)
+    require_tensor(op, "weight", weight, () if weight.dim() == 0 else (n,), x, F32)
     if grad_x is not None and (grad_x.shape != x.shape or grad_x.dtype != x.dtype or not grad_x.is_contiguous()
                                or grad_x.device != x.device):
         fail(op, f"grad_x must be contiguous like x {tuple(x.shape)} {x.dtype} on {x.device}, got shape "
@@ -94,19 +130,20 @@ def _check_pair_grad(x, inv_norm, offsets, others, coef, centered, grad_x, grad_
     if grad_inv_norm is not None:
         if inv_norm is None:
             fail(op, "grad_inv_norm needs inv_norm")
-        require_tensor(op, "grad_inv_norm", grad_inv_norm, (x.shape[0],), x, F32)
+        require_tensor(op, "grad_inv_norm", grad_inv_norm, (n,), x, F32)
 
 
+KEPT = KernelOp("triplet_kept", "(Tensor labels, Tensor(a!) kept) -> ()", check=_check_kept)
 MINE = KernelOp(
     "triplet_mine",
-    "(Tensor x, Tensor labels, Tensor? inv_norm, int distance, Tensor(a!) pos_index, Tensor(b!) pos_dist,"
-    " Tensor(c!) neg_index, Tensor(d!) neg_dist) -> ()",
+    "(Tensor x, Tensor labels, Tensor? inv_norm, int distance, float margin, bool soft_margin, Tensor(a!) pos_index,"
+    " Tensor(b!) pos_dist, Tensor(c!) neg_index, Tensor(d!) neg_dist, Tensor(e!) loss, Tensor(f!) slope) -> ()",
     check=_check_mine,
 )
 PAIR_GRAD = KernelOp(
     "triplet_pair_grad",
-    "(Tensor x, Tensor? inv_norm, Tensor offsets, Tensor others, Tensor coef, bool centered, Tensor(a!)? grad_x,"
-    " Tensor(b!)? grad_inv_norm) -> ()",
+    "(Tensor x, Tensor? inv_norm, Tensor pos_index, Tensor pos_dist, Tensor neg_index, Tensor neg_dist,"
+    " Tensor slope, Tensor weight, int distance, Tensor(a!)? grad_x, Tensor(b!)? grad_inv_norm) -> ()",
     check=_check_pair_grad,
 )
 
@@ -117,11 +154,12 @@ def _triton():
     return kernels
 
 
+KEPT.implement_triton(lambda *args: _triton().triplet_kept(*args))
 MINE.implement_triton(lambda *args: _triton().triplet_mine(*args))
 PAIR_GRAD.implement_triton(lambda *args: _triton().triplet_pair_grad(*args))
 
 
-# ---- torch between the kernels: O(B) work, no host sync ----------------------------------------
+# ---- torch around the kernels: no per-anchor work, no host sync ------------------------------
 
 def row_inv_norm(x: torch.Tensor, distance: int, normalize: bool) -> torch.Tensor | None:
     """The fp32 per-row inverse norm the kernels apply (None: rows as they are), differentiable in x."""
@@ -135,103 +173,41 @@ def row_inv_norm(x: torch.Tensor, distance: int, normalize: bool) -> torch.Tenso
     return inv_norm
 
 
-def kept_anchors(labels: torch.Tensor) -> torch.Tensor:
-    """(B,) bool: the anchors with a positive and a negative, i.e. whose class has 2 to B-1 members."""
-    size = class_sizes(labels)
-    return (size >= 2) & (size < labels.shape[0])
+def _kept_count(backend, labels):
+    """'mean''s divisor: the anchors with a positive and a negative (fp32, 0-dim; two launches, no sort)."""
+    kept = labels.new_empty(labels.shape, dtype=F32)
+    KEPT[backend](labels, kept)
+    return kept.sum()
 
 
-def _mine(backend, x, labels, inv_norm, distance):
+def _mine(backend, x, labels, inv_norm, distance, margin=0.0, soft_margin=False):
+    """(pos_index, pos_dist, neg_index, neg_dist, loss, slope) of the mining op's contract."""
     n = x.shape[0]
-    out = (torch.empty(n, device=x.device, dtype=I64), torch.empty(n, device=x.device, dtype=F32),
-           torch.empty(n, device=x.device, dtype=I64), torch.empty(n, device=x.device, dtype=F32))
-    pos_index, pos_dist, neg_index, neg_dist = out
-    MINE[backend](x, labels, inv_norm, distance=distance, pos_index=pos_index, pos_dist=pos_dist, neg_index=neg_index,
-                  neg_dist=neg_dist)
+    out = tuple(torch.empty(n, device=x.device, dtype=dtype) for dtype in (I64, F32, I64, F32, F32, F32))
+    MINE[backend](x, labels, inv_norm, distance=distance, margin=margin, soft_margin=soft_margin, pos_index=out[0],
+                  pos_dist=out[1], neg_index=out[2], neg_dist=out[3], loss=out[4], slope=out[5])
     return out
 
 
-def _exact_distances(x, inv_norm, mined, distance):
-    """The mined pairs' distances again, from the rows' differences. The mining compares Gram-form
-    distances, which lose digits to cancellation for close rows (a relative error of about
-    eps |x|^2 / d^2, 1e-3 for normalised rows 0.01 apart); the difference keeps them. Cosine
-    distances keep the Gram form (no difference to take), and so do non-finite ones."""
-    if distance == Distance.COSINE:
-        return mined
-    pos_index, pos_dist, neg_index, neg_dist = mined
-    rows = x.to(F32) if inv_norm is None else x.to(F32) * inv_norm[:, None]
-    index = torch.stack([pos_index, neg_index])  # both partners at once: a dozen small launches, not two
-    squared = (rows - rows[index.clamp_min(0)]).square().sum(-1)
-    exact = squared if distance == Distance.SQUARED_EUCLIDEAN else torch.sqrt(squared + ref.EUCLIDEAN_EPS)
-
-    def better(partner, gram, again):  # a NaN or inf (a non-finite row) stays as in the reference
-        return torch.where((partner >= 0) & (gram.abs() < math.inf), again, gram)
-
-    return pos_index, better(pos_index, pos_dist, exact[0]), neg_index, better(neg_index, neg_dist, exact[1])
-
-
-def _anchor_terms(mined, margin, soft_margin):
-    """Per-anchor loss (0 when left out), d loss / d d_ap (= -d loss / d d_an) and which anchors count."""
-    pos_index, pos_dist, neg_index, neg_dist = mined
-    kept = (pos_index >= 0) & (neg_index >= 0)
-    gap = pos_dist - neg_dist
-    if soft_margin:
-        loss, slope = F.softplus(gap), torch.sigmoid(gap)
-    else:
-        loss = F.relu(gap + margin)
-        slope = (loss > 0).to(F32)  # relu's derivative at 0 is 0, as autograd has it
-    return torch.where(kept, loss, 0.0), slope, kept
-
-
-def _distance_coef(dist, weight, distance):
-    """coef of a pair's entries: the distance's derivative w.r.t. its squared form (cosine: 1), times weight."""
-    if distance == Distance.EUCLIDEAN:
-        return torch.where(dist > CLAMPED_EUCLIDEAN, weight / dist, 0.0)
-    if distance == Distance.SQUARED_EUCLIDEAN:
-        return torch.where(dist > 0, 2.0 * weight, 0.0)
-    return weight
-
-
-def _nan_if_non_finite(x):
-    """0, or NaN if x holds a NaN or inf: then, as in the reference (whose Gram-form backward multiplies
-    every row by every other), every row's gradient is NaN, not only the rows of the mined pairs."""
-    return torch.linalg.vector_norm(x, float("inf"), dtype=F32) * 0.0  # (inf * 0 and NaN * 0 are NaN)
-
-
-def _pair_gradient(backend, x, inv_norm, mined, weight, distance, grads):
-    """grads (x's, inv_norm's) of sum(weight * (d_ap - d_an)) over the mined pairs, deterministically:
-    each pair listed under both its rows, stably sorted by row, each row's entries summed in order."""
-    pos_index, pos_dist, neg_index, neg_dist = mined
-    n = x.shape[0]
-    anchors = torch.arange(n, device=x.device)
-    pos = torch.where(pos_index >= 0, pos_index, anchors)  # a left-out anchor's weight is 0
-    neg = torch.where(neg_index >= 0, neg_index, anchors)
-    c_pos = _distance_coef(pos_dist, weight, distance)
-    c_neg = _distance_coef(neg_dist, -weight, distance)
-    rows, order = torch.sort(torch.cat([anchors, pos, anchors, neg]), stable=True)
-    others = torch.cat([pos, anchors, neg, anchors])[order]
-    coef = torch.cat([c_pos, c_pos, c_neg, c_neg])[order] + _nan_if_non_finite(x)
-    offsets = torch.searchsorted(rows, torch.arange(n + 1, device=x.device))
+def _pair_gradient(backend, x, inv_norm, saved, weight, distance, grads):
+    """grads (x's, inv_norm's) of sum(weight * slope * (d_ap - d_an)) over the kept anchors."""
     grad_x, grad_inv_norm = grads
-    PAIR_GRAD[backend](x, inv_norm, offsets, others, coef, centered=distance != Distance.COSINE, grad_x=grad_x,
+    PAIR_GRAD[backend](x, inv_norm, *saved, weight=weight, distance=distance, grad_x=grad_x,
                        grad_inv_norm=grad_inv_norm)
 
 
 def _forward(backend, tensors, params, grads, grad_factor, reduce):
     x, labels, inv_norm = tensors
-    mined = _exact_distances(x, inv_norm, _mine(backend, x, labels, inv_norm, params.distance), params.distance)
-    rows, slope, kept = _anchor_terms(mined, params.margin, params.soft_margin)
-    if grads is not None:
-        weight = torch.where(kept, slope * grad_factor, 0.0)  # 'mean' of nothing: the factor is inf, the gradient 0
-        _pair_gradient(backend, x, inv_norm, mined, weight, params.distance, grads)
-    return (rows.sum() if reduce else rows), mined
+    *mined, loss, slope = _mine(backend, x, labels, inv_norm, params.distance, params.margin, params.soft_margin)
+    saved = (*mined, slope)
+    if grads is not None:  # 'mean' of nothing: the factor is inf, every weight 0 (no anchor is kept)
+        _pair_gradient(backend, x, inv_norm, saved, grad_factor, params.distance, grads)
+    return (loss.sum() if reduce else loss), saved
 
 
 def _backward(backend, grad_rows, tensors, saved, params, grads):
-    x, labels, inv_norm = tensors
-    _, slope, kept = _anchor_terms(saved, params.margin, params.soft_margin)
-    weight = torch.where(kept, slope * grad_rows.to(F32), 0.0)
-    _pair_gradient(backend, x, inv_norm, saved, weight, params.distance, grads)
+    x, _, inv_norm = tensors
+    _pair_gradient(backend, x, inv_norm, saved, grad_rows.to(F32).contiguous(), params.distance, grads)
 
 
 SPEC = FusedLoss(
@@ -239,10 +215,10 @@ SPEC = FusedLoss(
     tensors=("embeddings", "labels", "inv_norm?"),
     params=PARAMS,
     differentiable=("embeddings", "inv_norm"),
-    n_saved=4,
+    n_saved=5,
     forward=_forward,
     backward=_backward,
-    mean_divisor=lambda tensors, params: kept_anchors(tensors[1]).sum(dtype=F32),
+    mean_divisor=lambda tensors, params: _kept_count(counting_backend(tensors[1].device), tensors[1]),
 )
 triplet_kernels = build(SPEC)
 
