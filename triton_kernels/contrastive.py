@@ -68,8 +68,8 @@ class Tiles:
 # fp32 accumulator spans the whole width, so own rows shrink as it grows. Chosen from the offline sm_90
 # compile (Triton 3.6 and the newest): no spills for half inputs, none or a few bytes for fp32.
 GRAD_TILES = {
-    "half": {16: (64, 64), 32: (64, 64), 64: (64, 64), 128: (64, 64), 256: (32, 64), 512: (32, 32), 1024: (16, 32)},
-    "fp32": {16: (32, 64), 32: (32, 64), 64: (32, 64), 128: (32, 32), 256: (16, 32), 512: (16, 16), 1024: (16, 16)},
+    "half": {16: (64, 64), 32: (64, 64), 64: (64, 64), 128: (64, 64), 256: (32, 64), 512: (16, 64), 1024: (16, 16)},
+    "fp32": {16: (32, 64), 32: (32, 64), 64: (32, 64), 128: (16, 64), 256: (16, 32), 512: (16, 16), 1024: (16, 16)},
 }
 
 
@@ -83,7 +83,8 @@ def tiles_for(d: int, dtype: torch.dtype = torch.bfloat16, interpret: bool | Non
         return Tiles(16, 16, min(d_full, 64), d_full, *_segments(d), 1, 1, 16, 16, 1)
     grad_m, grad_n = GRAD_TILES["fp32" if dtype == torch.float32 else "half"].get(d_full, (16, 16))
     k = d_full if d_full <= (64 if dtype == torch.float32 else 256) else (64 if dtype == torch.float32 else 128)
-    return Tiles(64, 64, k, d_full, *_segments(d), 4 if d_full <= 128 else 8, 2, grad_m, grad_n, 8)
+    warps = 4 if d_full <= 128 and dtype != torch.float32 else 8
+    return Tiles(64, 64, k, d_full, *_segments(d), warps, 2, grad_m, grad_n, 8)
 
 
 def _segments(d: int) -> tuple[int, int]:
