@@ -66,7 +66,9 @@ class Tiles:
 
 # Gradient tiles (own rows, other rows per step) by the feature width rounded up to a power of two: the
 # fp32 accumulator spans the whole width, so own rows shrink as it grows. Chosen from the offline sm_90
-# compile (Triton 3.6 and the newest): no spills for half inputs, none or a few bytes for fp32.
+# compile (Triton 3.6 and the newest) at D = 64..1024: no local memory for half inputs, at most 16 B for
+# fp32 (the compile test's budget is 256 B). Wider rows take 16 x 16 tiles and spill (correct, slower):
+# a feature-block split would serve them better.
 GRAD_TILES = {
     "half": {16: (64, 64), 32: (64, 64), 64: (64, 64), 128: (64, 64), 256: (32, 64), 512: (16, 64), 1024: (16, 16)},
     "fp32": {16: (32, 64), 32: (32, 64), 64: (32, 64), 128: (16, 64), 256: (16, 32), 512: (16, 16), 1024: (16, 16)},
@@ -75,14 +77,15 @@ GRAD_TILES = {
 
 def tiles_for(d: int, dtype: torch.dtype = torch.bfloat16, interpret: bool | None = None) -> Tiles:
     """Tile sizes from the feature width and dtype. Statistics: 64 x 64 tiles, the own tile in registers
-    up to D = 256 (64 for fp32), wider rows reduced in 128-wide chunks (64 for fp32). Gradients: GRAD_TILES, one similarity tile per
-    step over the full (masked, power-of-two) width; widths above 1024 take 16-row programs. The
-    interpreter gets tiny tiles, so small tests cross row, column and feature-chunk edges."""
+    up to D = 256 (32 for fp32), wider rows reduced in 128-wide chunks (32 for fp32). Gradients:
+    GRAD_TILES, one similarity tile per step over the full width in one or two power-of-two segments
+    (_segments); widths above 1024 take 16 x 16 tiles. The interpreter gets tiny tiles, so small tests
+    cross row, column and feature-chunk edges."""
     d_full = max(16, triton.next_power_of_2(max(d, 1)))
     if interpreting() if interpret is None else interpret:
         return Tiles(16, 16, min(d_full, 64), d_full, *_segments(d), 1, 1, 16, 16, 1)
     grad_m, grad_n = GRAD_TILES["fp32" if dtype == torch.float32 else "half"].get(d_full, (16, 16))
-    k = d_full if d_full <= (64 if dtype == torch.float32 else 256) else (64 if dtype == torch.float32 else 128)
+    k = d_full if d_full <= (32 if dtype == torch.float32 else 256) else (32 if dtype == torch.float32 else 128)
     warps = 4 if d_full <= 128 and dtype != torch.float32 else 8
     return Tiles(64, 64, k, d_full, *_segments(d), warps, 2, grad_m, grad_n, 8)
 
@@ -528,9 +531,9 @@ def _joint_stats(query, key, logit_scale, loss, stats, rq, rk, normalize, t, mod
     row_part = torch.empty(3, n_col_parts, b, dtype=torch.float32, device=query.device)
     col_part = torch.empty(2, n_row_parts, b, dtype=torch.float32, device=query.device)
     _joint_stats_kernel[(n_row_parts, n_col_parts)](
-        query, key, logit_scale, rq, rk, row_part, col_part, b, d // row_multiple(d), rows_per, cols_per, NORMALIZE=bool(normalize),
-        BLOCK_M=t.m, BLOCK_N=t.n, BLOCK_K=t.k, SINGLE_K=t.single_k, TO_F32=to_f32, PRECISION=precision,
-        D_MULTIPLE=row_multiple(d), num_warps=t.warps, num_stages=t.stages)
+        query, key, logit_scale, rq, rk, row_part, col_part, b, d // row_multiple(d), rows_per, cols_per,
+        NORMALIZE=bool(normalize), BLOCK_M=t.m, BLOCK_N=t.n, BLOCK_K=t.k, SINGLE_K=t.single_k, TO_F32=to_f32,
+        PRECISION=precision, D_MULTIPLE=row_multiple(d), num_warps=t.warps, num_stages=t.stages)
     block = 1024
     _joint_stats_merge_kernel[(triton.cdiv(b, block),)](row_part, col_part, loss, stats, b, n_row_parts, n_col_parts,
                                                         BLOCK=block)
@@ -562,8 +565,9 @@ def contrastive_fwd(query, key, labels, logit_scale, logit_bias, loss, stats, ki
         return
     _contrastive_fwd_kernel[(triton.cdiv(b, t.m),)](
         query, key, loss if labels is None else labels, logit_scale, logit_bias, rq, rk, loss, stats, b, key.shape[0],
-        d // row_multiple(d), KIND=kind, NORMALIZE=bool(normalize), BLOCK_M=t.m, BLOCK_N=t.n, BLOCK_K=t.k, SINGLE_K=t.single_k,
-        TO_F32=modes[0], PRECISION=modes[1], D_MULTIPLE=row_multiple(d), num_warps=t.warps, num_stages=t.stages)
+        d // row_multiple(d), KIND=kind, NORMALIZE=bool(normalize), BLOCK_M=t.m, BLOCK_N=t.n, BLOCK_K=t.k,
+        SINGLE_K=t.single_k, TO_F32=modes[0], PRECISION=modes[1], D_MULTIPLE=row_multiple(d), num_warps=t.warps,
+        num_stages=t.stages)
 
 
 def contrastive_bwd(grad_rows, query, key, labels, logit_scale, logit_bias, stats, grad_query, grad_key, grad_coef,
@@ -586,8 +590,7 @@ def contrastive_bwd(grad_rows, query, key, labels, logit_scale, logit_bias, stat
     _contrastive_grad_kernel[(n_row_blocks + n_col_blocks,)](
         grad_rows, query, key, placeholder if labels is None else labels, logit_scale, logit_bias, stats, rq, rk,
         grad_query if has_gq else query, grad_key if has_gk else key, grad_coef if has_coef else placeholder,
-        b, m, d // row_multiple(d), n_row_blocks, KIND=kind, NORMALIZE=bool(normalize), SYMMETRIC=bool(symmetric), HAS_GQ=has_gq,
-        HAS_COEF=has_coef, HAS_GK=has_gk, BLOCK_M=t.grad_m, BLOCK_N=t.grad_n, D_LO=t.d_lo, D_HI=max(t.d_hi, 16),
-        HAS_HI=t.d_hi > 0, TO_F32=to_f32,
-        PRECISION=precision, GRAD_F32=grad_f32, GRAD_PRECISION=grad_precision, D_MULTIPLE=row_multiple(d),
-        num_warps=t.grad_warps, num_stages=t.stages)
+        b, m, d // row_multiple(d), n_row_blocks, KIND=kind, NORMALIZE=bool(normalize), SYMMETRIC=bool(symmetric),
+        HAS_GQ=has_gq, HAS_COEF=has_coef, HAS_GK=has_gk, BLOCK_M=t.grad_m, BLOCK_N=t.grad_n, D_LO=t.d_lo,
+        D_HI=max(t.d_hi, 16), HAS_HI=t.d_hi > 0, TO_F32=to_f32, PRECISION=precision, GRAD_F32=grad_f32,
+        GRAD_PRECISION=grad_precision, D_MULTIPLE=row_multiple(d), num_warps=t.grad_warps, num_stages=t.stages)
