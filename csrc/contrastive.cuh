@@ -5,12 +5,12 @@
 // (forward) forms 16 x 64 tiles of it per warp with tensor-core products and folds them into the row
 // statistics in registers; tile_grad_kernel (backward) turns each tile into pair weights in shared
 // memory and multiplies them by the other rows on the tensor cores (bottom of the file). fp32 inputs,
-// and half inputs too wide for tile_grad_kernel's shared accumulator (D above ~3000 on an H100), go
-// through chunks: contrastive.cu walks the rows in chunks, and each chunk's similarities S_c = x_c @ y^T come
-// from cuBLAS (fp32 out, fp32 accumulation; fp32 inputs at
-// torch's matmul precision: full fp32 unless TF32 is allowed). With c_ij = S_ij r_i r'_j (r the
-// fp32 inverse row norms, 1 without `normalize`) and z_ij = s c_ij (+ b for SigLIP), s and b the
-// logit scale and bias:
+// and the backward of half inputs too wide for tile_grad_kernel's shared accumulator (128 bytes per
+// feature: D above 1632 on an H100, 1120 on an A100), go through chunks: contrastive.cu walks the
+// rows in chunks, and each chunk's similarities S_c = x_c @ y^T come from cuBLAS (fp32 out, fp32
+// accumulation; fp32 inputs at torch's matmul precision: full fp32 unless TF32 is allowed). With
+// c_ij = S_ij r_i r'_j (r the fp32 inverse row norms, 1 without `normalize`) and z_ij = s c_ij
+// (+ b for SigLIP), s and b the logit scale and bias:
 //   inv_norm_kernel     r_i = 1 / max(|x_i|, 1e-12) per row, and r_i^2 where the clamp is off
 //                       (what the normalisation's backward subtracts), one warp per row.
 //   row_stats_kernel    forward, one block per chunk row: the online (max, sum-exp) of the row
@@ -55,8 +55,9 @@
 // Compile facts (nvcc 13.0, -O3, ptxas -v, sm_80 / sm_90): registers tile_stats 72-142 (InfoNCE 72,
 // SigLIP 72-80, SupCon 105-142; 18.3 KiB of static shared memory), finish_symmetric_tiles 10, row_stats 27-46, col_stats 30-32,
 // pair_grad 32-48 (SupCon 63-72), finish_grad 27-32, inv_norm 32, finish_symmetric 12-17, weight_bound
-// 14-19; no stack frame, no spills, no local memory in the SASS; about 2 minutes to compile
-// (contrastive.cu, the one file that includes this header).
+// 14-19, tile_grad 72-96 (SupCon 80-96; 19.1-20.1 KiB of static shared memory, plus 128 bytes per
+// feature of dynamic); no stack frame, no spills, no local memory in the SASS; about 2 minutes to
+// compile on an idle machine (contrastive.cu, the one file that includes this header).
 #pragma once
 
 #include <cmath>
