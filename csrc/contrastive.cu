@@ -312,7 +312,7 @@ void tiled_gradient_pass(const Side& own, const Side& other, const GradChunk& pr
       launch(x.device(),
              &tile_grad_kernel<T, decltype(kind_tag)::value, decltype(norm_tag)::value, decltype(own_tag)::value,
                                decltype(other_tag)::value>,
-             grid_for((f.n_own + kGradRows - 1) / kGradRows), kTileThreads, dyn, f);
+             grid_for((f.n_own + kGradRows - 1) / kGradRows), kGradThreads, dyn, f);
     });
   };
   if (x.scalar_type() == at::kHalf) {

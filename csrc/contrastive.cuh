@@ -55,7 +55,7 @@
 // Compile facts (nvcc 13.0, -O3, ptxas -v, sm_80 / sm_90): registers tile_stats 72-142 (InfoNCE 72,
 // SigLIP 72-80, SupCon 105-142; 18.3 KiB of static shared memory), finish_symmetric_tiles 10, row_stats 27-46, col_stats 30-32,
 // pair_grad 32-48 (SupCon 63-72), finish_grad 27-32, inv_norm 32, finish_symmetric 12-17, weight_bound
-// 14-19, tile_grad 72-96 (SupCon 80-96; 19.1-20.1 KiB of static shared memory, plus 128 bytes per
+// 14-19, tile_grad 78-102 (SupCon 92-102; 19.9-21.4 KiB of static shared memory, plus 128 bytes per
 // feature of dynamic); no stack frame, no spills, no local memory in the SASS; about 2 minutes to
 // compile on an idle machine (contrastive.cu, the one file that includes this header).
 #pragma once
@@ -716,7 +716,7 @@ __global__ void __launch_bounds__(kThreads) finish_symmetric_tiles_kernel(int64_
 
 // ---- the backward for half inputs: similarity tiles on chip (tensor-core products) ----
 //
-// tile_grad_kernel: a block of 4 warps owns kGradRows rows of its own side and sweeps the other side
+// tile_grad_kernel: a block of 8 warps owns kGradRows (32) rows of its own side and sweeps the other side
 // in tiles of 64 rows, two products per tile, no similarity or weight in device memory:
 //   1. S (kGradRows x 64) = own . other^T over the full width, staged 64 features at a time as in the
 //      forward (the same k steps in the same order, so each S entry is the forward's); the warps split
@@ -727,7 +727,7 @@ __global__ void __launch_bounds__(kThreads) finish_symmetric_tiles_kernel(int64_
 //      fragments of two adjacent 8-column tiles are one 16-wide k step of A.
 //   3. acc (kGradRows x D, fp32, in shared memory) += W . (r' other): the other tile is staged again
 //      64 features at a time, transposed (pairs of other rows per feature: the B operand), its rows
-//      multiplied by r'_j and rounded (unit rows: every element in [-1, 1]), and each warp takes 16 of
+//      multiplied by r'_j and rounded (unit rows: every element in [-1, 1]), and each warp takes 8 of
 //      each 64 features for all of the block's rows.
 // The row scaling: r'_j stays out of W, so row i's weights are bounded by
 // bound_i = |s| (w_own |g_i| + w_other max_j |g_j|) alone, and 2^e_i puts them under 2^14 as in the
@@ -739,11 +739,15 @@ __global__ void __launch_bounds__(kThreads) finish_symmetric_tiles_kernel(int64_
 
 constexpr int kGradRowTiles = 2;                          // 16-row tiles per block
 constexpr int kGradRows = 16 * kGradRowTiles;             // own rows per block
-constexpr int kGradWarpsPerRowTile = kTileWarps / kGradRowTiles;
+constexpr int kGradWarps = 8;  // twice the forward's: the accumulator's shared memory allows 1-2 blocks per SM
+constexpr int kGradThreads = kGradWarps * kWarpSize;
+constexpr int kGradWarpsPerRowTile = kGradWarps / kGradRowTiles;
 constexpr int kGradSimTiles = kTileCols / 8 / kGradWarpsPerRowTile;  // 8-column S tiles per warp
-constexpr int kGradWarpFeatures = kTileK / kTileWarps;    // features of each staged chunk per warp
+constexpr int kGradWarpFeatures = kTileK / kGradWarps;    // features of each staged chunk per warp
 constexpr int kGradAccPad = 8;                            // floats past each accumulator row (banks)
-static_assert(kTileWarps % kGradRowTiles == 0 && kGradWarpFeatures == 16, "the warp split of the tiles");
+static_assert(kGradWarps % kGradRowTiles == 0 && kGradSimTiles >= 1 && kGradWarpFeatures % 8 == 0 &&
+                  kGradThreads >= kTileCols && kGradThreads >= kGradRows,
+              "the warp split of the tiles");
 
 // One role of the tiled backward.
 struct TileGrad {
@@ -850,8 +854,10 @@ __device__ __forceinline__ GradRow grad_row(const TileGrad& f, int64_t a, float 
   return r;
 }
 
+// The minimum of one block per SM in the launch bounds: without it ptxas capped an InfoNCE column
+// instantiation at 64 registers and spilled on sm_90.
 template <typename T, int kKind, bool kNorm, bool kOwn, bool kOther>
-__global__ void __launch_bounds__(kTileThreads) tile_grad_kernel(const TileGrad f) {
+__global__ void __launch_bounds__(kGradThreads, 1) tile_grad_kernel(const TileGrad f) {
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   const int g = lane / 4, t = lane % 4;
   const int tile = warp / kGradWarpsPerRowTile;                                 // the warp's S rows
