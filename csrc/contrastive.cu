@@ -4,9 +4,11 @@
 // registration for the CUDA key. The kernels, and the work and traffic designed for, are in
 // contrastive.cuh.
 //
-// The forward of bf16/fp16 inputs runs on tensor-core tiles (tiled_forward: the inverse norms, one
-// tile_stats_kernel launch, and for symmetric InfoNCE the average of row and column losses); fp32
-// inputs, whose contract is full fp32 precision, and the backward of every dtype take the chunks.
+// bf16/fp16 inputs run on tensor-core tiles: the forward in tiled_forward (the inverse norms, one
+// tile_stats_kernel launch, and for symmetric InfoNCE the average of row and column losses), each
+// backward pass in tiled_gradient_pass (the weight bound and one tile_grad_kernel launch); fp32
+// inputs, whose contract is full fp32 precision, take the chunks (and half inputs whose gradient
+// accumulator does not fit the device's shared memory).
 // The rows are walked in chunks (rows_per_chunk: chunks.h's budget rule, 32 MiB of fp32, or up to a
 // quarter of the inputs' bytes for large inputs), so the (B, M) similarity matrix never exists.
 // grad_query walks chunks of query rows; grad_key walks chunks of key rows on S^T = k_c @ q^T (a
@@ -238,10 +240,100 @@ struct Side {
   const float* proj;
 };
 
+// Calls f with the template flags of a pass (dtype T, kind, normalize, roles) for the role
+// combinations the ops use (SupCon both, SigLIP one, InfoNCE one or both); the others are never
+// instantiated.
+template <typename F>
+void with_pass_flags(int64_t kind, bool normalize, bool has_own, bool has_other, F&& f) {
+  with_kind(kind, [&](auto kind_tag) {
+    with_flag(normalize, [&](auto norm_tag) {
+      with_flag(has_own, [&](auto own_tag) {
+        with_flag(has_other, [&](auto other_tag) {
+          constexpr int kKind = decltype(kind_tag)::value;
+          constexpr bool kOwn = decltype(own_tag)::value, kOther = decltype(other_tag)::value;
+          constexpr bool kUsed = kKind == kSupCon ? kOwn && kOther : kKind == kSigLip ? kOwn != kOther : kOwn || kOther;
+          if constexpr (kUsed) {
+            f(std::integral_constant<int, kKind>{}, norm_tag, own_tag, other_tag);
+          } else {
+            TORCH_CHECK(false, kBwd, ": no pair term with these roles for kind ", kind);
+          }
+        });
+      });
+    });
+  });
+}
+
+// Dynamic shared memory of tile_grad_kernel at width d, or 0 where the accumulator does not fit the
+// device (the chunked pass takes those widths).
+size_t tiled_gradient_smem(const at::Tensor& x) {
+  const int64_t bytes = grad_acc_bytes(x.size(1));
+  const DeviceLimits limits = device_limits(x.device().index());
+  return bytes + kGradStaticSmem + limits.reserved <= limits.optin ? static_cast<size_t>(bytes) : 0;
+}
+
+// One pass on tile_grad_kernel: the bound of the row scaling (with `out`), then one launch; nothing
+// of size (rows, n) or (rows, d) in device memory.
+void tiled_gradient_pass(const Side& own, const Side& other, const GradChunk& proto, int64_t kind, bool normalize,
+                         bool has_own, bool has_other, bool columns, const at::Tensor* out, size_t smem) {
+  const at::Tensor& x = *own.x;
+  const at::Tensor& y = *other.x;
+  TileGrad f{};
+  at::Tensor bound;
+  if (out != nullptr) {
+    bound = at::empty({2}, x.options().dtype(at::kFloat));
+    launch(x.device(), &weight_bound_kernel, 1, kThreads, 0, static_cast<const float*>(nullptr),
+           has_other ? proto.other.g : nullptr, y.size(0), bound.data_ptr<float>());
+    f.bound = bound.data_ptr<float>();
+    f.out = out->data_ptr();
+  }
+  f.own = x.data_ptr();
+  f.other = y.data_ptr();
+  f.n_own = x.size(0);
+  f.n_other = y.size(0);
+  f.d = x.size(1);
+  f.inv_own = own.inv;
+  f.inv_other = other.inv;
+  f.proj_own = own.proj;
+  f.logit_scale = proto.logit_scale;
+  f.logit_bias = proto.logit_bias;
+  f.labels = proto.labels;
+  f.own_role = proto.own;
+  f.other_role = proto.other;
+  f.coef0 = proto.coef0;
+  f.coef1 = proto.coef1;
+  f.acc_stride = static_cast<int>(grad_acc_stride(f.d));
+  f.columns = columns;
+  f.vec = f.d % 8 == 0 && aligned16(x) && aligned16(y);
+  const size_t dyn = out != nullptr ? smem : 0;
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    with_pass_flags(kind, normalize, has_own, has_other, [&](auto kind_tag, auto norm_tag, auto own_tag,
+                                                                auto other_tag) {
+      launch(x.device(),
+             &tile_grad_kernel<T, decltype(kind_tag)::value, decltype(norm_tag)::value, decltype(own_tag)::value,
+                               decltype(other_tag)::value>,
+             grid_for((f.n_own + kGradRows - 1) / kGradRows), kGradThreads, dyn, f);
+    });
+  };
+  if (x.scalar_type() == at::kHalf) {
+    run(c10::Half{});
+  } else {
+    run(c10::BFloat16{});
+  }
+}
+
 // Walks chunks of own's rows: S_c, then dZ_c as G_c and the row sums, then (with `out`) G_c @ other
-// and the normalisation's backward into out.
+// and the normalisation's backward into out. Half inputs whose accumulator fits the device's shared
+// memory take the tiled pass instead.
 void gradient_pass(const Side& own, const Side& other, const GradChunk& proto, int64_t kind, bool normalize,
-                   bool has_own, bool has_other, const at::Tensor* out) {
+                   bool has_own, bool has_other, bool columns, const at::Tensor* out) {
+  if (own.x->scalar_type() != at::kFloat) {
+    const size_t smem = tiled_gradient_smem(*own.x);
+    if (smem > 0) {
+      tiled_gradient_pass(own, other, proto, kind, normalize, has_own, has_other, columns, out, smem);
+      return;
+    }
+  }
   const at::Tensor& x = *own.x;
   const at::Tensor& y = *other.x;
   const int64_t rows_total = x.size(0), n = y.size(0), d = x.size(1);
@@ -282,36 +374,23 @@ void gradient_pass(const Side& own, const Side& other, const GradChunk& proto, i
   }
   dispatch_float(x.scalar_type(), kBwd, [&](auto tag) {
     using T = decltype(tag);
-    with_kind(kind, [&](auto kind_tag) {
-      with_flag(normalize, [&](auto norm_tag) {
-        with_flag(has_own, [&](auto own_tag) {
-          with_flag(has_other, [&](auto other_tag) {
-            constexpr int kKind = decltype(kind_tag)::value;
-            constexpr bool kNorm = decltype(norm_tag)::value, kOwn = decltype(own_tag)::value;
-            constexpr bool kOther = decltype(other_tag)::value;
-            // The role combinations the ops use (SupCon both, SigLIP one, InfoNCE one or both);
-            // the others are never instantiated.
-            constexpr bool kUsed =
-                kKind == kSupCon ? kOwn && kOther : kKind == kSigLip ? kOwn != kOther : kOwn || kOther;
-            if constexpr (kUsed) {
-              for (int64_t r0 = 0; r0 < rows_total; r0 += chunk) {
-                const int64_t rows = std::min(chunk, rows_total - r0);
-                similarities(x.narrow(0, r0, rows), y, sim.narrow(0, 0, rows));
-                gc.row0 = r0;
-                gc.rows = rows;
-                launch(x.device(), &pair_grad_kernel<T, kKind, kNorm, kOwn, kOther>, grid_for(rows), kThreads, 0, gc);
-                if (out == nullptr || d == 0) continue;
-                gradient_product(g.narrow(0, 0, rows), y, acc.narrow(0, 0, rows));
-                fg.row0 = r0;
-                fg.rows = rows;
-                launch(x.device(), &finish_grad_kernel<T, kNorm>, warp_rows_grid(rows), kThreads, 0, fg);
-              }
-            } else {
-              TORCH_CHECK(false, kBwd, ": no pair term with these roles for kind ", kind);
-            }
-          });
-        });
-      });
+    with_pass_flags(kind, normalize, has_own, has_other, [&](auto kind_tag, auto norm_tag, auto own_tag,
+                                                             auto other_tag) {
+      constexpr int kKind = decltype(kind_tag)::value;
+      constexpr bool kNorm = decltype(norm_tag)::value, kOwn = decltype(own_tag)::value;
+      constexpr bool kOther = decltype(other_tag)::value;
+      for (int64_t r0 = 0; r0 < rows_total; r0 += chunk) {
+        const int64_t rows = std::min(chunk, rows_total - r0);
+        similarities(x.narrow(0, r0, rows), y, sim.narrow(0, 0, rows));
+        gc.row0 = r0;
+        gc.rows = rows;
+        launch(x.device(), &pair_grad_kernel<T, kKind, kNorm, kOwn, kOther>, grid_for(rows), kThreads, 0, gc);
+        if (out == nullptr || d == 0) continue;
+        gradient_product(g.narrow(0, 0, rows), y, acc.narrow(0, 0, rows));
+        fg.row0 = r0;
+        fg.rows = rows;
+        launch(x.device(), &finish_grad_kernel<T, kNorm>, warp_rows_grid(rows), kThreads, 0, fg);
+      }
     });
   });
 }
@@ -390,7 +469,7 @@ void contrastive_bwd_cuda(const at::Tensor& grad_rows, const at::Tensor& query, 
       rows.coef0 = grad_coef->data_ptr<float>();
       rows.coef1 = rows.coef0 + B;
     }
-    gradient_pass(q_side, k_side, rows, kind, normalize, true, has_other,
+    gradient_pass(q_side, k_side, rows, kind, normalize, true, has_other, false,
                   grad_query.has_value() ? &*grad_query : nullptr);
   }
   if (grad_key.has_value()) {  // key rows j against the B query rows, on S^T
@@ -403,7 +482,7 @@ void contrastive_bwd_cuda(const at::Tensor& grad_rows, const at::Tensor& query, 
     } else {
       cols.other = role(g, lse, nullptr, 1.f);
     }
-    gradient_pass(k_side, q_side, cols, kind, normalize, has_own, true, &*grad_key);
+    gradient_pass(k_side, q_side, cols, kind, normalize, has_own, true, true, &*grad_key);
   }
 }
 

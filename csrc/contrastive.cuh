@@ -1,14 +1,16 @@
 // The contrastive family's kernels: InfoNCE / CLIP, SupCon and SigLIP (contract: ops/contrastive.py's
 // docstring). The checks, the chunk loops, the products and the launches are in contrastive.cu.
 //
-// The (B, M) similarity matrix never exists. The forward of bf16/fp16 inputs keeps it on chip:
-// tile_stats_kernel (bottom of the file) forms 16 x 64 tiles of it per warp with tensor-core products
-// and folds them into the row statistics in registers. fp32 inputs, and every backward, go through
-// chunks: contrastive.cu walks the rows in chunks, and each chunk's similarities S_c = x_c @ y^T come
-// from cuBLAS (fp32 out, fp32 accumulation; fp32 inputs at
-// torch's matmul precision: full fp32 unless TF32 is allowed). With c_ij = S_ij r_i r'_j (r the
-// fp32 inverse row norms, 1 without `normalize`) and z_ij = s c_ij (+ b for SigLIP), s and b the
-// logit scale and bias:
+// The (B, M) similarity matrix never exists. bf16/fp16 inputs keep it on chip: tile_stats_kernel
+// (forward) forms 16 x 64 tiles of it per warp with tensor-core products and folds them into the row
+// statistics in registers; tile_grad_kernel (backward) turns each tile into pair weights in shared
+// memory and multiplies them by the other rows on the tensor cores (bottom of the file). fp32 inputs,
+// and the backward of half inputs too wide for tile_grad_kernel's shared accumulator (128 bytes per
+// feature: D above 1632 on an H100, 1120 on an A100), go through chunks: contrastive.cu walks the
+// rows in chunks, and each chunk's similarities S_c = x_c @ y^T come from cuBLAS (fp32 out, fp32
+// accumulation; fp32 inputs at torch's matmul precision: full fp32 unless TF32 is allowed). With
+// c_ij = S_ij r_i r'_j (r the fp32 inverse row norms, 1 without `normalize`) and z_ij = s c_ij
+// (+ b for SigLIP), s and b the logit scale and bias:
 //   inv_norm_kernel     r_i = 1 / max(|x_i|, 1e-12) per row, and r_i^2 where the clamp is off
 //                       (what the normalisation's backward subtracts), one warp per row.
 //   row_stats_kernel    forward, one block per chunk row: the online (max, sum-exp) of the row
@@ -44,12 +46,18 @@
 //             (B / 64) M D e + B D e bytes of loads, twice and 2BMD FLOPs twice for symmetric.
 //   backward  with grad_query and grad_key: four products (8BMD FLOPs); per pass S written and read
 //             (8BM), G written and read (2eBM), so 2 x (8 + 2e) BM bytes.
+//             Half inputs (tiled): no S or G traffic; per pass each block of 32 rows stages every
+//             other tile twice (rows for S, transposed for the gradient): (B / 32) x 2 M D e bytes
+//             of loads (D e / 16 bytes per similarity, from L2 mostly), and its fp32 accumulator
+//             (32 x D) is read and written in shared memory once per tile; two launches per pass
+//             (weight_bound, tile_grad), device memory beyond the outputs: the inverse norms.
 //
 // Compile facts (nvcc 13.0, -O3, ptxas -v, sm_80 / sm_90): registers tile_stats 72-142 (InfoNCE 72,
 // SigLIP 72-80, SupCon 105-142; 18.3 KiB of static shared memory), finish_symmetric_tiles 10, row_stats 27-46, col_stats 30-32,
 // pair_grad 32-48 (SupCon 63-72), finish_grad 27-32, inv_norm 32, finish_symmetric 12-17, weight_bound
-// 14-19; no stack frame, no spills, no local memory in the SASS; about 2 minutes to compile
-// (contrastive.cu, the one file that includes this header).
+// 14-19, tile_grad 78-102 (SupCon 92-102; 19.9-21.4 KiB of static shared memory, plus 128 bytes per
+// feature of dynamic); no stack frame, no spills, no local memory in the SASS; about 2 minutes to
+// compile on an idle machine (contrastive.cu, the one file that includes this header).
 #pragma once
 
 #include <cmath>
@@ -344,7 +352,10 @@ __device__ __forceinline__ float pair_grad(float z, bool self, bool pos, const A
     const float p = self ? 0.f : exp_diff(z, an.lse);
     return an.g * (p - (pos ? an.inv_n : 0.f));
   } else {
-    return self ? -an.g * sigmoid(-z) : an.g * sigmoid(z);  // -y g sigmoid(-y z)
+    // -y g sigmoid(-y z) with one sigmoid and no branch around it (unrolled over a tile, branches kept
+    // predicates alive across a spill); the sign flips are exact.
+    const float flip = self ? -1.f : 1.f;
+    return flip * an.g * sigmoid(flip * z);
   }
 }
 
@@ -482,7 +493,9 @@ constexpr int kTilePairs = kTileK / 2;      // element pairs (32-bit words) of a
 constexpr int kTileStride = kTilePairs + 4;
 static_assert(kTileRows == kTileCols, "one staging routine serves both sides");
 
-using StagedRows = uint32_t[kTileRows][kTileStride];
+template <int kRows>
+using Staged = uint32_t[kRows][kTileStride];
+using StagedRows = Staged<kTileRows>;
 
 // One role of the tiled forward: the rows whose statistics its blocks compute (own) against the rows
 // of the other side.
@@ -508,17 +521,17 @@ struct TileFwd {
   bool vec;               // 16-byte loads: d % 8 == 0 and both inputs 16-byte aligned
 };
 
-// Rows [row0, row0 + kTileRows) x features [k0, k0 + kTileK) of x (rows x d) into dst as element
+// Rows [row0, row0 + kRows) x features [k0, k0 + kTileK) of x (rows x d) into dst as element
 // pairs, zero outside x.
-template <typename T>
-__device__ __forceinline__ void stage_rows(StagedRows& dst, const T* x, int64_t row0, int64_t rows, int64_t d,
+template <typename T, int kRows = kTileRows>
+__device__ __forceinline__ void stage_rows(Staged<kRows>& dst, const T* x, int64_t row0, int64_t rows, int64_t d,
                                            int64_t k0, bool vec) {
   using Raw = typename Elem<T>::Raw;
   static_assert(sizeof(Raw) == 2, "the tensor-core path takes 16-bit elements");
   const Raw* raw = reinterpret_cast<const Raw*>(x);
   if (vec) {  // k0 and d multiples of 8: a packet is wholly inside x's row or wholly outside
     constexpr int kPackets = kTileK / 8;
-    for (int i = threadIdx.x; i < kTileRows * kPackets; i += blockDim.x) {
+    for (int i = threadIdx.x; i < kRows * kPackets; i += blockDim.x) {
       const int r = i / kPackets, q = i % kPackets;
       const int64_t row = row0 + r, k = k0 + 8 * q;
       uint4 v = make_uint4(0u, 0u, 0u, 0u);
@@ -526,7 +539,7 @@ __device__ __forceinline__ void stage_rows(StagedRows& dst, const T* x, int64_t 
       dst[r][4 * q] = v.x, dst[r][4 * q + 1] = v.y, dst[r][4 * q + 2] = v.z, dst[r][4 * q + 3] = v.w;
     }
   } else {
-    for (int i = threadIdx.x; i < kTileRows * kTilePairs; i += blockDim.x) {
+    for (int i = threadIdx.x; i < kRows * kTilePairs; i += blockDim.x) {
       const int r = i / kTilePairs, p = i % kTilePairs;
       const int64_t row = row0 + r, k = k0 + 2 * p;
       uint32_t lo = 0, hi = 0;
@@ -698,6 +711,330 @@ __global__ void __launch_bounds__(kThreads) finish_symmetric_tiles_kernel(int64_
                                                                            float* loss) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < b) loss[i] = 0.5f * (loss[i] + col_loss[i]);
+}
+
+
+// ---- the backward for half inputs: similarity tiles on chip (tensor-core products) ----
+//
+// tile_grad_kernel: a block of 8 warps owns kGradRows (32) rows of its own side and sweeps the other side
+// in tiles of 64 rows, two products per tile, no similarity or weight in device memory:
+//   1. S (kGradRows x 64) = own . other^T over the full width, staged 64 features at a time as in the
+//      forward (the same k steps in the same order, so each S entry is the forward's); the warps split
+//      the tile's columns.
+//   2. Each lane turns its S entries into the row's scaled pair weights W = 2^e_i s dZ_ij
+//      (pair_grad_kernel's arithmetic) and the row sums for grad_coef and the normalisation, and
+//      writes W, rounded to the inputs' dtype, to shared memory in the A-operand layout: the fp32 C
+//      fragments of two adjacent 8-column tiles are one 16-wide k step of A.
+//   3. acc (kGradRows x D, fp32, in shared memory) += W . (r' other): the other tile is staged again
+//      64 features at a time, transposed (pairs of other rows per feature: the B operand), its rows
+//      multiplied by r'_j and rounded (unit rows: every element in [-1, 1]), and each warp takes 8 of
+//      each 64 features for all of the block's rows.
+// The row scaling: r'_j stays out of W, so row i's weights are bounded by
+// bound_i = |s| (w_own |g_i| + w_other max_j |g_j|) alone, and 2^e_i puts them under 2^14 as in the
+// chunked pass (a clamped row's r' = 1e12 there scales every other row's weights below fp16's range).
+// At the end the row sums merge in a fixed order (lanes, then warps), grad_coef is written, and
+// grad = r (2^-e acc - s sum_j W c r x) (2^-e acc without `normalize`) goes out in the inputs' dtype.
+// Nothing is accumulated across blocks (no atomics). The column role (own = key rows, other = query
+// rows, for grad_key) is the same kernel on S^T with c in the forward's product order.
+
+constexpr int kGradRowTiles = 2;                          // 16-row tiles per block
+constexpr int kGradRows = 16 * kGradRowTiles;             // own rows per block
+constexpr int kGradWarps = 8;  // twice the forward's: the accumulator's shared memory allows 1-2 blocks per SM
+constexpr int kGradThreads = kGradWarps * kWarpSize;
+constexpr int kGradWarpsPerRowTile = kGradWarps / kGradRowTiles;
+constexpr int kGradSimTiles = kTileCols / 8 / kGradWarpsPerRowTile;  // 8-column S tiles per warp
+constexpr int kGradWarpFeatures = kTileK / kGradWarps;    // features of each staged chunk per warp
+constexpr int kGradAccPad = 8;                            // floats past each accumulator row (banks)
+static_assert(kGradWarps % kGradRowTiles == 0 && kGradSimTiles >= 1 && kGradWarpFeatures % 8 == 0 &&
+                  kGradThreads >= kTileCols && kGradThreads >= kGradRows,
+              "the warp split of the tiles");
+
+// One role of the tiled backward.
+struct TileGrad {
+  const void* own;
+  const void* other;
+  int64_t n_own, n_other, d;
+  const float* inv_own;  // null without `normalize`
+  const float* inv_other;
+  const float* proj_own;  // r^2 where the norm is not clamped, else 0
+  const float* logit_scale;
+  const float* logit_bias;
+  const int64_t* labels;  // SupCon
+  Role own_role, other_role;
+  const float* bound;  // {1, max |g|} over the other side (weight_bound_kernel without r': r' is in the
+                       // staged other rows, not in W), with out
+  void* out;           // the own side's gradient, or null
+  float* coef0;        // grad_coef rows by own row, or null
+  float* coef1;
+  int acc_stride;  // floats per row of the shared accumulator
+  bool columns;    // own is the key side: c = S r_other r_own, the forward's order
+  bool vec;        // 16-byte loads: d % 8 == 0 and both inputs 16-byte aligned
+};
+
+// tile_grad_kernel's static shared memory.
+constexpr int64_t kGradStaticSmem = 2 * sizeof(Staged<kGradRows>) + sizeof(StagedRows) +
+                                    kTileCols * (sizeof(float) + sizeof(int64_t) + sizeof(Anchor)) +
+                                    kGradRows * sizeof(float) * (1 + 3 * kGradWarpsPerRowTile);
+
+// The shared accumulator's bytes (dynamic shared memory) for width d.
+inline int64_t grad_acc_stride(int64_t d) { return (d + 15) / 16 * 16 + kGradAccPad; }
+inline int64_t grad_acc_bytes(int64_t d) {
+  return kGradRows * grad_acc_stride(d) * static_cast<int64_t>(sizeof(float));
+}
+
+// Rows [row0, row0 + 64) x features [k0, k0 + kTileK) of x (rows x d) into dst transposed, each row
+// times its scale[r] (kScale) and rounded back to T: dst[f][p] holds rows 2p (low half) and 2p + 1 at
+// feature k0 + f, the B operand of W . x; zero outside x.
+template <typename T, bool kScale>
+__device__ __forceinline__ void stage_columns(StagedRows& dst, const T* x, int64_t row0, int64_t rows, int64_t d,
+                                              int64_t k0, bool vec, const float* scale) {
+  using Raw = typename Elem<T>::Raw;
+  const Raw* raw = reinterpret_cast<const Raw*>(x);
+  auto scaled = [&](uint32_t v, float by) -> uint32_t {
+    return kScale ? Elem<T>::store(Elem<T>::load(static_cast<Raw>(v)) * by) : v;
+  };
+  if (vec) {
+    constexpr int kPackets = kTileK / 8;
+    for (int i = threadIdx.x; i < kTilePairs * kPackets; i += blockDim.x) {
+      const int p = i % kTilePairs, q = i / kTilePairs;  // consecutive threads: consecutive words of a row
+      const int64_t row = row0 + 2 * p, k = k0 + 8 * q;
+      uint4 lo = make_uint4(0u, 0u, 0u, 0u), hi = lo;
+      if (k < d && row < rows) lo = ld_keep(raw + row * d + k);
+      if (k < d && row + 1 < rows) hi = ld_keep(raw + (row + 1) * d + k);
+      const uint32_t a[4] = {lo.x, lo.y, lo.z, lo.w}, b[4] = {hi.x, hi.y, hi.z, hi.w};
+      const float sa = kScale ? scale[2 * p] : 1.f, sb = kScale ? scale[2 * p + 1] : 1.f;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        dst[8 * q + 2 * e][p] = scaled(a[e] & 0xffffu, sa) | (scaled(b[e] & 0xffffu, sb) << 16);
+        dst[8 * q + 2 * e + 1][p] = scaled(a[e] >> 16, sa) | (scaled(b[e] >> 16, sb) << 16);
+      }
+    }
+  } else {
+    for (int i = threadIdx.x; i < kTileK * kTilePairs; i += blockDim.x) {
+      const int p = i % kTilePairs, f = i / kTilePairs;
+      const int64_t row = row0 + 2 * p, k = k0 + f;
+      uint32_t lo = 0, hi = 0;
+      if (k < d) {
+        if (row < rows) lo = scaled(raw[row * d + k], kScale ? scale[2 * p] : 1.f);
+        if (row + 1 < rows) hi = scaled(raw[(row + 1) * d + k], kScale ? scale[2 * p + 1] : 1.f);
+      }
+      dst[f][p] = lo | (hi << 16);
+    }
+  }
+}
+
+// Two weights as one 32-bit operand word (the lower column in the low half).
+template <typename T>
+__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
+  return static_cast<uint32_t>(Elem<T>::store(lo)) | (static_cast<uint32_t>(Elem<T>::store(hi)) << 16);
+}
+
+// A row of the block as one lane sees it (rows g and g + 8 of the warp's 16-row tile).
+struct GradRow {
+  int64_t a;  // own row index
+  bool valid;
+  float ra;
+  int64_t label;
+  Anchor mine;  // the own role's anchor (kOwn)
+  float up;     // 2^e, the row scaling of W
+};
+
+template <int kKind, bool kNorm, bool kOwn, bool kOther>
+__device__ __forceinline__ GradRow grad_row(const TileGrad& f, int64_t a, float s) {
+  GradRow r{a, a < f.n_own, 1.f, 0, Anchor{0.f, 0.f, 0.f, false}, 1.f};
+  if (!r.valid) return r;
+  r.ra = inv_norm_at<kNorm>(f.inv_own, a);
+  if constexpr (kKind == kSupCon) r.label = f.labels[a];
+  if constexpr (kOwn) r.mine = anchor_of<kKind>(f.own_role, a);
+  if (f.out != nullptr) {
+    const float own_bound = kOwn ? f.own_role.weight * fabsf(r.mine.g) * f.bound[0] : 0.f;
+    const float other_bound = kOther ? f.other_role.weight * f.bound[1] : 0.f;
+    r.up = ldexpf(1.f, weight_exponent(fabsf(s) * (own_bound + other_bound)));
+  }
+  return r;
+}
+
+// The minimum of one block per SM in the launch bounds: without it ptxas capped an InfoNCE column
+// instantiation at 64 registers and spilled on sm_90.
+template <typename T, int kKind, bool kNorm, bool kOwn, bool kOther>
+__global__ void __launch_bounds__(kGradThreads, 1) tile_grad_kernel(const TileGrad f) {
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int g = lane / 4, t = lane % 4;
+  const int tile = warp / kGradWarpsPerRowTile;                                 // the warp's S rows
+  const int col0 = (warp % kGradWarpsPerRowTile) * kGradSimTiles * 8;          // and S columns
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kGradRows;
+  const float s = *f.logit_scale, b = kKind == kSigLip ? *f.logit_bias : 0.f;
+  const T* own = static_cast<const T*>(f.own);
+  const T* other = static_cast<const T*>(f.other);
+  const bool has_out = f.out != nullptr;
+
+  __shared__ Staged<kGradRows> s_own;
+  __shared__ StagedRows s_other;  // the other tile's chunk: rows for S, then transposed for W . other
+  __shared__ Staged<kGradRows> s_w;  // the tile's W as A fragments: kGradRows x 64 other rows
+  __shared__ float s_ro[kTileCols];
+  __shared__ int64_t s_label[kTileCols];
+  __shared__ Anchor s_anchor[kTileCols];  // the other role's anchors (kOther)
+  __shared__ float s_unscale[kGradRows];
+  __shared__ float s_sums[3][kGradWarpsPerRowTile][kGradRows];
+  LOSSFORGE_DYNAMIC_SMEM(float, grad_acc);  // kGradRows x acc_stride
+
+  GradRow rows[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int local = tile * 16 + g + 8 * h;
+    rows[h] = grad_row<kKind, kNorm, kOwn, kOther>(f, row0 + local, s);
+    if (t == 0 && warp % kGradWarpsPerRowTile == 0) s_unscale[local] = 1.f / rows[h].up;  // exact
+  }
+  if (has_out) {
+    for (int i = threadIdx.x; i < kGradRows * f.acc_stride; i += blockDim.x) grad_acc[i] = 0.f;
+  }
+  // sum_j dZ c and sum_j dZ (grad_coef; SupCon: the anchor role only), sum_j W c (normalisation)
+  float dz_c[2] = {0.f, 0.f}, dz[2] = {0.f, 0.f}, total_c[2] = {0.f, 0.f};
+
+  for (int64_t j0 = 0; j0 < f.n_other; j0 += kTileCols) {
+    float sim[kGradSimTiles][4] = {};
+    int64_t k0 = 0;
+    do {  // once at least (d == 0: S = 0)
+      __syncthreads();  // the previous step's fragment loads are done
+      if (j0 == 0 || f.d > kTileK) stage_rows<T, kGradRows>(s_own, own, row0, f.n_own, f.d, k0, f.vec);
+      stage_rows<T>(s_other, other, j0, f.n_other, f.d, k0, f.vec);
+      if (k0 == 0 && threadIdx.x < kTileCols) {
+        const int64_t j = j0 + threadIdx.x;
+        const bool in = j < f.n_other;
+        s_ro[threadIdx.x] = in ? inv_norm_at<kNorm>(f.inv_other, j) : 1.f;
+        if constexpr (kKind == kSupCon) s_label[threadIdx.x] = in ? f.labels[j] : 0;
+        if constexpr (kOther) {
+          s_anchor[threadIdx.x] = in ? anchor_of<kKind>(f.other_role, j) : Anchor{0.f, 0.f, 0.f, false};
+        }
+      }
+      __syncthreads();
+      const int steps = static_cast<int>((min(static_cast<int64_t>(kTileK), f.d - k0) + 15) / 16);
+      for (int ks = 0; ks < steps; ++ks) {
+        uint32_t fa[4];
+        mma::load_a(fa, &s_own[tile * 16][ks * 8], kTileStride, lane);
+#pragma unroll
+        for (int n = 0; n < kGradSimTiles; ++n) {
+          uint32_t fb[2];
+          mma::load_b(fb, &s_other[col0 + n * 8][ks * 8], kTileStride, lane);
+          mma::mma_m16n8k16<T>(sim[n], fa, fb);
+        }
+      }
+      k0 += kTileK;
+    } while (k0 < f.d);
+
+    // The lane's entries: rows g, g + 8 (h), columns col0 + 8 n + 2 t + e.
+#pragma unroll
+    for (int n = 0; n < kGradSimTiles; ++n) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const GradRow& r = rows[h];
+        float w[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int local = col0 + n * 8 + 2 * t + e;
+          const int64_t j = j0 + local;
+          const bool valid = r.valid && j < f.n_other, self = j == r.a;
+          const bool pos = kKind == kSupCon && !self && s_label[local] == r.label;
+          const float ro = s_ro[local];
+          const float sv = sim[n][2 * h + e];
+          const float cc = f.columns ? pair_cos(sv, ro, r.ra) : pair_cos(sv, r.ra, ro);
+          const float z = fmaf(s, cc, b);
+          const float mine = kOwn ? f.own_role.weight * pair_grad<kKind>(z, self, pos, r.mine) : 0.f;
+          const float theirs = kOther ? f.other_role.weight * pair_grad<kKind>(z, self, pos, s_anchor[local]) : 0.f;
+          // Entries past either side add exact zeros (their S may be NaN: a zero row times inf).
+          const float total = valid ? mine + theirs : 0.f;
+          const float entry = kKind == kSupCon ? (valid ? mine : 0.f) : total;
+          const float cv = valid ? cc : 0.f;
+          dz_c[h] = fmaf(entry, cv, dz_c[h]);
+          dz[h] += entry;
+          total_c[h] = fmaf(total, cv, total_c[h]);
+          w[e] = s * total * r.up;  // r'_j is in the staged other rows
+        }
+        if (has_out) s_w[tile * 16 + g + 8 * h][col0 / 2 + n * 4 + t] = pack_pair<T>(w[0], w[1]);
+      }
+    }
+    if (!has_out) continue;  // the same for the whole block
+
+    __syncthreads();  // W is complete; every warp is done with the staged rows
+    uint32_t wa[kGradRowTiles][4][4];
+#pragma unroll
+    for (int rt = 0; rt < kGradRowTiles; ++rt) {
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks) mma::load_a(wa[rt][ks], &s_w[rt * 16][ks * 8], kTileStride, lane);
+    }
+    for (int64_t c0 = 0; c0 < f.d; c0 += kTileK) {
+      if (c0 > 0) __syncthreads();  // the previous chunk's fragment loads are done
+      stage_columns<T, kNorm>(s_other, other, j0, f.n_other, f.d, c0, f.vec, s_ro);
+      __syncthreads();
+      const int64_t f0 = c0 + warp * kGradWarpFeatures;
+      if (f0 >= f.d) continue;
+#pragma unroll
+      for (int rt = 0; rt < kGradRowTiles; ++rt) {
+#pragma unroll
+        for (int n = 0; n < kGradWarpFeatures / 8; ++n) {
+          float* lo = grad_acc + (rt * 16 + g) * f.acc_stride + f0 + n * 8 + 2 * t;
+          float* hi = lo + 8 * f.acc_stride;
+          float c[4] = {lo[0], lo[1], hi[0], hi[1]};
+#pragma unroll
+          for (int ks = 0; ks < 4; ++ks) {
+            uint32_t fb[2];
+            mma::load_b(fb, &s_other[warp * kGradWarpFeatures + n * 8][ks * 8], kTileStride, lane);
+            mma::mma_m16n8k16<T>(c, wa[rt][ks], fb);
+          }
+          lo[0] = c[0], lo[1] = c[1], hi[0] = c[2], hi[1] = c[3];
+        }
+      }
+    }
+  }
+
+  // The row sums: the 4 lanes of a row (xor 1, then 2), then the row tile's warps in order.
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int off = 1; off < 4; off *= 2) {
+      dz_c[h] += __shfl_xor_sync(0xffffffffu, dz_c[h], off);
+      dz[h] += __shfl_xor_sync(0xffffffffu, dz[h], off);
+      total_c[h] += __shfl_xor_sync(0xffffffffu, total_c[h], off);
+    }
+    if (t == 0) {
+      const int local = tile * 16 + g + 8 * h, part = warp % kGradWarpsPerRowTile;
+      s_sums[0][part][local] = dz_c[h];
+      s_sums[1][part][local] = dz[h];
+      s_sums[2][part][local] = total_c[h];
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x < kGradRows) {
+    const int local = threadIdx.x;
+    const int64_t a = row0 + local;
+    float sums[3] = {0.f, 0.f, 0.f};
+#pragma unroll
+    for (int q = 0; q < 3; ++q) {
+      for (int part = 0; part < kGradWarpsPerRowTile; ++part) sums[q] += s_sums[q][part][local];
+    }
+    if (f.coef0 != nullptr && a < f.n_own) {
+      f.coef0[a] = sums[0];
+      f.coef1[a] = sums[1];
+    }
+    s_sums[2][0][local] = s * sums[2];  // the normalisation's coefficient
+  }
+  if (!has_out) return;
+  __syncthreads();
+
+  // grad = r (u acc - coef r x) = r u acc - coef r^2 x with u = 2^-e; without `normalize`, u acc.
+  T* out = static_cast<T*>(f.out);
+  const int64_t rows_here = min(static_cast<int64_t>(kGradRows), f.n_own - row0);
+  for (int64_t i = threadIdx.x; i < rows_here * f.d; i += blockDim.x) {
+    const int local = static_cast<int>(i / f.d);
+    const int64_t k = i - local * f.d, a = row0 + local;
+    const float sum = grad_acc[local * f.acc_stride + k] * s_unscale[local];  // exact: a power of two
+    if constexpr (kNorm) {
+      const float along = s_sums[2][0][local] * f.proj_own[a];
+      store_elem(out + a * f.d + k, fmaf(f.inv_own[a], sum, -along * load_elem(own + a * f.d + k)));
+    } else {
+      store_elem(out + a * f.d + k, sum);
+    }
+  }
 }
 
 }  // namespace contrastive

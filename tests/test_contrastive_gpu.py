@@ -67,11 +67,13 @@ def test_gpu_bf16_at_scale_matches_the_reference(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("b,d,budget_mib", [(16384, 768, 16), (65536, 512, 64)])
-def test_gpu_extra_memory_targets(backend, b, d, budget_mib):
-    # Peak memory of a symmetric fwd+bwd with a learnable scale beyond the inputs and their gradients.
+def test_gpu_extra_memory_targets(backend, b, d, budget_mib, dtype):
+    # Peak memory of a symmetric fwd+bwd with a learnable scale beyond the inputs and their gradients
+    # (CUDA, half inputs: the tiled forward and backward, about 8 (B + M) bytes of inverse norms).
     _need(backend)
-    q, k, _, s, _ = _inputs(b, b, d)
+    q, k, _, s, _ = _inputs(b, b, d, dtype=dtype)
     lf.info_nce(q, k, logit_scale=s, backend=backend).backward()  # warm up (kernels compiled, allocator)
     q.grad = k.grad = s.grad = None
     torch.cuda.synchronize()
@@ -106,3 +108,18 @@ def test_gpu_cuda_graph_capture(backend):
     torch.cuda.synchronize()
     for t, w in zip((q, k, s, bias), want):
         torch.testing.assert_close(t.grad, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_cuda_half_step_launches_do_not_grow_with_the_batch(dtype):
+    # The half-precision forward and backward run on tensor-core tiles: a fixed number of kernel
+    # launches per call (the chunked backward took 8193 per pass at B = 262144).
+    _need("cuda")
+    q, k, _, s, _ = _inputs(262144, 262144, 64, dtype=dtype)
+    lf.info_nce(q, k, logit_scale=s, backend="cuda").backward()  # warm-up
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        lf.info_nce(q, k, logit_scale=s, backend="cuda").backward()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert 0 < len(kernels) <= 64, f"{len(kernels)} device events in a symmetric step at B = 262144"

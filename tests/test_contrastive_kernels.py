@@ -16,7 +16,7 @@ from lossforge_kernels.ops import contrastive as cops
 from lossforge_kernels.reference.contrastive import Kind
 from tests import harness
 from tests.conftest import assert_close_rel, device_for, kernel_backends
-from tests.test_contrastive_triton_ops import SENTINEL, Case, dense_loss, make_inputs
+from tests.test_contrastive_triton_ops import SENTINEL, Case, dense_expected, dense_loss, make_inputs
 from tests.test_linear_cross_entropy import CreatedTensors
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -604,3 +604,108 @@ def test_cuda_half_forward_non_finite_inputs(kind, dtype):
     torch.testing.assert_close(loss.cpu().double(), rows, rtol=2e-5, atol=1e-5, equal_nan=True)
     for row, want in want_stats.items():
         torch.testing.assert_close(stats[row].cpu().double(), want.double(), rtol=2e-5, atol=1e-5, equal_nan=True)
+
+
+# ---- the CUDA backward for half inputs: similarity tiles from tensor-core products ----------------
+# (csrc/contrastive.cuh tile_grad_kernel: blocks of 32 own rows, tiles of 64 other rows, 64 features
+# staged at a time, the gradient accumulated in shared memory). The kernel op against the dense
+# float64 contract on the same rounded inputs: the pair weights W are rounded to the inputs' dtype
+# before the second product and the gradients are stored in it, so the tolerance is the dtype's.
+# 70 and 83 rows cross the 32-row blocks and the 64-row tiles; D = 33 is a tail of 1 past two k steps
+# (element loads), D = 520 nine staging steps with a tail of 8, D = 24 the 16-byte loads.
+
+_HALF_GRAD_CASES = _HALF_TILE_CASES + [
+    Case(Kind.INFO_NCE, 70, 83, 33, symmetric=False),
+    Case(Kind.INFO_NCE, 33, 33, 520, symmetric=True),
+    Case(Kind.INFO_NCE, 17, 23, 16, duplicates=True),
+    Case(Kind.SUPCON, 17, 17, 16, duplicates=True),
+    Case(Kind.SIGLIP, 17, 23, 16, duplicates=True),
+    # Wider than the shared accumulator fits (the emulation's limits are an H100's): the chunked pass.
+    Case(Kind.INFO_NCE, 20, 20, 1700, symmetric=True),
+    Case(Kind.SUPCON, 20, 20, 1700),
+]
+_HALF_GRAD_TOL = {torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
+
+
+def _cuda_ops(case, x, want=("grad_query", "grad_key", "grad_coef")):
+    """The CUDA forward and backward kernel ops (tests/test_contrastive_triton_ops.py's run_ops for the
+    CUDA key); outputs not in `want` are passed as None."""
+    q, k = x["query"], x["key"]
+    loss, stats = _cuda_forward_op(case, x)
+    grad_query = torch.empty_like(q) if "grad_query" in want else None
+    grad_key = torch.empty_like(k) if "grad_key" in want and case.kind != Kind.SUPCON else None
+    grad_coef = torch.empty(2, case.b, dtype=torch.float32, device=q.device) if "grad_coef" in want else None
+    torch.ops.lossforge.contrastive_bwd_cuda(x["grad_rows"], q, k, x["labels"], x["logit_scale"], x["logit_bias"],
+                                             stats, grad_query, grad_key, grad_coef, case.kind, case.normalize,
+                                             case.symmetric)
+    return dict(loss=loss, stats=stats, grad_query=grad_query, grad_key=grad_key, grad_coef=grad_coef)
+
+
+def _check_half_grads(case, got, want):
+    tol = _HALF_GRAD_TOL[case.dtype]
+    for name in ("grad_query", "grad_key"):
+        if got[name] is not None:
+            g, w = got[name].cpu(), want[name]
+            assert g.dtype == case.dtype
+            # A row below the norm floor (duplicates) has a gradient of ~1e12 (r = 1e12): past fp16's
+            # range, it must overflow there too; the other rows are compared.
+            fits = w.to(case.dtype).isfinite().all(dim=1)
+            assert not g[~fits].isfinite().all(dim=1).any(), f"{case} {name}: an out-of-range row came out finite"
+            assert_close_rel(g[fits], w[fits], tol, f"{case} {name}")
+    if got["grad_coef"] is not None:
+        coef = got["grad_coef"].cpu()
+        assert_close_rel(coef, want["grad_coef"], 2e-5, f"{case} grad_coef")  # fp32 sums of fp32 terms
+        assert_close_rel(coef[0].double().sum(), want["grad_logit_scale"], 2e-5, f"{case} logit_scale gradient")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("base", _HALF_GRAD_CASES, ids=str)
+def test_cuda_half_backward_on_tensor_core_tiles(base, dtype):
+    _need_cuda_backend()
+    case = dataclasses.replace(base, dtype=dtype)
+    x = make_inputs(case, device_for("cuda"))
+    _check_half_grads(case, _cuda_ops(case, x), dense_expected(case, x))
+
+
+@pytest.mark.parametrize("case", [Case(Kind.INFO_NCE, 70, 83, 33, symmetric=False, dtype=torch.bfloat16),
+                                  Case(Kind.INFO_NCE, 70, 70, 24, symmetric=True, dtype=torch.float16),
+                                  Case(Kind.SUPCON, 70, 70, 33, dtype=torch.float16),
+                                  Case(Kind.SIGLIP, 40, 70, 24, dtype=torch.bfloat16)], ids=str)
+def test_cuda_half_backward_optional_outputs(case):
+    """Each output alone, and some together, equal the same outputs of the full call, bit for bit
+    (a pass without its gradient still writes grad_coef), and two runs are equal."""
+    _need_cuda_backend()
+    x = make_inputs(case, device_for("cuda"))
+    full = _cuda_ops(case, x)
+    assert all(torch.equal(v, _cuda_ops(case, x)[n]) for n, v in full.items() if v is not None), "runs differ"
+    for want in (("grad_key",), ("grad_coef",), ("grad_query",), ("grad_query", "grad_key")):
+        part = _cuda_ops(case, x, want)
+        for name in ("grad_query", "grad_key", "grad_coef"):
+            if name not in want:
+                assert part[name] is None
+            elif full[name] is not None:
+                assert torch.equal(part[name], full[name]), f"{case} {name} alone differs"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", list(Kind))
+def test_cuda_half_backward_non_finite_inputs(kind, dtype):
+    # +inf in one query row and NaN in another: the gradients are NaN exactly where the dense float64
+    # contract's are, and within the dtype's tolerance elsewhere.
+    _need_cuda_backend()
+    case = Case(kind, 70, 70, 33, normalize=False, symmetric=kind == Kind.INFO_NCE, dtype=dtype)
+    x = make_inputs(case, device_for("cuda"))
+    x["query"][3, 5] = float("inf")
+    x["query"][66, 0] = float("nan")
+    if kind == Kind.SUPCON:
+        x["key"] = x["query"]
+    got, want = _cuda_ops(case, x), dense_expected(case, x)
+    for name in ("grad_query", "grad_key"):
+        if got[name] is None:
+            continue
+        g, w = got[name].cpu().double(), want[name]
+        assert torch.equal(g.isnan(), w.isnan()), f"{case} {name}: NaN where the contract has none, or none"
+        assert torch.equal(g.isinf(), w.isinf()), f"{case} {name}: inf differs"
+        finite = w.isfinite().all(dim=1)
+        if finite.any():
+            assert_close_rel(g[finite], w[finite], _HALF_GRAD_TOL[dtype], f"{case} {name} finite rows")
