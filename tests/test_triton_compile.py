@@ -621,8 +621,9 @@ def test_kernel_compiles(kernel_config, compiled):
     budget = _spill_budget(kernel_config)
     if budget is not None:
         over = [r for r in results if r["local"] > budget]
-        assert not over, (f"{kernel_config['kernel']} uses " + ", ".join(f"{r['local']} B (sm{r['arch']})" for r in over)
-                          + f" of local memory per thread, over its {budget} B (cases: {kernel_config['cases']})")
+        used = ", ".join(f"{r['local']} B (sm{r['arch']})" for r in over)
+        assert not over, (f"{kernel_config['kernel']} uses {used} of local memory per thread, over its {budget} B "
+                          f"(cases: {kernel_config['cases']})")
 
 
 def _launch_targets():
