@@ -350,6 +350,7 @@ def test_opcheck_kernel_and_builder_ops(kernel):
     options = (int(Divergence.JSD), 0.3, 2.0, -100)
     factor = torch.tensor(0.5, device=device)
     torch.library.opcheck(ops.FWD.overloads[kernel], (s, t, target, factor, loss, stats, torch.empty_like(s), *options))
+    ops.FWD[kernel](s, t, target, factor, loss, stats, torch.empty_like(s), *options)  # opcheck runs on copies
     grad_rows = torch.randn(5, generator=g).to(device)
     torch.library.opcheck(ops.BWD.overloads[kernel], (grad_rows, s, t, target, stats, torch.empty_like(s), *options))
     compiled = ops.distillation_kernels.compiled

@@ -314,6 +314,7 @@ def test_opcheck_kernel_and_builder_ops(kernel):
     out, stats = torch.empty(5, 2, device=device), torch.empty(5, 3, device=device)
     options = (-100, 0.5)
     torch.library.opcheck(ops.FWD.overloads[kernel], (logits, target, out, stats, *options))
+    ops.FWD[kernel](logits, target, out, stats, *options)  # opcheck runs on copies: the stats the backward reads
     grad_rows = torch.randn(5, 2, generator=g).to(device)
     torch.library.opcheck(ops.BWD.overloads[kernel], (grad_rows, logits, target, stats, torch.empty_like(logits),
                                                       *options))
