@@ -67,8 +67,8 @@ class Tiles:
 # Gradient tiles (own rows, other rows per step) by the feature width rounded up to a power of two: the
 # fp32 accumulator spans the whole width, so own rows shrink as it grows. Chosen from the offline sm_90
 # compile (Triton 3.6 and the newest) at D = 64..1024: no local memory for half inputs, at most 16 B for
-# fp32 (the compile test's budget is 256 B). Wider rows take 16 x 16 tiles and spill (correct, slower):
-# a feature-block split would serve them better.
+# fp32 (the compile test's budget is 256 B). Wider rows take 16 x 16 tiles: no local memory up to 1536
+# (bf16), 32 B at 2048, more beyond (correct, slower: a feature-block split would serve them better).
 GRAD_TILES = {
     "half": {16: (64, 64), 32: (64, 64), 64: (64, 64), 128: (64, 64), 256: (32, 64), 512: (16, 64), 1024: (16, 16)},
     "fp32": {16: (32, 64), 32: (32, 64), 64: (32, 64), 128: (16, 64), 256: (16, 32), 512: (16, 16), 1024: (16, 16)},
