@@ -328,16 +328,17 @@ def _pair_gradient_float64(x, inv_norm, mined, weight, distance):
 
 @pytest.mark.parametrize("distance", list(Distance))
 def test_pair_gradient_sums_every_anchor_that_chose_a_row(kernel_backend, distance):
-    # 300 rows in several row blocks and anchor chunks, 300 features in several slices: a row chosen
-    # by a third of the anchors, others by none, left-out anchors (-1), a clamped euclidean distance,
+    # Rows in several row blocks and anchor chunks, features in several slices (the interpreted
+    # Triton kernel's tiles are 32 rows x 64 features, the CUDA kernel's 32 x 256): a row chosen by a
+    # third of the anchors, others by none, left-out anchors (-1), a clamped euclidean distance,
     # per-anchor and shared weights, against the contract summed pair by pair in float64.
     device = device_for(kernel_backend)
     gen = torch.Generator().manual_seed(31 + int(distance))
-    n, d = 300, 300
+    n, d = (300, 300) if kernel_backend == "cuda" else (100, 130)
     x = torch.randn(n, d, generator=gen)
     inv_norm = torch.rand(n, generator=gen) + 0.5
     pos, neg = torch.randint(0, n, (n,), generator=gen), torch.randint(0, n // 2, (n,), generator=gen)
-    neg[torch.rand(n, generator=gen) < 0.33] = 211
+    neg[torch.rand(n, generator=gen) < 0.33] = n * 2 // 3
     pos[torch.rand(n, generator=gen) < 0.1] = -1
     neg[torch.rand(n, generator=gen) < 0.05] = -1
     d_pos, d_neg = torch.rand(n, generator=gen) + 0.1, torch.rand(n, generator=gen) + 0.1
