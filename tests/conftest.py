@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import lossforge_kernels as lf
+from lossforge_kernels._backends import families
 from lossforge_kernels._backends import interpreter_numpy_problem  # noqa: F401 (tests import it from here)
 
 HAS_GPU = torch.cuda.is_available()
@@ -47,6 +48,23 @@ def kernel_backend(request):
 @pytest.fixture(params=["reference"] + kernel_backends())
 def any_backend(request):
     return request.param
+
+
+def family_fixtures(family: str):
+    """(kernels, kernel, backend) for a test module of one family: the family's kernel backends here, a
+    fixture over them (skipped where there are none) and one over them and the reference. A module
+    binds the fixtures to those names: `KERNELS, kernel, backend = family_fixtures("log_probs")`."""
+    kernels = [b for b in kernel_backends() if b in families()[family].backends]
+
+    @pytest.fixture(params=kernels or [pytest.param("none", marks=pytest.mark.skip(reason=f"no {family} kernel here"))])
+    def kernel(request):
+        return request.param
+
+    @pytest.fixture(params=["reference"] + kernels)
+    def backend(request):
+        return request.param
+
+    return kernels, kernel, backend
 
 
 def rel_err(actual, expected):

@@ -588,17 +588,23 @@ def test_cuda_half_forward_on_tensor_core_tiles(base, dtype):
             assert torch.all(stats[row].cpu() == SENTINEL), f"{case}: stats[{row}] was written"
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("kind", list(Kind))
-def test_cuda_half_forward_non_finite_inputs(kind, dtype):
-    # +inf in one query row and NaN in another row reach the rows (and columns) torch gives them.
-    _need_cuda_backend()
+def _non_finite_half_case(kind, dtype):
+    """70 x 70 x 33 with +inf in query row 3 and NaN in row 66 (SupCon: key = query)."""
     case = Case(kind, 70, 70, 33, normalize=False, symmetric=kind == Kind.INFO_NCE, dtype=dtype)
     x = make_inputs(case, device_for("cuda"))
     x["query"][3, 5] = float("inf")
     x["query"][66, 0] = float("nan")
     if kind == Kind.SUPCON:
         x["key"] = x["query"]
+    return case, x
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", list(Kind))
+def test_cuda_half_forward_non_finite_inputs(kind, dtype):
+    # +inf in one query row and NaN in another row reach the rows (and columns) torch gives them.
+    _need_cuda_backend()
+    case, x = _non_finite_half_case(kind, dtype)
     loss, stats = _cuda_forward_op(case, x)
     rows, want_stats = _dense_forward(case, x)
     torch.testing.assert_close(loss.cpu().double(), rows, rtol=2e-5, atol=1e-5, equal_nan=True)
@@ -693,12 +699,7 @@ def test_cuda_half_backward_non_finite_inputs(kind, dtype):
     # +inf in one query row and NaN in another: the gradients are NaN exactly where the dense float64
     # contract's are, and within the dtype's tolerance elsewhere.
     _need_cuda_backend()
-    case = Case(kind, 70, 70, 33, normalize=False, symmetric=kind == Kind.INFO_NCE, dtype=dtype)
-    x = make_inputs(case, device_for("cuda"))
-    x["query"][3, 5] = float("inf")
-    x["query"][66, 0] = float("nan")
-    if kind == Kind.SUPCON:
-        x["key"] = x["query"]
+    case, x = _non_finite_half_case(kind, dtype)
     got, want = _cuda_ops(case, x), dense_expected(case, x)
     for name in ("grad_query", "grad_key"):
         if got[name] is None:

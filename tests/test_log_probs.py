@@ -10,23 +10,12 @@ import torch
 
 import lossforge_kernels as lf
 from lossforge_kernels._backends import families
-from tests.conftest import assert_close_rel, device_for, kernel_backends
+from tests.conftest import assert_close_rel, device_for, family_fixtures
 from tests.test_linear_cross_entropy import CreatedTensors
 
-KERNELS = [b for b in kernel_backends() if b in families()["log_probs"].backends]
-BACKENDS = ["reference"] + KERNELS
+KERNELS, kernel, backend = family_fixtures("log_probs")
 TEMPERATURES = (0.5, 1.0, 2.0)
 HALF_TOL = {torch.float16: 4 * 2**-11, torch.bfloat16: 4 * 2**-8}
-
-
-@pytest.fixture(params=KERNELS or [pytest.param("none", marks=pytest.mark.skip(reason="no log_probs kernel here"))])
-def kernel(request):
-    return request.param
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    return request.param
 
 
 def _gen(seed):

@@ -522,8 +522,8 @@ def _ranges(n, block, parts):
     return per, triton.cdiv(n, per)
 
 
-def _joint_stats(query, key, logit_scale, loss, stats, rq, rk, normalize, t, modes):
-    b, d = query.shape
+def _joint_stats(query, key, logit_scale, loss, stats, rq, rk, normalize, t, modes, width):
+    b = query.shape[0]
     to_f32, precision = modes[:2]
     parts = 2 if interpreting() else JOINT_PARTS
     rows_per, n_row_parts = _ranges(b, t.m, parts)
@@ -531,9 +531,9 @@ def _joint_stats(query, key, logit_scale, loss, stats, rq, rk, normalize, t, mod
     row_part = torch.empty(3, n_col_parts, b, dtype=torch.float32, device=query.device)
     col_part = torch.empty(2, n_row_parts, b, dtype=torch.float32, device=query.device)
     _joint_stats_kernel[(n_row_parts, n_col_parts)](
-        query, key, logit_scale, rq, rk, row_part, col_part, b, d // row_multiple(d), rows_per, cols_per,
+        query, key, logit_scale, rq, rk, row_part, col_part, b, width[0], rows_per, cols_per,
         NORMALIZE=bool(normalize), BLOCK_M=t.m, BLOCK_N=t.n, BLOCK_K=t.k, SINGLE_K=t.single_k, TO_F32=to_f32,
-        PRECISION=precision, D_MULTIPLE=row_multiple(d), num_warps=t.warps, num_stages=t.stages)
+        PRECISION=precision, D_MULTIPLE=width[1], num_warps=t.warps, num_stages=t.stages)
     block = 1024
     _joint_stats_merge_kernel[(triton.cdiv(b, block),)](row_part, col_part, loss, stats, b, n_row_parts, n_col_parts,
                                                         BLOCK=block)
@@ -547,26 +547,28 @@ def row_multiple(d: int) -> int:
 
 
 def _setup(query, key, kind, normalize, placeholder):
-    t = tiles_for(query.shape[1], query.dtype)
+    """Tiles, dot modes, inverse norms and the width as (D_UNITS, D_MULTIPLE)."""
+    d = query.shape[1]
+    t = tiles_for(d, query.dtype)
     modes = _dot_modes(query.dtype, interpreting())
     rq = _inverse_norms(query, normalize, placeholder)
     rk = rq if kind == SUPCON.value else _inverse_norms(key, normalize, placeholder)
-    return t, modes, rq, rk
+    return t, modes, rq, rk, (d // row_multiple(d), row_multiple(d))
 
 
 def contrastive_fwd(query, key, labels, logit_scale, logit_bias, loss, stats, kind, normalize, symmetric):
     """One product: the row statistics, or for symmetric InfoNCE the row and column statistics together."""
-    b, d = query.shape
+    b = query.shape[0]
     if b == 0:
         return
-    t, modes, rq, rk = _setup(query, key, kind, normalize, loss)
+    t, modes, rq, rk, width = _setup(query, key, kind, normalize, loss)
     if symmetric:
-        _joint_stats(query, key, logit_scale, loss, stats, rq, rk, normalize, t, modes)
+        _joint_stats(query, key, logit_scale, loss, stats, rq, rk, normalize, t, modes, width)
         return
     _contrastive_fwd_kernel[(triton.cdiv(b, t.m),)](
         query, key, loss if labels is None else labels, logit_scale, logit_bias, rq, rk, loss, stats, b, key.shape[0],
-        d // row_multiple(d), KIND=kind, NORMALIZE=bool(normalize), BLOCK_M=t.m, BLOCK_N=t.n, BLOCK_K=t.k,
-        SINGLE_K=t.single_k, TO_F32=modes[0], PRECISION=modes[1], D_MULTIPLE=row_multiple(d), num_warps=t.warps,
+        width[0], KIND=kind, NORMALIZE=bool(normalize), BLOCK_M=t.m, BLOCK_N=t.n, BLOCK_K=t.k,
+        SINGLE_K=t.single_k, TO_F32=modes[0], PRECISION=modes[1], D_MULTIPLE=width[1], num_warps=t.warps,
         num_stages=t.stages)
 
 
@@ -577,20 +579,19 @@ def contrastive_bwd(grad_rows, query, key, labels, logit_scale, logit_bias, stat
     has_gq, has_gk, has_coef = grad_query is not None, grad_key is not None, grad_coef is not None
     if not (has_gq or has_gk or has_coef):
         return
-    b, d = query.shape
-    m = key.shape[0]
+    b, m = query.shape[0], key.shape[0]
     if b == 0:
         if has_gk:
             grad_key.zero_()  # no query: every key gradient is 0
         return
-    t, (to_f32, precision, grad_f32, grad_precision), rq, rk = _setup(query, key, kind, normalize, grad_rows)
+    t, (to_f32, precision, grad_f32, grad_precision), rq, rk, width = _setup(query, key, kind, normalize, grad_rows)
     n_row_blocks = triton.cdiv(b, t.grad_m) if (has_gq or has_coef) else 0
     n_col_blocks = triton.cdiv(m, t.grad_m) if has_gk else 0
     placeholder = grad_rows
     _contrastive_grad_kernel[(n_row_blocks + n_col_blocks,)](
         grad_rows, query, key, placeholder if labels is None else labels, logit_scale, logit_bias, stats, rq, rk,
         grad_query if has_gq else query, grad_key if has_gk else key, grad_coef if has_coef else placeholder,
-        b, m, d // row_multiple(d), n_row_blocks, KIND=kind, NORMALIZE=bool(normalize), SYMMETRIC=bool(symmetric),
+        b, m, width[0], n_row_blocks, KIND=kind, NORMALIZE=bool(normalize), SYMMETRIC=bool(symmetric),
         HAS_GQ=has_gq, HAS_COEF=has_coef, HAS_GK=has_gk, BLOCK_M=t.grad_m, BLOCK_N=t.grad_n, D_LO=t.d_lo,
         D_HI=max(t.d_hi, 16), HAS_HI=t.d_hi > 0, TO_F32=to_f32, PRECISION=precision, GRAD_F32=grad_f32,
-        GRAD_PRECISION=grad_precision, D_MULTIPLE=row_multiple(d), num_warps=t.grad_warps, num_stages=t.stages)
+        GRAD_PRECISION=grad_precision, D_MULTIPLE=width[1], num_warps=t.grad_warps, num_stages=t.stages)
