@@ -6,6 +6,7 @@ the CUDA emulation (LOSSFORGE_CUDA_EMULATE=1, built on first use); with a GPU th
 pytest's "no tests collected" counts as a failure.
 """
 import importlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -22,6 +23,21 @@ def _versions() -> str:
     return ", ".join(found)
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _workers(args: list[str]) -> list[str]:
+    """pytest-xdist arguments for a CPU run: a worker per core, unless the caller chose otherwise."""
+    if any(a.startswith(("-n", "--numprocesses")) or a == "no:xdist" for a in args):
+        return []
+    if importlib.util.find_spec("xdist") is None:
+        return []
+    n = min(_cores(), 8)
+    # worksteal: the slow interpreter tests are uneven, so idle workers take from busy ones
+    return ["-n", str(n), "--dist", "worksteal"] if n > 1 else []
+
+
 def main() -> int:
     env = dict(os.environ)
     try:
@@ -29,14 +45,19 @@ def main() -> int:
         has_gpu = torch.cuda.is_available()
     except Exception:
         has_gpu = False
+    args = sys.argv[1:]
     if not has_gpu:
         env.setdefault("TRITON_INTERPRET", "1")
         env.setdefault("LOSSFORGE_CUDA_EMULATE", "1")
+        workers = _workers(args)
+        if workers:
+            env.setdefault("OMP_NUM_THREADS", str(max(1, _cores() // int(workers[1]))))
+        args = workers + args
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     mode = "native GPU" if has_gpu else \
         f"CPU, TRITON_INTERPRET={env['TRITON_INTERPRET']}, LOSSFORGE_CUDA_EMULATE={env['LOSSFORGE_CUDA_EMULATE']}"
     print(f"lossforge_kernels tests ({mode}; {_versions()})", flush=True)
-    code = subprocess.call([sys.executable, "-m", "pytest", "tests", *sys.argv[1:]], cwd=root, env=env)
+    code = subprocess.call([sys.executable, "-m", "pytest", "tests", *args], cwd=root, env=env)
     if code == 5:
         print("pytest collected no tests: treated as a failure", file=sys.stderr)
         return 1
