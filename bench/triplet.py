@@ -1,5 +1,5 @@
-"""Triplet loss suite: batch-hard mining over a batch of embeddings (D=512, bf16, 4 rows per class),
-Euclidean distances, fwd+bwd.
+"""Triplet loss suite: batch-hard, semi-hard and batch-all mining over a batch of embeddings (D=512,
+bf16, 4 rows per class, promised to the kernels by max_class_size=4), Euclidean distances, fwd+bwd.
 
 FLOPs model: the mining's Gram matrix, 2 B^2 D (the kernels never store it; torch and the
 reference hold B x B fp32 distances). Bytes model: what our kernels must move at least: the
@@ -15,17 +15,25 @@ from .harness import STANDARD_PROVIDERS, Case, Provider, Suite, Unsupported, imp
 
 D = 512
 PER_CLASS = 4
-OPTIONS = {"margin": 0.2, "mining": "batch_hard", "distance": "euclidean", "reduction": "mean"}
+MININGS = ("batch_hard", "semi_hard", "batch_all")
 ONLY_OURS = 1 << 16  # from this batch size on, only the kernels run (and the chunked reference checks them)
+
+
+def _opts(mining):
+    return {"margin": 0.2, "mining": mining, "distance": "euclidean", "reduction": "mean",
+            "max_class_size": PER_CLASS}
 
 
 def cases(profile: str) -> list[Case]:
     if profile == "tiny":
-        return [Case("batch_hard", (31, 7), torch.float32, "fwd+bwd", OPTIONS)]
+        return [Case(m, (31, 7), torch.float32, "fwd+bwd", _opts(m)) for m in MININGS]
     if profile.startswith("cpu"):
-        return [Case("batch_hard", (1024, 64), torch.float32, "fwd+bwd", OPTIONS)]
-    sizes = (8192,) if profile.endswith("quick") else (8192, 32768, 262144)
-    return [Case("batch_hard", (b, D), torch.bfloat16, "fwd+bwd", OPTIONS) for b in sizes]
+        return [Case(m, (1024, 64), torch.float32, "fwd+bwd", _opts(m)) for m in MININGS]
+    sizes = (8192,) if profile.endswith("quick") else (8192, 32768)
+    out = [Case(m, (b, D), torch.bfloat16, "fwd+bwd", _opts(m)) for b in sizes for m in MININGS]
+    if not profile.endswith("quick"):  # batch-hard only: the chunked reference below checks it
+        out.append(Case("batch_hard", (262144, D), torch.bfloat16, "fwd+bwd", _opts("batch_hard")))
+    return out
 
 
 def make_inputs(case: Case, device, gen) -> dict:
@@ -47,9 +55,10 @@ def flops_model(case: Case) -> tuple[int, str]:
 
 
 def _options(case):
+    """The reference's options (max_class_size is a promise to the kernels only)."""
     if case.shape[0] >= ONLY_OURS:
         raise Unsupported("B x B distances do not fit")
-    return case.options
+    return {k: v for k, v in case.options.items() if k != "max_class_size"}
 
 
 def _bind_eager(case):
@@ -73,7 +82,7 @@ def _pair_distance(a, b, distance):
     return squared if distance == "squared_euclidean" else torch.sqrt(squared + 1e-12)
 
 
-def chunked_reference(x, labels, *, margin, mining, distance, reduction, rows=2048):
+def chunked_reference(x, labels, *, margin, mining, distance, reduction, max_class_size=None, rows=2048):
     """The reference's batch-hard loss with its mining done a block of anchors at a time (fp32), for
     batches whose B x B distances do not fit; the loss is differentiated through the chosen pairs."""
     from lossforge_kernels.reference import triplet as ref
@@ -101,7 +110,7 @@ def reference(case, inputs):
 
     if case.shape[0] >= ONLY_OURS:
         return chunked_reference(inputs["input"], inputs["target"], **case.options)
-    return lf.triplet_loss(inputs["input"], inputs["target"], backend="reference", **case.options)
+    return lf.triplet_loss(inputs["input"], inputs["target"], backend="reference", **_options(case))
 
 
 def _metric_learning(settings) -> Provider | str:
@@ -112,6 +121,8 @@ def _metric_learning(settings) -> Provider | str:
 
     def bind(case):
         _options(case)
+        if case.options["mining"] != "batch_hard":
+            raise Unsupported("its semi-hard and all-triplet miners follow other rules")
         miner, loss = miners(), losses(margin=case.options["margin"])  # its default distance: Euclidean
         return lambda inputs: loss(inputs["input"].float(), inputs["target"],
                                    miner(inputs["input"].float(), inputs["target"]))

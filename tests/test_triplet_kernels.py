@@ -4,6 +4,7 @@ input, determinism, and no B x B tensor."""
 import itertools
 import json
 import math
+import os
 import pathlib
 
 import pytest
@@ -446,15 +447,29 @@ def _mined_kernel_op_samples(device):
         return torch.empty(c, device=device), torch.empty(c, dtype=torch.int64, device=device)
 
     weight = torch.rand(c, generator=gen).to(device)
+    pos, n_pos, _, _ = ops.positive_slots(labels, ops.POS_SLOTS)
+    anchors = torch.arange(n, device=device)[:, None].expand_as(pos).contiguous()
+    slots = torch.rand(pos.shape, generator=gen).to(device)
     return [(ops.ROW_LOSS, (gram, sq, inv_norm, labels, 3, Mining.SEMI_HARD, Distance.COSINE, 0.2, False, weight,
                             *outs(), torch.empty_like(gram))),
             (ops.ROW_LOSS, (gram, sq, None, labels, 3, Mining.BATCH_ALL, Distance.EUCLIDEAN, 0.2, False, None,
-                            *outs(), None))]
+                            *outs(), None)),
+            (ops.PAIR_DISTANCES, (x, inv_norm, anchors, pos, Distance.EUCLIDEAN, torch.empty_like(slots),
+                                  torch.empty_like(slots))),
+            (ops.SEMI_HARD_MINE, (x, labels, None, Distance.SQUARED_EUCLIDEAN, n_pos, slots, torch.empty_like(pos),
+                                  torch.empty_like(slots))),
+            (ops.BATCH_ALL_ROWS, (x, labels, inv_norm, Distance.COSINE, 0.2, True, n_pos, slots,
+                                  torch.rand(n, generator=gen).to(device), torch.empty(n, device=device),
+                                  torch.empty(n, dtype=torch.int64, device=device), torch.empty_like(slots),
+                                  torch.empty_like(x))),
+            (ops.LIST_GRAD, (x, inv_norm, torch.randn(x.shape, generator=gen).to(device),
+                             torch.arange(0, pos.numel() + 1, pos.shape[1], device=device), pos.reshape(-1),
+                             slots.reshape(-1), True, torch.empty_like(x), torch.empty(n, device=device)))]
 
 
 def _mined_op_inputs(device):
     tensors, _ = _op_inputs(device)
-    return tensors, (Mining.BATCH_ALL, Distance.EUCLIDEAN, 0.2, False, 0)
+    return tensors, (Mining.BATCH_ALL, Distance.EUCLIDEAN, 0.2, False, 0, None)
 
 
 MINED_SPEC = harness.KernelSpec(
@@ -474,7 +489,7 @@ MINED_SPEC = harness.KernelSpec(
     tol=lambda opts, shape: 1e-5 if opts["distance"] == "cosine" else 5e-5,
     half_cases=(dict(), dict(mining="batch_all"), dict(mining="batch_all", distance="cosine", soft_margin=True)),
     half_shape=(40, 24),
-    fwd_kernel=ops.ROW_LOSS,
+    fwd_kernel=ops.ROW_LOSS,  # as on a GPU (no value read): the chunked path, also on Triton
     fwd_budget=40,  # the row kernel, the Gram product and the O(B) and O(C B) torch around them
     bwd_budget=2,
     launch_shape=(48, 16),
@@ -579,7 +594,10 @@ def test_mined_no_b_by_b_tensor(kernel_backend, mining, soft_margin, reduction, 
                                reduction=reduction, backend=kernel_backend)
         loss.backward(torch.rand_like(loss) + 0.5)
     biggest = max(math.prod(shape) for _, shape in created.shapes)
-    assert biggest <= chunk * b, f"a tensor of {biggest} elements (C x B = {chunk * b}): {created.shapes}"
+    # the chunked path: C x B blocks; the register path (these small classes on Triton): its pair lists,
+    # 4 per (anchor, positive slot) and one per row
+    bound = max(chunk, 4 * ops.POS_SLOTS + 1) * b
+    assert bound < b * b and biggest <= bound, f"a tensor of {biggest} elements (bound {bound}): {created.shapes}"
 
 
 def test_mined_chunk_size_knob_gives_the_same_loss(kernel_backend):
@@ -589,7 +607,8 @@ def test_mined_chunk_size_knob_gives_the_same_loss(kernel_backend):
     labels = torch.randint(0, 6, (30,), generator=gen).to(device)
     tensors = (x, labels, None)
     whole, parts = (ops.triplet_mined_kernels(tensors, dict(mining=Mining.BATCH_ALL, distance=Distance.EUCLIDEAN,
-                                                            margin=0.3, soft_margin=False, chunk_size=c),
+                                                            margin=0.3, soft_margin=False, chunk_size=c,
+                                                            max_class_size=None),
                                               reduction="none", backend=kernel_backend) for c in (0, 7))
     torch.testing.assert_close(whole, parts, rtol=1e-6, atol=1e-6)  # the products' blocking may move an ulp
 
@@ -602,6 +621,189 @@ def test_mined_runs_on_explicit_kernel_backends(kernel_backend, mining, monkeypa
     assert_close_rel(lf.triplet_loss(x, labels, mining=mining, backend=kernel_backend), want, 1e-5)
     monkeypatch.setenv("LOSSFORGE_BACKEND", kernel_backend)
     assert_close_rel(lf.triplet_loss(x, labels, mining=mining), want, 1e-5)
+
+
+def _grid_rows(b, d, gen):
+    """Embeddings in multiples of 1/8 (exact fp32 Gram products, so semi_hard's choices are the reference's)."""
+    return torch.round(torch.randn(b, d, generator=gen) * 8) / 8
+
+
+def _launched(kernel_backend, x, labels, **kw):
+    from tests.conftest import LaunchLog
+
+    leaf = x.clone().requires_grad_(True)
+    with LaunchLog() as log:
+        lf.triplet_loss(leaf, labels, backend=kernel_backend, **kw).backward()
+    return log.ops
+
+
+REGISTER_KERNELS = {"semi_hard": ops.SEMI_HARD_MINE, "batch_all": ops.BATCH_ALL_ROWS}
+
+
+@pytest.mark.parametrize("mining,soft_margin", [("semi_hard", False), ("semi_hard", True), ("batch_all", False),
+                                                ("batch_all", True)])
+@pytest.mark.parametrize("largest", [ops.POS_SLOTS + 1, ops.POS_SLOTS + 2])
+def test_mined_register_path_for_small_classes_and_the_chunked_path_beyond(kernel_backend, mining, soft_margin,
+                                                                          largest):
+    """Classes of up to POS_SLOTS + 1 rows (all slots filled at the limit) take the Triton register path,
+    a larger class the chunked row kernel; both as the reference, in every reduction."""
+    device = device_for(kernel_backend)
+    gen = torch.Generator().manual_seed(31)
+    b = 64
+    x = _grid_rows(b, 12, gen).to(device)
+    labels = torch.cat([torch.zeros(largest, dtype=torch.int64),
+                        torch.randint(1, 15, (b - largest,), generator=gen)])[torch.randperm(b, generator=gen)]
+    labels = labels.to(device)
+    for reduction, margin in zip(REDUCTIONS, (0.5, 0.3, 0.1)):
+        _compare(kernel_backend, x, labels, reduction, tol=5e-5, mining=mining, soft_margin=soft_margin, margin=margin)
+    ran = _launched(kernel_backend, x, labels, mining=mining, soft_margin=soft_margin)
+    register = kernel_backend == "triton" and largest <= ops.POS_SLOTS + 1
+    assert (harness.launch_name(REGISTER_KERNELS[mining], "triton") in ran) == register, ran
+    assert (harness.launch_name(ops.ROW_LOSS, kernel_backend) in ran) != register, ran
+
+
+@pytest.mark.parametrize("mining,soft_margin", [("semi_hard", False), ("batch_all", False), ("batch_all", True)])
+def test_mined_register_path_launches_few_ops_and_never_syncs(kernel_backend, mining, soft_margin, monkeypatch):
+    """With max_class_size promised, the register path is chosen and run without reading anything back
+    (labels that may not be read, as on a GPU without LOSSFORGE_CHECK_INPUTS)."""
+    from tests.conftest import HOST_SYNC_OPS
+
+    if kernel_backend != "triton":
+        pytest.skip("the register path is Triton's")
+    monkeypatch.setattr("lossforge_kernels._checks.eager_value_checks", lambda t: False)
+    gen = torch.Generator().manual_seed(32)
+    x = _grid_rows(48, 16, gen).to(device_for(kernel_backend))
+    labels = torch.arange(48).div(4, rounding_mode="floor").to(x.device)
+    ran = _launched(kernel_backend, x, labels, mining=mining, soft_margin=soft_margin, max_class_size=4)
+    assert not HOST_SYNC_OPS & set(ran), ran
+    assert ran.count(harness.launch_name(REGISTER_KERNELS[mining], kernel_backend)) == (
+        2 if (mining, soft_margin) == ("batch_all", False) else 1), ran  # hinge 'mean': the counting pass
+    assert "triplet_row_loss_triton" not in ran and len(ran) <= 100, ran
+    without = _launched(kernel_backend, x, labels, mining=mining, soft_margin=soft_margin)
+    assert "triplet_row_loss_triton" in without, without  # no promise, no reading: the chunked path
+
+
+@pytest.mark.parametrize("mining", ("batch_hard", *MINED))
+def test_max_class_size_promise_is_checked(kernel_backend, mining, monkeypatch):
+    """A kept promise changes no result; a broken one raises where the labels are read for free, and
+    where they are not, gives NaN on the path that relied on it (a class beyond its slots), never a
+    wrong number. A broken promise whose classes still fit the slots stays exact."""
+    device = device_for(kernel_backend)
+    gen = torch.Generator().manual_seed(34)
+    x = _grid_rows(40, 8, gen).to(device)
+    small = torch.arange(40).div(5, rounding_mode="floor")[torch.randperm(40, generator=gen)].to(device)
+    large = torch.cat([torch.zeros(ops.POS_SLOTS + 2, dtype=torch.int64),
+                       torch.arange(40 - ops.POS_SLOTS - 2) // 4 + 1]).to(device)
+
+    def both(labels, **kw):
+        leaf = x.clone().requires_grad_(True)
+        loss = lf.triplet_loss(leaf, labels, mining=mining, backend=kernel_backend, **kw)
+        loss.backward()
+        return loss.detach(), leaf.grad
+
+    def assert_reference(got, labels):
+        leaf = x.double().requires_grad_(True)
+        want = lf.triplet_loss(leaf, labels, mining=mining, backend="reference")
+        want.backward()
+        assert_close_rel(got[0], want, 1e-5)
+        assert_close_rel(got[1], leaf.grad, 1e-5)
+
+    assert_reference(both(small, max_class_size=5), small)
+    assert_reference(both(small, max_class_size=ops.POS_SLOTS + 1), small)
+    for bad, error in ((0, ValueError), (-3, ValueError), (2.0, TypeError), ("4", TypeError), (True, TypeError)):
+        with pytest.raises(error, match="max_class_size"):
+            lf.triplet_loss(x, small, mining=mining, max_class_size=bad, backend=kernel_backend)
+    with pytest.raises(ValueError, match="max_class_size=4 was promised, but label 0 occurs 18 times"):
+        lf.triplet_loss(x, large, mining=mining, max_class_size=4, backend=kernel_backend)
+    monkeypatch.setattr("lossforge_kernels._checks.eager_value_checks", lambda t: False)
+    assert_reference(both(small, max_class_size=4), small)  # broken, but every class fits the slots
+    loss, grad = both(large, max_class_size=4)
+    if kernel_backend == "triton" and mining != "batch_hard":
+        assert loss.isnan() and grad.isnan().all(), (loss, grad)
+    else:  # the promise selects nothing here: the result stays exact
+        assert_reference((loss, grad), large)
+
+
+def test_register_kernels_refuse_bad_input_by_name(kernel_backend):
+    if kernel_backend != "triton":
+        pytest.skip("the register path's ops are Triton's")
+    device = device_for(kernel_backend)
+    x, labels = torch.randn(6, 4).to(device), torch.tensor([0, 1, 0, 1, 2, 2]).to(device)
+    pos, n_pos, _, _ = ops.positive_slots(labels, 4)
+    slots = torch.rand(pos.shape).to(device)
+    loss, count = torch.empty(6, device=device), torch.empty(6, dtype=torch.int64, device=device)
+    with pytest.raises(ValueError, match="triplet_batch_all_rows: row_weight and grad_rows come together"):
+        ops.BATCH_ALL_ROWS[kernel_backend](x, labels, None, Distance.EUCLIDEAN, 0.2, False, n_pos, slots, None, loss,
+                                           count, torch.empty_like(slots), torch.empty_like(x))
+    with pytest.raises(ValueError, match="triplet_semi_hard_mine: chosen must be"):
+        ops.SEMI_HARD_MINE[kernel_backend](x, labels, None, Distance.EUCLIDEAN, n_pos, slots, slots.clone(),
+                                           slots.clone())
+    with pytest.raises(ValueError, match="triplet_pair_distances: cosine distances need inv_norm"):
+        ops.PAIR_DISTANCES[kernel_backend](x, None, pos, pos, Distance.COSINE, slots.clone(), slots.clone())
+    offsets = torch.arange(0, pos.numel() + 1, 4, device=device)
+    with pytest.raises(ValueError, match="triplet_list_grad: grad_inv_norm needs inv_norm"):
+        ops.LIST_GRAD[kernel_backend](x, None, None, offsets, pos.reshape(-1), slots.reshape(-1), True, None, loss)
+    with pytest.raises(ValueError, match="triplet_list_grad: offsets must be"):
+        ops.LIST_GRAD[kernel_backend](x, None, None, offsets[:-1], pos.reshape(-1), slots.reshape(-1), True,
+                                      torch.empty_like(x), None)
+    with pytest.raises(KeyError):
+        ops.LIST_GRAD["cuda"]  # no CUDA op is defined for this path
+
+
+@pytest.fixture
+def product_work(monkeypatch):
+    """Multiply-adds of every product a call runs: the Triton interpreter's tl.dot and torch's mm/addmm."""
+    from tests.conftest import LaunchLog
+
+    interpreter = pytest.importorskip("triton.runtime.interpreter")
+    if not hasattr(interpreter, "InterpreterBuilder") or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("counts the Triton interpreter's dots")
+    work = []
+    create_dot = interpreter.InterpreterBuilder.create_dot
+
+    def counted(self, a, b, *args, **kwargs):
+        work.append(a.data.shape[-2] * a.data.shape[-1] * b.data.shape[-1])
+        return create_dot(self, a, b, *args, **kwargs)
+
+    class TorchProducts(LaunchLog):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in ("mm", "addmm", "addmm_"):
+                a, b = (args[0], args[1]) if name == "mm" else (args[1], args[2])
+                work.append(a.shape[0] * a.shape[1] * b.shape[1])
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", counted)
+    return work, TorchProducts
+
+
+# B x B x D products per forward + backward at 4 rows per class (P x K sampling): batch_hard takes 1
+PRODUCTS = {  # (mining, soft_margin, reduction): (register path, chunked path)
+    ("semi_hard", False, "mean"): (1, 3), ("semi_hard", False, "sum"): (1, 3), ("semi_hard", True, "none"): (2, 4),
+    ("batch_all", True, "mean"): (2, 3), ("batch_all", False, "sum"): (2, 3), ("batch_all", False, "mean"): (3, 4),
+    ("batch_all", False, "none"): (3, 4),
+}
+
+
+@pytest.mark.parametrize("case", list(PRODUCTS), ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("register", [True, False], ids=["register", "chunked"])
+def test_mined_products_per_forward_and_backward(case, register, product_work, monkeypatch):
+    """B x B x D products counted over the dots and matrix products a fwd+bwd runs (the tiles divide the
+    shapes: no padding in the count): the register path 1 (semi_hard) or 2 (batch_all; hinge 'mean' and
+    'none' 3), against the chunked path's 3-4."""
+    work, torch_products = product_work
+    mining, soft_margin, reduction = case
+    if not register:
+        monkeypatch.setattr(ops, "_largest_class_fits", lambda labels, promised: False)
+    b, d = 64, 64
+    gen = torch.Generator().manual_seed(33)
+    x = _grid_rows(b, d, gen).requires_grad_(True)
+    labels = torch.arange(b).div(4, rounding_mode="floor")[torch.randperm(b, generator=gen)]
+    with torch_products():
+        loss = lf.triplet_loss(x, labels, mining=mining, soft_margin=soft_margin, reduction=reduction,
+                               backend="triton")
+        loss.backward(torch.ones_like(loss))
+    assert sum(work) / (b * b * d) == PRODUCTS[case][0 if register else 1]
 
 
 def test_row_kernel_refuses_bad_input_by_name(kernel_backend):

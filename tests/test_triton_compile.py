@@ -224,11 +224,19 @@ def _cases():
         ("triplet euclidean bf16", triplet(bf16, 64)),
         ("triplet squared soft_margin fp32", triplet(f32, 64, distance="squared_euclidean", soft_margin=True)),
         ("triplet cosine bf16 D=600", triplet(bf16, 600, distance="cosine")),
-        # triplet semi_hard / batch_all: the chunked row kernel (batch_all hinge 'mean' adds a counting pass)
+        # triplet semi_hard / batch_all, small classes: the register path (pair distances, the semi-hard
+        # mining, the batch-all row pass and the list gradient; hinge 'mean' adds a counting pass)
         ("triplet semi_hard euclidean bf16", triplet(bf16, 64, mining="semi_hard")),
         ("triplet batch_all hinge cosine fp32", triplet(f32, 64, mining="batch_all", distance="cosine")),
         ("triplet batch_all soft squared normalized bf16", triplet(bf16, 64, mining="batch_all", soft_margin=True,
                                                                    distance="squared_euclidean", normalize=True)),
+        ("triplet batch_all hinge fp16 D=600", triplet(torch.float16, 600, mining="batch_all", reduction="sum")),
+        ("triplet batch_all hinge bf16 D=600", triplet(bf16, 600, mining="batch_all", reduction="sum")),
+        # ... and a class of more than 17 rows: the chunked row kernel
+        ("triplet semi_hard chunked bf16", lambda: backward(lf.triplet_loss(
+            randn(40, 64, dtype=bf16), classes(40, 2), mining="semi_hard", backend=T), 2.0)),
+        ("triplet batch_all chunked hinge cosine fp32", lambda: backward(lf.triplet_loss(
+            randn(40, 64), classes(40, 2), mining="batch_all", distance="cosine", backend=T), 2.0)),
     ]
 
 

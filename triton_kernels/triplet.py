@@ -301,15 +301,22 @@ def triplet_kept(labels, kept):
     _kept_kernel[(triton.cdiv(n, block),)](labels, kept, n, BLOCK_M=block, BLOCK_N=32, num_warps=4)
 
 
+def _row_sq_norms(x):
+    """(2 B,) fp32: the rows' squared norms, then each row's non-finite flag (_row_sq_norm_kernel)."""
+    n, d = x.shape
+    sq = torch.empty(2 * n, device=x.device, dtype=torch.float32)
+    _row_sq_norm_kernel[(triton.cdiv(n, 16),)](x, sq, n, d, BLOCK_R=16, BLOCK_D=min(triton.next_power_of_2(max(d, 1)),
+                                                                                   256), num_warps=4)
+    return sq
+
+
 def triplet_mine(x, labels, inv_norm, distance, margin, soft_margin, pos_index, pos_dist, neg_index, neg_dist, loss,
                  slope):
     """The mining op (contract: lossforge_kernels/ops/triplet.py, checked there)."""
     n, d = x.shape
     if n == 0:
         return
-    sq = torch.empty(2 * n, device=x.device, dtype=torch.float32)
-    block_d = min(triton.next_power_of_2(max(d, 1)), 256)
-    _row_sq_norm_kernel[(triton.cdiv(n, 16),)](x, sq, n, d, BLOCK_R=16, BLOCK_D=block_d, num_warps=4)
+    sq = _row_sq_norms(x)
     bm, bn, bk, warps, stages, upcast, precision = _mine_config(x.dtype)
     has_inv_norm = inv_norm is not None
     in_eights = d % 16 == 8  # (a multiple of 16 is specialised by Triton itself)
@@ -517,3 +524,344 @@ def triplet_row_loss(gram, sq, inv_norm, labels, row0, mining, distance, margin,
         coef if has_grad else gram, rows, n, row0, float(margin), SEMI=mining == SEMI_HARD.value,
         SOFT=bool(soft_margin), DISTANCE=distance, HAS_INV_NORM=inv_norm is not None, HAS_GRAD=has_grad,
         BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps)
+
+
+# ---- semi_hard and batch_all from MMA tiles, for anchors with at most SLOTS positives ----------
+# (contract: lossforge_kernels/ops/triplet.py, "register path"). Each anchor's positives sit in a
+# [B, SLOTS] table (ops: from the labels sorted once); their distances are in registers while a block
+# of BLOCK_M anchors walks every BLOCK_N-column tile of x x^T, as the batch-hard mining does.
+# semi_hard: per (anchor, slot) the running nearest negative beyond d_ap (smallest column on ties)
+# and the anchor's farthest negative: 1 product, then O(B SLOTS D) gradient work (the list-gradient kernel).
+# batch_all: per tile, the coefficient of every negative pair seen from both its rows (the column's
+# positives' distances come from the table), and their product with the columns' rows over the full
+# feature width: 2 products, each row's gradient summed in one program (deterministic).
+
+
+@triton.jit
+def _pair_distances_kernel(x_ptr, sq_ptr, inv_ptr, a_ptr, b_ptr, gram_ptr, exact_ptr, E, D,
+                           DISTANCE: tl.constexpr, HAS_INV_NORM: tl.constexpr, BLOCK_E: tl.constexpr,
+                           BLOCK_D: tl.constexpr):
+    """Per pair e with b[e] >= 0: its distance in the Gram form (what the tiles compare) and again
+    from the rows' difference (the exact one, which the loss takes; cosine: the Gram form); 0 for
+    b[e] < 0."""
+    e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    live = e < E
+    a = tl.load(a_ptr + e, mask=live, other=0)
+    b = tl.load(b_ptr + e, mask=live, other=-1)
+    live = live & (b >= 0)
+    b = tl.where(live, b, 0)
+    inv_a = tl.load(inv_ptr + a, mask=live, other=0.0) if HAS_INV_NORM else tl.full([BLOCK_E], 1.0, tl.float32)
+    inv_b = tl.load(inv_ptr + b, mask=live, other=0.0) if HAS_INV_NORM else tl.full([BLOCK_E], 1.0, tl.float32)
+    dot = tl.zeros([BLOCK_E], dtype=tl.float32)
+    diff = tl.zeros([BLOCK_E], dtype=tl.float32)
+    for k in range(0, D, BLOCK_D):
+        ks = k + tl.arange(0, BLOCK_D)
+        tile = live[:, None] & (ks < D)[None, :]
+        x_a = tl.load(x_ptr + a.to(tl.int64)[:, None] * D + ks[None, :], mask=tile, other=0.0).to(tl.float32)
+        x_b = tl.load(x_ptr + b.to(tl.int64)[:, None] * D + ks[None, :], mask=tile, other=0.0).to(tl.float32)
+        dot += tl.sum(x_a * x_b, axis=1)
+        step = x_a * inv_a[:, None] - x_b * inv_b[:, None]
+        diff += tl.sum(step * step, axis=1)
+    e_a = tl.load(sq_ptr + a, mask=live, other=0.0) * inv_a * inv_a
+    e_b = tl.load(sq_ptr + b, mask=live, other=0.0) * inv_b * inv_b
+    if HAS_INV_NORM:
+        dot = dot * (inv_a * inv_b)
+    if DISTANCE == COSINE:
+        gram = 1.0 - dot
+        exact = gram
+    else:
+        gram = _clamp_keep_nan(e_a + e_b - 2.0 * dot)
+        exact = diff
+        if DISTANCE == EUCLIDEAN:
+            gram = tl.sqrt_rn(gram + 1e-12)
+            exact = tl.sqrt_rn(diff + 1e-12)
+        # a non-finite row keeps the Gram form's NaN or inf, as the reference has it
+        exact = tl.where(tl.abs(gram) < float("inf"), exact, gram)
+    inside = e < E
+    tl.store(gram_ptr + e, tl.where(live, gram, 0.0), mask=inside)
+    tl.store(exact_ptr + e, tl.where(live, exact, 0.0), mask=inside)
+
+
+@triton.jit
+def _slot(table, slots, p):
+    """Column p of a [rows, SLOTS] table, as a [rows] vector."""
+    return tl.sum(tl.where(slots[None, :] == p, table, 0), axis=1)
+
+
+@triton.jit
+def _semi_hard_kernel(x_ptr, lab_ptr, sq_ptr, inv_ptr, npos_ptr, dap_ptr, ci_ptr, cd_ptr, B, D,
+                      DISTANCE: tl.constexpr, HAS_INV_NORM: tl.constexpr, DOT_F32: tl.constexpr,
+                      PRECISION: tl.constexpr, SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < B
+    rows64 = rows.to(tl.int64)
+    slots = tl.arange(0, SLOTS)
+    lab_r = tl.load(lab_ptr + rows, mask=rmask, other=0)
+    inv_r = tl.load(inv_ptr + rows, mask=rmask, other=0.0) if HAS_INV_NORM else tl.full([BLOCK_M], 1.0, tl.float32)
+    e_r = tl.load(sq_ptr + rows, mask=rmask, other=0.0) * inv_r * inv_r
+    n_pos = tl.load(npos_ptr + rows, mask=rmask, other=0)
+    used = tl.max(n_pos, axis=0)  # slots any anchor of the block fills
+    at = rows64[:, None] * SLOTS + slots[None, :]
+    filled = rmask[:, None] & (slots[None, :] < n_pos[:, None])
+    d_ap = tl.load(dap_ptr + at, mask=filled, other=0.0)
+    best_v = tl.full([BLOCK_M, SLOTS], float("inf"), tl.float32)  # nearest negative beyond d_ap
+    best_i = tl.full([BLOCK_M, SLOTS], NO_INDEX, tl.int32)
+    far_v = tl.full([BLOCK_M], float("-inf"), tl.float32)         # the fallback: the farthest negative
+    far_i = tl.full([BLOCK_M], NO_INDEX, tl.int32)
+    for start in range(0, B, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        cmask = cols < B
+        cols64 = cols.to(tl.int64)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k in range(0, D, BLOCK_K):
+            ks = k + tl.arange(0, BLOCK_K)
+            kmask = ks < D
+            a = tl.load(x_ptr + rows64[:, None] * D + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(x_ptr + cols64[:, None] * D + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+            if DOT_F32:  # the interpreter has no half-precision dot
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+        inv_c = tl.load(inv_ptr + cols, mask=cmask, other=0.0) if HAS_INV_NORM else tl.full([BLOCK_N], 1.0, tl.float32)
+        e_c = tl.load(sq_ptr + cols, mask=cmask, other=0.0) * inv_c * inv_c
+        dist = _tile_distances(acc, inv_r, e_r, inv_c, e_c, DISTANCE, HAS_INV_NORM)
+        lab_c = tl.load(lab_ptr + cols, mask=cmask, other=0)
+        neg = (lab_r[:, None] != lab_c[None, :]) & rmask[:, None] & cmask[None, :]
+        far_v, far_i = _fold_best(far_v, far_i, dist, neg, cols, True)
+        for p in range(0, used):  # a loop, not unrolled: SLOTS copies of the body would spill
+            beyond = neg & (dist > _slot(d_ap, slots, p)[:, None])  # never a NaN: taken apart below
+            d_b = tl.where(beyond, dist, float("inf"))
+            low = tl.min(d_b, axis=1)
+            low_i = tl.min(tl.where(beyond & (d_b == low[:, None]), cols[None, :], NO_INDEX), axis=1)
+            # strictly nearer: an equal distance in a later tile has a larger column; a first
+            # candidate at +inf is taken over nothing
+            nearer = (low < _slot(best_v, slots, p)) | ((_slot(best_i, slots, p) == NO_INDEX) & (low_i != NO_INDEX))
+            take = (slots[None, :] == p) & nearer[:, None]
+            best_v = tl.where(take, low[:, None], best_v)
+            best_i = tl.where(take, low_i[:, None], best_i)
+    # no negative beyond d_ap, or a NaN negative (the farthest, every pair's choice): the farthest one
+    found = (best_i != NO_INDEX) & (far_v == far_v)[:, None]
+    chosen = tl.where(found, best_i, far_i[:, None])
+    d_an = tl.where(found, best_v, far_v[:, None])
+    kept = filled & (far_i != NO_INDEX)[:, None]
+    tl.store(ci_ptr + at, tl.where(kept, chosen, -1).to(tl.int64), mask=rmask[:, None])
+    tl.store(cd_ptr + at, tl.where(kept, d_an, 0.0), mask=rmask[:, None])
+
+
+def _pair_block_d(d):
+    return min(triton.next_power_of_2(max(d, 1)), 64)
+
+
+def triplet_pair_distances(x, inv_norm, a, b, distance, gram, exact):
+    """The pair-distance op (contract: lossforge_kernels/ops/triplet.py, checked there)."""
+    n, d = x.shape
+    e = a.numel()
+    if e == 0:
+        return
+    sq = _row_sq_norms(x)
+    block_e = 64 if interpreting() else 32
+    _pair_distances_kernel[(triton.cdiv(e, block_e),)](
+        x, sq, inv_norm if inv_norm is not None else sq, a, b, gram, exact, e, d, DISTANCE=distance,
+        HAS_INV_NORM=inv_norm is not None, BLOCK_E=block_e, BLOCK_D=_pair_block_d(d), num_warps=4)
+
+
+def triplet_semi_hard_mine(x, labels, inv_norm, distance, n_pos, pos_dist, chosen, chosen_dist):
+    """semi_hard's choices for the anchors' positive slots (contract: ops/triplet.py, checked there)."""
+    n, d = x.shape
+    slots = pos_dist.shape[1]
+    if n == 0:
+        return
+    sq = _row_sq_norms(x)
+    bm, bn, bk, warps, stages, upcast, precision = _mine_config(x.dtype)
+    has_inv_norm = inv_norm is not None
+    _semi_hard_kernel[(triton.cdiv(n, bm),)](
+        x, labels, sq, inv_norm if has_inv_norm else sq, n_pos, pos_dist, chosen, chosen_dist, n, d,
+        DISTANCE=distance, HAS_INV_NORM=has_inv_norm, DOT_F32=upcast, PRECISION=precision, SLOTS=slots,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+
+
+@triton.jit
+def _batch_all_kernel(x_ptr, lab_ptr, sq_ptr, inv_ptr, npos_ptr, dap_ptr, w_ptr, loss_ptr, count_ptr, wpos_ptr,
+                      g_ptr, B, D, margin, SOFT: tl.constexpr, DISTANCE: tl.constexpr, HAS_INV_NORM: tl.constexpr,
+                      HAS_GRAD: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, GRAD_F32: tl.constexpr,
+                      GRAD_PRECISION: tl.constexpr, SLOTS: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DG: tl.constexpr):
+    # grid (row blocks, feature blocks of BLOCK_DG): every program mines its rows' tiles over the full
+    # width; the first feature block writes the losses, counts and positive slopes, each its share of g.
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dblock = tl.program_id(1)
+    first = dblock == 0
+    rmask = rows < B
+    rows64 = rows.to(tl.int64)
+    slots = tl.arange(0, SLOTS)
+    dg = dblock * BLOCK_DG + tl.arange(0, BLOCK_DG)
+    dgmask = dg < D
+    lab_r = tl.load(lab_ptr + rows, mask=rmask, other=0)
+    inv_r = tl.load(inv_ptr + rows, mask=rmask, other=0.0) if HAS_INV_NORM else tl.full([BLOCK_M], 1.0, tl.float32)
+    e_r = tl.load(sq_ptr + rows, mask=rmask, other=0.0) * inv_r * inv_r
+    n_pos_r = tl.load(npos_ptr + rows, mask=rmask, other=0)
+    used_r = tl.max(n_pos_r, axis=0)
+    at_r = rows64[:, None] * SLOTS + slots[None, :]
+    d_ap = tl.load(dap_ptr + at_r, mask=rmask[:, None] & (slots[None, :] < n_pos_r[:, None]), other=0.0)
+    w_r = tl.load(w_ptr + rows, mask=rmask, other=0.0) if HAS_GRAD else tl.zeros([BLOCK_M], dtype=tl.float32)
+    total = tl.zeros([BLOCK_M], dtype=tl.float32)
+    count = tl.zeros([BLOCK_M], dtype=tl.int64)
+    w_pos = tl.zeros([BLOCK_M, SLOTS], dtype=tl.float32)  # per positive slot: its slopes' sum over negatives
+    g = tl.zeros([BLOCK_M, BLOCK_DG], dtype=tl.float32)   # sum_n coef * v_n over the tiles
+    g_sum = tl.zeros([BLOCK_M], dtype=tl.float32)         # sum_n coef
+    for start in range(0, B, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        cmask = cols < B
+        cols64 = cols.to(tl.int64)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k in range(0, D, BLOCK_K):
+            ks = k + tl.arange(0, BLOCK_K)
+            kmask = ks < D
+            a = tl.load(x_ptr + rows64[:, None] * D + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(x_ptr + cols64[:, None] * D + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+            if DOT_F32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+        inv_c = tl.load(inv_ptr + cols, mask=cmask, other=0.0) if HAS_INV_NORM else tl.full([BLOCK_N], 1.0, tl.float32)
+        e_c = tl.load(sq_ptr + cols, mask=cmask, other=0.0) * inv_c * inv_c
+        dist = _tile_distances(acc, inv_r, e_r, inv_c, e_c, DISTANCE, HAS_INV_NORM)
+        lab_c = tl.load(lab_ptr + cols, mask=cmask, other=0)
+        neg = (lab_r[:, None] != lab_c[None, :]) & rmask[:, None] & cmask[None, :]
+        # the rows as anchors: every (slot, negative column) triplet
+        from_rows = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for p in range(0, used_r):
+            valid = neg & (p < n_pos_r)[:, None]
+            term, slope = _term_and_slope(_slot(d_ap, slots, p)[:, None] - dist, margin, SOFT)
+            total += tl.sum(tl.where(valid, term, 0.0), axis=1)
+            slope = tl.where(valid, slope, 0.0)
+            if not SOFT:
+                count += tl.sum((slope > 0.0).to(tl.int64), axis=1)
+            w_pos += tl.where(slots[None, :] == p, tl.sum(slope, axis=1)[:, None], 0.0)
+            from_rows += slope
+        if HAS_GRAD:
+            # the columns as anchors, each row one of their negatives: the columns' positives from the table
+            n_pos_c = tl.load(npos_ptr + cols, mask=cmask, other=0)
+            used_c = tl.max(n_pos_c, axis=0)
+            d_cp = tl.load(dap_ptr + cols64[:, None] * SLOTS + slots[None, :],
+                           mask=cmask[:, None] & (slots[None, :] < n_pos_c[:, None]), other=0.0)
+            from_cols = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for q in range(0, used_c):
+                valid = neg & (q < n_pos_c)[None, :]
+                _, slope = _term_and_slope(_slot(d_cp, slots, q)[None, :] - dist, margin, SOFT)
+                from_cols += tl.where(valid, slope, 0.0)
+            w_c = tl.load(w_ptr + cols, mask=cmask, other=0.0)
+            coef = -(from_rows * w_r[:, None] + from_cols * w_c[None, :]) * _grad_factor(dist, DISTANCE)
+            coef = tl.where(neg, coef, 0.0)
+            g_sum += tl.sum(coef, axis=1)
+            if HAS_INV_NORM:
+                coef = coef * inv_c[None, :]
+            x_c = tl.load(x_ptr + cols64[:, None] * D + dg[None, :], mask=cmask[:, None] & dgmask[None, :], other=0.0)
+            if GRAD_F32:  # fp16 rows: fp32 operands keep the small coefficients ('mean' at a large B)
+                x_c = x_c.to(tl.float32)
+            else:
+                coef = coef.to(x_c.dtype)
+            g = tl.dot(coef, x_c, g, input_precision=GRAD_PRECISION)
+    if HAS_GRAD:
+        x_r = tl.load(x_ptr + rows64[:, None] * D + dg[None, :], mask=rmask[:, None] & dgmask[None, :],
+                      other=0.0).to(tl.float32)
+        if DISTANCE == COSINE:
+            g = -g
+        else:
+            g = g_sum[:, None] * (x_r * inv_r[:, None]) - g
+        tl.store(g_ptr + rows64[:, None] * D + dg[None, :], g, mask=rmask[:, None] & dgmask[None, :])
+    if first:
+        tl.store(loss_ptr + rows, total, mask=rmask)
+        tl.store(count_ptr + rows, count, mask=rmask)
+        tl.store(wpos_ptr + at_r, w_pos, mask=rmask[:, None])
+
+
+@triton.jit
+def _list_grad_kernel(x_ptr, inv_ptr, g_ptr, off_ptr, other_ptr, coef_ptr, gx_ptr, ginv_ptr, B, D,
+                      HAS_G: tl.constexpr, HAS_INV_NORM: tl.constexpr, CENTERED: tl.constexpr, HAS_GX: tl.constexpr,
+                      HAS_GINV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """g_r (fp32, w.r.t. v_r; 0 without HAS_G) plus each of row r's list entries, in order,
+    coef * (v_r - v_other) (cosine: - coef * v_other; other < 0: skipped); writes inv_norm_r * g_r in
+    x's dtype and x_r . g_r. BLOCK_R rows side by side: step j adds each row's j-th entry."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < B
+    rows64 = rows.to(tl.int64)
+    start = tl.load(off_ptr + rows, mask=rmask, other=0)
+    count = tl.load(off_ptr + rows + 1, mask=rmask, other=0) - start
+    longest = tl.max(count, axis=0)
+    inv_r = tl.load(inv_ptr + rows, mask=rmask, other=0.0) if HAS_INV_NORM else tl.full([BLOCK_R], 1.0, tl.float32)
+    dot = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for k in range(0, D, BLOCK_D):
+        ks = k + tl.arange(0, BLOCK_D)
+        tile = rmask[:, None] & (ks < D)[None, :]
+        x_r = tl.load(x_ptr + rows64[:, None] * D + ks[None, :], mask=tile, other=0.0).to(tl.float32)
+        v_r = x_r * inv_r[:, None]
+        if HAS_G:
+            g = tl.load(g_ptr + rows64[:, None] * D + ks[None, :], mask=tile, other=0.0)
+        else:
+            g = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+        for j in range(0, longest):
+            o = tl.load(other_ptr + start + j, mask=rmask & (j < count), other=-1)
+            live = o >= 0
+            o = tl.where(live, o, 0)
+            c = tl.load(coef_ptr + start + j, mask=live, other=0.0)
+            inv_o = tl.load(inv_ptr + o, mask=live, other=0.0) if HAS_INV_NORM else tl.full([BLOCK_R], 1.0, tl.float32)
+            v_o = tl.load(x_ptr + o.to(tl.int64)[:, None] * D + ks[None, :], mask=tile & live[:, None],
+                          other=0.0).to(tl.float32) * inv_o[:, None]
+            if CENTERED:
+                g += c[:, None] * (v_r - v_o)
+            else:
+                g -= c[:, None] * v_o
+        if HAS_GX:
+            tl.store(gx_ptr + rows64[:, None] * D + ks[None, :], (g * inv_r[:, None]).to(gx_ptr.dtype.element_ty),
+                     mask=tile)
+        dot += tl.sum(x_r * g, axis=1)
+    if HAS_GINV:
+        tl.store(ginv_ptr + rows, dot, mask=rmask)
+
+
+def _batch_all_config(dtype, d):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_DG, warps, stages, upcast, precision, grad in fp32, grad precision)."""
+    width = max(16, triton.next_power_of_2(max(d, 1)))
+    if interpreting():
+        return 32, 32, 32, width, 4, 1, True, "ieee", True, "ieee"
+    if dtype == torch.float32:
+        return 64, 32, 32, min(width, 256), 8, 2, False, "ieee", True, "ieee"
+    if dtype == torch.float16:  # fp32 operands for the gradient product: half the feature block
+        return 32, 32, 64, min(width, 256), 8, 2, False, "tf32", True, "tf32"
+    return 32, 32, 64, min(width, 512), 8, 2, False, "tf32", False, "tf32"
+
+
+def triplet_batch_all_rows(x, labels, inv_norm, distance, margin, soft_margin, n_pos, pos_dist, row_weight, loss,
+                           count, pos_slope, grad_rows):
+    """batch_all's losses and the negative pairs' gradient (contract: ops/triplet.py, checked there)."""
+    n, d = x.shape
+    if n == 0:
+        return
+    slots = pos_dist.shape[1]
+    sq = _row_sq_norms(x)
+    bm, bn, bk, bdg, warps, stages, upcast, precision, grad_f32, grad_precision = _batch_all_config(x.dtype, d)
+    has_grad = grad_rows is not None
+    blocks = triton.cdiv(d, bdg) if has_grad else 1
+    _batch_all_kernel[(triton.cdiv(n, bm), blocks)](
+        x, labels, sq, inv_norm if inv_norm is not None else sq, n_pos, pos_dist, row_weight if has_grad else sq,
+        loss, count, pos_slope, grad_rows if has_grad else sq, n, d, float(margin), SOFT=bool(soft_margin),
+        DISTANCE=distance, HAS_INV_NORM=inv_norm is not None, HAS_GRAD=has_grad, DOT_F32=upcast, PRECISION=precision,
+        GRAD_F32=grad_f32 or upcast, GRAD_PRECISION=grad_precision, SLOTS=slots, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        BLOCK_DG=bdg, num_warps=warps, num_stages=stages)
+
+
+def triplet_list_grad(x, inv_norm, grad_rows, offsets, others, coef, centered, grad_x, grad_inv_norm):
+    """Each row's list of pairs added to its gradient (contract: ops/triplet.py, checked there)."""
+    n, d = x.shape
+    if n == 0 or (grad_x is None and grad_inv_norm is None):
+        return
+    has_inv_norm = inv_norm is not None
+    block_r = 32 if interpreting() else 8
+    _list_grad_kernel[(triton.cdiv(n, block_r),)](
+        x, inv_norm if has_inv_norm else coef, coef if grad_rows is None else grad_rows, offsets, others, coef,
+        x if grad_x is None else grad_x, coef if grad_inv_norm is None else grad_inv_norm, n, d,
+        HAS_G=grad_rows is not None, HAS_INV_NORM=has_inv_norm, CENTERED=bool(centered), HAS_GX=grad_x is not None,
+        HAS_GINV=grad_inv_norm is not None, BLOCK_R=block_r, BLOCK_D=min(triton.next_power_of_2(max(d, 1)), 256),
+        num_warps=4)

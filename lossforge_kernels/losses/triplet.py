@@ -18,13 +18,18 @@ from .._backends import BACKENDS, KERNEL_BACKENDS, BackendUnavailableError, Loss
     resolve_backend
 from ..distributed import triplet as dist_impl
 from ..ops import triplet as kernels
+from ..ops._labels import class_sizes
 from ..reference import triplet as ref
 
 FAMILY = "triplet"
 register_kernels(FAMILY, LossKernels(backends=("triton", "cuda")))  # Triton first: see the README (Backends)
 
 
-def _check_options(margin, mining, distance, soft_margin, normalize, reduction):
+def _check_options(margin, mining, distance, soft_margin, normalize, reduction, max_class_size):
+    if max_class_size is not None:
+        max_class_size = C.check_int("max_class_size", max_class_size)
+        if max_class_size < 1:
+            raise ValueError(f"max_class_size must be None or at least 1, got {max_class_size}")
     margin = C.check_float("margin", margin)
     if not abs(margin) < math.inf:  # a comparison: see _checks.check_float
         raise ValueError(f"margin must be a finite number, got {margin!r}")
@@ -37,15 +42,22 @@ def _check_options(margin, mining, distance, soft_margin, normalize, reduction):
 
 
 def triplet_loss(embeddings, labels, *, margin=0.2, mining="batch_hard", distance="euclidean", soft_margin=False,
-                 normalize=False, reduction="mean", process_group=None, backend="auto"):
+                 normalize=False, reduction="mean", max_class_size=None, process_group=None, backend="auto"):
     """Triplet loss over a labelled batch, with the triplets mined inside the batch.
 
     embeddings (B, D) float, labels (B,) integer. See reference/triplet.py for the mining rules and
     what each reduction averages over. Any finite `margin` is accepted (zero or negative included);
     it is unused when `soft_margin=True`.
+
+    max_class_size: a promise that no label occurs more than this many times in `labels` (P x K
+    sampling: K). It changes no result; it lets semi_hard and batch_all mine from the product's tiles
+    on Triton (classes of at most 17 rows) where reading the labels would cost a host sync. A broken
+    promise raises ValueError where the labels can be read for free (CPU tensors, or
+    LOSSFORGE_CHECK_INPUTS=1); elsewhere the loss and gradient are NaN if a class exceeds 17 rows.
     """
     C.check_rows_and_labels("embeddings", embeddings, labels)
-    margin = _check_options(margin, mining, distance, soft_margin, normalize, reduction)
+    margin = _check_options(margin, mining, distance, soft_margin, normalize, reduction, max_class_size)
+    _check_class_sizes(labels, max_class_size)
     C.check_process_group(process_group)
     chosen = _choose_backend(backend, mining, process_group, embeddings)
     autocast = AC.autocast_dtype(embeddings)
@@ -67,8 +79,21 @@ def triplet_loss(embeddings, labels, *, margin=0.2, mining="batch_hard", distanc
             return kernels.triplet_kernels(tensors, dict(distance=distance_id, margin=margin, soft_margin=soft_margin),
                                            reduction=reduction, backend=chosen, out_dtype=out_dtype)
         return kernels.triplet_mined_kernels(tensors, dict(mining=ref.MINING_IDS[mining], distance=distance_id,
-                                                           margin=margin, soft_margin=soft_margin, chunk_size=None),
+                                                           margin=margin, soft_margin=soft_margin, chunk_size=None,
+                                                           max_class_size=max_class_size),
                                              reduction=reduction, backend=chosen, out_dtype=out_dtype)
+
+
+def _check_class_sizes(labels, max_class_size):
+    """ValueError for a broken max_class_size promise, where reading the labels is free."""
+    if max_class_size is None or labels.numel() == 0 or not C.eager_value_checks(labels):
+        return
+    sizes = class_sizes(labels)
+    largest = int(sizes.max())
+    if largest > max_class_size:
+        label = labels[sizes.argmax()].item()
+        raise ValueError(f"max_class_size={max_class_size} was promised, but label {label} occurs {largest} times "
+                         f"in labels")
 
 
 def _choose_backend(backend, mining, process_group, embeddings):
@@ -90,22 +115,25 @@ def _choose_backend(backend, mining, process_group, embeddings):
 
 class TripletLoss(nn.Module):
     def __init__(self, margin=0.2, mining="batch_hard", distance="euclidean", soft_margin=False, normalize=False,
-                 reduction="mean", process_group=None, backend="auto"):
+                 reduction="mean", max_class_size=None, process_group=None, backend="auto"):
         super().__init__()
-        _check_options(margin, mining, distance, soft_margin, normalize, reduction)
+        _check_options(margin, mining, distance, soft_margin, normalize, reduction, max_class_size)
         C.check_process_group(process_group)
         self.margin, self.mining, self.distance = margin, mining, distance
         self.soft_margin, self.normalize, self.reduction = soft_margin, normalize, reduction
+        self.max_class_size = max_class_size
         self.process_group, self.backend = process_group, backend
 
     def forward(self, embeddings, labels):
         return triplet_loss(embeddings, labels, margin=self.margin, mining=self.mining, distance=self.distance,
                             soft_margin=self.soft_margin, normalize=self.normalize, reduction=self.reduction,
-                            process_group=self.process_group, backend=self.backend)
+                            max_class_size=self.max_class_size, process_group=self.process_group,
+                            backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"margin={self.margin}, mining={self.mining!r}, distance={self.distance!r}, "
-                f"soft_margin={self.soft_margin}, normalize={self.normalize}, reduction={self.reduction!r}")
+                f"soft_margin={self.soft_margin}, normalize={self.normalize}, reduction={self.reduction!r}, "
+                f"max_class_size={self.max_class_size}")
 
 
 # The family's public API (functional.py, modules.py and the package export exactly these).

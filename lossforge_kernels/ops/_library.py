@@ -29,19 +29,22 @@ def _writes_only(*args, **kwargs):
 class KernelOp:
     """One kernel contract on every kernel backend: `op["cuda"](...)`, `op["triton"](...)`."""
 
-    def __init__(self, name: str, schema: str, fake: Callable | None = None, check: Callable | None = None):
-        """`fake` may be left out for an op that only writes into its arguments (returns ())."""
+    def __init__(self, name: str, schema: str, fake: Callable | None = None, check: Callable | None = None,
+                 backends: tuple[str, ...] = KERNEL_BACKENDS):
+        """`fake` may be left out for an op that only writes into its arguments (returns ()). An op of a
+        path that only some backends take names them in `backends`: no op is defined for the others."""
         self.name, self.check = name, check
         fake = fake or _writes_only
         self.overloads = {}  # backend -> the op itself, unchecked (for opcheck and tests)
-        for backend in KERNEL_BACKENDS:
+        for backend in backends:
             qualified = f"{name}_{backend}"  # the one place a backend's op name is written
             lib.define(qualified + schema)
             torch.library.register_fake(f"lossforge::{qualified}", fake, lib=lib)
             self.overloads[backend] = getattr(torch.ops.lossforge, qualified).default
-        self.arg_names = tuple(a.name for a in self.overloads["cuda"]._schema.arguments)
+        self.arg_names = tuple(a.name for a in next(iter(self.overloads.values()))._schema.arguments)
         self._checked = {backend: self._checked_call(op) for backend, op in self.overloads.items()}
-        self._checked["triton"] = self.overloads["triton"]  # its implementation checks itself
+        if "triton" in self._checked:
+            self._checked["triton"] = self.overloads["triton"]  # its implementation checks itself
 
     def _checked_call(self, op):
         check = self.check

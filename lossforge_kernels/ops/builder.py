@@ -59,7 +59,8 @@ class FusedLoss:
     rows_fake(tensors, params) -> (rows, *saved): empty tensors shaped like forward(reduce=False)'s;
       by default the forward itself on fake tensors. A forward that loops over chunks gives its own:
       the loop would fix the sizes of a dynamic shape.
-    mean_divisor(tensors, params) -> float or 0-dim device tensor: what 'mean' divides the sum by.
+    mean_divisor(backend, tensors, params) -> float or 0-dim device tensor: what 'mean' divides the sum
+      by (on the call's backend, where kernels count it).
     grad_buffer(tensor) -> the buffer a gradient of `tensor` is written into (default: empty_like).
     out_dtype(tensors, params) -> the loss's dtype (default: the first tensor's).
     """
@@ -161,7 +162,7 @@ class _EagerLoss(torch.autograd.Function):
     def forward(ctx, call, *tensors):
         spec, backend, reduction, wants, params = call.spec, call.backend, call.reduction, call.wants, call.params
         fused = any(wants) and reduction != "none"
-        divisor = spec.mean_divisor(tensors, params) if reduction == "mean" else None
+        divisor = spec.mean_divisor(backend, tensors, params) if reduction == "mean" else None
         grads = factor = None
         if fused:
             grads = [(t.detach() if call.inplace else spec.grad_buffer(t)) if w else None
@@ -255,7 +256,7 @@ def _compiled_loss(ops, backend, tensors, params, reduction, wants, out_dtype):
         return rows.to(dtype)
     total = rows.sum(dtype=F32)
     if reduction == "mean":
-        total = total / spec.mean_divisor(tensors, params)
+        total = total / spec.mean_divisor(backend, tensors, params)
     return total.to(dtype)
 
 
@@ -323,7 +324,7 @@ class _CompiledOps:
         # fused: the summed (and for 'mean' divided) loss and its gradients from one forward pass.
         def fused_impl(*args):
             tensors, params, mean, wants = args[:n_t], spec.Params(*args[n_t:n_t + n_p]), args[-2], args[-1]
-            divisor = spec.mean_divisor(tensors, params) if mean else None
+            divisor = spec.mean_divisor(backend, tensors, params) if mean else None
             grads = [spec.grad_buffer(t) if w else None for t, w in zip(_pick(tensors, spec), wants)]
             total, _ = spec.forward(backend, tensors, params, grads, grad_factor(divisor, tensors[0]), True)
             loss = total / divisor if mean else total

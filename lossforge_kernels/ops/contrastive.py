@@ -201,7 +201,7 @@ def _info_nce_backward(backend, grad_rows, tensors, saved, params, grads):
                   INFO_NCE, params.normalize, params.symmetric)
 
 
-def _row_count(tensors, params):
+def _row_count(backend, tensors, params):
     return float(tensors[0].shape[0])
 
 
@@ -219,7 +219,7 @@ INFO_NCE_SPEC = FusedLoss(
 
 # SupCon: tensors (features, labels), temperature a float; anchors without a positive count 0.
 
-def _anchor_count(tensors, params):
+def _anchor_count(backend, tensors, params):
     """Anchors with a positive: rows whose label another row shares."""
     return (class_sizes(tensors[1]) > 1).sum(dtype=F32)
 

@@ -171,7 +171,7 @@ def _backward(backend, grad_rows, tensors, saved, params, grads):
                  grads[0], **scalar_options(params))
 
 
-def mean_divisor_of(tensors, params):
+def mean_divisor_of(backend, tensors, params):
     """torch's 'mean' divisor as a device tensor in few launches: for class indices without
     weights, the int64 count of kept rows (exact at any size)."""
     logits, target, weight = tensors[:3]

@@ -126,7 +126,7 @@ def _backward(backend, grad_rows, tensors, saved, params, grads):
                  **_options(params))
 
 
-def _counted_rows(tensors, params):
+def _counted_rows(backend, tensors, params):
     """'mean''s divisor: the positions the target does not mask (all of them without a target)."""
     target = tensors[-1]
     return tensors[0].shape[0] if target is None else (target != params.ignore_index).sum()

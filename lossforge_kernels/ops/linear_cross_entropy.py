@@ -71,9 +71,9 @@ def _rows_fake(tensors, params):
     return x.new_empty(x.shape[0], dtype=F32), x.new_empty(x.shape[0], 4, dtype=F32)
 
 
-def _mean_divisor(tensors, params):
+def _mean_divisor(backend, tensors, params):
     x, _, _, target, weight = tensors[:5]
-    return ce.mean_divisor_of((x, target, weight), params)
+    return ce.mean_divisor_of(backend, (x, target, weight), params)
 
 
 SPEC = FusedLoss(

@@ -114,7 +114,7 @@ def _backward(backend, grad_rows, tensors, saved, params, grads):
     BWD[backend](_grad_rows(grad_rows), logits, target, saved[0], grads[0], **_options(params))
 
 
-def _kept_rows(tensors, params):
+def _kept_rows(backend, tensors, params):
     return (tensors[-1] != params.ignore_index).sum()
 
 

@@ -105,6 +105,6 @@ SPEC = FusedLoss(
     n_saved=0,
     forward=_forward,
     backward=_backward,
-    mean_divisor=lambda tensors, params: float(tensors[0].numel()),
+    mean_divisor=lambda backend, tensors, params: float(tensors[0].numel()),
 )
 sigmoid_focal_kernels = build(SPEC)

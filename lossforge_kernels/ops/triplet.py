@@ -54,13 +54,16 @@ triplet_pair_grad_<b>(x, inv_norm, pos_index, pos_dist, neg_index, neg_dist, slo
 """
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 from ..reference import triplet as ref
 from ..reference.triplet import Distance, Mining
 from ._chunks import chunk_rows, fp32_out_products
 from ._labels import class_sizes
-from .._backends import runs_on, usable
+from .. import _checks
 from ._contracts import F32, KERNEL_DTYPES, fail, require_choice, require_tensor
 from ._library import KernelOp
 from .builder import FusedLoss, build, grad_factor_rows
@@ -123,6 +126,10 @@ def _check_pair_grad(x, inv_norm, pos_index, pos_dist, neg_index, neg_dist, slop
     _check_mined(op, x, (pos_index, pos_dist, neg_index, neg_dist))
     require_tensor(op, "slope", slope, (n,), x, F32)
     require_tensor(op, "weight", weight, () if weight.dim() == 0 else (n,), x, F32)
+    _check_grads(op, x, inv_norm, grad_x, grad_inv_norm)
+
+
+def _check_grads(op, x, inv_norm, grad_x, grad_inv_norm):
     if grad_x is not None and (grad_x.shape != x.shape or grad_x.dtype != x.dtype or not grad_x.is_contiguous()
                                or grad_x.device != x.device):
         fail(op, f"grad_x must be contiguous like x {tuple(x.shape)} {x.dtype} on {x.device}, got shape "
@@ -130,7 +137,7 @@ def _check_pair_grad(x, inv_norm, pos_index, pos_dist, neg_index, neg_dist, slop
     if grad_inv_norm is not None:
         if inv_norm is None:
             fail(op, "grad_inv_norm needs inv_norm")
-        require_tensor(op, "grad_inv_norm", grad_inv_norm, (n,), x, F32)
+        require_tensor(op, "grad_inv_norm", grad_inv_norm, (x.shape[0],), x, F32)
 
 
 KEPT = KernelOp("triplet_kept", "(Tensor labels, Tensor(a!) kept) -> ()", check=_check_kept)
@@ -218,7 +225,7 @@ SPEC = FusedLoss(
     n_saved=5,
     forward=_forward,
     backward=_backward,
-    mean_divisor=lambda tensors, params: _kept_count(counting_backend(tensors[1].device), tensors[1]),
+    mean_divisor=lambda backend, tensors, params: _kept_count(backend, tensors[1]),
 )
 triplet_kernels = build(SPEC)
 
@@ -248,7 +255,8 @@ triplet_kernels = build(SPEC)
 # positive; nothing is allocated per row and nothing waits for the host.
 
 ROW_MININGS = (Mining.SEMI_HARD, Mining.BATCH_ALL)
-ROW_PARAMS = ("int mining", "int distance", "float margin", "bool soft_margin", "int? chunk_size")
+ROW_PARAMS = ("int mining", "int distance", "float margin", "bool soft_margin", "int? chunk_size",
+              "int? max_class_size")
 
 
 def _check_row_loss(gram, sq, inv_norm, labels, row0, mining, distance, margin, soft_margin, row_weight, loss, count,
@@ -432,23 +440,316 @@ def _rows_pass(backend, tensors, params, row_weight, grads):
     return loss, count
 
 
+# ---- semi_hard and batch_all from MMA tiles: anchors with at most POS_SLOTS positives -------------
+#
+# With small classes (the common P x K sampling) each anchor's positives fit a [B, POS_SLOTS] table
+# (from the labels sorted once on the device), and the mining works as batch_hard's: a block of
+# anchors walks every tile of x x^T, with its positives' distances in registers.
+#
+# triplet_pair_distances_<b>(x, inv_norm, first, second, distance, gram, exact) -> ()
+#   x, inv_norm as triplet_mine's; first, second contiguous int64 of one shape (second -1: no pair,
+#   both outputs 0); writes for each pair fp32 `gram`, the distance in the Gram form (as the mining
+#   compares them), and `exact`, the distance from the rows' difference (as _exact_distances; cosine
+#   and non-finite: the Gram form).
+# triplet_semi_hard_mine_<b>(x, labels, inv_norm, distance, n_pos, pos_dist, chosen, chosen_dist) -> ()
+#   n_pos (B,) int64 each anchor's positives (at most S), pos_dist (B, S) fp32 their Gram-form
+#   distances in slots 0 .. n_pos - 1; writes chosen (B, S) int64 per filled slot semi_hard's negative
+#   (reference/triplet.py: the nearest farther than d_ap, ties to the smallest index, else the
+#   farthest; a NaN negative is every slot's choice), -1 for an empty slot or an anchor without a
+#   negative, and chosen_dist (B, S) fp32 its Gram-form distance (0 where -1).
+# triplet_batch_all_rows_<b>(x, labels, inv_norm, distance, margin, soft_margin, n_pos, pos_dist, row_weight,
+#                           loss, count, pos_slope, grad_rows) -> ()
+#   n_pos, pos_dist as above (pos_dist: the exact distances); writes loss (B,) fp32 each anchor's sum
+#   over its (positive, negative) triplets (d_an in the Gram form), count (B,) int64 its triplets with a
+#   loss > 0 (hinge; 0 with soft_margin), pos_slope (B, S) fp32 per slot the sum over the anchor's
+#   negatives of d loss / d d_ap (0 in empty slots). row_weight (B,) fp32 and grad_rows (B, D) fp32 come
+#   together or not at all: grad_rows is then the gradient w.r.t. the rows v = inv_norm * x of
+#   sum(row_weight * loss) through the negative pairs' distances, each pair seen from both its anchors
+#   (the column's positives from pos_dist), summed per row in one program.
+# triplet_list_grad_<b>(x, inv_norm, grad_rows, offsets, others, coef, centered, grad_x, grad_inv_norm) -> ()
+#   grad_rows None or (B, D) fp32; offsets (B + 1,) int64, non-decreasing, offsets[B] <= len(others): row
+#   r's list is entries offsets[r] .. offsets[r + 1] - 1 of others (int64, a row index; -1: skipped) and
+#   coef (fp32, of others' length). With g_r = grad_rows[r] (0 without) + the sum over r's list, in order,
+#   of coef * (centered * v_r - v_other) in fp32, writes grad_x[r] = inv_norm[r] * g_r (g_r without
+#   inv_norm) in x's dtype and grad_inv_norm[r] = x_r . g_r; either may be None. Deterministic.
+#
+# These four ops are Triton's only: the CUDA backend keeps the chunked path for every class size.
+POS_SLOTS = 16  # positives per anchor (class size - 1) the register path takes
+TRITON_ONLY = ("triton",)
+
+
+def _check_pair_distances(x, inv_norm, first, second, distance, gram, exact):
+    op = "triplet_pair_distances"
+    _check_rows(op, x, inv_norm)
+    _check_distance(op, distance, inv_norm)
+    for name, t, dtype in (("first", first, I64), ("second", second, I64), ("gram", gram, F32), ("exact", exact, F32)):
+        require_tensor(op, name, t, tuple(first.shape), x, dtype)
+
+
+def _check_semi_hard_mine(x, labels, inv_norm, distance, n_pos, pos_dist, chosen, chosen_dist):
+    op = "triplet_semi_hard_mine"
+    _check_rows(op, x, inv_norm)
+    _check_distance(op, distance, inv_norm)
+    n = x.shape[0]
+    require_tensor(op, "labels", labels, (n,), x, I64)
+    require_tensor(op, "n_pos", n_pos, (n,), x, I64)
+    slots = pos_dist.shape[-1] if pos_dist.dim() == 2 else -1
+    for name, t, dtype in (("pos_dist", pos_dist, F32), ("chosen", chosen, I64), ("chosen_dist", chosen_dist, F32)):
+        require_tensor(op, name, t, (n, slots), x, dtype)
+
+
+PAIR_DISTANCES = KernelOp(
+    "triplet_pair_distances",
+    "(Tensor x, Tensor? inv_norm, Tensor first, Tensor second, int distance, Tensor(a!) gram, Tensor(b!) exact) -> ()",
+    check=_check_pair_distances, backends=TRITON_ONLY,
+)
+SEMI_HARD_MINE = KernelOp(
+    "triplet_semi_hard_mine",
+    "(Tensor x, Tensor labels, Tensor? inv_norm, int distance, Tensor n_pos, Tensor pos_dist, Tensor(a!) chosen,"
+    " Tensor(b!) chosen_dist) -> ()",
+    check=_check_semi_hard_mine, backends=TRITON_ONLY,
+)
+
+
+def _check_batch_all_rows(x, labels, inv_norm, distance, margin, soft_margin, n_pos, pos_dist, row_weight, loss,
+                          count, pos_slope, grad_rows):
+    op = "triplet_batch_all_rows"
+    _check_rows(op, x, inv_norm)
+    _check_distance(op, distance, inv_norm)
+    n = x.shape[0]
+    require_tensor(op, "labels", labels, (n,), x, I64)
+    require_tensor(op, "n_pos", n_pos, (n,), x, I64)
+    slots = pos_dist.shape[-1] if pos_dist.dim() == 2 else -1
+    require_tensor(op, "pos_dist", pos_dist, (n, slots), x, F32)
+    require_tensor(op, "loss", loss, (n,), x, F32)
+    require_tensor(op, "count", count, (n,), x, I64)
+    require_tensor(op, "pos_slope", pos_slope, (n, slots), x, F32)
+    if (row_weight is None) != (grad_rows is None):
+        fail(op, "row_weight and grad_rows come together")
+    if row_weight is not None:
+        require_tensor(op, "row_weight", row_weight, (n,), x, F32)
+        require_tensor(op, "grad_rows", grad_rows, tuple(x.shape), x, F32)
+
+
+def _check_list_grad(x, inv_norm, grad_rows, offsets, others, coef, centered, grad_x, grad_inv_norm):
+    op = "triplet_list_grad"
+    _check_rows(op, x, inv_norm)
+    if grad_rows is not None:
+        require_tensor(op, "grad_rows", grad_rows, tuple(x.shape), x, F32)
+    require_tensor(op, "offsets", offsets, (x.shape[0] + 1,), x, I64)
+    entries = others.shape[0] if others.dim() == 1 else -1
+    require_tensor(op, "others", others, (entries,), x, I64)
+    require_tensor(op, "coef", coef, (entries,), x, F32)
+    _check_grads(op, x, inv_norm, grad_x, grad_inv_norm)
+    if _checks.eager_value_checks(offsets) and offsets.numel() > 1:  # they index others: where reading is free
+        if bool((offsets[1:] < offsets[:-1]).any()) or int(offsets[0]) < 0 or int(offsets[-1]) > entries:
+            fail(op, f"offsets must be non-decreasing within [0, {entries}]")
+
+
+BATCH_ALL_ROWS = KernelOp(
+    "triplet_batch_all_rows",
+    "(Tensor x, Tensor labels, Tensor? inv_norm, int distance, float margin, bool soft_margin, Tensor n_pos,"
+    " Tensor pos_dist, Tensor? row_weight, Tensor(a!) loss, Tensor(b!) count, Tensor(c!) pos_slope,"
+    " Tensor(d!)? grad_rows) -> ()",
+    check=_check_batch_all_rows, backends=TRITON_ONLY,
+)
+LIST_GRAD = KernelOp(
+    "triplet_list_grad",
+    "(Tensor x, Tensor? inv_norm, Tensor? grad_rows, Tensor offsets, Tensor others, Tensor coef, bool centered,"
+    " Tensor(a!)? grad_x, Tensor(b!)? grad_inv_norm) -> ()",
+    check=_check_list_grad, backends=TRITON_ONLY,
+)
+PAIR_DISTANCES.implement_triton(lambda *args: _triton().triplet_pair_distances(*args))
+BATCH_ALL_ROWS.implement_triton(lambda *args: _triton().triplet_batch_all_rows(*args))
+LIST_GRAD.implement_triton(lambda *args: _triton().triplet_list_grad(*args))
+SEMI_HARD_MINE.implement_triton(lambda *args: _triton().triplet_semi_hard_mine(*args))
+
+
+def _largest_class_fits(labels: torch.Tensor, promised: int | None) -> bool:
+    """Whether every class has at most POS_SLOTS + 1 rows: promised by the caller (max_class_size),
+    or known without a host sync (a batch that small, or labels whose values may be read:
+    _checks.eager_value_checks). Elsewhere the chunked path runs."""
+    if promised is not None:
+        return promised <= POS_SLOTS + 1
+    n = labels.shape[0]
+    if n <= POS_SLOTS + 1:
+        return True
+    if not _checks.eager_value_checks(labels):
+        return False
+    return int(class_sizes(labels).max()) <= POS_SLOTS + 1
+
+
+def positive_slots(labels: torch.Tensor, slots: int):
+    """(B, slots) int64: each row's positives in increasing row order, -1 after the last; (B,) int64
+    how many (its class size - 1, clamped to `slots`); (B,) int64 each row's rank in its class (so row
+    r sits in slot rank_r - (rank_r > rank_q) of its positive q); and a 0-dim fp32 that is NaN when a
+    class has more than slots + 1 rows (a broken max_class_size promise: the losses and gradients it
+    is added to are NaN, never silently wrong), else 0. One stable sort, no host sync."""
+    n = labels.shape[0]
+    sorted_labels, members = torch.sort(labels, stable=True)  # a class's rows are contiguous, in row order
+    start = torch.searchsorted(sorted_labels, labels)
+    n_pos = torch.searchsorted(sorted_labels, labels, right=True) - start - 1
+    place = torch.empty_like(members).scatter_(0, members, torch.arange(n, device=labels.device))
+    k = torch.arange(slots, device=labels.device)
+    after_self = (k[None, :] >= (place - start)[:, None]).to(I64)  # skip the row itself in its class
+    member = (start[:, None] + k[None, :] + after_self).clamp(max=max(n - 1, 0))
+    too_large = torch.where((n_pos > slots).any(), math.nan, 0.0).to(F32)
+    return torch.where(k[None, :] < n_pos[:, None], members[member], -1), n_pos.clamp(max=slots), place - start, \
+        too_large
+
+
+def _anchor_terms(mined, margin, soft_margin):
+    """Per triplet: loss (0 when left out), d loss / d d_ap (= -d loss / d d_an) and which count."""
+    pos_index, pos_dist, neg_index, neg_dist = mined
+    kept = (pos_index >= 0) & (neg_index >= 0)
+    gap = pos_dist - neg_dist
+    if soft_margin:
+        loss, slope = F.softplus(gap), torch.sigmoid(gap)
+    else:
+        loss = F.relu(gap + margin)
+        slope = (loss > 0).to(F32)  # relu's derivative at 0 is 0, as autograd has it
+    return torch.where(kept, loss, 0.0), slope, kept
+
+
+def _distance_coef(dist, weight, distance):
+    """coef of a pair's entries: the distance's derivative w.r.t. its squared form (cosine: 1), times weight."""
+    if distance == Distance.EUCLIDEAN:
+        return torch.where(dist > CLAMPED_EUCLIDEAN, weight / dist, 0.0)
+    if distance == Distance.SQUARED_EUCLIDEAN:
+        return torch.where(dist > 0, 2.0 * weight, 0.0)
+    return weight
+
+
+def _nan_if_non_finite(x):
+    """0, or NaN if x holds a NaN or inf: then, as in the reference (whose Gram-form backward multiplies
+    every row by every other), every row's gradient is NaN, not only the rows of the mined pairs."""
+    return torch.linalg.vector_norm(x, float("inf"), dtype=F32) * 0.0  # (inf * 0 and NaN * 0 are NaN)
+
+
+def _pair_distances(backend, x, inv_norm, first, second, distance):
+    gram = torch.empty(second.shape, device=x.device, dtype=F32)
+    exact = torch.empty_like(gram)
+    PAIR_DISTANCES[backend](x, inv_norm, first, second, distance, gram, exact)
+    return gram, exact
+
+
+def _semi_hard_triplets(backend, x, labels, inv_norm, distance):
+    """Per (anchor, slot): (positive, its exact distance, chosen negative, its exact distance), -1 where
+    none; and positive_slots' NaN flag."""
+    pos, n_pos, _, too_large = positive_slots(labels, POS_SLOTS)
+    anchors = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(pos).contiguous()
+    pos_gram, pos_exact = _pair_distances(backend, x, inv_norm, anchors, pos, distance)
+    chosen = torch.empty_like(pos)
+    chosen_gram = torch.empty_like(pos_gram)
+    SEMI_HARD_MINE[backend](x, labels, inv_norm, distance, n_pos, pos_gram, chosen, chosen_gram)
+    _, neg_exact = _pair_distances(backend, x, inv_norm, anchors, chosen, distance)
+    return anchors, (pos, pos_exact, chosen, neg_exact), too_large
+
+
+def _slot_gradient(backend, x, inv_norm, anchors, mined, weight, distance, grads, poison):
+    """grads of sum(weight * (d_ap - d_an)) over the (anchor, slot) triplets: each pair listed under both
+    its rows (and every row once with coefficient 0 + poison, which carries the NaN of a non-finite
+    input to every row, as the reference has it), stably sorted by row."""
+    pos, pos_dist, neg, neg_dist = mined
+    n = x.shape[0]
+    kept = (pos >= 0) & (neg >= 0)
+    c_pos = _distance_coef(pos_dist, weight, distance)
+    c_neg = _distance_coef(neg_dist, -weight, distance)
+    own = torch.arange(n, device=x.device)
+
+    def listed(rows):  # pairs of a left-out triplet sort last, past offsets[n]
+        return torch.where(kept, rows, n).reshape(-1)
+
+    keys = torch.cat([listed(anchors), listed(pos), listed(anchors), listed(neg), own])
+    rows, order = torch.sort(keys, stable=True)
+    others = torch.cat([pos.reshape(-1), anchors.reshape(-1), neg.reshape(-1), anchors.reshape(-1), own])
+    coef = torch.cat([c_pos.reshape(-1), c_pos.reshape(-1), c_neg.reshape(-1), c_neg.reshape(-1),
+                      torch.zeros(n, device=x.device, dtype=F32)])
+    others = others.clamp_min(0)[order]
+    coef = coef[order] + poison
+    offsets = torch.searchsorted(rows, torch.arange(n + 1, device=x.device))
+    grad_x, grad_inv_norm = grads
+    LIST_GRAD[backend](x, inv_norm, None, offsets, others, coef, centered=distance != Distance.COSINE,
+                       grad_x=grad_x, grad_inv_norm=grad_inv_norm)
+
+
+def _semi_hard_register_pass(backend, tensors, params, row_weight, grads):
+    x, labels, inv_norm = tensors
+    anchors, mined, too_large = _semi_hard_triplets(backend, x, labels, inv_norm, params.distance)
+    loss, slope, kept = _anchor_terms(mined, params.margin, params.soft_margin)
+    if row_weight is not None:
+        weight = torch.where(kept, slope * row_weight[:, None], 0.0)
+        _slot_gradient(backend, x, inv_norm, anchors, mined, weight, params.distance, grads,
+                       _nan_if_non_finite(x) + too_large)
+    return loss.sum(1) + too_large
+
+
+def _batch_all_rows(backend, tensors, params, row_weight):
+    """batch_all's per-anchor losses (NaN where positive_slots flags too large a class) and counts, the
+    positive slots and their slopes, and with row_weight the negative pairs' share of the gradient
+    (w.r.t. the rows v, fp32)."""
+    x, labels, inv_norm = tensors
+    n = x.shape[0]
+    pos, n_pos, rank, too_large = positive_slots(labels, POS_SLOTS)
+    anchors = torch.arange(n, device=x.device)[:, None].expand_as(pos).contiguous()
+    _, pos_dist = _pair_distances(backend, x, inv_norm, anchors, pos, params.distance)
+    loss = torch.empty(n, device=x.device, dtype=F32)
+    count = torch.empty(n, device=x.device, dtype=I64)
+    slope = torch.empty_like(pos_dist)
+    grad_rows = None if row_weight is None else torch.empty(x.shape, device=x.device, dtype=F32)
+    BATCH_ALL_ROWS[backend](x, labels, inv_norm, params.distance, params.margin, params.soft_margin, n_pos, pos_dist,
+                            row_weight, loss, count, slope, grad_rows)
+    return loss + too_large, count, (pos, rank, pos_dist, slope, too_large), grad_rows
+
+
+def _batch_all_register_pass(backend, tensors, params, row_weight, grads):
+    loss, _, (pos, rank, pos_dist, slope, too_large), grad_rows = _batch_all_rows(backend, tensors, params,
+                                                                                  row_weight)
+    if row_weight is not None:
+        # a positive pair's coefficient from both its anchors: r's slot s holds q, r sits in q's slot mirror
+        x, distance = tensors[0], params.distance
+        own = _distance_coef(pos_dist, slope * row_weight[:, None], distance)
+        q = pos.clamp_min(0)
+        mirror = rank[:, None] - (rank[:, None] > rank[q]).to(I64)
+        coef = torch.where(pos >= 0, own + own[q, mirror.clamp(0, pos.shape[1] - 1)], 0.0)
+        coef = coef + (_nan_if_non_finite(x) + too_large)
+        offsets = torch.arange(0, pos.numel() + 1, pos.shape[1], device=x.device)  # the slots as lists
+        grad_x, grad_inv_norm = grads
+        LIST_GRAD[backend](x, tensors[2], grad_rows, offsets, pos.reshape(-1), coef.reshape(-1),
+                           centered=distance != Distance.COSINE, grad_x=grad_x, grad_inv_norm=grad_inv_norm)
+    return loss
+
+
+def _register_pass(backend, tensors, params, row_weight, grads):
+    """Every anchor's loss; with row_weight, the gradient of sum(row_weight * loss) into grads."""
+    if params.mining == Mining.SEMI_HARD:
+        return _semi_hard_register_pass(backend, tensors, params, row_weight, grads)
+    return _batch_all_register_pass(backend, tensors, params, row_weight, grads)
+
+
+def _takes_register_path(backend, tensors, params):
+    """The register path is Triton's; the CUDA backend keeps the chunked one."""
+    return backend == "triton" and _largest_class_fits(tensors[1], params.max_class_size)
+
+
 def _rows_forward(backend, tensors, params, grads, grad_factor, reduce):
     weight = None if grads is None else grad_factor_rows(grad_factor, tensors[0].shape[0])
-    loss, _ = _rows_pass(backend, tensors, params, weight, grads)
+    if _takes_register_path(backend, tensors, params):
+        loss = _register_pass(backend, tensors, params, weight, grads)
+    else:
+        loss, _ = _rows_pass(backend, tensors, params, weight, grads)
     return (loss.sum() if reduce else loss), ()
 
 
 def _rows_backward(backend, grad_rows, tensors, saved, params, grads):
     weight = grad_rows.reshape(-1).to(F32).contiguous()
-    _rows_pass(backend, tensors, params, weight, grads)
+    if _takes_register_path(backend, tensors, params):
+        _register_pass(backend, tensors, params, weight, grads)
+    else:
+        _rows_pass(backend, tensors, params, weight, grads)
 
 
-def counting_backend(device: torch.device) -> str:
-    """The backend whose kernel counts hinge batch_all's non-zero triplets: a count is the same on both."""
-    return "cuda" if usable("cuda") and runs_on("cuda", device) else "triton"
-
-
-def _rows_mean_divisor(tensors, params):
+def _rows_mean_divisor(backend, tensors, params):
     """semi_hard: the (anchor, positive) pairs whose anchor has a negative; batch_all soft: every triplet,
     both from the class sizes; batch_all hinge: the non-zero triplets, which need a counting pass over
     the chunks (one more Gram product) since the gradient's factor is needed before the loss pass."""
@@ -457,7 +758,10 @@ def _rows_mean_divisor(tensors, params):
     mining, soft_margin = params.mining, params.soft_margin
     if mining == Mining.BATCH_ALL and not soft_margin:
         with torch.no_grad():
-            _, count = _rows_pass(counting_backend(labels.device), tensors, params, None, None)
+            if _takes_register_path(backend, tensors, params):
+                _, count, _, _ = _batch_all_rows(backend, tensors, params, None)
+            else:
+                _, count = _rows_pass(backend, tensors, params, None, None)
         return count.sum(dtype=F32).clamp_min(1.0)
     pairs = class_sizes(labels) - 1
     if mining == Mining.SEMI_HARD:
