@@ -17,7 +17,7 @@ from lossforge_kernels.ops import triplet as ops
 from lossforge_kernels.reference import triplet as ref
 from lossforge_kernels.reference.triplet import Distance, Mining
 from tests import harness
-from tests.conftest import assert_close_rel, device_for
+from tests.conftest import assert_close_rel, device_for, kernel_backends
 from tests.test_linear_cross_entropy import CreatedTensors
 
 DISTANCES = ("euclidean", "squared_euclidean", "cosine")
@@ -412,6 +412,12 @@ def _small_chunks(request, monkeypatch):
         chunk_budget(monkeypatch, SMALL_CHUNK_BYTES)
 
 
+# The mined grid's samples of at least this many rows hold a class of POS_SLOTS + 2 rows, so on CPU
+# labels both of Triton's paths see every case: the register path below it (50 rows: two tiles under
+# the interpreter), the chunked path (on a GPU the default, as no label is read there) at 70 rows.
+LARGE_CLASS_FROM = 64
+
+
 def make_mined_sample(shape, opts, dtype, device, generator):
     """As make_sample, for semi_hard (default) and batch_all; `integers` makes integer-valued features."""
     opts = dict(opts)
@@ -426,7 +432,10 @@ def make_mined_sample(shape, opts, dtype, device, generator):
         # reference's; a flipped choice changes a loss by O(margin), which no tolerance could cover
         x = torch.round(torch.randn(b, d, generator=generator) * 8) / 8
     x = x.to(dtype).to(device)
-    labels = torch.randint(0, max(1, b // 4), (b,), generator=generator).to(device)
+    labels = torch.randint(0, max(1, b // 4), (b,), generator=generator)
+    if b >= LARGE_CLASS_FROM:  # one class beyond the register path's slots: Triton takes the chunked path
+        labels[torch.randperm(b, generator=generator)[:ops.POS_SLOTS + 2]] = b
+    labels = labels.to(device)
 
     def call(ts, backend, reduction):
         return lf.triplet_loss(ts["embeddings"], ts["labels"], reduction=reduction, backend=backend, **opts)
@@ -485,7 +494,7 @@ MINED_SPEC = harness.KernelSpec(
            dict(mining="batch_all", distance="cosine", margin=0.0),
            dict(mining="batch_all", distance="squared_euclidean", soft_margin=True, normalize=True),
            dict(mining="batch_all", distance="euclidean", soft_margin=True)),
-    shapes=((1, 3), (2, 3), (17, 33), (70, 33)),
+    shapes=((1, 3), (2, 3), (17, 33), (50, 33), (70, 33)),
     tol=lambda opts, shape: 1e-5 if opts["distance"] == "cosine" else 5e-5,
     half_cases=(dict(), dict(mining="batch_all"), dict(mining="batch_all", distance="cosine", soft_margin=True)),
     half_shape=(40, 24),
@@ -660,6 +669,21 @@ def test_mined_register_path_for_small_classes_and_the_chunked_path_beyond(kerne
     register = kernel_backend == "triton" and largest <= ops.POS_SLOTS + 1
     assert (harness.launch_name(REGISTER_KERNELS[mining], "triton") in ran) == register, ran
     assert (harness.launch_name(ops.ROW_LOSS, kernel_backend) in ran) != register, ran
+
+
+@pytest.mark.parametrize("mining", MINED)
+def test_mined_grid_reaches_both_triton_paths(mining):
+    """The grid's 50-row samples take Triton's register path, its 70-row samples the chunked one."""
+    from tests.conftest import LaunchLog
+
+    if "triton" not in kernel_backends():
+        pytest.skip("needs the Triton backend")
+    for b, path in ((50, ops.SEMI_HARD_MINE if mining == "semi_hard" else ops.BATCH_ALL_ROWS), (70, ops.ROW_LOSS)):
+        sample = make_mined_sample((b, 33), dict(mining=mining), torch.float32, device_for("triton"),
+                                   torch.Generator().manual_seed(b))
+        with LaunchLog() as log:
+            sample.call(sample.tensors, "triton", "sum")
+        assert harness.launch_name(path, "triton") in log.ops, (b, log.ops)
 
 
 @pytest.mark.parametrize("mining,soft_margin", [("semi_hard", False), ("batch_all", False), ("batch_all", True)])
@@ -876,12 +900,16 @@ def test_non_finite_rows_in_later_tiles(kernel_backend, mining):
     device = device_for(kernel_backend)
     gen = torch.Generator().manual_seed(21)
     x = torch.randn(150, 5, generator=gen)
-    labels = torch.randint(0, 30, (150,), generator=gen)
+    small = torch.randint(0, 30, (150,), generator=gen)
+    large = small.clone()  # a class beyond the register path's slots: Triton's chunked path
+    large[torch.randperm(150, generator=gen)[:ops.POS_SLOTS + 2]] = 30
     x[131] = 1e20  # +inf distances to every other row
     for nan_row in (False, True):
         if nan_row:
             x[140, 3] = math.nan
-        for distance, soft_margin in (("euclidean", False), ("squared_euclidean", True), ("cosine", False)):
+        for i, (distance, soft_margin) in enumerate((("euclidean", False), ("squared_euclidean", True),
+                                                     ("cosine", False))):
+            labels = (small, large)[(i + nan_row) % 2]  # each distance on both paths, over the two rows
             _assert_non_finite_like_reference(kernel_backend, x.to(device), labels.to(device), nan_row,
                                               mining=mining, distance=distance, soft_margin=soft_margin,
                                               reduction="none")
