@@ -55,6 +55,19 @@ int64_t rows_per_chunk(int64_t total, int64_t n, int64_t d, const at::Tensor& a,
   return chunks::chunk_rows(total, static_cast<int64_t>(sizeof(float)) * width, 0, input_bytes);
 }
 
+// The chunk walk both passes share: for each chunk of `chunk` rows of x, S_c = x_c y^T into sim's first
+// rows, then each(row0, rows) launches what reads it.
+template <class Each>
+void for_each_similarity_chunk(const at::Tensor& x, const at::Tensor& y, const at::Tensor& sim, int64_t chunk,
+                               Each&& each) {
+  const int64_t total = x.size(0);
+  for (int64_t r0 = 0; r0 < total; r0 += chunk) {
+    const int64_t rows = std::min(chunk, total - r0);
+    similarities(x.narrow(0, r0, rows), y, sim.narrow(0, 0, rows));
+    each(r0, rows);
+  }
+}
+
 unsigned int warp_rows_grid(int64_t rows) {
   return grid_for(std::max<int64_t>(1, (rows + kThreads / kWarpSize - 1) / (kThreads / kWarpSize)));
 }
@@ -211,9 +224,7 @@ void contrastive_fwd_cuda(const at::Tensor& query, const at::Tensor& key, const 
     with_flag(normalize, [&](auto norm_tag) {
       constexpr int kKind = decltype(kind_tag)::value;
       constexpr bool kNorm = decltype(norm_tag)::value;
-      for (int64_t r0 = 0; r0 < B; r0 += chunk) {
-        const int64_t rows = std::min(chunk, B - r0);
-        similarities(query.narrow(0, r0, rows), key, sim.narrow(0, 0, rows));
+      for_each_similarity_chunk(query, key, sim, chunk, [&](int64_t r0, int64_t rows) {
         fc.row0 = r0;
         fc.rows = rows;
         launch(query.device(), &row_stats_kernel<kKind, kNorm>, grid_for(rows), kThreads, 0, fc);
@@ -223,7 +234,7 @@ void contrastive_fwd_cuda(const at::Tensor& query, const at::Tensor& key, const 
           cc.first = r0 == 0;
           launch(query.device(), &col_stats_kernel<kNorm>, grid_for((M + kColTile - 1) / kColTile), kThreads, 0, cc);
         }
-      }
+      });
     });
   });
   if (symmetric) {
@@ -379,18 +390,16 @@ void gradient_pass(const Side& own, const Side& other, const GradChunk& proto, i
       constexpr int kKind = decltype(kind_tag)::value;
       constexpr bool kNorm = decltype(norm_tag)::value, kOwn = decltype(own_tag)::value;
       constexpr bool kOther = decltype(other_tag)::value;
-      for (int64_t r0 = 0; r0 < rows_total; r0 += chunk) {
-        const int64_t rows = std::min(chunk, rows_total - r0);
-        similarities(x.narrow(0, r0, rows), y, sim.narrow(0, 0, rows));
+      for_each_similarity_chunk(x, y, sim, chunk, [&](int64_t r0, int64_t rows) {
         gc.row0 = r0;
         gc.rows = rows;
         launch(x.device(), &pair_grad_kernel<T, kKind, kNorm, kOwn, kOther>, grid_for(rows), kThreads, 0, gc);
-        if (out == nullptr || d == 0) continue;
+        if (out == nullptr || d == 0) return;
         gradient_product(g.narrow(0, 0, rows), y, acc.narrow(0, 0, rows));
         fg.row0 = r0;
         fg.rows = rows;
         launch(x.device(), &finish_grad_kernel<T, kNorm>, warp_rows_grid(rows), kThreads, 0, fg);
-      }
+      });
     });
   });
 }

@@ -449,7 +449,7 @@ def _rows_pass(backend, tensors, params, row_weight, grads):
 # triplet_pair_distances_<b>(x, inv_norm, first, second, distance, gram, exact) -> ()
 #   x, inv_norm as triplet_mine's; first, second contiguous int64 of one shape (second -1: no pair,
 #   both outputs 0); writes for each pair fp32 `gram`, the distance in the Gram form (as the mining
-#   compares them), and `exact`, the distance from the rows' difference (as _exact_distances; cosine
+#   compares them), and `exact`, the distance from the rows' difference (as triplet_mine's epilogue; cosine
 #   and non-finite: the Gram form).
 # triplet_semi_hard_mine_<b>(x, labels, inv_norm, distance, n_pos, pos_dist, chosen, chosen_dist) -> ()
 #   n_pos (B,) int64 each anchor's positives (at most S), pos_dist (B, S) fp32 their Gram-form
@@ -569,8 +569,8 @@ def _largest_class_fits(labels: torch.Tensor, promised: int | None) -> bool:
     """Whether every class has at most POS_SLOTS + 1 rows: promised by the caller (max_class_size),
     or known without a host sync (a batch that small, or labels whose values may be read:
     _checks.eager_value_checks). Elsewhere the chunked path runs."""
-    if promised is not None:
-        return promised <= POS_SLOTS + 1
+    if promised is not None and promised <= POS_SLOTS + 1:
+        return True
     n = labels.shape[0]
     if n <= POS_SLOTS + 1:
         return True
