@@ -76,8 +76,11 @@ def reference_copy(tensors):
 
 
 def run_both(spec, backend, opts, shape, reduction, dtype=torch.float32, seed=None, grads=None, device=None):
-    """(loss, reference loss, {name: grad}, {name: reference grad}) with the same random grad_output."""
+    """(loss, reference loss, {name: grad}, {name: reference grad}) with the same random grad_output.
+    Without a seed one is drawn; assert_matches names it, so that a mismatch can be replayed."""
     device = device or device_for(backend)
+    if seed is None:
+        seed = torch.seed() % 2**31
     sample = spec.make(shape, dict(opts), dtype, device, _seeded(seed))
     names = sample.grads if grads is None else grads
     ours = {k: (v.detach().clone().requires_grad_(k in names) if isinstance(v, torch.Tensor) else v)
@@ -90,10 +93,20 @@ def run_both(spec, backend, opts, shape, reduction, dtype=torch.float32, seed=No
     g = (torch.rand(want.shape, generator=_seeded(seed), dtype=torch.float64) + 0.5).to(device)
     got_grads = torch.autograd.grad(loss, [ours[k] for k in names], g.to(loss.dtype), allow_unused=True)
     want_grads = torch.autograd.grad(want, [ref[k] for k in names], g, allow_unused=True)
-    return loss, want, dict(zip(names, got_grads)), dict(zip(names, want_grads))
+    return RunResult(loss, want, dict(zip(names, got_grads)), dict(zip(names, want_grads)), seed)
+
+
+class RunResult(tuple):
+    """run_both's (loss, want, grads, want_grads), unpacked as before, with the seed that made them."""
+
+    def __new__(cls, loss, want, grads, want_grads, seed):
+        out = super().__new__(cls, (loss, want, grads, want_grads))
+        out.seed = seed
+        return out
 
 
 def assert_matches(result, tol, what=""):
+    what = f"{what} (seed {result.seed})" if hasattr(result, "seed") else what
     loss, want, grads, want_grads = result
     assert loss.shape == want.shape, (what, loss.shape, want.shape)
     assert_close_rel(loss, want, tol, f"{what} loss")

@@ -418,23 +418,65 @@ def _small_chunks(request, monkeypatch):
 LARGE_CLASS_FROM = 64
 
 
+def _fp32_resolves(x, labels, opts, resolution=1e-6):
+    """Whether no choice the mining makes is closer than `resolution` to flipping, by the float64
+    distances: two distances from one anchor (semi-hard's threshold and nearest negative), or a hinge
+    triplet's d_ap - d_an + margin near 0 (whether it counts)."""
+    v = x.double()
+    if opts.get("normalize"):
+        v = torch.nn.functional.normalize(v, dim=1, eps=ref.NORM_EPS)
+    dist = ref.pairwise_distances(v, opts.get("distance", "euclidean"))
+    ordered = torch.sort(dist, dim=1).values[:, 1:]  # without the anchor itself
+    if ordered.shape[1] > 1 and (ordered[:, 1:] - ordered[:, :-1]).min() < resolution:
+        return False
+    if opts.get("mining") != "batch_all" or opts.get("soft_margin"):
+        return True
+    same = labels[:, None] == labels[None, :]
+    gap = dist[:, :, None] - dist[:, None, :] + opts.get("margin", 0.2)  # [anchor, positive, negative]
+    valid = (same & ~torch.eye(len(labels), dtype=torch.bool))[:, :, None] & ~same[:, None, :]
+    return not bool((gap.abs() < resolution)[valid].any())
+
+
+def test_fp32_resolves_rejects_choices_closer_than_fp32_can_tell():
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [0.6, 0.8 + 1e-8]])  # rows 2 and 3 all but equal
+    labels = torch.tensor([0, 0, 1, 2])
+    assert not _fp32_resolves(x, labels, dict(mining="semi_hard", distance="cosine"))
+    assert _fp32_resolves(x[:3], labels[:3], dict(mining="semi_hard", distance="cosine"))
+    hinge = dict(mining="batch_all", distance="euclidean", margin=0.0)
+    rows = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.25], [5.0, 5.0]])  # anchor 0: d_ap 1, d_an 1.25
+    assert _fp32_resolves(rows, torch.tensor([0, 0, 1, 2]), hinge)
+    assert not _fp32_resolves(rows, torch.tensor([0, 0, 1, 2]), dict(hinge, margin=0.25))  # on the hinge's corner
+
+
 def make_mined_sample(shape, opts, dtype, device, generator):
     """As make_sample, for semi_hard (default) and batch_all; `integers` makes integer-valued features."""
     opts = dict(opts)
     opts.setdefault("mining", "semi_hard")
     integers = opts.pop("integers", False)
     b, d = shape
-    if integers:
-        x = torch.randint(-2, 3, (b, d), generator=generator).float()
-    else:
+
+    def draw():
+        if integers:
+            return torch.randint(-2, 3, (b, d), generator=generator).float()
         # multiples of 1/8: the fp32 Gram products are then exact, so the kernels' semi-hard choices
         # (a negative farther than the positive, a threshold that an ulp can flip) are the float64
         # reference's; a flipped choice changes a loss by O(margin), which no tolerance could cover
-        x = torch.round(torch.randn(b, d, generator=generator) * 8) / 8
-    x = x.to(dtype).to(device)
+        return torch.round(torch.randn(b, d, generator=generator) * 8) / 8
+
+    x = draw()
     labels = torch.randint(0, max(1, b // 4), (b,), generator=generator)
     if b >= LARGE_CLASS_FROM:  # one class beyond the register path's slots: Triton takes the chunked path
         labels[torch.randperm(b, generator=generator)[:ops.POS_SLOTS + 2]] = b
+    if opts.get("distance") == "cosine" or opts.get("normalize"):
+        # these distances are not exact in fp32: redraw until fp32 can make every choice the float64
+        # reference makes (a semi-hard negative 1.6e-9 beyond d_ap flipped one anchor's choice)
+        for _ in range(50):
+            if _fp32_resolves(x.to(dtype), labels, opts):
+                break
+            x = draw()
+        else:
+            raise AssertionError("no sample whose choices fp32 resolves in 50 draws")
+    x = x.to(dtype).to(device)
     labels = labels.to(device)
 
     def call(ts, backend, reduction):
