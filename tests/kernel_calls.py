@@ -44,6 +44,14 @@ def every_family(backend: str, device: str) -> None:
         labels = torch.arange(12, device=device) % 4
         for mining in ("batch_hard", "semi_hard", "batch_all"):
             _backward(lf.triplet_loss(e, labels, mining=mining, backend=backend))
+        # semi_hard / batch_all on both of Triton's paths: small classes promised (the register path,
+        # several tiles) and a class of 20 rows (the chunked path)
+        e = rand(40, 20, dtype=dtype)
+        for mining in ("semi_hard", "batch_all"):
+            _backward(lf.triplet_loss(e, torch.arange(40, device=device) % 10, mining=mining, max_class_size=4,
+                                      backend=backend))
+            _backward(lf.triplet_loss(e, (torch.arange(40, device=device) % 20).clamp(max=10), mining=mining,
+                                      backend=backend))
         lp, entropy = lf.log_probs(x, t, return_entropy=True, temperature=0.7, backend=backend)
         _backward(lp.sum() + entropy.sum())
         lp, entropy = lf.linear_log_probs(h, w, t, return_entropy=True, backend=backend)
