@@ -225,7 +225,7 @@ def _cases():
         ("triplet squared soft_margin fp32", triplet(f32, 64, distance="squared_euclidean", soft_margin=True)),
         ("triplet cosine bf16 D=600", triplet(bf16, 600, distance="cosine")),
         # triplet semi_hard / batch_all, small classes: the register path (pair distances, the semi-hard
-        # mining, the batch-all row pass and the list gradient; hinge 'mean' adds a counting pass)
+        # mining, the batch-all row pass and the list gradient)
         ("triplet semi_hard euclidean bf16", triplet(bf16, 64, mining="semi_hard")),
         ("triplet batch_all hinge cosine fp32", triplet(f32, 64, mining="batch_all", distance="cosine")),
         ("triplet batch_all soft squared normalized bf16", triplet(bf16, 64, mining="batch_all", soft_margin=True,

@@ -61,6 +61,10 @@ class FusedLoss:
       the loop would fix the sizes of a dynamic shape.
     mean_divisor(backend, tensors, params) -> float or 0-dim device tensor: what 'mean' divides the sum
       by (on the call's backend, where kernels count it).
+    counted_mean(backend, tensors, params, grads) -> (total, divisor) or None: for a 'mean' whose divisor
+      the loss's own pass counts (instead of a pass of its own before it), the rows' float32 sum, the
+      divisor and the gradients of total / divisor written into `grads`; None where it does not apply
+      (mean_divisor and forward then run). Optional.
     grad_buffer(tensor) -> the buffer a gradient of `tensor` is written into (default: empty_like).
     out_dtype(tensors, params) -> the loss's dtype (default: the first tensor's).
     """
@@ -73,6 +77,7 @@ class FusedLoss:
     backward: Callable
     mean_divisor: Callable
     rows_fake: Callable | None = None
+    counted_mean: Callable | None = None
     grad_buffer: Callable = torch.empty_like
     out_dtype: Callable = lambda tensors, params: tensors[0].dtype
     # The named tuple of the options, one field per schema entry ("float label_smoothing"). Made here,
@@ -162,13 +167,11 @@ class _EagerLoss(torch.autograd.Function):
     def forward(ctx, call, *tensors):
         spec, backend, reduction, wants, params = call.spec, call.backend, call.reduction, call.wants, call.params
         fused = any(wants) and reduction != "none"
-        divisor = spec.mean_divisor(backend, tensors, params) if reduction == "mean" else None
-        grads = factor = None
+        grads = None
         if fused:
             grads = [(t.detach() if call.inplace else spec.grad_buffer(t)) if w else None
                      for t, w in zip(_pick(tensors, spec), wants)]
-            factor = grad_factor(divisor, tensors[0])
-        loss, saved = spec.forward(backend, tensors, params, grads, factor, reduction != "none")
+        loss, divisor, saved = _forward(spec, backend, tensors, params, grads, reduction)
         dtype = call.out_dtype or spec.out_dtype(tensors, params)
         out = loss.to(dtype) if reduction == "none" else finish_loss(loss, reduction, divisor, dtype)
         ctx.spec, ctx.backend, ctx.params, ctx.wants, ctx.fused = spec, backend, params, wants, fused
@@ -200,6 +203,19 @@ class _EagerLoss(torch.autograd.Function):
         for pos, g in zip(spec.diff_positions, grads):
             out[pos] = g
         return (None, *out)  # nothing for the call record
+
+
+def _forward(spec, backend, tensors, params, grads, reduction):
+    """(loss: the rows, or their sum when reduced, divisor for 'mean' else None, saved); with `grads`
+    (a fused call) each wanted gradient is written there, already divided for 'mean'."""
+    if grads is not None and reduction == "mean" and spec.counted_mean is not None:
+        counted = spec.counted_mean(backend, tensors, params, grads)
+        if counted is not None:
+            return (*counted, ())
+    divisor = spec.mean_divisor(backend, tensors, params) if reduction == "mean" else None
+    factor = None if grads is None else grad_factor(divisor, tensors[0])
+    loss, saved = spec.forward(backend, tensors, params, grads, factor, reduction != "none")
+    return loss, divisor, saved
 
 
 def _pick(tensors, spec):
@@ -324,9 +340,8 @@ class _CompiledOps:
         # fused: the summed (and for 'mean' divided) loss and its gradients from one forward pass.
         def fused_impl(*args):
             tensors, params, mean, wants = args[:n_t], spec.Params(*args[n_t:n_t + n_p]), args[-2], args[-1]
-            divisor = spec.mean_divisor(backend, tensors, params) if mean else None
             grads = [spec.grad_buffer(t) if w else None for t, w in zip(_pick(tensors, spec), wants)]
-            total, _ = spec.forward(backend, tensors, params, grads, grad_factor(divisor, tensors[0]), True)
+            total, divisor, _ = _forward(spec, backend, tensors, params, grads, "mean" if mean else "sum")
             loss = total / divisor if mean else total
             return (loss, *[g if g is not None else _empty(tensors[0]) for g in grads])
 

@@ -702,22 +702,44 @@ def _batch_all_rows(backend, tensors, params, row_weight):
     return loss + too_large, count, (pos, rank, pos_dist, slope, too_large), grad_rows
 
 
+def _batch_all_slot_gradient(backend, tensors, params, slots, row_weight, grad_rows, grads):
+    """grads: grad_rows (the negative pairs' share) plus the positive pairs', each pair's coefficient
+    from both its anchors (r's slot s holds q, r sits in q's slot `mirror`), through the list kernel."""
+    pos, rank, pos_dist, slope, too_large = slots
+    x, distance = tensors[0], params.distance
+    own = _distance_coef(pos_dist, slope * row_weight[:, None], distance)
+    q = pos.clamp_min(0)
+    mirror = rank[:, None] - (rank[:, None] > rank[q]).to(I64)
+    coef = torch.where(pos >= 0, own + own[q, mirror.clamp(0, pos.shape[1] - 1)], 0.0)
+    coef = coef + (_nan_if_non_finite(x) + too_large)
+    offsets = torch.arange(0, pos.numel() + 1, pos.shape[1], device=x.device)  # the slots as lists
+    grad_x, grad_inv_norm = grads
+    LIST_GRAD[backend](x, tensors[2], grad_rows, offsets, pos.reshape(-1), coef.reshape(-1),
+                       centered=distance != Distance.COSINE, grad_x=grad_x, grad_inv_norm=grad_inv_norm)
+
+
 def _batch_all_register_pass(backend, tensors, params, row_weight, grads):
-    loss, _, (pos, rank, pos_dist, slope, too_large), grad_rows = _batch_all_rows(backend, tensors, params,
-                                                                                  row_weight)
+    loss, _, slots, grad_rows = _batch_all_rows(backend, tensors, params, row_weight)
     if row_weight is not None:
-        # a positive pair's coefficient from both its anchors: r's slot s holds q, r sits in q's slot mirror
-        x, distance = tensors[0], params.distance
-        own = _distance_coef(pos_dist, slope * row_weight[:, None], distance)
-        q = pos.clamp_min(0)
-        mirror = rank[:, None] - (rank[:, None] > rank[q]).to(I64)
-        coef = torch.where(pos >= 0, own + own[q, mirror.clamp(0, pos.shape[1] - 1)], 0.0)
-        coef = coef + (_nan_if_non_finite(x) + too_large)
-        offsets = torch.arange(0, pos.numel() + 1, pos.shape[1], device=x.device)  # the slots as lists
-        grad_x, grad_inv_norm = grads
-        LIST_GRAD[backend](x, tensors[2], grad_rows, offsets, pos.reshape(-1), coef.reshape(-1),
-                           centered=distance != Distance.COSINE, grad_x=grad_x, grad_inv_norm=grad_inv_norm)
+        _batch_all_slot_gradient(backend, tensors, params, slots, row_weight, grad_rows, grads)
     return loss
+
+
+def _rows_counted_mean(backend, tensors, params, grads):
+    """Hinge batch_all 'mean' on the register path: its divisor (the triplets with a loss > 0) counted by
+    the pass that computes the loss and gradient, run at unit weights, instead of a counting pass (one
+    product fewer). The gradient's fp32 rows and the slot coefficients are divided before the list
+    kernel rounds them to x's dtype, as the weighted pass would give them. None elsewhere."""
+    if params.mining != Mining.BATCH_ALL or params.soft_margin or not _takes_register_path(backend, tensors, params):
+        return None
+    n = tensors[0].shape[0]
+    loss, count, slots, grad_rows = _batch_all_rows(backend, tensors, params,
+                                                    torch.ones(n, device=tensors[0].device, dtype=F32))
+    divisor = count.sum(dtype=F32).clamp_min(1.0)
+    factor = torch.reciprocal(divisor)
+    grad_rows.mul_(factor)
+    _batch_all_slot_gradient(backend, tensors, params, slots, factor.expand(n), grad_rows, grads)
+    return loss.sum(), divisor
 
 
 def _register_pass(backend, tensors, params, row_weight, grads):
@@ -751,8 +773,9 @@ def _rows_backward(backend, grad_rows, tensors, saved, params, grads):
 
 def _rows_mean_divisor(backend, tensors, params):
     """semi_hard: the (anchor, positive) pairs whose anchor has a negative; batch_all soft: every triplet,
-    both from the class sizes; batch_all hinge: the non-zero triplets, which need a counting pass over
-    the chunks (one more Gram product) since the gradient's factor is needed before the loss pass."""
+    both from the class sizes; batch_all hinge: the non-zero triplets, which need a counting pass (one
+    more Gram product) since the gradient's factor is needed before the loss pass (on the register
+    path a fused gradient is counted in its own pass instead: _rows_counted_mean)."""
     labels = tensors[1]
     n = labels.shape[0]
     mining, soft_margin = params.mining, params.soft_margin
@@ -783,6 +806,7 @@ ROWS_SPEC = FusedLoss(
     forward=_rows_forward,
     backward=_rows_backward,
     mean_divisor=_rows_mean_divisor,
+    counted_mean=_rows_counted_mean,
     rows_fake=_rows_fake,
 )
 triplet_mined_kernels = build(ROWS_SPEC)
