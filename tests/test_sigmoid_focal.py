@@ -56,11 +56,42 @@ def test_empty_and_dtype():
     assert lf.sigmoid_focal_loss(x, t).dtype == torch.bfloat16
 
 
+def _ill_conditioned(x, t, gamma):
+    """Elements whose gradient fp32 cannot give to 1e-6 of its size: soft targets make d loss / dx a
+    difference, p - t + gamma ce r (r = p (1 - p)(1 - 2t) / (1 - p_t)), that cancels near the loss's
+    minimum, so one fp32 ulp of p becomes a large relative error (8.7e-5 at p - t = 6.6e-5)."""
+    x, t = x.double(), t.double()
+    p = torch.sigmoid(x)
+    m = p * (1 - t) + (1 - p) * t
+    ce = torch.nn.functional.binary_cross_entropy_with_logits(x, t, reduction="none")
+    curve = gamma * ce * p * (1 - p) * (1 - 2 * t) / m.clamp_min(1e-300)
+    return (p + t + curve.abs()) > 30 * (p - t + curve).abs()
+
+
+def test_ill_conditioned_flags_a_gradient_that_cancels():
+    x = torch.tensor([2.2265, 0.0, -8.0])
+    t = torch.sigmoid(x) + torch.tensor([6.6e-5, 0.4, 0.3])  # p - t: -6.6e-5, -0.4, -0.3
+    assert _ill_conditioned(x, t, 0.0).tolist() == [True, False, False]
+
+
 def make_sample(shape, opts, dtype, device, generator):
-    """sigmoid_focal_loss's inputs; opts: alpha, gamma and `soft` (targets in [0, 1] rather than {0, 1})."""
-    x = (torch.randn(shape, generator=generator) * 3).to(dtype).to(device)
+    """sigmoid_focal_loss's inputs; opts: alpha, gamma and `soft` (targets in [0, 1] rather than {0, 1}).
+    Soft targets are redrawn where the gradient is ill-conditioned (_ill_conditioned)."""
+    x = (torch.randn(shape, generator=generator) * 3).to(dtype)
     t = torch.rand(shape, generator=generator)
-    t = (t if opts.pop("soft", False) else (t < 0.3).double()).to(dtype).to(device)
+    if opts.pop("soft", False):
+        t = t.to(dtype)
+        for _ in range(50):
+            bad = _ill_conditioned(x, t, opts.get("gamma", 2.0))
+            if not bad.any():
+                break
+            x = torch.where(bad, (torch.randn(shape, generator=generator) * 3).to(dtype), x)
+            t = torch.where(bad, torch.rand(shape, generator=generator).to(dtype), t)
+        else:
+            raise AssertionError("no well-conditioned soft sample in 50 draws")
+    else:
+        t = (t < 0.3).to(dtype)
+    x, t = x.to(device), t.to(device)
 
     def call(ts, backend, reduction):
         return lf.sigmoid_focal_loss(ts["input"], ts["target"], reduction=reduction, backend=backend, **opts)
@@ -199,3 +230,16 @@ def test_kernel_nonfinite_inputs_give_torchs_nan_and_inf(kernel_backend, max_mod
         torch.testing.assert_close(loss.cpu().double(), want, rtol=1e-5, atol=1e-6, equal_nan=True, msg=reduction)
         torch.testing.assert_close(xk.grad.cpu().double(), x64.grad, rtol=1e-5, atol=1e-6, equal_nan=True,
                                    msg=reduction)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_cross_entropy_term_without_cancellation(kernel_backend, gamma):
+    # x = -8, t = 0.002: torch's form (1 - t) x + max(-x, 0) subtracts 8.04 from 8.06 in fp32 (1e-5
+    # relative error in the loss); -t x has no such step
+    x = torch.tensor([-8.055130004882812, -30.0, 6.0, -3.0])
+    t = torch.tensor([0.0020813345909118652, 1e-4, 0.999, 0.01])
+    device = device_for(kernel_backend)
+    got = lf.sigmoid_focal_loss(x.to(device), t.to(device), alpha=0.6, gamma=gamma, reduction="none",
+                                backend=kernel_backend)
+    want = lf.sigmoid_focal_loss(x.double(), t.double(), alpha=0.6, gamma=gamma, reduction="none", backend="reference")
+    assert ((got.cpu().double() - want).abs() / want).max() < 1e-6, (got, want)
