@@ -2,7 +2,9 @@
 
 Without a CUDA GPU the kernels are tested on CPU tensors: the Triton kernels through the Triton
 interpreter (TRITON_INTERPRET=1, set here before anything imports Triton) and the CUDA kernels through
-the CUDA emulation (LOSSFORGE_CUDA_EMULATE=1, built on first use); with a GPU they run natively.
+the CUDA emulation (LOSSFORGE_CUDA_EMULATE=1, built on first use), shared among one pytest-xdist
+worker per core (at most 8; `-n 0` or `-p no:xdist` keeps one process), each worker's OpenMP threads
+limited so that together they fill the cores; with a GPU they run natively, in one process.
 pytest's "no tests collected" counts as a failure.
 """
 import importlib
