@@ -114,3 +114,20 @@ def run_without_host_sync(step):
         step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.fixture
+def dot_work(monkeypatch):
+    """Multiply-adds of every tl.dot the interpreter runs (a list: the running total is its sum)."""
+    interpreter = pytest.importorskip("triton.runtime.interpreter")
+    if not hasattr(interpreter, "InterpreterBuilder") or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("counts the Triton interpreter's dots")
+    work = []
+    create_dot = interpreter.InterpreterBuilder.create_dot
+
+    def counted(self, a, b, *args, **kwargs):
+        work.append(a.data.shape[-2] * a.data.shape[-1] * b.data.shape[-1])
+        return create_dot(self, a, b, *args, **kwargs)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", counted)
+    return work

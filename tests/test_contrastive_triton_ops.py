@@ -3,7 +3,6 @@ a dense float64 implementation of their contract (lossforge_kernels/ops/contrast
 stats, and the gradients by autograd of sum(grad_rows * rows). Runs on CPU tensors under
 TRITON_INTERPRET=1 (tiny tiles, so small shapes cross tile and feature-chunk edges) or on a GPU."""
 import dataclasses
-import os
 
 import pytest
 import torch
@@ -280,23 +279,6 @@ def test_fp16_gradients_at_large_batch_magnitudes():
         row_error = ((got[name].cpu().double() - exact).norm(dim=1) / exact.norm(dim=1))
         rounding = ((exact.to(torch.float16).double() - exact).norm(dim=1) / exact.norm(dim=1))
         assert (row_error - rounding).max() < 3e-3, name
-
-
-@pytest.fixture
-def dot_work(monkeypatch):
-    """Multiply-adds of every tl.dot the interpreter runs (a list: the running total is its sum)."""
-    interpreter = pytest.importorskip("triton.runtime.interpreter")
-    if not hasattr(interpreter, "InterpreterBuilder") or os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("counts the Triton interpreter's dots")
-    work = []
-    create_dot = interpreter.InterpreterBuilder.create_dot
-
-    def counted(self, a, b, *args, **kwargs):
-        work.append(a.data.shape[-2] * a.data.shape[-1] * b.data.shape[-1])
-        return create_dot(self, a, b, *args, **kwargs)
-
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", counted)
-    return work
 
 
 @pytest.mark.parametrize("d", [64, 768, 1024])

@@ -4,7 +4,6 @@ input, determinism, and no B x B tensor."""
 import itertools
 import json
 import math
-import os
 import pathlib
 
 import pytest
@@ -817,30 +816,20 @@ def test_register_kernels_refuse_bad_input_by_name(kernel_backend):
 
 
 @pytest.fixture
-def product_work(monkeypatch):
-    """Multiply-adds of every product a call runs: the Triton interpreter's tl.dot and torch's mm/addmm."""
+def product_work(dot_work):
+    """Multiply-adds of every product a call runs: the Triton interpreter's tl.dot (conftest's dot_work)
+    and, inside the returned mode, torch's mm/addmm."""
     from tests.conftest import LaunchLog
-
-    interpreter = pytest.importorskip("triton.runtime.interpreter")
-    if not hasattr(interpreter, "InterpreterBuilder") or os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("counts the Triton interpreter's dots")
-    work = []
-    create_dot = interpreter.InterpreterBuilder.create_dot
-
-    def counted(self, a, b, *args, **kwargs):
-        work.append(a.data.shape[-2] * a.data.shape[-1] * b.data.shape[-1])
-        return create_dot(self, a, b, *args, **kwargs)
 
     class TorchProducts(LaunchLog):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = func.overloadpacket.__name__
             if name in ("mm", "addmm", "addmm_"):
                 a, b = (args[0], args[1]) if name == "mm" else (args[1], args[2])
-                work.append(a.shape[0] * a.shape[1] * b.shape[1])
+                dot_work.append(a.shape[0] * a.shape[1] * b.shape[1])
             return func(*args, **(kwargs or {}))
 
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", counted)
-    return work, TorchProducts
+    return dot_work, TorchProducts
 
 
 # B x B x D products per forward + backward at 4 rows per class (P x K sampling): batch_hard takes 1

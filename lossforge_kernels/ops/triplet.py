@@ -486,15 +486,22 @@ def _check_pair_distances(x, inv_norm, first, second, distance, gram, exact):
         require_tensor(op, name, t, tuple(first.shape), x, dtype)
 
 
-def _check_semi_hard_mine(x, labels, inv_norm, distance, n_pos, pos_dist, chosen, chosen_dist):
-    op = "triplet_semi_hard_mine"
+def _check_slot_inputs(op, x, labels, inv_norm, distance, n_pos, pos_dist):
+    """The register-path mining ops' shared inputs; (B, slots)."""
     _check_rows(op, x, inv_norm)
     _check_distance(op, distance, inv_norm)
     n = x.shape[0]
     require_tensor(op, "labels", labels, (n,), x, I64)
     require_tensor(op, "n_pos", n_pos, (n,), x, I64)
     slots = pos_dist.shape[-1] if pos_dist.dim() == 2 else -1
-    for name, t, dtype in (("pos_dist", pos_dist, F32), ("chosen", chosen, I64), ("chosen_dist", chosen_dist, F32)):
+    require_tensor(op, "pos_dist", pos_dist, (n, slots), x, F32)
+    return n, slots
+
+
+def _check_semi_hard_mine(x, labels, inv_norm, distance, n_pos, pos_dist, chosen, chosen_dist):
+    op = "triplet_semi_hard_mine"
+    n, slots = _check_slot_inputs(op, x, labels, inv_norm, distance, n_pos, pos_dist)
+    for name, t, dtype in (("chosen", chosen, I64), ("chosen_dist", chosen_dist, F32)):
         require_tensor(op, name, t, (n, slots), x, dtype)
 
 
@@ -514,13 +521,7 @@ SEMI_HARD_MINE = KernelOp(
 def _check_batch_all_rows(x, labels, inv_norm, distance, margin, soft_margin, n_pos, pos_dist, row_weight, loss,
                           count, pos_slope, grad_rows):
     op = "triplet_batch_all_rows"
-    _check_rows(op, x, inv_norm)
-    _check_distance(op, distance, inv_norm)
-    n = x.shape[0]
-    require_tensor(op, "labels", labels, (n,), x, I64)
-    require_tensor(op, "n_pos", n_pos, (n,), x, I64)
-    slots = pos_dist.shape[-1] if pos_dist.dim() == 2 else -1
-    require_tensor(op, "pos_dist", pos_dist, (n, slots), x, F32)
+    n, slots = _check_slot_inputs(op, x, labels, inv_norm, distance, n_pos, pos_dist)
     require_tensor(op, "loss", loss, (n,), x, F32)
     require_tensor(op, "count", count, (n,), x, I64)
     require_tensor(op, "pos_slope", pos_slope, (n, slots), x, F32)
