@@ -101,6 +101,23 @@ def _tile_distances(dot, inv_r, e_r, inv_c, e_c, DISTANCE: tl.constexpr, HAS_INV
 
 
 @triton.jit
+def _gram_tile(x_ptr, rows64, rmask, cols64, cmask, D, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The Gram tile x[rows] x[cols]^T over all D features, fp32 (masked rows and columns give 0)."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(0, D, BLOCK_K):
+        ks = k + tl.arange(0, BLOCK_K)
+        kmask = ks < D
+        a = tl.load(x_ptr + rows64[:, None] * D + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(x_ptr + cols64[:, None] * D + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+        if DOT_F32:  # the interpreter has no half-precision dot
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _scaled_rows(x_ptr, inv_ptr, idx, rmask, ks, kmask, D, HAS_INV_NORM: tl.constexpr):
     """The rows v_idx = inv_norm[idx] * x[idx] at features ks, in fp32 (idx int64)."""
     v = tl.load(x_ptr + idx[:, None] * D + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
@@ -141,16 +158,7 @@ def _mine_kernel(x_ptr, lab_ptr, sq_ptr, inv_ptr, pi_ptr, pd_ptr, ni_ptr, nd_ptr
         cols = start + tl.arange(0, BLOCK_N)
         cmask = cols < B
         cols64 = cols.to(tl.int64)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k in range(0, D, BLOCK_K):
-            ks = k + tl.arange(0, BLOCK_K)
-            kmask = ks < D
-            a = tl.load(x_ptr + rows64[:, None] * D + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-            b = tl.load(x_ptr + cols64[:, None] * D + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
-            if DOT_F32:  # the interpreter has no half-precision dot
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+        acc = _gram_tile(x_ptr, rows64, rmask, cols64, cmask, D, DOT_F32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         inv_c = tl.load(inv_ptr + cols, mask=cmask, other=0.0) if HAS_INV_NORM else tl.full([BLOCK_N], 1.0, tl.float32)
         e_c = tl.load(sq_ptr + cols, mask=cmask, other=0.0) * inv_c * inv_c
         poison = tl.maximum(poison, tl.load(sq_ptr + B + cols, mask=cmask, other=0.0))
@@ -613,16 +621,7 @@ def _semi_hard_kernel(x_ptr, lab_ptr, sq_ptr, inv_ptr, npos_ptr, dap_ptr, ci_ptr
         cols = start + tl.arange(0, BLOCK_N)
         cmask = cols < B
         cols64 = cols.to(tl.int64)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k in range(0, D, BLOCK_K):
-            ks = k + tl.arange(0, BLOCK_K)
-            kmask = ks < D
-            a = tl.load(x_ptr + rows64[:, None] * D + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-            b = tl.load(x_ptr + cols64[:, None] * D + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
-            if DOT_F32:  # the interpreter has no half-precision dot
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+        acc = _gram_tile(x_ptr, rows64, rmask, cols64, cmask, D, DOT_F32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         inv_c = tl.load(inv_ptr + cols, mask=cmask, other=0.0) if HAS_INV_NORM else tl.full([BLOCK_N], 1.0, tl.float32)
         e_c = tl.load(sq_ptr + cols, mask=cmask, other=0.0) * inv_c * inv_c
         dist = _tile_distances(acc, inv_r, e_r, inv_c, e_c, DISTANCE, HAS_INV_NORM)
@@ -714,16 +713,7 @@ def _batch_all_kernel(x_ptr, lab_ptr, sq_ptr, inv_ptr, npos_ptr, dap_ptr, w_ptr,
         cols = start + tl.arange(0, BLOCK_N)
         cmask = cols < B
         cols64 = cols.to(tl.int64)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k in range(0, D, BLOCK_K):
-            ks = k + tl.arange(0, BLOCK_K)
-            kmask = ks < D
-            a = tl.load(x_ptr + rows64[:, None] * D + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-            b = tl.load(x_ptr + cols64[:, None] * D + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
-            if DOT_F32:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+        acc = _gram_tile(x_ptr, rows64, rmask, cols64, cmask, D, DOT_F32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         inv_c = tl.load(inv_ptr + cols, mask=cmask, other=0.0) if HAS_INV_NORM else tl.full([BLOCK_N], 1.0, tl.float32)
         e_c = tl.load(sq_ptr + cols, mask=cmask, other=0.0) * inv_c * inv_c
         dist = _tile_distances(acc, inv_r, e_r, inv_c, e_c, DISTANCE, HAS_INV_NORM)
@@ -794,7 +784,8 @@ def _list_grad_kernel(x_ptr, inv_ptr, g_ptr, off_ptr, other_ptr, coef_ptr, gx_pt
     dot = tl.zeros([BLOCK_R], dtype=tl.float32)
     for k in range(0, D, BLOCK_D):
         ks = k + tl.arange(0, BLOCK_D)
-        tile = rmask[:, None] & (ks < D)[None, :]
+        kmask = ks < D
+        tile = rmask[:, None] & kmask[None, :]
         x_r = tl.load(x_ptr + rows64[:, None] * D + ks[None, :], mask=tile, other=0.0).to(tl.float32)
         v_r = x_r * inv_r[:, None]
         if HAS_G:
@@ -803,16 +794,10 @@ def _list_grad_kernel(x_ptr, inv_ptr, g_ptr, off_ptr, other_ptr, coef_ptr, gx_pt
             g = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
         for j in range(0, longest):
             o = tl.load(other_ptr + start + j, mask=rmask & (j < count), other=-1)
-            live = o >= 0
-            o = tl.where(live, o, 0)
+            live = o >= 0  # false outside rmask (other=-1): masks the gather alone
             c = tl.load(coef_ptr + start + j, mask=live, other=0.0)
-            inv_o = tl.load(inv_ptr + o, mask=live, other=0.0) if HAS_INV_NORM else tl.full([BLOCK_R], 1.0, tl.float32)
-            v_o = tl.load(x_ptr + o.to(tl.int64)[:, None] * D + ks[None, :], mask=tile & live[:, None],
-                          other=0.0).to(tl.float32) * inv_o[:, None]
-            if CENTERED:
-                g += c[:, None] * (v_r - v_o)
-            else:
-                g -= c[:, None] * v_o
+            v_o = _scaled_rows(x_ptr, inv_ptr, tl.where(live, o, 0), live, ks, kmask, D, HAS_INV_NORM)
+            g += _pair_term(c, v_r, v_o, CENTERED)
         if HAS_GX:
             tl.store(gx_ptr + rows64[:, None] * D + ks[None, :], (g * inv_r[:, None]).to(gx_ptr.dtype.element_ty),
                      mask=tile)
