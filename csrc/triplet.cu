@@ -2,6 +2,7 @@
 // semi_hard / batch_all row loss (contract: ops/triplet.py's docstring, checked in Python before every call; C++
 // keeps the checks that guard memory): the checks, the chunk loop of the mining products, the launches, and
 // the registration for the CUDA key. The kernels, and the traffic designed for, are in triplet.cuh.
+// Last, the register path's pair distances and list gradient (ops/triplet.py's second contract block).
 //
 // Mining walks the anchors in chunks of C rows: cuBLAS makes the chunk's C x B Gram block in fp32
 // (at::mm with an fp32 output, so half-precision products are accumulated and kept in fp32) into one
@@ -268,6 +269,93 @@ void triplet_row_loss_cuda(const at::Tensor& gram, const at::Tensor& sq, const s
   });
 }
 
+// ---- the register path's pair distances and list gradient ----
+
+constexpr const char* kPairDistances = "triplet_pair_distances_cuda";
+constexpr const char* kListGrad = "triplet_list_grad_cuda";
+
+// A contiguous tensor of `shape` and `dtype` on x's device.
+void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x, at::IntArrayRef shape,
+                at::ScalarType dtype) {
+  check_on(op, name, t, x);
+  check_dtype(op, name, t, dtype);
+  check_shape(op, name, t, shape);
+  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous, got strides ", t.strides());
+}
+
+void triplet_pair_distances_cuda(const at::Tensor& x, const std::optional<at::Tensor>& inv_norm,
+                                 const at::Tensor& first, const at::Tensor& second, int64_t distance,
+                                 const at::Tensor& gram, const at::Tensor& exact) {
+  check_rows(kPairDistances, x, inv_norm);
+  const int kind = checked_distance(kPairDistances, distance, inv_norm);
+  check_like(kPairDistances, "first", first, x, first.sizes(), at::kLong);
+  check_like(kPairDistances, "second", second, x, first.sizes(), at::kLong);
+  check_like(kPairDistances, "gram", gram, x, first.sizes(), at::kFloat);
+  check_like(kPairDistances, "exact", exact, x, first.sizes(), at::kFloat);
+  const int64_t entries = first.numel();
+  if (entries == 0) return;
+
+  PairDistanceArgs a{};
+  a.x = x.const_data_ptr();
+  a.inv_norm = inv_norm.has_value() ? inv_norm->const_data_ptr<float>() : nullptr;
+  a.first = first.const_data_ptr<int64_t>();
+  a.second = second.const_data_ptr<int64_t>();
+  a.gram = gram.data_ptr<float>();
+  a.exact = exact.data_ptr<float>();
+  a.entries = entries;
+  a.d = x.size(1);
+  dispatch_float(x.scalar_type(), kPairDistances, [&](auto tag) {
+    using T = decltype(tag);
+    with_kind(kind, [&](auto k) {
+      with_flag(inv_norm.has_value(), [&](auto s) {
+        launch(x.device(), &triplet_pair_distances_kernel<T, decltype(k)::value, decltype(s)::value>,
+               grid_for((entries + kPairWarps - 1) / kPairWarps), kPairWarps * kWarpSize, 0, a);
+      });
+    });
+  });
+}
+
+// offsets' values (they index others) are checked in Python where they may be read without a sync.
+void triplet_list_grad_cuda(const at::Tensor& x, const std::optional<at::Tensor>& inv_norm,
+                            const std::optional<at::Tensor>& grad_rows, const at::Tensor& offsets,
+                            const at::Tensor& others, const at::Tensor& coef, bool centered,
+                            const std::optional<at::Tensor>& grad_x, const std::optional<at::Tensor>& grad_inv_norm) {
+  check_rows(kListGrad, x, inv_norm);
+  const int64_t n = x.size(0);
+  if (grad_rows.has_value()) check_like(kListGrad, "grad_rows", *grad_rows, x, x.sizes(), at::kFloat);
+  check_vector(kListGrad, "offsets", offsets, x, n + 1, at::kLong);
+  TORCH_CHECK_VALUE(others.dim() == 1, kListGrad, ": others must be 1-D, got shape ", others.sizes());
+  check_like(kListGrad, "others", others, x, others.sizes(), at::kLong);
+  check_like(kListGrad, "coef", coef, x, others.sizes(), at::kFloat);
+  if (grad_x.has_value()) check_like(kListGrad, "grad_x", *grad_x, x, x.sizes(), x.scalar_type());
+  if (grad_inv_norm.has_value()) {
+    TORCH_CHECK_VALUE(inv_norm.has_value(), kListGrad, ": grad_inv_norm needs inv_norm");
+    check_vector(kListGrad, "grad_inv_norm", *grad_inv_norm, x, n, at::kFloat);
+  }
+  if (n == 0 || (!grad_x.has_value() && !grad_inv_norm.has_value())) return;
+
+  ListGradArgs a{};
+  a.x = x.const_data_ptr();
+  a.inv_norm = inv_norm.has_value() ? inv_norm->const_data_ptr<float>() : nullptr;
+  a.grad_rows = grad_rows.has_value() ? grad_rows->const_data_ptr<float>() : nullptr;
+  a.offsets = offsets.const_data_ptr<int64_t>();
+  a.others = others.const_data_ptr<int64_t>();
+  a.coef = coef.const_data_ptr<float>();
+  a.grad_x = grad_x.has_value() ? grad_x->data_ptr() : nullptr;
+  a.grad_inv_norm = grad_inv_norm.has_value() ? grad_inv_norm->data_ptr<float>() : nullptr;
+  a.n = n;
+  a.d = x.size(1);
+  dispatch_float(x.scalar_type(), kListGrad, [&](auto tag) {
+    using T = decltype(tag);
+    with_flag(inv_norm.has_value(), [&](auto s) {
+      with_flag(centered, [&](auto c) {
+        launch(x.device(), &triplet_list_grad_kernel<T, decltype(s)::value, decltype(c)::value>,
+               grid_for((n + kListRows - 1) / kListRows), kListRows * kWarpSize, 0, a);
+      });
+    });
+  });
+}
+
 }  // namespace
 }  // namespace triplet
 }  // namespace lossforge
@@ -277,4 +365,6 @@ TORCH_LIBRARY_IMPL(lossforge, LOSSFORGE_DISPATCH_KEY, m) {
   m.impl("triplet_mine_cuda", TORCH_FN(lossforge::triplet::triplet_mine_cuda));
   m.impl("triplet_pair_grad_cuda", TORCH_FN(lossforge::triplet::triplet_pair_grad_cuda));
   m.impl("triplet_row_loss_cuda", TORCH_FN(lossforge::triplet::triplet_row_loss_cuda));
+  m.impl("triplet_pair_distances_cuda", TORCH_FN(lossforge::triplet::triplet_pair_distances_cuda));
+  m.impl("triplet_list_grad_cuda", TORCH_FN(lossforge::triplet::triplet_list_grad_cuda));
 }

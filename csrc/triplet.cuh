@@ -19,6 +19,8 @@
 // ops/triplet.py makes with a matrix product: O(P_a B) work per row (P_a its positives, taken 4
 // (semi_hard) or 8 (batch_all) at a time after an ordered compaction of each 256-column tile), every
 // sum in a fixed order.
+// The register path's pair distances (one warp per pair: Gram form and exact from one pass over
+// both rows) and list gradient (one warp per row, lanes over the features, its list in order).
 #pragma once
 
 #include <algorithm>
@@ -599,6 +601,125 @@ __global__ void __launch_bounds__(kRowThreads, 1) triplet_row_loss_kernel(const 
     a.loss[i] = total;
     a.count[i] = count;
   }
+}
+
+// ---- the register path's pair distances and list gradient ----
+
+constexpr int kPairWarps = 8;  // entries per block: one warp each
+
+struct PairDistanceArgs {
+  const void* x;
+  const float* inv_norm;  // or nullptr
+  const int64_t* first;
+  const int64_t* second;
+  float* gram;
+  float* exact;
+  int64_t entries, d;
+};
+
+// Per entry e, one warp: rows p = first[e], q = second[e]; their dot product, squared norms and
+// squared difference (of v = inv_norm * x) summed in fp32 in one pass, then the Gram-form distance
+// (as the mining compares it) and the exact one from the difference (cosine, or a Gram form that is
+// NaN or inf: the Gram form). q < 0 (and p < 0: no row is read) writes 0 to both.
+template <typename T, int kKind, bool kInvNorm>
+__global__ void __launch_bounds__(kPairWarps * kWarpSize) triplet_pair_distances_kernel(const PairDistanceArgs a) {
+  const T* x = static_cast<const T*>(a.x);
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kPairWarps;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * kPairWarps + threadIdx.x / kWarpSize; e < a.entries;
+       e += step) {  // (every lane of a warp alike)
+    const int64_t p = a.first[e], q = a.second[e];
+    float gram = 0.f, exact = 0.f;
+    if (p >= 0 && q >= 0) {
+      const float inv_p = kInvNorm ? a.inv_norm[p] : 1.f, inv_q = kInvNorm ? a.inv_norm[q] : 1.f;
+      float dot = 0.f, sq_p = 0.f, sq_q = 0.f, diff = 0.f;
+      for (int64_t k = lane; k < a.d; k += kWarpSize) {
+        const float x_p = load_elem(x + p * a.d + k), x_q = load_elem(x + q * a.d + k);
+        dot = fmaf(x_p, x_q, dot);
+        if constexpr (kKind != kCosine) {
+          sq_p = fmaf(x_p, x_p, sq_p);
+          sq_q = fmaf(x_q, x_q, sq_q);
+          const float t = x_p * inv_p - x_q * inv_q;
+          diff = fmaf(t, t, diff);
+        }
+      }
+      dot = warp_sum(dot);
+      if constexpr (kKind != kCosine) {
+        sq_p = warp_sum(sq_p);
+        sq_q = warp_sum(sq_q);
+        diff = warp_sum(diff);
+      }
+      gram = distance<kKind, kInvNorm>(dot, inv_p, sq_p * inv_p * inv_p, inv_q, sq_q * inv_q * inv_q);
+      exact = gram;
+      if (kKind != kCosine && fabsf(gram) < INFINITY) {
+        exact = kKind == kSquaredEuclidean ? diff : sqrtf(diff + kEuclideanEps);
+      }
+    }
+    if (lane == 0) {
+      a.gram[e] = gram;
+      a.exact[e] = exact;
+    }
+  }
+}
+
+constexpr int kListRows = 8;    // rows per block: one warp each
+constexpr int kListUnroll = 4;  // features per lane at once: a list entry is read once per 128 features
+
+struct ListGradArgs {
+  const void* x;
+  const float* inv_norm;   // or nullptr
+  const float* grad_rows;  // fp32 (n, d), or nullptr
+  const int64_t* offsets;
+  const int64_t* others;
+  const float* coef;
+  void* grad_x;            // or nullptr
+  float* grad_inv_norm;    // or nullptr
+  int64_t n, d;
+};
+
+// Row r, one warp, lanes over the features: g = grad_rows[r] (or 0) plus the entries of r's list in
+// list order, coef * (v_r - v_other) (centered) or -coef * v_other, an entry of other < 0 skipped;
+// writes inv_norm_r * g in x's dtype and x_r . g (per-lane sums in feature order, then the warp's
+// shuffle tree: a fixed order, no atomics).
+template <typename T, bool kInvNorm, bool kCentered>
+__global__ void __launch_bounds__(kListRows * kWarpSize) triplet_list_grad_kernel(const ListGradArgs a) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kListRows + threadIdx.x / kWarpSize;
+  if (row >= a.n) return;  // (a whole warp)
+  const T* x = static_cast<const T*>(a.x);
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t begin = a.offsets[row], end = a.offsets[row + 1];
+  const float inv_r = kInvNorm ? a.inv_norm[row] : 1.f;
+  float dot = 0.f;
+  for (int64_t k0 = lane; k0 < a.d; k0 += kWarpSize * kListUnroll) {
+    const int64_t at = row * a.d + k0;  // this lane's features: at + u * kWarpSize
+    bool live[kListUnroll];
+    float v_r[kListUnroll], g[kListUnroll];
+#pragma unroll
+    for (int u = 0; u < kListUnroll; ++u) {
+      live[u] = k0 + u * kWarpSize < a.d;
+      v_r[u] = live[u] ? load_elem(x + at + u * kWarpSize) * inv_r : 0.f;
+      g[u] = a.grad_rows != nullptr && live[u] ? a.grad_rows[at + u * kWarpSize] : 0.f;
+    }
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t o = a.others[j];
+      if (o < 0) continue;
+      const float c = a.coef[j], inv_o = kInvNorm ? a.inv_norm[o] : 1.f;
+      const T* x_o = x + o * a.d + k0;
+#pragma unroll
+      for (int u = 0; u < kListUnroll; ++u) {
+        if (live[u]) g[u] += pair_term<kCentered>(c, v_r[u], load_elem(x_o + u * kWarpSize) * inv_o);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kListUnroll; ++u) {
+      if (!live[u]) continue;
+      if (a.grad_x != nullptr) store_elem(static_cast<T*>(a.grad_x) + at + u * kWarpSize, g[u] * inv_r);
+      dot = fmaf(load_elem(x + at + u * kWarpSize), g[u], dot);  // (x_r again: from L1)
+    }
+  }
+  if (a.grad_inv_norm == nullptr) return;
+  dot = warp_sum(dot);
+  if (lane == 0) a.grad_inv_norm[row] = dot;
 }
 
 }  // namespace triplet

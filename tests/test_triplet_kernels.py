@@ -812,7 +812,7 @@ def test_register_kernels_refuse_bad_input_by_name(kernel_backend):
         ops.LIST_GRAD[kernel_backend](x, None, None, offsets[:-1], pos.reshape(-1), slots.reshape(-1), True,
                                       torch.empty_like(x), None)
     with pytest.raises(KeyError):
-        ops.LIST_GRAD["cuda"]  # no CUDA op is defined for this path
+        ops.SEMI_HARD_MINE["cuda"]  # no CUDA op is defined for this path's mining
 
 
 @pytest.fixture
@@ -1072,3 +1072,270 @@ def test_a_feature_count_of_8_mod_16_keeps_the_mining_pipeline():
     assert out.returncode == 0, out.stderr[-4000:]
     facts = json.loads(out.stdout.strip().splitlines()[-1])
     assert facts["520"] == facts["512"] and facts["512"][0] > 0, facts  # (cp.async count, local bytes)
+
+
+# ---------------------------------------------------------------- the register path's pair distances and list gradient
+
+HALF_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # a gradient rounded to x's dtype
+LIST_OPS = ("pair_distances", "list_grad")
+
+
+def _register_backends():
+    """The kernel backends here with the register path's pair-distance and list-gradient ops."""
+    found = [b for b in kernel_backends() if b in ops.PAIR_DISTANCES.overloads and b in ops.LIST_GRAD.overloads]
+    if not found:
+        pytest.skip("no kernel backend here")
+    return found
+
+
+def _pair_distances_float64(x, inv_norm, first, second, distance):
+    """The pair-distance contract in float64: (gram, exact), 0 where second < 0."""
+    x = x.cpu().double()
+    inv = torch.ones(len(x), dtype=torch.float64) if inv_norm is None else inv_norm.cpu().double()
+    first, second = first.cpu(), second.cpu()
+    live = second >= 0
+    p, q = first.clamp_min(0), second.clamp_min(0)
+    x_p, x_q, inv_p, inv_q = x[p], x[q], inv[p], inv[q]
+    dot = (x_p * x_q).sum(-1) * inv_p * inv_q
+    if distance == Distance.COSINE:
+        gram = exact = 1.0 - dot
+    else:
+        gram = torch.clamp((x_p * x_p).sum(-1) * inv_p ** 2 + (x_q * x_q).sum(-1) * inv_q ** 2 - 2 * dot, min=0)
+        exact = ((x_p * inv_p[..., None] - x_q * inv_q[..., None]) ** 2).sum(-1)
+        if distance == Distance.EUCLIDEAN:
+            gram, exact = torch.sqrt(gram + 1e-12), torch.sqrt(exact + 1e-12)
+        exact = torch.where(gram.abs() < math.inf, exact, gram)
+    return torch.where(live, gram, 0.0), torch.where(live, exact, 0.0)
+
+
+def _run_pair_distances(backend, x, inv_norm, first, second, distance):
+    device = device_for(backend)
+    gram, exact = (torch.full(second.shape, math.nan, device=device) for _ in range(2))  # unwritten: NaN
+    ops.PAIR_DISTANCES[backend](x.to(device), None if inv_norm is None else inv_norm.to(device), first.to(device),
+                                second.to(device), distance, gram, exact)
+    return gram.cpu(), exact.cpu()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("d", [5, 37, 70, 300])
+def test_pair_distances_on_every_backend(dtype, d):
+    # (B, 5) slots of pairs as the register path lays them out, about a quarter of them -1 (no pair),
+    # and a 1-D list of pairs: each backend against the contract in float64 on the same rounded x, and CUDA
+    # against Triton; no pair writes exact zeros.
+    backends = _register_backends()
+    gen = torch.Generator().manual_seed(d)
+    n = 23
+    x = torch.randn(n, d, generator=gen).to(dtype)
+    inv_norm = torch.rand(n, generator=gen) + 0.5
+    first = torch.arange(n)[:, None].expand(n, 5).contiguous()
+    # no row with itself: its Gram form is all cancellation (a square root of rounding errors)
+    second = (first + torch.randint(1, n, (n, 5), generator=gen)) % n
+    second[torch.rand(n, 5, generator=gen) < 0.25] = -1
+    shapes = ((first, second), (torch.tensor([0, 4, 22, 7, 8, 21, 2]), torch.tensor([3, -1, 0, 22, -1, 9, 1])))
+    for distance, inv in itertools.product(Distance, (None, inv_norm)):
+        if distance == Distance.COSINE and inv is None:
+            continue
+        for a, b in shapes:
+            want = _pair_distances_float64(x, inv, a, b, distance)
+            got = {backend: _run_pair_distances(backend, x, inv, a, b, distance) for backend in backends}
+            what = f"{dtype} d={d} {distance!r} inv_norm={inv is not None} {tuple(b.shape)}"
+            for backend, (gram, exact) in got.items():
+                assert_close_rel(gram, want[0], 1e-5, f"{backend} gram {what}")
+                assert_close_rel(exact, want[1], 1e-5, f"{backend} exact {what}")
+                assert torch.equal(gram[b < 0], torch.zeros(int((b < 0).sum()))), (backend, gram)
+                assert torch.equal(exact[b < 0], torch.zeros(int((b < 0).sum()))), (backend, exact)
+            if len(got) == 2:
+                for i, name in enumerate(("gram", "exact")):
+                    assert_close_rel(got["cuda"][i], got["triton"][i], 1e-5, f"cuda vs triton {name} {what}")
+
+
+def _list_grad_float64(x, inv_norm, grad_rows, offsets, others, coef, centered):
+    """The list-gradient contract in float64: (grad_x, grad_inv_norm)."""
+    x, offsets, others, coef = x.double(), offsets.cpu(), others.cpu(), coef.cpu().double()
+    inv = torch.ones(len(x), dtype=torch.float64) if inv_norm is None else inv_norm.cpu().double()
+    v = x * inv[:, None]
+    g = torch.zeros_like(v) if grad_rows is None else grad_rows.cpu().double()
+    rows = torch.repeat_interleave(torch.arange(len(x)), offsets[1:] - offsets[:-1])
+    listed = slice(int(offsets[0]), int(offsets[-1]))
+    o, c = others[listed], coef[listed]
+    live = o >= 0
+    rows, o, c = rows[live], o[live], c[live]
+    g = g.index_add(0, rows, c[:, None] * (v[rows] - v[o]) if centered else -c[:, None] * v[o])
+    return g * inv[:, None], (x * g).sum(1)
+
+
+def _list_inputs(n, gen, long_rows=(), empty_rows=()):
+    """offsets (n + 1), others, coef: lists of 0 to 6 entries (long_rows: 70), about a fifth of them -1,
+    starting 3 entries in and ending 2 before the end (entries outside every list: coefficients of 1e30)."""
+    counts = torch.randint(1, 7, (n,), generator=gen)
+    counts[list(long_rows)] = 70
+    counts[list(empty_rows)] = 0
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]) + 3
+    total = int(offsets[-1]) + 2
+    others = torch.randint(0, n, (total,), generator=gen)
+    others[torch.rand(total, generator=gen) < 0.2] = -1
+    coef = torch.randn(total, generator=gen)
+    coef[:3], coef[-2:] = 1e30, 1e30
+    return offsets, others, coef
+
+
+def _run_list_grad(backend, x, inv_norm, grad_rows, lists, centered, want_x, want_inv):
+    device = device_for(backend)
+    grad_x = torch.full(x.shape, math.nan, dtype=x.dtype, device=device) if want_x else None
+    grad_inv = torch.full((len(x),), math.nan, device=device) if want_inv else None
+    ops.LIST_GRAD[backend](x.to(device), None if inv_norm is None else inv_norm.to(device),
+                           None if grad_rows is None else grad_rows.to(device), *(t.to(device) for t in lists),
+                           centered, grad_x, grad_inv)
+    return None if grad_x is None else grad_x.cpu(), None if grad_inv is None else grad_inv.cpu()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("d", [5, 37, 70, 300])
+def test_list_gradient_on_every_backend(dtype, d):
+    # Rows with empty lists, rows with 70 entries (several of Triton's row blocks and, at d = 300, several
+    # of CUDA's 128-feature steps), skipped entries, grad_rows given or not, centered or not, either
+    # output left out: each backend against the contract in float64, and CUDA against Triton.
+    backends = _register_backends()
+    gen = torch.Generator().manual_seed(100 + d)
+    n = 37
+    x = torch.randn(n, d, generator=gen).to(dtype)
+    inv_norm = torch.rand(n, generator=gen) + 0.5
+    lists = _list_inputs(n, gen, long_rows=(2, 33), empty_rows=(0, 5, 36))
+    grad_rows = torch.randn(n, d, generator=gen)
+    cases = [(inv, rows, centered, outs) for inv in (None, inv_norm) for rows in (None, grad_rows)
+             for centered in (True, False) for outs in ((True, True), (True, False), (False, True))
+             if inv is not None or outs[1] is False]
+    for inv, rows, centered, (want_x, want_inv) in cases:
+        want = _list_grad_float64(x, inv, rows, *lists, centered)
+        got = {backend: _run_list_grad(backend, x, inv, rows, lists, centered, want_x, want_inv)
+               for backend in backends}
+        what = f"{dtype} d={d} inv_norm={inv is not None} grad_rows={rows is not None} centered={centered}"
+        for backend, (grad_x, grad_inv) in got.items():
+            if want_x:
+                assert_close_rel(grad_x, want[0], HALF_TOL[dtype], f"{backend} grad_x {what}")
+            if want_inv:
+                assert_close_rel(grad_inv, want[1], 1e-5, f"{backend} grad_inv_norm {what}")
+        if len(got) == 2:
+            for i, (name, tol) in enumerate((("grad_x", HALF_TOL[dtype]), ("grad_inv_norm", 1e-5))):
+                if got["cuda"][i] is not None:
+                    assert_close_rel(got["cuda"][i], got["triton"][i], tol, f"cuda vs triton {name} {what}")
+
+
+def test_list_gradient_is_deterministic_and_writes_nothing_without_outputs():
+    backends = _register_backends()
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(40, 70, generator=gen)
+    inv_norm = torch.rand(40, generator=gen) + 0.5
+    lists = _list_inputs(40, gen, long_rows=(1, 2, 3))
+    for backend in backends:
+        runs = [_run_list_grad(backend, x, inv_norm, None, lists, True, True, True) for _ in range(2)]
+        assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1]), backend
+        ops.LIST_GRAD[backend](x.to(device_for(backend)), None, None, *(t.to(device_for(backend)) for t in lists),
+                               True, None, None)  # nothing to write: no launch, no error
+
+
+@pytest.mark.parametrize("op", LIST_OPS)
+def test_register_path_ops_propagate_nan_and_inf_like_triton(op):
+    # A NaN row and a +inf and a -inf element, in pairs and lists with finite rows and with each other:
+    # the NaN and inf results of the contract in float64 and of the Triton kernel, the finite ones' values.
+    # Skipped list entries sit in rows with a finite v only: for a non-finite v_r the Triton kernel adds
+    # 0 * v_r (NaN) for them, and for the padding of a row shorter than the longest of its row block,
+    # where the contract skips them (here every list is as long).
+    backends = _register_backends()
+    gen = torch.Generator().manual_seed(77)
+    n, d = 24, 37
+    x = torch.randn(n, d, generator=gen)
+    x[4] = math.nan
+    x[9, 3] = math.inf
+    x[15, 7] = -math.inf
+    bad = torch.tensor([4, 9, 15])
+    inv_norm = torch.rand(n, generator=gen) + 0.5
+    results = []
+    for inv in (None, inv_norm):
+        if op == "pair_distances":
+            first = torch.arange(n)[:, None].expand(n, 4).contiguous()
+            second = torch.stack([torch.roll(torch.arange(n), s) for s in (1, 5, 11)] + [torch.full((n,), -1)], 1)
+            for distance in Distance:
+                if inv is not None or distance != Distance.COSINE:
+                    args = (inv, first, second, distance)
+                    results.append(((distance, inv is not None), _pair_distances_float64(x, *args),
+                                    {b: _run_pair_distances(b, x, *args) for b in backends}))
+            continue
+        offsets = torch.arange(0, 4 * n + 1, 4)
+        others = torch.randint(0, n, (4 * n,), generator=gen)
+        others[::4] = bad.repeat(n // 3)[:n]  # every list takes a non-finite row
+        others[(torch.rand(4 * n, generator=gen) < 0.25) & ~torch.isin(torch.arange(4 * n) // 4, bad)] = -1
+        lists = (offsets, others, torch.randn(4 * n, generator=gen))
+        for centered in (True, False):
+            want = _list_grad_float64(x, inv, None, *lists, centered)
+            results.append(((centered, inv is not None), want if inv is not None else (want[0], None),
+                            {b: _run_list_grad(b, x, inv, None, lists, centered, True, inv is not None)
+                             for b in backends}))
+    for key, want, got in results:
+        assert not torch.isfinite(want[0]).all(), key  # (the case tests something)
+        for backend, values in [*got.items()] + ([("cuda vs triton", got["triton"])] if len(got) == 2 else []):
+            mine = got["cuda"] if backend == "cuda vs triton" else values
+            reference = values if backend == "cuda vs triton" else want
+            for i, (a, b) in enumerate(zip(mine, reference)):
+                if b is not None:
+                    torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-5, equal_nan=True,
+                                               msg=lambda m: f"{backend} {key} output {i}: {m}")
+
+
+def test_register_path_ops_refuse_bad_input_by_name_on_cuda():
+    if "cuda" not in kernel_backends():
+        pytest.skip("needs the CUDA backend")
+    device = device_for("cuda")
+    x, labels = torch.randn(6, 4).to(device), torch.tensor([0, 1, 0, 1, 2, 2]).to(device)
+    pos, _, _, _ = ops.positive_slots(labels, 4)
+    anchors = torch.arange(6, device=device)[:, None].expand_as(pos).contiguous()
+    slots = torch.rand(pos.shape).to(device)
+    pairs = ops.PAIR_DISTANCES["cuda"]  # the contract check, then the kernel
+    with pytest.raises(ValueError, match="triplet_pair_distances: cosine distances need inv_norm"):
+        pairs(x, None, anchors, pos, Distance.COSINE, slots.clone(), slots.clone())
+    with pytest.raises(ValueError, match=r"triplet_pair_distances: second must be a contiguous torch.int64 tensor "
+                                         r"of shape \(6, 4\)"):
+        pairs(x, None, anchors, pos[:, :3], Distance.EUCLIDEAN, slots.clone(), slots.clone())
+    with pytest.raises(ValueError, match=r"triplet_pair_distances: exact must be a contiguous torch.float32"):
+        pairs(x, None, anchors, pos, Distance.EUCLIDEAN, slots.clone(), slots.double())
+    offsets = torch.arange(0, pos.numel() + 1, 4, device=device)
+    lists = (offsets, pos.reshape(-1), slots.reshape(-1))
+    grad = ops.LIST_GRAD["cuda"]
+    with pytest.raises(ValueError, match="triplet_list_grad: grad_inv_norm needs inv_norm"):
+        grad(x, None, None, *lists, True, None, torch.empty(6, device=device))
+    with pytest.raises(ValueError, match="triplet_list_grad: offsets must be"):
+        grad(x, None, None, offsets[:-1], *lists[1:], True, torch.empty_like(x), None)
+    with pytest.raises(ValueError, match=r"triplet_list_grad: grad_rows must be a contiguous torch.float32 tensor"):
+        grad(x, None, x.half(), *lists, True, torch.empty_like(x), None)
+    with pytest.raises(ValueError, match=r"triplet_list_grad: grad_x must be contiguous like x"):
+        grad(x, None, None, *lists, True, torch.empty_like(x).t(), None)
+    # the C++ checks that guard memory, behind no Python check
+    with pytest.raises(ValueError, match=r"triplet_pair_distances_cuda: second must have shape \[6, 4\]"):
+        ops.PAIR_DISTANCES.overloads["cuda"](x, None, anchors, pos[:, :3].contiguous(), Distance.EUCLIDEAN,
+                                             slots.clone(), slots.clone())
+    with pytest.raises(ValueError, match=r"triplet_list_grad_cuda: coef must have shape \[24\]"):
+        ops.LIST_GRAD.overloads["cuda"](x, None, None, offsets, lists[1], lists[2][:-1], True, torch.empty_like(x),
+                                        None)
+
+
+def test_opcheck_register_path_ops_on_every_backend():
+    # The variants _mined_kernel_op_samples leaves out: no inv_norm, no grad_rows, one output, not
+    # centered, a 1-D pair list with -1 entries, half-precision rows, and the cosine distance.
+    gen = torch.Generator().manual_seed(9)
+    for backend in _register_backends():
+        device = device_for(backend)
+        x = torch.randn(9, 7, generator=gen).to(device)
+        inv_norm = (torch.rand(9, generator=gen) + 0.5).to(device)
+        first = torch.randint(0, 9, (12,), generator=gen).to(device)
+        second = torch.where(torch.rand(12, generator=gen) < 0.3, -1, torch.randint(0, 9, (12,), generator=gen))
+        second = second.to(device)
+        offsets, others, coef = (t.to(device) for t in _list_inputs(9, gen, long_rows=(4,), empty_rows=(0,)))
+        samples = [(ops.PAIR_DISTANCES, (x, None, first, second, Distance.SQUARED_EUCLIDEAN,
+                                         torch.empty(12, device=device), torch.empty(12, device=device))),
+                   (ops.PAIR_DISTANCES, (x.bfloat16(), inv_norm, first, second, Distance.COSINE,
+                                         torch.empty(12, device=device), torch.empty(12, device=device))),
+                   (ops.LIST_GRAD, (x, None, None, offsets, others, coef, False, torch.empty_like(x), None)),
+                   (ops.LIST_GRAD, (x.half(), inv_norm, torch.randn(9, 7, generator=gen).to(device), offsets, others,
+                                    coef, True, None, torch.empty(9, device=device)))]
+        for op, args in samples:
+            torch.library.opcheck(op.overloads[backend], args)

@@ -473,7 +473,8 @@ def _rows_pass(backend, tensors, params, row_weight, grads):
 #   of coef * (centered * v_r - v_other) in fp32, writes grad_x[r] = inv_norm[r] * g_r (g_r without
 #   inv_norm) in x's dtype and grad_inv_norm[r] = x_r . g_r; either may be None. Deterministic.
 #
-# These four ops are Triton's only: the CUDA backend keeps the chunked path for every class size.
+# The two mining ops are Triton's only (the CUDA backend keeps the chunked path for every class size);
+# the pair distances and the list gradient exist on both backends.
 POS_SLOTS = 16  # positives per anchor (class size - 1) the register path takes
 TRITON_ONLY = ("triton",)
 
@@ -508,7 +509,7 @@ def _check_semi_hard_mine(x, labels, inv_norm, distance, n_pos, pos_dist, chosen
 PAIR_DISTANCES = KernelOp(
     "triplet_pair_distances",
     "(Tensor x, Tensor? inv_norm, Tensor first, Tensor second, int distance, Tensor(a!) gram, Tensor(b!) exact) -> ()",
-    check=_check_pair_distances, backends=TRITON_ONLY,
+    check=_check_pair_distances,
 )
 SEMI_HARD_MINE = KernelOp(
     "triplet_semi_hard_mine",
@@ -558,7 +559,7 @@ LIST_GRAD = KernelOp(
     "triplet_list_grad",
     "(Tensor x, Tensor? inv_norm, Tensor? grad_rows, Tensor offsets, Tensor others, Tensor coef, bool centered,"
     " Tensor(a!)? grad_x, Tensor(b!)? grad_inv_norm) -> ()",
-    check=_check_list_grad, backends=TRITON_ONLY,
+    check=_check_list_grad,
 )
 PAIR_DISTANCES.implement_triton(lambda *args: _triton().triplet_pair_distances(*args))
 BATCH_ALL_ROWS.implement_triton(lambda *args: _triton().triplet_batch_all_rows(*args))
