@@ -153,11 +153,7 @@ void tiled_forward(const at::Tensor& query, const at::Tensor& key, const std::op
       });
     });
   };
-  if (query.scalar_type() == at::kHalf) {
-    run(c10::Half{});
-  } else {
-    run(c10::BFloat16{});
-  }
+  dispatch_half(query.scalar_type(), kFwd, run);
   if (symmetric) {
     launch(query.device(), &finish_symmetric_tiles_kernel, grid_for((B + kThreads - 1) / kThreads), kThreads, 0, B,
            static_cast<const float*>(col_loss.data_ptr<float>()), loss.data_ptr<float>());
@@ -326,11 +322,7 @@ void tiled_gradient_pass(const Side& own, const Side& other, const GradChunk& pr
              grid_for((f.n_own + kGradRows - 1) / kGradRows), kGradThreads, dyn, f);
     });
   };
-  if (x.scalar_type() == at::kHalf) {
-    run(c10::Half{});
-  } else {
-    run(c10::BFloat16{});
-  }
+  dispatch_half(x.scalar_type(), kBwd, run);
 }
 
 // Walks chunks of own's rows: S_c, then dZ_c as G_c and the row sums, then (with `out`) G_c @ other

@@ -67,6 +67,7 @@
 #include "enums.h"
 #include "mma.cuh"
 #include "row_softmax.cuh"
+#include "tiles.cuh"
 
 namespace lossforge {
 namespace contrastive {
@@ -469,7 +470,7 @@ __global__ void __launch_bounds__(kThreads) finish_grad_kernel(const FinishGrad 
   }
 }
 
-// ---- the forward for half inputs: similarity tiles on chip (tensor-core products, csrc/mma.cuh) ----
+// ---- the forward for half inputs: similarity tiles on chip (tile_product, csrc/tiles.cuh) ----
 //
 // tile_stats_kernel: a block of 4 warps owns 64 rows of its own side (16 per warp) and sweeps the
 // other side in tiles of 64 rows. Per tile, both sides' rows are staged through shared memory 64
@@ -486,15 +487,8 @@ __global__ void __launch_bounds__(kThreads) finish_grad_kernel(const FinishGrad 
 constexpr int kTileWarps = 4;
 constexpr int kTileThreads = kTileWarps * kWarpSize;
 constexpr int kTileRows = 16 * kTileWarps;  // own rows per block
-constexpr int kTileCols = 64;               // other rows per tile: 8 products of 8 columns per warp
-constexpr int kTileK = 64;                  // features staged at a time
-constexpr int kTilePairs = kTileK / 2;      // element pairs (32-bit words) of a staged row
-// Words per staged row: +4 puts the 8 rows one fragment load reads on different banks.
-constexpr int kTileStride = kTilePairs + 4;
 static_assert(kTileRows == kTileCols, "one staging routine serves both sides");
 
-template <int kRows>
-using Staged = uint32_t[kRows][kTileStride];
 using StagedRows = Staged<kTileRows>;
 
 // One role of the tiled forward: the rows whose statistics its blocks compute (own) against the rows
@@ -520,37 +514,6 @@ struct TileFwd {
   const int64_t* labels;  // SupCon
   bool vec;               // 16-byte loads: d % 8 == 0 and both inputs 16-byte aligned
 };
-
-// Rows [row0, row0 + kRows) x features [k0, k0 + kTileK) of x (rows x d) into dst as element
-// pairs, zero outside x.
-template <typename T, int kRows = kTileRows>
-__device__ __forceinline__ void stage_rows(Staged<kRows>& dst, const T* x, int64_t row0, int64_t rows, int64_t d,
-                                           int64_t k0, bool vec) {
-  using Raw = typename Elem<T>::Raw;
-  static_assert(sizeof(Raw) == 2, "the tensor-core path takes 16-bit elements");
-  const Raw* raw = reinterpret_cast<const Raw*>(x);
-  if (vec) {  // k0 and d multiples of 8: a packet is wholly inside x's row or wholly outside
-    constexpr int kPackets = kTileK / 8;
-    for (int i = threadIdx.x; i < kRows * kPackets; i += blockDim.x) {
-      const int r = i / kPackets, q = i % kPackets;
-      const int64_t row = row0 + r, k = k0 + 8 * q;
-      uint4 v = make_uint4(0u, 0u, 0u, 0u);
-      if (row < rows && k < d) v = ld_keep(raw + row * d + k);
-      dst[r][4 * q] = v.x, dst[r][4 * q + 1] = v.y, dst[r][4 * q + 2] = v.z, dst[r][4 * q + 3] = v.w;
-    }
-  } else {
-    for (int i = threadIdx.x; i < kRows * kTilePairs; i += blockDim.x) {
-      const int r = i / kTilePairs, p = i % kTilePairs;
-      const int64_t row = row0 + r, k = k0 + 2 * p;
-      uint32_t lo = 0, hi = 0;
-      if (row < rows) {
-        if (k < d) lo = raw[row * d + k];
-        if (k + 1 < d) hi = raw[row * d + k + 1];
-      }
-      dst[r][p] = lo | (hi << 16);
-    }
-  }
-}
 
 // softplus(v) with the same value (max(v, 0) adds an exact 0 or v) but no branch around the two
 // transcendental paths: 16 of them unrolled per tile kept predicates alive across a spill on sm_80.
@@ -670,32 +633,16 @@ __global__ void __launch_bounds__(kTileThreads) tile_stats_kernel(const TileFwd 
     la[h] = kKind == kSupCon && valid ? f.labels[a[h]] : 0;
   }
 
+  const TileOperands<T> op{own, other, row0, p.n_own, p.n_other, f.d, f.vec};
   for (int64_t j0 = 0; j0 < p.n_other; j0 += kTileCols) {
     float acc[8][4] = {};
-    int64_t k0 = 0;
-    do {  // once at least (d == 0: S = 0)
-      __syncthreads();  // the previous step's fragment loads and fold are done
-      if (j0 == 0 || f.d > kTileK) stage_rows<T>(s_own, own, row0, p.n_own, f.d, k0, f.vec);
-      stage_rows<T>(s_other, other, j0, p.n_other, f.d, k0, f.vec);
-      if (k0 == 0 && threadIdx.x < kTileCols) {
+    tile_product<T, kTileRows>(acc, &s_own[0][0], kTileStride, s_other, op, j0, warp * 16, 0, lane, [&] {
+      if (threadIdx.x < kTileCols) {
         const int64_t j = j0 + threadIdx.x;
         s_ro[threadIdx.x] = j < p.n_other ? inv_norm_at<kNorm>(p.inv_other, j) : 1.f;
         if constexpr (kKind == kSupCon) s_label[threadIdx.x] = j < p.n_other ? f.labels[j] : 0;
       }
-      __syncthreads();
-      const int steps = static_cast<int>((min(static_cast<int64_t>(kTileK), f.d - k0) + 15) / 16);
-      for (int ks = 0; ks < steps; ++ks) {
-        uint32_t fa[4];
-        mma::load_a(fa, &s_own[warp * 16][ks * 8], kTileStride, lane);
-#pragma unroll
-        for (int n = 0; n < 8; ++n) {
-          uint32_t fb[2];
-          mma::load_b(fb, &s_other[n * 8][ks * 8], kTileStride, lane);
-          mma::mma_m16n8k16<T>(acc[n], fa, fb);
-        }
-      }
-      k0 += kTileK;
-    } while (k0 < f.d);
+    });
 #pragma unroll
     for (int h = 0; h < 2; ++h) fold_tile<kKind>(st[h], acc, h, a[h], ra[h], la[h], j0, p, second, s, b, s_ro, s_label);
   }
@@ -891,14 +838,11 @@ __global__ void __launch_bounds__(kGradThreads, 1) tile_grad_kernel(const TileGr
   // sum_j dZ c and sum_j dZ (grad_coef; SupCon: the anchor role only), sum_j W c (normalisation)
   float dz_c[2] = {0.f, 0.f}, dz[2] = {0.f, 0.f}, total_c[2] = {0.f, 0.f};
 
+  const TileOperands<T> op{own, other, row0, f.n_own, f.n_other, f.d, f.vec};
   for (int64_t j0 = 0; j0 < f.n_other; j0 += kTileCols) {
     float sim[kGradSimTiles][4] = {};
-    int64_t k0 = 0;
-    do {  // once at least (d == 0: S = 0)
-      __syncthreads();  // the previous step's fragment loads are done
-      if (j0 == 0 || f.d > kTileK) stage_rows<T, kGradRows>(s_own, own, row0, f.n_own, f.d, k0, f.vec);
-      stage_rows<T>(s_other, other, j0, f.n_other, f.d, k0, f.vec);
-      if (k0 == 0 && threadIdx.x < kTileCols) {
+    tile_product<T, kGradRows>(sim, &s_own[0][0], kTileStride, s_other, op, j0, tile * 16, col0, lane, [&] {
+      if (threadIdx.x < kTileCols) {
         const int64_t j = j0 + threadIdx.x;
         const bool in = j < f.n_other;
         s_ro[threadIdx.x] = in ? inv_norm_at<kNorm>(f.inv_other, j) : 1.f;
@@ -907,20 +851,7 @@ __global__ void __launch_bounds__(kGradThreads, 1) tile_grad_kernel(const TileGr
           s_anchor[threadIdx.x] = in ? anchor_of<kKind>(f.other_role, j) : Anchor{0.f, 0.f, 0.f, false};
         }
       }
-      __syncthreads();
-      const int steps = static_cast<int>((min(static_cast<int64_t>(kTileK), f.d - k0) + 15) / 16);
-      for (int ks = 0; ks < steps; ++ks) {
-        uint32_t fa[4];
-        mma::load_a(fa, &s_own[tile * 16][ks * 8], kTileStride, lane);
-#pragma unroll
-        for (int n = 0; n < kGradSimTiles; ++n) {
-          uint32_t fb[2];
-          mma::load_b(fb, &s_other[col0 + n * 8][ks * 8], kTileStride, lane);
-          mma::mma_m16n8k16<T>(sim[n], fa, fb);
-        }
-      }
-      k0 += kTileK;
-    } while (k0 < f.d);
+    });
 
     // The lane's entries: rows g, g + 8 (h), columns col0 + 8 n + 2 t + e.
 #pragma unroll

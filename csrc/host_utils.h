@@ -106,6 +106,16 @@ void dispatch_float(at::ScalarType st, const char* op, F&& f) {
   }
 }
 
+// The tensor-core kernels' element types: f(c10::Half{}) or f(c10::BFloat16{}).
+template <typename F>
+void dispatch_half(at::ScalarType st, const char* op, F&& f) {
+  switch (st) {
+    case at::kHalf: f(c10::Half{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    default: TORCH_CHECK_TYPE(false, op, ": unsupported dtype ", st, " (float16 or bfloat16 expected)");
+  }
+}
+
 // f(std::true_type) or f(std::false_type): a runtime flag becomes a template argument.
 template <typename F>
 void with_flag(bool b, F&& f) {

@@ -1,0 +1,128 @@
+// Similarity tiles on the tensor cores, shared by the kernels that never write their B x M products:
+// the contrastive forward and backward (contrastive.cuh) and batch-hard mining (triplet.cuh).
+//
+// A block stages one tile of the other side's rows through shared memory, kTileK features at a time,
+// as element pairs (zero beyond the width and beyond the last row, so any width runs the same 16-wide
+// k steps), and its own rows either with each slab or once for the whole sweep (resident: half the
+// loads, at 128 bytes of shared memory per feature for 64 rows); each warp multiplies its 16 own rows
+// by 8-row groups of the tile with mma.sync m16n8k16 (csrc/mma.cuh) into fp32 fragments. Every
+// kernel walks the k steps in the same order, so an entry is the same float wherever it is formed
+// (the contrastive backward relies on seeing the forward's logits).
+#pragma once
+
+#include <cstdint>
+
+#include "common.cuh"
+#include "mma.cuh"
+
+namespace lossforge {
+
+constexpr int kTileCols = 64;            // other rows per tile
+constexpr int kTileK = 64;               // features staged at a time
+constexpr int kTilePairs = kTileK / 2;   // element pairs (32-bit words) of a staged row
+// Words per staged row: +4 puts the 8 rows one fragment load reads on different banks.
+constexpr int kTileStride = kTilePairs + 4;
+
+template <int kRows>
+using Staged = uint32_t[kRows][kTileStride];
+using StagedTile = Staged<kTileCols>;
+
+// Rows [row0, row0 + n_rows) x features [k0, k0 + kTileK) of x (rows x d) into dst (`stride` words
+// per row) as element pairs, zero outside x.
+template <typename T>
+__device__ __forceinline__ void stage_slab(uint32_t* dst, int stride, int n_rows, const T* x, int64_t row0,
+                                           int64_t rows, int64_t d, int64_t k0, bool vec) {
+  using Raw = typename Elem<T>::Raw;
+  static_assert(sizeof(Raw) == 2, "the tensor-core path takes 16-bit elements");
+  const Raw* raw = reinterpret_cast<const Raw*>(x);
+  if (vec) {  // k0 and d multiples of 8: a packet is wholly inside x's row or wholly outside
+    constexpr int kPackets = kTileK / 8;
+    for (int i = threadIdx.x; i < n_rows * kPackets; i += blockDim.x) {
+      const int r = i / kPackets, q = i % kPackets;
+      const int64_t row = row0 + r, k = k0 + 8 * q;
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);
+      if (row < rows && k < d) v = ld_keep(raw + row * d + k);
+      uint32_t* w = dst + r * stride + 4 * q;
+      w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+    }
+  } else {
+    for (int i = threadIdx.x; i < n_rows * kTilePairs; i += blockDim.x) {
+      const int r = i / kTilePairs, p = i % kTilePairs;
+      const int64_t row = row0 + r, k = k0 + 2 * p;
+      uint32_t lo = 0, hi = 0;
+      if (row < rows) {
+        if (k < d) lo = raw[row * d + k];
+        if (k + 1 < d) hi = raw[row * d + k + 1];
+      }
+      dst[r * stride + p] = lo | (hi << 16);
+    }
+  }
+}
+
+template <typename T, int kRows = kTileCols>
+__device__ __forceinline__ void stage_rows(Staged<kRows>& dst, const T* x, int64_t row0, int64_t rows, int64_t d,
+                                           int64_t k0, bool vec) {
+  stage_slab<T>(&dst[0][0], kTileStride, kRows, x, row0, rows, d, k0, vec);
+}
+
+// Words per row of own rows staged once for the whole sweep (every slab of the width side by side, at
+// least one, which a width of 0 stages as zeros; the +4 keeps fragment loads on different banks, as
+// kTileStride does).
+__host__ __device__ constexpr int64_t resident_stride(int64_t d) {
+  return (d > kTileK ? (d + kTileK - 1) / kTileK : 1) * kTilePairs + 4;
+}
+
+// What a block multiplies: its own rows [row0, row0 + its rows) against the other side's rows.
+template <typename T>
+struct TileOperands {
+  const T* own;
+  const T* other;
+  int64_t row0, n_own, n_other, d;
+  bool vec;  // 16-byte loads: d % 8 == 0 and both sides 16-byte aligned
+};
+
+// Own rows staged once (kResident: s_own holds kOwnRows rows of resident_stride(d) words).
+template <typename T, int kOwnRows>
+__device__ __forceinline__ void stage_resident(uint32_t* s_own, const TileOperands<T>& op) {
+  const int stride = static_cast<int>(resident_stride(op.d));
+  for (int64_t k0 = 0; k0 < op.d || k0 == 0; k0 += kTileK) {
+    stage_slab<T>(s_own + k0 / 2, stride, kOwnRows, op.own, op.row0, op.n_own, op.d, k0, op.vec);
+  }
+}
+
+// acc[n] += (own rows own_row .. + 16) . (tile rows other_row + 8 n .. + 8)^T over the full width,
+// for the tile of other rows [j0, j0 + kTileCols); tiles are swept from j0 = 0. Own rows are
+// either resident (staged once by stage_resident, `own_stride` words per row) or staged with each
+// slab into a kTileStride buffer, skipped after the first tile when the width fits one slab.
+// first_slab() runs on every thread after the first slab is staged, before the barrier: where a
+// kernel stages its per-column values.
+template <typename T, int kOwnRows, bool kResident = false, int kN, typename FirstSlab>
+__device__ __forceinline__ void tile_product(float (&acc)[kN][4], uint32_t* s_own, int own_stride,
+                                             StagedTile& s_other, const TileOperands<T>& op, int64_t j0,
+                                             int own_row, int other_row, int lane, FirstSlab&& first_slab) {
+  int64_t k0 = 0;
+  do {  // once at least (d == 0: S = 0)
+    __syncthreads();  // the previous step's fragment loads (and the caller's reads of staged values) are done
+    if (!kResident && (j0 == 0 || op.d > kTileK)) {
+      stage_slab<T>(s_own, kTileStride, kOwnRows, op.own, op.row0, op.n_own, op.d, k0, op.vec);
+    }
+    stage_rows<T>(s_other, op.other, j0, op.n_other, op.d, k0, op.vec);
+    if (k0 == 0) first_slab();
+    __syncthreads();
+    const uint32_t* a_rows = s_own + own_row * own_stride + (kResident ? k0 / 2 : 0);
+    const int steps = static_cast<int>((min(static_cast<int64_t>(kTileK), op.d - k0) + 15) / 16);
+    for (int ks = 0; ks < steps; ++ks) {
+      uint32_t fa[4];
+      mma::load_a(fa, a_rows + ks * 8, own_stride, lane);
+#pragma unroll
+      for (int n = 0; n < kN; ++n) {
+        uint32_t fb[2];
+        mma::load_b(fb, &s_other[other_row + n * 8][ks * 8], kTileStride, lane);
+        mma::mma_m16n8k16<T>(acc[n], fa, fb);
+      }
+    }
+    k0 += kTileK;
+  } while (k0 < op.d);
+}
+
+}  // namespace lossforge
