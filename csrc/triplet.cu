@@ -4,10 +4,12 @@
 // the registration for the CUDA key. The kernels, and the traffic designed for, are in triplet.cuh.
 // Last, the register path's pair distances and list gradient (ops/triplet.py's second contract block).
 //
-// Mining walks the anchors in chunks of C rows: cuBLAS makes the chunk's C x B Gram block in fp32
-// (at::mm with an fp32 output, so half-precision products are accumulated and kept in fp32) into one
-// buffer reused by every chunk (C * B * 4 bytes under chunks.h's budget rule: 32 MiB for inputs of up
-// to 128 MiB, so it mostly stays in L2; never fewer than kMinChunkRows anchors while they fit its cap).
+// Mining of bf16/fp16 rows is one launch of the tiled kernel (anchors resident in shared memory:
+// widths up to 1664 on an H100, 1152 on an A100). fp32 rows, and wider half rows, walk the anchors in
+// chunks of C rows: cuBLAS makes the chunk's C x B Gram block in fp32 (at::mm with an fp32 output, so
+// half-precision products are accumulated and kept in fp32) into one buffer reused by every chunk
+// (C * B * 4 bytes under chunks.h's budget rule: 32 MiB for inputs of up to 128 MiB, so it mostly stays
+// in L2; never fewer than kMinChunkRows anchors while they fit its cap).
 
 #include <algorithm>
 #include <climits>
@@ -32,13 +34,19 @@ constexpr int64_t kMinChunkRows = 256;  // below this the products are bound by 
 constexpr const char* kMine = "triplet_mine_cuda";
 constexpr const char* kPairGrad = "triplet_pair_grad_cuda";
 constexpr const char* kKept = "triplet_kept_cuda";
+constexpr const char* kSemiHardMine = "triplet_semi_hard_mine_cuda";
+
+void check_dense(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x, at::IntArrayRef shape,
+                 at::ScalarType dtype) {
+  check_on(op, name, t, x);
+  check_dtype(op, name, t, dtype);
+  check_shape(op, name, t, shape);
+  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous, got strides ", t.strides());
+}
 
 void check_vector(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x, int64_t n,
                   at::ScalarType dtype) {
-  check_on(op, name, t, x);
-  check_dtype(op, name, t, dtype);
-  check_shape(op, name, t, {n});
-  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous, got strides ", t.strides());
+  check_dense(op, name, t, x, {n}, dtype);
 }
 
 void check_rows(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& inv_norm) {
@@ -79,6 +87,23 @@ at::Tensor row_sq_norms(const at::Tensor& x) {
   return sq;
 }
 
+// The tiled mining kernel's dynamic shared memory for x, or 0 where it does not run: fp32 (its
+// contract is full fp32 products, which cuBLAS makes) and widths whose resident anchors do not fit
+// (above 1664 features on an H100).
+size_t mine_tiles_smem_for(const at::Tensor& x) {
+  if (x.scalar_type() == at::kFloat) return 0;
+  const int64_t bytes = mine_tiles_smem(x.size(1));
+  const DeviceLimits limits = device_limits(x.device().index());
+  return bytes + kMineTileStaticSmem + limits.reserved <= limits.optin ? static_cast<size_t>(bytes) : 0;
+}
+
+// The widest rows the tiled kernels take on x's device (a multiple of kTileK).
+int64_t max_tile_width(const at::Tensor& x) {
+  const DeviceLimits limits = device_limits(x.device().index());
+  const int64_t room = limits.optin - limits.reserved - kMineTileStaticSmem;
+  return std::max<int64_t>(0, (room / (kMineTileRows * 4) - 4) / kTilePairs * kTileK);
+}
+
 void triplet_kept_cuda(const at::Tensor& labels, const at::Tensor& kept) {
   check_cuda(kKept, "labels", labels);
   TORCH_CHECK_VALUE(labels.dim() == 1, kKept, ": labels must be 1-D, got shape ", labels.sizes());
@@ -107,9 +132,6 @@ void triplet_mine_cuda(const at::Tensor& x, const at::Tensor& labels, const std:
   if (n == 0) return;
 
   const at::Tensor sq = row_sq_norms(x);
-  const int64_t chunk = chunks::chunk_rows(n, 4 * n, 0, static_cast<int64_t>(x.nbytes()), 1, kMinChunkRows);
-  at::Tensor gram = at::empty({chunk, n}, x.options().dtype(at::kFloat));
-  const at::Tensor xt = x.t();
   MineArgs a{};
   a.x = x.const_data_ptr();
   a.labels = labels.const_data_ptr<int64_t>();
@@ -124,6 +146,30 @@ void triplet_mine_cuda(const at::Tensor& x, const at::Tensor& labels, const std:
   a.n = n;
   a.d = x.size(1);
   a.margin = static_cast<float>(margin);
+  a.row0 = 0;
+  a.rows = n;
+  // Every variant of a mining kernel, by the call's distance, inv_norm and soft margin.
+  auto each_variant = [&](auto tag, auto&& run) {
+    with_kind(kind, [&](auto k) {
+      with_flag(inv_norm.has_value(), [&](auto s) {
+        with_flag(soft_margin, [&](auto soft) { run(tag, k, s, soft); });
+      });
+    });
+  };
+  const size_t tiles_smem = mine_tiles_smem_for(x);
+  if (tiles_smem > 0) {  // bf16 / fp16 within the shared-memory limit: one launch, no Gram block
+    a.vec = a.d % 8 == 0 && aligned16(x);
+    auto run = [&](auto tag, auto k, auto s, auto soft) {
+      launch(x.device(),
+             &triplet_mine_tiles_kernel<decltype(tag), decltype(k)::value, decltype(s)::value, decltype(soft)::value>,
+             grid_for((n + kMineTileRows - 1) / kMineTileRows), kMineTileThreads, tiles_smem, a);
+    };
+    dispatch_half(x.scalar_type(), kMine, [&](auto tag) { each_variant(tag, run); });
+    return;
+  }
+  const int64_t chunk = chunks::chunk_rows(n, 4 * n, 0, static_cast<int64_t>(x.nbytes()), 1, kMinChunkRows);
+  at::Tensor gram = at::empty({chunk, n}, x.options().dtype(at::kFloat));
+  const at::Tensor xt = x.t();
   for (int64_t row0 = 0; row0 < n; row0 += chunk) {
     const int64_t rows = std::min(chunk, n - row0);
     at::Tensor block = gram.narrow(0, 0, rows);
@@ -133,18 +179,49 @@ void triplet_mine_cuda(const at::Tensor& x, const at::Tensor& labels, const std:
     a.row0 = row0;
     a.rows = rows;
     dispatch_float(x.scalar_type(), kMine, [&](auto tag) {
-      using T = decltype(tag);
-      with_kind(kind, [&](auto k) {
-        with_flag(inv_norm.has_value(), [&](auto s) {
-          with_flag(soft_margin, [&](auto soft) {
-            launch(x.device(),
-                   &triplet_mine_kernel<T, decltype(k)::value, decltype(s)::value, decltype(soft)::value>,
-                   grid_for((rows + kMineRows - 1) / kMineRows), kMineThreads, 0, a);
-          });
-        });
+      each_variant(tag, [&](auto t, auto k, auto s, auto soft) {
+        launch(x.device(),
+               &triplet_mine_kernel<decltype(t), decltype(k)::value, decltype(s)::value, decltype(soft)::value>,
+               grid_for((rows + kMineRows - 1) / kMineRows), kMineThreads, 0, a);
       });
     });
   }
+}
+
+void triplet_semi_hard_mine_cuda(const at::Tensor& x, const at::Tensor& labels,
+                                 const std::optional<at::Tensor>& inv_norm, int64_t distance, const at::Tensor& n_pos,
+                                 const at::Tensor& pos_dist, const at::Tensor& chosen, const at::Tensor& chosen_dist) {
+  check_rows(kSemiHardMine, x, inv_norm);
+  const int64_t n = x.size(0);
+  check_vector(kSemiHardMine, "labels", labels, x, n, at::kLong);
+  check_vector(kSemiHardMine, "n_pos", n_pos, x, n, at::kLong);
+  check_dense(kSemiHardMine, "pos_dist", pos_dist, x, {n, kPosSlots}, at::kFloat);
+  check_dense(kSemiHardMine, "chosen", chosen, x, {n, kPosSlots}, at::kLong);
+  check_dense(kSemiHardMine, "chosen_dist", chosen_dist, x, {n, kPosSlots}, at::kFloat);
+  const int kind = checked_distance(kSemiHardMine, distance, inv_norm);
+  const size_t smem = mine_tiles_smem_for(x);
+  TORCH_CHECK_VALUE(smem > 0, kSemiHardMine, ": x must be bf16 or fp16 with at most ", max_tile_width(x),
+                    " features on this device (the anchors stay in shared memory), got ", x.scalar_type(), " and ",
+                    x.size(1));
+  if (n == 0) return;
+  const at::Tensor sq = row_sq_norms(x);
+  SemiHardArgs a{};
+  a.in = TileMineInputs{x.const_data_ptr(), labels.const_data_ptr<int64_t>(), sq.const_data_ptr<float>(),
+                        inv_norm.has_value() ? inv_norm->const_data_ptr<float>() : nullptr, n, x.size(1),
+                        x.size(1) % 8 == 0 && aligned16(x)};
+  a.n_pos = n_pos.const_data_ptr<int64_t>();
+  a.pos_dist = pos_dist.const_data_ptr<float>();
+  a.chosen = chosen.data_ptr<int64_t>();
+  a.chosen_dist = chosen_dist.data_ptr<float>();
+  auto run = [&](auto tag) {
+    with_kind(kind, [&](auto k) {
+      with_flag(inv_norm.has_value(), [&](auto s) {
+        launch(x.device(), &triplet_semi_hard_tiles_kernel<decltype(tag), decltype(k)::value, decltype(s)::value>,
+               grid_for((n + kMineTileRows - 1) / kMineTileRows), kMineTileThreads, smem, a);
+      });
+    });
+  };
+  dispatch_half(x.scalar_type(), kSemiHardMine, run);
 }
 
 void triplet_pair_grad_cuda(const at::Tensor& x, const std::optional<at::Tensor>& inv_norm,
@@ -174,7 +251,8 @@ void triplet_pair_grad_cuda(const at::Tensor& x, const std::optional<at::Tensor>
   }
   if (n == 0 || (!grad_x.has_value() && !grad_inv_norm.has_value())) return;
 
-  const int64_t slices = (x.size(1) + kGradThreads - 1) / kGradThreads;
+  // one slice at least: a width of 0 still writes grad_inv_norm (0)
+  const int64_t slices = std::max<int64_t>(1, (x.size(1) + kGradThreads - 1) / kGradThreads);
   // grad_inv_norm's dot products per feature slice, summed in slice order (one slice: written in place)
   at::Tensor partial;
   if (grad_inv_norm.has_value()) {
@@ -363,6 +441,7 @@ void triplet_list_grad_cuda(const at::Tensor& x, const std::optional<at::Tensor>
 TORCH_LIBRARY_IMPL(lossforge, LOSSFORGE_DISPATCH_KEY, m) {
   m.impl("triplet_kept_cuda", TORCH_FN(lossforge::triplet::triplet_kept_cuda));
   m.impl("triplet_mine_cuda", TORCH_FN(lossforge::triplet::triplet_mine_cuda));
+  m.impl("triplet_semi_hard_mine_cuda", TORCH_FN(lossforge::triplet::triplet_semi_hard_mine_cuda));
   m.impl("triplet_pair_grad_cuda", TORCH_FN(lossforge::triplet::triplet_pair_grad_cuda));
   m.impl("triplet_row_loss_cuda", TORCH_FN(lossforge::triplet::triplet_row_loss_cuda));
   m.impl("triplet_pair_distances_cuda", TORCH_FN(lossforge::triplet::triplet_pair_distances_cuda));

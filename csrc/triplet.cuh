@@ -2,14 +2,18 @@
 // semi_hard / batch_all row loss (contract: ops/triplet.py's docstring). The checks, the mining
 // products and the launches are in triplet.cu.
 //
-// Mining: for each chunk of anchor rows, triplet.cu has cuBLAS make the C x B Gram block in fp32, and
-// a reduction kernel turns each block of 8 rows into distances and keeps per anchor the farthest
-// positive and nearest negative, ties to the smallest column. Each thread reads a column's label,
-// norm, inverse norm and non-finite flag once for the 8 rows. The full B x B matrix is never held.
-// Its epilogue (one warp per row) takes the two mined distances again from the rows' differences
-// and writes the anchor's loss and slope.
-// Designed traffic: the products' 2 B^2 D FLOPs plus 8 B^2 bytes of Gram blocks (written, read once),
-// 20 B^2 / 8 bytes of per-column values from L2, 3 D elements per anchor in the epilogue.
+// Mining keeps per anchor the farthest positive and nearest negative, ties to the smallest column, and
+// never holds the B x B matrix. bf16/fp16 (triplet_mine_tiles_kernel): one launch whose blocks form
+// the Gram tiles on the tensor cores (csrc/tiles.cuh) and fold them into distances in registers.
+// fp32 (full-precision products): for each chunk of anchor rows, triplet.cu has cuBLAS make the C x B
+// Gram block in fp32, and a reduction kernel turns each block of 8 rows into distances; each thread
+// reads a column's label, norm, inverse norm and non-finite flag once for the 8 rows. Both end in
+// write_mined (one warp per anchor), which takes the two mined distances again from the rows'
+// differences and writes the anchor's loss and slope.
+// Designed traffic: the products' 2 B^2 D FLOPs, 3 D elements per anchor in the epilogue, and
+//   tiles   (B / 64) B D e bytes of column tiles staged from L2 (the anchors once per block), no Gram
+//           bytes in device memory; 17 GB at B = 32768, D = 512, bf16;
+//   chunks  8 B^2 bytes of Gram blocks (written, read once), 20 B^2 / 8 bytes of per-column values.
 // Kept count: one thread per anchor against tiles of labels, until each anchor of the block has a
 // positive and a negative (B^2 integer compares at worst).
 // The pair gradient: a block owns 32 rows x 256 features; after the rows' own pairs it scans every
@@ -30,6 +34,7 @@
 
 #include "common.cuh"
 #include "enums.h"
+#include "tiles.cuh"
 
 namespace lossforge {
 namespace triplet {
@@ -109,9 +114,11 @@ struct Best {
   __device__ __forceinline__ bool found() const { return i != INT_MAX; }
   __device__ __forceinline__ float value() const { return i < 0 ? NAN : v; }
   __device__ __forceinline__ int index() const { return i < 0 ? i - INT_MIN : i; }
+  // Merges the best of each group of kLanes adjacent lanes (every lane of the warp calls it).
+  template <int kLanes = kWarpSize>
   __device__ __forceinline__ void warp_reduce() {
 #pragma unroll
-    for (int off = kWarpSize / 2; off > 0; off /= 2) {
+    for (int off = kLanes / 2; off > 0; off /= 2) {
       take(__shfl_xor_sync(0xffffffffu, v, off), __shfl_xor_sync(0xffffffffu, i, off));
     }
   }
@@ -131,11 +138,13 @@ struct MineArgs {
   float* slope;
   int64_t n, d, row0, rows;  // the chunk: rows row0 .. row0 + rows
   float margin;
+  bool vec;  // the tiled kernel: 16-byte loads (d % 8 == 0, x 16-byte aligned)
 };
 
 template <int kKind, bool kInvNorm>
 __device__ __forceinline__ float distance(float dot, float inv_r, float e_r, float inv_c, float e_c) {
-  if constexpr (kInvNorm) dot *= inv_r * inv_c;
+  // one factor at a time: inv_r inv_c overflows for two zero rows (cosine of normalised rows: 1e24 each)
+  if constexpr (kInvNorm) dot = dot * inv_r * inv_c;
   if constexpr (kKind == kCosine) return 1.f - dot;
   const float sq = clamp_keep_nan(e_r + e_c - 2.f * dot);
   if constexpr (kKind == kSquaredEuclidean) return sq;
@@ -162,6 +171,25 @@ __device__ __forceinline__ float exact_distance(const MineArgs& a, int64_t row, 
   const float sq = difference_sq<T, kInvNorm>(a, row, other);  // (every lane: the warp's sum)
   if (!(fabsf(gram_form) < INFINITY)) return gram_form;
   return kKind == kSquaredEuclidean ? sq : sqrtf(sq + kEuclideanEps);
+}
+
+// Anchor g's outputs from its mined pair: the two distances again from the rows' differences, the
+// loss and the slope (every lane of the warp calls it; lane 0 writes).
+template <typename T, int kKind, bool kInvNorm, bool kSoft>
+__device__ __forceinline__ void write_mined(const MineArgs& a, int64_t g, const Best<true>& p, const Best<false>& q,
+                                            bool poisoned) {
+  const float d_p = p.found() ? exact_distance<T, kKind, kInvNorm>(a, g, p.index(), p.value()) : 0.f;
+  const float d_n = q.found() ? exact_distance<T, kKind, kInvNorm>(a, g, q.index(), q.value()) : 0.f;
+  if (threadIdx.x % kWarpSize != 0) return;
+  const bool kept = p.found() && q.found();
+  float term, slope;
+  term_and_slope<kSoft>(d_p - d_n, a.margin, term, slope);
+  a.pos_index[g] = p.found() ? p.index() : -1;
+  a.pos_dist[g] = d_p;
+  a.neg_index[g] = q.found() ? q.index() : -1;
+  a.neg_dist[g] = d_n;
+  a.loss[g] = kept ? term : 0.f;
+  a.slope[g] = poisoned ? NAN : (kept ? slope : 0.f);
 }
 
 // Two blocks per SM declared: without it ptxas spilled 4 bytes in the euclidean soft-margin variants
@@ -223,19 +251,205 @@ __global__ void __launch_bounds__(kMineThreads, 2) triplet_mine_kernel(const Min
     p.take(sv[0][w][r], si[0][w][r]);
     q.take(sv[1][w][r], si[1][w][r]);
   }
-  const int64_t g = a.row0 + local0 + r;
-  const float d_p = p.found() ? exact_distance<T, kKind, kInvNorm>(a, g, p.index(), p.value()) : 0.f;
-  const float d_n = q.found() ? exact_distance<T, kKind, kInvNorm>(a, g, q.index(), q.value()) : 0.f;
-  if (lane != 0) return;
-  const bool kept = p.found() && q.found();
-  float term, slope;
-  term_and_slope<kSoft>(d_p - d_n, a.margin, term, slope);
-  a.pos_index[g] = p.found() ? p.index() : -1;
-  a.pos_dist[g] = d_p;
-  a.neg_index[g] = q.found() ? q.index() : -1;
-  a.neg_dist[g] = d_n;
-  a.loss[g] = kept ? term : 0.f;
-  a.slope[g] = poisoned ? NAN : (kept ? slope : 0.f);
+  write_mined<T, kKind, kInvNorm, kSoft>(a, a.row0 + local0 + r, p, q, poisoned);
+}
+
+// Batch-hard mining for bf16/fp16 on tensor-core tiles (tile_product, csrc/tiles.cuh): a block of 4
+// warps owns 64 anchors, staged once over the full width in dynamic shared memory, and sweeps all n
+// rows in tiles of 64; each warp forms its 16 x 64 block of the Gram matrix in fp32 fragments, turns
+// it into distances and keeps, per anchor and lane, the farthest positive and nearest negative. The
+// 4 lanes of an anchor merge (xor 1, 2), and each warp finishes its 16 anchors with write_mined. One
+// launch at any n; no Gram block reaches device memory.
+constexpr int kMineTileWarps = 4;
+constexpr int kMineTileThreads = kMineTileWarps * kWarpSize;
+constexpr int kMineTileRows = 16 * kMineTileWarps;  // anchors per block
+constexpr int64_t kMineTileStaticSmem = sizeof(StagedTile) + kTileCols * (sizeof(int64_t) + 2 * sizeof(float)) +
+                                        2 * kMineTileRows * (sizeof(float) + sizeof(int));
+
+// The resident anchors' dynamic shared memory at width d.
+__host__ __device__ constexpr int64_t mine_tiles_smem(int64_t d) {
+  return kMineTileRows * resident_stride(d) * static_cast<int64_t>(sizeof(uint32_t));
+}
+
+// What the tiled mining kernels read of x.
+struct TileMineInputs {
+  const void* x;
+  const int64_t* labels;
+  const float* sq;        // squared row norms, then per row 1 if it holds a NaN or inf (2n values)
+  const float* inv_norm;  // per row 1 / max(|x_i|, eps), or nullptr
+  int64_t n, d;
+  bool vec;  // 16-byte loads: d % 8 == 0, x 16-byte aligned
+};
+
+// The lane's two anchors: rows g and g + 8 of its warp's 16 (rows past n mine too, unwritten).
+struct TileAnchors {
+  int64_t row[2], label[2];
+  float inv[2], e[2];  // inverse norm (1 without inv_norm) and scaled squared norm
+};
+
+template <bool kInvNorm>
+__device__ __forceinline__ TileAnchors tile_anchors(const TileMineInputs& in, int64_t row0) {
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  TileAnchors an;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    an.row[h] = row0 + warp * 16 + lane / 4 + 8 * h;
+    const int64_t c = an.row[h] < in.n ? an.row[h] : in.n - 1;
+    an.label[h] = in.labels[c];
+    an.inv[h] = kInvNorm ? in.inv_norm[c] : 1.f;
+    an.e[h] = in.sq[c] * an.inv[h] * an.inv[h];
+  }
+  return an;
+}
+
+// Stages the block's 64 anchors once, then sweeps all n rows in tiles of 64: fold(h, j, d, same) for
+// each of the lane's Gram entries (anchor h, column j < n, distance d, whether row j has the anchor's
+// label). Returns, in every thread, whether a row of x holds a NaN or inf (a block-wide OR, which is
+// also the barrier after the sweep).
+template <typename T, int kKind, bool kInvNorm, typename Fold>
+__device__ __forceinline__ bool sweep_tiles(const TileMineInputs& in, const TileAnchors& an, int64_t row0,
+                                            Fold&& fold) {
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize, t = lane % 4;
+  const T* x = static_cast<const T*>(in.x);
+  const TileOperands<T> op{x, x, row0, in.n, in.n, in.d, in.vec};
+  __shared__ StagedTile s_other;
+  __shared__ int64_t s_label[kTileCols];
+  __shared__ float s_inv[kTileCols], s_e[kTileCols];  // the tile's inverse norms and scaled squared norms
+  LOSSFORGE_DYNAMIC_SMEM(uint32_t, s_own);
+  stage_resident<T, kMineTileRows>(s_own, op);
+  bool poison = false;
+  for (int64_t j0 = 0; j0 < in.n; j0 += kTileCols) {
+    float acc[8][4] = {};
+    tile_product<T, kMineTileRows, true>(acc, s_own, static_cast<int>(resident_stride(in.d)), s_other, op, j0,
+                                         warp * 16, 0, lane, [&] {
+      if (threadIdx.x < kTileCols) {
+        const int64_t j = j0 + threadIdx.x;
+        const bool inside = j < in.n;
+        const float inv_c = kInvNorm && inside ? in.inv_norm[j] : 1.f;
+        s_label[threadIdx.x] = inside ? in.labels[j] : 0;
+        s_inv[threadIdx.x] = inv_c;
+        s_e[threadIdx.x] = inside ? in.sq[j] * inv_c * inv_c : 0.f;
+        poison = poison || (inside && in.sq[in.n + j] != 0.f);
+      }
+    });
+    // The lane's entries: rows g, g + 8 (h), columns 8 n + 2 t + e of the tile.
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int local = n * 8 + 2 * t + e;
+        const int64_t j = j0 + local;
+        if (j >= in.n) continue;
+        const int64_t label_c = s_label[local];
+        const float inv_c = s_inv[local], e_c = s_e[local];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          fold(h, j, distance<kKind, kInvNorm>(acc[n][2 * h + e], an.inv[h], an.e[h], inv_c, e_c),
+               label_c == an.label[h]);
+        }
+      }
+    }
+  }
+  return __syncthreads_or(poison);
+}
+
+template <typename T, int kKind, bool kInvNorm, bool kSoft>
+__global__ void __launch_bounds__(kMineTileThreads) triplet_mine_tiles_kernel(const MineArgs a) {
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kMineTileRows;
+  const TileMineInputs in{a.x, a.labels, a.sq, a.inv_norm, a.n, a.d, a.vec};
+  const TileAnchors an = tile_anchors<kInvNorm>(in, row0);
+  Best<true> pos[2];
+  Best<false> neg[2];
+  const bool poisoned = sweep_tiles<T, kKind, kInvNorm>(in, an, row0, [&](int h, int64_t j, float d, bool same) {
+    if (!same) {
+      neg[h].take(d, static_cast<int>(j));
+    } else if (j != an.row[h]) {
+      pos[h].take(d, static_cast<int>(j));
+    }
+  });
+  __shared__ float s_v[2][kMineTileRows];  // the anchors' mined (positive, negative) after the merge
+  __shared__ int s_i[2][kMineTileRows];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    pos[h].warp_reduce<4>();
+    neg[h].warp_reduce<4>();
+    if (lane % 4 == 0) {
+      const int local = warp * 16 + lane / 4 + 8 * h;
+      s_v[0][local] = pos[h].v;
+      s_i[0][local] = pos[h].i;
+      s_v[1][local] = neg[h].v;
+      s_i[1][local] = neg[h].i;
+    }
+  }
+  __syncwarp();  // each warp finishes its own 16 anchors
+  for (int r = 0; r < 16; ++r) {  // the epilogue: the warp's anchors one at a time, every lane alike
+    const int local = warp * 16 + r;
+    if (row0 + local >= a.n) break;
+    Best<true> p;
+    Best<false> q;
+    p.v = s_v[0][local], p.i = s_i[0][local];
+    q.v = s_v[1][local], q.i = s_i[1][local];
+    write_mined<T, kKind, kInvNorm, kSoft>(a, row0 + local, p, q, poisoned);
+  }
+}
+
+// semi_hard's choices for the anchors' positive slots, on the same tiles (the register path; contract:
+// ops/triplet.py's triplet_semi_hard_mine): per anchor and filled slot p the nearest negative strictly
+// beyond d_ap[p] (Gram-form distances throughout), ties to the smallest column, else the anchor's
+// farthest negative, which is also every slot's choice when it is a NaN. Each lane keeps its two
+// anchors' slots in registers over the columns it holds; the 4 lanes of an anchor merge at the end.
+constexpr int kPosSlots = 16;  // ops/triplet.py's POS_SLOTS
+
+struct SemiHardArgs {
+  TileMineInputs in;
+  const int64_t* n_pos;   // (n,) filled slots per anchor
+  const float* pos_dist;  // (n, kPosSlots) d_ap per slot
+  int64_t* chosen;        // (n, kPosSlots): the negative, -1 for an empty slot or an anchor without one
+  float* chosen_dist;     // (n, kPosSlots): its distance, 0 where none
+};
+
+template <typename T, int kKind, bool kInvNorm>
+__global__ void __launch_bounds__(kMineTileThreads) triplet_semi_hard_tiles_kernel(const SemiHardArgs a) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kMineTileRows;
+  const TileAnchors an = tile_anchors<kInvNorm>(a.in, row0);
+  float d_ap[2][kPosSlots];
+  int64_t used[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t c = an.row[h] < a.in.n ? an.row[h] : a.in.n - 1;
+    used[h] = a.n_pos[c];
+#pragma unroll
+    for (int p = 0; p < kPosSlots; ++p) d_ap[h][p] = p < used[h] ? a.pos_dist[c * kPosSlots + p] : 0.f;
+  }
+  Best<false> near[2][kPosSlots];
+  Best<true> far[2];
+  sweep_tiles<T, kKind, kInvNorm>(a.in, an, row0, [&](int h, int64_t j, float d, bool same) {
+    if (same) return;
+    far[h].take(d, static_cast<int>(j));
+#pragma unroll
+    for (int p = 0; p < kPosSlots; ++p) {  // an empty slot's work is discarded below (no branch per slot)
+      if (d > d_ap[h][p]) near[h][p].take(d, static_cast<int>(j));  // never a NaN
+    }
+  });
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    far[h].warp_reduce<4>();
+#pragma unroll
+    for (int p = 0; p < kPosSlots; ++p) near[h][p].warp_reduce<4>();
+    if (lane % 4 != 0 || an.row[h] >= a.in.n) continue;
+    const bool has_neg = far[h].found();
+    const float far_v = far[h].value();
+#pragma unroll
+    for (int p = 0; p < kPosSlots; ++p) {
+      const bool found = near[h][p].found() && !isnan(far_v);
+      const bool kept = p < used[h] && has_neg;
+      const int64_t at = an.row[h] * kPosSlots + p;
+      a.chosen[at] = kept ? (found ? near[h][p].index() : far[h].index()) : -1;
+      a.chosen_dist[at] = kept ? (found ? near[h][p].value() : far_v) : 0.f;
+    }
+  }
 }
 
 // kept[i] = 1 where anchor i has a positive and a negative: one thread per anchor against tiles of

@@ -44,13 +44,15 @@ def every_family(backend: str, device: str) -> None:
         labels = torch.arange(12, device=device) % 4
         for mining in ("batch_hard", "semi_hard", "batch_all"):
             _backward(lf.triplet_loss(e, labels, mining=mining, backend=backend))
-        # semi_hard / batch_all on both of Triton's paths: small classes promised (the register path,
-        # several tiles) and a class of 20 rows (the chunked path)
-        e = rand(40, 20, dtype=dtype)
+        # the mining tiles over several blocks and tiles with tails, at a width that is not a multiple
+        # of 8; semi_hard / batch_all on both paths: small classes promised (the register path: Triton,
+        # and CUDA's bf16 semi_hard) and a class of 20 rows (the chunked path)
+        e = rand(150, 70, dtype=dtype)
+        _backward(lf.triplet_loss(e, torch.arange(150, device=device) % 40, backend=backend))
         for mining in ("semi_hard", "batch_all"):
-            _backward(lf.triplet_loss(e, torch.arange(40, device=device) % 10, mining=mining, max_class_size=4,
+            _backward(lf.triplet_loss(e, torch.arange(150, device=device) % 40, mining=mining, max_class_size=4,
                                       backend=backend))
-            _backward(lf.triplet_loss(e, (torch.arange(40, device=device) % 20).clamp(max=10), mining=mining,
+            _backward(lf.triplet_loss(e[:40], (torch.arange(40, device=device) % 20).clamp(max=10), mining=mining,
                                       backend=backend))
         lp, entropy = lf.log_probs(x, t, return_entropy=True, temperature=0.7, backend=backend)
         _backward(lp.sum() + entropy.sum())

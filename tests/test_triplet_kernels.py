@@ -1,6 +1,7 @@
 """Triplet kernels against the reference: batch_hard (mining kernels) and semi_hard / batch_all (the
 chunked row kernels), each through the harness grid, ties, degenerate label sets, label dtypes, bad
 input, determinism, and no B x B tensor."""
+import dataclasses
 import itertools
 import json
 import math
@@ -453,6 +454,7 @@ def make_mined_sample(shape, opts, dtype, device, generator):
     opts.setdefault("mining", "semi_hard")
     integers = opts.pop("integers", False)
     b, d = shape
+    large_class = opts.pop("large_class", b >= LARGE_CLASS_FROM)
 
     def draw():
         if integers:
@@ -464,7 +466,7 @@ def make_mined_sample(shape, opts, dtype, device, generator):
 
     x = draw()
     labels = torch.randint(0, max(1, b // 4), (b,), generator=generator)
-    if b >= LARGE_CLASS_FROM:  # one class beyond the register path's slots: Triton takes the chunked path
+    if large_class:  # one class beyond the register path's slots: the chunked path
         labels[torch.randperm(b, generator=generator)[:ops.POS_SLOTS + 2]] = b
     if opts.get("distance") == "cosine" or opts.get("normalize"):
         # these distances are not exact in fp32: redraw until fp32 can make every choice the float64
@@ -506,8 +508,9 @@ def _mined_kernel_op_samples(device):
                             *outs(), None)),
             (ops.PAIR_DISTANCES, (x, inv_norm, anchors, pos, Distance.EUCLIDEAN, torch.empty_like(slots),
                                   torch.empty_like(slots))),
-            (ops.SEMI_HARD_MINE, (x, labels, None, Distance.SQUARED_EUCLIDEAN, n_pos, slots, torch.empty_like(pos),
-                                  torch.empty_like(slots))),
+            # bf16 rows: CUDA's semi-hard mining is the tensor-core tiles'
+            (ops.SEMI_HARD_MINE, (x.bfloat16(), labels, None, Distance.SQUARED_EUCLIDEAN, n_pos, slots,
+                                  torch.empty_like(pos), torch.empty_like(slots))),
             (ops.BATCH_ALL_ROWS, (x, labels, inv_norm, Distance.COSINE, 0.2, True, n_pos, slots,
                                   torch.rand(n, generator=gen).to(device), torch.empty(n, device=device),
                                   torch.empty(n, dtype=torch.int64, device=device), torch.empty_like(slots),
@@ -790,16 +793,15 @@ def test_max_class_size_promise_is_checked(kernel_backend, mining, monkeypatch):
 
 
 def test_register_kernels_refuse_bad_input_by_name(kernel_backend):
-    if kernel_backend != "triton":
-        pytest.skip("the register path's ops are Triton's")
     device = device_for(kernel_backend)
     x, labels = torch.randn(6, 4).to(device), torch.tensor([0, 1, 0, 1, 2, 2]).to(device)
     pos, n_pos, _, _ = ops.positive_slots(labels, 4)
     slots = torch.rand(pos.shape).to(device)
     loss, count = torch.empty(6, device=device), torch.empty(6, dtype=torch.int64, device=device)
-    with pytest.raises(ValueError, match="triplet_batch_all_rows: row_weight and grad_rows come together"):
-        ops.BATCH_ALL_ROWS[kernel_backend](x, labels, None, Distance.EUCLIDEAN, 0.2, False, n_pos, slots, None, loss,
-                                           count, torch.empty_like(slots), torch.empty_like(x))
+    if kernel_backend in ops.BATCH_ALL_ROWS.overloads:
+        with pytest.raises(ValueError, match="triplet_batch_all_rows: row_weight and grad_rows come together"):
+            ops.BATCH_ALL_ROWS[kernel_backend](x, labels, None, Distance.EUCLIDEAN, 0.2, False, n_pos, slots, None,
+                                               loss, count, torch.empty_like(slots), torch.empty_like(x))
     with pytest.raises(ValueError, match="triplet_semi_hard_mine: chosen must be"):
         ops.SEMI_HARD_MINE[kernel_backend](x, labels, None, Distance.EUCLIDEAN, n_pos, slots, slots.clone(),
                                            slots.clone())
@@ -812,7 +814,7 @@ def test_register_kernels_refuse_bad_input_by_name(kernel_backend):
         ops.LIST_GRAD[kernel_backend](x, None, None, offsets[:-1], pos.reshape(-1), slots.reshape(-1), True,
                                       torch.empty_like(x), None)
     with pytest.raises(KeyError):
-        ops.SEMI_HARD_MINE["cuda"]  # no CUDA op is defined for this path's mining
+        ops.BATCH_ALL_ROWS["cuda"]  # no CUDA op is defined for batch_all's register pass
 
 
 @pytest.fixture
@@ -886,6 +888,48 @@ def test_row_kernel_refuses_bad_input_by_name(kernel_backend):
         op(gram, sq, None, labels, 0, Mining.SEMI_HARD, Distance.COSINE, 0.2, False, None, *out, None)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_zero_width_embeddings_like_the_reference(kernel_backend, dtype):
+    """Rows of no features (every distance the clamp's sqrt(1e-12), or 0 or 1): every mining's loss as the
+    reference's and an empty gradient. The Triton batch_all pass launched no program at a width of 0
+    and left the losses unwritten; CUDA's pair gradient launched an empty grid."""
+    device = device_for(kernel_backend)
+    labels = (torch.arange(70) % 20).to(device)
+    for mining, normalize, distance in itertools.product(("batch_hard", *MINED), (False, True), DISTANCES):
+        leaf = torch.zeros(70, 0, dtype=dtype, device=device, requires_grad=True)
+        kw = dict(mining=mining, normalize=normalize, distance=distance)
+        loss = lf.triplet_loss(leaf, labels, backend=kernel_backend, **kw)
+        loss.backward()
+        want = lf.triplet_loss(torch.zeros(70, 0, dtype=torch.float64), labels.cpu(), backend="reference", **kw)
+        assert_close_rel(loss.float().cpu(), want.float(), 1e-2, f"{kw}")
+        assert leaf.grad.shape == (70, 0), kw
+
+
+@pytest.mark.parametrize("mining", ("batch_hard", *MINED))
+def test_zero_rows_like_the_reference(kernel_backend, mining):
+    """All-zero embeddings (padding) among others: a zero row's distances are those of the zero vector, as
+    in the reference, never NaN. Cosine of normalised rows scales a zero row by 1e24 (normalised twice);
+    the product of two such factors overflowed fp32 and made its distances NaN. (Normalised euclidean
+    puts a zero row at 1 from every unit row, ties that fp32's row norms break at random.)"""
+    device = device_for(kernel_backend)
+    gen = torch.Generator().manual_seed(23)
+    x = _grid_rows(40, 12, gen)
+    x[[3, 17, 30]] = 0.0
+    labels = (torch.arange(40) % 10).to(device)
+    for dtype, (distance, normalize) in itertools.product(
+            (torch.float32, torch.bfloat16), (("cosine", True), ("cosine", False), ("euclidean", False))):
+        kw = dict(mining=mining, distance=distance, normalize=normalize, reduction="none")
+        leaf = x.to(dtype).to(device).detach().requires_grad_(True)
+        loss = lf.triplet_loss(leaf, labels, backend=kernel_backend, **kw)
+        loss.backward(torch.ones_like(loss))
+        ref_leaf = x.double().requires_grad_(True)
+        want = lf.triplet_loss(ref_leaf, labels.cpu(), backend="reference", **kw)
+        want.backward(torch.ones_like(want))
+        tol = 1e-5 if dtype == torch.float32 else SPEC.half_tol(dtype)
+        assert_close_rel(loss.double().cpu(), want, tol, f"loss {dtype} {kw}")
+        assert_close_rel(leaf.grad.double().cpu(), ref_leaf.grad, tol, f"grad {dtype} {kw}")
+
+
 # ---------------------------------------------------------------- NaN and inf
 
 def _loss_and_grad(x, labels, backend, **kw):
@@ -895,14 +939,17 @@ def _loss_and_grad(x, labels, backend, **kw):
     return out.detach(), leaf.grad
 
 
-def _assert_non_finite_like_reference(kernel_backend, x, labels, check_grad, **kw):
+def _assert_non_finite_like_reference(kernel_backend, x, labels, check_grad, rtol=1e-4, **kw):
+    """Half inputs: the reference in fp32 on the same values (fp32's overflow of a huge row's squared
+    norm is the kernels' too), the outputs compared in fp32 at `rtol`."""
     got, got_grad = _loss_and_grad(x, labels, kernel_backend, **kw)
-    want, want_grad = _loss_and_grad(x.cpu(), labels.cpu(), "reference", **kw)
-    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-5, equal_nan=True, msg=lambda m: f"{kw}: {m}")
+    want, want_grad = _loss_and_grad(x.cpu().float(), labels.cpu(), "reference", **kw)
+    got, got_grad = got.cpu().float(), got_grad.cpu().float()
+    torch.testing.assert_close(got, want, rtol=rtol, atol=1e-5, equal_nan=True, msg=lambda m: f"{kw}: {m}")
     if check_grad:  # which rows hold a NaN or inf, and the finite ones' values
-        bad, want_bad = ~torch.isfinite(got_grad.cpu()).all(1), ~torch.isfinite(want_grad).all(1)
+        bad, want_bad = ~torch.isfinite(got_grad).all(1), ~torch.isfinite(want_grad).all(1)
         assert torch.equal(bad, want_bad), (kw, bad, want_bad)
-        torch.testing.assert_close(got_grad.cpu()[~bad], want_grad[~bad], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got_grad[~bad], want_grad[~bad], rtol=rtol, atol=1e-5)
 
 
 NON_FINITE = ("nan_row", "inf_row", "nan_feature", "inf_feature", "huge")
@@ -944,6 +991,221 @@ def test_non_finite_rows_in_later_tiles(kernel_backend, mining):
             _assert_non_finite_like_reference(kernel_backend, x.to(device), labels.to(device), nan_row,
                                               mining=mining, distance=distance, soft_margin=soft_margin,
                                               reduction="none")
+
+
+# ---------------------------------------------------------------- batch-hard mining of half inputs on tiles
+
+def _batch_hard_resolves(x, labels, opts, resolution=1e-6):
+    """Whether fp32 makes every batch-hard choice the float64 reference makes: per anchor, the two
+    farthest positives and the two nearest negatives lie at least `resolution` apart."""
+    v = x.double()
+    if opts.get("normalize"):
+        v = torch.nn.functional.normalize(v, dim=1, eps=ref.NORM_EPS)
+    dist = ref.pairwise_distances(v, opts.get("distance", "euclidean"))
+    same = labels[:, None] == labels[None, :]
+    pos = dist.masked_fill(~same | torch.eye(len(labels), dtype=torch.bool), -math.inf)
+    neg = dist.masked_fill(same, math.inf)
+    far = pos.topk(min(2, len(labels)), dim=1).values
+    near = (-neg).topk(min(2, len(labels)), dim=1).values
+    gaps = torch.cat([far[:, 0] - far[:, 1], near[:, 0] - near[:, 1]])
+    return not bool((gaps[gaps.isfinite()] < resolution).any())
+
+
+def make_exact_batch_hard_sample(shape, opts, dtype, device, generator):
+    """batch_hard's inputs whose choices fp32 makes as the float64 reference does: multiples of 1/8 (the
+    Gram products are exact, ties included) for the plain distances; for cosine and normalised rows,
+    which are not exact, drawn until every choice is resolvable."""
+    b, d = shape
+    labels = torch.randint(0, max(1, b // 4), (b,), generator=generator)
+    for _ in range(50):
+        if opts.get("distance") == "cosine" or opts.get("normalize"):
+            x = torch.randn(b, d, generator=generator).to(dtype)
+            if not _batch_hard_resolves(x, labels, opts):
+                continue
+        else:
+            x = (torch.round(torch.randn(b, d, generator=generator) * 8) / 8).to(dtype)
+        break
+    else:
+        raise AssertionError("no sample whose choices fp32 resolves in 50 draws")
+    x, labels = x.to(device), labels.to(device)
+
+    def call(ts, backend, reduction):
+        return lf.triplet_loss(ts["embeddings"], ts["labels"], mining="batch_hard", reduction=reduction,
+                               backend=backend, **opts)
+
+    return harness.Sample({"embeddings": x, "labels": labels}, ("embeddings",), call)
+
+
+EXACT_SPEC = dataclasses.replace(SPEC, make=make_exact_batch_hard_sample)
+TILE_CASES = (dict(distance="euclidean", margin=0.3), dict(distance="squared_euclidean", soft_margin=True),
+              dict(distance="cosine"), dict(distance="euclidean", normalize=True, soft_margin=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(150, 70), (130, 136), (200, 24)], ids=["d70", "d136", "d24"])
+def test_half_batch_hard_over_many_tiles(kernel_backend, dtype, shape):
+    """bf16/fp16 mine from tensor-core tiles on both backends (CUDA: blocks of 64 anchors, resident over
+    the width, against tiles of 64 rows): several blocks and tiles with a tail, widths of one and of
+    several 64-feature slabs with a tail, and a width that is not a multiple of 8 (70: the staging
+    without 16-byte loads). Triton's 128-row tiles (and the interpreter's time) take one shape."""
+    if kernel_backend == "triton" and shape != (150, 70):
+        pytest.skip("one shape for Triton's tiles")
+    for opts, reduction in itertools.product(TILE_CASES, ("none", "mean")):
+        result = harness.run_both(EXACT_SPEC, kernel_backend, opts, shape, reduction, dtype=dtype)
+        harness.assert_matches(result, SPEC.half_tol(dtype), f"{opts} {dtype} {reduction}")
+
+
+def _largest_allocation(fn, device):
+    """The most memory fn allocated beyond what was held before: the device's peak on a GPU, else the
+    largest of any profiled op's host allocations (those inside C++ ops included)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        held = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - held
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max((e.cpu_memory_usage for e in prof.events()), default=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("width", [24, 1672])
+def test_half_batch_hard_allocates_no_gram_block(kernel_backend, dtype, width):
+    """Mining from tiles allocates nothing of B x tile rows: Triton at every dtype, CUDA for bf16/fp16 up
+    to 1664 features (the resident anchors' shared memory on an H100, the emulation's device). CUDA's
+    fp32 and wider half rows take fp32 Gram blocks of chunk x B from cuBLAS (here 300 x 300), which the
+    record must see: the control that shows the record can fail."""
+    device = device_for(kernel_backend)
+    if kernel_backend == "triton" and width > 64:
+        pytest.skip("Triton mines every width from tiles: one width")
+    if kernel_backend == "cuda" and torch.device(device).type == "cuda":
+        if torch.cuda.get_device_capability(device)[0] != 9:
+            pytest.skip("the widths are an H100's / H200's shared memory")
+    gen = torch.Generator().manual_seed(31)
+    b = 300
+    x = torch.randn(b, width, generator=gen).to(dtype).to(device)
+    labels = torch.randint(0, 75, (b,), generator=gen).to(device)
+    biggest = _largest_allocation(lambda: lf.triplet_loss(x, labels, mining="batch_hard", backend=kernel_backend),
+                                  device)
+    block = 64 * b * 4  # fp32 Gram rows of one block's anchors
+    expect_block = kernel_backend == "cuda" and (dtype == torch.float32 or width > 1664)
+    assert (biggest >= block) == expect_block, (dtype, width, biggest, block)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_batch_hard_non_finite_rows_in_later_tiles(kernel_backend, dtype):
+    """The tiled mining's running choices take over a NaN row and a row at +inf distance (bf16: 1e20,
+    whose squared norm overflows; fp16: inf) far into the batch, past earlier blocks and tiles."""
+    device = device_for(kernel_backend)
+    gen = torch.Generator().manual_seed(22)
+    x = torch.round(torch.randn(150, 40, generator=gen) * 8) / 8
+    labels = torch.randint(0, 30, (150,), generator=gen)
+    x[131] = 1e20 if dtype == torch.bfloat16 else math.inf
+    rtol = SPEC.half_tol(dtype)
+    for nan_row in (False, True):
+        if nan_row:
+            x[140, 3] = math.nan
+        for distance, soft_margin in (("euclidean", False), ("squared_euclidean", True), ("cosine", False)):
+            _assert_non_finite_like_reference(kernel_backend, x.to(dtype).to(device), labels.to(device),
+                                              nan_row, rtol=rtol, mining="batch_hard", distance=distance,
+                                              soft_margin=soft_margin, reduction="none")
+
+
+# ---------------------------------------------------------------- CUDA's semi-hard register path (half rows)
+
+def test_cuda_tile_width_is_the_kernels(kernel_backend):
+    """ops.cuda_tile_width, which chooses CUDA's register path, is the width the tiled kernel takes."""
+    if kernel_backend != "cuda":
+        pytest.skip("CUDA's tiled mining")
+    device = torch.device(device_for(kernel_backend))
+    width = ops.cuda_tile_width(device)
+    if device.type == "cpu":
+        assert width == 1664  # the emulated H100
+    labels = torch.tensor([0, 1, 0, 1, 2]).to(device)
+    pos, n_pos, _, _ = ops.positive_slots(labels, ops.POS_SLOTS)
+    slots = torch.rand(pos.shape).to(device)
+
+    def mine(d, dtype=torch.bfloat16):
+        x = torch.randn(5, d).to(dtype).to(device)
+        ops.SEMI_HARD_MINE[kernel_backend](x, labels, None, Distance.EUCLIDEAN, n_pos, slots, torch.empty_like(pos),
+                                           torch.empty_like(slots))
+
+    mine(width)
+    with pytest.raises(ValueError, match=f"triplet_semi_hard_mine_cuda: x must be bf16 or fp16 with at most {width} "
+                                         f"features"):
+        mine(width + 8)
+    with pytest.raises(ValueError, match="x must be bf16 or fp16"):
+        mine(8, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(150, 70), (130, 136), (40, 24)], ids=["d70", "d136", "d24"])
+def test_cuda_semi_hard_mine_is_tritons(kernel_backend, dtype, shape):
+    """CUDA's tiled semi-hard choices are the Triton kernel's, index for index, on rows whose Gram
+    products are exact in fp32 (multiples of 1/8): several blocks and tiles with tails, empty slots,
+    widths of one and three slabs, and one that is not a multiple of 8."""
+    if kernel_backend != "cuda" or "triton" not in kernel_backends():
+        pytest.skip("compares the CUDA op with the Triton op")
+    device = device_for(kernel_backend)
+    gen = torch.Generator().manual_seed(shape[0])
+    b, d = shape
+    x = (torch.round(torch.randn(b, d, generator=gen) * 8) / 8).to(dtype).to(device)
+    labels = torch.randint(0, b // 4, (b,), generator=gen).to(device)
+    inv_norm = (torch.rand(b, generator=gen) + 0.5).to(device)
+    pos, n_pos, _, _ = ops.positive_slots(labels, ops.POS_SLOTS)
+    anchors = torch.arange(b, device=device)[:, None].expand_as(pos).contiguous()
+    for distance in (Distance.EUCLIDEAN, Distance.SQUARED_EUCLIDEAN, Distance.COSINE):
+        inv = inv_norm if distance == Distance.COSINE else None
+        gram = torch.empty(pos.shape, device=device)
+        ops.PAIR_DISTANCES["triton"](x, inv, anchors, pos, distance, gram, torch.empty_like(gram))
+        got, want = [], []
+        for backend, out in (("cuda", got), ("triton", want)):
+            out += [torch.full_like(pos, -7), torch.full_like(gram, 7.0)]
+            ops.SEMI_HARD_MINE[backend](x, labels, inv, distance, n_pos, gram, *out)
+        assert torch.equal(got[0], want[0]), (distance, (got[0] != want[0]).nonzero()[:5])
+        assert (got[0] >= 0).sum() > b, distance  # most slots chose a negative
+        torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_semi_hard_register_path_for_half_rows(kernel_backend, dtype, monkeypatch):
+    """bf16/fp16 semi_hard on CUDA takes the register path (the tiled choices, the pair distances and the
+    list gradient) for classes within the slots, as the reference does, in every reduction and with a
+    promise and no value read; a class beyond the slots, and fp32 rows, take the chunked row kernel."""
+    if kernel_backend != "cuda":
+        pytest.skip("CUDA's path choice")
+    device = device_for(kernel_backend)
+    spec = dataclasses.replace(MINED_SPEC, make=lambda shape, opts, *a: make_mined_sample(
+        shape, dict(opts, large_class=False), *a))
+    # several blocks and tiles for the exact distances; cosine (not exact in fp32) on rows whose every
+    # choice fp32 resolves, which few large samples are
+    for opts, shape in ((dict(distance="euclidean", margin=0.3), (130, 70)),
+                        (dict(distance="squared_euclidean", soft_margin=True), (130, 70)),
+                        (dict(distance="cosine", margin=0.1), (60, 24))):
+        for reduction in REDUCTIONS:
+            result = harness.run_both(spec, kernel_backend, dict(opts, mining="semi_hard"), shape, reduction,
+                                      dtype=dtype)
+            harness.assert_matches(result, SPEC.half_tol(dtype), f"{opts} {dtype} {reduction}")
+    gen = torch.Generator().manual_seed(35)
+    x = _grid_rows(96, 24, gen)
+    small = torch.arange(96).div(4, rounding_mode="floor")
+    large = small.clone()
+    large[:ops.POS_SLOTS + 2] = 0
+    mine = harness.launch_name(ops.SEMI_HARD_MINE, kernel_backend)
+    rows = harness.launch_name(ops.ROW_LOSS, kernel_backend)
+    for rows_dtype, labels, register in ((dtype, small, True), (dtype, large, False), (torch.float32, small, False)):
+        ran = _launched(kernel_backend, x.to(rows_dtype).to(device), labels.to(device), mining="semi_hard")
+        assert (mine in ran, rows in ran) == (register, not register), (rows_dtype, register, ran)
+    monkeypatch.setattr("lossforge_kernels._checks.eager_value_checks", lambda t: False)
+    ran = _launched(kernel_backend, x.to(dtype).to(device), small.to(device), mining="semi_hard", max_class_size=4)
+    assert mine in ran and rows not in ran, ran
+    loss = lf.triplet_loss(x.to(dtype).to(device), large.to(device), mining="semi_hard", max_class_size=4,
+                           backend=kernel_backend)
+    assert loss.isnan(), loss  # a broken promise: NaN, never a wrong number
 
 
 # ---------------------------------------------------------------- half-precision gradient products

@@ -90,8 +90,8 @@ def _fold_best(best_v, best_i, d, cand, cols, LARGEST: tl.constexpr):
 @triton.jit
 def _tile_distances(dot, inv_r, e_r, inv_c, e_c, DISTANCE: tl.constexpr, HAS_INV_NORM: tl.constexpr):
     """Distances from the tile's dot products; e_* are the rows' squared norms (times inv_*^2)."""
-    if HAS_INV_NORM:
-        dot = dot * (inv_r[:, None] * inv_c[None, :])
+    if HAS_INV_NORM:  # one factor at a time: inv_r inv_c overflows for two zero rows (cosine of normalised rows: 1e24 each)
+        dot = dot * inv_r[:, None] * inv_c[None, :]
     if DISTANCE == COSINE:
         return 1.0 - dot
     sq = _clamp_keep_nan(e_r[:, None] + e_c[None, :] - 2.0 * dot)
@@ -573,7 +573,7 @@ def _pair_distances_kernel(x_ptr, sq_ptr, inv_ptr, a_ptr, b_ptr, gram_ptr, exact
     e_a = tl.load(sq_ptr + a, mask=live, other=0.0) * inv_a * inv_a
     e_b = tl.load(sq_ptr + b, mask=live, other=0.0) * inv_b * inv_b
     if HAS_INV_NORM:
-        dot = dot * (inv_a * inv_b)
+        dot = dot * inv_a * inv_b
     if DISTANCE == COSINE:
         gram = 1.0 - dot
         exact = gram
@@ -828,7 +828,7 @@ def triplet_batch_all_rows(x, labels, inv_norm, distance, margin, soft_margin, n
     sq = _row_sq_norms(x)
     bm, bn, bk, bdg, warps, stages, upcast, precision, grad_f32, grad_precision = _batch_all_config(x.dtype, d)
     has_grad = grad_rows is not None
-    blocks = triton.cdiv(d, bdg) if has_grad else 1
+    blocks = max(1, triton.cdiv(d, bdg)) if has_grad else 1  # one at a width of 0: the losses are still written
     _batch_all_kernel[(triton.cdiv(n, bm), blocks)](
         x, labels, sq, inv_norm if inv_norm is not None else sq, n_pos, pos_dist, row_weight if has_grad else sq,
         loss, count, pos_slope, grad_rows if has_grad else sq, n, d, float(margin), SOFT=bool(soft_margin),

@@ -456,7 +456,8 @@ def _rows_pass(backend, tensors, params, row_weight, grads):
 #   distances in slots 0 .. n_pos - 1; writes chosen (B, S) int64 per filled slot semi_hard's negative
 #   (reference/triplet.py: the nearest farther than d_ap, ties to the smallest index, else the
 #   farthest; a NaN negative is every slot's choice), -1 for an empty slot or an anchor without a
-#   negative, and chosen_dist (B, S) fp32 its Gram-form distance (0 where -1).
+#   negative, and chosen_dist (B, S) fp32 its Gram-form distance (0 where -1). CUDA: bf16/fp16 x of
+#   at most cuda_tile_width(device) features only (S = POS_SLOTS), else ValueError naming x.
 # triplet_batch_all_rows_<b>(x, labels, inv_norm, distance, margin, soft_margin, n_pos, pos_dist, row_weight,
 #                           loss, count, pos_slope, grad_rows) -> ()
 #   n_pos, pos_dist as above (pos_dist: the exact distances); writes loss (B,) fp32 each anchor's sum
@@ -473,8 +474,9 @@ def _rows_pass(backend, tensors, params, row_weight, grads):
 #   of coef * (centered * v_r - v_other) in fp32, writes grad_x[r] = inv_norm[r] * g_r (g_r without
 #   inv_norm) in x's dtype and grad_inv_norm[r] = x_r . g_r; either may be None. Deterministic.
 #
-# The two mining ops are Triton's only (the CUDA backend keeps the chunked path for every class size);
-# the pair distances and the list gradient exist on both backends.
+# Triton takes this path for both minings. CUDA takes it for semi_hard on bf16/fp16 rows its tiles
+# take (_takes_register_path); triplet_batch_all_rows is Triton's only, so CUDA's batch_all, and its
+# fp32 rows, keep the chunked path.
 POS_SLOTS = 16  # positives per anchor (class size - 1) the register path takes
 TRITON_ONLY = ("triton",)
 
@@ -515,7 +517,7 @@ SEMI_HARD_MINE = KernelOp(
     "triplet_semi_hard_mine",
     "(Tensor x, Tensor labels, Tensor? inv_norm, int distance, Tensor n_pos, Tensor pos_dist, Tensor(a!) chosen,"
     " Tensor(b!) chosen_dist) -> ()",
-    check=_check_semi_hard_mine, backends=TRITON_ONLY,
+    check=_check_semi_hard_mine,
 )
 
 
@@ -625,6 +627,8 @@ def _distance_coef(dist, weight, distance):
 def _nan_if_non_finite(x):
     """0, or NaN if x holds a NaN or inf: then, as in the reference (whose Gram-form backward multiplies
     every row by every other), every row's gradient is NaN, not only the rows of the mined pairs."""
+    if x.numel() == 0:  # (the inf-norm has no identity)
+        return torch.zeros((), device=x.device, dtype=F32)
     return torch.linalg.vector_norm(x, float("inf"), dtype=F32) * 0.0  # (inf * 0 and NaN * 0 are NaN)
 
 
@@ -751,9 +755,30 @@ def _register_pass(backend, tensors, params, row_weight, grads):
     return _batch_all_register_pass(backend, tensors, params, row_weight, grads)
 
 
+# CUDA's tiled mining keeps a block's 64 anchors in shared memory (csrc/triplet.cu max_tile_width): 4
+# bytes per pair of features per anchor in 64-feature slabs, plus 4 words of padding per row, beside
+# 11 KiB of static shared memory and the 1 KiB the system reserves per block.
+_TILE_ANCHORS, _TILE_STATIC_SMEM, _RESERVED_SMEM = 64, 11264, 1024
+_EMULATED_SMEM_OPTIN = 232448  # the CUDA emulation's device: an H100
+
+
+def cuda_tile_width(device: torch.device) -> int:
+    """The widest bf16/fp16 rows CUDA's tiled mining takes on `device` (1664 on an H100)."""
+    optin = (torch.cuda.get_device_properties(device).shared_memory_per_block_optin if device.type == "cuda"
+             else _EMULATED_SMEM_OPTIN)
+    words = (optin - _RESERVED_SMEM - _TILE_STATIC_SMEM) // (_TILE_ANCHORS * 4) - 4
+    return max(0, words // 32 * 64)
+
+
 def _takes_register_path(backend, tensors, params):
-    """The register path is Triton's; the CUDA backend keeps the chunked one."""
-    return backend == "triton" and _largest_class_fits(tensors[1], params.max_class_size)
+    """Triton: every minings' register path. CUDA: semi_hard's, for bf16/fp16 rows its tiles take (batch_all
+    and fp32 rows keep the chunked path there)."""
+    x = tensors[0]
+    if backend == "cuda":
+        tiled = x.dtype in (torch.bfloat16, torch.float16) and x.shape[1] <= cuda_tile_width(x.device)
+        if not (params.mining == Mining.SEMI_HARD and tiled):
+            return False
+    return _largest_class_fits(tensors[1], params.max_class_size)
 
 
 def _rows_forward(backend, tensors, params, grads, grad_factor, reduce):
