@@ -146,6 +146,22 @@ def test_batch_triplet_losses_match_sentence_transformers(st_losses, backend, di
                  (embeddings,))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["BatchHardTripletLoss", "BatchSemiHardTripletLoss", "BatchAllTripletLoss"])
+def test_batch_triplet_losses_take_the_class_size_promise(st_losses, backend, name):
+    """max_class_size= (triplet_loss's promise, the K of P x K sampling: semi_hard and batch_all then take
+    the register path on a GPU without reading the labels) changes no result, and a broken promise is
+    refused by name where the labels can be read."""
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 3, 3, 0, 1])  # classes of at most 3
+    embeddings = torch.randn(10, 8, generator=torch.Generator().manual_seed(9))
+    ours = getattr(lf_st, name)(_Passthrough(), max_class_size=3, backend=backend)
+    theirs = getattr(st_losses, name)(_Passthrough())
+    _assert_same(lambda x: ours(_columns(x), labels), lambda x: theirs.compute_loss_from_embeddings([x], labels),
+                 (embeddings,))
+    with pytest.raises(ValueError, match="max_class_size=2 was promised"):
+        getattr(lf_st, name)(_Passthrough(), max_class_size=2, backend=backend)(_columns(embeddings), labels)
+
+
 @pytest.mark.parametrize("name", ["BatchSemiHardTripletLoss", "BatchAllTripletLoss"])
 @pytest.mark.parametrize("labels", [[0, 1, 2, 0, 1, 5, 3, 3, 0, 4], list(range(10))])  # some or all labels once
 def test_semi_hard_and_batch_all_match_with_lone_labels(st_losses, name, labels):

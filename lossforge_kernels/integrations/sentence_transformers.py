@@ -128,11 +128,12 @@ class MultipleNegativesRankingLoss(nn.Module):
 class _BatchTripletLoss(nn.Module):
     mining = "batch_hard"
 
-    def __init__(self, model, distance_metric="euclidean", margin=5.0, *, backend="auto"):
+    def __init__(self, model, distance_metric="euclidean", margin=5.0, *, max_class_size=None, backend="auto"):
         super().__init__()
         self.sentence_embedder = model
         self.distance_metric, self.distance = distance_metric, _distance(distance_metric)
         self.triplet_margin = margin
+        self.max_class_size = max_class_size  # triplet_loss's promise: the K of P x K sampling
         self.backend = backend
 
     @property
@@ -152,7 +153,7 @@ class _BatchTripletLoss(nn.Module):
     def _lf(self, embeddings, labels, reduction, soft_margin=False):
         return lf.triplet_loss(embeddings, labels, margin=self.triplet_margin, mining=self.mining,
                                distance=self.distance, soft_margin=soft_margin, reduction=reduction,
-                               backend=self.backend)
+                               max_class_size=self.max_class_size, backend=self.backend)
 
 
 class BatchHardTripletLoss(_BatchTripletLoss):
@@ -174,8 +175,8 @@ class BatchHardSoftMarginTripletLoss(BatchHardTripletLoss):
 
     soft_margin = True
 
-    def __init__(self, model, distance_metric="euclidean", *, backend="auto"):
-        super().__init__(model, distance_metric, backend=backend)
+    def __init__(self, model, distance_metric="euclidean", *, max_class_size=None, backend="auto"):
+        super().__init__(model, distance_metric, max_class_size=max_class_size, backend=backend)
 
 
 class BatchSemiHardTripletLoss(_BatchTripletLoss):
