@@ -23,8 +23,10 @@
 // ops/triplet.py makes with a matrix product: O(P_a B) work per row (P_a its positives, taken 4
 // (semi_hard) or 8 (batch_all) at a time after an ordered compaction of each 256-column tile), every
 // sum in a fixed order.
-// The register path's pair distances (one warp per pair: Gram form and exact from one pass over
-// both rows) and list gradient (one warp per row, lanes over the features, its list in order).
+// semi_hard's register path (bf16/fp16): triplet_semi_hard_tiles_kernel mines each anchor's 16
+// positive slots on the batch-hard tiles' sweep; then the pair distances (one warp per pair: Gram form
+// and exact from one pass over both rows) and the list gradient (one warp per row, lanes over the
+// features, its list in order).
 #pragma once
 
 #include <algorithm>

@@ -1047,9 +1047,9 @@ def test_half_batch_hard_over_many_tiles(kernel_backend, dtype, shape):
     """bf16/fp16 mine from tensor-core tiles on both backends (CUDA: blocks of 64 anchors, resident over
     the width, against tiles of 64 rows): several blocks and tiles with a tail, widths of one and of
     several 64-feature slabs with a tail, and a width that is not a multiple of 8 (70: the staging
-    without 16-byte loads). Triton's 128-row tiles (and the interpreter's time) take one shape."""
-    if kernel_backend == "triton" and shape != (150, 70):
-        pytest.skip("one shape for Triton's tiles")
+    without 16-byte loads). Triton's tiles have the grids and test_non_finite_rows_in_later_tiles."""
+    if kernel_backend != "cuda":
+        pytest.skip("CUDA's tiles")
     for opts, reduction in itertools.product(TILE_CASES, ("none", "mean")):
         result = harness.run_both(EXACT_SPEC, kernel_backend, opts, shape, reduction, dtype=dtype)
         harness.assert_matches(result, SPEC.half_tol(dtype), f"{opts} {dtype} {reduction}")
@@ -1098,8 +1098,11 @@ def test_half_batch_hard_allocates_no_gram_block(kernel_backend, dtype, width):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_batch_hard_non_finite_rows_in_later_tiles(kernel_backend, dtype):
-    """The tiled mining's running choices take over a NaN row and a row at +inf distance (bf16: 1e20,
-    whose squared norm overflows; fp16: inf) far into the batch, past earlier blocks and tiles."""
+    """CUDA's tiled mining's running choices take over a NaN row and a row at +inf distance (bf16: 1e20,
+    whose squared norm overflows; fp16: inf) far into the batch, past earlier blocks and tiles (Triton's:
+    test_non_finite_rows_in_later_tiles)."""
+    if kernel_backend != "cuda":
+        pytest.skip("CUDA's tiles")
     device = device_for(kernel_backend)
     gen = torch.Generator().manual_seed(22)
     x = torch.round(torch.randn(150, 40, generator=gen) * 8) / 8
@@ -1451,12 +1454,12 @@ def _run_list_grad(backend, x, inv_norm, grad_rows, lists, centered, want_x, wan
     return None if grad_x is None else grad_x.cpu(), None if grad_inv is None else grad_inv.cpu()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("d", [5, 37, 70, 300])
+@pytest.mark.parametrize("dtype, d", [(torch.float32, 5), (torch.float32, 70), (torch.float32, 300),
+                                      (torch.bfloat16, 37), (torch.float16, 136)], ids=str)
 def test_list_gradient_on_every_backend(dtype, d):
-    # Rows with empty lists, rows with 70 entries (several of Triton's row blocks and, at d = 300, several
-    # of CUDA's 128-feature steps), skipped entries, grad_rows given or not, centered or not, either
-    # output left out: each backend against the contract in float64, and CUDA against Triton.
+    # Rows with empty lists, rows with 70 entries (several of Triton's row blocks and, at d = 136 and 300,
+    # several of CUDA's 128-feature steps), skipped entries, grad_rows given or not, centered or not,
+    # either output left out: each backend against the contract in float64, and CUDA against Triton.
     backends = _register_backends()
     gen = torch.Generator().manual_seed(100 + d)
     n = 37
@@ -1483,6 +1486,28 @@ def test_list_gradient_on_every_backend(dtype, d):
                     assert_close_rel(got["cuda"][i], got["triton"][i], tol, f"cuda vs triton {name} {what}")
 
 
+def test_list_gradient_skips_entries_in_a_non_finite_row():
+    """A skipped (-1) entry, and a row's padding up to the longest list of its row block, add nothing,
+    also to a row holding a NaN or inf: such a row with an empty list, or only skipped entries, gets a
+    zero gradient (the Triton kernel added 0 * (v_r - 0), NaN, for each)."""
+    backends = _register_backends()
+    gen = torch.Generator().manual_seed(6)
+    n, d = 12, 9
+    x = torch.randn(n, d, generator=gen)
+    x[2, 4], x[3, 0] = math.nan, math.inf
+    counts = torch.tensor([5, 2, 0, 1, 6, 4, 2, 5, 3, 1, 2, 4])  # row 2: empty; row 3: one skipped entry
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    others = torch.randint(4, n, (int(offsets[-1]),), generator=gen)  # finite partners
+    others[offsets[3]] = -1
+    lists = (offsets, others, torch.randn(len(others), generator=gen))
+    want = _list_grad_float64(x, None, None, *lists, True)[0]
+    assert (want[2:4] == 0).all() and not x[2:4].isfinite().all(1).any()  # (the case tests something)
+    for backend in backends:
+        got = _run_list_grad(backend, x, None, None, lists, True, True, False)[0]
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6, equal_nan=True,
+                                   msg=lambda m: f"{backend}: {m}")
+
+
 def test_list_gradient_is_deterministic_and_writes_nothing_without_outputs():
     backends = _register_backends()
     gen = torch.Generator().manual_seed(5)
@@ -1500,9 +1525,8 @@ def test_list_gradient_is_deterministic_and_writes_nothing_without_outputs():
 def test_register_path_ops_propagate_nan_and_inf_like_triton(op):
     # A NaN row and a +inf and a -inf element, in pairs and lists with finite rows and with each other:
     # the NaN and inf results of the contract in float64 and of the Triton kernel, the finite ones' values.
-    # Skipped list entries sit in rows with a finite v only: for a non-finite v_r the Triton kernel adds
-    # 0 * v_r (NaN) for them, and for the padding of a row shorter than the longest of its row block,
-    # where the contract skips them (here every list is as long).
+    # Skipped list entries and lists of different lengths in non-finite rows too: they add nothing (the
+    # Triton kernel added 0 * v_r, NaN there, for them and for a row's padding up to its block's longest).
     backends = _register_backends()
     gen = torch.Generator().manual_seed(77)
     n, d = 24, 37
@@ -1524,9 +1548,10 @@ def test_register_path_ops_propagate_nan_and_inf_like_triton(op):
                                     {b: _run_pair_distances(b, x, *args) for b in backends}))
             continue
         offsets = torch.arange(0, 4 * n + 1, 4)
+        offsets[bad + 1] -= 2  # shorter lists for the non-finite rows (padding in their row block)
         others = torch.randint(0, n, (4 * n,), generator=gen)
         others[::4] = bad.repeat(n // 3)[:n]  # every list takes a non-finite row
-        others[(torch.rand(4 * n, generator=gen) < 0.25) & ~torch.isin(torch.arange(4 * n) // 4, bad)] = -1
+        others[(torch.rand(4 * n, generator=gen) < 0.25) & (torch.arange(4 * n) % 4 != 0)] = -1
         lists = (offsets, others, torch.randn(4 * n, generator=gen))
         for centered in (True, False):
             want = _list_grad_float64(x, inv, None, *lists, centered)

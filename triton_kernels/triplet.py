@@ -797,7 +797,9 @@ def _list_grad_kernel(x_ptr, inv_ptr, g_ptr, off_ptr, other_ptr, coef_ptr, gx_pt
             live = o >= 0  # false outside rmask (other=-1): masks the gather alone
             c = tl.load(coef_ptr + start + j, mask=live, other=0.0)
             v_o = _scaled_rows(x_ptr, inv_ptr, tl.where(live, o, 0), live, ks, kmask, D, HAS_INV_NORM)
-            g += _pair_term(c, v_r, v_o, CENTERED)
+            # a skipped entry (and a row's padding up to the block's longest list) adds nothing, not 0 * v_r
+            # (NaN for a non-finite row)
+            g += tl.where(live[:, None], _pair_term(c, v_r, v_o, CENTERED), 0.0)
         if HAS_GX:
             tl.store(gx_ptr + rows64[:, None] * D + ks[None, :], (g * inv_r[:, None]).to(gx_ptr.dtype.element_ty),
                      mask=tile)
