@@ -75,6 +75,19 @@ void with_kind(int kind, F&& f) {
   }
 }
 
+// f(kind, inv_norm flag) as template arguments; cosine always reads inv_norm (checked_distance), so no
+// cosine variant without it is compiled.
+template <typename F>
+void with_distance(int kind, bool has_inv_norm, F&& f) {
+  with_kind(kind, [&](auto k) {
+    if constexpr (decltype(k)::value == kCosine) {
+      f(k, std::true_type{});
+    } else {
+      with_flag(has_inv_norm, [&](auto s) { f(k, s); });
+    }
+  });
+}
+
 // |x_i|^2, then per row 1 if it holds a NaN or inf (2n fp32 values).
 at::Tensor row_sq_norms(const at::Tensor& x) {
   const int64_t n = x.size(0), d = x.size(1);
@@ -150,10 +163,8 @@ void triplet_mine_cuda(const at::Tensor& x, const at::Tensor& labels, const std:
   a.rows = n;
   // Every variant of a mining kernel, by the call's distance, inv_norm and soft margin.
   auto each_variant = [&](auto tag, auto&& run) {
-    with_kind(kind, [&](auto k) {
-      with_flag(inv_norm.has_value(), [&](auto s) {
-        with_flag(soft_margin, [&](auto soft) { run(tag, k, s, soft); });
-      });
+    with_distance(kind, inv_norm.has_value(), [&](auto k, auto s) {
+      with_flag(soft_margin, [&](auto soft) { run(tag, k, s, soft); });
     });
   };
   const size_t tiles_smem = mine_tiles_smem_for(x);
@@ -214,11 +225,9 @@ void triplet_semi_hard_mine_cuda(const at::Tensor& x, const at::Tensor& labels,
   a.chosen = chosen.data_ptr<int64_t>();
   a.chosen_dist = chosen_dist.data_ptr<float>();
   auto run = [&](auto tag) {
-    with_kind(kind, [&](auto k) {
-      with_flag(inv_norm.has_value(), [&](auto s) {
-        launch(x.device(), &triplet_semi_hard_tiles_kernel<decltype(tag), decltype(k)::value, decltype(s)::value>,
-               grid_for((n + kMineTileRows - 1) / kMineTileRows), kMineTileThreads, smem, a);
-      });
+    with_distance(kind, inv_norm.has_value(), [&](auto k, auto s) {
+      launch(x.device(), &triplet_semi_hard_tiles_kernel<decltype(tag), decltype(k)::value, decltype(s)::value>,
+             grid_for((n + kMineTileRows - 1) / kMineTileRows), kMineTileThreads, smem, a);
     });
   };
   dispatch_half(x.scalar_type(), kSemiHardMine, run);
@@ -276,11 +285,9 @@ void triplet_pair_grad_cuda(const at::Tensor& x, const std::optional<at::Tensor>
   const dim3 grid(grid_for((n + kGradRows - 1) / kGradRows), static_cast<unsigned int>(slices));
   dispatch_float(x.scalar_type(), kPairGrad, [&](auto tag) {
     using T = decltype(tag);
-    with_kind(kind, [&](auto k) {
-      with_flag(inv_norm.has_value(), [&](auto s) {
-        launch(x.device(), &triplet_pair_grad_kernel<T, decltype(k)::value, decltype(s)::value>, grid, kGradThreads,
-               0, a);
-      });
+    with_distance(kind, inv_norm.has_value(), [&](auto k, auto s) {
+      launch(x.device(), &triplet_pair_grad_kernel<T, decltype(k)::value, decltype(s)::value>, grid, kGradThreads,
+             0, a);
     });
   });
   if (grad_inv_norm.has_value() && slices > 1) {
@@ -331,16 +338,14 @@ void triplet_row_loss_cuda(const at::Tensor& gram, const at::Tensor& sq, const s
   a.n = n;
   a.row0 = row0;
   a.margin = static_cast<float>(margin);
-  with_kind(kind, [&](auto k) {
-    with_flag(inv_norm.has_value(), [&](auto s) {
-      with_flag(mining == kSemiHard, [&](auto semi) {
-        with_flag(soft_margin, [&](auto soft) {
-          with_flag(coef.has_value(), [&](auto grad) {
-            launch(gram.device(),
-                   &triplet_row_loss_kernel<decltype(k)::value, decltype(s)::value, decltype(semi)::value,
-                                            decltype(soft)::value, decltype(grad)::value>,
-                   grid_for(rows), kRowThreads, 0, a);
-          });
+  with_distance(kind, inv_norm.has_value(), [&](auto k, auto s) {
+    with_flag(mining == kSemiHard, [&](auto semi) {
+      with_flag(soft_margin, [&](auto soft) {
+        with_flag(coef.has_value(), [&](auto grad) {
+          launch(gram.device(),
+                 &triplet_row_loss_kernel<decltype(k)::value, decltype(s)::value, decltype(semi)::value,
+                                          decltype(soft)::value, decltype(grad)::value>,
+                 grid_for(rows), kRowThreads, 0, a);
         });
       });
     });
@@ -384,11 +389,9 @@ void triplet_pair_distances_cuda(const at::Tensor& x, const std::optional<at::Te
   a.d = x.size(1);
   dispatch_float(x.scalar_type(), kPairDistances, [&](auto tag) {
     using T = decltype(tag);
-    with_kind(kind, [&](auto k) {
-      with_flag(inv_norm.has_value(), [&](auto s) {
-        launch(x.device(), &triplet_pair_distances_kernel<T, decltype(k)::value, decltype(s)::value>,
-               grid_for((entries + kPairWarps - 1) / kPairWarps), kPairWarps * kWarpSize, 0, a);
-      });
+    with_distance(kind, inv_norm.has_value(), [&](auto k, auto s) {
+      launch(x.device(), &triplet_pair_distances_kernel<T, decltype(k)::value, decltype(s)::value>,
+             grid_for((entries + kPairWarps - 1) / kPairWarps), kPairWarps * kWarpSize, 0, a);
     });
   });
 }

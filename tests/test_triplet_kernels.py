@@ -1044,10 +1044,10 @@ TILE_CASES = (dict(distance="euclidean", margin=0.3), dict(distance="squared_euc
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(150, 70), (130, 136), (200, 24)], ids=["d70", "d136", "d24"])
 def test_half_batch_hard_over_many_tiles(kernel_backend, dtype, shape):
-    """bf16/fp16 mine from tensor-core tiles on both backends (CUDA: blocks of 64 anchors, resident over
-    the width, against tiles of 64 rows): several blocks and tiles with a tail, widths of one and of
-    several 64-feature slabs with a tail, and a width that is not a multiple of 8 (70: the staging
-    without 16-byte loads). Triton's tiles have the grids and test_non_finite_rows_in_later_tiles."""
+    """CUDA's bf16/fp16 mining from tensor-core tiles (blocks of 64 anchors, resident over the width,
+    against tiles of 64 rows): several blocks and tiles with a tail, widths of one and of several
+    64-feature slabs with a tail, and a width that is not a multiple of 8 (70: the staging without
+    16-byte loads). Triton's tiles have the grids and test_non_finite_rows_in_later_tiles."""
     if kernel_backend != "cuda":
         pytest.skip("CUDA's tiles")
     for opts, reduction in itertools.product(TILE_CASES, ("none", "mean")):
