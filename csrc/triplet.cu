@@ -35,6 +35,8 @@ constexpr const char* kMine = "triplet_mine_cuda";
 constexpr const char* kPairGrad = "triplet_pair_grad_cuda";
 constexpr const char* kKept = "triplet_kept_cuda";
 constexpr const char* kSemiHardMine = "triplet_semi_hard_mine_cuda";
+constexpr const char* kPairDistances = "triplet_pair_distances_cuda";
+constexpr const char* kListGrad = "triplet_list_grad_cuda";
 
 void check_dense(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x, at::IntArrayRef shape,
                  at::ScalarType dtype) {
@@ -47,6 +49,16 @@ void check_dense(const char* op, const char* name, const at::Tensor& t, const at
 void check_vector(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x, int64_t n,
                   at::ScalarType dtype) {
   check_dense(op, name, t, x, {n}, dtype);
+}
+
+// The gradient outputs of the pair and list kernels: grad_x like x, grad_inv_norm (n,) fp32 with inv_norm.
+void check_grads(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& inv_norm,
+                 const std::optional<at::Tensor>& grad_x, const std::optional<at::Tensor>& grad_inv_norm) {
+  if (grad_x.has_value()) check_dense(op, "grad_x", *grad_x, x, x.sizes(), x.scalar_type());
+  if (grad_inv_norm.has_value()) {
+    TORCH_CHECK_VALUE(inv_norm.has_value(), op, ": grad_inv_norm needs inv_norm");
+    check_vector(op, "grad_inv_norm", *grad_inv_norm, x, x.size(0), at::kFloat);
+  }
 }
 
 void check_rows(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& inv_norm) {
@@ -248,16 +260,7 @@ void triplet_pair_grad_cuda(const at::Tensor& x, const std::optional<at::Tensor>
   check_vector(kPairGrad, "slope", slope, x, n, at::kFloat);
   TORCH_CHECK_VALUE(weight.dim() <= 1, kPairGrad, ": weight must be 0-dim or (B,), got shape ", weight.sizes());
   check_vector(kPairGrad, "weight", weight.reshape({-1}), x, weight.dim() == 0 ? 1 : n, at::kFloat);
-  if (grad_x.has_value()) {
-    check_on(kPairGrad, "grad_x", *grad_x, x);
-    check_dtype(kPairGrad, "grad_x", *grad_x, x.scalar_type());
-    check_shape(kPairGrad, "grad_x", *grad_x, x.sizes());
-    TORCH_CHECK_VALUE(grad_x->is_contiguous(), kPairGrad, ": grad_x must be contiguous");
-  }
-  if (grad_inv_norm.has_value()) {
-    TORCH_CHECK_VALUE(inv_norm.has_value(), kPairGrad, ": grad_inv_norm needs inv_norm");
-    check_vector(kPairGrad, "grad_inv_norm", *grad_inv_norm, x, n, at::kFloat);
-  }
+  check_grads(kPairGrad, x, inv_norm, grad_x, grad_inv_norm);
   if (n == 0 || (!grad_x.has_value() && !grad_inv_norm.has_value())) return;
 
   // one slice at least: a width of 0 still writes grad_inv_norm (0)
@@ -354,27 +357,15 @@ void triplet_row_loss_cuda(const at::Tensor& gram, const at::Tensor& sq, const s
 
 // ---- the register path's pair distances and list gradient ----
 
-constexpr const char* kPairDistances = "triplet_pair_distances_cuda";
-constexpr const char* kListGrad = "triplet_list_grad_cuda";
-
-// A contiguous tensor of `shape` and `dtype` on x's device.
-void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x, at::IntArrayRef shape,
-                at::ScalarType dtype) {
-  check_on(op, name, t, x);
-  check_dtype(op, name, t, dtype);
-  check_shape(op, name, t, shape);
-  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous, got strides ", t.strides());
-}
-
 void triplet_pair_distances_cuda(const at::Tensor& x, const std::optional<at::Tensor>& inv_norm,
                                  const at::Tensor& first, const at::Tensor& second, int64_t distance,
                                  const at::Tensor& gram, const at::Tensor& exact) {
   check_rows(kPairDistances, x, inv_norm);
   const int kind = checked_distance(kPairDistances, distance, inv_norm);
-  check_like(kPairDistances, "first", first, x, first.sizes(), at::kLong);
-  check_like(kPairDistances, "second", second, x, first.sizes(), at::kLong);
-  check_like(kPairDistances, "gram", gram, x, first.sizes(), at::kFloat);
-  check_like(kPairDistances, "exact", exact, x, first.sizes(), at::kFloat);
+  check_dense(kPairDistances, "first", first, x, first.sizes(), at::kLong);
+  check_dense(kPairDistances, "second", second, x, first.sizes(), at::kLong);
+  check_dense(kPairDistances, "gram", gram, x, first.sizes(), at::kFloat);
+  check_dense(kPairDistances, "exact", exact, x, first.sizes(), at::kFloat);
   const int64_t entries = first.numel();
   if (entries == 0) return;
 
@@ -403,16 +394,12 @@ void triplet_list_grad_cuda(const at::Tensor& x, const std::optional<at::Tensor>
                             const std::optional<at::Tensor>& grad_x, const std::optional<at::Tensor>& grad_inv_norm) {
   check_rows(kListGrad, x, inv_norm);
   const int64_t n = x.size(0);
-  if (grad_rows.has_value()) check_like(kListGrad, "grad_rows", *grad_rows, x, x.sizes(), at::kFloat);
+  if (grad_rows.has_value()) check_dense(kListGrad, "grad_rows", *grad_rows, x, x.sizes(), at::kFloat);
   check_vector(kListGrad, "offsets", offsets, x, n + 1, at::kLong);
   TORCH_CHECK_VALUE(others.dim() == 1, kListGrad, ": others must be 1-D, got shape ", others.sizes());
-  check_like(kListGrad, "others", others, x, others.sizes(), at::kLong);
-  check_like(kListGrad, "coef", coef, x, others.sizes(), at::kFloat);
-  if (grad_x.has_value()) check_like(kListGrad, "grad_x", *grad_x, x, x.sizes(), x.scalar_type());
-  if (grad_inv_norm.has_value()) {
-    TORCH_CHECK_VALUE(inv_norm.has_value(), kListGrad, ": grad_inv_norm needs inv_norm");
-    check_vector(kListGrad, "grad_inv_norm", *grad_inv_norm, x, n, at::kFloat);
-  }
+  check_dense(kListGrad, "others", others, x, others.sizes(), at::kLong);
+  check_dense(kListGrad, "coef", coef, x, others.sizes(), at::kFloat);
+  check_grads(kListGrad, x, inv_norm, grad_x, grad_inv_norm);
   if (n == 0 || (!grad_x.has_value() && !grad_inv_norm.has_value())) return;
 
   ListGradArgs a{};
