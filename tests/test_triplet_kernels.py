@@ -5,6 +5,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import pathlib
 
 import pytest
@@ -852,7 +853,7 @@ def test_mined_products_per_forward_and_backward(case, register, product_work, m
     mining, soft_margin, reduction = case
     if not register:
         monkeypatch.setattr(ops, "_largest_class_fits", lambda labels, promised: False)
-    b, d = 64, 64
+    b, d = 64, 32  # batch_all: one feature block, as half rows up to 512 wide take on a GPU (wider: +1 each)
     gen = torch.Generator().manual_seed(33)
     x = _grid_rows(b, d, gen).requires_grad_(True)
     labels = torch.arange(b).div(4, rounding_mode="floor")[torch.randperm(b, generator=gen)]
@@ -861,6 +862,47 @@ def test_mined_products_per_forward_and_backward(case, register, product_work, m
                                backend="triton")
         loss.backward(torch.ones_like(loss))
     assert sum(work) / (b * b * d) == PRODUCTS[case][0 if register else 1]
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+def test_batch_all_pass_reads_each_column_tile_once_per_row_block(distance, monkeypatch):
+    """Bytes of x the Triton batch_all pass loads (interpreter loads inside x's storage): with one feature
+    block the rows are read once and each column tile once per row block, for both products, and the
+    rows again for their own gradient term (not cosine): B / BLOCK_M + 2 reads of x, after the squared
+    norms' one. (The Gram product's slices and the gradient product's tiles were read apart, with the
+    rows' slices again per tile.)"""
+    interpreter = pytest.importorskip("triton.runtime.interpreter")
+    if "triton" not in kernel_backends() or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("counts the Triton interpreter's loads")
+    from lossforge_kernels.triton_kernels import triplet as kernels
+
+    b, d = 64, 32
+    block_m, _, _, block_dg = kernels._batch_all_config(torch.float32, d)[:4]
+    assert block_dg >= d and b % block_m == 0
+    gen = torch.Generator().manual_seed(5)
+    x = _grid_rows(b, d, gen).requires_grad_(True)
+    labels = torch.arange(b).div(4, rounding_mode="floor")[torch.randperm(b, generator=gen)]
+    lo, hi = x.data_ptr(), x.data_ptr() + x.numel() * x.element_size()
+    read = []
+    masked_load = interpreter.InterpreterBuilder.create_masked_load
+
+    def counted(self, ptrs, mask, *args, **kwargs):
+        inside = (ptrs.data >= lo) & (ptrs.data < hi) & mask.data.astype(bool)
+        read.append(int(inside.sum()) * x.element_size())
+        return masked_load(self, ptrs, mask, *args, **kwargs)
+
+    run = kernels.triplet_batch_all_rows  # the op calls the module's function at call time
+
+    def only_the_pass(*args):
+        with monkeypatch.context() as m:
+            m.setattr(interpreter.InterpreterBuilder, "create_masked_load", counted)
+            run(*args)
+
+    monkeypatch.setattr(kernels, "triplet_batch_all_rows", only_the_pass)
+    loss = lf.triplet_loss(x, labels, mining="batch_all", distance=distance, reduction="sum", backend="triton")
+    loss.backward()
+    reads = 1 + 1 + b // block_m + (distance != "cosine")  # the squared norms' pre-pass, then the kernel's
+    assert sum(read) == reads * x.numel() * x.element_size(), (sum(read), x.numel() * x.element_size())
 
 
 def test_row_kernel_refuses_bad_input_by_name(kernel_backend):

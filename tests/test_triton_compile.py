@@ -232,6 +232,7 @@ def _cases():
                                                                    distance="squared_euclidean", normalize=True)),
         ("triplet batch_all hinge fp16 D=600", triplet(torch.float16, 600, mining="batch_all", reduction="sum")),
         ("triplet batch_all hinge bf16 D=600", triplet(bf16, 600, mining="batch_all", reduction="sum")),
+        ("triplet batch_all hinge bf16 D=512", triplet(bf16, 512, mining="batch_all")),  # the whole-width pass
         # ... and a class of more than 17 rows: the chunked row kernel
         ("triplet semi_hard chunked bf16", lambda: backward(lf.triplet_loss(
             randn(40, 64, dtype=bf16), classes(40, 2), mining="semi_hard", backend=T), 2.0)),

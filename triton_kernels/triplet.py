@@ -685,9 +685,11 @@ def _batch_all_kernel(x_ptr, lab_ptr, sq_ptr, inv_ptr, npos_ptr, dap_ptr, w_ptr,
                       g_ptr, B, D, margin, SOFT: tl.constexpr, DISTANCE: tl.constexpr, HAS_INV_NORM: tl.constexpr,
                       HAS_GRAD: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, GRAD_F32: tl.constexpr,
                       GRAD_PRECISION: tl.constexpr, SLOTS: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DG: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DG: tl.constexpr, WHOLE: tl.constexpr):
     # grid (row blocks, feature blocks of BLOCK_DG): every program mines its rows' tiles over the full
     # width; the first feature block writes the losses, counts and positive slopes, each its share of g.
+    # WHOLE (one feature block covers D): the rows are loaded once and each column tile once, whole,
+    # for both products; else the Gram tile takes BLOCK_K slices and the gradient product its block.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dblock = tl.program_id(1)
     first = dblock == 0
@@ -709,11 +711,19 @@ def _batch_all_kernel(x_ptr, lab_ptr, sq_ptr, inv_ptr, npos_ptr, dap_ptr, w_ptr,
     w_pos = tl.zeros([BLOCK_M, SLOTS], dtype=tl.float32)  # per positive slot: its slopes' sum over negatives
     g = tl.zeros([BLOCK_M, BLOCK_DG], dtype=tl.float32)   # sum_n coef * v_n over the tiles
     g_sum = tl.zeros([BLOCK_M], dtype=tl.float32)         # sum_n coef
+    if WHOLE:
+        x_rows = tl.load(x_ptr + rows64[:, None] * D + dg[None, :], mask=rmask[:, None] & dgmask[None, :], other=0.0)
+        if DOT_F32:
+            x_rows = x_rows.to(tl.float32)
     for start in range(0, B, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         cmask = cols < B
         cols64 = cols.to(tl.int64)
-        acc = _gram_tile(x_ptr, rows64, rmask, cols64, cmask, D, DOT_F32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        if WHOLE:
+            x_c = tl.load(x_ptr + cols64[:, None] * D + dg[None, :], mask=cmask[:, None] & dgmask[None, :], other=0.0)
+            acc = tl.dot(x_rows, tl.trans(x_c.to(tl.float32) if DOT_F32 else x_c), input_precision=PRECISION)
+        else:
+            acc = _gram_tile(x_ptr, rows64, rmask, cols64, cmask, D, DOT_F32, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         inv_c = tl.load(inv_ptr + cols, mask=cmask, other=0.0) if HAS_INV_NORM else tl.full([BLOCK_N], 1.0, tl.float32)
         e_c = tl.load(sq_ptr + cols, mask=cmask, other=0.0) * inv_c * inv_c
         dist = _tile_distances(acc, inv_r, e_r, inv_c, e_c, DISTANCE, HAS_INV_NORM)
@@ -747,20 +757,26 @@ def _batch_all_kernel(x_ptr, lab_ptr, sq_ptr, inv_ptr, npos_ptr, dap_ptr, w_ptr,
             g_sum += tl.sum(coef, axis=1)
             if HAS_INV_NORM:
                 coef = coef * inv_c[None, :]
-            x_c = tl.load(x_ptr + cols64[:, None] * D + dg[None, :], mask=cmask[:, None] & dgmask[None, :], other=0.0)
+            if not WHOLE:
+                x_c = tl.load(x_ptr + cols64[:, None] * D + dg[None, :], mask=cmask[:, None] & dgmask[None, :],
+                              other=0.0)
             if GRAD_F32:  # fp16 rows: fp32 operands keep the small coefficients ('mean' at a large B)
                 x_c = x_c.to(tl.float32)
             else:
                 coef = coef.to(x_c.dtype)
             g = tl.dot(coef, x_c, g, input_precision=GRAD_PRECISION)
     if HAS_GRAD:
-        x_r = tl.load(x_ptr + rows64[:, None] * D + dg[None, :], mask=rmask[:, None] & dgmask[None, :],
-                      other=0.0).to(tl.float32)
-        if DISTANCE == COSINE:
-            g = -g
-        else:
-            g = g_sum[:, None] * (x_r * inv_r[:, None]) - g
-        tl.store(g_ptr + rows64[:, None] * D + dg[None, :], g, mask=rmask[:, None] & dgmask[None, :])
+        # g_r = sum_n coef (v_r - v_n): the rows' own term is added after -g is stored, a feature slice at a
+        # time (with g and the rows' fp32 values live together the euclidean kernels spilled)
+        tl.store(g_ptr + rows64[:, None] * D + dg[None, :], -g, mask=rmask[:, None] & dgmask[None, :])
+        if DISTANCE != COSINE:
+            tl.debug_barrier()  # every thread's share of g is in memory before any thread reads it back
+            for k in range(0, BLOCK_DG, BLOCK_K):
+                ks = dblock * BLOCK_DG + k + tl.arange(0, BLOCK_K)
+                tile = rmask[:, None] & (ks < D)[None, :]
+                at = rows64[:, None] * D + ks[None, :]
+                v_r = _scaled_rows(x_ptr, inv_ptr, rows64, rmask, ks, ks < D, D, HAS_INV_NORM)
+                tl.store(g_ptr + at, tl.load(g_ptr + at, mask=tile, other=0.0) + g_sum[:, None] * v_r, mask=tile)
     if first:
         tl.store(loss_ptr + rows, total, mask=rmask)
         tl.store(count_ptr + rows, count, mask=rmask)
@@ -811,13 +827,13 @@ def _list_grad_kernel(x_ptr, inv_ptr, g_ptr, off_ptr, other_ptr, coef_ptr, gx_pt
 def _batch_all_config(dtype, d):
     """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_DG, warps, stages, upcast, precision, grad in fp32, grad precision)."""
     width = max(16, triton.next_power_of_2(max(d, 1)))
-    if interpreting():
-        return 32, 32, 32, width, 4, 1, True, "ieee", True, "ieee"
+    if interpreting():  # 32-wide feature blocks: the tests' widths reach both WHOLE and the feature blocks
+        return 32, 32, 32, min(width, 32), 4, 1, True, "ieee", True, "ieee"
     if dtype == torch.float32:
         return 64, 32, 32, min(width, 256), 8, 2, False, "ieee", True, "ieee"
-    if dtype == torch.float16:  # fp32 operands for the gradient product: half the feature block
-        return 32, 32, 64, min(width, 256), 8, 2, False, "tf32", True, "tf32"
-    return 32, 32, 64, min(width, 512), 8, 2, False, "tf32", False, "tf32"
+    if dtype == torch.float16:  # fp32 operands for the gradient product (tf32), as bf16 otherwise
+        return 32, 16, 64, min(width, 512), 8, 2, False, "tf32", True, "tf32"
+    return 32, 16, 64, min(width, 512), 8, 2, False, "tf32", False, "tf32"
 
 
 def triplet_batch_all_rows(x, labels, inv_norm, distance, margin, soft_margin, n_pos, pos_dist, row_weight, loss,
@@ -836,7 +852,7 @@ def triplet_batch_all_rows(x, labels, inv_norm, distance, margin, soft_margin, n
         loss, count, pos_slope, grad_rows if has_grad else sq, n, d, float(margin), SOFT=bool(soft_margin),
         DISTANCE=distance, HAS_INV_NORM=inv_norm is not None, HAS_GRAD=has_grad, DOT_F32=upcast, PRECISION=precision,
         GRAD_F32=grad_f32 or upcast, GRAD_PRECISION=grad_precision, SLOTS=slots, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        BLOCK_DG=bdg, num_warps=warps, num_stages=stages)
+        BLOCK_DG=bdg, WHOLE=bdg >= d, num_warps=warps, num_stages=stages)
 
 
 def triplet_list_grad(x, inv_norm, grad_rows, offsets, others, coef, centered, grad_x, grad_inv_norm):
