@@ -770,12 +770,6 @@ __device__ __forceinline__ void stage_columns(StagedRows& dst, const T* x, int64
   }
 }
 
-// Two weights as one 32-bit operand word (the lower column in the low half).
-template <typename T>
-__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
-  return static_cast<uint32_t>(Elem<T>::store(lo)) | (static_cast<uint32_t>(Elem<T>::store(hi)) << 16);
-}
-
 // A row of the block as one lane sees it (rows g and g + 8 of the warp's 16-row tile).
 struct GradRow {
   int64_t a;  // own row index

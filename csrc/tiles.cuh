@@ -90,6 +90,24 @@ __device__ __forceinline__ void stage_resident(uint32_t* s_own, const TileOperan
   }
 }
 
+// Two values rounded to T as one 32-bit operand word (the lower k in the low half).
+template <typename T>
+__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
+  return static_cast<uint32_t>(Elem<T>::store(lo)) | (static_cast<uint32_t>(Elem<T>::store(hi)) << 16);
+}
+
+// B's fragment of W . R for rows R staged as element pairs along the features (rows[r * stride + f / 2],
+// as stage_slab writes them): k runs over the rows r0 .. r0 + 16, the 8 columns over the features f0 ..
+// f0 + 8 (f0 even); each word pairs two rows' halves.
+__device__ __forceinline__ void load_b_across_rows(uint32_t (&b)[2], const uint32_t* rows, int stride, int r0, int f0,
+                                                   int lane) {
+  const int f = f0 + lane / 4, t = lane % 4, shift = (f & 1) * 16;
+  const uint32_t* column = rows + r0 * stride + f / 2;
+  auto elem = [&](int r) { return (column[r * stride] >> shift) & 0xffffu; };
+  b[0] = elem(2 * t) | (elem(2 * t + 1) << 16);
+  b[1] = elem(2 * t + 8) | (elem(2 * t + 9) << 16);
+}
+
 // acc[n] += (own rows own_row .. + 16) . (tile rows other_row + 8 n .. + 8)^T over the full width,
 // for the tile of other rows [j0, j0 + kTileCols); tiles are swept from j0 = 0. Own rows are
 // either resident (staged once by stage_resident, `own_stride` words per row) or staged with each

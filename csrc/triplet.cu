@@ -2,7 +2,8 @@
 // semi_hard / batch_all row loss (contract: ops/triplet.py's docstring, checked in Python before every call; C++
 // keeps the checks that guard memory): the checks, the chunk loop of the mining products, the launches, and
 // the registration for the CUDA key. The kernels, and the traffic designed for, are in triplet.cuh.
-// Last, the register path's pair distances and list gradient (ops/triplet.py's second contract block).
+// Last, the register path's ops (ops/triplet.py's second contract block): the pair distances, the list
+// gradient, and batch_all's tiles for bf16 rows (widths up to 640 on an H100).
 //
 // Mining of bf16/fp16 rows is one launch of the tiled kernel (anchors resident in shared memory:
 // widths up to 1664 on an H100, 1152 on an A100). fp32 rows, and wider half rows, walk the anchors in
@@ -37,6 +38,7 @@ constexpr const char* kKept = "triplet_kept_cuda";
 constexpr const char* kSemiHardMine = "triplet_semi_hard_mine_cuda";
 constexpr const char* kPairDistances = "triplet_pair_distances_cuda";
 constexpr const char* kListGrad = "triplet_list_grad_cuda";
+constexpr const char* kBatchAllRows = "triplet_batch_all_rows_cuda";
 
 void check_dense(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x, at::IntArrayRef shape,
                  at::ScalarType dtype) {
@@ -127,6 +129,15 @@ int64_t max_tile_width(const at::Tensor& x) {
   const DeviceLimits limits = device_limits(x.device().index());
   const int64_t room = limits.optin - limits.reserved - kMineTileStaticSmem;
   return std::max<int64_t>(0, (room / (kMineTileRows * 4) - 4) / kTilePairs * kTileK);
+}
+
+// The widest bf16 rows batch_all's tiles take on x's device (a multiple of 16).
+int64_t max_batch_all_width(const at::Tensor& x) {
+  const DeviceLimits limits = device_limits(x.device().index());
+  const int64_t room = limits.optin - limits.reserved - kAllStaticSmem;
+  int64_t d = 0;  // batch_all_tiles_smem grows with d: the largest multiple of 16 that fits
+  while (batch_all_tiles_smem(d + 16) <= room) d += 16;
+  return d;
 }
 
 void triplet_kept_cuda(const at::Tensor& labels, const at::Tensor& kept) {
@@ -243,6 +254,64 @@ void triplet_semi_hard_mine_cuda(const at::Tensor& x, const at::Tensor& labels,
     });
   };
   dispatch_half(x.scalar_type(), kSemiHardMine, run);
+}
+
+// batch_all's tiles' dynamic shared memory for x, or 0 where they do not take x (not bf16, or too wide).
+size_t batch_all_smem_for(const at::Tensor& x) {
+  if (x.scalar_type() != at::kBFloat16) return 0;
+  const int64_t bytes = batch_all_tiles_smem(x.size(1));
+  const DeviceLimits limits = device_limits(x.device().index());
+  return bytes + kAllStaticSmem + limits.reserved <= limits.optin ? static_cast<size_t>(bytes) : 0;
+}
+
+void triplet_batch_all_rows_cuda(const at::Tensor& x, const at::Tensor& labels,
+                                 const std::optional<at::Tensor>& inv_norm, int64_t distance, double margin,
+                                 bool soft_margin, const at::Tensor& n_pos, const at::Tensor& pos_dist,
+                                 const std::optional<at::Tensor>& row_weight, const at::Tensor& loss,
+                                 const at::Tensor& count, const at::Tensor& pos_slope,
+                                 const std::optional<at::Tensor>& grad_rows) {
+  check_rows(kBatchAllRows, x, inv_norm);
+  const int64_t n = x.size(0);
+  check_vector(kBatchAllRows, "labels", labels, x, n, at::kLong);
+  check_vector(kBatchAllRows, "n_pos", n_pos, x, n, at::kLong);
+  check_dense(kBatchAllRows, "pos_dist", pos_dist, x, {n, kPosSlots}, at::kFloat);
+  check_vector(kBatchAllRows, "loss", loss, x, n, at::kFloat);
+  check_vector(kBatchAllRows, "count", count, x, n, at::kLong);
+  check_dense(kBatchAllRows, "pos_slope", pos_slope, x, {n, kPosSlots}, at::kFloat);
+  TORCH_CHECK_VALUE(row_weight.has_value() == grad_rows.has_value(), kBatchAllRows,
+                    ": row_weight and grad_rows come together");
+  if (row_weight.has_value()) {
+    check_vector(kBatchAllRows, "row_weight", *row_weight, x, n, at::kFloat);
+    check_dense(kBatchAllRows, "grad_rows", *grad_rows, x, x.sizes(), at::kFloat);
+  }
+  const int kind = checked_distance(kBatchAllRows, distance, inv_norm);
+  const size_t smem = batch_all_smem_for(x);
+  TORCH_CHECK_VALUE(smem > 0, kBatchAllRows, ": x must be bf16 with at most ", max_batch_all_width(x),
+                    " features on this device (the anchors, a tile and the gradient stay in shared memory), got ",
+                    x.scalar_type(), " and ", x.size(1));
+  if (n == 0) return;
+  const at::Tensor sq = row_sq_norms(x);
+  BatchAllArgs a{};
+  a.in = TileMineInputs{x.const_data_ptr(), labels.const_data_ptr<int64_t>(), sq.const_data_ptr<float>(),
+                        inv_norm.has_value() ? inv_norm->const_data_ptr<float>() : nullptr, n, x.size(1),
+                        x.size(1) % 8 == 0 && aligned16(x)};
+  a.n_pos = n_pos.const_data_ptr<int64_t>();
+  a.pos_dist = pos_dist.const_data_ptr<float>();
+  a.row_weight = row_weight.has_value() ? row_weight->const_data_ptr<float>() : nullptr;
+  a.loss = loss.data_ptr<float>();
+  a.count = count.data_ptr<int64_t>();
+  a.pos_slope = pos_slope.data_ptr<float>();
+  a.grad_rows = grad_rows.has_value() ? grad_rows->data_ptr<float>() : nullptr;
+  a.margin = static_cast<float>(margin);
+  a.acc_stride = static_cast<int>(batch_all_acc_stride(x.size(1)));
+  using T = c10::BFloat16;
+  with_distance(kind, inv_norm.has_value(), [&](auto k, auto s) {
+    with_flag(soft_margin, [&](auto soft) {
+      launch(x.device(),
+             &triplet_batch_all_tiles_kernel<T, decltype(k)::value, decltype(s)::value, decltype(soft)::value>,
+             grid_for((n + kAllRows - 1) / kAllRows), kAllThreads, smem, a);
+    });
+  });
 }
 
 void triplet_pair_grad_cuda(const at::Tensor& x, const std::optional<at::Tensor>& inv_norm,
@@ -436,4 +505,5 @@ TORCH_LIBRARY_IMPL(lossforge, LOSSFORGE_DISPATCH_KEY, m) {
   m.impl("triplet_row_loss_cuda", TORCH_FN(lossforge::triplet::triplet_row_loss_cuda));
   m.impl("triplet_pair_distances_cuda", TORCH_FN(lossforge::triplet::triplet_pair_distances_cuda));
   m.impl("triplet_list_grad_cuda", TORCH_FN(lossforge::triplet::triplet_list_grad_cuda));
+  m.impl("triplet_batch_all_rows_cuda", TORCH_FN(lossforge::triplet::triplet_batch_all_rows_cuda));
 }

@@ -26,7 +26,8 @@
 // semi_hard's register path (bf16/fp16): triplet_semi_hard_tiles_kernel mines each anchor's 16
 // positive slots on the batch-hard tiles' sweep; then the pair distances (one warp per pair: Gram form
 // and exact from one pass over both rows) and the list gradient (one warp per row, lanes over the
-// features, its list in order).
+// features, its list in order). batch_all's register path (bf16): triplet_batch_all_tiles_kernel, last
+// in this file, takes the losses, counts, slot slopes and the negative pairs' gradient from tiles on chip.
 #pragma once
 
 #include <algorithm>
@@ -289,19 +290,26 @@ struct TileAnchors {
   float inv[2], e[2];  // inverse norm (1 without inv_norm) and scaled squared norm
 };
 
+// The lane's anchors of the 16-row tile from row `first` on.
 template <bool kInvNorm>
-__device__ __forceinline__ TileAnchors tile_anchors(const TileMineInputs& in, int64_t row0) {
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+__device__ __forceinline__ TileAnchors anchors_at(const TileMineInputs& in, int64_t first) {
+  const int lane = threadIdx.x % kWarpSize;
   TileAnchors an;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    an.row[h] = row0 + warp * 16 + lane / 4 + 8 * h;
+    an.row[h] = first + lane / 4 + 8 * h;
     const int64_t c = an.row[h] < in.n ? an.row[h] : in.n - 1;
     an.label[h] = in.labels[c];
     an.inv[h] = kInvNorm ? in.inv_norm[c] : 1.f;
     an.e[h] = in.sq[c] * an.inv[h] * an.inv[h];
   }
   return an;
+}
+
+// The warp's 16 of the block's anchors from row0 on.
+template <bool kInvNorm>
+__device__ __forceinline__ TileAnchors tile_anchors(const TileMineInputs& in, int64_t row0) {
+  return anchors_at<kInvNorm>(in, row0 + threadIdx.x / kWarpSize * 16);
 }
 
 // Stages the block's 64 anchors once, then sweeps all n rows in tiles of 64: fold(h, j, d, same) for
@@ -936,6 +944,254 @@ __global__ void __launch_bounds__(kListRows * kWarpSize) triplet_list_grad_kerne
   if (a.grad_inv_norm == nullptr) return;
   dot = warp_sum(dot);
   if (lane == 0) a.grad_inv_norm[row] = dot;
+}
+
+
+// ---- batch_all's register path on tiles (bf16) ----
+//
+// triplet_batch_all_tiles_kernel (contract: ops/triplet.py's triplet_batch_all_rows): a block of 8 warps
+// owns 32 anchors, resident in shared memory, and sweeps all n rows in 64-row tiles, each staged once
+// over the full width and used for both products:
+//   1. the Gram tile (32 x 64; the warps split it as the contrastive backward does: 2 row tiles x 4
+//      groups of 16 columns) from mma.sync;
+//   2. each lane's entries: the distance, whether the column is a negative, the anchor's filled slots
+//      against it (loss, count, per-slot slope sums, kept in registers) and the column's slots (staged
+//      per tile from pos_dist); coef = -(both sides' slope sums, each times its row weight) x the
+//      distance's factor (x the column's inverse norm), rounded to bf16 into shared memory as A
+//      fragments (two adjacent 8-column C tiles are one k16 step);
+//   3. acc (32 x D fp32, shared memory) += coef . tile rows, the B fragments read across the staged rows.
+// Per-row sums merge in a fixed order (lanes, then the 4 warps of a row tile); grad_rows =
+// (sum_j coef) v_a - acc. No Gram or coefficient byte reaches device memory and nothing is accumulated
+// across blocks. bf16 only: fp16 would round the weighted coefficients out of its range (euclidean's
+// 1 / d has no bound before the distances are seen). Loads: (B / 32) B D e bytes of tiles.
+constexpr int kAllWarps = 8;
+constexpr int kAllThreads = kAllWarps * kWarpSize;
+constexpr int kAllRowTiles = 2;
+constexpr int kAllRows = 16 * kAllRowTiles;                      // anchors per block
+constexpr int kAllWarpsPerRowTile = kAllWarps / kAllRowTiles;    // the column groups
+constexpr int kAllSimTiles = kTileCols / 8 / kAllWarpsPerRowTile;  // 8-column Gram tiles per warp
+constexpr int kAllAccPad = 8;                                    // floats past each accumulator row
+constexpr int64_t kAllStaticSmem = sizeof(Staged<kAllRows>) +
+                                   kTileCols * (sizeof(int64_t) + 3 * sizeof(float) + sizeof(int) +
+                                                kPosSlots * sizeof(float)) +
+                                   kAllWarpsPerRowTile * kAllRows * (2 * sizeof(float) + sizeof(int));
+
+__host__ __device__ constexpr int64_t batch_all_acc_stride(int64_t d) { return (d + 15) / 16 * 16 + kAllAccPad; }
+
+// Dynamic shared memory at width d: the anchors and the tile (resident_stride words per row), the accumulator.
+__host__ __device__ constexpr int64_t batch_all_tiles_smem(int64_t d) {
+  return ((kAllRows + kTileCols) * resident_stride(d) + kAllRows * batch_all_acc_stride(d)) *
+         static_cast<int64_t>(sizeof(float));
+}
+
+struct BatchAllArgs {
+  TileMineInputs in;
+  const int64_t* n_pos;      // (n,) filled slots per anchor
+  const float* pos_dist;     // (n, kPosSlots) exact d_ap per slot
+  const float* row_weight;   // (n,), with grad_rows; else nullptr
+  float* loss;
+  int64_t* count;
+  float* pos_slope;          // (n, kPosSlots)
+  float* grad_rows;          // (n, d) fp32, or nullptr
+  float margin;
+  int acc_stride;            // batch_all_acc_stride(d)
+};
+
+template <typename T, int kKind, bool kInvNorm, bool kSoft>
+__global__ void __launch_bounds__(kAllThreads, 1) triplet_batch_all_tiles_kernel(const BatchAllArgs a) {
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize, g = lane / 4, t = lane % 4;
+  const int rt = warp / kAllWarpsPerRowTile, part = warp % kAllWarpsPerRowTile;  // row tile, column group
+  const int col0 = part * kAllSimTiles * 8;
+  const TileMineInputs& in = a.in;
+  const T* x = static_cast<const T*>(in.x);
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kAllRows;
+  const int stride = static_cast<int>(resident_stride(in.d));
+  const bool grad = a.grad_rows != nullptr;  // the same for the whole grid
+  LOSSFORGE_DYNAMIC_SMEM(uint32_t, smem);
+  uint32_t* s_own = smem;
+  uint32_t* s_tile = s_own + kAllRows * stride;
+  float* s_acc = reinterpret_cast<float*>(s_tile + kTileCols * stride);
+  __shared__ Staged<kAllRows> s_w;  // the tile's coefficients as A fragments: 32 anchors x 64 columns
+  __shared__ int64_t s_label[kTileCols];
+  __shared__ float s_inv[kTileCols], s_e[kTileCols], s_wc[kTileCols];
+  __shared__ int s_npos[kTileCols];
+  __shared__ float s_slots[kTileCols][kPosSlots];  // the columns' own positive distances
+  __shared__ float s_sums[2][kAllWarpsPerRowTile][kAllRows];
+  __shared__ int s_count[kAllWarpsPerRowTile][kAllRows];
+
+  const TileAnchors an = anchors_at<kInvNorm>(in, row0 + rt * 16);
+  float d_ap[2][kPosSlots], w_pos[2][kPosSlots], total[2] = {0.f, 0.f}, g_sum[2] = {0.f, 0.f}, w_r[2];
+  int count[2] = {0, 0}, used[2];
+  bool live[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    live[h] = an.row[h] < in.n;
+    const int64_t c = live[h] ? an.row[h] : in.n - 1;
+    used[h] = static_cast<int>(min(a.n_pos[c], static_cast<int64_t>(kPosSlots)));
+    w_r[h] = grad ? a.row_weight[c] : 0.f;
+#pragma unroll
+    for (int p = 0; p < kPosSlots; ++p) {
+      d_ap[h][p] = p < used[h] ? a.pos_dist[c * kPosSlots + p] : 0.f;
+      w_pos[h][p] = 0.f;
+    }
+  }
+  stage_resident<T, kAllRows>(s_own, TileOperands<T>{x, x, row0, in.n, in.n, in.d, in.vec});
+  if (grad) {
+    for (int i = threadIdx.x; i < kAllRows * a.acc_stride; i += blockDim.x) s_acc[i] = 0.f;
+  }
+
+  for (int64_t j0 = 0; j0 < in.n; j0 += kTileCols) {
+    __syncthreads();  // the previous tile's reads are done (first: the anchors are staged)
+    stage_resident<T, kTileCols>(s_tile, TileOperands<T>{x, x, j0, in.n, in.n, in.d, in.vec});
+    if (threadIdx.x < kTileCols) {
+      const int64_t j = j0 + threadIdx.x;
+      const bool inside = j < in.n;
+      const float inv_c = kInvNorm && inside ? in.inv_norm[j] : 1.f;
+      s_label[threadIdx.x] = inside ? in.labels[j] : 0;
+      s_inv[threadIdx.x] = inv_c;
+      s_e[threadIdx.x] = inside ? in.sq[j] * inv_c * inv_c : 0.f;
+      s_npos[threadIdx.x] = inside ? static_cast<int>(min(a.n_pos[j], static_cast<int64_t>(kPosSlots))) : 0;
+      s_wc[threadIdx.x] = grad && inside ? a.row_weight[j] : 0.f;
+    }
+    for (int i = threadIdx.x; i < kTileCols * kPosSlots; i += blockDim.x) {
+      const int c = i / kPosSlots, q = i % kPosSlots;
+      const int64_t j = j0 + c;
+      s_slots[c][q] = j < in.n && q < a.n_pos[j] ? a.pos_dist[j * kPosSlots + q] : 0.f;
+    }
+    __syncthreads();
+
+    float sim[kAllSimTiles][4] = {};
+    const uint32_t* a_rows = s_own + rt * 16 * stride;
+    for (int ks = 0; ks < static_cast<int>((in.d + 15) / 16); ++ks) {
+      uint32_t fa[4];
+      mma::load_a(fa, a_rows + ks * 8, stride, lane);
+#pragma unroll
+      for (int n = 0; n < kAllSimTiles; ++n) {
+        uint32_t fb[2];
+        mma::load_b(fb, s_tile + (col0 + n * 8) * stride + ks * 8, stride, lane);
+        mma::mma_m16n8k16<T>(sim[n], fa, fb);
+      }
+    }
+
+    // The lane's entries: anchors g, g + 8 (h) of the row tile, columns col0 + 8 n + 2 t + e.
+#pragma unroll
+    for (int n = 0; n < kAllSimTiles; ++n) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float coef[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int local = col0 + n * 8 + 2 * t + e;
+          const bool neg = live[h] && j0 + local < in.n && s_label[local] != an.label[h];
+          const float dist = distance<kKind, kInvNorm>(sim[n][2 * h + e], an.inv[h], an.e[h], s_inv[local], s_e[local]);
+          float from_rows = 0.f;
+#pragma unroll
+          for (int p = 0; p < kPosSlots; ++p) {
+            if (!neg || p >= used[h]) continue;
+            float term, slope;
+            term_and_slope<kSoft>(d_ap[h][p] - dist, a.margin, term, slope);
+            total[h] += term;
+            if constexpr (!kSoft) count[h] += slope > 0.f ? 1 : 0;  // (soft margin: no count)
+            w_pos[h][p] += slope;
+            from_rows += slope;
+          }
+          coef[e] = 0.f;
+          if (grad && neg) {
+            float from_cols = 0.f;
+            for (int q = 0; q < s_npos[local]; ++q) {
+              float term, slope;
+              term_and_slope<kSoft>(s_slots[local][q] - dist, a.margin, term, slope);
+              from_cols += slope;
+            }
+            coef[e] = -(from_rows * w_r[h] + from_cols * s_wc[local]) * grad_factor<kKind>(dist);
+            g_sum[h] += coef[e];
+            if constexpr (kInvNorm) coef[e] *= s_inv[local];
+          }
+        }
+        if (grad) s_w[rt * 16 + g + 8 * h][(col0 + n * 8) / 2 + t] = pack_pair<T>(coef[0], coef[1]);
+      }
+    }
+    if (!grad) continue;
+
+    __syncthreads();  // the coefficients are complete
+    uint32_t wa[kTileCols / 16][4];
+#pragma unroll
+    for (int ks = 0; ks < kTileCols / 16; ++ks) mma::load_a(wa[ks], &s_w[rt * 16][ks * 8], kTileStride, lane);
+    const int feature_tiles = static_cast<int>((in.d + 7) / 8);
+    for (int ft = part; ft < feature_tiles; ft += kAllWarpsPerRowTile) {
+      float* lo = s_acc + (rt * 16 + g) * a.acc_stride + ft * 8 + 2 * t;
+      float* hi = lo + 8 * a.acc_stride;
+      float c[4] = {lo[0], lo[1], hi[0], hi[1]};
+#pragma unroll
+      for (int ks = 0; ks < kTileCols / 16; ++ks) {
+        uint32_t fb[2];
+        load_b_across_rows(fb, s_tile, stride, ks * 16, ft * 8, lane);
+        mma::mma_m16n8k16<T>(c, wa[ks], fb);
+      }
+      lo[0] = c[0], lo[1] = c[1], hi[0] = c[2], hi[1] = c[3];
+    }
+  }
+
+  // The row sums: the 4 lanes of an anchor (xor 1, then 2), then the row tile's warps in order.
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int off = 1; off < 4; off *= 2) {
+      total[h] += __shfl_xor_sync(0xffffffffu, total[h], off);
+      g_sum[h] += __shfl_xor_sync(0xffffffffu, g_sum[h], off);
+      count[h] += __shfl_xor_sync(0xffffffffu, count[h], off);
+#pragma unroll
+      for (int p = 0; p < kPosSlots; ++p) w_pos[h][p] += __shfl_xor_sync(0xffffffffu, w_pos[h][p], off);
+    }
+  }
+  __syncthreads();  // the sweep is done with the tile's shared memory: it holds the slot sums now
+  float* s_slot_sums = reinterpret_cast<float*>(s_tile);  // [part][anchor][slot]
+  if (t == 0) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int local = rt * 16 + g + 8 * h;
+      s_sums[0][part][local] = total[h];
+      s_sums[1][part][local] = g_sum[h];
+      s_count[part][local] = count[h];
+#pragma unroll
+      for (int p = 0; p < kPosSlots; ++p) s_slot_sums[(part * kAllRows + local) * kPosSlots + p] = w_pos[h][p];
+    }
+  }
+  __syncthreads();
+  const int64_t rows_here = min(static_cast<int64_t>(kAllRows), in.n - row0);
+  for (int i = threadIdx.x; i < rows_here * kPosSlots; i += blockDim.x) {
+    const int local = i / kPosSlots, p = i % kPosSlots;
+    float sum = 0.f;
+    for (int q = 0; q < kAllWarpsPerRowTile; ++q) sum += s_slot_sums[(q * kAllRows + local) * kPosSlots + p];
+    a.pos_slope[(row0 + local) * kPosSlots + p] = sum;
+  }
+  if (threadIdx.x < rows_here) {
+    const int local = threadIdx.x;
+    float loss = 0.f, coef_sum = 0.f;
+    int64_t n_terms = 0;
+    for (int q = 0; q < kAllWarpsPerRowTile; ++q) {
+      loss += s_sums[0][q][local];
+      coef_sum += s_sums[1][q][local];
+      n_terms += s_count[q][local];
+    }
+    a.loss[row0 + local] = loss;
+    a.count[row0 + local] = n_terms;
+    s_sums[1][0][local] = coef_sum;
+  }
+  if (!grad) return;
+  __syncthreads();
+  // grad_rows = (sum_j coef) v_a - acc (cosine: -acc)
+  for (int64_t i = threadIdx.x; i < rows_here * in.d; i += blockDim.x) {
+    const int local = static_cast<int>(i / in.d);
+    const int64_t k = i - local * in.d, row = row0 + local;
+    const float acc = s_acc[local * a.acc_stride + k];
+    float out = -acc;
+    if constexpr (kKind != kCosine) {
+      const float v = load_elem(x + row * in.d + k) * (kInvNorm ? in.inv_norm[row] : 1.f);
+      out = fmaf(s_sums[1][0][local], v, out);
+    }
+    a.grad_rows[row * in.d + k] = out;
+  }
 }
 
 }  // namespace triplet

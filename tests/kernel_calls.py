@@ -46,7 +46,7 @@ def every_family(backend: str, device: str) -> None:
             _backward(lf.triplet_loss(e, labels, mining=mining, backend=backend))
         # the mining tiles over several blocks and tiles with tails, at a width that is not a multiple
         # of 8; semi_hard / batch_all on both paths: small classes promised (the register path: Triton,
-        # and CUDA's bf16 semi_hard) and a class of 20 rows (the chunked path)
+        # and CUDA's bf16 semi_hard and batch_all) and a class of 20 rows (the chunked path)
         e = rand(70, 36, dtype=dtype)
         _backward(lf.triplet_loss(e, torch.arange(70, device=device) % 20, backend=backend))
         for mining in ("semi_hard", "batch_all"):

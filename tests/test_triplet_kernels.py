@@ -336,7 +336,7 @@ def test_pair_gradient_sums_every_anchor_that_chose_a_row(kernel_backend, distan
     # per-anchor and shared weights, against the contract summed pair by pair in float64.
     device = device_for(kernel_backend)
     gen = torch.Generator().manual_seed(31 + int(distance))
-    n, d = (300, 300) if kernel_backend == "cuda" else (100, 130)
+    n, d = (300, 300) if kernel_backend == "cuda" else (70, 130)
     x = torch.randn(n, d, generator=gen)
     inv_norm = torch.rand(n, generator=gen) + 0.5
     pos, neg = torch.randint(0, n, (n,), generator=gen), torch.randint(0, n // 2, (n,), generator=gen)
@@ -509,10 +509,10 @@ def _mined_kernel_op_samples(device):
                             *outs(), None)),
             (ops.PAIR_DISTANCES, (x, inv_norm, anchors, pos, Distance.EUCLIDEAN, torch.empty_like(slots),
                                   torch.empty_like(slots))),
-            # bf16 rows: CUDA's semi-hard mining is the tensor-core tiles'
+            # bf16 rows: CUDA's semi-hard mining and batch_all pass are the tensor-core tiles'
             (ops.SEMI_HARD_MINE, (x.bfloat16(), labels, None, Distance.SQUARED_EUCLIDEAN, n_pos, slots,
                                   torch.empty_like(pos), torch.empty_like(slots))),
-            (ops.BATCH_ALL_ROWS, (x, labels, inv_norm, Distance.COSINE, 0.2, True, n_pos, slots,
+            (ops.BATCH_ALL_ROWS, (x.bfloat16(), labels, inv_norm, Distance.COSINE, 0.2, True, n_pos, slots,
                                   torch.rand(n, generator=gen).to(device), torch.empty(n, device=device),
                                   torch.empty(n, dtype=torch.int64, device=device), torch.empty_like(slots),
                                   torch.empty_like(x))),
@@ -814,8 +814,10 @@ def test_register_kernels_refuse_bad_input_by_name(kernel_backend):
     with pytest.raises(ValueError, match="triplet_list_grad: offsets must be"):
         ops.LIST_GRAD[kernel_backend](x, None, None, offsets[:-1], pos.reshape(-1), slots.reshape(-1), True,
                                       torch.empty_like(x), None)
-    with pytest.raises(KeyError):
-        ops.BATCH_ALL_ROWS["cuda"]  # no CUDA op is defined for batch_all's register pass
+    if kernel_backend == "cuda":
+        with pytest.raises(ValueError, match=r"triplet_batch_all_rows_cuda: pos_dist must have shape \[6, 16\]"):
+            ops.BATCH_ALL_ROWS["cuda"](x, labels, None, Distance.EUCLIDEAN, 0.2, False, n_pos, slots, None, loss,
+                                       count, torch.empty_like(slots), None)
 
 
 @pytest.fixture
@@ -936,15 +938,15 @@ def test_zero_width_embeddings_like_the_reference(kernel_backend, dtype):
     reference's and an empty gradient. The Triton batch_all pass launched no program at a width of 0
     and left the losses unwritten; CUDA's pair gradient launched an empty grid."""
     device = device_for(kernel_backend)
-    labels = (torch.arange(70) % 20).to(device)
+    labels = (torch.arange(40) % 12).to(device)
     for mining, normalize, distance in itertools.product(("batch_hard", *MINED), (False, True), DISTANCES):
-        leaf = torch.zeros(70, 0, dtype=dtype, device=device, requires_grad=True)
+        leaf = torch.zeros(40, 0, dtype=dtype, device=device, requires_grad=True)
         kw = dict(mining=mining, normalize=normalize, distance=distance)
         loss = lf.triplet_loss(leaf, labels, backend=kernel_backend, **kw)
         loss.backward()
-        want = lf.triplet_loss(torch.zeros(70, 0, dtype=torch.float64), labels.cpu(), backend="reference", **kw)
+        want = lf.triplet_loss(torch.zeros(40, 0, dtype=torch.float64), labels.cpu(), backend="reference", **kw)
         assert_close_rel(loss.float().cpu(), want.float(), 1e-2, f"{kw}")
-        assert leaf.grad.shape == (70, 0), kw
+        assert leaf.grad.shape == (40, 0), kw
 
 
 @pytest.mark.parametrize("mining", ("batch_hard", *MINED))
@@ -1019,14 +1021,14 @@ def test_non_finite_rows_in_later_tiles(kernel_backend, mining):
     running choices must take them over earlier tiles' values."""
     device = device_for(kernel_backend)
     gen = torch.Generator().manual_seed(21)
-    x = torch.randn(150, 5, generator=gen)
-    small = torch.randint(0, 30, (150,), generator=gen)
+    x = torch.randn(100, 5, generator=gen)
+    small = torch.randint(0, 20, (100,), generator=gen)
     large = small.clone()  # a class beyond the register path's slots: Triton's chunked path
-    large[torch.randperm(150, generator=gen)[:ops.POS_SLOTS + 2]] = 30
-    x[131] = 1e20  # +inf distances to every other row
+    large[torch.randperm(100, generator=gen)[:ops.POS_SLOTS + 2]] = 20
+    x[81] = 1e20  # +inf distances to every other row (past the first 64-row tile, and Triton's 32-row ones)
     for nan_row in (False, True):
         if nan_row:
-            x[140, 3] = math.nan
+            x[90, 3] = math.nan
         for i, (distance, soft_margin) in enumerate((("euclidean", False), ("squared_euclidean", True),
                                                      ("cosine", False))):
             labels = (small, large)[(i + nan_row) % 2]  # each distance on both paths, over the two rows
@@ -1251,6 +1253,105 @@ def test_cuda_semi_hard_register_path_for_half_rows(kernel_backend, dtype, monke
     loss = lf.triplet_loss(x.to(dtype).to(device), large.to(device), mining="semi_hard", max_class_size=4,
                            backend=kernel_backend)
     assert loss.isnan(), loss  # a broken promise: NaN, never a wrong number
+
+
+# ---------------------------------------------------------------- CUDA's batch-all register path (bf16 rows)
+
+def _slot_inputs(x, labels, inv, distance):
+    pos, n_pos, _, _ = ops.positive_slots(labels, ops.POS_SLOTS)
+    anchors = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(pos).contiguous()
+    exact = torch.empty(pos.shape, device=x.device)
+    ops.PAIR_DISTANCES["triton"](x, inv, anchors, pos, distance, torch.empty_like(exact), exact)
+    return n_pos, exact
+
+
+def test_cuda_batch_all_width_is_the_kernels(kernel_backend):
+    """ops.cuda_batch_all_width, which chooses CUDA's batch_all register path, is the width its tiles take."""
+    if kernel_backend != "cuda":
+        pytest.skip("CUDA's batch_all tiles")
+    device = torch.device(device_for(kernel_backend))
+    width = ops.cuda_batch_all_width(device)
+    if device.type == "cpu":
+        assert width == 640  # the emulated H100
+    labels = torch.tensor([0, 1, 0, 1, 2]).to(device)
+
+    def rows(d, dtype=torch.bfloat16):
+        x = torch.randn(5, d).to(dtype).to(device)
+        pos, n_pos, _, _ = ops.positive_slots(labels, ops.POS_SLOTS)
+        slots = torch.rand(pos.shape).to(device)
+        ops.BATCH_ALL_ROWS[kernel_backend](x, labels, None, Distance.EUCLIDEAN, 0.2, False, n_pos, slots, None,
+                                           torch.empty(5, device=device), torch.empty_like(labels),
+                                           torch.empty_like(slots), None)
+
+    rows(width)
+    with pytest.raises(ValueError, match=f"triplet_batch_all_rows_cuda: x must be bf16 with at most {width} "):
+        rows(width + 16)
+    with pytest.raises(ValueError, match="x must be bf16"):
+        rows(8, torch.float16)
+
+
+@pytest.mark.parametrize("shape", [(70, 70), (40, 24)], ids=["d70", "d24"])
+def test_cuda_batch_all_rows_are_tritons(kernel_backend, shape):
+    """CUDA's tiled batch_all pass gives the Triton pass's losses, counts, slot slopes and negative-pair
+    gradient (the latter within the bf16 rounding of CUDA's coefficients; Triton's interpreter keeps them
+    in fp32) on rows whose Gram products are exact in fp32: several blocks and tiles with tails, a width
+    that is not a multiple of 8, every distance, soft and hinge, with and without the gradient."""
+    if kernel_backend != "cuda" or "triton" not in kernel_backends():
+        pytest.skip("compares the CUDA op with the Triton op")
+    device = device_for(kernel_backend)
+    gen = torch.Generator().manual_seed(shape[0])
+    b, d = shape
+    x = (torch.round(torch.randn(b, d, generator=gen) * 8) / 8).to(torch.bfloat16).to(device)
+    labels = torch.randint(0, b // 4, (b,), generator=gen).to(device)
+    inv_norm = (torch.rand(b, generator=gen) + 0.5).to(device)
+    weight = (torch.rand(b, generator=gen) + 0.5).to(device)
+    cases = ((Distance.EUCLIDEAN, False, True), (Distance.SQUARED_EUCLIDEAN, True, True), (Distance.COSINE, True, False))
+    for distance, soft, with_grad in cases:
+        inv = inv_norm if distance == Distance.COSINE else None
+        n_pos, exact = _slot_inputs(x, labels, inv, distance)
+        got, want = [], []
+        for backend, out in (("cuda", got), ("triton", want)):
+            out += [torch.full((b,), 7.0, device=device), torch.full((b,), -7, device=device),
+                    torch.full_like(exact, 7.0), torch.full((b, d), 7.0, device=device) if with_grad else None]
+            ops.BATCH_ALL_ROWS[backend](x, labels, inv, distance, 0.3, soft, n_pos, exact,
+                                        weight if with_grad else None, *out)
+        case = (distance, soft, with_grad)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-4, msg=lambda m: f"{case} loss: {m}")
+        assert torch.equal(got[1], want[1]), case
+        assert soft or got[1].sum() > b, case  # most anchors have active triplets
+        torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-4, msg=lambda m: f"{case} slopes: {m}")
+        if with_grad:
+            scale = want[3].abs().max()
+            torch.testing.assert_close(got[3], want[3], rtol=1e-2, atol=1e-2 * float(scale),
+                                       msg=lambda m: f"{case} grad_rows: {m}")
+
+
+def test_cuda_batch_all_register_path_for_bf16_rows(kernel_backend):
+    """bf16 batch_all on CUDA takes the register path (its tiles, the pair distances and the list gradient)
+    for classes within the slots, as the reference does, in every reduction; fp16 rows, and a class
+    beyond the slots, take the chunked row kernel."""
+    if kernel_backend != "cuda":
+        pytest.skip("CUDA's path choice")
+    device = device_for(kernel_backend)
+    spec = dataclasses.replace(MINED_SPEC, make=lambda shape, opts, *a: make_mined_sample(
+        shape, dict(opts, large_class=False), *a))
+    for opts, shape in ((dict(distance="euclidean", margin=0.3), (70, 40)),
+                        (dict(distance="cosine", soft_margin=True, normalize=True), (40, 24))):
+        for reduction in REDUCTIONS:
+            result = harness.run_both(spec, kernel_backend, dict(opts, mining="batch_all"), shape, reduction,
+                                      dtype=torch.bfloat16)
+            harness.assert_matches(result, SPEC.half_tol(torch.bfloat16), f"{opts} {reduction}")
+    gen = torch.Generator().manual_seed(36)
+    x = _grid_rows(96, 24, gen)
+    small = torch.arange(96).div(4, rounding_mode="floor")
+    large = small.clone()
+    large[:ops.POS_SLOTS + 2] = 0
+    tiles = harness.launch_name(ops.BATCH_ALL_ROWS, kernel_backend)
+    rows = harness.launch_name(ops.ROW_LOSS, kernel_backend)
+    for dtype, labels, register in ((torch.bfloat16, small, True), (torch.bfloat16, large, False),
+                                    (torch.float16, small, False)):
+        ran = _launched(kernel_backend, x.to(dtype).to(device), labels.to(device), mining="batch_all")
+        assert (tiles in ran, rows in ran) == (register, not register), (dtype, register, ran)
 
 
 # ---------------------------------------------------------------- half-precision gradient products

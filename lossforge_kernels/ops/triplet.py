@@ -466,7 +466,8 @@ def _rows_pass(backend, tensors, params, row_weight, grads):
 #   negatives of d loss / d d_ap (0 in empty slots). row_weight (B,) fp32 and grad_rows (B, D) fp32 come
 #   together or not at all: grad_rows is then the gradient w.r.t. the rows v = inv_norm * x of
 #   sum(row_weight * loss) through the negative pairs' distances, each pair seen from both its anchors
-#   (the column's positives from pos_dist), summed per row in one program.
+#   (the column's positives from pos_dist), summed per row in one program. CUDA: bf16 x of at most
+#   cuda_batch_all_width(device) features only (S = POS_SLOTS), else ValueError naming x.
 # triplet_list_grad_<b>(x, inv_norm, grad_rows, offsets, others, coef, centered, grad_x, grad_inv_norm) -> ()
 #   grad_rows None or (B, D) fp32; offsets (B + 1,) int64, non-decreasing, offsets[B] <= len(others): row
 #   r's list is entries offsets[r] .. offsets[r + 1] - 1 of others (int64, a row index; -1: skipped) and
@@ -474,11 +475,10 @@ def _rows_pass(backend, tensors, params, row_weight, grads):
 #   of coef * (centered * v_r - v_other) in fp32, writes grad_x[r] = inv_norm[r] * g_r (g_r without
 #   inv_norm) in x's dtype and grad_inv_norm[r] = x_r . g_r; either may be None. Deterministic.
 #
-# Triton takes this path for both minings. CUDA takes it for semi_hard on bf16/fp16 rows its tiles
-# take (_takes_register_path); triplet_batch_all_rows is Triton's only, so CUDA's batch_all, and its
-# fp32 rows, keep the chunked path.
+# Triton takes this path for both minings. CUDA takes it for semi_hard on bf16/fp16 rows and for
+# batch_all on bf16 rows that its tiles take (_takes_register_path); its fp32 rows (and fp16 batch_all)
+# keep the chunked path.
 POS_SLOTS = 16  # positives per anchor (class size - 1) the register path takes
-TRITON_ONLY = ("triton",)
 
 
 def _check_pair_distances(x, inv_norm, first, second, distance, gram, exact):
@@ -555,7 +555,7 @@ BATCH_ALL_ROWS = KernelOp(
     "(Tensor x, Tensor labels, Tensor? inv_norm, int distance, float margin, bool soft_margin, Tensor n_pos,"
     " Tensor pos_dist, Tensor? row_weight, Tensor(a!) loss, Tensor(b!) count, Tensor(c!) pos_slope,"
     " Tensor(d!)? grad_rows) -> ()",
-    check=_check_batch_all_rows, backends=TRITON_ONLY,
+    check=_check_batch_all_rows,
 )
 LIST_GRAD = KernelOp(
     "triplet_list_grad",
@@ -762,21 +762,45 @@ _TILE_ANCHORS, _TILE_STATIC_SMEM, _RESERVED_SMEM = 64, 11264, 1024
 _EMULATED_SMEM_OPTIN = 232448  # the CUDA emulation's device: an H100
 
 
+def _smem_optin(device: torch.device) -> int:
+    return (torch.cuda.get_device_properties(device).shared_memory_per_block_optin if device.type == "cuda"
+            else _EMULATED_SMEM_OPTIN)
+
+
 def cuda_tile_width(device: torch.device) -> int:
     """The widest bf16/fp16 rows CUDA's tiled mining takes on `device` (1664 on an H100)."""
-    optin = (torch.cuda.get_device_properties(device).shared_memory_per_block_optin if device.type == "cuda"
-             else _EMULATED_SMEM_OPTIN)
-    words = (optin - _RESERVED_SMEM - _TILE_STATIC_SMEM) // (_TILE_ANCHORS * 4) - 4
+    words = (_smem_optin(device) - _RESERVED_SMEM - _TILE_STATIC_SMEM) // (_TILE_ANCHORS * 4) - 4
     return max(0, words // 32 * 64)
 
 
+# CUDA's batch_all tiles (csrc/triplet.cuh batch_all_tiles_smem, triplet.cu max_batch_all_width): 32
+# anchors and a 64-row tile staged as the mining's anchors are, and a 32 x D fp32 accumulator whose rows
+# are padded to 16 features + 8, beside 11.5 KiB of static shared memory.
+_ALL_ANCHORS, _ALL_STATIC_SMEM = 32, 11776
+
+
+def cuda_batch_all_width(device: torch.device) -> int:
+    """The widest bf16 rows CUDA's batch_all tiles take on `device` (a multiple of 16)."""
+    def smem(d):
+        staged = (_ALL_ANCHORS + 64) * (max(1, -(-d // 64)) * 32 + 4)
+        return 4 * (staged + _ALL_ANCHORS * (-(-d // 16) * 16 + 8))
+
+    room, d = _smem_optin(device) - _RESERVED_SMEM - _ALL_STATIC_SMEM, 0
+    while smem(d + 16) <= room:
+        d += 16
+    return d
+
+
 def _takes_register_path(backend, tensors, params):
-    """Triton: every minings' register path. CUDA: semi_hard's, for bf16/fp16 rows its tiles take (batch_all
-    and fp32 rows keep the chunked path there)."""
+    """Triton: every minings' register path. CUDA: semi_hard's for bf16/fp16 rows, batch_all's for bf16
+    rows, of the widths their tiles take (fp32 rows, and fp16 batch_all, keep the chunked path there)."""
     x = tensors[0]
     if backend == "cuda":
-        tiled = x.dtype in (torch.bfloat16, torch.float16) and x.shape[1] <= cuda_tile_width(x.device)
-        if not (params.mining == Mining.SEMI_HARD and tiled):
+        if params.mining == Mining.SEMI_HARD:
+            tiled = x.dtype in (torch.bfloat16, torch.float16) and x.shape[1] <= cuda_tile_width(x.device)
+        else:
+            tiled = x.dtype == torch.bfloat16 and x.shape[1] <= cuda_batch_all_width(x.device)
+        if not tiled:
             return False
     return _largest_class_fits(tensors[1], params.max_class_size)
 
