@@ -1,4 +1,4 @@
-"""`python -m tests [pytest args]`: the project's whole test command.
+"""`python -m tests [pytest args]`: the project's whole test command (or the test files it is given).
 
 Without a CUDA GPU the kernels are tested on CPU tensors: the Triton kernels through the Triton
 interpreter (TRITON_INTERPRET=1, set here before anything imports Triton) and the CUDA kernels through
@@ -40,6 +40,13 @@ def _workers(args: list[str]) -> list[str]:
     return ["-n", str(n), "--dist", "worksteal"] if n > 1 else []
 
 
+def _selection(args: list[str], root: str) -> list[str]:
+    """The whole of tests/, unless the arguments name test files or directories themselves (a
+    `path::test` id counts): then only those run."""
+    named = any(not a.startswith("-") and os.path.exists(os.path.join(root, a.split("::")[0])) for a in args)
+    return [] if named else ["tests"]
+
+
 def main() -> int:
     env = dict(os.environ)
     try:
@@ -59,7 +66,7 @@ def main() -> int:
     mode = "native GPU" if has_gpu else \
         f"CPU, TRITON_INTERPRET={env['TRITON_INTERPRET']}, LOSSFORGE_CUDA_EMULATE={env['LOSSFORGE_CUDA_EMULATE']}"
     print(f"lossforge_kernels tests ({mode}; {_versions()})", flush=True)
-    code = subprocess.call([sys.executable, "-m", "pytest", "tests", *args], cwd=root, env=env)
+    code = subprocess.call([sys.executable, "-m", "pytest", *_selection(args, root), *args], cwd=root, env=env)
     if code == 5:
         print("pytest collected no tests: treated as a failure", file=sys.stderr)
         return 1

@@ -694,9 +694,9 @@ def _launched(kernel_backend, x, labels, **kw):
 REGISTER_KERNELS = {"semi_hard": ops.SEMI_HARD_MINE, "batch_all": ops.BATCH_ALL_ROWS}
 
 
-@pytest.mark.parametrize("mining,soft_margin", [("semi_hard", False), ("semi_hard", True), ("batch_all", False),
-                                                ("batch_all", True)])
-@pytest.mark.parametrize("largest", [ops.POS_SLOTS + 1, ops.POS_SLOTS + 2])
+@pytest.mark.parametrize("mining,soft_margin,largest", [
+    (mining, soft, ops.POS_SLOTS + 1) for mining in MINED for soft in (False, True)] + [
+    (mining, False, ops.POS_SLOTS + 2) for mining in MINED])  # beyond the slots: the hinge suffices
 def test_mined_register_path_for_small_classes_and_the_chunked_path_beyond(kernel_backend, mining, soft_margin,
                                                                           largest):
     """Classes of up to POS_SLOTS + 1 rows (all slots filled at the limit) take the Triton register path,
@@ -1021,14 +1021,14 @@ def test_non_finite_rows_in_later_tiles(kernel_backend, mining):
     running choices must take them over earlier tiles' values."""
     device = device_for(kernel_backend)
     gen = torch.Generator().manual_seed(21)
-    x = torch.randn(100, 5, generator=gen)
-    small = torch.randint(0, 20, (100,), generator=gen)
+    x = torch.randn(80, 5, generator=gen)
+    small = torch.randint(0, 16, (80,), generator=gen)
     large = small.clone()  # a class beyond the register path's slots: Triton's chunked path
-    large[torch.randperm(100, generator=gen)[:ops.POS_SLOTS + 2]] = 20
-    x[81] = 1e20  # +inf distances to every other row (past the first 64-row tile, and Triton's 32-row ones)
+    large[torch.randperm(80, generator=gen)[:ops.POS_SLOTS + 2]] = 16
+    x[70] = 1e20  # +inf distances to every other row (past the first 64-row tile, and Triton's 32-row ones)
     for nan_row in (False, True):
         if nan_row:
-            x[90, 3] = math.nan
+            x[76, 3] = math.nan
         for i, (distance, soft_margin) in enumerate((("euclidean", False), ("squared_euclidean", True),
                                                      ("cosine", False))):
             labels = (small, large)[(i + nan_row) % 2]  # each distance on both paths, over the two rows
@@ -1190,7 +1190,7 @@ def test_cuda_tile_width_is_the_kernels(kernel_backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(150, 70), (130, 136), (40, 24)], ids=["d70", "d136", "d24"])
+@pytest.mark.parametrize("shape", [(100, 70), (70, 136), (40, 24)], ids=["d70", "d136", "d24"])
 def test_cuda_semi_hard_mine_is_tritons(kernel_backend, dtype, shape):
     """CUDA's tiled semi-hard choices are the Triton kernel's, index for index, on rows whose Gram
     products are exact in fp32 (multiples of 1/8): several blocks and tiles with tails, empty slots,
