@@ -304,13 +304,10 @@ void triplet_batch_all_rows_cuda(const at::Tensor& x, const at::Tensor& labels,
   a.grad_rows = grad_rows.has_value() ? grad_rows->data_ptr<float>() : nullptr;
   a.margin = static_cast<float>(margin);
   a.acc_stride = static_cast<int>(batch_all_acc_stride(x.size(1)));
-  using T = c10::BFloat16;
-  with_distance(kind, inv_norm.has_value(), [&](auto k, auto s) {
-    with_flag(soft_margin, [&](auto soft) {
-      launch(x.device(),
-             &triplet_batch_all_tiles_kernel<T, decltype(k)::value, decltype(s)::value, decltype(soft)::value>,
-             grid_for((n + kAllRows - 1) / kAllRows), kAllThreads, smem, a);
-    });
+  a.soft = soft_margin;
+  with_kind(kind, [&](auto k) {
+    launch(x.device(), &triplet_batch_all_tiles_kernel<c10::BFloat16, decltype(k)::value>,
+           grid_for((n + kAllRows - 1) / kAllRows), kAllThreads, smem, a);
   });
 }
 

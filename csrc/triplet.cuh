@@ -95,6 +95,14 @@ __device__ __forceinline__ void term_and_slope(float gap, float margin, float& t
   }
 }
 
+__device__ __forceinline__ void term_and_slope(bool soft, float gap, float margin, float& term, float& slope) {
+  if (soft) {
+    term_and_slope<true>(gap, margin, term, slope);
+  } else {
+    term_and_slope<false>(gap, margin, term, slope);
+  }
+}
+
 // A running best (value, index): `kMax` keeps the larger value, else the smaller; equal values
 // keep the smaller index, so the result is that of a scan in index order (and exact in any order).
 // A NaN wins over every number (the smallest NaN index), as torch's argmax/argmin choose (Triton's
@@ -994,10 +1002,13 @@ struct BatchAllArgs {
   float* pos_slope;          // (n, kPosSlots)
   float* grad_rows;          // (n, d) fp32, or nullptr
   float margin;
+  bool soft;                 // soft margin
   int acc_stride;            // batch_all_acc_stride(d)
 };
 
-template <typename T, int kKind, bool kInvNorm, bool kSoft>
+// One instantiation per distance: inv_norm enters as factors of 1 where absent (exact), and the soft
+// margin is a runtime choice (a uniform branch), to keep the instantiations few.
+template <typename T, int kKind>
 __global__ void __launch_bounds__(kAllThreads, 1) triplet_batch_all_tiles_kernel(const BatchAllArgs a) {
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize, g = lane / 4, t = lane % 4;
   const int rt = warp / kAllWarpsPerRowTile, part = warp % kAllWarpsPerRowTile;  // row tile, column group
@@ -1006,7 +1017,7 @@ __global__ void __launch_bounds__(kAllThreads, 1) triplet_batch_all_tiles_kernel
   const T* x = static_cast<const T*>(in.x);
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kAllRows;
   const int stride = static_cast<int>(resident_stride(in.d));
-  const bool grad = a.grad_rows != nullptr;  // the same for the whole grid
+  const bool grad = a.grad_rows != nullptr, has_inv = in.inv_norm != nullptr, soft = a.soft;  // grid-uniform
   LOSSFORGE_DYNAMIC_SMEM(uint32_t, smem);
   uint32_t* s_own = smem;
   uint32_t* s_tile = s_own + kAllRows * stride;
@@ -1019,7 +1030,7 @@ __global__ void __launch_bounds__(kAllThreads, 1) triplet_batch_all_tiles_kernel
   __shared__ float s_sums[2][kAllWarpsPerRowTile][kAllRows];
   __shared__ int s_count[kAllWarpsPerRowTile][kAllRows];
 
-  const TileAnchors an = anchors_at<kInvNorm>(in, row0 + rt * 16);
+  TileAnchors an = anchors_at<false>(in, row0 + rt * 16);
   float d_ap[2][kPosSlots], w_pos[2][kPosSlots], total[2] = {0.f, 0.f}, g_sum[2] = {0.f, 0.f}, w_r[2];
   int count[2] = {0, 0}, used[2];
   bool live[2];
@@ -1027,6 +1038,10 @@ __global__ void __launch_bounds__(kAllThreads, 1) triplet_batch_all_tiles_kernel
   for (int h = 0; h < 2; ++h) {
     live[h] = an.row[h] < in.n;
     const int64_t c = live[h] ? an.row[h] : in.n - 1;
+    if (has_inv) {
+      an.inv[h] = in.inv_norm[c];
+      an.e[h] = in.sq[c] * an.inv[h] * an.inv[h];
+    }
     used[h] = static_cast<int>(min(a.n_pos[c], static_cast<int64_t>(kPosSlots)));
     w_r[h] = grad ? a.row_weight[c] : 0.f;
 #pragma unroll
@@ -1046,7 +1061,7 @@ __global__ void __launch_bounds__(kAllThreads, 1) triplet_batch_all_tiles_kernel
     if (threadIdx.x < kTileCols) {
       const int64_t j = j0 + threadIdx.x;
       const bool inside = j < in.n;
-      const float inv_c = kInvNorm && inside ? in.inv_norm[j] : 1.f;
+      const float inv_c = has_inv && inside ? in.inv_norm[j] : 1.f;
       s_label[threadIdx.x] = inside ? in.labels[j] : 0;
       s_inv[threadIdx.x] = inv_c;
       s_e[threadIdx.x] = inside ? in.sq[j] * inv_c * inv_c : 0.f;
@@ -1083,15 +1098,15 @@ __global__ void __launch_bounds__(kAllThreads, 1) triplet_batch_all_tiles_kernel
         for (int e = 0; e < 2; ++e) {
           const int local = col0 + n * 8 + 2 * t + e;
           const bool neg = live[h] && j0 + local < in.n && s_label[local] != an.label[h];
-          const float dist = distance<kKind, kInvNorm>(sim[n][2 * h + e], an.inv[h], an.e[h], s_inv[local], s_e[local]);
+          const float dist = distance<kKind, true>(sim[n][2 * h + e], an.inv[h], an.e[h], s_inv[local], s_e[local]);
           float from_rows = 0.f;
 #pragma unroll
           for (int p = 0; p < kPosSlots; ++p) {
             if (!neg || p >= used[h]) continue;
             float term, slope;
-            term_and_slope<kSoft>(d_ap[h][p] - dist, a.margin, term, slope);
+            term_and_slope(soft, d_ap[h][p] - dist, a.margin, term, slope);
             total[h] += term;
-            if constexpr (!kSoft) count[h] += slope > 0.f ? 1 : 0;  // (soft margin: no count)
+            count[h] += !soft && slope > 0.f ? 1 : 0;  // (soft margin: no count)
             w_pos[h][p] += slope;
             from_rows += slope;
           }
@@ -1100,12 +1115,12 @@ __global__ void __launch_bounds__(kAllThreads, 1) triplet_batch_all_tiles_kernel
             float from_cols = 0.f;
             for (int q = 0; q < s_npos[local]; ++q) {
               float term, slope;
-              term_and_slope<kSoft>(s_slots[local][q] - dist, a.margin, term, slope);
+              term_and_slope(soft, s_slots[local][q] - dist, a.margin, term, slope);
               from_cols += slope;
             }
             coef[e] = -(from_rows * w_r[h] + from_cols * s_wc[local]) * grad_factor<kKind>(dist);
             g_sum[h] += coef[e];
-            if constexpr (kInvNorm) coef[e] *= s_inv[local];
+            coef[e] *= s_inv[local];  // (1 without inv_norm)
           }
         }
         if (grad) s_w[rt * 16 + g + 8 * h][(col0 + n * 8) / 2 + t] = pack_pair<T>(coef[0], coef[1]);
@@ -1187,7 +1202,7 @@ __global__ void __launch_bounds__(kAllThreads, 1) triplet_batch_all_tiles_kernel
     const float acc = s_acc[local * a.acc_stride + k];
     float out = -acc;
     if constexpr (kKind != kCosine) {
-      const float v = load_elem(x + row * in.d + k) * (kInvNorm ? in.inv_norm[row] : 1.f);
+      const float v = load_elem(x + row * in.d + k) * (has_inv ? in.inv_norm[row] : 1.f);
       out = fmaf(s_sums[1][0][local], v, out);
     }
     a.grad_rows[row * in.d + k] = out;
