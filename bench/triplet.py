@@ -1,5 +1,6 @@
 """Triplet loss suite: batch-hard, semi-hard and batch-all mining over a batch of embeddings (D=512,
-bf16, 4 rows per class, promised to the kernels by max_class_size=4), Euclidean distances, fwd+bwd.
+bf16, and fp16 for one batch_all case; 4 rows per class, promised to the kernels by max_class_size=4),
+Euclidean distances, fwd+bwd.
 
 FLOPs model: the mining's Gram matrix, 2 B^2 D (the kernels never store it; torch and the
 reference hold B x B fp32 distances). Bytes model: what our kernels must move at least: the
@@ -31,7 +32,10 @@ def cases(profile: str) -> list[Case]:
         return [Case(m, (1024, 64), torch.float32, "fwd+bwd", _opts(m)) for m in MININGS]
     sizes = (8192,) if profile.endswith("quick") else (8192, 32768)
     out = [Case(m, (b, D), torch.bfloat16, "fwd+bwd", _opts(m)) for b in sizes for m in MININGS]
-    if not profile.endswith("quick"):  # batch-hard only: the chunked reference below checks it
+    if not profile.endswith("quick"):
+        # fp16 batch_all: CUDA's tiles scale each row's coefficients (bf16 needs no scaling)
+        out.append(Case("batch_all fp16", (32768, D), torch.float16, "fwd+bwd", _opts("batch_all")))
+        # batch-hard only: the chunked reference below checks it
         out.append(Case("batch_hard", (262144, D), torch.bfloat16, "fwd+bwd", _opts("batch_hard")))
     return out
 

@@ -104,18 +104,6 @@ __device__ __forceinline__ float lse_of(float m, float s, bool pos_inf) {
   return pos_inf ? (isnan(s) ? s : INFINITY) : m + logf(s);
 }
 
-constexpr int kWeightTopExp = 14;  // a row's scaled gradient weights stay below 2^14
-
-// e with bound 2^e in [2^13, 2^14): the row scaling of G (see the top of the file). 0 where the
-// bound is 0 (nothing to rescale) or not finite (inf and NaN weights pass as they are); |e| <= 126 so
-// that 2^e and 2^-e are normal floats.
-__device__ __forceinline__ int weight_exponent(float bound) {
-  if (!(bound > 0.f) || isinf(bound)) return 0;
-  int x;
-  frexpf(bound, &x);  // bound < 2^x
-  return max(-126, min(126, kWeightTopExp - x));
-}
-
 // Max over the block (fmaxf: NaN is skipped), valid in thread 0; scratch holds one float per warp.
 __device__ __forceinline__ float block_max(float v, float* scratch) {
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
@@ -897,16 +885,10 @@ __global__ void __launch_bounds__(kGradThreads, 1) tile_grad_kernel(const TileGr
       for (int rt = 0; rt < kGradRowTiles; ++rt) {
 #pragma unroll
         for (int n = 0; n < kGradWarpFeatures / 8; ++n) {
-          float* lo = grad_acc + (rt * 16 + g) * f.acc_stride + f0 + n * 8 + 2 * t;
-          float* hi = lo + 8 * f.acc_stride;
-          float c[4] = {lo[0], lo[1], hi[0], hi[1]};
-#pragma unroll
-          for (int ks = 0; ks < 4; ++ks) {
-            uint32_t fb[2];
+          accumulate_rows<T>(grad_acc, f.acc_stride, rt * 16, f0 + n * 8, wa[rt], lane,
+                             [&](uint32_t (&fb)[2], int ks) {
             mma::load_b(fb, &s_other[warp * kGradWarpFeatures + n * 8][ks * 8], kTileStride, lane);
-            mma::mma_m16n8k16<T>(c, wa[rt][ks], fb);
-          }
-          lo[0] = c[0], lo[1] = c[1], hi[0] = c[2], hi[1] = c[3];
+          });
         }
       }
     }

@@ -27,6 +27,18 @@ template <int kRows>
 using Staged = uint32_t[kRows][kTileStride];
 using StagedTile = Staged<kTileCols>;
 
+constexpr int kWeightTopExp = 14;  // a row's scaled weights (half A operands) stay below 2^14
+
+// e with bound 2^e in [2^13, 2^14): a row's scaling of its weights before they are rounded to fp16 A
+// operands (the fp32 product is scaled back exactly). 0 where the bound is 0 (nothing to rescale) or not
+// finite (inf and NaN weights pass as they are); |e| <= 126 so that 2^e and 2^-e are normal floats.
+__device__ __forceinline__ int weight_exponent(float bound) {
+  if (!(bound > 0.f) || isinf(bound)) return 0;
+  int x;
+  frexpf(bound, &x);  // bound < 2^x
+  return max(-126, min(126, kWeightTopExp - x));
+}
+
 // Rows [row0, row0 + n_rows) x features [k0, k0 + kTileK) of x (rows x d) into dst (`stride` words
 // per row) as element pairs, zero outside x.
 template <typename T>
@@ -106,6 +118,25 @@ __device__ __forceinline__ void load_b_across_rows(uint32_t (&b)[2], const uint3
   auto elem = [&](int r) { return (column[r * stride] >> shift) & 0xffffu; };
   b[0] = elem(2 * t) | (elem(2 * t + 1) << 16);
   b[1] = elem(2 * t + 8) | (elem(2 * t + 9) << 16);
+}
+
+// acc rows row0 .. row0 + 16 x features f0 .. f0 + 8 (fp32 in shared memory, `stride` floats per row)
+// += W . B over one 64-row k span: W's A fragments wa[ks], B's from load_b(fb, ks). The rows' values are
+// first multiplied by lo_scale (rows row0 + g) and hi_scale (row0 + g + 8): a running rescale.
+template <typename T, typename LoadB>
+__device__ __forceinline__ void accumulate_rows(float* acc, int stride, int row0, int64_t f0,
+                                                const uint32_t (&wa)[4][4], int lane, LoadB&& load_b,
+                                                float lo_scale = 1.f, float hi_scale = 1.f) {
+  float* lo = acc + (row0 + lane / 4) * stride + f0 + 2 * (lane % 4);
+  float* hi = lo + 8 * stride;
+  float c[4] = {lo[0] * lo_scale, lo[1] * lo_scale, hi[0] * hi_scale, hi[1] * hi_scale};
+#pragma unroll
+  for (int ks = 0; ks < 4; ++ks) {
+    uint32_t fb[2];
+    load_b(fb, ks);
+    mma::mma_m16n8k16<T>(c, wa[ks], fb);
+  }
+  lo[0] = c[0], lo[1] = c[1], hi[0] = c[2], hi[1] = c[3];
 }
 
 // acc[n] += (own rows own_row .. + 16) . (tile rows other_row + 8 n .. + 8)^T over the full width,

@@ -3,7 +3,7 @@
 // keeps the checks that guard memory): the checks, the chunk loop of the mining products, the launches, and
 // the registration for the CUDA key. The kernels, and the traffic designed for, are in triplet.cuh.
 // Last, the register path's ops (ops/triplet.py's second contract block): the pair distances, the list
-// gradient, and batch_all's tiles for bf16 rows (widths up to 640 on an H100).
+// gradient, and batch_all's tiles for bf16/fp16 rows (widths up to 640 on an H100).
 //
 // Mining of bf16/fp16 rows is one launch of the tiled kernel (anchors resident in shared memory:
 // widths up to 1664 on an H100, 1152 on an A100). fp32 rows, and wider half rows, walk the anchors in
@@ -131,7 +131,7 @@ int64_t max_tile_width(const at::Tensor& x) {
   return std::max<int64_t>(0, (room / (kMineTileRows * 4) - 4) / kTilePairs * kTileK);
 }
 
-// The widest bf16 rows batch_all's tiles take on x's device (a multiple of 16).
+// The widest bf16/fp16 rows batch_all's tiles take on x's device (a multiple of 16).
 int64_t max_batch_all_width(const at::Tensor& x) {
   const DeviceLimits limits = device_limits(x.device().index());
   const int64_t room = limits.optin - limits.reserved - kAllStaticSmem;
@@ -222,6 +222,14 @@ void triplet_mine_cuda(const at::Tensor& x, const at::Tensor& labels, const std:
   }
 }
 
+// What the tiled kernels read of x, with sq = row_sq_norms(x).
+TileMineInputs tile_inputs(const at::Tensor& x, const at::Tensor& labels, const std::optional<at::Tensor>& inv_norm,
+                           const at::Tensor& sq) {
+  return TileMineInputs{x.const_data_ptr(), labels.const_data_ptr<int64_t>(), sq.const_data_ptr<float>(),
+                        inv_norm.has_value() ? inv_norm->const_data_ptr<float>() : nullptr, x.size(0), x.size(1),
+                        x.size(1) % 8 == 0 && aligned16(x)};
+}
+
 void triplet_semi_hard_mine_cuda(const at::Tensor& x, const at::Tensor& labels,
                                  const std::optional<at::Tensor>& inv_norm, int64_t distance, const at::Tensor& n_pos,
                                  const at::Tensor& pos_dist, const at::Tensor& chosen, const at::Tensor& chosen_dist) {
@@ -240,9 +248,7 @@ void triplet_semi_hard_mine_cuda(const at::Tensor& x, const at::Tensor& labels,
   if (n == 0) return;
   const at::Tensor sq = row_sq_norms(x);
   SemiHardArgs a{};
-  a.in = TileMineInputs{x.const_data_ptr(), labels.const_data_ptr<int64_t>(), sq.const_data_ptr<float>(),
-                        inv_norm.has_value() ? inv_norm->const_data_ptr<float>() : nullptr, n, x.size(1),
-                        x.size(1) % 8 == 0 && aligned16(x)};
+  a.in = tile_inputs(x, labels, inv_norm, sq);
   a.n_pos = n_pos.const_data_ptr<int64_t>();
   a.pos_dist = pos_dist.const_data_ptr<float>();
   a.chosen = chosen.data_ptr<int64_t>();
@@ -256,9 +262,9 @@ void triplet_semi_hard_mine_cuda(const at::Tensor& x, const at::Tensor& labels,
   dispatch_half(x.scalar_type(), kSemiHardMine, run);
 }
 
-// batch_all's tiles' dynamic shared memory for x, or 0 where they do not take x (not bf16, or too wide).
+// batch_all's tiles' dynamic shared memory for x, or 0 where they do not take x (fp32, or too wide).
 size_t batch_all_smem_for(const at::Tensor& x) {
-  if (x.scalar_type() != at::kBFloat16) return 0;
+  if (x.scalar_type() == at::kFloat) return 0;
   const int64_t bytes = batch_all_tiles_smem(x.size(1));
   const DeviceLimits limits = device_limits(x.device().index());
   return bytes + kAllStaticSmem + limits.reserved <= limits.optin ? static_cast<size_t>(bytes) : 0;
@@ -286,15 +292,13 @@ void triplet_batch_all_rows_cuda(const at::Tensor& x, const at::Tensor& labels,
   }
   const int kind = checked_distance(kBatchAllRows, distance, inv_norm);
   const size_t smem = batch_all_smem_for(x);
-  TORCH_CHECK_VALUE(smem > 0, kBatchAllRows, ": x must be bf16 with at most ", max_batch_all_width(x),
+  TORCH_CHECK_VALUE(smem > 0, kBatchAllRows, ": x must be bf16 or fp16 with at most ", max_batch_all_width(x),
                     " features on this device (the anchors, a tile and the gradient stay in shared memory), got ",
                     x.scalar_type(), " and ", x.size(1));
   if (n == 0) return;
   const at::Tensor sq = row_sq_norms(x);
   BatchAllArgs a{};
-  a.in = TileMineInputs{x.const_data_ptr(), labels.const_data_ptr<int64_t>(), sq.const_data_ptr<float>(),
-                        inv_norm.has_value() ? inv_norm->const_data_ptr<float>() : nullptr, n, x.size(1),
-                        x.size(1) % 8 == 0 && aligned16(x)};
+  a.in = tile_inputs(x, labels, inv_norm, sq);
   a.n_pos = n_pos.const_data_ptr<int64_t>();
   a.pos_dist = pos_dist.const_data_ptr<float>();
   a.row_weight = row_weight.has_value() ? row_weight->const_data_ptr<float>() : nullptr;
@@ -305,9 +309,11 @@ void triplet_batch_all_rows_cuda(const at::Tensor& x, const at::Tensor& labels,
   a.margin = static_cast<float>(margin);
   a.acc_stride = static_cast<int>(batch_all_acc_stride(x.size(1)));
   a.soft = soft_margin;
-  with_kind(kind, [&](auto k) {
-    launch(x.device(), &triplet_batch_all_tiles_kernel<c10::BFloat16, decltype(k)::value>,
-           grid_for((n + kAllRows - 1) / kAllRows), kAllThreads, smem, a);
+  dispatch_half(x.scalar_type(), kBatchAllRows, [&](auto tag) {
+    with_kind(kind, [&](auto k) {
+      launch(x.device(), &triplet_batch_all_tiles_kernel<decltype(tag), decltype(k)::value>,
+             grid_for((n + kAllRows - 1) / kAllRows), kAllThreads, smem, a);
+    });
   });
 }
 

@@ -26,7 +26,7 @@
 // semi_hard's register path (bf16/fp16): triplet_semi_hard_tiles_kernel mines each anchor's 16
 // positive slots on the batch-hard tiles' sweep; then the pair distances (one warp per pair: Gram form
 // and exact from one pass over both rows) and the list gradient (one warp per row, lanes over the
-// features, its list in order). batch_all's register path (bf16): triplet_batch_all_tiles_kernel, last
+// features, its list in order). batch_all's register path (bf16/fp16): triplet_batch_all_tiles_kernel, last
 // in this file, takes the losses, counts, slot slopes and the negative pairs' gradient from tiles on chip.
 #pragma once
 
@@ -34,6 +34,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "common.cuh"
 #include "enums.h"
@@ -320,6 +321,19 @@ __device__ __forceinline__ TileAnchors tile_anchors(const TileMineInputs& in, in
   return anchors_at<kInvNorm>(in, row0 + threadIdx.x / kWarpSize * 16);
 }
 
+// Column j0 + threadIdx.x's label, inverse norm (1 without inv_norm) and scaled squared norm, into the
+// tile's shared arrays (threads below kTileCols); whether that column is a row of x.
+__device__ __forceinline__ bool stage_column_values(const TileMineInputs& in, int64_t j0, bool has_inv,
+                                                    int64_t* s_label, float* s_inv, float* s_e) {
+  const int64_t j = j0 + threadIdx.x;
+  const bool inside = j < in.n;
+  const float inv_c = has_inv && inside ? in.inv_norm[j] : 1.f;
+  s_label[threadIdx.x] = inside ? in.labels[j] : 0;
+  s_inv[threadIdx.x] = inv_c;
+  s_e[threadIdx.x] = inside ? in.sq[j] * inv_c * inv_c : 0.f;
+  return inside;
+}
+
 // Stages the block's 64 anchors once, then sweeps all n rows in tiles of 64: fold(h, j, d, same) for
 // each of the lane's Gram entries (anchor h, column j < n, distance d, whether row j has the anchor's
 // label). Returns, in every thread, whether a row of x holds a NaN or inf (a block-wide OR, which is
@@ -341,13 +355,8 @@ __device__ __forceinline__ bool sweep_tiles(const TileMineInputs& in, const Tile
     tile_product<T, kMineTileRows, true>(acc, s_own, static_cast<int>(resident_stride(in.d)), s_other, op, j0,
                                          warp * 16, 0, lane, [&] {
       if (threadIdx.x < kTileCols) {
-        const int64_t j = j0 + threadIdx.x;
-        const bool inside = j < in.n;
-        const float inv_c = kInvNorm && inside ? in.inv_norm[j] : 1.f;
-        s_label[threadIdx.x] = inside ? in.labels[j] : 0;
-        s_inv[threadIdx.x] = inv_c;
-        s_e[threadIdx.x] = inside ? in.sq[j] * inv_c * inv_c : 0.f;
-        poison = poison || (inside && in.sq[in.n + j] != 0.f);
+        const bool inside = stage_column_values(in, j0, kInvNorm, s_label, s_inv, s_e);
+        poison = poison || (inside && in.sq[in.n + j0 + threadIdx.x] != 0.f);
       }
     });
     // The lane's entries: rows g, g + 8 (h), columns 8 n + 2 t + e of the tile.
@@ -970,8 +979,9 @@ __global__ void __launch_bounds__(kListRows * kWarpSize) triplet_list_grad_kerne
 //   3. acc (32 x D fp32, shared memory) += coef . tile rows, the B fragments read across the staged rows.
 // Per-row sums merge in a fixed order (lanes, then the 4 warps of a row tile); grad_rows =
 // (sum_j coef) v_a - acc. No Gram or coefficient byte reaches device memory and nothing is accumulated
-// across blocks. bf16 only: fp16 would round the weighted coefficients out of its range (euclidean's
-// 1 / d has no bound before the distances are seen). Loads: (B / 32) B D e bytes of tiles.
+// across blocks. fp16 coefficients are scaled per anchor row before they are rounded (scale_coefficients):
+// 'mean' weights and euclidean's 1 / d, unbounded before the distances are seen, would leave fp16's
+// range. Loads: (B / 32) B D e bytes of tiles.
 constexpr int kAllWarps = 8;
 constexpr int kAllThreads = kAllWarps * kWarpSize;
 constexpr int kAllRowTiles = 2;
@@ -982,7 +992,8 @@ constexpr int kAllAccPad = 8;                                    // floats past 
 constexpr int64_t kAllStaticSmem = sizeof(Staged<kAllRows>) +
                                    kTileCols * (sizeof(int64_t) + 3 * sizeof(float) + sizeof(int) +
                                                 kPosSlots * sizeof(float)) +
-                                   kAllWarpsPerRowTile * kAllRows * (2 * sizeof(float) + sizeof(int));
+                                   kAllWarpsPerRowTile * kAllRows * (2 * sizeof(float) + sizeof(int)) +
+                                   kAllRows * sizeof(float);  // (fp16: the rows' unscaling)
 
 __host__ __device__ constexpr int64_t batch_all_acc_stride(int64_t d) { return (d + 15) / 16 * 16 + kAllAccPad; }
 
@@ -1006,10 +1017,43 @@ struct BatchAllArgs {
   int acc_stride;            // batch_all_acc_stride(d)
 };
 
+// fp16: each anchor row's coefficients are multiplied by 2^shift before they are rounded, shift the
+// largest that keeps the row's coefficients so far below 2^14 (weight_exponent). When a tile lowers it,
+// the row's accumulator is multiplied by 2^(new - old) as it is next read (`rescale`), as flash attention
+// rescales its output; 2^-shift undoes it at the end, exactly. scratch: the row tile's per-warp maxima.
+__device__ __forceinline__ void scale_coefficients(float (&coef)[kAllSimTiles][2][2], int (&shift)[2],
+                                                   float (&rescale)[2], float* scratch, int rt, int part,
+                                                   int lane) {
+  const int g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float m = 0.f;  // fmaxf skips NaN: a NaN coefficient passes through unscaled, as NaN
+#pragma unroll
+    for (int n = 0; n < kAllSimTiles; ++n) m = fmaxf(m, fmaxf(fabsf(coef[n][h][0]), fabsf(coef[n][h][1])));
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+    if (t == 0) scratch[part * kAllRows + rt * 16 + g + 8 * h] = m;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float m = 0.f;
+#pragma unroll
+    for (int q = 0; q < kAllWarpsPerRowTile; ++q) m = fmaxf(m, scratch[q * kAllRows + rt * 16 + g + 8 * h]);
+    const int next = m > 0.f && !isinf(m) ? min(shift[h], weight_exponent(m)) : shift[h];
+    rescale[h] = ldexpf(1.f, next - shift[h]);
+    shift[h] = next;
+    const float up = ldexpf(1.f, next);
+#pragma unroll
+    for (int n = 0; n < kAllSimTiles; ++n) coef[n][h][0] *= up, coef[n][h][1] *= up;
+  }
+}
+
 // One instantiation per distance: inv_norm enters as factors of 1 where absent (exact), and the soft
 // margin is a runtime choice (a uniform branch), to keep the instantiations few.
 template <typename T, int kKind>
 __global__ void __launch_bounds__(kAllThreads, 1) triplet_batch_all_tiles_kernel(const BatchAllArgs a) {
+  constexpr bool kScaled = std::is_same<T, c10::Half>::value;
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize, g = lane / 4, t = lane % 4;
   const int rt = warp / kAllWarpsPerRowTile, part = warp % kAllWarpsPerRowTile;  // row tile, column group
   const int col0 = part * kAllSimTiles * 8;
@@ -1029,10 +1073,11 @@ __global__ void __launch_bounds__(kAllThreads, 1) triplet_batch_all_tiles_kernel
   __shared__ float s_slots[kTileCols][kPosSlots];  // the columns' own positive distances
   __shared__ float s_sums[2][kAllWarpsPerRowTile][kAllRows];
   __shared__ int s_count[kAllWarpsPerRowTile][kAllRows];
+  __shared__ float s_unscale[kAllRows];
 
   TileAnchors an = anchors_at<false>(in, row0 + rt * 16);
   float d_ap[2][kPosSlots], w_pos[2][kPosSlots], total[2] = {0.f, 0.f}, g_sum[2] = {0.f, 0.f}, w_r[2];
-  int count[2] = {0, 0}, used[2];
+  int count[2] = {0, 0}, used[2], shift[2] = {126, 126};
   bool live[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -1060,11 +1105,7 @@ __global__ void __launch_bounds__(kAllThreads, 1) triplet_batch_all_tiles_kernel
     stage_resident<T, kTileCols>(s_tile, TileOperands<T>{x, x, j0, in.n, in.n, in.d, in.vec});
     if (threadIdx.x < kTileCols) {
       const int64_t j = j0 + threadIdx.x;
-      const bool inside = j < in.n;
-      const float inv_c = has_inv && inside ? in.inv_norm[j] : 1.f;
-      s_label[threadIdx.x] = inside ? in.labels[j] : 0;
-      s_inv[threadIdx.x] = inv_c;
-      s_e[threadIdx.x] = inside ? in.sq[j] * inv_c * inv_c : 0.f;
+      const bool inside = stage_column_values(in, j0, has_inv, s_label, s_inv, s_e);
       s_npos[threadIdx.x] = inside ? static_cast<int>(min(a.n_pos[j], static_cast<int64_t>(kPosSlots))) : 0;
       s_wc[threadIdx.x] = grad && inside ? a.row_weight[j] : 0.f;
     }
@@ -1089,11 +1130,11 @@ __global__ void __launch_bounds__(kAllThreads, 1) triplet_batch_all_tiles_kernel
     }
 
     // The lane's entries: anchors g, g + 8 (h) of the row tile, columns col0 + 8 n + 2 t + e.
+    float coef[kAllSimTiles][2][2];
 #pragma unroll
     for (int n = 0; n < kAllSimTiles; ++n) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        float coef[2];
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int local = col0 + n * 8 + 2 * t + e;
@@ -1110,7 +1151,7 @@ __global__ void __launch_bounds__(kAllThreads, 1) triplet_batch_all_tiles_kernel
             w_pos[h][p] += slope;
             from_rows += slope;
           }
-          coef[e] = 0.f;
+          coef[n][h][e] = 0.f;
           if (grad && neg) {
             float from_cols = 0.f;
             for (int q = 0; q < s_npos[local]; ++q) {
@@ -1118,15 +1159,24 @@ __global__ void __launch_bounds__(kAllThreads, 1) triplet_batch_all_tiles_kernel
               term_and_slope(soft, s_slots[local][q] - dist, a.margin, term, slope);
               from_cols += slope;
             }
-            coef[e] = -(from_rows * w_r[h] + from_cols * s_wc[local]) * grad_factor<kKind>(dist);
-            g_sum[h] += coef[e];
-            coef[e] *= s_inv[local];  // (1 without inv_norm)
+            coef[n][h][e] = -(from_rows * w_r[h] + from_cols * s_wc[local]) * grad_factor<kKind>(dist);
+            g_sum[h] += coef[n][h][e];
+            coef[n][h][e] *= s_inv[local];  // (1 without inv_norm)
           }
         }
-        if (grad) s_w[rt * 16 + g + 8 * h][(col0 + n * 8) / 2 + t] = pack_pair<T>(coef[0], coef[1]);
       }
     }
     if (!grad) continue;
+
+    float rescale[2] = {1.f, 1.f};
+    if constexpr (kScaled) scale_coefficients(coef, shift, rescale, &s_sums[0][0][0], rt, part, lane);
+#pragma unroll
+    for (int n = 0; n < kAllSimTiles; ++n) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        s_w[rt * 16 + g + 8 * h][(col0 + n * 8) / 2 + t] = pack_pair<T>(coef[n][h][0], coef[n][h][1]);
+      }
+    }
 
     __syncthreads();  // the coefficients are complete
     uint32_t wa[kTileCols / 16][4];
@@ -1134,16 +1184,9 @@ __global__ void __launch_bounds__(kAllThreads, 1) triplet_batch_all_tiles_kernel
     for (int ks = 0; ks < kTileCols / 16; ++ks) mma::load_a(wa[ks], &s_w[rt * 16][ks * 8], kTileStride, lane);
     const int feature_tiles = static_cast<int>((in.d + 7) / 8);
     for (int ft = part; ft < feature_tiles; ft += kAllWarpsPerRowTile) {
-      float* lo = s_acc + (rt * 16 + g) * a.acc_stride + ft * 8 + 2 * t;
-      float* hi = lo + 8 * a.acc_stride;
-      float c[4] = {lo[0], lo[1], hi[0], hi[1]};
-#pragma unroll
-      for (int ks = 0; ks < kTileCols / 16; ++ks) {
-        uint32_t fb[2];
+      accumulate_rows<T>(s_acc, a.acc_stride, rt * 16, ft * 8, wa, lane, [&](uint32_t (&fb)[2], int ks) {
         load_b_across_rows(fb, s_tile, stride, ks * 16, ft * 8, lane);
-        mma::mma_m16n8k16<T>(c, wa[ks], fb);
-      }
-      lo[0] = c[0], lo[1] = c[1], hi[0] = c[2], hi[1] = c[3];
+      }, rescale[0], rescale[1]);
     }
   }
 
@@ -1168,6 +1211,7 @@ __global__ void __launch_bounds__(kAllThreads, 1) triplet_batch_all_tiles_kernel
       s_sums[0][part][local] = total[h];
       s_sums[1][part][local] = g_sum[h];
       s_count[part][local] = count[h];
+      if (kScaled && part == 0) s_unscale[local] = ldexpf(1.f, -shift[h]);  // (every part's shift is the same)
 #pragma unroll
       for (int p = 0; p < kPosSlots; ++p) s_slot_sums[(part * kAllRows + local) * kPosSlots + p] = w_pos[h][p];
     }
@@ -1199,7 +1243,7 @@ __global__ void __launch_bounds__(kAllThreads, 1) triplet_batch_all_tiles_kernel
   for (int64_t i = threadIdx.x; i < rows_here * in.d; i += blockDim.x) {
     const int local = static_cast<int>(i / in.d);
     const int64_t k = i - local * in.d, row = row0 + local;
-    const float acc = s_acc[local * a.acc_stride + k];
+    const float acc = s_acc[local * a.acc_stride + k] * (kScaled ? s_unscale[local] : 1.f);  // exact
     float out = -acc;
     if constexpr (kKind != kCosine) {
       const float v = load_elem(x + row * in.d + k) * (has_inv ? in.inv_norm[row] : 1.f);

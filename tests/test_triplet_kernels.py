@@ -1164,29 +1164,38 @@ def test_half_batch_hard_non_finite_rows_in_later_tiles(kernel_backend, dtype):
 
 # ---------------------------------------------------------------- CUDA's semi-hard register path (half rows)
 
-def test_cuda_tile_width_is_the_kernels(kernel_backend):
-    """ops.cuda_tile_width, which chooses CUDA's register path, is the width the tiled kernel takes."""
+@pytest.mark.parametrize("mining", ["semi_hard", "batch_all"])
+def test_cuda_tile_widths_are_the_kernels(kernel_backend, mining):
+    """ops.cuda_tile_width (semi_hard's tiles) and ops.cuda_batch_all_width, which choose CUDA's register
+    paths, are the widths the tiles take: bf16 and fp16 rows of that width run, wider rows and fp32 rows
+    are refused by name."""
     if kernel_backend != "cuda":
-        pytest.skip("CUDA's tiled mining")
+        pytest.skip("CUDA's tiles")
     device = torch.device(device_for(kernel_backend))
-    width = ops.cuda_tile_width(device)
-    if device.type == "cpu":
-        assert width == 1664  # the emulated H100
     labels = torch.tensor([0, 1, 0, 1, 2]).to(device)
     pos, n_pos, _, _ = ops.positive_slots(labels, ops.POS_SLOTS)
     slots = torch.rand(pos.shape).to(device)
+    if mining == "semi_hard":
+        op, width, emulated = "triplet_semi_hard_mine_cuda", ops.cuda_tile_width(device), 1664
 
-    def mine(d, dtype=torch.bfloat16):
-        x = torch.randn(5, d).to(dtype).to(device)
-        ops.SEMI_HARD_MINE[kernel_backend](x, labels, None, Distance.EUCLIDEAN, n_pos, slots, torch.empty_like(pos),
-                                           torch.empty_like(slots))
+        def run(x):
+            ops.SEMI_HARD_MINE[kernel_backend](x, labels, None, Distance.EUCLIDEAN, n_pos, slots,
+                                               torch.empty_like(pos), torch.empty_like(slots))
+    else:
+        op, width, emulated = "triplet_batch_all_rows_cuda", ops.cuda_batch_all_width(device), 640
 
-    mine(width)
-    with pytest.raises(ValueError, match=f"triplet_semi_hard_mine_cuda: x must be bf16 or fp16 with at most {width} "
-                                         f"features"):
-        mine(width + 8)
+        def run(x):
+            ops.BATCH_ALL_ROWS[kernel_backend](x, labels, None, Distance.EUCLIDEAN, 0.2, False, n_pos, slots, None,
+                                               torch.empty(5, device=device), torch.empty_like(labels),
+                                               torch.empty_like(slots), None)
+    if device.type == "cpu":
+        assert width == emulated  # the emulated H100
+    for dtype in (torch.bfloat16, torch.float16):
+        run(torch.randn(5, width).to(dtype).to(device))
+    with pytest.raises(ValueError, match=f"{op}: x must be bf16 or fp16 with at most {width} features"):
+        run(torch.randn(5, width + 16).to(torch.bfloat16).to(device))
     with pytest.raises(ValueError, match="x must be bf16 or fp16"):
-        mine(8, torch.float32)
+        run(torch.randn(5, 8).to(device))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -1265,35 +1274,11 @@ def _slot_inputs(x, labels, inv, distance):
     return n_pos, exact
 
 
-def test_cuda_batch_all_width_is_the_kernels(kernel_backend):
-    """ops.cuda_batch_all_width, which chooses CUDA's batch_all register path, is the width its tiles take."""
-    if kernel_backend != "cuda":
-        pytest.skip("CUDA's batch_all tiles")
-    device = torch.device(device_for(kernel_backend))
-    width = ops.cuda_batch_all_width(device)
-    if device.type == "cpu":
-        assert width == 640  # the emulated H100
-    labels = torch.tensor([0, 1, 0, 1, 2]).to(device)
-
-    def rows(d, dtype=torch.bfloat16):
-        x = torch.randn(5, d).to(dtype).to(device)
-        pos, n_pos, _, _ = ops.positive_slots(labels, ops.POS_SLOTS)
-        slots = torch.rand(pos.shape).to(device)
-        ops.BATCH_ALL_ROWS[kernel_backend](x, labels, None, Distance.EUCLIDEAN, 0.2, False, n_pos, slots, None,
-                                           torch.empty(5, device=device), torch.empty_like(labels),
-                                           torch.empty_like(slots), None)
-
-    rows(width)
-    with pytest.raises(ValueError, match=f"triplet_batch_all_rows_cuda: x must be bf16 with at most {width} "):
-        rows(width + 16)
-    with pytest.raises(ValueError, match="x must be bf16"):
-        rows(8, torch.float16)
-
-
-@pytest.mark.parametrize("shape", [(70, 70), (40, 24)], ids=["d70", "d24"])
-def test_cuda_batch_all_rows_are_tritons(kernel_backend, shape):
+@pytest.mark.parametrize("shape,dtype", [((70, 70), torch.bfloat16), ((40, 24), torch.bfloat16),
+                                         ((70, 70), torch.float16)], ids=["d70", "d24", "d70-fp16"])
+def test_cuda_batch_all_rows_are_tritons(kernel_backend, shape, dtype):
     """CUDA's tiled batch_all pass gives the Triton pass's losses, counts, slot slopes and negative-pair
-    gradient (the latter within the bf16 rounding of CUDA's coefficients; Triton's interpreter keeps them
+    gradient (the latter within the half rounding of CUDA's coefficients; Triton's interpreter keeps them
     in fp32) on rows whose Gram products are exact in fp32: several blocks and tiles with tails, a width
     that is not a multiple of 8, every distance, soft and hinge, with and without the gradient."""
     if kernel_backend != "cuda" or "triton" not in kernel_backends():
@@ -1301,11 +1286,12 @@ def test_cuda_batch_all_rows_are_tritons(kernel_backend, shape):
     device = device_for(kernel_backend)
     gen = torch.Generator().manual_seed(shape[0])
     b, d = shape
-    x = (torch.round(torch.randn(b, d, generator=gen) * 8) / 8).to(torch.bfloat16).to(device)
+    x = _grid_rows(b, d, gen).to(dtype).to(device)
     labels = torch.randint(0, b // 4, (b,), generator=gen).to(device)
     inv_norm = (torch.rand(b, generator=gen) + 0.5).to(device)
     weight = (torch.rand(b, generator=gen) + 0.5).to(device)
-    cases = ((Distance.EUCLIDEAN, False, True), (Distance.SQUARED_EUCLIDEAN, True, True), (Distance.COSINE, True, False))
+    cases = ((Distance.EUCLIDEAN, False, True), (Distance.SQUARED_EUCLIDEAN, True, True),
+             (Distance.COSINE, True, False))
     for distance, soft, with_grad in cases:
         inv = inv_norm if distance == Distance.COSINE else None
         n_pos, exact = _slot_inputs(x, labels, inv, distance)
@@ -1326,21 +1312,55 @@ def test_cuda_batch_all_rows_are_tritons(kernel_backend, shape):
                                        msg=lambda m: f"{case} grad_rows: {m}")
 
 
-def test_cuda_batch_all_register_path_for_bf16_rows(kernel_backend):
-    """bf16 batch_all on CUDA takes the register path (its tiles, the pair distances and the list gradient)
-    for classes within the slots, as the reference does, in every reduction; fp16 rows, and a class
-    beyond the slots, take the chunked row kernel."""
+def test_cuda_batch_all_fp16_coefficients_keep_their_scale(kernel_backend):
+    """fp16 coefficients are scaled per anchor row before they are rounded: the tiles' gradient at row
+    weights 2^-40 w and 2^20 w is exactly 2^-40 and 2^20 times the gradient at w (fp16 alone flushes the
+    first towards 0 and overflows the second), and with weights rising over 2^-20 .. 2^20 along the
+    columns (each row's scale falls as the tiles pass: its accumulator is rescaled) it is the Triton
+    pass's, row by row."""
+    if kernel_backend != "cuda" or "triton" not in kernel_backends():
+        pytest.skip("compares the CUDA op with the Triton op")
+    device = device_for(kernel_backend)
+    gen = torch.Generator().manual_seed(41)
+    b, d = 70, 24
+    x = _grid_rows(b, d, gen).to(torch.float16).to(device)
+    labels = torch.randint(0, b // 4, (b,), generator=gen).to(device)
+    n_pos, exact = _slot_inputs(x, labels, None, Distance.EUCLIDEAN)
+
+    def grad(backend, weight):
+        out = [torch.empty(b, device=device), torch.empty(b, dtype=torch.long, device=device),
+               torch.empty_like(exact), torch.full((b, d), 7.0, device=device)]
+        ops.BATCH_ALL_ROWS[backend](x, labels, None, Distance.EUCLIDEAN, 0.3, False, n_pos, exact,
+                                    weight.to(device), *out)
+        return out[3]
+
+    weight = torch.rand(b, generator=gen) + 0.5
+    base = grad("cuda", weight)
+    assert base.abs().amax(1).gt(0).all()
+    for e in (-40, 20):
+        assert torch.equal(grad("cuda", weight * 2.0 ** e), base * 2.0 ** e), e
+    rising = weight * 2.0 ** torch.linspace(-20, 20, b).round()
+    got, want = grad("cuda", rising), grad("triton", rising)
+    row = want.abs().amax(1, keepdim=True)
+    torch.testing.assert_close(got / row, want / row, rtol=1e-2, atol=1e-2)
+
+
+def test_cuda_batch_all_register_path_for_half_rows(kernel_backend):
+    """bf16/fp16 batch_all on CUDA takes the register path (its tiles, the pair distances and the list
+    gradient) for classes within the slots, as the reference does, in every reduction; fp32 rows, and a
+    class beyond the slots, take the chunked row kernel."""
     if kernel_backend != "cuda":
         pytest.skip("CUDA's path choice")
     device = device_for(kernel_backend)
     spec = dataclasses.replace(MINED_SPEC, make=lambda shape, opts, *a: make_mined_sample(
         shape, dict(opts, large_class=False), *a))
-    for opts, shape in ((dict(distance="euclidean", margin=0.3), (70, 40)),
-                        (dict(distance="cosine", soft_margin=True, normalize=True), (40, 24))):
+    for opts, shape, dtype in ((dict(distance="euclidean", margin=0.3), (70, 40), torch.bfloat16),
+                               (dict(distance="cosine", soft_margin=True, normalize=True), (40, 24), torch.bfloat16),
+                               (dict(distance="euclidean", margin=0.3), (40, 24), torch.float16)):
         for reduction in REDUCTIONS:
             result = harness.run_both(spec, kernel_backend, dict(opts, mining="batch_all"), shape, reduction,
-                                      dtype=torch.bfloat16)
-            harness.assert_matches(result, SPEC.half_tol(torch.bfloat16), f"{opts} {reduction}")
+                                      dtype=dtype)
+            harness.assert_matches(result, SPEC.half_tol(dtype), f"{opts} {reduction} {dtype}")
     gen = torch.Generator().manual_seed(36)
     x = _grid_rows(96, 24, gen)
     small = torch.arange(96).div(4, rounding_mode="floor")
@@ -1349,7 +1369,7 @@ def test_cuda_batch_all_register_path_for_bf16_rows(kernel_backend):
     tiles = harness.launch_name(ops.BATCH_ALL_ROWS, kernel_backend)
     rows = harness.launch_name(ops.ROW_LOSS, kernel_backend)
     for dtype, labels, register in ((torch.bfloat16, small, True), (torch.bfloat16, large, False),
-                                    (torch.float16, small, False)):
+                                    (torch.float16, small, True), (torch.float32, small, False)):
         ran = _launched(kernel_backend, x.to(dtype).to(device), labels.to(device), mining="batch_all")
         assert (tiles in ran, rows in ran) == (register, not register), (dtype, register, ran)
 

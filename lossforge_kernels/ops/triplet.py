@@ -466,7 +466,7 @@ def _rows_pass(backend, tensors, params, row_weight, grads):
 #   negatives of d loss / d d_ap (0 in empty slots). row_weight (B,) fp32 and grad_rows (B, D) fp32 come
 #   together or not at all: grad_rows is then the gradient w.r.t. the rows v = inv_norm * x of
 #   sum(row_weight * loss) through the negative pairs' distances, each pair seen from both its anchors
-#   (the column's positives from pos_dist), summed per row in one program. CUDA: bf16 x of at most
+#   (the column's positives from pos_dist), summed per row in one program. CUDA: bf16/fp16 x of at most
 #   cuda_batch_all_width(device) features only (S = POS_SLOTS), else ValueError naming x.
 # triplet_list_grad_<b>(x, inv_norm, grad_rows, offsets, others, coef, centered, grad_x, grad_inv_norm) -> ()
 #   grad_rows None or (B, D) fp32; offsets (B + 1,) int64, non-decreasing, offsets[B] <= len(others): row
@@ -475,9 +475,8 @@ def _rows_pass(backend, tensors, params, row_weight, grads):
 #   of coef * (centered * v_r - v_other) in fp32, writes grad_x[r] = inv_norm[r] * g_r (g_r without
 #   inv_norm) in x's dtype and grad_inv_norm[r] = x_r . g_r; either may be None. Deterministic.
 #
-# Triton takes this path for both minings. CUDA takes it for semi_hard on bf16/fp16 rows and for
-# batch_all on bf16 rows that its tiles take (_takes_register_path); its fp32 rows (and fp16 batch_all)
-# keep the chunked path.
+# Triton takes this path for both minings. CUDA takes it for bf16/fp16 rows that its tiles take
+# (_takes_register_path); its fp32 rows keep the chunked path.
 POS_SLOTS = 16  # positives per anchor (class size - 1) the register path takes
 
 
@@ -775,12 +774,12 @@ def cuda_tile_width(device: torch.device) -> int:
 
 # CUDA's batch_all tiles (csrc/triplet.cuh batch_all_tiles_smem, triplet.cu max_batch_all_width): 32
 # anchors and a 64-row tile staged as the mining's anchors are, and a 32 x D fp32 accumulator whose rows
-# are padded to 16 features + 8, beside 11.5 KiB of static shared memory.
-_ALL_ANCHORS, _ALL_STATIC_SMEM = 32, 11776
+# are padded to 16 features + 8, beside 11.6 KiB of static shared memory (fp16: the rows' unscaling).
+_ALL_ANCHORS, _ALL_STATIC_SMEM = 32, 11904
 
 
 def cuda_batch_all_width(device: torch.device) -> int:
-    """The widest bf16 rows CUDA's batch_all tiles take on `device` (a multiple of 16)."""
+    """The widest bf16/fp16 rows CUDA's batch_all tiles take on `device` (a multiple of 16)."""
     def smem(d):
         staged = (_ALL_ANCHORS + 64) * (max(1, -(-d // 64)) * 32 + 4)
         return 4 * (staged + _ALL_ANCHORS * (-(-d // 16) * 16 + 8))
@@ -792,15 +791,12 @@ def cuda_batch_all_width(device: torch.device) -> int:
 
 
 def _takes_register_path(backend, tensors, params):
-    """Triton: every minings' register path. CUDA: semi_hard's for bf16/fp16 rows, batch_all's for bf16
-    rows, of the widths their tiles take (fp32 rows, and fp16 batch_all, keep the chunked path there)."""
+    """Triton: every minings' register path. CUDA: bf16/fp16 rows of the widths its tiles take (fp32 rows
+    keep the chunked path there)."""
     x = tensors[0]
     if backend == "cuda":
-        if params.mining == Mining.SEMI_HARD:
-            tiled = x.dtype in (torch.bfloat16, torch.float16) and x.shape[1] <= cuda_tile_width(x.device)
-        else:
-            tiled = x.dtype == torch.bfloat16 and x.shape[1] <= cuda_batch_all_width(x.device)
-        if not tiled:
+        width = cuda_tile_width if params.mining == Mining.SEMI_HARD else cuda_batch_all_width
+        if x.dtype not in (torch.bfloat16, torch.float16) or x.shape[1] > width(x.device):
             return False
     return _largest_class_fits(tensors[1], params.max_class_size)
 
