@@ -46,7 +46,7 @@ def every_family(backend: str, device: str) -> None:
             _backward(lf.triplet_loss(e, labels, mining=mining, backend=backend))
         # the mining tiles over several blocks and tiles with tails, at a width that is not a multiple
         # of 8; semi_hard / batch_all on both paths: small classes promised (the register path: Triton,
-        # and CUDA's bf16 semi_hard and batch_all) and a class of 20 rows (the chunked path)
+        # and CUDA's half rows) and a class of 20 rows (the chunked path)
         e = rand(70, 36, dtype=dtype)
         _backward(lf.triplet_loss(e, torch.arange(70, device=device) % 20, backend=backend))
         for mining in ("semi_hard", "batch_all"):
@@ -64,6 +64,12 @@ def every_family(backend: str, device: str) -> None:
         ht, wt = rand(7, 16, dtype=dtype, grad=False), rand(45, 16, dtype=dtype, grad=False)
         _backward(lf.linear_distillation_loss(h, w, ht, wt, divergence="jsd", backend=backend))
         SCALE_GRAD[backend](torch.randn(5, 33, dtype=dtype, device=device), torch.tensor(0.5, device=device))
+    # fp16 rows, whose tiles scale their weights per row: the contrastive backward, batch_all's coefficients
+    q, k = rand(9, 20, dtype=torch.float16), rand(9, 20, dtype=torch.float16)
+    _backward(lf.info_nce(q, k, backend=backend))
+    e = rand(40, 36, dtype=torch.float16)
+    _backward(lf.triplet_loss(e, torch.arange(40, device=device) % 20, mining="batch_all", max_class_size=4,
+                              backend=backend))
     if device == "cuda":
         torch.cuda.synchronize()
 
