@@ -227,6 +227,7 @@ def _cases():
         # triplet semi_hard / batch_all, small classes: the register path (pair distances, the semi-hard
         # mining, the batch-all row pass and the list gradient)
         ("triplet semi_hard euclidean bf16", triplet(bf16, 64, mining="semi_hard")),
+        ("triplet semi_hard euclidean bf16 D=520", triplet(bf16, 520, mining="semi_hard")),
         ("triplet batch_all hinge cosine fp32", triplet(f32, 64, mining="batch_all", distance="cosine")),
         ("triplet batch_all soft squared normalized bf16", triplet(bf16, 64, mining="batch_all", soft_margin=True,
                                                                    distance="squared_euclidean", normalize=True)),
@@ -405,6 +406,7 @@ def _compile_one(job):
         regs, local = _resources(compiled.asm["cubin"])
         return dict(ok=True, arch=arch, regs=getattr(compiled, "n_regs", regs), local=local,
                     spills=getattr(compiled, "n_spills", local // 4), shared=compiled.metadata.shared,
+                    cp_async=len(re.findall(r"\bcp\.async\.c[ag]\.", compiled.asm["ptx"])),
                     seconds=time.perf_counter() - start)
     except Exception as exc:
         return dict(ok=False, arch=arch, error=f"{type(exc).__name__}: {exc}"[-6000:],
@@ -633,6 +635,26 @@ def test_kernel_compiles(kernel_config, compiled):
         used = ", ".join(f"{r['local']} B (sm{r['arch']})" for r in over)
         assert not over, (f"{kernel_config['kernel']} uses {used} of local memory per thread, over its {budget} B "
                           f"(cases: {kernel_config['cases']})")
+
+
+# Kernels whose main loop walks the features in K slices, and which launches of them do (batch_all's
+# whole-width pass has no K loop): at a row length of 8 mod 16, passed as D / 8 (D_IN_EIGHTS) or as
+# units of 8 (D_MULTIPLE), they keep the pipelined (cp.async) loads of a multiple of 16.
+PIPELINED = {"triplet:_mine_kernel": lambda c: True, "triplet:_semi_hard_kernel": lambda c: True,
+             "triplet:_batch_all_kernel": lambda c: not c["WHOLE"], "contrastive:_joint_stats_kernel": lambda c: True}
+
+
+def test_odd_widths_keep_the_pipelined_loads(records, compiled):
+    def key(config):
+        return config["kernel"].rsplit(".", 1)[-1]
+
+    odd = [c for c in records["configs"] if key(c) in PIPELINED and PIPELINED[key(c)](c["constexprs"])
+           and (c["constexprs"].get("D_IN_EIGHTS") is True or c["constexprs"].get("D_MULTIPLE") == 8)]
+    assert {key(c) for c in odd} == set(PIPELINED), "a kernel named here was not recorded at an odd width"
+    for c in odd:
+        for r in compiled[c["id"]]:
+            assert r["ok"] and r["cp_async"] > 0, (f"{c['kernel']} (cases {c['cases']}) has no pipelined loads "
+                                                   f"on sm{r['arch']}")
 
 
 def _launch_targets():

@@ -318,6 +318,13 @@ def _row_sq_norms(x):
     return sq
 
 
+def _width_arg(d):
+    """(the D a mining kernel is passed, D_IN_EIGHTS): d / 8 where d % 16 == 8, so that the kernel, which
+    multiplies it back, knows the multiple of 8 (a multiple of 16 is specialised by Triton itself)."""
+    in_eights = d % 16 == 8
+    return (d // 8 if in_eights else d), in_eights
+
+
 def triplet_mine(x, labels, inv_norm, distance, margin, soft_margin, pos_index, pos_dist, neg_index, neg_dist, loss,
                  slope):
     """The mining op (contract: lossforge_kernels/ops/triplet.py, checked there)."""
@@ -327,10 +334,10 @@ def triplet_mine(x, labels, inv_norm, distance, margin, soft_margin, pos_index, 
     sq = _row_sq_norms(x)
     bm, bn, bk, warps, stages, upcast, precision = _mine_config(x.dtype)
     has_inv_norm = inv_norm is not None
-    in_eights = d % 16 == 8  # (a multiple of 16 is specialised by Triton itself)
+    d_arg, in_eights = _width_arg(d)
     _mine_kernel[(triton.cdiv(n, bm),)](
         x, labels, sq, inv_norm if has_inv_norm else sq, pos_index, pos_dist, neg_index, neg_dist, loss, slope, n,
-        d // 8 if in_eights else d, float(margin), DISTANCE=distance, HAS_INV_NORM=has_inv_norm, SOFT=bool(soft_margin),
+        d_arg, float(margin), DISTANCE=distance, HAS_INV_NORM=has_inv_norm, SOFT=bool(soft_margin),
         DOT_F32=upcast, PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, D_IN_EIGHTS=in_eights,
         num_warps=warps, num_stages=stages)
 
@@ -600,7 +607,9 @@ def _slot(table, slots, p):
 def _semi_hard_kernel(x_ptr, lab_ptr, sq_ptr, inv_ptr, npos_ptr, dap_ptr, ci_ptr, cd_ptr, B, D,
                       DISTANCE: tl.constexpr, HAS_INV_NORM: tl.constexpr, DOT_F32: tl.constexpr,
                       PRECISION: tl.constexpr, SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
+                      BLOCK_K: tl.constexpr, D_IN_EIGHTS: tl.constexpr):
+    if D_IN_EIGHTS:  # as in _mine_kernel
+        D = D * 8
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < B
     rows64 = rows.to(tl.int64)
@@ -674,10 +683,11 @@ def triplet_semi_hard_mine(x, labels, inv_norm, distance, n_pos, pos_dist, chose
     sq = _row_sq_norms(x)
     bm, bn, bk, warps, stages, upcast, precision = _mine_config(x.dtype)
     has_inv_norm = inv_norm is not None
+    d_arg, in_eights = _width_arg(d)
     _semi_hard_kernel[(triton.cdiv(n, bm),)](
-        x, labels, sq, inv_norm if has_inv_norm else sq, n_pos, pos_dist, chosen, chosen_dist, n, d,
+        x, labels, sq, inv_norm if has_inv_norm else sq, n_pos, pos_dist, chosen, chosen_dist, n, d_arg,
         DISTANCE=distance, HAS_INV_NORM=has_inv_norm, DOT_F32=upcast, PRECISION=precision, SLOTS=slots,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, D_IN_EIGHTS=in_eights, num_warps=warps, num_stages=stages)
 
 
 @triton.jit
@@ -685,11 +695,14 @@ def _batch_all_kernel(x_ptr, lab_ptr, sq_ptr, inv_ptr, npos_ptr, dap_ptr, w_ptr,
                       g_ptr, B, D, margin, SOFT: tl.constexpr, DISTANCE: tl.constexpr, HAS_INV_NORM: tl.constexpr,
                       HAS_GRAD: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, GRAD_F32: tl.constexpr,
                       GRAD_PRECISION: tl.constexpr, SLOTS: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DG: tl.constexpr, WHOLE: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DG: tl.constexpr, WHOLE: tl.constexpr,
+                      D_IN_EIGHTS: tl.constexpr):
     # grid (row blocks, feature blocks of BLOCK_DG): every program mines its rows' tiles over the full
     # width; the first feature block writes the losses, counts and positive slopes, each its share of g.
     # WHOLE (one feature block covers D): the rows are loaded once and each column tile once, whole,
     # for both products; else the Gram tile takes BLOCK_K slices and the gradient product its block.
+    if D_IN_EIGHTS:  # as in _mine_kernel
+        D = D * 8
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dblock = tl.program_id(1)
     first = dblock == 0
@@ -847,12 +860,13 @@ def triplet_batch_all_rows(x, labels, inv_norm, distance, margin, soft_margin, n
     bm, bn, bk, bdg, warps, stages, upcast, precision, grad_f32, grad_precision = _batch_all_config(x.dtype, d)
     has_grad = grad_rows is not None
     blocks = max(1, triton.cdiv(d, bdg)) if has_grad else 1  # one at a width of 0: the losses are still written
+    d_arg, in_eights = _width_arg(d)
     _batch_all_kernel[(triton.cdiv(n, bm), blocks)](
         x, labels, sq, inv_norm if inv_norm is not None else sq, n_pos, pos_dist, row_weight if has_grad else sq,
-        loss, count, pos_slope, grad_rows if has_grad else sq, n, d, float(margin), SOFT=bool(soft_margin),
+        loss, count, pos_slope, grad_rows if has_grad else sq, n, d_arg, float(margin), SOFT=bool(soft_margin),
         DISTANCE=distance, HAS_INV_NORM=inv_norm is not None, HAS_GRAD=has_grad, DOT_F32=upcast, PRECISION=precision,
         GRAD_F32=grad_f32 or upcast, GRAD_PRECISION=grad_precision, SLOTS=slots, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        BLOCK_DG=bdg, WHOLE=bdg >= d, num_warps=warps, num_stages=stages)
+        BLOCK_DG=bdg, WHOLE=bdg >= d, D_IN_EIGHTS=in_eights, num_warps=warps, num_stages=stages)
 
 
 def triplet_list_grad(x, inv_norm, grad_rows, offsets, others, coef, centered, grad_x, grad_inv_norm):
