@@ -7,6 +7,13 @@ call of every kernel family on both kernel backends (tests/kernel_calls.py), the
 every suite, and each example for a few steps. Every part runs even when an earlier one failed; one
 summary (DIR/summary.md: versions, each part passed or failed with its time and log, the benchmark
 tables) says what happened, and the exit status is 0 only when every part passed.
+
+Each step but the build has a time limit (LIMITS, or --limit PART=SECONDS): a step past it is
+interrupted (pytest then reports the failures so far), marked timed out, and the later parts still
+run, so that a call's length is bounded and it always ends with a summary (rewritten after every
+step). Where the machine is lent for about fifteen minutes, two calls fit: --parts
+build,tests,sanitizer, then --parts bench,examples. The test suite runs in pytest-xdist workers (the
+GPU is shared; each test's memory and launch checks are per process).
 """
 from __future__ import annotations
 
@@ -17,12 +24,17 @@ import glob
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PARTS = ("build", "tests", "sanitizer", "bench", "examples")
+# seconds per step of each part (None: no limit); the whole stays within about ten minutes
+LIMITS = {"build": None, "tests": 270.0, "sanitizer": 60.0, "bench": 240.0, "examples": 20.0}
+TIMED_OUT = 124  # a step's exit code when its limit stopped it
+GRACE_S = 20.0   # after SIGINT at the limit (pytest then prints its failures so far), before SIGKILL
 
 
 @dataclasses.dataclass
@@ -30,6 +42,7 @@ class Step:
     part: str
     name: str
     argv: list[str]
+    limit: float | None = None  # seconds
 
 
 @dataclasses.dataclass
@@ -41,9 +54,15 @@ class Outcome:
     last_line: str
 
 
+def _test_workers() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores // 2))
+
+
 def plan(parts, out: pathlib.Path, python: str = sys.executable, wheels: str | None = None,
-         sanitizer: str = "compute-sanitizer") -> list[Step]:
-    """The commands of each part, in order."""
+         sanitizer: str = "compute-sanitizer", limits: dict | None = None) -> list[Step]:
+    """The commands of each part, in order, each with its part's time limit."""
+    limits = dict(LIMITS, **(limits or {}))
     steps = []
     if "build" in parts:
         if wheels:
@@ -53,7 +72,8 @@ def plan(parts, out: pathlib.Path, python: str = sys.executable, wheels: str | N
         steps.append(Step("build", "extension", [python, "-m", "pip", "install", "-q", "-e", str(ROOT),
                                                  "--no-build-isolation"]))
     if "tests" in parts:
-        steps.append(Step("tests", "test suite", [python, "-m", "tests", "-q"]))
+        steps.append(Step("tests", "test suite", [python, "-m", "tests", "-q", "-n", str(_test_workers()),
+                                                  "--dist", "worksteal", "--durations=25"]))
     if "sanitizer" in parts:
         for tool in ("memcheck", "racecheck"):
             for backend in ("cuda", "triton"):
@@ -66,6 +86,8 @@ def plan(parts, out: pathlib.Path, python: str = sys.executable, wheels: str | N
         for example in sorted((ROOT / "examples").glob("[!_]*.py")):
             steps.append(Step("examples", example.stem, [python, str(example), "--steps", "20", "--out",
                                                          str(out / "examples")]))
+    for s in steps:
+        s.limit = limits[s.part]
     return steps
 
 
@@ -76,11 +98,24 @@ def run_step(step: Step, out: pathlib.Path) -> Outcome:
     with open(log, "w") as f:
         f.write("$ " + " ".join(step.argv) + "\n")
         f.flush()
-        try:
-            code = subprocess.call(step.argv, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        try:  # a session of its own, so that a step past its limit is stopped with all its children
+            proc = subprocess.Popen(step.argv, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         except OSError as exc:  # e.g. compute-sanitizer not on the PATH
             f.write(f"cannot run: {exc}\n")
             code = 127
+        else:
+            try:
+                code = proc.wait(timeout=step.limit)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGINT)
+                try:
+                    proc.wait(timeout=GRACE_S)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                f.flush()
+                f.write(f"timed out: stopped at its limit of {step.limit:.0f} s\n")
+                code = TIMED_OUT
     lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
     print(f"[{step.part}] {step.name}: {'passed' if code == 0 else f'FAILED ({code})'}", flush=True)
     return Outcome(step, code, time.monotonic() - start, log, lines[-1] if lines else "")
@@ -100,7 +135,12 @@ def summary(outcomes: list[Outcome], out: pathlib.Path, stack: str, date: str) -
     lines = [f"# GPU check, {date}", "", f"Stack: {stack}", "", "| part | step | result | time | log |",
              "| --- | --- | --- | --- | --- |"]
     for o in outcomes:
-        result = "passed" if o.code == 0 else f"**FAILED** (exit {o.code}): {o.last_line[:120]}"
+        if o.code == 0:
+            result = "passed"
+        elif o.code == TIMED_OUT and o.step.limit:
+            result = f"**TIMED OUT** at {o.step.limit:.0f} s (the log has what ran)"
+        else:
+            result = f"**FAILED** (exit {o.code}): {o.last_line[:120]}"
         lines.append(f"| {o.step.part} | {o.step.name} | {result} | {o.seconds:.0f} s | "
                      f"{o.log.relative_to(out)} |")
     failed = [o for o in outcomes if o.code != 0]
@@ -115,17 +155,31 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="gpu-out", help="folder for the logs, benchmark files and summary.md")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--limit", action="append", default=[], metavar="PART=SECONDS",
+                        help="time limit of each step of PART (0: none); defaults: "
+                             + ", ".join(f"{k}={v or 0:.0f}" for k, v in LIMITS.items()))
     parser.add_argument("--dry-run", action="store_true", help="print the commands and stop")
     args = parser.parse_args(argv)
     parts = [p for p in args.parts.split(",") if p]
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         parser.error(f"--parts: unknown {unknown}; choose from {','.join(PARTS)}")
+    limits = {}
+    for item in args.limit:
+        part, _, seconds = item.partition("=")
+        try:
+            value = float(seconds)
+        except ValueError:
+            value = -1.0
+        if part not in PARTS or value < 0:
+            parser.error(f"--limit: expected PART=SECONDS with PART one of {','.join(PARTS)}, got {item!r}")
+        limits[part] = value or None
     out = pathlib.Path(args.out).resolve()
-    steps = plan(parts, out, wheels=os.environ.get("LOSSFORGE_WHEELS"))
+    steps = plan(parts, out, wheels=os.environ.get("LOSSFORGE_WHEELS"), limits=limits)
     if args.dry_run:
         for s in steps:
-            print(f"[{s.part}] {s.name}: {' '.join(s.argv)}")
+            limit = f" (limit {s.limit:.0f} s)" if s.limit else ""
+            print(f"[{s.part}] {s.name}{limit}: {' '.join(s.argv)}")
         return 0
     import torch
 
@@ -136,10 +190,12 @@ def main(argv=None) -> int:
     if "sanitizer" in parts and shutil.which("compute-sanitizer") is None:
         print("warning: compute-sanitizer is not on the PATH: the sanitizer steps will fail", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
-    outcomes = [run_step(s, out) for s in steps]
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    text = summary(outcomes, out, versions(), date)
-    (out / "summary.md").write_text(text)
+    stack, outcomes, text = versions(), [], ""
+    for s in steps:  # the summary after every step: a call stopped from outside still leaves one
+        outcomes.append(run_step(s, out))
+        text = summary(outcomes, out, stack, date)
+        (out / "summary.md").write_text(text)
     print(text)
     return 0 if all(o.code == 0 for o in outcomes) else 1
 

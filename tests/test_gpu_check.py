@@ -29,6 +29,30 @@ def test_plan_covers_every_part(tmp_path):
     assert [s.part for s in gpu.plan(["bench"], tmp_path)] == ["bench"]
 
 
+def test_plan_bounds_every_step_but_the_build(tmp_path):
+    steps = gpu.plan(gpu.PARTS, tmp_path, python="py", wheels=None, limits={"bench": 90.0})
+    assert all((s.limit is None) == (s.part == "build") for s in steps)
+    assert {s.part: s.limit for s in steps}["bench"] == 90.0
+    suite = next(s for s in steps if s.part == "tests")
+    assert suite.limit == gpu.LIMITS["tests"] and suite.argv[3:5] == ["-q", "-n"]  # xdist workers on the GPU
+
+
+def test_a_step_past_its_limit_is_stopped_and_later_steps_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu, "GRACE_S", 0.5)
+    sleep = [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"]
+    # a child that ignores the interrupt is killed after the grace period
+    deaf = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                                  "print('started', flush=True); time.sleep(60)"]
+    for argv in (sleep, deaf):
+        outcome = gpu.run_step(gpu.Step("tests", "sleeper", argv, limit=1.0), tmp_path)
+        assert outcome.code == gpu.TIMED_OUT and outcome.seconds < 15, outcome
+        assert "started" in outcome.log.read_text() and outcome.last_line.startswith("timed out")
+    after = gpu.run_step(gpu.Step("bench", "quick", [sys.executable, "-c", "print('ok')"], limit=30.0), tmp_path)
+    assert after.code == 0 and after.last_line == "ok"
+    text = gpu.summary([outcome, after], tmp_path, "stack", "date")
+    assert "**TIMED OUT** at 1 s" in text and "1 of 2 steps passed." in text
+
+
 def test_plan_installs_wheels_first(tmp_path):
     (tmp_path / "a-1.0-py3-none-any.whl").write_text("")
     steps = gpu.plan(["build"], tmp_path, python="py", wheels=str(tmp_path))
