@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import datetime
 import glob
+import importlib.util
 import os
 import pathlib
 import shutil
@@ -54,9 +55,12 @@ class Outcome:
     last_line: str
 
 
-def _test_workers() -> int:
+def _test_workers() -> list[str]:
+    """pytest-xdist's arguments for the GPU suite: a worker per two cores, at most 8 (none without xdist)."""
+    if importlib.util.find_spec("xdist") is None:
+        return []
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores // 2))
+    return ["-n", str(max(1, min(8, cores // 2))), "--dist", "worksteal"]
 
 
 def plan(parts, out: pathlib.Path, python: str = sys.executable, wheels: str | None = None,
@@ -72,8 +76,7 @@ def plan(parts, out: pathlib.Path, python: str = sys.executable, wheels: str | N
         steps.append(Step("build", "extension", [python, "-m", "pip", "install", "-q", "-e", str(ROOT),
                                                  "--no-build-isolation"]))
     if "tests" in parts:
-        steps.append(Step("tests", "test suite", [python, "-m", "tests", "-q", "-n", str(_test_workers()),
-                                                  "--dist", "worksteal", "--durations=25"]))
+        steps.append(Step("tests", "test suite", [python, "-m", "tests", "-q", *_test_workers(), "--durations=25"]))
     if "sanitizer" in parts:
         for tool in ("memcheck", "racecheck"):
             for backend in ("cuda", "triton"):
