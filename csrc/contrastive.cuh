@@ -36,7 +36,9 @@
 // in [0, 1]), so row i's weights are at most bound_i = |s| (w_own |g_i| max r' + w_other max |g| r');
 // the exact power of two 2^e_i that brings bound_i just under 2^14 puts the row's largest weights
 // near the top of fp16's range (4x headroom below 65504), and the many small ones, down to 2^-28 of
-// bound_i, stay normal. The product accumulates in fp32 and finish_grad undoes 2^e_i exactly.
+// bound_i, stay normal. The product accumulates in fp32 and finish_grad undoes 2^e_i exactly. With
+// `normalize`, fp16 takes r'_j out of G and into the product's other rows (scale_rows_kernel): a row
+// below the norm floor has r' = 1e12, which in the bound would flush every other weight of the row.
 //
 // Designed work per call, B x M pairs, width D, e = element bytes, chunk buffers not counted as cached:
 //   forward   one product (2BMD FLOPs); S written once (4BM B), read by the row pass (4BM) and,
@@ -358,7 +360,9 @@ struct GradChunk {
   const int64_t* labels;
   Role own, other;
   void* g_out;   // (rows, n) G = 2^e s dZ r_o in the inputs' dtype, or null (no product wanted)
+  bool r_in_rows;      // r_o is folded into the product's other rows instead: G = 2^e s dZ (fp16)
   const float* bound;  // {max r_o, max |g_o| r_o} over the other side (weight_bound_kernel), with g_out
+                       // ({1, max |g_o|} with r_in_rows)
   float* unscale;      // (rows,) 2^-e of each row, with g_out
   float* ncoef;  // (rows,) s sum_o dZ c, for the normalisation's backward, or null
   float* coef0;  // (B,) grad_coef[0] by global row, or null
@@ -408,7 +412,7 @@ __global__ void __launch_bounds__(kThreads) pair_grad_kernel(const GradChunk c) 
     dz_c = fmaf(entry, cc, dz_c);
     dz += entry;
     total_c = fmaf(total, cc, total_c);
-    if (grow != nullptr) store_elem(grow + o, s * total * v.ro * up);
+    if (grow != nullptr) store_elem(grow + o, s * total * (c.r_in_rows ? 1.f : v.ro) * up);
   };
   stream_packets<kUnroll>(static_cast<int64_t>(threadIdx.x), c.n, static_cast<int64_t>(blockDim.x), load, use);
 
@@ -423,6 +427,19 @@ __global__ void __launch_bounds__(kThreads) pair_grad_kernel(const GradChunk c) 
   }
   if (c.ncoef != nullptr) c.ncoef[local] = s * total_c;
   if (grow != nullptr) c.unscale[local] = ldexpf(1.f, -e);
+}
+
+// out = r'_j y_j, row by row, in y's dtype: the chunked fp16 product's other rows with r' folded in
+// (normalised rows, within fp16's range), so that G need not carry r'. A row below the norm floor has
+// r' = 1e12, which in G would push the bound of every row's weights up by as much and flush its
+// other weights out of fp16 (the tiled backward stages r' with the rows for the same reason).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) scale_rows_kernel(const T* y, const float* inv, int64_t n, int64_t d,
+                                                              T* out) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n * d; i += step) {
+    store_elem(out + i, load_elem(y + i) * inv[i / d]);
+  }
 }
 
 struct FinishGrad {
