@@ -50,6 +50,12 @@ struct Elem<c10::BFloat16> {
   __device__ __forceinline__ static Raw store(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
 };
 
+// v rounded to T and back: the value a T operand carries.
+template <typename T>
+__device__ __forceinline__ float as_stored(float v) {
+  return Elem<T>::load(Elem<T>::store(v));
+}
+
 template <typename T>
 __device__ __forceinline__ float load_elem(const T* p) {
   return Elem<T>::load(*reinterpret_cast<const typename Elem<T>::Raw*>(p));

@@ -36,6 +36,10 @@ NO_INDEX = tl.constexpr(2147483647)  # jit code may read only constexpr globals
 # A Euclidean distance at most this had its Gram clamp active: no gradient (ops/triplet.py's CLAMPED_EUCLIDEAN).
 CLAMPED_EUCLIDEAN = tl.constexpr(1.000001e-6)
 EUCLIDEAN_EPS = tl.constexpr(1e-12)
+# How batch_all's gradient product holds its coefficients: as they are (fp32 rows), bf16, tf32 (fp16 rows)
+COEF_EXACT = tl.constexpr(0)
+COEF_BF16 = tl.constexpr(1)
+COEF_TF32 = tl.constexpr(2)
 
 
 @triton.jit
@@ -691,10 +695,24 @@ def triplet_semi_hard_mine(x, labels, inv_norm, distance, n_pos, pos_dist, chose
 
 
 @triton.jit
+def _operand_value(v, ROUND: tl.constexpr):
+    """fp32 v as the gradient product's operand holds it, the same bits on a GPU and in the interpreter
+    (whose casts truncate): bf16 to nearest even, tf32 (10 mantissa bits) to nearest, or as it is."""
+    if ROUND == COEF_BF16:
+        bits = v.to(tl.int32, bitcast=True)
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+    if ROUND == COEF_TF32:
+        bits = v.to(tl.int32, bitcast=True)
+        return ((bits + 0x1000) & -8192).to(tl.float32, bitcast=True)
+    return v
+
+
+@triton.jit
 def _batch_all_kernel(x_ptr, lab_ptr, sq_ptr, inv_ptr, npos_ptr, dap_ptr, w_ptr, loss_ptr, count_ptr, wpos_ptr,
                       g_ptr, B, D, margin, SOFT: tl.constexpr, DISTANCE: tl.constexpr, HAS_INV_NORM: tl.constexpr,
                       HAS_GRAD: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, GRAD_F32: tl.constexpr,
-                      GRAD_PRECISION: tl.constexpr, SLOTS: tl.constexpr, BLOCK_M: tl.constexpr,
+                      GRAD_PRECISION: tl.constexpr, COEF_ROUND: tl.constexpr, SLOTS: tl.constexpr,
+                      BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DG: tl.constexpr, WHOLE: tl.constexpr,
                       D_IN_EIGHTS: tl.constexpr):
     # grid (row blocks, feature blocks of BLOCK_DG): every program mines its rows' tiles over the full
@@ -767,9 +785,14 @@ def _batch_all_kernel(x_ptr, lab_ptr, sq_ptr, inv_ptr, npos_ptr, dap_ptr, w_ptr,
             w_c = tl.load(w_ptr + cols, mask=cmask, other=0.0)
             coef = -(from_rows * w_r[:, None] + from_cols * w_c[None, :]) * _grad_factor(dist, DISTANCE)
             coef = tl.where(neg, coef, 0.0)
-            g_sum += tl.sum(coef, axis=1)
             if HAS_INV_NORM:
                 coef = coef * inv_c[None, :]
+            # the rows' own term takes each coefficient as the product does, so that sum_n c_n (v_r - v_n)
+            # comes from one value of c_n (a close negative's large c_n, unrounded there, left its rounding
+            # times v_n in the row)
+            coef = _operand_value(coef, COEF_ROUND)
+            if DISTANCE != COSINE:
+                g_sum += tl.sum(tl.where(neg, coef / inv_c[None, :], 0.0) if HAS_INV_NORM else coef, axis=1)
             if not WHOLE:
                 x_c = tl.load(x_ptr + cols64[:, None] * D + dg[None, :], mask=cmask[:, None] & dgmask[None, :],
                               other=0.0)
@@ -838,15 +861,18 @@ def _list_grad_kernel(x_ptr, inv_ptr, g_ptr, off_ptr, other_ptr, coef_ptr, gx_pt
 
 
 def _batch_all_config(dtype, d):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_DG, warps, stages, upcast, precision, grad in fp32, grad precision)."""
+    """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_DG, warps, stages, upcast, precision, grad in fp32, grad precision,
+    the coefficients' rounding)."""
     width = max(16, triton.next_power_of_2(max(d, 1)))
-    if interpreting():  # 32-wide feature blocks: the tests' widths reach both WHOLE and the feature blocks
-        return 32, 32, 32, min(width, 32), 4, 1, True, "ieee", True, "ieee"
+    coef = {torch.bfloat16: COEF_BF16, torch.float16: COEF_TF32}.get(dtype, COEF_EXACT).value
+    if interpreting():  # 32-wide feature blocks: the tests' widths reach both WHOLE and the feature blocks;
+        # fp32 dots on the coefficients rounded as a GPU's product holds them
+        return 32, 32, 32, min(width, 32), 4, 1, True, "ieee", True, "ieee", coef
     if dtype == torch.float32:
-        return 64, 32, 32, min(width, 256), 8, 2, False, "ieee", True, "ieee"
+        return 64, 32, 32, min(width, 256), 8, 2, False, "ieee", True, "ieee", coef
     if dtype == torch.float16:  # fp32 operands for the gradient product (tf32), as bf16 otherwise
-        return 32, 16, 64, min(width, 512), 8, 2, False, "tf32", True, "tf32"
-    return 32, 16, 64, min(width, 512), 8, 2, False, "tf32", False, "tf32"
+        return 32, 16, 64, min(width, 512), 8, 2, False, "tf32", True, "tf32", coef
+    return 32, 16, 64, min(width, 512), 8, 2, False, "tf32", False, "tf32", coef
 
 
 def triplet_batch_all_rows(x, labels, inv_norm, distance, margin, soft_margin, n_pos, pos_dist, row_weight, loss,
@@ -857,7 +883,7 @@ def triplet_batch_all_rows(x, labels, inv_norm, distance, margin, soft_margin, n
         return
     slots = pos_dist.shape[1]
     sq = _row_sq_norms(x)
-    bm, bn, bk, bdg, warps, stages, upcast, precision, grad_f32, grad_precision = _batch_all_config(x.dtype, d)
+    bm, bn, bk, bdg, warps, stages, upcast, precision, grad_f32, grad_precision, coef = _batch_all_config(x.dtype, d)
     has_grad = grad_rows is not None
     blocks = max(1, triton.cdiv(d, bdg)) if has_grad else 1  # one at a width of 0: the losses are still written
     d_arg, in_eights = _width_arg(d)
@@ -865,8 +891,9 @@ def triplet_batch_all_rows(x, labels, inv_norm, distance, margin, soft_margin, n
         x, labels, sq, inv_norm if inv_norm is not None else sq, n_pos, pos_dist, row_weight if has_grad else sq,
         loss, count, pos_slope, grad_rows if has_grad else sq, n, d_arg, float(margin), SOFT=bool(soft_margin),
         DISTANCE=distance, HAS_INV_NORM=inv_norm is not None, HAS_GRAD=has_grad, DOT_F32=upcast, PRECISION=precision,
-        GRAD_F32=grad_f32 or upcast, GRAD_PRECISION=grad_precision, SLOTS=slots, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        BLOCK_DG=bdg, WHOLE=bdg >= d, D_IN_EIGHTS=in_eights, num_warps=warps, num_stages=stages)
+        GRAD_F32=grad_f32 or upcast, GRAD_PRECISION=grad_precision, COEF_ROUND=coef, SLOTS=slots, BLOCK_M=bm,
+        BLOCK_N=bn, BLOCK_K=bk, BLOCK_DG=bdg, WHOLE=bdg >= d, D_IN_EIGHTS=in_eights, num_warps=warps,
+        num_stages=stages)
 
 
 def triplet_list_grad(x, inv_norm, grad_rows, offsets, others, coef, centered, grad_x, grad_inv_norm):

@@ -320,33 +320,52 @@ def _row_powers(coef):
     return torch.exp2((HALF_TOP_EXPONENT - exponent).clamp(-120, 120).to(F32))
 
 
-def _subtract_product(acc, coef, rows):
-    """acc -= coef @ rows for fp32 acc and coef (C rows), where the device has fp32-output products
-    (elsewhere, as in the interpreter tests, fp32 copies of the rows): bf16 (fp32's range) takes the
-    coefficients rounded as they are; fp16 scaled coefficient rows, an fp32 product (C x D) and the rows
-    scaled back."""
-    if rows.dtype == F32:
-        acc.addmm_(coef, rows, alpha=-1)
-    elif rows.dtype == torch.bfloat16 and fp32_out_products(acc.device):
-        torch.ops.aten.addmm.dtype_out(acc, coef.to(rows.dtype), rows, F32, alpha=-1, out=acc)
-    elif fp32_out_products(acc.device, "mm"):
+def _operand(coef, rows):
+    """(operand, power): the C x B coefficients as the product with half `rows` takes them, where the
+    device multiplies half operands into fp32: bf16 rounded as they are (power None), fp16 each row times
+    `power` (_row_powers) and rounded; elsewhere (fp32 rows, or no such product) coef itself, exact."""
+    if rows.dtype == torch.bfloat16 and fp32_out_products(coef.device):
+        return coef.to(rows.dtype), None
+    if rows.dtype != F32 and fp32_out_products(coef.device, "mm"):
         power = _row_powers(coef)
-        rounded = torch.mul(coef, power, out=coef.new_empty(coef.shape, dtype=rows.dtype))  # (fp32 math)
-        product = torch.ops.aten.mm.dtype_out(rounded, rows, F32, out=acc.new_empty(acc.shape))
+        return torch.mul(coef, power, out=coef.new_empty(coef.shape, dtype=rows.dtype)), power  # (fp32 math)
+    return coef, None
+
+
+def _rounds_transposed(rows):
+    """Whether the transposed product (onto all B rows) rounds its coefficients: bf16 rows, as they are;
+    fp16 keeps fp32 operands (a cost of fp32 arithmetic, see bench/NOTES.md), as scaling the block's
+    columns would need a B x D product buffer per chunk to undo it."""
+    return rows.dtype == torch.bfloat16 and fp32_out_products(rows.device)
+
+
+def _transposed_operand(coef, rows):
+    """coef as the transposed product takes it (_rounds_transposed)."""
+    return coef.to(rows.dtype) if _rounds_transposed(rows) else coef
+
+
+def _held(operand, power, out):
+    """The fp32 values a product operand stands for, into out (C x B fp32)."""
+    return torch.div(operand, power, out=out) if power is not None else out.copy_(operand)
+
+
+def _subtract_product(acc, operand, power, rows):
+    """acc -= (operand / power) @ rows for fp32 acc, with (operand, power) from _operand."""
+    if operand.dtype == F32:
+        acc.addmm_(operand, rows if rows.dtype == F32 else rows.to(F32), alpha=-1)
+    elif power is None:
+        torch.ops.aten.addmm.dtype_out(acc, operand, rows, F32, alpha=-1, out=acc)
+    else:
+        product = torch.ops.aten.mm.dtype_out(operand, rows, F32, out=acc.new_empty(acc.shape))
         acc.addcdiv_(product, power, value=-1)
-    else:
-        acc.addmm_(coef, rows.to(F32), alpha=-1)
 
 
-def _subtract_transposed_product(acc, coef, rows):
-    """acc -= coef^T @ rows for fp32 acc (B rows) and coef (C x B), rows (C x D). bf16 has fp32's range:
-    its coefficients are rounded as they are. fp16 takes fp32 operands (a cost of fp32 arithmetic,
-    see bench/NOTES.md), as scaling the C x B block's columns would need a B x D product buffer per
-    chunk to undo it."""
-    if rows.dtype == torch.bfloat16 and fp32_out_products(acc.device):
-        torch.ops.aten.addmm.dtype_out(acc, coef.t().to(rows.dtype), rows, F32, alpha=-1, out=acc)
+def _subtract_transposed_product(acc, operand, rows):
+    """acc -= operand^T @ rows for fp32 acc (B rows), operand from _transposed_operand, rows (C x D)."""
+    if operand.dtype == F32:
+        acc.addmm_(operand.t(), rows if rows.dtype == F32 else rows.to(F32), alpha=-1)
     else:
-        acc.addmm_(coef.t(), rows if rows.dtype == F32 else rows.to(F32), alpha=-1)
+        torch.ops.aten.addmm.dtype_out(acc, operand.t(), rows, F32, alpha=-1, out=acc)
 
 
 def _squared_norms(x):
@@ -399,21 +418,34 @@ class _RowGradient:
     def add(self, start, stop, coef):
         x, inv = self.chunks.x, self.chunks.inv_norm
         x_c, g_c = x[start:stop], self.g[start:stop]
+        inv_c = None if inv is None else inv[start:stop]
+        buf = self.chunks.gram[:stop - start]  # the Gram block is free once the kernel has read it
+        # Each side's centered term sum_j c_j (v_r - v_j) = (sum_j c_j) v_r - sum_j c_j v_j takes every c_j
+        # as its product holds it (rounded to the rows' dtype): a close pair's large c_j, unrounded in the
+        # sum, left its rounding times v_j in the row.
+        # The anchors' side: (c_aj r_j) x_j in the product, (sum_j c_aj) r_a x_a beside it.
+        own = coef if inv is None else torch.mul(coef, inv[None, :], out=buf)
+        operand, power = _operand(own, x)
+        rounded_cols = _rounds_transposed(x)
         if self.centered:
-            rows, cols = coef.sum(1), coef.sum(0)
-            if inv is not None:
-                rows, cols = rows * inv[start:stop], cols * inv
-            g_c.addcmul_(x_c, rows[:, None])
-            self.g.addcmul_(x, cols[:, None])
-        if inv is None:
-            _subtract_product(g_c, coef, x)
-            _subtract_transposed_product(self.g, coef, x_c)
-            return
-        scaled = self.chunks.gram[:stop - start]  # the Gram block is free once the kernel has read it
-        torch.mul(coef, inv[None, :], out=scaled)
-        _subtract_product(g_c, scaled, x)
-        coef.mul_(inv[start:stop, None])
-        _subtract_transposed_product(self.g, coef, x_c)
+            if operand is own:  # exact products
+                rows = coef.sum(1)
+            else:
+                held = _held(operand, power, buf)
+                rows = held.sum(1) if inv is None else (held / inv[None, :]).sum(1)
+            cols = None if rounded_cols else coef.sum(0)
+            g_c.addcmul_(x_c, (rows if inv is None else rows * inv_c)[:, None])
+        _subtract_product(g_c, operand, power, x)
+        # The columns' side: (c_aj r_a) x_a in the product, (sum_a c_aj) r_j x_j beside it.
+        if inv is not None:
+            coef.mul_(inv_c[:, None])
+        operand = _transposed_operand(coef, x)
+        if self.centered:
+            if rounded_cols:
+                held = buf.copy_(operand)
+                cols = held.sum(0) if inv is None else (held / inv_c[:, None]).sum(0)
+            self.g.addcmul_(x, (cols if inv is None else cols * inv)[:, None])
+        _subtract_transposed_product(self.g, operand, x_c)
 
     def write(self, grads):
         grad_x, grad_inv_norm = grads
