@@ -60,7 +60,10 @@ def assert_same_training(model, inputs, backend, **options):
     torch.testing.assert_close(got.loss, expected.loss, rtol=1e-5, atol=1e-7)
     assert got_grads.keys() == expected_grads.keys() and expected_grads
     for name, grad in expected_grads.items():
-        torch.testing.assert_close(got_grads[name], grad, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+        # fp32 gradients that came back through the model in another summation order: each element within
+        # 1e-5 of itself or of the tensor's largest (a sum that cancels keeps the others' rounding)
+        atol = max(1e-7, 1e-5 * float(grad.abs().max()))
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-5, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
