@@ -278,21 +278,13 @@ size_t tiled_gradient_smem(const at::Tensor& x) {
   return bytes + kGradStaticSmem + limits.reserved <= limits.optin ? static_cast<size_t>(bytes) : 0;
 }
 
-// One pass on tile_grad_kernel: the bound of the row scaling (with `out`), then one launch; nothing
-// of size (rows, n) or (rows, d) in device memory.
+// One pass on tile_grad_kernel: one launch; nothing of size (rows, n) or (rows, d) in device memory.
 void tiled_gradient_pass(const Side& own, const Side& other, const GradChunk& proto, int64_t kind, bool normalize,
                          bool has_own, bool has_other, bool columns, const at::Tensor* out, size_t smem) {
   const at::Tensor& x = *own.x;
   const at::Tensor& y = *other.x;
   TileGrad f{};
-  at::Tensor bound;
-  if (out != nullptr) {
-    bound = at::empty({2}, x.options().dtype(at::kFloat));
-    launch(x.device(), &weight_bound_kernel, 1, kThreads, 0, static_cast<const float*>(nullptr),
-           has_other ? proto.other.g : nullptr, y.size(0), bound.data_ptr<float>());
-    f.bound = bound.data_ptr<float>();
-    f.out = out->data_ptr();
-  }
+  if (out != nullptr) f.out = out->data_ptr();
   f.own = x.data_ptr();
   f.other = y.data_ptr();
   f.n_own = x.size(0);
@@ -301,6 +293,7 @@ void tiled_gradient_pass(const Side& own, const Side& other, const GradChunk& pr
   f.inv_own = own.inv;
   f.inv_other = other.inv;
   f.proj_own = own.proj;
+  f.proj_other = other.proj;
   f.logit_scale = proto.logit_scale;
   f.logit_bias = proto.logit_bias;
   f.labels = proto.labels;

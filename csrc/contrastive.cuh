@@ -51,19 +51,20 @@
 //             Half inputs (tiled): no S or G traffic; per pass each block of 32 rows stages every
 //             other tile twice (rows for S, transposed for the gradient): (B / 32) x 2 M D e bytes
 //             of loads (D e / 16 bytes per similarity, from L2 mostly), and its fp32 accumulator
-//             (32 x D) is read and written in shared memory once per tile; two launches per pass
-//             (weight_bound, tile_grad), device memory beyond the outputs: the inverse norms.
+//             (32 x D) is read and written in shared memory once per tile; one launch per pass
+//             (tile_grad), device memory beyond the outputs: the inverse norms.
 //
 // Compile facts (nvcc 13.0, -O3, ptxas -v, sm_80 / sm_90): registers tile_stats 72-142 (InfoNCE 72,
 // SigLIP 72-80, SupCon 105-142; 18.3 KiB of static shared memory), finish_symmetric_tiles 10, row_stats 27-46, col_stats 30-32,
 // pair_grad 32-48 (SupCon 63-72), finish_grad 27-32, inv_norm 32, finish_symmetric 12-17, weight_bound
-// 14-19, tile_grad 78-102 (SupCon 92-102; 19.9-21.4 KiB of static shared memory, plus 128 bytes per
+// 14-19, tile_grad 72-106 (20.1-21.6 KiB of static shared memory, plus 128 bytes per
 // feature of dynamic); no stack frame, no spills, no local memory in the SASS; about 2 minutes to
 // compile on an idle machine (contrastive.cu, the one file that includes this header).
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "common.cuh"
 #include "enums.h"
@@ -673,19 +674,21 @@ __global__ void __launch_bounds__(kThreads) finish_symmetric_tiles_kernel(int64_
 //   1. S (kGradRows x 64) = own . other^T over the full width, staged 64 features at a time as in the
 //      forward (the same k steps in the same order, so each S entry is the forward's); the warps split
 //      the tile's columns.
-//   2. Each lane turns its S entries into the row's scaled pair weights W = 2^e_i s dZ_ij
-//      (pair_grad_kernel's arithmetic) and the row sums for grad_coef and the normalisation, and
-//      writes W, rounded to the inputs' dtype, to shared memory in the A-operand layout: the fp32 C
-//      fragments of two adjacent 8-column tiles are one 16-wide k step of A.
-//   3. acc (kGradRows x D, fp32, in shared memory) += W . (r' other): the other tile is staged again
-//      64 features at a time, transposed (pairs of other rows per feature: the B operand), its rows
-//      multiplied by r'_j and rounded (unit rows: every element in [-1, 1]), and each warp takes 8 of
-//      each 64 features for all of the block's rows.
-// The row scaling: r'_j stays out of W, so row i's weights are bounded by
-// bound_i = |s| (w_own |g_i| + w_other max_j |g_j|) alone, and 2^e_i puts them under 2^14 as in the
-// chunked pass (a clamped row's r' = 1e12 there scales every other row's weights below fp16's range).
+//   2. Each lane turns its S entries into the row's pair weights W = s dZ_ij r'_j (pair_grad_kernel's
+//      arithmetic) and the row sums for grad_coef, and writes W, rounded to the inputs' dtype (fp16:
+//      times the row's running power of two, scale_row_weights), to shared memory in the A-operand
+//      layout: the fp32 C fragments of two adjacent 8-column tiles are one 16-wide k step of A.
+//   3. acc (kGradRows x D, fp32, in shared memory) += W . other: the other tile is staged again 64
+//      features at a time as it is (exact), transposed (pairs of other rows per feature: the B operand),
+//      and each warp takes 8 of each 64 features for all of the block's rows.
+// The normalisation's radial sum r_i sum_j W_ij S_ij takes each W_ij as the product holds it, so that
+// grad = r (acc - (acc . x^) x^) is formed from one value of each weight: with the fp32 W there (and the
+// other rows staged times r' and rounded), nearly identical rows lost their small tangential gradient
+// to the difference (29 % of a bf16 row at cos ~1). A clamped fp16 row is all zeros (no nonzero fp16
+// row has a norm below 1e-12): its weight is 0, so that its r' = 1e12 stays out of the row maxima.
 // At the end the row sums merge in a fixed order (lanes, then warps), grad_coef is written, and
-// grad = r (2^-e acc - s sum_j W c r x) (2^-e acc without `normalize`) goes out in the inputs' dtype.
+// grad = r (u acc - u (sum_j W S) r^2 x) (u acc without `normalize`, u = 2^-shift) goes out in the
+// inputs' dtype.
 // Nothing is accumulated across blocks (no atomics). The column role (own = key rows, other = query
 // rows, for grad_key) is the same kernel on S^T with c in the forward's product order.
 
@@ -713,8 +716,7 @@ struct TileGrad {
   const float* logit_bias;
   const int64_t* labels;  // SupCon
   Role own_role, other_role;
-  const float* bound;  // {1, max |g|} over the other side (weight_bound_kernel without r': r' is in the
-                       // staged other rows, not in W), with out
+  const float* proj_other;  // r^2 where the norm is not clamped, else 0 (with `normalize`)
   void* out;           // the own side's gradient, or null
   float* coef0;        // grad_coef rows by own row, or null
   float* coef1;
@@ -725,7 +727,7 @@ struct TileGrad {
 
 // tile_grad_kernel's static shared memory.
 constexpr int64_t kGradStaticSmem = 2 * sizeof(Staged<kGradRows>) + sizeof(StagedRows) +
-                                    kTileCols * (sizeof(float) + sizeof(int64_t) + sizeof(Anchor)) +
+                                    kTileCols * (2 * sizeof(float) + sizeof(int64_t) + sizeof(Anchor)) +
                                     kGradRows * sizeof(float) * (1 + 3 * kGradWarpsPerRowTile);
 
 // The shared accumulator's bytes (dynamic shared memory) for width d.
@@ -734,17 +736,13 @@ inline int64_t grad_acc_bytes(int64_t d) {
   return kGradRows * grad_acc_stride(d) * static_cast<int64_t>(sizeof(float));
 }
 
-// Rows [row0, row0 + 64) x features [k0, k0 + kTileK) of x (rows x d) into dst transposed, each row
-// times its scale[r] (kScale) and rounded back to T: dst[f][p] holds rows 2p (low half) and 2p + 1 at
-// feature k0 + f, the B operand of W . x; zero outside x.
-template <typename T, bool kScale>
+// Rows [row0, row0 + 64) x features [k0, k0 + kTileK) of x (rows x d) into dst transposed: dst[f][p]
+// holds rows 2p (low half) and 2p + 1 at feature k0 + f, the B operand of W . x; zero outside x.
+template <typename T>
 __device__ __forceinline__ void stage_columns(StagedRows& dst, const T* x, int64_t row0, int64_t rows, int64_t d,
-                                              int64_t k0, bool vec, const float* scale) {
+                                              int64_t k0, bool vec) {
   using Raw = typename Elem<T>::Raw;
   const Raw* raw = reinterpret_cast<const Raw*>(x);
-  auto scaled = [&](uint32_t v, float by) -> uint32_t {
-    return kScale ? Elem<T>::store(Elem<T>::load(static_cast<Raw>(v)) * by) : v;
-  };
   if (vec) {
     constexpr int kPackets = kTileK / 8;
     for (int i = threadIdx.x; i < kTilePairs * kPackets; i += blockDim.x) {
@@ -754,11 +752,10 @@ __device__ __forceinline__ void stage_columns(StagedRows& dst, const T* x, int64
       if (k < d && row < rows) lo = ld_keep(raw + row * d + k);
       if (k < d && row + 1 < rows) hi = ld_keep(raw + (row + 1) * d + k);
       const uint32_t a[4] = {lo.x, lo.y, lo.z, lo.w}, b[4] = {hi.x, hi.y, hi.z, hi.w};
-      const float sa = kScale ? scale[2 * p] : 1.f, sb = kScale ? scale[2 * p + 1] : 1.f;
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        dst[8 * q + 2 * e][p] = scaled(a[e] & 0xffffu, sa) | (scaled(b[e] & 0xffffu, sb) << 16);
-        dst[8 * q + 2 * e + 1][p] = scaled(a[e] >> 16, sa) | (scaled(b[e] >> 16, sb) << 16);
+        dst[8 * q + 2 * e][p] = (a[e] & 0xffffu) | (b[e] << 16);
+        dst[8 * q + 2 * e + 1][p] = (a[e] >> 16) | (b[e] & 0xffff0000u);
       }
     }
   } else {
@@ -767,8 +764,8 @@ __device__ __forceinline__ void stage_columns(StagedRows& dst, const T* x, int64
       const int64_t row = row0 + 2 * p, k = k0 + f;
       uint32_t lo = 0, hi = 0;
       if (k < d) {
-        if (row < rows) lo = scaled(raw[row * d + k], kScale ? scale[2 * p] : 1.f);
-        if (row + 1 < rows) hi = scaled(raw[(row + 1) * d + k], kScale ? scale[2 * p + 1] : 1.f);
+        if (row < rows) lo = raw[row * d + k];
+        if (row + 1 < rows) hi = raw[(row + 1) * d + k];
       }
       dst[f][p] = lo | (hi << 16);
     }
@@ -782,21 +779,15 @@ struct GradRow {
   float ra;
   int64_t label;
   Anchor mine;  // the own role's anchor (kOwn)
-  float up;     // 2^e, the row scaling of W
 };
 
-template <int kKind, bool kNorm, bool kOwn, bool kOther>
-__device__ __forceinline__ GradRow grad_row(const TileGrad& f, int64_t a, float s) {
-  GradRow r{a, a < f.n_own, 1.f, 0, Anchor{0.f, 0.f, 0.f, false}, 1.f};
+template <int kKind, bool kNorm, bool kOwn>
+__device__ __forceinline__ GradRow grad_row(const TileGrad& f, int64_t a) {
+  GradRow r{a, a < f.n_own, 1.f, 0, Anchor{0.f, 0.f, 0.f, false}};
   if (!r.valid) return r;
   r.ra = inv_norm_at<kNorm>(f.inv_own, a);
   if constexpr (kKind == kSupCon) r.label = f.labels[a];
   if constexpr (kOwn) r.mine = anchor_of<kKind>(f.own_role, a);
-  if (f.out != nullptr) {
-    const float own_bound = kOwn ? f.own_role.weight * fabsf(r.mine.g) * f.bound[0] : 0.f;
-    const float other_bound = kOther ? f.other_role.weight * f.bound[1] : 0.f;
-    r.up = ldexpf(1.f, weight_exponent(fabsf(s) * (own_bound + other_bound)));
-  }
   return r;
 }
 
@@ -804,6 +795,7 @@ __device__ __forceinline__ GradRow grad_row(const TileGrad& f, int64_t a, float 
 // instantiation at 64 registers and spilled on sm_90.
 template <typename T, int kKind, bool kNorm, bool kOwn, bool kOther>
 __global__ void __launch_bounds__(kGradThreads, 1) tile_grad_kernel(const TileGrad f) {
+  constexpr bool kScaled = std::is_same<T, c10::Half>::value;  // W's running row scale (bf16: fp32's range)
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   const int g = lane / 4, t = lane % 4;
   const int tile = warp / kGradWarpsPerRowTile;                                 // the warp's S rows
@@ -818,6 +810,7 @@ __global__ void __launch_bounds__(kGradThreads, 1) tile_grad_kernel(const TileGr
   __shared__ StagedRows s_other;  // the other tile's chunk: rows for S, then transposed for W . other
   __shared__ Staged<kGradRows> s_w;  // the tile's W as A fragments: kGradRows x 64 other rows
   __shared__ float s_ro[kTileCols];
+  __shared__ float s_rw[kTileCols];  // r'_j in W (fp16: 0 for a clamped, all-zero row)
   __shared__ int64_t s_label[kTileCols];
   __shared__ Anchor s_anchor[kTileCols];  // the other role's anchors (kOther)
   __shared__ float s_unscale[kGradRows];
@@ -826,16 +819,16 @@ __global__ void __launch_bounds__(kGradThreads, 1) tile_grad_kernel(const TileGr
 
   GradRow rows[2];
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int local = tile * 16 + g + 8 * h;
-    rows[h] = grad_row<kKind, kNorm, kOwn, kOther>(f, row0 + local, s);
-    if (t == 0 && warp % kGradWarpsPerRowTile == 0) s_unscale[local] = 1.f / rows[h].up;  // exact
-  }
+  for (int h = 0; h < 2; ++h) rows[h] = grad_row<kKind, kNorm, kOwn>(f, row0 + tile * 16 + g + 8 * h);
   if (has_out) {
     for (int i = threadIdx.x; i < kGradRows * f.acc_stride; i += blockDim.x) grad_acc[i] = 0.f;
   }
-  // sum_j dZ c and sum_j dZ (grad_coef; SupCon: the anchor role only), sum_j W c (normalisation)
-  float dz_c[2] = {0.f, 0.f}, dz[2] = {0.f, 0.f}, total_c[2] = {0.f, 0.f};
+  // sum_j dZ c and sum_j dZ (grad_coef; SupCon: the anchor role only), sum_j W S (normalisation, W as
+  // the product holds it)
+  float dz_c[2] = {0.f, 0.f}, dz[2] = {0.f, 0.f}, w_s[2] = {0.f, 0.f};
+  int shift[kGradRowTiles][2];  // fp16: every row tile's rows g, g + 8 (the warp accumulates them all)
+#pragma unroll
+  for (int i = 0; i < kGradRowTiles; ++i) shift[i][0] = shift[i][1] = kScaled ? 126 : 0;
 
   const TileOperands<T> op{own, other, row0, f.n_own, f.n_other, f.d, f.vec};
   for (int64_t j0 = 0; j0 < f.n_other; j0 += kTileCols) {
@@ -845,6 +838,7 @@ __global__ void __launch_bounds__(kGradThreads, 1) tile_grad_kernel(const TileGr
         const int64_t j = j0 + threadIdx.x;
         const bool in = j < f.n_other;
         s_ro[threadIdx.x] = in ? inv_norm_at<kNorm>(f.inv_other, j) : 1.f;
+        s_rw[threadIdx.x] = kScaled && kNorm && in && f.proj_other[j] == 0.f ? 0.f : s_ro[threadIdx.x];
         if constexpr (kKind == kSupCon) s_label[threadIdx.x] = in ? f.labels[j] : 0;
         if constexpr (kOther) {
           s_anchor[threadIdx.x] = in ? anchor_of<kKind>(f.other_role, j) : Anchor{0.f, 0.f, 0.f, false};
@@ -853,12 +847,12 @@ __global__ void __launch_bounds__(kGradThreads, 1) tile_grad_kernel(const TileGr
     });
 
     // The lane's entries: rows g, g + 8 (h), columns col0 + 8 n + 2 t + e.
+    float w[kGradSimTiles][2][2];
 #pragma unroll
     for (int n = 0; n < kGradSimTiles; ++n) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const GradRow& r = rows[h];
-        float w[2];
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int local = col0 + n * 8 + 2 * t + e;
@@ -877,13 +871,34 @@ __global__ void __launch_bounds__(kGradThreads, 1) tile_grad_kernel(const TileGr
           const float cv = valid ? cc : 0.f;
           dz_c[h] = fmaf(entry, cv, dz_c[h]);
           dz[h] += entry;
-          total_c[h] = fmaf(total, cv, total_c[h]);
-          w[e] = s * total * r.up;  // r'_j is in the staged other rows
+          w[n][h][e] = s * total * s_rw[local];
+          sim[n][2 * h + e] = valid ? sv : 0.f;  // (the radial sum's S)
         }
-        if (has_out) s_w[tile * 16 + g + 8 * h][col0 / 2 + n * 4 + t] = pack_pair<T>(w[0], w[1]);
       }
     }
     if (!has_out) continue;  // the same for the whole block
+
+    float rescale[kGradRowTiles][2];
+#pragma unroll
+    for (int i = 0; i < kGradRowTiles; ++i) rescale[i][0] = rescale[i][1] = 1.f;
+    if constexpr (kScaled) {
+      scale_row_weights<kGradSimTiles, kGradRows, kGradWarpsPerRowTile, kGradRowTiles>(
+          w, shift, rescale, &s_sums[0][0][0], tile, 0, warp % kGradWarpsPerRowTile, lane);
+    }
+#pragma unroll
+    for (int n = 0; n < kGradSimTiles; ++n) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float down = kScaled ? ldexpf(1.f, -shift_of(shift, tile, h)) : 1.f;  // this tile's scale, undone
+        float held[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          held[e] = as_stored<T>(w[n][h][e]);
+          if constexpr (kNorm) w_s[h] = fmaf(held[e] * down, sim[n][2 * h + e], w_s[h]);
+        }
+        s_w[tile * 16 + g + 8 * h][col0 / 2 + n * 4 + t] = pack_pair<T>(held[0], held[1]);
+      }
+    }
 
     __syncthreads();  // W is complete; every warp is done with the staged rows
     uint32_t wa[kGradRowTiles][4][4];
@@ -894,7 +909,7 @@ __global__ void __launch_bounds__(kGradThreads, 1) tile_grad_kernel(const TileGr
     }
     for (int64_t c0 = 0; c0 < f.d; c0 += kTileK) {
       if (c0 > 0) __syncthreads();  // the previous chunk's fragment loads are done
-      stage_columns<T, kNorm>(s_other, other, j0, f.n_other, f.d, c0, f.vec, s_ro);
+      stage_columns<T>(s_other, other, j0, f.n_other, f.d, c0, f.vec);
       __syncthreads();
       const int64_t f0 = c0 + warp * kGradWarpFeatures;
       if (f0 >= f.d) continue;
@@ -905,7 +920,7 @@ __global__ void __launch_bounds__(kGradThreads, 1) tile_grad_kernel(const TileGr
           accumulate_rows<T>(grad_acc, f.acc_stride, rt * 16, f0 + n * 8, wa[rt], lane,
                              [&](uint32_t (&fb)[2], int ks) {
             mma::load_b(fb, &s_other[warp * kGradWarpFeatures + n * 8][ks * 8], kTileStride, lane);
-          });
+          }, rescale[rt][0], rescale[rt][1]);
         }
       }
     }
@@ -918,13 +933,14 @@ __global__ void __launch_bounds__(kGradThreads, 1) tile_grad_kernel(const TileGr
     for (int off = 1; off < 4; off *= 2) {
       dz_c[h] += __shfl_xor_sync(0xffffffffu, dz_c[h], off);
       dz[h] += __shfl_xor_sync(0xffffffffu, dz[h], off);
-      total_c[h] += __shfl_xor_sync(0xffffffffu, total_c[h], off);
+      w_s[h] += __shfl_xor_sync(0xffffffffu, w_s[h], off);
     }
     if (t == 0) {
       const int local = tile * 16 + g + 8 * h, part = warp % kGradWarpsPerRowTile;
       s_sums[0][part][local] = dz_c[h];
       s_sums[1][part][local] = dz[h];
-      s_sums[2][part][local] = total_c[h];
+      s_sums[2][part][local] = w_s[h];
+      if (part == 0) s_unscale[local] = ldexpf(1.f, -shift_of(shift, tile, h));  // (every warp's is the same)
     }
   }
   __syncthreads();
@@ -940,12 +956,13 @@ __global__ void __launch_bounds__(kGradThreads, 1) tile_grad_kernel(const TileGr
       f.coef0[a] = sums[0];
       f.coef1[a] = sums[1];
     }
-    s_sums[2][0][local] = s * sums[2];  // the normalisation's coefficient
+    // the normalisation's coefficient acc . x^ = r sum_j W S
+    s_sums[2][0][local] = a < f.n_own ? inv_norm_at<kNorm>(f.inv_own, a) * sums[2] : 0.f;
   }
   if (!has_out) return;
   __syncthreads();
 
-  // grad = r (u acc - coef r x) = r u acc - coef r^2 x with u = 2^-e; without `normalize`, u acc.
+  // grad = r (u acc - coef r x) = r u acc - coef r^2 x with u = 2^-shift; without `normalize`, u acc.
   T* out = static_cast<T*>(f.out);
   const int64_t rows_here = min(static_cast<int64_t>(kGradRows), f.n_own - row0);
   for (int64_t i = threadIdx.x; i < rows_here * f.d; i += blockDim.x) {

@@ -120,6 +120,59 @@ __device__ __forceinline__ void load_b_across_rows(uint32_t (&b)[2], const uint3
   b[1] = elem(2 * t + 8) | (elem(2 * t + 9) << 16);
 }
 
+// Running per-row scaling of fp16 weights before they are rounded to A operands (batch_all's
+// coefficients, the contrastive backward's W), where no bound is known before the weights are seen:
+// each row's weights are multiplied by 2^shift, shift the largest that keeps the row's weights so far
+// below 2^14 (weight_exponent). When a tile lowers it, the row's fp32 accumulator is multiplied by
+// 2^(new - old) as it is next read (`rescale`, for accumulate_rows), as flash attention rescales its
+// output; 2^-shift undoes it at the end, exactly. The lane's weights w[n][h][e] are of rows
+// tile * 16 + g + 8 h; shift and rescale are kept for rows g, g + 8 of the kTiles row tiles from
+// first_tile that the lane's warp accumulates. scratch: kWarpsPerRowTile x kRows floats; one barrier.
+// shift[i][h] for a runtime i, by selects (an indexed register array would live in local memory).
+template <int kTiles>
+__device__ __forceinline__ int shift_of(const int (&shift)[kTiles][2], int i, int h) {
+  int v = shift[0][h];
+#pragma unroll
+  for (int k = 1; k < kTiles; ++k) v = k == i ? shift[k][h] : v;
+  return v;
+}
+
+template <int kSimTiles, int kRows, int kWarpsPerRowTile, int kTiles>
+__device__ __forceinline__ void scale_row_weights(float (&w)[kSimTiles][2][2], int (&shift)[kTiles][2],
+                                                  float (&rescale)[kTiles][2], float* scratch, int tile,
+                                                  int first_tile, int part, int lane) {
+  const int g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float m = 0.f;  // fmaxf skips NaN: a NaN weight passes through unscaled, as NaN
+#pragma unroll
+    for (int n = 0; n < kSimTiles; ++n) m = fmaxf(m, fmaxf(fabsf(w[n][h][0]), fabsf(w[n][h][1])));
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+    if (t == 0) scratch[part * kRows + tile * 16 + g + 8 * h] = m;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < kTiles; ++i) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float m = 0.f;
+      const int row = (first_tile + i) * 16 + g + 8 * h;
+#pragma unroll
+      for (int q = 0; q < kWarpsPerRowTile; ++q) m = fmaxf(m, scratch[q * kRows + row]);
+      const int next = m > 0.f && !isinf(m) ? min(shift[i][h], weight_exponent(m)) : shift[i][h];
+      rescale[i][h] = ldexpf(1.f, next - shift[i][h]);
+      shift[i][h] = next;
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float up = ldexpf(1.f, shift_of(shift, tile - first_tile, h));
+#pragma unroll
+    for (int n = 0; n < kSimTiles; ++n) w[n][h][0] *= up, w[n][h][1] *= up;
+  }
+}
+
 // acc rows row0 .. row0 + 16 x features f0 .. f0 + 8 (fp32 in shared memory, `stride` floats per row)
 // += W . B over one 64-row k span: W's A fragments wa[ks], B's from load_b(fb, ks). The rows' values are
 // first multiplied by lo_scale (rows row0 + g) and hi_scale (row0 + g + 8): a running rescale.

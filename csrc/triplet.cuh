@@ -979,7 +979,7 @@ __global__ void __launch_bounds__(kListRows * kWarpSize) triplet_list_grad_kerne
 //   3. acc (32 x D fp32, shared memory) += coef . tile rows, the B fragments read across the staged rows.
 // Per-row sums merge in a fixed order (lanes, then the 4 warps of a row tile); grad_rows =
 // (sum_j coef) v_a - acc. No Gram or coefficient byte reaches device memory and nothing is accumulated
-// across blocks. fp16 coefficients are scaled per anchor row before they are rounded (scale_coefficients):
+// across blocks. fp16 coefficients are scaled per anchor row before they are rounded (scale_row_weights):
 // 'mean' weights and euclidean's 1 / d, unbounded before the distances are seen, would leave fp16's
 // range. Loads: (B / 32) B D e bytes of tiles.
 constexpr int kAllWarps = 8;
@@ -1017,38 +1017,6 @@ struct BatchAllArgs {
   int acc_stride;            // batch_all_acc_stride(d)
 };
 
-// fp16: each anchor row's coefficients are multiplied by 2^shift before they are rounded, shift the
-// largest that keeps the row's coefficients so far below 2^14 (weight_exponent). When a tile lowers it,
-// the row's accumulator is multiplied by 2^(new - old) as it is next read (`rescale`), as flash attention
-// rescales its output; 2^-shift undoes it at the end, exactly. scratch: the row tile's per-warp maxima.
-__device__ __forceinline__ void scale_coefficients(float (&coef)[kAllSimTiles][2][2], int (&shift)[2],
-                                                   float (&rescale)[2], float* scratch, int rt, int part,
-                                                   int lane) {
-  const int g = lane / 4, t = lane % 4;
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    float m = 0.f;  // fmaxf skips NaN: a NaN coefficient passes through unscaled, as NaN
-#pragma unroll
-    for (int n = 0; n < kAllSimTiles; ++n) m = fmaxf(m, fmaxf(fabsf(coef[n][h][0]), fabsf(coef[n][h][1])));
-    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
-    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
-    if (t == 0) scratch[part * kAllRows + rt * 16 + g + 8 * h] = m;
-  }
-  __syncthreads();
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    float m = 0.f;
-#pragma unroll
-    for (int q = 0; q < kAllWarpsPerRowTile; ++q) m = fmaxf(m, scratch[q * kAllRows + rt * 16 + g + 8 * h]);
-    const int next = m > 0.f && !isinf(m) ? min(shift[h], weight_exponent(m)) : shift[h];
-    rescale[h] = ldexpf(1.f, next - shift[h]);
-    shift[h] = next;
-    const float up = ldexpf(1.f, next);
-#pragma unroll
-    for (int n = 0; n < kAllSimTiles; ++n) coef[n][h][0] *= up, coef[n][h][1] *= up;
-  }
-}
-
 // One instantiation per distance: inv_norm enters as factors of 1 where absent (exact), and the soft
 // margin is a runtime choice (a uniform branch), to keep the instantiations few.
 template <typename T, int kKind>
@@ -1077,7 +1045,7 @@ __global__ void __launch_bounds__(kAllThreads, 1) triplet_batch_all_tiles_kernel
 
   TileAnchors an = anchors_at<false>(in, row0 + rt * 16);
   float d_ap[2][kPosSlots], w_pos[2][kPosSlots], total[2] = {0.f, 0.f}, g_sum[2] = {0.f, 0.f}, w_r[2];
-  int count[2] = {0, 0}, used[2], shift[2] = {126, 126};
+  int count[2] = {0, 0}, used[2], shift[1][2] = {{126, 126}};
   bool live[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -1168,8 +1136,11 @@ __global__ void __launch_bounds__(kAllThreads, 1) triplet_batch_all_tiles_kernel
     }
     if (!grad) continue;
 
-    float rescale[2] = {1.f, 1.f};
-    if constexpr (kScaled) scale_coefficients(coef, shift, rescale, &s_sums[0][0][0], rt, part, lane);
+    float rescale[1][2] = {{1.f, 1.f}};
+    if constexpr (kScaled) {
+      scale_row_weights<kAllSimTiles, kAllRows, kAllWarpsPerRowTile, 1>(coef, shift, rescale, &s_sums[0][0][0], rt,
+                                                                        rt, part, lane);
+    }
     // The row sums take the coefficients as the product does, rounded to T: sum_j c_j (v_a - v_j) is
     // then formed from one value of each c_j. (With c_j unrounded there, a negative close to the anchor,
     // c_j ~ 1 / d large, left (c_j - T(c_j)) v_j of rounding in the row: 3 % of the gradient for bf16
@@ -1178,7 +1149,7 @@ __global__ void __launch_bounds__(kAllThreads, 1) triplet_batch_all_tiles_kernel
     for (int n = 0; n < kAllSimTiles; ++n) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const float down = kScaled ? ldexpf(1.f, -shift[h]) : 1.f;
+        const float down = kScaled ? ldexpf(1.f, -shift[0][h]) : 1.f;
         float w[2];
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
@@ -1197,7 +1168,7 @@ __global__ void __launch_bounds__(kAllThreads, 1) triplet_batch_all_tiles_kernel
     for (int ft = part; ft < feature_tiles; ft += kAllWarpsPerRowTile) {
       accumulate_rows<T>(s_acc, a.acc_stride, rt * 16, ft * 8, wa, lane, [&](uint32_t (&fb)[2], int ks) {
         load_b_across_rows(fb, s_tile, stride, ks * 16, ft * 8, lane);
-      }, rescale[0], rescale[1]);
+      }, rescale[0][0], rescale[0][1]);
     }
   }
 
@@ -1222,7 +1193,7 @@ __global__ void __launch_bounds__(kAllThreads, 1) triplet_batch_all_tiles_kernel
       s_sums[0][part][local] = total[h];
       s_sums[1][part][local] = g_sum[h];
       s_count[part][local] = count[h];
-      if (kScaled && part == 0) s_unscale[local] = ldexpf(1.f, -shift[h]);  // (every part's shift is the same)
+      if (kScaled && part == 0) s_unscale[local] = ldexpf(1.f, -shift[0][h]);  // (every part's shift is the same)
 #pragma unroll
       for (int p = 0; p < kPosSlots; ++p) s_slot_sums[(part * kAllRows + local) * kPosSlots + p] = w_pos[h][p];
     }
