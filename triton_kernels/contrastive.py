@@ -22,7 +22,8 @@
 # Traffic per role: each program reads its own rows once and the whole other operand once, so
 # (rows / BLOCK_M) x (other rows) x D elements in all, re-reads served by L2 when the other operand fits
 # it; the outputs are written once. All arithmetic is fp32: dots take fp16/bf16 operands natively with
-# fp32 accumulation on a GPU (the gradient dot's dZ operand is rounded to bf16 for bf16 inputs).
+# fp32 accumulation on a GPU (the gradient dot takes its weights in bf16 for bf16 inputs, tf32 for fp16,
+# and the normalisation's radial sum takes them as rounded: see _grad_block).
 # NaN and inf as in the reference: the log-sum-exps are torch.logsumexp's (a +inf logit gives +inf and
 # probability 0 to the finite logits; a NaN reaches the sum of exponentials, so it survives a maximum
 # that skips NaN, as a GPU's does), and softplus keeps NaN.
@@ -35,6 +36,7 @@ import triton
 import triton.language as tl
 
 from . import interpreting
+from .math import as_operand, operand_rounding
 from .row_softmax import NEG_INF as _NEG_INF_VALUE, finish_lse, fold_tile_lse, merge_lse, softplus
 
 NEG_INF = tl.constexpr(_NEG_INF_VALUE)  # jit code may only read constexpr globals
@@ -375,7 +377,8 @@ def _grad_block(grad_rows_ptr, own_ptr, r_own_ptr, n_own, other_ptr, r_other_ptr
                 IS_ROW: tl.constexpr, HAS_OUT: tl.constexpr, HAS_COEF: tl.constexpr, KIND: tl.constexpr,
                 NORMALIZE: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 D_LO: tl.constexpr, D_HI: tl.constexpr, HAS_HI: tl.constexpr, TO_F32: tl.constexpr,
-                PRECISION: tl.constexpr, GRAD_F32: tl.constexpr, GRAD_PRECISION: tl.constexpr):
+                PRECISION: tl.constexpr, GRAD_F32: tl.constexpr, GRAD_PRECISION: tl.constexpr,
+                W_ROUND: tl.constexpr):
     """The gradient of one block of own rows (query rows when IS_ROW, else key rows) over the full
     feature width, and for query rows the grad_coef partials: one sweep over every other row, two
     products (the similarity tile and the gradient's accumulation). The width is held as two
@@ -395,7 +398,6 @@ def _grad_block(grad_rows_ptr, own_ptr, r_own_ptr, n_own, other_ptr, r_other_ptr
     acc_hi = tl.zeros([BLOCK_M, D_HI], tl.float32)
     coef_c = tl.zeros([BLOCK_M], tl.float32)  # sum_j dZ c
     coef_1 = tl.zeros([BLOCK_M], tl.float32)  # sum_j dZ
-    norm_c = tl.zeros([BLOCK_M], tl.float32)  # sum_j W c, for the normalisation's radial term
     for o0 in range(0, n_other, BLOCK_N):
         other = o0 + tl.arange(0, BLOCK_N)
         r_other, unused = _inv_norms(r_other_ptr, other, n_other, NORMALIZE)
@@ -419,10 +421,8 @@ def _grad_block(grad_rows_ptr, own_ptr, r_own_ptr, n_own, other_ptr, r_other_ptr
         else:  # own indices are columns j: the tile is dZ^T
             dz, w = _pair_grad(z, same, valid, positive, g_oth, s0_oth, s1_oth, g_own, s0_own, s1_own, KIND,
                                SYMMETRIC)
-        if NORMALIZE:
-            norm_c += tl.sum(w * c, axis=1)
         if HAS_OUT:
-            wb = w * (logit_scale * r_other)[None, :]
+            wb = as_operand(w * (logit_scale * r_other)[None, :], W_ROUND)
             if not GRAD_F32:
                 wb = wb.to(other_ptr.dtype.element_ty)
             acc_lo = tl.dot(wb, _as_grad_operand(b_lo, GRAD_F32), acc_lo, input_precision=GRAD_PRECISION)
@@ -430,7 +430,15 @@ def _grad_block(grad_rows_ptr, own_ptr, r_own_ptr, n_own, other_ptr, r_other_ptr
                 acc_hi = tl.dot(wb, _as_grad_operand(b_hi, GRAD_F32), acc_hi, input_precision=GRAD_PRECISION)
     mask = own < n_own
     if HAS_OUT:
-        radial = r_own * r_own_kept * logit_scale * norm_c
+        # The normalisation's radial term from the product itself, acc . own = sum_j W~ s r' <own, other_j>
+        # with each weight as the dot held it: for nearly identical rows it nearly cancels the
+        # product, so a sum of the fp32 weights left their rounding as the gradient (28 % of a bf16 row).
+        radial = 0.0
+        if NORMALIZE:
+            along = tl.sum(acc_lo * own_lo.to(tl.float32), axis=1)
+            if HAS_HI:
+                along += tl.sum(acc_hi * own_hi.to(tl.float32), axis=1)
+            radial = r_own * r_own * r_own_kept * along
         _store_grad(out_ptr, own_ptr, own, n_own, d_lo, D, acc_lo, r_own, radial, NORMALIZE)
         if HAS_HI:
             _store_grad(out_ptr, own_ptr, own, n_own, d_hi, D, acc_hi, r_own, radial, NORMALIZE)
@@ -465,7 +473,8 @@ def _contrastive_grad_kernel(
         KIND: tl.constexpr, NORMALIZE: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_GQ: tl.constexpr,
         HAS_COEF: tl.constexpr, HAS_GK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         D_LO: tl.constexpr, D_HI: tl.constexpr, HAS_HI: tl.constexpr, TO_F32: tl.constexpr,
-        PRECISION: tl.constexpr, GRAD_F32: tl.constexpr, GRAD_PRECISION: tl.constexpr, D_MULTIPLE: tl.constexpr):
+        PRECISION: tl.constexpr, GRAD_F32: tl.constexpr, GRAD_PRECISION: tl.constexpr, W_ROUND: tl.constexpr,
+        D_MULTIPLE: tl.constexpr):
     """Row programs (grad_query, grad_coef) then column programs (grad_key) in one grid; either set may
     be empty."""
     D = D_UNITS * D_MULTIPLE  # a product: Triton then knows the rows' alignment
@@ -477,11 +486,13 @@ def _contrastive_grad_kernel(
     if pid < n_row_blocks:
         _grad_block(grad_rows_ptr, q_ptr, rq_ptr, B, k_ptr, rk_ptr, M, labels_ptr, logit_scale, logit_bias,
                     stats_ptr, gq_ptr, gcoef_ptr, pid * BLOCK_M, B, D, True, HAS_GQ, HAS_COEF, KIND, NORMALIZE,
-                    SYMMETRIC, BLOCK_M, BLOCK_N, D_LO, D_HI, HAS_HI, TO_F32, PRECISION, GRAD_F32, GRAD_PRECISION)
+                    SYMMETRIC, BLOCK_M, BLOCK_N, D_LO, D_HI, HAS_HI, TO_F32, PRECISION, GRAD_F32,
+                    GRAD_PRECISION, W_ROUND)
     else:
         _grad_block(grad_rows_ptr, k_ptr, rk_ptr, M, q_ptr, rq_ptr, B, labels_ptr, logit_scale, logit_bias, stats_ptr,
                     gk_ptr, gcoef_ptr, (pid - n_row_blocks) * BLOCK_M, B, D, False, HAS_GK, False, KIND, NORMALIZE,
-                    SYMMETRIC, BLOCK_M, BLOCK_N, D_LO, D_HI, HAS_HI, TO_F32, PRECISION, GRAD_F32, GRAD_PRECISION)
+                    SYMMETRIC, BLOCK_M, BLOCK_N, D_LO, D_HI, HAS_HI, TO_F32, PRECISION, GRAD_F32,
+                    GRAD_PRECISION, W_ROUND)
 
 
 # ---- launchers (contract: lossforge_kernels/ops/contrastive.py, checked there) --------------------
@@ -594,4 +605,5 @@ def contrastive_bwd(grad_rows, query, key, labels, logit_scale, logit_bias, stat
         b, m, width[0], n_row_blocks, KIND=kind, NORMALIZE=bool(normalize), SYMMETRIC=bool(symmetric),
         HAS_GQ=has_gq, HAS_COEF=has_coef, HAS_GK=has_gk, BLOCK_M=t.grad_m, BLOCK_N=t.grad_n, D_LO=t.d_lo,
         D_HI=max(t.d_hi, 16), HAS_HI=t.d_hi > 0, TO_F32=to_f32, PRECISION=precision, GRAD_F32=grad_f32,
-        GRAD_PRECISION=grad_precision, D_MULTIPLE=width[1], num_warps=t.grad_warps, num_stages=t.stages)
+        GRAD_PRECISION=grad_precision, W_ROUND=operand_rounding(query.dtype), D_MULTIPLE=width[1],
+        num_warps=t.grad_warps, num_stages=t.stages)

@@ -1,4 +1,5 @@
 """Device math helpers shared by the Triton kernels (Triton has no portable tanh or accurate log1p)."""
+import torch
 import triton
 import triton.language as tl
 
@@ -26,3 +27,29 @@ def tanh_and_slope(z):
     th = tl.where(z < 0.0, -th, th)
     one_e = 1.0 + e
     return th, 4.0 * e / (one_e * one_e)
+
+
+# How a product holds an fp32 operand: as it is, rounded to bf16 (a bf16 dot), or to tf32 (a tf32 dot
+# on fp32 operands, whose hardware keeps 10 mantissa bits).
+OPERAND_EXACT = tl.constexpr(0)
+OPERAND_BF16 = tl.constexpr(1)
+OPERAND_TF32 = tl.constexpr(2)
+
+
+def operand_rounding(dtype) -> int:
+    """The OPERAND_* value of the fp32 weights a gradient product takes beside rows of this dtype."""
+    return {torch.bfloat16: OPERAND_BF16, torch.float16: OPERAND_TF32}.get(dtype, OPERAND_EXACT).value
+
+
+@triton.jit
+def as_operand(v, ROUND: tl.constexpr):
+    """fp32 v as a product holds it, the same bits on a GPU and in the interpreter (whose casts
+    truncate): bf16 to nearest even, tf32 (10 mantissa bits) to nearest, or as it is. A sum that must
+    agree with the product (a normalisation's radial term, a row's own term) takes these values."""
+    if ROUND == OPERAND_BF16:
+        bits = v.to(tl.int32, bitcast=True)
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+    if ROUND == OPERAND_TF32:
+        bits = v.to(tl.int32, bitcast=True)
+        return ((bits + 0x1000) & -8192).to(tl.float32, bitcast=True)
+    return v

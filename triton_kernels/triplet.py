@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from . import interpreting
+from .math import as_operand, operand_rounding
 from .row_softmax import softplus
 
 # The `distance` and `mining` values of the contract (reference/triplet.py: Distance, Mining;
@@ -36,10 +37,6 @@ NO_INDEX = tl.constexpr(2147483647)  # jit code may read only constexpr globals
 # A Euclidean distance at most this had its Gram clamp active: no gradient (ops/triplet.py's CLAMPED_EUCLIDEAN).
 CLAMPED_EUCLIDEAN = tl.constexpr(1.000001e-6)
 EUCLIDEAN_EPS = tl.constexpr(1e-12)
-# How batch_all's gradient product holds its coefficients: as they are (fp32 rows), bf16, tf32 (fp16 rows)
-COEF_EXACT = tl.constexpr(0)
-COEF_BF16 = tl.constexpr(1)
-COEF_TF32 = tl.constexpr(2)
 
 
 @triton.jit
@@ -695,19 +692,6 @@ def triplet_semi_hard_mine(x, labels, inv_norm, distance, n_pos, pos_dist, chose
 
 
 @triton.jit
-def _operand_value(v, ROUND: tl.constexpr):
-    """fp32 v as the gradient product's operand holds it, the same bits on a GPU and in the interpreter
-    (whose casts truncate): bf16 to nearest even, tf32 (10 mantissa bits) to nearest, or as it is."""
-    if ROUND == COEF_BF16:
-        bits = v.to(tl.int32, bitcast=True)
-        return ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
-    if ROUND == COEF_TF32:
-        bits = v.to(tl.int32, bitcast=True)
-        return ((bits + 0x1000) & -8192).to(tl.float32, bitcast=True)
-    return v
-
-
-@triton.jit
 def _batch_all_kernel(x_ptr, lab_ptr, sq_ptr, inv_ptr, npos_ptr, dap_ptr, w_ptr, loss_ptr, count_ptr, wpos_ptr,
                       g_ptr, B, D, margin, SOFT: tl.constexpr, DISTANCE: tl.constexpr, HAS_INV_NORM: tl.constexpr,
                       HAS_GRAD: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, GRAD_F32: tl.constexpr,
@@ -790,7 +774,7 @@ def _batch_all_kernel(x_ptr, lab_ptr, sq_ptr, inv_ptr, npos_ptr, dap_ptr, w_ptr,
             # the rows' own term takes each coefficient as the product does, so that sum_n c_n (v_r - v_n)
             # comes from one value of c_n (a close negative's large c_n, unrounded there, left its rounding
             # times v_n in the row)
-            coef = _operand_value(coef, COEF_ROUND)
+            coef = as_operand(coef, COEF_ROUND)
             if DISTANCE != COSINE:
                 g_sum += tl.sum(tl.where(neg, coef / inv_c[None, :], 0.0) if HAS_INV_NORM else coef, axis=1)
             if not WHOLE:
@@ -864,7 +848,7 @@ def _batch_all_config(dtype, d):
     """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_DG, warps, stages, upcast, precision, grad in fp32, grad precision,
     the coefficients' rounding)."""
     width = max(16, triton.next_power_of_2(max(d, 1)))
-    coef = {torch.bfloat16: COEF_BF16, torch.float16: COEF_TF32}.get(dtype, COEF_EXACT).value
+    coef = operand_rounding(dtype)
     if interpreting():  # 32-wide feature blocks: the tests' widths reach both WHOLE and the feature blocks;
         # fp32 dots on the coefficients rounded as a GPU's product holds them
         return 32, 32, 32, min(width, 32), 4, 1, True, "ieee", True, "ieee", coef
