@@ -61,9 +61,12 @@ __device__ __forceinline__ float load_elem(const T* p) {
   return Elem<T>::load(*reinterpret_cast<const typename Elem<T>::Raw*>(p));
 }
 
+// Stores v in T; returns the value stored.
 template <typename T>
-__device__ __forceinline__ void store_elem(T* p, float v) {
-  *reinterpret_cast<typename Elem<T>::Raw*>(p) = Elem<T>::store(v);
+__device__ __forceinline__ float store_elem(T* p, float v) {
+  const typename Elem<T>::Raw raw = Elem<T>::store(v);
+  *reinterpret_cast<typename Elem<T>::Raw*>(p) = raw;
+  return Elem<T>::load(raw);
 }
 
 // 16-byte packet <-> kPerPacket floats.

@@ -336,26 +336,18 @@ void gradient_pass(const Side& own, const Side& other, const GradChunk& proto, i
   const int64_t chunk = rows_per_chunk(rows_total, n, d, x, y);
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor sim = at::empty({chunk, n}, f32);
-  at::Tensor g, acc, ncoef, unscale, bound, scaled;
-  // fp16 keeps r' out of G (its rows' bound would include a clamped row's 1e12): the product takes
-  // the normalised other rows instead, one (n, d) fp16 copy
-  const bool r_in_rows = out != nullptr && normalize && x.scalar_type() == at::kHalf;
+  at::Tensor g, acc, ncoef, unscale, bound;
+  // fp16: a clamped other row (all zeros) weighs 0, so that its r' = 1e12 stays out of the bound
+  const float* zero_rows = normalize && x.scalar_type() == at::kHalf ? other.proj : nullptr;
   if (out != nullptr) {
     g = at::empty({chunk, n}, x.options());
     acc = at::empty({chunk, d}, f32);
     unscale = at::empty({chunk}, f32);
     bound = at::empty({2}, f32);
     if (normalize) ncoef = at::empty({chunk}, f32);
-    launch(x.device(), &weight_bound_kernel, 1, kThreads, 0, r_in_rows ? nullptr : other.inv,
+    launch(x.device(), &weight_bound_kernel, 1, kThreads, 0, other.inv, zero_rows,
            has_other ? proto.other.g : nullptr, n, bound.data_ptr<float>());
   }
-  if (r_in_rows && n * d > 0) {
-    scaled = at::empty({n, d}, y.options());
-    using H = c10::Half;
-    launch(x.device(), &scale_rows_kernel<H>, grid_for((n * d + kThreads - 1) / kThreads), kThreads, 0,
-           static_cast<const H*>(y.const_data_ptr()), other.inv, n, d, static_cast<H*>(scaled.data_ptr()));
-  }
-  const at::Tensor& product_rows = r_in_rows ? scaled : y;
   float* const sim_buf = sim.data_ptr<float>();
   float* const acc_buf = out != nullptr ? acc.data_ptr<float>() : nullptr;
   GradChunk gc = proto;
@@ -364,7 +356,7 @@ void gradient_pass(const Side& own, const Side& other, const GradChunk& proto, i
   gc.inv_own = own.inv;
   gc.inv_other = other.inv;
   gc.g_out = out != nullptr ? g.data_ptr() : nullptr;
-  gc.r_in_rows = r_in_rows;
+  gc.proj_other = other.proj;
   gc.ncoef = out != nullptr && normalize ? ncoef.data_ptr<float>() : nullptr;
   gc.bound = out != nullptr ? bound.data_ptr<float>() : nullptr;
   gc.unscale = out != nullptr ? unscale.data_ptr<float>() : nullptr;
@@ -391,7 +383,7 @@ void gradient_pass(const Side& own, const Side& other, const GradChunk& proto, i
         gc.rows = rows;
         launch(x.device(), &pair_grad_kernel<T, kKind, kNorm, kOwn, kOther>, grid_for(rows), kThreads, 0, gc);
         if (out == nullptr || d == 0) return;
-        gradient_product(g.narrow(0, 0, rows), product_rows, acc.narrow(0, 0, rows));
+        gradient_product(g.narrow(0, 0, rows), y, acc.narrow(0, 0, rows));
         fg.row0 = r0;
         fg.rows = rows;
         launch(x.device(), &finish_grad_kernel<T, kNorm>, warp_rows_grid(rows), kThreads, 0, fg);

@@ -25,9 +25,10 @@
 //   pair_grad_kernel    backward, one block per chunk row: dZ from the saved stats, written as
 //                       G = 2^e_i s dZ r'_j in the inputs' dtype so that one cuBLAS product G @ y gives
 //                       2^e_i times the gradient before normalisation, plus the row sums that grad_coef
-//                       and the normalisation need. A row can carry two roles of the pair term: symmetric
-//                       InfoNCE's row and column halves, or SupCon's anchor (dZ_ij) and key (dZ_ji,
-//                       the same S entry because S is symmetric) roles.
+//                       and the normalisation need (the latter, sum_j G_ij S_ij, from G as stored: the
+//                       tiled backward's reason, below). A row can carry two roles of the pair term:
+//                       symmetric InfoNCE's row and column halves, or SupCon's anchor (dZ_ij) and key
+//                       (dZ_ji, the same S entry because S is symmetric) roles.
 //   finish_grad_kernel  grad_x = r (2^-e acc - coef r x) per row (2^-e acc without `normalize`), in x's
 //                       dtype.
 // Row scaling of G: with 'mean' over a large batch the weights s dZ r'_j are tiny (about s / (B M)),
@@ -37,8 +38,8 @@
 // the exact power of two 2^e_i that brings bound_i just under 2^14 puts the row's largest weights
 // near the top of fp16's range (4x headroom below 65504), and the many small ones, down to 2^-28 of
 // bound_i, stay normal. The product accumulates in fp32 and finish_grad undoes 2^e_i exactly. With
-// `normalize`, fp16 takes r'_j out of G and into the product's other rows (scale_rows_kernel): a row
-// below the norm floor has r' = 1e12, which in the bound would flush every other weight of the row.
+// `normalize`, a row below the norm floor has r' = 1e12, which in the bound would flush every other
+// weight of the row; in fp16 such a row is all zeros, so it weighs 0 in G and in the bound.
 //
 // Designed work per call, B x M pairs, width D, e = element bytes, chunk buffers not counted as cached:
 //   forward   one product (2BMD FLOPs); S written once (4BM B), read by the row pass (4BM) and,
@@ -56,8 +57,8 @@
 //
 // Compile facts (nvcc 13.0, -O3, ptxas -v, sm_80 / sm_90): registers tile_stats 72-142 (InfoNCE 72,
 // SigLIP 72-80, SupCon 105-142; 18.3 KiB of static shared memory), finish_symmetric_tiles 10, row_stats 27-46, col_stats 30-32,
-// pair_grad 32-48 (SupCon 63-72), finish_grad 27-32, inv_norm 32, finish_symmetric 12-17, weight_bound
-// 14-19, tile_grad 72-106 (20.1-21.6 KiB of static shared memory, plus 128 bytes per
+// pair_grad 30-52 (SupCon 69-76; sm_90), finish_grad 27-32, inv_norm 32, finish_symmetric 12-17,
+// weight_bound 20 (sm_90), tile_grad 72-106 (20.1-21.6 KiB of static shared memory, plus 128 bytes per
 // feature of dynamic); no stack frame, no spills, no local memory in the SASS; about 2 minutes to
 // compile on an idle machine (contrastive.cu, the one file that includes this header).
 #pragma once
@@ -123,12 +124,13 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
 }
 
 // out = {max_j r'_j, max_j |g_j| r'_j} over the other side's n rows (r' = 1 without `normalize`,
-// the second 0 without g); one block. fmaxf skips NaN: a NaN weight needs no bound, it stays NaN.
-__global__ void __launch_bounds__(kThreads) weight_bound_kernel(const float* inv, const float* g, int64_t n,
-                                                                float* out) {
+// the second 0 without g; r' = 0 where zero_rows says a row weighs 0: proj 0, fp16); one block. fmaxf
+// skips NaN: a NaN weight needs no bound, it stays NaN.
+__global__ void __launch_bounds__(kThreads) weight_bound_kernel(const float* inv, const float* zero_rows,
+                                                                const float* g, int64_t n, float* out) {
   float r_max = 0.f, gr_max = 0.f;
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-    const float r = inv != nullptr ? inv[j] : 1.f;
+    const float r = inv == nullptr ? 1.f : zero_rows != nullptr && zero_rows[j] == 0.f ? 0.f : inv[j];
     r_max = fmaxf(r_max, r);
     if (g != nullptr) gr_max = fmaxf(gr_max, fabsf(g[j]) * r);
   }
@@ -360,12 +362,11 @@ struct GradChunk {
   const float* logit_bias;
   const int64_t* labels;
   Role own, other;
+  const float* proj_other;  // r_o^2 where the norm is not clamped, else 0 (with `normalize`)
   void* g_out;   // (rows, n) G = 2^e s dZ r_o in the inputs' dtype, or null (no product wanted)
-  bool r_in_rows;      // r_o is folded into the product's other rows instead: G = 2^e s dZ (fp16)
   const float* bound;  // {max r_o, max |g_o| r_o} over the other side (weight_bound_kernel), with g_out
-                       // ({1, max |g_o|} with r_in_rows)
   float* unscale;      // (rows,) 2^-e of each row, with g_out
-  float* ncoef;  // (rows,) s sum_o dZ c, for the normalisation's backward, or null
+  float* ncoef;  // (rows,) r 2^-e sum_o G S as G is stored (the normalisation's backward), or null
   float* coef0;  // (B,) grad_coef[0] by global row, or null
   float* coef1;  // (B,) grad_coef[1]
 };
@@ -389,15 +390,17 @@ __global__ void __launch_bounds__(kThreads) pair_grad_kernel(const GradChunk c) 
   const float up = ldexpf(1.f, e);
 
   // sum of dZ c and of dZ for grad_coef (SupCon: the anchor role only, the entry's own gradient),
-  // and of the row's whole gradient times c for the normalisation.
-  float dz_c = 0.f, dz = 0.f, total_c = 0.f;
+  // and of G S for the normalisation.
+  float dz_c = 0.f, dz = 0.f, g_s = 0.f;
   struct Col {
-    float sim, ro;
+    float sim, ro, rw;  // rw: r_o in G (0 for a clamped fp16 row, all zeros)
     Anchor other;
     int64_t label;
   };
   auto load = [&](int64_t o) {
-    Col v{srow[o], inv_norm_at<kNorm>(c.inv_other, o), {}, kKind == kSupCon ? c.labels[o] : 0};
+    const float ro = inv_norm_at<kNorm>(c.inv_other, o);
+    const bool zero_row = std::is_same_v<T, c10::Half> && kNorm && c.proj_other[o] == 0.f;
+    Col v{srow[o], ro, zero_row ? 0.f : ro, {}, kKind == kSupCon ? c.labels[o] : 0};
     if constexpr (kOther) v.other = anchor_of<kKind>(c.other, o);
     return v;
   };
@@ -412,35 +415,21 @@ __global__ void __launch_bounds__(kThreads) pair_grad_kernel(const GradChunk c) 
     const float entry = kKind == kSupCon ? mine : total;
     dz_c = fmaf(entry, cc, dz_c);
     dz += entry;
-    total_c = fmaf(total, cc, total_c);
-    if (grow != nullptr) store_elem(grow + o, s * total * (c.r_in_rows ? 1.f : v.ro) * up);
+    if (grow != nullptr) g_s = fmaf(store_elem(grow + o, s * total * v.rw * up), v.sim, g_s);
   };
   stream_packets<kUnroll>(static_cast<int64_t>(threadIdx.x), c.n, static_cast<int64_t>(blockDim.x), load, use);
 
   __shared__ float scratch[3][kThreads / kWarpSize];
   dz_c = block_sum(dz_c, scratch[0]);
   dz = block_sum(dz, scratch[1]);
-  total_c = block_sum(total_c, scratch[2]);
+  g_s = block_sum(g_s, scratch[2]);
   if (threadIdx.x != 0) return;
   if (c.coef0 != nullptr) {
     c.coef0[a] = dz_c;
     c.coef1[a] = dz;
   }
-  if (c.ncoef != nullptr) c.ncoef[local] = s * total_c;
+  if (c.ncoef != nullptr) c.ncoef[local] = ra * ldexpf(g_s, -e);
   if (grow != nullptr) c.unscale[local] = ldexpf(1.f, -e);
-}
-
-// out = r'_j y_j, row by row, in y's dtype: the chunked fp16 product's other rows with r' folded in
-// (normalised rows, within fp16's range), so that G need not carry r'. A row below the norm floor has
-// r' = 1e12, which in G would push the bound of every row's weights up by as much and flush its
-// other weights out of fp16 (the tiled backward stages r' with the rows for the same reason).
-template <typename T>
-__global__ void __launch_bounds__(kThreads) scale_rows_kernel(const T* y, const float* inv, int64_t n, int64_t d,
-                                                              T* out) {
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n * d; i += step) {
-    store_elem(out + i, load_elem(y + i) * inv[i / d]);
-  }
 }
 
 struct FinishGrad {
