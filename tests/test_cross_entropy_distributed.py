@@ -105,7 +105,7 @@ def _disagreement_worker(rank, world):
     return messages
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [3])  # more than a pair, odd, uneven shards: the paths 2 and 4 took
 def test_vocab_parallel_cross_entropy_matches_one_process(world):
     distributed.run(world, _ce_worker)
 
@@ -172,7 +172,7 @@ def _linear_worker(rank, world):
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [3])  # more than a pair, odd, uneven shards: the paths 2 and 4 took
 def test_vocab_parallel_linear_cross_entropy_matches_one_process(world):
     distributed.run(world, _linear_worker)
 

@@ -90,12 +90,12 @@ def _linear_worker(rank, world):
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [3])  # more than a pair, odd, uneven shards: the paths 2 and 4 took
 def test_vocab_parallel_distillation_matches_one_process(world):
     distributed.run(world, _distillation_worker)
 
 
-@pytest.mark.parametrize("world", [2])  # the slicing is the plain form's, tested at 2 and 4
+@pytest.mark.parametrize("world", [2])  # the slicing is the plain form's, tested at 3
 def test_vocab_parallel_linear_distillation_matches_one_process(world):
     distributed.run(world, _linear_worker)
 

@@ -40,6 +40,6 @@ def _worker(rank, world):
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [3])  # more than a pair, odd, uneven shards: the paths 2 and 4 took
 def test_global_batch_triplet_mining_matches_one_process(world):
     distributed.run(world, _worker)

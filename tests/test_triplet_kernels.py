@@ -1008,7 +1008,11 @@ def test_non_finite_embeddings_like_the_reference(kernel_backend, kind, mining):
 
     device = device_for(kernel_backend)
     x = non_finite_embeddings(kind, torch.float32).to(device)
-    for distance, soft_margin, reduction in itertools.product(DISTANCES, (False, True), REDUCTIONS):
+    # every distance with and without the soft margin, the reductions taken in turn (the reductions'
+    # NaN handling is the same per-anchor loss summed, and each meets every distance across the kinds)
+    combos = itertools.product(DISTANCES, (False, True))
+    for i, (distance, soft_margin) in enumerate(combos):
+        reduction = REDUCTIONS[(i + NON_FINITE.index(kind)) % len(REDUCTIONS)]
         # a finite row whose squared norm overflows: the losses only (the reference's gradient then
         # follows autograd's inf arithmetic through the Gram form, row by row)
         _assert_non_finite_like_reference(kernel_backend, x, LABELS_10.to(device), kind != "huge", mining=mining,
@@ -1668,6 +1672,7 @@ def test_list_gradient_on_every_backend(dtype, d):
     cases = [(inv, rows, centered, outs) for inv in (None, inv_norm) for rows in (None, grad_rows)
              for centered in (True, False) for outs in ((True, True), (True, False), (False, True))
              if inv is not None or outs[1] is False]
+    cases = cases[d % 2::2]  # half of the option sets per width, each set at two or three widths
     for inv, rows, centered, (want_x, want_inv) in cases:
         want = _list_grad_float64(x, inv, rows, *lists, centered)
         got = {backend: _run_list_grad(backend, x, inv, rows, lists, centered, want_x, want_inv)
