@@ -209,8 +209,10 @@ def _pair_grad(z, same, valid, positive, g_i, lse_i, aux_i, g_j, lse_j, aux_j, K
 # ---- kernels ---------------------------------------------------------------------------------------
 
 @triton.jit
-def _inv_norm_kernel(x_ptr, out_ptr, N, D, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _inv_norm_kernel(x_ptr, out_ptr, N, D_UNITS, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                     D_MULTIPLE: tl.constexpr):
     """out[0] = 1 / max(|x_i|, 1e-12), out[1] = the same where |x_i| >= 1e-12, else 0."""
+    D = D_UNITS * D_MULTIPLE  # vector loads at widths of 8 mod 16 too (row_multiple)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     sq = tl.zeros([BLOCK_R], tl.float32)
     for d0 in range(0, D, BLOCK_C):
@@ -505,7 +507,9 @@ def _inverse_norms(x: torch.Tensor, normalize: bool, dummy: torch.Tensor) -> tor
     out = torch.empty(2, n, dtype=torch.float32, device=x.device)
     block_r = 16 if interpreting() else 32
     block_c = min(triton.next_power_of_2(max(d, 1)), 128 if interpreting() else 256)
-    _inv_norm_kernel[(triton.cdiv(n, block_r),)](x, out, n, d, BLOCK_R=block_r, BLOCK_C=max(block_c, 16))
+    multiple = row_multiple(d)
+    _inv_norm_kernel[(triton.cdiv(n, block_r),)](x, out, n, d // multiple, BLOCK_R=block_r, BLOCK_C=max(block_c, 16),
+                                                 D_MULTIPLE=multiple)
     return out
 
 
