@@ -27,6 +27,7 @@ import torch
 from torch.utils import cpp_extension
 
 import lossforge_kernels.ops  # noqa: F401  (defines the lossforge op schemas)
+from tests.once import once_per_run, shared_dir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -165,20 +166,25 @@ def _link_registrations(tmp: pathlib.Path, objects: list[pathlib.Path]):
 
 @pytest.fixture(scope="module")
 def build(tmp_path_factory):
-    """Compiles csrc/ once, two jobs at a time (CI has 2 cores), then links the objects into one
+    """Compiles csrc/ once per run, two jobs at a time (CI has 2 cores), then links the objects into one
     library: {name: (cmd, returncode, output)}, with "module.cpp" and "_C.so" beside the .cu files."""
-    tmp = tmp_path_factory.mktemp("csrc_build")
+    # once per run: the pytest-xdist workers share the objects
+    tmp = shared_dir("csrc_build") or tmp_path_factory.mktemp("csrc_build")
     sources = sorted(CSRC.glob("*.cu"), key=lambda p: -p.stat().st_size)  # longest compile first
     assert sources, "no .cu files in csrc/"
-    jobs = {}
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2))) as pool:
-        for src in sources:
-            jobs[src.name] = pool.submit(_nvcc, src, tmp / f"{src.stem}.o")
-        jobs["module.cpp"] = pool.submit(_module_object, tmp)
-        results = {name: job.result() for name, job in jobs.items()}
-    if all(r[1] == 0 for r in results.values()):
-        results["_C.so"] = _link_registrations(tmp, [tmp / f"{src.stem}.o" for src in sources])
-    return tmp, results
+
+    def compile_all():
+        jobs = {}
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2))) as pool:
+            for src in sources:
+                jobs[src.name] = pool.submit(_nvcc, src, tmp / f"{src.stem}.o")
+            jobs["module.cpp"] = pool.submit(_module_object, tmp)
+            results = {name: job.result() for name, job in jobs.items()}
+        if all(r[1] == 0 for r in results.values()):
+            results["_C.so"] = _link_registrations(tmp, [tmp / f"{src.stem}.o" for src in sources])
+        return results
+
+    return tmp, once_per_run("csrc_build", compile_all)
 
 
 def _fail_output(name, result):

@@ -525,6 +525,16 @@ def _matches(config, fields):
     return all(seen.get(k) == v for k, v in fields.items())
 
 
+def _labelled_records():
+    records = _run_recorder()
+    seen = {}
+    for c in records["configs"]:
+        label = _label(c)
+        seen[label] = seen.get(label, 0) + 1
+        c["id"] = label if seen[label] == 1 else f"{label}-{seen[label]}"
+    return records
+
+
 def _records(config):
     """The recorded configurations, each with a unique id; cached in pytest's cache by source hash."""
     import triton
@@ -534,12 +544,9 @@ def _records(config):
     stored = cache.get(name, None) if cache else None
     if stored and stored.get("key") == key:
         return stored["records"]
-    records = _run_recorder()
-    seen = {}
-    for c in records["configs"]:
-        label = _label(c)
-        seen[label] = seen.get(label, 0) + 1
-        c["id"] = label if seen[label] == 1 else f"{label}-{seen[label]}"
+    from tests.once import once_per_run  # (this file also runs as a script, without the package)
+
+    records = once_per_run(f"triton-{triton.__version__}-records", _labelled_records)
     if cache and not records["failures"] and records["configs"]:
         cache.set(name, {"key": key, "records": records})
     return records
@@ -575,19 +582,26 @@ def records():
 @pytest.fixture(scope="module")
 def compiled(records):
     """Every recorded configuration compiled (in a subprocess, in parallel); prints the resource table."""
+    from tests.once import once_per_run
+
     start = time.perf_counter()
+    results = once_per_run("triton-compiled", lambda: _compiled_configs(records["configs"]))
+    wall = time.perf_counter() - start
+    yield results
+    _print_table(records["configs"], results, wall)
+
+
+def _compiled_configs(configs):
+    """The compile driver's results for these configurations (a subprocess)."""
     with tempfile.TemporaryDirectory() as tmp:
         src, out = os.path.join(tmp, "configs.json"), os.path.join(tmp, "compiled.json")
         with open(src, "w") as f:
-            json.dump(records["configs"], f)
+            json.dump(configs, f)
         proc = subprocess.run([sys.executable, str(THIS), "compile", src, out], env=_env(False), capture_output=True,
                               text=True, timeout=COMPILE_TIMEOUT_S)
         assert proc.returncode == 0 and os.path.exists(out), f"compile driver failed:\n{proc.stderr[-6000:]}"
         with open(out) as f:
-            results = json.load(f)
-    wall = time.perf_counter() - start
-    yield results
-    _print_table(records["configs"], results, wall)
+            return json.load(f)
 
 
 def _print_table(configs, results, wall):
