@@ -85,6 +85,14 @@ __device__ __forceinline__ float inv_norm_at(const float* inv, int64_t i) {
   return kNorm ? inv[i] : 1.f;
 }
 
+// r'_j (ro) as the pair weights W = s dZ r'_j carry it: 0 for a clamped fp16 row, which is all zeros
+// (no nonzero fp16 row has a norm below 1e-12), so that its r' = 1e12 stays out of the row scaling of
+// fp16 weights. bf16 and fp32 rows keep r' (they can be nonzero there, and their range holds it).
+template <typename T, bool kNorm>
+__device__ __forceinline__ float weight_inv_norm(float ro, const float* proj, int64_t j) {
+  return std::is_same_v<T, c10::Half> && kNorm && proj[j] == 0.f ? 0.f : ro;
+}
+
 // c = S r_a r_o, in one order for the forward and the backward so that both see the same logits.
 __device__ __forceinline__ float pair_cos(float sim, float ra, float ro) { return sim * ra * ro; }
 
@@ -393,14 +401,13 @@ __global__ void __launch_bounds__(kThreads) pair_grad_kernel(const GradChunk c) 
   // and of G S for the normalisation.
   float dz_c = 0.f, dz = 0.f, g_s = 0.f;
   struct Col {
-    float sim, ro, rw;  // rw: r_o in G (0 for a clamped fp16 row, all zeros)
+    float sim, ro, rw;  // rw: r_o in G (weight_inv_norm)
     Anchor other;
     int64_t label;
   };
   auto load = [&](int64_t o) {
     const float ro = inv_norm_at<kNorm>(c.inv_other, o);
-    const bool zero_row = std::is_same_v<T, c10::Half> && kNorm && c.proj_other[o] == 0.f;
-    Col v{srow[o], ro, zero_row ? 0.f : ro, {}, kKind == kSupCon ? c.labels[o] : 0};
+    Col v{srow[o], ro, weight_inv_norm<T, kNorm>(ro, c.proj_other, o), {}, kKind == kSupCon ? c.labels[o] : 0};
     if constexpr (kOther) v.other = anchor_of<kKind>(c.other, o);
     return v;
   };
@@ -799,7 +806,7 @@ __global__ void __launch_bounds__(kGradThreads, 1) tile_grad_kernel(const TileGr
   __shared__ StagedRows s_other;  // the other tile's chunk: rows for S, then transposed for W . other
   __shared__ Staged<kGradRows> s_w;  // the tile's W as A fragments: kGradRows x 64 other rows
   __shared__ float s_ro[kTileCols];
-  __shared__ float s_rw[kTileCols];  // r'_j in W (fp16: 0 for a clamped, all-zero row)
+  __shared__ float s_rw[kTileCols];  // r'_j in W (weight_inv_norm)
   __shared__ int64_t s_label[kTileCols];
   __shared__ Anchor s_anchor[kTileCols];  // the other role's anchors (kOther)
   __shared__ float s_unscale[kGradRows];
@@ -827,7 +834,7 @@ __global__ void __launch_bounds__(kGradThreads, 1) tile_grad_kernel(const TileGr
         const int64_t j = j0 + threadIdx.x;
         const bool in = j < f.n_other;
         s_ro[threadIdx.x] = in ? inv_norm_at<kNorm>(f.inv_other, j) : 1.f;
-        s_rw[threadIdx.x] = kScaled && kNorm && in && f.proj_other[j] == 0.f ? 0.f : s_ro[threadIdx.x];
+        s_rw[threadIdx.x] = in ? weight_inv_norm<T, kNorm>(s_ro[threadIdx.x], f.proj_other, j) : 1.f;
         if constexpr (kKind == kSupCon) s_label[threadIdx.x] = in ? f.labels[j] : 0;
         if constexpr (kOther) {
           s_anchor[threadIdx.x] = in ? anchor_of<kKind>(f.other_role, j) : Anchor{0.f, 0.f, 0.f, false};
