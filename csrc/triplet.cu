@@ -53,10 +53,13 @@ void check_vector(const char* op, const char* name, const at::Tensor& t, const a
   check_dense(op, name, t, x, {n}, dtype);
 }
 
-// The gradient outputs of the pair and list kernels: grad_x like x, grad_inv_norm (n,) fp32 with inv_norm.
+// The gradient outputs of the pair and list kernels: grad_x like x (fp32 with inv_norm: a partial gradient,
+// which the caller completes through the normalisation), grad_inv_norm (n,) fp32 with inv_norm.
 void check_grads(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& inv_norm,
                  const std::optional<at::Tensor>& grad_x, const std::optional<at::Tensor>& grad_inv_norm) {
-  if (grad_x.has_value()) check_dense(op, "grad_x", *grad_x, x, x.sizes(), x.scalar_type());
+  if (grad_x.has_value()) {
+    check_dense(op, "grad_x", *grad_x, x, x.sizes(), inv_norm.has_value() ? at::kFloat : x.scalar_type());
+  }
   if (grad_inv_norm.has_value()) {
     TORCH_CHECK_VALUE(inv_norm.has_value(), op, ": grad_inv_norm needs inv_norm");
     check_vector(op, "grad_inv_norm", *grad_inv_norm, x, x.size(0), at::kFloat);

@@ -520,7 +520,7 @@ struct PairGradArgs {
   const float* slope;
   const float* weight;
   int64_t weight_step;    // 0: one weight for every anchor
-  void* grad_x;           // or nullptr
+  void* grad_x;           // GradOut<T, kInvNorm>, or nullptr
   float* grad_inv_norm;   // (n, gridDim.y) partial dot products, or nullptr
   int64_t n, d;
 };
@@ -541,6 +541,10 @@ template <bool kCentered>
 __device__ __forceinline__ float pair_term(float c, float v_r, float v_o) {
   return kCentered ? c * (v_r - v_o) : -(c * v_o);
 }
+
+// grad_x's element type: x's, or fp32 with inv_norm (the caller completes it through the normalisation)
+template <typename T, bool kInvNorm>
+using GradOut = std::conditional_t<kInvNorm, float, T>;
 
 template <typename T, bool kInvNorm>
 __device__ __forceinline__ float scaled_elem(const PairGradArgs& a, int64_t row, int64_t k) {
@@ -600,7 +604,7 @@ __global__ void __launch_bounds__(kGradThreads) triplet_pair_grad_kernel(const P
   if (live && a.grad_x != nullptr) {
     for (int r = 0; r < rows; ++r) {
       const float inv_r = kInvNorm ? a.inv_norm[r0 + r] : 1.f;
-      store_elem(static_cast<T*>(a.grad_x) + (r0 + r) * a.d + k, g[r][threadIdx.x] * inv_r);
+      store_elem(static_cast<GradOut<T, kInvNorm>*>(a.grad_x) + (r0 + r) * a.d + k, g[r][threadIdx.x] * inv_r);
     }
   }
   if (a.grad_inv_norm == nullptr) return;
@@ -913,15 +917,15 @@ struct ListGradArgs {
   const int64_t* offsets;
   const int64_t* others;
   const float* coef;
-  void* grad_x;            // or nullptr
+  void* grad_x;            // GradOut<T, kInvNorm>, or nullptr
   float* grad_inv_norm;    // or nullptr
   int64_t n, d;
 };
 
 // Row r, one warp, lanes over the features: g = grad_rows[r] (or 0) plus the entries of r's list in
 // list order, coef * (v_r - v_other) (centered) or -coef * v_other, an entry of other < 0 skipped;
-// writes inv_norm_r * g in x's dtype and x_r . g (per-lane sums in feature order, then the warp's
-// shuffle tree: a fixed order, no atomics).
+// writes inv_norm_r * g in x's dtype (fp32 with inv_norm) and x_r . g (per-lane sums in feature order,
+// then the warp's shuffle tree: a fixed order, no atomics).
 template <typename T, bool kInvNorm, bool kCentered>
 __global__ void __launch_bounds__(kListRows * kWarpSize) triplet_list_grad_kernel(const ListGradArgs a) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kListRows + threadIdx.x / kWarpSize;
@@ -954,7 +958,9 @@ __global__ void __launch_bounds__(kListRows * kWarpSize) triplet_list_grad_kerne
 #pragma unroll
     for (int u = 0; u < kListUnroll; ++u) {
       if (!live[u]) continue;
-      if (a.grad_x != nullptr) store_elem(static_cast<T*>(a.grad_x) + at + u * kWarpSize, g[u] * inv_r);
+      if (a.grad_x != nullptr) {
+        store_elem(static_cast<GradOut<T, kInvNorm>*>(a.grad_x) + at + u * kWarpSize, g[u] * inv_r);
+      }
       dot = fmaf(load_elem(x + at + u * kWarpSize), g[u], dot);  // (x_r again: from L1)
     }
   }

@@ -128,8 +128,9 @@ def test_linear_cross_entropy_chunks_follow_the_rule(small_budget):
 def test_triplet_row_chunks_follow_the_rule(small_budget):
     x = torch.randn(60, 8)
     params = triplet_ops.ROWS_SPEC.named(dict(mining=Mining.SEMI_HARD, distance=Distance.EUCLIDEAN, margin=0.2,
-                                              soft_margin=False, chunk_size=None, max_class_size=None))
-    chunks = triplet_ops._RowChunks("triton", (x, torch.zeros(60, dtype=torch.int64), None), params)
+                                              soft_margin=False, normalize=False, chunk_size=None,
+                                              max_class_size=None))
+    chunks = triplet_ops._RowChunks("triton", (x, torch.zeros(60, dtype=torch.int64), (None, None)), params)
     assert chunks.step == 8000 // (4 * 60) and chunks.gram.shape == (chunks.step, 60)
 
 

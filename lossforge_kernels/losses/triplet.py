@@ -73,13 +73,12 @@ def triplet_loss(embeddings, labels, *, margin=0.2, mining="batch_hard", distanc
                                     soft_margin=soft_margin, normalize=normalize, reduction=reduction)
         x = embeddings.contiguous()
         distance_id = ref.DISTANCE_IDS[distance]  # the kernel ops take the enums' values
-        tensors = (x, labels.to(torch.int64).contiguous(), kernels.row_inv_norm(x, distance_id, normalize))
+        tensors = (x, labels.to(torch.int64).contiguous())
+        options = dict(distance=distance_id, margin=margin, soft_margin=soft_margin, normalize=normalize)
         out_dtype = AC.loss_dtype(autocast)
         if mining == "batch_hard":
-            return kernels.triplet_kernels(tensors, dict(distance=distance_id, margin=margin, soft_margin=soft_margin),
-                                           reduction=reduction, backend=chosen, out_dtype=out_dtype)
-        return kernels.triplet_mined_kernels(tensors, dict(mining=ref.MINING_IDS[mining], distance=distance_id,
-                                                           margin=margin, soft_margin=soft_margin, chunk_size=None,
+            return kernels.triplet_kernels(tensors, options, reduction=reduction, backend=chosen, out_dtype=out_dtype)
+        return kernels.triplet_mined_kernels(tensors, dict(options, mining=ref.MINING_IDS[mining], chunk_size=None,
                                                            max_class_size=max_class_size),
                                              reduction=reduction, backend=chosen, out_dtype=out_dtype)
 

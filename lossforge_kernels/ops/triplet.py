@@ -10,9 +10,11 @@ count and its sum, the builder's reciprocal, the mining, the pair gradient, the 
 division; autograd's ones_like and the rescale).
 
 Normalisation (normalize=True, and always for cosine) enters as a per-row fp32 inverse norm
-inv_norm (the rows are v = inv_norm * x, inv_norm = 1 / max(|x|, 1e-12), computed by torch with
-autograd): the kernels see x in its own dtype and inv_norm, and differentiate both, so torch's
-autograd carries inv_norm's share back to x.
+inv_norm (the rows are v = inv_norm * x, inv_norm = 1 / max(|x|, 1e-12); `row_norm_factors`): the
+kernels see x in its own dtype and inv_norm. The gradient goes through the normalisation inside the
+op, in fp32: the gradient kernels write inv_norm * g (fp32) and x . g, and `finish_normalised` takes
+off the radial part and rounds once to x's dtype. Rounded apart (autograd through inv_norm), the two
+nearly cancelling terms of a nearly collapsed batch lost most of its gradient on half rows.
 
 The options travel as the values of reference/triplet.py's enums: `distance` a Distance (EUCLIDEAN 0,
 SQUARED_EUCLIDEAN 1, COSINE 2), `mining` a Mining (BATCH_HARD 0, SEMI_HARD 1, BATCH_ALL 2); the public
@@ -49,8 +51,9 @@ triplet_pair_grad_<b>(x, inv_norm, pos_index, pos_dist, neg_index, neg_dist, slo
   +-w_a: euclidean w / d, 0 at d <= 1.000001e-6 (the clamp); squared 2 w, 0 at 0; cosine w; plus NaN
   when slope[a] is NaN) adds c (v_r - v_other) (cosine: -c v_other) to g_r of both its rows. Row r
   sums, in fp32 and in this order, its own two pairs, then the pairs of the anchors that chose it,
-  by anchor (deterministic, no atomics). Writes grad_x[r] = inv_norm[r] * g_r (g_r without inv_norm)
-  in x's dtype and grad_inv_norm[r] = x_r . g_r (fp32, (B,)); either output may be None.
+  by anchor (deterministic, no atomics). Writes grad_x[r] = inv_norm[r] * g_r (g_r without inv_norm),
+  in x's dtype, or fp32 with inv_norm (a partial gradient: finish_normalised completes it), and
+  grad_inv_norm[r] = x_r . g_r (fp32, (B,)); either output may be None.
 """
 from __future__ import annotations
 
@@ -69,7 +72,7 @@ from ._library import KernelOp
 from .builder import FusedLoss, build, grad_factor_rows
 
 I64 = torch.int64
-PARAMS = ("int distance", "float margin", "bool soft_margin")
+PARAMS = ("int distance", "float margin", "bool soft_margin", "bool normalize")
 # A Euclidean distance at most this is sqrt(0 + 1e-12): the clamp was active, so no gradient flows
 # (one fp32 ulp of slack for an approximate square root).
 CLAMPED_EUCLIDEAN = 1.000001e-6
@@ -130,10 +133,12 @@ def _check_pair_grad(x, inv_norm, pos_index, pos_dist, neg_index, neg_dist, slop
 
 
 def _check_grads(op, x, inv_norm, grad_x, grad_inv_norm):
-    if grad_x is not None and (grad_x.shape != x.shape or grad_x.dtype != x.dtype or not grad_x.is_contiguous()
+    dtype = x.dtype if inv_norm is None else F32  # with inv_norm, a partial gradient kept in fp32
+    if grad_x is not None and (grad_x.shape != x.shape or grad_x.dtype != dtype or not grad_x.is_contiguous()
                                or grad_x.device != x.device):
-        fail(op, f"grad_x must be contiguous like x {tuple(x.shape)} {x.dtype} on {x.device}, got shape "
-                 f"{tuple(grad_x.shape)}, dtype {grad_x.dtype} on {grad_x.device}")
+        fail(op, f"grad_x must be contiguous, shaped like x {tuple(x.shape)}, {dtype} on {x.device}"
+                 f"{'' if inv_norm is None else ' (with inv_norm)'}, got shape {tuple(grad_x.shape)}, dtype "
+                 f"{grad_x.dtype} on {grad_x.device}")
     if grad_inv_norm is not None:
         if inv_norm is None:
             fail(op, "grad_inv_norm needs inv_norm")
@@ -168,16 +173,49 @@ PAIR_GRAD.implement_triton(lambda *args: _triton().triplet_pair_grad(*args))
 
 # ---- torch around the kernels: no per-anchor work, no host sync ------------------------------
 
-def row_inv_norm(x: torch.Tensor, distance: int, normalize: bool) -> torch.Tensor | None:
-    """The fp32 per-row inverse norm the kernels apply (None: rows as they are), differentiable in x."""
+def row_norm_factors(x: torch.Tensor, distance: int, normalize: bool):
+    """(inv_norm, radial), fp32 (B,) each, of the rows the kernels see, v = inv_norm * x; (None, None):
+    the rows as they are. inv_norm = 1 / max(|x|, eps) (cosine with normalize: of the normalised rows
+    again, as the reference normalises twice); radial = 1 / |x| where inv_norm is 1 / |x| (up to its
+    rounding), 0 where a clamp holds it constant. Not differentiated: the ops take the gradient
+    through the normalisation themselves (finish_normalised)."""
     cosine = distance == Distance.COSINE
     if not cosine and not normalize:
-        return None
-    norm = torch.linalg.vector_norm(x, dim=1, dtype=F32)
-    inv_norm = 1.0 / norm.clamp_min(ref.NORM_EPS)
-    if cosine and normalize:  # the reference normalises the normalised rows again
-        inv_norm = inv_norm / (norm * inv_norm).clamp_min(ref.NORM_EPS)
-    return inv_norm
+        return None, None
+    with torch.no_grad():
+        norm = torch.linalg.vector_norm(x, dim=1, dtype=F32)
+        inv_norm = 1.0 / norm.clamp_min(ref.NORM_EPS)
+        varies = norm >= ref.NORM_EPS  # (clamp_min passes the gradient at the bound, as autograd does)
+        if cosine and normalize:  # the normalised rows' norm is 1, or |x| / eps where the first clamp held
+            unit_norm = norm * inv_norm
+            inv_norm = inv_norm / unit_norm.clamp_min(ref.NORM_EPS)
+            varies = unit_norm >= ref.NORM_EPS
+        return inv_norm, torch.where(varies, 1.0 / norm, 0.0)
+
+
+def finish_normalised(partial, grad_inv_norm, x, norm, grad_x):
+    """grad_x (x's dtype) = the gradient w.r.t. x of a loss of the rows v = inv_norm * x, from the
+    kernels' fp32 partial = inv_norm * g and grad_inv_norm = x . g (g the gradient w.r.t. v): partial
+    less the normalisation's radial part (u . g) inv_norm u, u = x / |x| (where inv_norm varies),
+    in fp32, rounded once. partial is overwritten (it may be grad_x itself)."""
+    inv_norm, radial = norm
+    # (u . g) u inv_norm = (x . g) / |x|^2 v: divided in this order, no overflow for rows of norm near eps
+    along = grad_inv_norm * radial * radial
+    partial.addcmul_(torch.mul(x, inv_norm[:, None]), along[:, None], value=-1)
+    if grad_x is not partial:
+        grad_x.copy_(partial)
+
+
+def _normalised_gradient(x, norm, grad_x, write):
+    """write(inv_norm, grad_x, grad_inv_norm) runs a gradient kernel; through the normalisation where
+    there is one (finish_normalised)."""
+    if norm[0] is None:
+        write(None, grad_x, None)
+        return
+    partial = grad_x if grad_x.dtype == F32 else torch.empty(x.shape, device=x.device, dtype=F32)
+    grad_inv_norm = torch.empty(x.shape[0], device=x.device, dtype=F32)
+    write(norm[0], partial, grad_inv_norm)
+    finish_normalised(partial, grad_inv_norm, x, norm, grad_x)
 
 
 def _kept_count(backend, labels):
@@ -196,32 +234,36 @@ def _mine(backend, x, labels, inv_norm, distance, margin=0.0, soft_margin=False)
     return out
 
 
-def _pair_gradient(backend, x, inv_norm, saved, weight, distance, grads):
-    """grads (x's, inv_norm's) of sum(weight * slope * (d_ap - d_an)) over the kept anchors."""
-    grad_x, grad_inv_norm = grads
-    PAIR_GRAD[backend](x, inv_norm, *saved, weight=weight, distance=distance, grad_x=grad_x,
-                       grad_inv_norm=grad_inv_norm)
+def _pair_gradient(backend, x, norm, saved, weight, distance, grad_x):
+    """grad_x: the gradient of sum(weight * slope * (d_ap - d_an)) over the kept anchors."""
+    def write(inv_norm, out, grad_inv_norm):
+        PAIR_GRAD[backend](x, inv_norm, *saved, weight=weight, distance=distance, grad_x=out,
+                           grad_inv_norm=grad_inv_norm)
+
+    _normalised_gradient(x, norm, grad_x, write)
 
 
 def _forward(backend, tensors, params, grads, grad_factor, reduce):
-    x, labels, inv_norm = tensors
-    *mined, loss, slope = _mine(backend, x, labels, inv_norm, params.distance, params.margin, params.soft_margin)
+    x, labels = tensors
+    norm = row_norm_factors(x, params.distance, params.normalize)
+    *mined, loss, slope = _mine(backend, x, labels, norm[0], params.distance, params.margin, params.soft_margin)
     saved = (*mined, slope)
     if grads is not None:  # 'mean' of nothing: the factor is inf, every weight 0 (no anchor is kept)
-        _pair_gradient(backend, x, inv_norm, saved, grad_factor, params.distance, grads)
+        _pair_gradient(backend, x, norm, saved, grad_factor, params.distance, grads[0])
     return (loss.sum() if reduce else loss), saved
 
 
 def _backward(backend, grad_rows, tensors, saved, params, grads):
-    x, _, inv_norm = tensors
-    _pair_gradient(backend, x, inv_norm, saved, grad_rows.to(F32).contiguous(), params.distance, grads)
+    x = tensors[0]
+    _pair_gradient(backend, x, row_norm_factors(x, params.distance, params.normalize), saved,
+                   grad_rows.to(F32).contiguous(), params.distance, grads[0])
 
 
 SPEC = FusedLoss(
     name="triplet",
-    tensors=("embeddings", "labels", "inv_norm?"),
+    tensors=("embeddings", "labels"),
     params=PARAMS,
-    differentiable=("embeddings", "inv_norm"),
+    differentiable=("embeddings",),
     n_saved=5,
     forward=_forward,
     backward=_backward,
@@ -255,8 +297,8 @@ triplet_kernels = build(SPEC)
 # positive; nothing is allocated per row and nothing waits for the host.
 
 ROW_MININGS = (Mining.SEMI_HARD, Mining.BATCH_ALL)
-ROW_PARAMS = ("int mining", "int distance", "float margin", "bool soft_margin", "int? chunk_size",
-              "int? max_class_size")
+ROW_PARAMS = ("int mining", "int distance", "float margin", "bool soft_margin", "bool normalize",
+              "int? chunk_size", "int? max_class_size")
 
 
 def _check_row_loss(gram, sq, inv_norm, labels, row0, mining, distance, margin, soft_margin, row_weight, loss, count,
@@ -379,7 +421,8 @@ class _RowChunks:
     """The chunk loop: Gram blocks of anchors [start, stop) into a reused buffer, and the row kernel."""
 
     def __init__(self, backend, tensors, params):
-        self.x, self.labels, self.inv_norm = tensors
+        self.x, self.labels, self.norm = tensors
+        self.inv_norm = self.norm[0]
         self.params = params
         n = self.x.shape[0]
         # one C x B fp32 block within the budget
@@ -447,17 +490,17 @@ class _RowGradient:
             self.g.addcmul_(x, (cols if inv is None else cols * inv)[:, None])
         _subtract_transposed_product(self.g, operand, x_c)
 
-    def write(self, grads):
-        grad_x, grad_inv_norm = grads
-        inv = self.chunks.inv_norm
-        if grad_x is not None:
-            grad_x.copy_(self.g if inv is None else self.g * inv[:, None])
-        if grad_inv_norm is not None:
-            torch.sum(self.chunks.x * self.g, dim=1, out=grad_inv_norm)
+    def write(self, grad_x):
+        x, inv = self.chunks.x, self.chunks.inv_norm
+        if inv is None:
+            grad_x.copy_(self.g)
+            return
+        grad_inv_norm = torch.sum(x * self.g, dim=1)
+        finish_normalised(self.g.mul_(inv[:, None]), grad_inv_norm, x, self.chunks.norm, grad_x)
 
 
-def _rows_pass(backend, tensors, params, row_weight, grads):
-    """Every anchor's loss and count; with row_weight, the gradient of sum(row_weight * loss) into grads."""
+def _rows_pass(backend, tensors, params, row_weight, grad_x):
+    """Every anchor's loss and count; with row_weight, the gradient of sum(row_weight * loss) into grad_x."""
     chunks = _RowChunks(backend, tensors, params)
     n = chunks.x.shape[0]
     loss = torch.empty(n, device=chunks.x.device, dtype=F32)
@@ -468,7 +511,7 @@ def _rows_pass(backend, tensors, params, row_weight, grads):
     sink = _RowGradient(chunks)
     coef = torch.empty_like(chunks.gram)
     chunks.run(loss, count, row_weight, coef, sink.add)
-    sink.write(grads)
+    sink.write(grad_x)
     return loss, count
 
 
@@ -505,7 +548,8 @@ def _rows_pass(backend, tensors, params, row_weight, grads):
 #   r's list is entries offsets[r] .. offsets[r + 1] - 1 of others (int64, a row index; -1: skipped) and
 #   coef (fp32, of others' length). With g_r = grad_rows[r] (0 without) + the sum over r's list, in order,
 #   of coef * (centered * v_r - v_other) in fp32, writes grad_x[r] = inv_norm[r] * g_r (g_r without
-#   inv_norm) in x's dtype and grad_inv_norm[r] = x_r . g_r; either may be None. Deterministic.
+#   inv_norm) in x's dtype, fp32 with inv_norm (as triplet_pair_grad's), and grad_inv_norm[r] = x_r . g_r;
+#   either may be None. Deterministic.
 #
 # Triton takes this path for both minings. CUDA takes it for bf16/fp16 rows that its tiles take
 # (_takes_register_path); its fp32 rows keep the chunked path.
@@ -683,7 +727,7 @@ def _semi_hard_triplets(backend, x, labels, inv_norm, distance):
     return anchors, (pos, pos_exact, chosen, neg_exact), too_large
 
 
-def _slot_gradient(backend, x, inv_norm, anchors, mined, weight, distance, grads, poison):
+def _slot_gradient(backend, x, norm, anchors, mined, weight, distance, grad_x, poison):
     """grads of sum(weight * (d_ap - d_an)) over the (anchor, slot) triplets: each pair listed under both
     its rows (and every row once with coefficient 0 + poison, which carries the NaN of a non-finite
     input to every row, as the reference has it), stably sorted by row."""
@@ -705,18 +749,21 @@ def _slot_gradient(backend, x, inv_norm, anchors, mined, weight, distance, grads
     others = others.clamp_min(0)[order]
     coef = coef[order] + poison
     offsets = torch.searchsorted(rows, torch.arange(n + 1, device=x.device))
-    grad_x, grad_inv_norm = grads
-    LIST_GRAD[backend](x, inv_norm, None, offsets, others, coef, centered=distance != Distance.COSINE,
-                       grad_x=grad_x, grad_inv_norm=grad_inv_norm)
+
+    def write(inv_norm, out, grad_inv_norm):
+        LIST_GRAD[backend](x, inv_norm, None, offsets, others, coef, centered=distance != Distance.COSINE,
+                           grad_x=out, grad_inv_norm=grad_inv_norm)
+
+    _normalised_gradient(x, norm, grad_x, write)
 
 
-def _semi_hard_register_pass(backend, tensors, params, row_weight, grads):
-    x, labels, inv_norm = tensors
-    anchors, mined, too_large = _semi_hard_triplets(backend, x, labels, inv_norm, params.distance)
+def _semi_hard_register_pass(backend, tensors, params, row_weight, grad_x):
+    x, labels, norm = tensors
+    anchors, mined, too_large = _semi_hard_triplets(backend, x, labels, norm[0], params.distance)
     loss, slope, kept = _anchor_terms(mined, params.margin, params.soft_margin)
     if row_weight is not None:
         weight = torch.where(kept, slope * row_weight[:, None], 0.0)
-        _slot_gradient(backend, x, inv_norm, anchors, mined, weight, params.distance, grads,
+        _slot_gradient(backend, x, norm, anchors, mined, weight, params.distance, grad_x,
                        _nan_if_non_finite(x) + too_large)
     return loss.sum(1) + too_large
 
@@ -725,7 +772,7 @@ def _batch_all_rows(backend, tensors, params, row_weight):
     """batch_all's per-anchor losses (NaN where positive_slots flags too large a class) and counts, the
     positive slots and their slopes, and with row_weight the negative pairs' share of the gradient
     (w.r.t. the rows v, fp32)."""
-    x, labels, inv_norm = tensors
+    x, labels, (inv_norm, _) = tensors
     n = x.shape[0]
     pos, n_pos, rank, too_large = positive_slots(labels, POS_SLOTS)
     anchors = torch.arange(n, device=x.device)[:, None].expand_as(pos).contiguous()
@@ -739,7 +786,7 @@ def _batch_all_rows(backend, tensors, params, row_weight):
     return loss + too_large, count, (pos, rank, pos_dist, slope, too_large), grad_rows
 
 
-def _batch_all_slot_gradient(backend, tensors, params, slots, row_weight, grad_rows, grads):
+def _batch_all_slot_gradient(backend, tensors, params, slots, row_weight, grad_rows, grad_x):
     """grads: grad_rows (the negative pairs' share) plus the positive pairs', each pair's coefficient
     from both its anchors (r's slot s holds q, r sits in q's slot `mirror`), through the list kernel."""
     pos, rank, pos_dist, slope, too_large = slots
@@ -750,19 +797,23 @@ def _batch_all_slot_gradient(backend, tensors, params, slots, row_weight, grad_r
     coef = torch.where(pos >= 0, own + own[q, mirror.clamp(0, pos.shape[1] - 1)], 0.0)
     coef = coef + (_nan_if_non_finite(x) + too_large)
     offsets = torch.arange(0, pos.numel() + 1, pos.shape[1], device=x.device)  # the slots as lists
-    grad_x, grad_inv_norm = grads
-    LIST_GRAD[backend](x, tensors[2], grad_rows, offsets, pos.reshape(-1), coef.reshape(-1),
-                       centered=distance != Distance.COSINE, grad_x=grad_x, grad_inv_norm=grad_inv_norm)
+
+    def write(inv_norm, out, grad_inv_norm):
+        LIST_GRAD[backend](x, inv_norm, grad_rows, offsets, pos.reshape(-1), coef.reshape(-1),
+                           centered=distance != Distance.COSINE, grad_x=out, grad_inv_norm=grad_inv_norm)
+
+    _normalised_gradient(x, tensors[2], grad_x, write)
 
 
-def _batch_all_register_pass(backend, tensors, params, row_weight, grads):
+def _batch_all_register_pass(backend, tensors, params, row_weight, grad_x):
     loss, _, slots, grad_rows = _batch_all_rows(backend, tensors, params, row_weight)
     if row_weight is not None:
-        _batch_all_slot_gradient(backend, tensors, params, slots, row_weight, grad_rows, grads)
+        _batch_all_slot_gradient(backend, tensors, params, slots, row_weight, grad_rows, grad_x)
     return loss
 
 
 def _rows_counted_mean(backend, tensors, params, grads):
+    tensors = _with_norm(tensors, params)
     """Hinge batch_all 'mean' on the register path: its divisor (the triplets with a loss > 0) counted by
     the pass that computes the loss and gradient, run at unit weights, instead of a counting pass (one
     product fewer). The gradient's fp32 rows and the slot coefficients are divided before the list
@@ -775,15 +826,15 @@ def _rows_counted_mean(backend, tensors, params, grads):
     divisor = count.sum(dtype=F32).clamp_min(1.0)
     factor = torch.reciprocal(divisor)
     grad_rows.mul_(factor)
-    _batch_all_slot_gradient(backend, tensors, params, slots, factor.expand(n), grad_rows, grads)
+    _batch_all_slot_gradient(backend, tensors, params, slots, factor.expand(n), grad_rows, grads[0])
     return loss.sum(), divisor
 
 
-def _register_pass(backend, tensors, params, row_weight, grads):
-    """Every anchor's loss; with row_weight, the gradient of sum(row_weight * loss) into grads."""
+def _register_pass(backend, tensors, params, row_weight, grad_x):
+    """Every anchor's loss; with row_weight, the gradient of sum(row_weight * loss) into grad_x."""
     if params.mining == Mining.SEMI_HARD:
-        return _semi_hard_register_pass(backend, tensors, params, row_weight, grads)
-    return _batch_all_register_pass(backend, tensors, params, row_weight, grads)
+        return _semi_hard_register_pass(backend, tensors, params, row_weight, grad_x)
+    return _batch_all_register_pass(backend, tensors, params, row_weight, grad_x)
 
 
 # CUDA's tiled mining keeps a block's 64 anchors in shared memory (csrc/triplet.cu max_tile_width): 4
@@ -833,21 +884,29 @@ def _takes_register_path(backend, tensors, params):
     return _largest_class_fits(tensors[1], params.max_class_size)
 
 
+def _with_norm(tensors, params):
+    """The spec's (embeddings, labels) as the passes take them: (x, labels, row_norm_factors)."""
+    x, labels = tensors
+    return x, labels, row_norm_factors(x, params.distance, params.normalize)
+
+
 def _rows_forward(backend, tensors, params, grads, grad_factor, reduce):
-    weight = None if grads is None else grad_factor_rows(grad_factor, tensors[0].shape[0])
+    tensors = _with_norm(tensors, params)
+    weight, grad_x = (None, None) if grads is None else (grad_factor_rows(grad_factor, tensors[0].shape[0]), grads[0])
     if _takes_register_path(backend, tensors, params):
-        loss = _register_pass(backend, tensors, params, weight, grads)
+        loss = _register_pass(backend, tensors, params, weight, grad_x)
     else:
-        loss, _ = _rows_pass(backend, tensors, params, weight, grads)
+        loss, _ = _rows_pass(backend, tensors, params, weight, grad_x)
     return (loss.sum() if reduce else loss), ()
 
 
 def _rows_backward(backend, grad_rows, tensors, saved, params, grads):
+    tensors = _with_norm(tensors, params)
     weight = grad_rows.reshape(-1).to(F32).contiguous()
     if _takes_register_path(backend, tensors, params):
-        _register_pass(backend, tensors, params, weight, grads)
+        _register_pass(backend, tensors, params, weight, grads[0])
     else:
-        _rows_pass(backend, tensors, params, weight, grads)
+        _rows_pass(backend, tensors, params, weight, grads[0])
 
 
 def _rows_mean_divisor(backend, tensors, params):
@@ -859,6 +918,7 @@ def _rows_mean_divisor(backend, tensors, params):
     n = labels.shape[0]
     mining, soft_margin = params.mining, params.soft_margin
     if mining == Mining.BATCH_ALL and not soft_margin:
+        tensors = _with_norm(tensors, params)
         with torch.no_grad():
             if _takes_register_path(backend, tensors, params):
                 _, count, _, _ = _batch_all_rows(backend, tensors, params, None)
@@ -878,9 +938,9 @@ def _rows_fake(tensors, params):
 
 ROWS_SPEC = FusedLoss(
     name="triplet_mined",
-    tensors=("embeddings", "labels", "inv_norm?"),
+    tensors=("embeddings", "labels"),
     params=ROW_PARAMS,
-    differentiable=("embeddings", "inv_norm"),
+    differentiable=("embeddings",),
     n_saved=0,
     forward=_rows_forward,
     backward=_rows_backward,
