@@ -184,26 +184,24 @@ def row_norm_factors(x: torch.Tensor, distance: int, normalize: bool):
         return None, None
     with torch.no_grad():
         norm = torch.linalg.vector_norm(x, dim=1, dtype=F32)
-        inv_norm = 1.0 / norm.clamp_min(ref.NORM_EPS)
-        varies = norm >= ref.NORM_EPS  # (clamp_min passes the gradient at the bound, as autograd does)
-        if cosine and normalize:  # the normalised rows' norm is 1, or |x| / eps where the first clamp held
-            unit_norm = norm * inv_norm
-            inv_norm = inv_norm / unit_norm.clamp_min(ref.NORM_EPS)
-            varies = unit_norm >= ref.NORM_EPS
-        return inv_norm, torch.where(varies, 1.0 / norm, 0.0)
+        inv_norm = torch.reciprocal(norm.clamp_min(ref.NORM_EPS))
+        if not (cosine and normalize):  # (clamp_min passes the gradient at the bound, as autograd does)
+            return inv_norm, inv_norm * (norm >= ref.NORM_EPS)
+        # normalised again: the rows' norm is now 1, or |x| / eps where the first clamp held
+        unit_norm = norm * inv_norm
+        inv_norm = inv_norm / unit_norm.clamp_min(ref.NORM_EPS)
+        return inv_norm, torch.reciprocal(norm).masked_fill_(unit_norm < ref.NORM_EPS, 0.0)  # (1 / 0 is inf)
 
 
 def finish_normalised(partial, grad_inv_norm, x, norm, grad_x):
     """grad_x (x's dtype) = the gradient w.r.t. x of a loss of the rows v = inv_norm * x, from the
     kernels' fp32 partial = inv_norm * g and grad_inv_norm = x . g (g the gradient w.r.t. v): partial
     less the normalisation's radial part (u . g) inv_norm u, u = x / |x| (where inv_norm varies),
-    in fp32, rounded once. partial is overwritten (it may be grad_x itself)."""
+    in fp32, rounded once. grad_x may be partial itself."""
     inv_norm, radial = norm
     # (u . g) u inv_norm = (x . g) / |x|^2 v: divided in this order, no overflow for rows of norm near eps
     along = grad_inv_norm * radial * radial
-    partial.addcmul_(torch.mul(x, inv_norm[:, None]), along[:, None], value=-1)
-    if grad_x is not partial:
-        grad_x.copy_(partial)
+    torch.addcmul(partial, torch.mul(x, inv_norm[:, None]), along[:, None], value=-1, out=grad_x)  # (fp32 math)
 
 
 def _normalised_gradient(x, norm, grad_x, write):
