@@ -1866,6 +1866,13 @@ def test_register_path_ops_refuse_bad_input_by_name_on_cuda():
     with pytest.raises(ValueError, match=r"triplet_list_grad_cuda: coef must have shape \[24\]"):
         ops.LIST_GRAD.overloads["cuda"](x, None, None, offsets, lists[1], lists[2][:-1], True, torch.empty_like(x),
                                         None)
+    # with inv_norm the kernels store fp32: a half grad_x would be written past its end
+    half, inv = x.half(), torch.ones(6, device=device)
+    with pytest.raises(TypeError, match=r"triplet_list_grad_cuda: grad_x must have dtype Float, got Half"):
+        ops.LIST_GRAD.overloads["cuda"](half, inv, None, *lists, True, torch.empty_like(half), None)
+    with pytest.raises(TypeError, match=r"triplet_pair_grad_cuda: grad_x must have dtype Float, got Half"):
+        ops.PAIR_GRAD.overloads["cuda"](half, inv, *_mined(6, torch.Generator().manual_seed(3), device),
+                                        torch.ones((), device=device), Distance.COSINE, torch.empty_like(half), None)
 
 
 def test_opcheck_register_path_ops_on_every_backend():
