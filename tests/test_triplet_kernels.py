@@ -159,8 +159,8 @@ def test_half_gradients_of_a_nearly_collapsed_batch(kernel_backend, mining, dtyp
     device = device_for(kernel_backend)
     for name, cast in ((kernel_backend, lambda t: t.to(device)), ("reference", torch.Tensor.double)):
         leaf = cast(x).clone().requires_grad_(True)
-        lf.triplet_loss(leaf, labels.to(leaf.device), mining=mining, distance=distance, normalize=normalize, soft_margin=True,
-                        reduction="sum", backend=name).backward()
+        lf.triplet_loss(leaf, labels.to(leaf.device), mining=mining, distance=distance, normalize=normalize,
+                        soft_margin=True, reduction="sum", backend=name).backward()
         grads[name] = leaf.grad.cpu().double()
     got, want = grads[kernel_backend], grads["reference"]
     err = ((got - want).norm(dim=1) / want.norm(dim=1)).max()

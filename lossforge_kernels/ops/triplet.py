@@ -726,9 +726,9 @@ def _semi_hard_triplets(backend, x, labels, inv_norm, distance):
 
 
 def _slot_gradient(backend, x, norm, anchors, mined, weight, distance, grad_x, poison):
-    """grads of sum(weight * (d_ap - d_an)) over the (anchor, slot) triplets: each pair listed under both
-    its rows (and every row once with coefficient 0 + poison, which carries the NaN of a non-finite
-    input to every row, as the reference has it), stably sorted by row."""
+    """grad_x: the gradient of sum(weight * (d_ap - d_an)) over the (anchor, slot) triplets: each pair
+    listed under both its rows (and every row once with coefficient 0 + poison, which carries the NaN of
+    a non-finite input to every row, as the reference has it), stably sorted by row."""
     pos, pos_dist, neg, neg_dist = mined
     n = x.shape[0]
     kept = (pos >= 0) & (neg >= 0)
@@ -785,7 +785,7 @@ def _batch_all_rows(backend, tensors, params, row_weight):
 
 
 def _batch_all_slot_gradient(backend, tensors, params, slots, row_weight, grad_rows, grad_x):
-    """grads: grad_rows (the negative pairs' share) plus the positive pairs', each pair's coefficient
+    """grad_x: grad_rows (the negative pairs' share) plus the positive pairs', each pair's coefficient
     from both its anchors (r's slot s holds q, r sits in q's slot `mirror`), through the list kernel."""
     pos, rank, pos_dist, slope, too_large = slots
     x, distance = tensors[0], params.distance
@@ -811,13 +811,13 @@ def _batch_all_register_pass(backend, tensors, params, row_weight, grad_x):
 
 
 def _rows_counted_mean(backend, tensors, params, grads):
-    tensors = _with_norm(tensors, params)
     """Hinge batch_all 'mean' on the register path: its divisor (the triplets with a loss > 0) counted by
     the pass that computes the loss and gradient, run at unit weights, instead of a counting pass (one
     product fewer). The gradient's fp32 rows and the slot coefficients are divided before the list
     kernel rounds them to x's dtype, as the weighted pass would give them. None elsewhere."""
     if params.mining != Mining.BATCH_ALL or params.soft_margin or not _takes_register_path(backend, tensors, params):
         return None
+    tensors = _with_norm(tensors, params)
     n = tensors[0].shape[0]
     loss, count, slots, grad_rows = _batch_all_rows(backend, tensors, params,
                                                     torch.ones(n, device=tensors[0].device, dtype=F32))
