@@ -42,8 +42,10 @@ def every_family(backend: str, device: str) -> None:
         _backward(lf.supcon_loss(q, torch.arange(9, device=device) % 3, backend=backend))
         e = rand(12, 20, dtype=dtype)
         labels = torch.arange(12, device=device) % 4
-        for mining in ("batch_hard", "semi_hard", "batch_all"):
-            _backward(lf.triplet_loss(e, labels, mining=mining, backend=backend))
+        # through the row norms (the gradient kernels then store fp32 partial gradients, also for bf16)
+        for mining, distance in (("batch_hard", "cosine"), ("semi_hard", "euclidean"), ("batch_all", "cosine")):
+            _backward(lf.triplet_loss(e, labels, mining=mining, distance=distance, normalize=mining == "semi_hard",
+                                      backend=backend))
         # the mining tiles over several blocks and tiles with tails, at a width that is not a multiple
         # of 8; semi_hard / batch_all on both paths: small classes promised (the register path: Triton,
         # and CUDA's half rows) and a class of 20 rows (the chunked path)
