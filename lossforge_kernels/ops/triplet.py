@@ -7,7 +7,8 @@ the two mined distances again from the rows' differences and writes the anchor's
 a pair-gradient kernel turns the 2B mined (anchor, other) pairs into the embeddings' gradient.
 Nothing per anchor runs in torch between them: a 'mean' 'fwd+bwd' is 9 launches (the kept-anchor
 count and its sum, the builder's reciprocal, the mining, the pair gradient, the loss's sum and
-division; autograd's ones_like and the rescale).
+division; autograd's ones_like and the rescale); 18 through the row norms (their factors 5, the
+gradient's finish 4).
 
 Normalisation (normalize=True, and always for cosine) enters as a per-row fp32 inverse norm
 inv_norm (the rows are v = inv_norm * x, inv_norm = 1 / max(|x|, 1e-12); `row_norm_factors`): the
