@@ -141,7 +141,7 @@ def test_close_pairs_keep_their_digits(kernel_backend, distance, normalize):
 @pytest.mark.parametrize("mining", ["batch_hard", "semi_hard", "batch_all"])
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 6e-3), (torch.float16, 8e-4)], ids=str)
 def test_half_gradients_of_a_nearly_collapsed_batch(kernel_backend, mining, dtype, tol):
-    """Rows near a common centre (cos ~0.9999): a row's gradient is the small part of inv_norm g
+    """Rows near a common centre (cos 0.997-0.99996): a row's gradient is the small part of inv_norm g
     across the row, what is left of it and of the normalisation's radial part once they cancel. Each
     rounded to x's dtype on its own lost most of it, up to 42 % per bf16 row and 4 % per fp16 row
     (batch_hard, cosine); both are now taken in fp32 and rounded once. Every distance goes through the
