@@ -4,13 +4,13 @@
 // registration for the CUDA key. The kernels, and the work and traffic designed for, are in
 // contrastive.cuh.
 //
-// bf16/fp16 inputs run on tensor-core tiles: the forward in tiled_forward (the inverse norms, one
-// tile_stats_kernel launch, and for symmetric InfoNCE the average of row and column losses), each
-// backward pass in tiled_gradient_pass (the weight bound and one tile_grad_kernel launch); fp32
-// inputs, whose contract is full fp32 precision, take the chunks (and half inputs whose gradient
-// accumulator does not fit the device's shared memory).
-// The rows are walked in chunks (rows_per_chunk: chunks.h's budget rule, 32 MiB of fp32, or up to a
-// quarter of the inputs' bytes for large inputs), so the (B, M) similarity matrix never exists.
+// Every dtype runs on tensor-core tiles (fp32 as three tf32 products, csrc/mma.cuh): the forward in
+// tiled_forward (the inverse norms, one tile_stats_kernel launch, and for symmetric InfoNCE the average
+// of row and column losses), each backward pass in tiled_gradient_pass (one tile_grad_kernel launch);
+// a backward pass whose gradient accumulator does not fit the device's shared memory takes the chunks.
+// The chunked pass walks the rows in chunks (rows_per_chunk: chunks.h's budget rule, 32 MiB of fp32,
+// or up to a quarter of the inputs' bytes for large inputs), so the (B, M) similarity matrix never
+// exists.
 // grad_query walks chunks of query rows; grad_key walks chunks of key rows on S^T = k_c @ q^T (a
 // fifth product, so that no fp32 (M, D) accumulator is needed).
 //
@@ -141,7 +141,7 @@ void tiled_forward(const at::Tensor& query, const at::Tensor& key, const std::op
   f.logit_scale = logit_scale.data_ptr<float>();
   f.logit_bias = logit_bias.data_ptr<float>();
   f.labels = kind == kSupCon ? labels->data_ptr<int64_t>() : nullptr;
-  f.vec = f.d % 8 == 0 && aligned16(query) && aligned16(key);
+  f.vec = packet_rows(query) && packet_rows(key);
   auto run = [&](auto tag) {
     using T = decltype(tag);
     with_kind(kind, [&](auto kind_tag) {
@@ -153,7 +153,7 @@ void tiled_forward(const at::Tensor& query, const at::Tensor& key, const std::op
       });
     });
   };
-  dispatch_half(query.scalar_type(), kFwd, run);
+  dispatch_float(query.scalar_type(), kFwd, run);
   if (symmetric) {
     launch(query.device(), &finish_symmetric_tiles_kernel, grid_for((B + kThreads - 1) / kThreads), kThreads, 0, B,
            static_cast<const float*>(col_loss.data_ptr<float>()), loss.data_ptr<float>());
@@ -164,7 +164,7 @@ void contrastive_fwd_cuda(const at::Tensor& query, const at::Tensor& key, const 
                           const at::Tensor& logit_scale, const at::Tensor& logit_bias, const at::Tensor& loss,
                           const at::Tensor& stats, int64_t kind, bool normalize, bool symmetric) {
   check_inputs(kFwd, query, key, labels, logit_scale, logit_bias, kind, symmetric);
-  const int64_t B = query.size(0), M = key.size(0), D = query.size(1);
+  const int64_t B = query.size(0), M = key.size(0);
   check_f32_rows(kFwd, "loss", loss, query, {B});
   check_f32_rows(kFwd, "stats", stats, query, {2, B});
   if (B == 0) return;
@@ -182,62 +182,8 @@ void contrastive_fwd_cuda(const at::Tensor& query, const at::Tensor& key, const 
       inverse_norms(key, inv_k.data_ptr<float>(), nullptr);
     }
   }
-  if (query.scalar_type() != at::kFloat) {  // fp32 stays on the chunked products: its contract is full fp32
-    tiled_forward(query, key, labels, logit_scale, logit_bias, loss, stats, kind, symmetric,
-                  normalize ? inv_q.data_ptr<float>() : nullptr, normalize ? inv_k.data_ptr<float>() : nullptr);
-    return;
-  }
-  const int64_t chunk = rows_per_chunk(B, M, D, query, key);
-  at::Tensor sim = at::empty({chunk, M}, f32);
-  at::Tensor col = symmetric ? at::empty({3, M}, f32) : at::Tensor();
-  float* const sim_buf = sim.data_ptr<float>();
-
-  FwdChunk fc{};
-  fc.sim = sim_buf;
-  fc.n = M;
-  fc.inv_own = normalize ? inv_q.data_ptr<float>() : nullptr;
-  fc.inv_other = normalize ? inv_k.data_ptr<float>() : nullptr;
-  fc.logit_scale = logit_scale.data_ptr<float>();
-  fc.logit_bias = logit_bias.data_ptr<float>();
-  fc.labels = kind == kSupCon ? labels->data_ptr<int64_t>() : nullptr;
-  fc.loss = loss.data_ptr<float>();
-  fc.stats0 = stats.data_ptr<float>();
-  fc.stats1 = stats.data_ptr<float>() + B;
-  fc.symmetric = symmetric;
-  ColChunk cc{};
-  cc.sim = fc.sim;
-  cc.n = M;
-  cc.inv_own = fc.inv_own;
-  cc.inv_other = fc.inv_other;
-  cc.logit_scale = fc.logit_scale;
-  if (symmetric) {
-    cc.col_m = col.data_ptr<float>();
-    cc.col_s = col.data_ptr<float>() + M;
-    cc.col_inf = col.data_ptr<float>() + 2 * M;
-  }
-
-  with_kind(kind, [&](auto kind_tag) {
-    with_flag(normalize, [&](auto norm_tag) {
-      constexpr int kKind = decltype(kind_tag)::value;
-      constexpr bool kNorm = decltype(norm_tag)::value;
-      for_each_similarity_chunk(query, key, sim, chunk, [&](int64_t r0, int64_t rows) {
-        fc.row0 = r0;
-        fc.rows = rows;
-        launch(query.device(), &row_stats_kernel<kKind, kNorm>, grid_for(rows), kThreads, 0, fc);
-        if (symmetric) {
-          cc.row0 = r0;
-          cc.rows = rows;
-          cc.first = r0 == 0;
-          launch(query.device(), &col_stats_kernel<kNorm>, grid_for((M + kColTile - 1) / kColTile), kThreads, 0, cc);
-        }
-      });
-    });
-  });
-  if (symmetric) {
-    launch(query.device(), &finish_symmetric_kernel, grid_for((B + kThreads - 1) / kThreads), kThreads, 0, B,
-           static_cast<const float*>(cc.col_m), static_cast<const float*>(cc.col_s),
-           static_cast<const float*>(cc.col_inf), fc.loss, fc.stats1);
-  }
+  tiled_forward(query, key, labels, logit_scale, logit_bias, loss, stats, kind, symmetric,
+                normalize ? inv_q.data_ptr<float>() : nullptr, normalize ? inv_k.data_ptr<float>() : nullptr);
 }
 
 // One side of the backward: the rows whose gradient a pass produces (own) or sums over (other).
@@ -275,7 +221,8 @@ void with_pass_flags(int64_t kind, bool normalize, bool has_own, bool has_other,
 size_t tiled_gradient_smem(const at::Tensor& x) {
   const int64_t bytes = grad_acc_bytes(x.size(1));
   const DeviceLimits limits = device_limits(x.device().index());
-  return bytes + kGradStaticSmem + limits.reserved <= limits.optin ? static_cast<size_t>(bytes) : 0;
+  const int64_t fixed = grad_static_smem(static_cast<int>(4 / x.element_size()));
+  return bytes + fixed + limits.reserved <= limits.optin ? static_cast<size_t>(bytes) : 0;
 }
 
 // One pass on tile_grad_kernel: one launch; nothing of size (rows, n) or (rows, d) in device memory.
@@ -303,7 +250,7 @@ void tiled_gradient_pass(const Side& own, const Side& other, const GradChunk& pr
   f.coef1 = proto.coef1;
   f.acc_stride = static_cast<int>(grad_acc_stride(f.d));
   f.columns = columns;
-  f.vec = f.d % 8 == 0 && aligned16(x) && aligned16(y);
+  f.vec = packet_rows(x) && packet_rows(y);
   const size_t dyn = out != nullptr ? smem : 0;
   auto run = [&](auto tag) {
     using T = decltype(tag);
@@ -315,7 +262,7 @@ void tiled_gradient_pass(const Side& own, const Side& other, const GradChunk& pr
              grid_for((f.n_own + kGradRows - 1) / kGradRows), kGradThreads, dyn, f);
     });
   };
-  dispatch_half(x.scalar_type(), kBwd, run);
+  dispatch_float(x.scalar_type(), kBwd, run);
 }
 
 // Walks chunks of own's rows: S_c, then dZ_c as G_c and the row sums, then (with `out`) G_c @ other
@@ -323,12 +270,10 @@ void tiled_gradient_pass(const Side& own, const Side& other, const GradChunk& pr
 // memory take the tiled pass instead.
 void gradient_pass(const Side& own, const Side& other, const GradChunk& proto, int64_t kind, bool normalize,
                    bool has_own, bool has_other, bool columns, const at::Tensor* out) {
-  if (own.x->scalar_type() != at::kFloat) {
-    const size_t smem = tiled_gradient_smem(*own.x);
-    if (smem > 0) {
-      tiled_gradient_pass(own, other, proto, kind, normalize, has_own, has_other, columns, out, smem);
-      return;
-    }
+  const size_t smem = tiled_gradient_smem(*own.x);
+  if (smem > 0) {
+    tiled_gradient_pass(own, other, proto, kind, normalize, has_own, has_other, columns, out, smem);
+    return;
   }
   const at::Tensor& x = *own.x;
   const at::Tensor& y = *other.x;

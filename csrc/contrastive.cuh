@@ -1,25 +1,18 @@
 // The contrastive family's kernels: InfoNCE / CLIP, SupCon and SigLIP (contract: ops/contrastive.py's
 // docstring). The checks, the chunk loops, the products and the launches are in contrastive.cu.
 //
-// The (B, M) similarity matrix never exists. bf16/fp16 inputs keep it on chip: tile_stats_kernel
-// (forward) forms 16 x 64 tiles of it per warp with tensor-core products and folds them into the row
-// statistics in registers; tile_grad_kernel (backward) turns each tile into pair weights in shared
-// memory and multiplies them by the other rows on the tensor cores (bottom of the file). fp32 inputs,
-// and the backward of half inputs too wide for tile_grad_kernel's shared accumulator (128 bytes per
-// feature: D above 1632 on an H100, 1120 on an A100), go through chunks: contrastive.cu walks the
-// rows in chunks, and each chunk's similarities S_c = x_c @ y^T come from cuBLAS (fp32 out, fp32
-// accumulation; fp32 inputs at torch's matmul precision: full fp32 unless TF32 is allowed). With
-// c_ij = S_ij r_i r'_j (r the fp32 inverse row norms, 1 without `normalize`) and z_ij = s c_ij
-// (+ b for SigLIP), s and b the logit scale and bias:
+// The (B, M) similarity matrix never exists. It stays on chip: tile_stats_kernel (forward) forms
+// 16 x 64 tiles of it per warp with tensor-core products (fp32 inputs as three tf32 products,
+// csrc/mma.cuh) and folds them into the row statistics in registers; tile_grad_kernel (backward) turns
+// each tile into pair weights in shared memory and multiplies them by the other rows on the tensor
+// cores (bottom of the file). Only the backward of rows too wide for tile_grad_kernel's shared
+// accumulator (128 bytes per feature: D above about 1600 bf16/fp16 or 1500 fp32 features on an H100)
+// goes through chunks: contrastive.cu walks the rows in chunks, and each chunk's similarities
+// S_c = x_c @ y^T come from cuBLAS (fp32 out, fp32 accumulation; fp32 inputs at torch's matmul
+// precision). With c_ij = S_ij r_i r'_j (r the fp32 inverse row norms, 1 without `normalize`) and
+// z_ij = s c_ij (+ b for SigLIP), s and b the logit scale and bias:
 //   inv_norm_kernel     r_i = 1 / max(|x_i|, 1e-12) per row, and r_i^2 where the clamp is off
 //                       (what the normalisation's backward subtracts), one warp per row.
-//   row_stats_kernel    forward, one block per chunk row: the online (max, sum-exp) of the row
-//                       (InfoNCE; SupCon without self), the diagonal, SupCon's positive count and
-//                       sum, SigLIP's softplus sum; writes loss and stats.
-//   col_stats_kernel    symmetric InfoNCE: the chunk's per-column (max, sum-exp, +inf seen), merged
-//                       into running column stats (M,) chunk after chunk (a fixed order, no atomics);
-//                       finish_symmetric_kernel then completes each row's loss with its column lse
-//                       (the diagonal waits in stats[1] until then).
 //   weight_bound_kernel backward, once per pass: max_j r'_j and max_j |g_j| r'_j over the other
 //                       side, from which each row's gradient weights get a bound (below).
 //   pair_grad_kernel    backward, one block per chunk row: dZ from the saved stats, written as
@@ -41,15 +34,13 @@
 // `normalize`, a row below the norm floor has r' = 1e12, which in the bound would flush every other
 // weight of the row; in fp16 such a row is all zeros, so it weighs 0 in G and in the bound.
 //
-// Designed work per call, B x M pairs, width D, e = element bytes, chunk buffers not counted as cached:
-//   forward   one product (2BMD FLOPs); S written once (4BM B), read by the row pass (4BM) and,
-//             symmetric only, by the column pass (4BM); inputs read once per chunk by cuBLAS.
-//             Half inputs (tiled): no S traffic; each block stages its 64 rows and every tile of the
-//             other side through shared memory (2 x 64 x D x e bytes per tile, from L2 mostly):
+// Designed work per call, B x M pairs, width D, e = element bytes:
+//   forward   one product (2BMD FLOPs), no S traffic; each block stages its 64 rows and every tile of
+//             the other side through shared memory (2 x 64 x D x e bytes per tile, from L2 mostly):
 //             (B / 64) M D e + B D e bytes of loads, twice and 2BMD FLOPs twice for symmetric.
-//   backward  with grad_query and grad_key: four products (8BMD FLOPs); per pass S written and read
-//             (8BM), G written and read (2eBM), so 2 x (8 + 2e) BM bytes.
-//             Half inputs (tiled): no S or G traffic; per pass each block of 32 rows stages every
+//   backward  with grad_query and grad_key: four products (8BMD FLOPs). Chunked (wide rows): per pass
+//             S written and read (8BM), G written and read (2eBM), so 2 x (8 + 2e) BM bytes.
+//             Tiled: no S or G traffic; per pass each block of 32 rows stages every
 //             other tile twice (rows for S, transposed for the gradient): (B / 32) x 2 M D e bytes
 //             of loads (D e / 16 bytes per similarity, from L2 mostly), and its fp32 accumulator
 //             (32 x D) is read and written in shared memory once per tile; one launch per pass
@@ -172,151 +163,6 @@ __global__ void __launch_bounds__(kThreads) inv_norm_kernel(const T* x, int64_t 
       if (proj != nullptr) proj[row] = norm >= kNormEps ? r * r : 0.f;  // clamped rows: d r / d x = 0
     }
   }
-}
-
-// A chunk of rows [row0, row0 + rows) of the own side against all n rows of the other side.
-struct FwdChunk {
-  const float* sim;  // (rows, n) fp32
-  int64_t row0, rows, n;
-  const float* inv_own;  // inverse norms by global row index, or null without `normalize`
-  const float* inv_other;
-  const float* logit_scale;
-  const float* logit_bias;
-  const int64_t* labels;  // SupCon
-  float* loss;            // (B,)
-  float* stats0;          // (B,) stats[0]
-  float* stats1;          // (B,) stats[1]
-  bool symmetric;
-};
-
-template <int kKind, bool kNorm>
-__global__ void __launch_bounds__(kThreads) row_stats_kernel(const FwdChunk c) {
-  const int64_t local = blockIdx.x, a = c.row0 + local;
-  const float* srow = c.sim + local * c.n;
-  const float s = *c.logit_scale, b = kKind == kSigLip ? *c.logit_bias : 0.f;
-  const float ra = inv_norm_at<kNorm>(c.inv_own, a);
-  const int64_t la = kKind == kSupCon ? c.labels[a] : 0;
-
-  Acc acc = acc_init();
-  bool pos_inf = false;         // a +inf logit, left out of acc
-  float npos = 0.f, sum = 0.f;  // SupCon: positives and their logits; SigLIP: the softplus sum
-  struct Col {
-    float sim, ro;
-    int64_t label;
-  };
-  auto load = [&](int64_t o) {
-    return Col{srow[o], inv_norm_at<kNorm>(c.inv_other, o), kKind == kSupCon ? c.labels[o] : 0};
-  };
-  auto use = [&](int64_t o, const Col& v) {
-    const float z = fmaf(s, pair_cos(v.sim, ra, v.ro), b);
-    if constexpr (kKind == kSigLip) {
-      sum += softplus(o == a ? -z : z);
-    } else {
-      const bool self = o == a;
-      const float y = kKind == kSupCon && self ? -INFINITY : finite_top(z, pos_inf);
-      accumulate<1, false, false, false>(acc, &y, nullptr, nullptr, -1, 0.f, 0.f, 0.f);
-      if (kKind == kSupCon && !self && v.label == la) {
-        npos += 1.f;
-        sum += z;
-      }
-    }
-  };
-  stream_packets<kUnroll>(static_cast<int64_t>(threadIdx.x), c.n, static_cast<int64_t>(blockDim.x), load, use);
-
-  __shared__ ReduceSmem sm;
-  __shared__ float scratch[2][kThreads / kWarpSize];
-  if constexpr (kKind != kSigLip) {
-    acc = block_merge<false, false>(acc, sm);
-    pos_inf = __syncthreads_or(pos_inf) != 0;
-  }
-  if constexpr (kKind != kInfoNce) sum = block_sum(sum, scratch[0]);
-  if constexpr (kKind == kSupCon) npos = block_sum(npos, scratch[1]);
-  if (threadIdx.x != 0) return;
-
-  if constexpr (kKind == kInfoNce) {
-    const float lse = lse_of(acc.m, acc.s, pos_inf);
-    const float diag = fmaf(s, pair_cos(srow[a], ra, inv_norm_at<kNorm>(c.inv_other, a)), 0.f);
-    c.stats0[a] = lse;
-    c.loss[a] = lse - diag;
-    if (c.symmetric) c.stats1[a] = diag;  // read and replaced by finish_symmetric_kernel
-  } else if constexpr (kKind == kSupCon) {
-    const bool live = npos > 0.f;
-    const float lse = live ? lse_of(acc.m, acc.s, pos_inf) : 0.f;
-    c.stats0[a] = lse;
-    c.stats1[a] = npos;
-    c.loss[a] = live ? lse - sum / npos : 0.f;
-  } else {
-    c.loss[a] = sum;
-  }
-}
-
-constexpr int kColTile = kWarpSize;                // columns per block, one per lane
-constexpr int kColGroups = kThreads / kColTile;  // row groups per block, one per warp
-
-struct ColChunk {
-  const float* sim;  // (rows, n) fp32
-  int64_t row0, rows, n;
-  const float* inv_own;
-  const float* inv_other;
-  const float* logit_scale;
-  float* col_m;  // (n,) running column max
-  float* col_s;  // (n,) running column sum of exp(z - col_m)
-  float* col_inf;  // (n,) 1 where the column has a +inf logit (left out of col_m, col_s), else 0
-  bool first;    // the first chunk starts the running stats
-};
-
-// Each warp walks every kColGroups-th row of the chunk for 32 adjacent columns (coalesced), then
-// lane j's partials are merged in warp order and into the running stats: a fixed order throughout.
-template <bool kNorm>
-__global__ void __launch_bounds__(kThreads) col_stats_kernel(const ColChunk c) {
-  const int lane = threadIdx.x % kColTile, group = threadIdx.x / kColTile;
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * kColTile + lane;
-  Acc acc = acc_init();
-  bool pos_inf = false;
-  if (j < c.n) {
-    const float s = *c.logit_scale, ro = inv_norm_at<kNorm>(c.inv_other, j);
-    struct Cell {
-      float sim, ra;
-    };
-    auto load = [&](int64_t i) { return Cell{c.sim[i * c.n + j], inv_norm_at<kNorm>(c.inv_own, c.row0 + i)}; };
-    auto use = [&](int64_t, const Cell& v) {
-      const float z = finite_top(fmaf(s, pair_cos(v.sim, v.ra, ro), 0.f), pos_inf);
-      accumulate<1, false, false, false>(acc, &z, nullptr, nullptr, -1, 0.f, 0.f, 0.f);
-    };
-    stream_packets<kUnroll>(static_cast<int64_t>(group), c.rows, static_cast<int64_t>(kColGroups), load, use);
-  }
-  __shared__ float part_m[kColGroups][kColTile], part_s[kColGroups][kColTile];
-  __shared__ bool part_inf[kColGroups][kColTile];
-  part_m[group][lane] = acc.m;
-  part_s[group][lane] = acc.s;
-  part_inf[group][lane] = pos_inf;
-  __syncthreads();
-  if (group != 0 || j >= c.n) return;
-  Acc chunk = acc_init();
-  for (int g = 0; g < kColGroups; ++g) {
-    merge(chunk, part_m[g][lane], part_s[g][lane], 0.f, 0.f);
-    pos_inf = pos_inf || part_inf[g][lane];
-  }
-  if (!c.first) {
-    Acc run{c.col_m[j], c.col_s[j], 0.f, 0.f};
-    merge(run, chunk.m, chunk.s, 0.f, 0.f);
-    chunk = run;
-    pos_inf = pos_inf || c.col_inf[j] != 0.f;
-  }
-  c.col_m[j] = chunk.m;
-  c.col_s[j] = chunk.s;
-  c.col_inf[j] = pos_inf ? 1.f : 0.f;
-}
-
-// loss_i = (row loss + column loss) / 2 once every chunk has reached the column stats.
-__global__ void __launch_bounds__(kThreads) finish_symmetric_kernel(int64_t b, const float* col_m, const float* col_s,
-                                                                     const float* col_inf, float* loss, float* stats1) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= b) return;
-  const float col_lse = lse_of(col_m[i], col_s[i], col_inf[i] != 0.f);
-  const float diag = stats1[i];
-  loss[i] = 0.5f * (loss[i] + (col_lse - diag));
-  stats1[i] = col_lse;
 }
 
 // What one side of the pair contributes to dZ: its rows' incoming gradient and saved stats.
@@ -718,13 +564,26 @@ struct TileGrad {
   float* coef1;
   int acc_stride;  // floats per row of the shared accumulator
   bool columns;    // own is the key side: c = S r_other r_own, the forward's order
-  bool vec;        // 16-byte loads: d % 8 == 0 and both inputs 16-byte aligned
+  bool vec;        // 16-byte loads: rows a multiple of 16 bytes and both inputs 16-byte aligned
 };
 
+// Words per row of a tile's 64 other rows as operand words (W's A fragments; the transposed tile: one
+// row per feature), +4 for the banks as kTileStride.
+template <typename T>
+constexpr int kAcrossStride = kTileCols / mma::kPerWord<T> + 4;
+// The other tile's buffer: its rows for S (StagedRows), then its kTileK features transposed.
+template <typename T>
+constexpr int kOtherWords = kTileCols * kTileStride > kTileK * kAcrossStride<T> ? kTileCols * kTileStride
+                                                                                 : kTileK * kAcrossStride<T>;
+
 // tile_grad_kernel's static shared memory.
-constexpr int64_t kGradStaticSmem = 2 * sizeof(Staged<kGradRows>) + sizeof(StagedRows) +
-                                    kTileCols * (2 * sizeof(float) + sizeof(int64_t) + sizeof(Anchor)) +
-                                    kGradRows * sizeof(float) * (1 + 3 * kGradWarpsPerRowTile);
+constexpr int64_t grad_static_smem(int per_word) {
+  const int64_t across = kTileCols / per_word + 4;
+  const int64_t other = kTileCols * kTileStride > kTileK * across ? kTileCols * kTileStride : kTileK * across;
+  return static_cast<int64_t>(sizeof(uint32_t)) * (kGradRows * kTileStride + other + kGradRows * across) +
+         kTileCols * (2 * sizeof(float) + sizeof(int64_t) + sizeof(Anchor)) +
+         kGradRows * sizeof(float) * (1 + 3 * kGradWarpsPerRowTile);
+}
 
 // The shared accumulator's bytes (dynamic shared memory) for width d.
 inline int64_t grad_acc_stride(int64_t d) { return (d + 15) / 16 * 16 + kGradAccPad; }
@@ -733,16 +592,33 @@ inline int64_t grad_acc_bytes(int64_t d) {
 }
 
 // Rows [row0, row0 + 64) x features [k0, k0 + kTileK) of x (rows x d) into dst transposed: dst[f][p]
-// holds rows 2p (low half) and 2p + 1 at feature k0 + f, the B operand of W . x; zero outside x.
+// holds rows 2p (low half) and 2p + 1 at feature k0 + f (fp32: row p), the B operand of W . x; zero
+// outside x. `dst` has kAcrossStride<T> words per feature.
 template <typename T>
-__device__ __forceinline__ void stage_columns(StagedRows& dst, const T* x, int64_t row0, int64_t rows, int64_t d,
-                                              int64_t k0, bool vec) {
+__device__ __forceinline__ void stage_columns(uint32_t (*dst)[kAcrossStride<T>], const T* x, int64_t row0,
+                                              int64_t rows, int64_t d, int64_t k0, bool vec) {
   using Raw = typename Elem<T>::Raw;
   const Raw* raw = reinterpret_cast<const Raw*>(x);
-  if (vec) {
+  if constexpr (mma::kPerWord<T> == 1) {
+    if (vec) {  // one thread per 4 features of a row; consecutive threads: consecutive rows
+      for (int i = threadIdx.x; i < kTileCols * (kTileK / 4); i += blockDim.x) {
+        const int r = i % kTileCols, q = i / kTileCols;
+        const int64_t row = row0 + r, k = k0 + 4 * q;
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (k < d && row < rows) v = ld_keep(raw + row * d + k);
+        dst[4 * q][r] = v.x, dst[4 * q + 1][r] = v.y, dst[4 * q + 2][r] = v.z, dst[4 * q + 3][r] = v.w;
+      }
+    } else {
+      for (int i = threadIdx.x; i < kTileK * kTileCols; i += blockDim.x) {
+        const int r = i % kTileCols, f = i / kTileCols;
+        const int64_t row = row0 + r, k = k0 + f;
+        dst[f][r] = k < d && row < rows ? __float_as_uint(raw[row * d + k]) : 0u;
+      }
+    }
+  } else if (vec) {
     constexpr int kPackets = kTileK / 8;
-    for (int i = threadIdx.x; i < kTilePairs * kPackets; i += blockDim.x) {
-      const int p = i % kTilePairs, q = i / kTilePairs;  // consecutive threads: consecutive words of a row
+    for (int i = threadIdx.x; i < kTileWords * kPackets; i += blockDim.x) {
+      const int p = i % kTileWords, q = i / kTileWords;  // consecutive threads: consecutive words of a row
       const int64_t row = row0 + 2 * p, k = k0 + 8 * q;
       uint4 lo = make_uint4(0u, 0u, 0u, 0u), hi = lo;
       if (k < d && row < rows) lo = ld_keep(raw + row * d + k);
@@ -755,8 +631,8 @@ __device__ __forceinline__ void stage_columns(StagedRows& dst, const T* x, int64
       }
     }
   } else {
-    for (int i = threadIdx.x; i < kTileK * kTilePairs; i += blockDim.x) {
-      const int p = i % kTilePairs, f = i / kTilePairs;
+    for (int i = threadIdx.x; i < kTileK * kTileWords; i += blockDim.x) {
+      const int p = i % kTileWords, f = i / kTileWords;
       const int64_t row = row0 + 2 * p, k = k0 + f;
       uint32_t lo = 0, hi = 0;
       if (k < d) {
@@ -802,9 +678,14 @@ __global__ void __launch_bounds__(kGradThreads, 1) tile_grad_kernel(const TileGr
   const T* other = static_cast<const T*>(f.other);
   const bool has_out = f.out != nullptr;
 
+  constexpr int kAcross = kAcrossStride<T>;
+  constexpr int kWSteps = kTileCols / mma::kStepK<T>;  // k steps of W . other over the tile's rows
   __shared__ Staged<kGradRows> s_own;
-  __shared__ StagedRows s_other;  // the other tile's chunk: rows for S, then transposed for W . other
-  __shared__ Staged<kGradRows> s_w;  // the tile's W as A fragments: kGradRows x 64 other rows
+  // the other tile's chunk: rows for S, then transposed for W . other
+  __shared__ uint32_t s_other_words[kOtherWords<T>];
+  StagedRows& s_other = *reinterpret_cast<StagedRows*>(s_other_words);
+  auto* const s_cols = reinterpret_cast<uint32_t (*)[kAcross]>(s_other_words);
+  __shared__ uint32_t s_w[kGradRows][kAcross];  // the tile's W as A fragments: kGradRows x 64 other rows
   __shared__ float s_ro[kTileCols];
   __shared__ float s_rw[kTileCols];  // r'_j in W (weight_inv_norm)
   __shared__ int64_t s_label[kTileCols];
@@ -892,20 +773,20 @@ __global__ void __launch_bounds__(kGradThreads, 1) tile_grad_kernel(const TileGr
           held[e] = as_stored<T>(w[n][h][e]);
           if constexpr (kNorm) w_s[h] = fmaf(held[e] * down, sim[n][2 * h + e], w_s[h]);
         }
-        s_w[tile * 16 + g + 8 * h][col0 / 2 + n * 4 + t] = pack_pair<T>(held[0], held[1]);
+        store_pair<T>(s_w[tile * 16 + g + 8 * h], col0 + n * 8 + 2 * t, held[0], held[1]);
       }
     }
 
     __syncthreads();  // W is complete; every warp is done with the staged rows
-    uint32_t wa[kGradRowTiles][4][4];
+    uint32_t wa[kGradRowTiles][kWSteps][4];
 #pragma unroll
     for (int rt = 0; rt < kGradRowTiles; ++rt) {
 #pragma unroll
-      for (int ks = 0; ks < 4; ++ks) mma::load_a(wa[rt][ks], &s_w[rt * 16][ks * 8], kTileStride, lane);
+      for (int ks = 0; ks < kWSteps; ++ks) mma::load_a(wa[rt][ks], &s_w[rt * 16][ks * 8], kAcross, lane);
     }
     for (int64_t c0 = 0; c0 < f.d; c0 += kTileK) {
       if (c0 > 0) __syncthreads();  // the previous chunk's fragment loads are done
-      stage_columns<T>(s_other, other, j0, f.n_other, f.d, c0, f.vec);
+      stage_columns<T>(s_cols, other, j0, f.n_other, f.d, c0, f.vec);
       __syncthreads();
       const int64_t f0 = c0 + warp * kGradWarpFeatures;
       if (f0 >= f.d) continue;
@@ -915,7 +796,7 @@ __global__ void __launch_bounds__(kGradThreads, 1) tile_grad_kernel(const TileGr
         for (int n = 0; n < kGradWarpFeatures / 8; ++n) {
           accumulate_rows<T>(grad_acc, f.acc_stride, rt * 16, f0 + n * 8, wa[rt], lane,
                              [&](uint32_t (&fb)[2], int ks) {
-            mma::load_b(fb, &s_other[warp * kGradWarpFeatures + n * 8][ks * 8], kTileStride, lane);
+            mma::load_b(fb, &s_cols[warp * kGradWarpFeatures + n * 8][ks * 8], kAcross, lane);
           }, rescale[rt][0], rescale[rt][1]);
         }
       }

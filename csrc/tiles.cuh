@@ -1,11 +1,12 @@
 // Similarity tiles on the tensor cores, shared by the kernels that never write their B x M products:
 // the contrastive forward and backward (contrastive.cuh) and batch-hard mining (triplet.cuh).
 //
-// A block stages one tile of the other side's rows through shared memory, kTileK features at a time,
-// as element pairs (zero beyond the width and beyond the last row, so any width runs the same 16-wide
-// k steps), and its own rows either with each slab or once for the whole sweep (resident: half the
-// loads, at 128 bytes of shared memory per feature for 64 rows); each warp multiplies its 16 own rows
-// by 8-row groups of the tile with mma.sync m16n8k16 (csrc/mma.cuh) into fp32 fragments. Every
+// A block stages one tile of the other side's rows through shared memory, kSlabK<T> features at a
+// time, as 32-bit operand words (element pairs, or one fp32 element each; zero beyond the width and
+// beyond the last row, so any width runs the same k steps), and its own rows either with each slab or
+// once for the whole sweep (resident: half the loads, at 128 bytes of shared memory per bf16/fp16
+// feature for 64 rows, 256 per fp32 feature); each warp multiplies its 16 own rows
+// by 8-row groups of the tile with mma.sync (csrc/mma.cuh's mma_step) into fp32 fragments. Every
 // kernel walks the k steps in the same order, so an entry is the same float wherever it is formed
 // (the contrastive backward relies on seeing the forward's logits).
 #pragma once
@@ -17,11 +18,13 @@
 
 namespace lossforge {
 
-constexpr int kTileCols = 64;            // other rows per tile
-constexpr int kTileK = 64;               // features staged at a time
-constexpr int kTilePairs = kTileK / 2;   // element pairs (32-bit words) of a staged row
+constexpr int kTileCols = 64;  // other rows per tile
+constexpr int kTileWords = 32;  // 32-bit operand words of a staged row
+template <typename T>
+constexpr int kSlabK = kTileWords * mma::kPerWord<T>;  // features staged at a time
+constexpr int kTileK = kSlabK<c10::BFloat16>;  // 64: a half slab; the contrastive backward's chunks
 // Words per staged row: +4 puts the 8 rows one fragment load reads on different banks.
-constexpr int kTileStride = kTilePairs + 4;
+constexpr int kTileStride = kTileWords + 4;
 
 template <int kRows>
 using Staged = uint32_t[kRows][kTileStride];
@@ -39,34 +42,40 @@ __device__ __forceinline__ int weight_exponent(float bound) {
   return max(-126, min(126, kWeightTopExp - x));
 }
 
-// Rows [row0, row0 + n_rows) x features [k0, k0 + kTileK) of x (rows x d) into dst (`stride` words
-// per row) as element pairs, zero outside x.
+// Rows [row0, row0 + n_rows) x features [k0, k0 + kSlabK<T>) of x (rows x d) into dst (`stride` words
+// per row) as operand words, zero outside x.
 template <typename T>
 __device__ __forceinline__ void stage_slab(uint32_t* dst, int stride, int n_rows, const T* x, int64_t row0,
                                            int64_t rows, int64_t d, int64_t k0, bool vec) {
   using Raw = typename Elem<T>::Raw;
-  static_assert(sizeof(Raw) == 2, "the tensor-core path takes 16-bit elements");
+  constexpr int kPer = mma::kPerWord<T>;
   const Raw* raw = reinterpret_cast<const Raw*>(x);
-  if (vec) {  // k0 and d multiples of 8: a packet is wholly inside x's row or wholly outside
-    constexpr int kPackets = kTileK / 8;
+  if (vec) {  // k0 and d multiples of a 16-byte packet: a packet is wholly inside x's row or wholly outside
+    constexpr int kPackets = kTileWords / 4;
     for (int i = threadIdx.x; i < n_rows * kPackets; i += blockDim.x) {
       const int r = i / kPackets, q = i % kPackets;
-      const int64_t row = row0 + r, k = k0 + 8 * q;
+      const int64_t row = row0 + r, k = k0 + 4 * kPer * q;
       uint4 v = make_uint4(0u, 0u, 0u, 0u);
       if (row < rows && k < d) v = ld_keep(raw + row * d + k);
       uint32_t* w = dst + r * stride + 4 * q;
       w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
     }
   } else {
-    for (int i = threadIdx.x; i < n_rows * kTilePairs; i += blockDim.x) {
-      const int r = i / kTilePairs, p = i % kTilePairs;
-      const int64_t row = row0 + r, k = k0 + 2 * p;
-      uint32_t lo = 0, hi = 0;
-      if (row < rows) {
-        if (k < d) lo = raw[row * d + k];
-        if (k + 1 < d) hi = raw[row * d + k + 1];
+    for (int i = threadIdx.x; i < n_rows * kTileWords; i += blockDim.x) {
+      const int r = i / kTileWords, p = i % kTileWords;
+      const int64_t row = row0 + r, k = k0 + kPer * p;
+      uint32_t word = 0;
+      if constexpr (kPer == 2) {
+        uint32_t lo = 0, hi = 0;
+        if (row < rows) {
+          if (k < d) lo = raw[row * d + k];
+          if (k + 1 < d) hi = raw[row * d + k + 1];
+        }
+        word = lo | (hi << 16);
+      } else {
+        if (row < rows && k < d) word = __float_as_uint(raw[row * d + k]);
       }
-      dst[r * stride + p] = lo | (hi << 16);
+      dst[r * stride + p] = word;
     }
   }
 }
@@ -80,8 +89,13 @@ __device__ __forceinline__ void stage_rows(Staged<kRows>& dst, const T* x, int64
 // Words per row of own rows staged once for the whole sweep (every slab of the width side by side, at
 // least one, which a width of 0 stages as zeros; the +4 keeps fragment loads on different banks, as
 // kTileStride does).
+__host__ __device__ constexpr int64_t resident_stride(int64_t d, int per_word) {
+  const int64_t slab = kTileWords * per_word;
+  return (d > slab ? (d + slab - 1) / slab : 1) * kTileWords + 4;
+}
+template <typename T>
 __host__ __device__ constexpr int64_t resident_stride(int64_t d) {
-  return (d > kTileK ? (d + kTileK - 1) / kTileK : 1) * kTilePairs + 4;
+  return resident_stride(d, mma::kPerWord<T>);
 }
 
 // What a block multiplies: its own rows [row0, row0 + its rows) against the other side's rows.
@@ -90,15 +104,16 @@ struct TileOperands {
   const T* own;
   const T* other;
   int64_t row0, n_own, n_other, d;
-  bool vec;  // 16-byte loads: d % 8 == 0 and both sides 16-byte aligned
+  bool vec;  // 16-byte loads: d elements a multiple of 16 bytes and both sides 16-byte aligned
 };
 
 // Own rows staged once (kResident: s_own holds kOwnRows rows of resident_stride(d) words).
 template <typename T, int kOwnRows>
 __device__ __forceinline__ void stage_resident(uint32_t* s_own, const TileOperands<T>& op) {
-  const int stride = static_cast<int>(resident_stride(op.d));
-  for (int64_t k0 = 0; k0 < op.d || k0 == 0; k0 += kTileK) {
-    stage_slab<T>(s_own + k0 / 2, stride, kOwnRows, op.own, op.row0, op.n_own, op.d, k0, op.vec);
+  const int stride = static_cast<int>(resident_stride<T>(op.d));
+  for (int64_t k0 = 0; k0 < op.d || k0 == 0; k0 += kSlabK<T>) {
+    const int64_t word0 = k0 / mma::kPerWord<T>;
+    stage_slab<T>(s_own + word0, stride, kOwnRows, op.own, op.row0, op.n_own, op.d, k0, op.vec);
   }
 }
 
@@ -106,6 +121,17 @@ __device__ __forceinline__ void stage_resident(uint32_t* s_own, const TileOperan
 template <typename T>
 __device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
   return static_cast<uint32_t>(Elem<T>::store(lo)) | (static_cast<uint32_t>(Elem<T>::store(hi)) << 16);
+}
+
+// Two values of an even column pair into a row of operand words (`row` holds the row's first word):
+// one word rounded to T for bf16/fp16, two fp32 words.
+template <typename T>
+__device__ __forceinline__ void store_pair(uint32_t* row, int col, float lo, float hi) {
+  if constexpr (mma::kPerWord<T> == 2) {
+    row[col / 2] = pack_pair<T>(lo, hi);
+  } else {
+    row[col] = __float_as_uint(lo), row[col + 1] = __float_as_uint(hi);
+  }
 }
 
 // B's fragment of W . R for rows R staged as element pairs along the features (rows[r * stride + f / 2],
@@ -178,16 +204,16 @@ __device__ __forceinline__ void scale_row_weights(float (&w)[kSimTiles][2][2], i
 // first multiplied by lo_scale (rows row0 + g) and hi_scale (row0 + g + 8): a running rescale.
 template <typename T, typename LoadB>
 __device__ __forceinline__ void accumulate_rows(float* acc, int stride, int row0, int64_t f0,
-                                                const uint32_t (&wa)[4][4], int lane, LoadB&& load_b,
-                                                float lo_scale = 1.f, float hi_scale = 1.f) {
+                                                const uint32_t (&wa)[kTileCols / mma::kStepK<T>][4], int lane,
+                                                LoadB&& load_b, float lo_scale = 1.f, float hi_scale = 1.f) {
   float* lo = acc + (row0 + lane / 4) * stride + f0 + 2 * (lane % 4);
   float* hi = lo + 8 * stride;
   float c[4] = {lo[0] * lo_scale, lo[1] * lo_scale, hi[0] * hi_scale, hi[1] * hi_scale};
 #pragma unroll
-  for (int ks = 0; ks < 4; ++ks) {
+  for (int ks = 0; ks < kTileCols / mma::kStepK<T>; ++ks) {
     uint32_t fb[2];
     load_b(fb, ks);
-    mma::mma_m16n8k16<T>(c, wa[ks], fb);
+    mma::mma_step<T>(c, wa[ks], fb);
   }
   lo[0] = c[0], lo[1] = c[1], hi[0] = c[2], hi[1] = c[3];
 }
@@ -205,14 +231,15 @@ __device__ __forceinline__ void tile_product(float (&acc)[kN][4], uint32_t* s_ow
   int64_t k0 = 0;
   do {  // once at least (d == 0: S = 0)
     __syncthreads();  // the previous step's fragment loads (and the caller's reads of staged values) are done
-    if (!kResident && (j0 == 0 || op.d > kTileK)) {
+    if (!kResident && (j0 == 0 || op.d > kSlabK<T>)) {
       stage_slab<T>(s_own, kTileStride, kOwnRows, op.own, op.row0, op.n_own, op.d, k0, op.vec);
     }
     stage_rows<T>(s_other, op.other, j0, op.n_other, op.d, k0, op.vec);
     if (k0 == 0) first_slab();
     __syncthreads();
-    const uint32_t* a_rows = s_own + own_row * own_stride + (kResident ? k0 / 2 : 0);
-    const int steps = static_cast<int>((min(static_cast<int64_t>(kTileK), op.d - k0) + 15) / 16);
+    const uint32_t* a_rows = s_own + own_row * own_stride + (kResident ? k0 / mma::kPerWord<T> : 0);
+    constexpr int kStep = mma::kStepK<T>;
+    const int steps = static_cast<int>((min(static_cast<int64_t>(kSlabK<T>), op.d - k0) + kStep - 1) / kStep);
     for (int ks = 0; ks < steps; ++ks) {
       uint32_t fa[4];
       mma::load_a(fa, a_rows + ks * 8, own_stride, lane);
@@ -220,10 +247,10 @@ __device__ __forceinline__ void tile_product(float (&acc)[kN][4], uint32_t* s_ow
       for (int n = 0; n < kN; ++n) {
         uint32_t fb[2];
         mma::load_b(fb, &s_other[other_row + n * 8][ks * 8], kTileStride, lane);
-        mma::mma_m16n8k16<T>(acc[n], fa, fb);
+        mma::mma_step<T>(acc[n], fa, fb);
       }
     }
-    k0 += kTileK;
+    k0 += kSlabK<T>;
   } while (k0 < op.d);
 }
 

@@ -5,8 +5,8 @@
 // Last, the register path's ops (ops/triplet.py's second contract block): the pair distances, the list
 // gradient, and batch_all's tiles for bf16/fp16 rows (widths up to 640 on an H100).
 //
-// Mining of bf16/fp16 rows is one launch of the tiled kernel (anchors resident in shared memory:
-// widths up to 1664 on an H100, 1152 on an A100). fp32 rows, and wider half rows, walk the anchors in
+// Mining is one launch of the tiled kernel (anchors resident in shared memory: bf16/fp16 widths up to
+// 1664 on an H100, 1152 on an A100; fp32 half those). Wider rows walk the anchors in
 // chunks of C rows: cuBLAS makes the chunk's C x B Gram block in fp32 (at::mm with an fp32 output, so
 // half-precision products are accumulated and kept in fp32) into one buffer reused by every chunk
 // (C * B * 4 bytes under chunks.h's budget rule: 32 MiB for inputs of up to 128 MiB, so it mostly stays
@@ -117,21 +117,22 @@ at::Tensor row_sq_norms(const at::Tensor& x) {
   return sq;
 }
 
-// The tiled mining kernel's dynamic shared memory for x, or 0 where it does not run: fp32 (its
-// contract is full fp32 products, which cuBLAS makes) and widths whose resident anchors do not fit
-// (above 1664 features on an H100).
+// Elements of x per 32-bit operand word of the tiles (2 for bf16/fp16, 1 for fp32).
+int per_word(const at::Tensor& x) { return static_cast<int>(4 / x.element_size()); }
+
+// The tiled mining kernel's dynamic shared memory for x, or 0 where its resident anchors do not fit
+// (above 1664 bf16/fp16 or 832 fp32 features on an H100).
 size_t mine_tiles_smem_for(const at::Tensor& x) {
-  if (x.scalar_type() == at::kFloat) return 0;
-  const int64_t bytes = mine_tiles_smem(x.size(1));
+  const int64_t bytes = mine_tiles_smem(x.size(1), per_word(x));
   const DeviceLimits limits = device_limits(x.device().index());
   return bytes + kMineTileStaticSmem + limits.reserved <= limits.optin ? static_cast<size_t>(bytes) : 0;
 }
 
-// The widest rows the tiled kernels take on x's device (a multiple of kTileK).
+// The widest rows the tiled kernels take on x's device (a multiple of their slab width).
 int64_t max_tile_width(const at::Tensor& x) {
   const DeviceLimits limits = device_limits(x.device().index());
   const int64_t room = limits.optin - limits.reserved - kMineTileStaticSmem;
-  return std::max<int64_t>(0, (room / (kMineTileRows * 4) - 4) / kTilePairs * kTileK);
+  return std::max<int64_t>(0, (room / (kMineTileRows * 4) - 4) / kTileWords * kTileWords * per_word(x));
 }
 
 // The widest bf16/fp16 rows batch_all's tiles take on x's device (a multiple of 16).
@@ -194,14 +195,14 @@ void triplet_mine_cuda(const at::Tensor& x, const at::Tensor& labels, const std:
     });
   };
   const size_t tiles_smem = mine_tiles_smem_for(x);
-  if (tiles_smem > 0) {  // bf16 / fp16 within the shared-memory limit: one launch, no Gram block
-    a.vec = a.d % 8 == 0 && aligned16(x);
+  if (tiles_smem > 0) {  // within the shared-memory limit: one launch, no Gram block
+    a.vec = packet_rows(x);
     auto run = [&](auto tag, auto k, auto s, auto soft) {
       launch(x.device(),
              &triplet_mine_tiles_kernel<decltype(tag), decltype(k)::value, decltype(s)::value, decltype(soft)::value>,
              grid_for((n + kMineTileRows - 1) / kMineTileRows), kMineTileThreads, tiles_smem, a);
     };
-    dispatch_half(x.scalar_type(), kMine, [&](auto tag) { each_variant(tag, run); });
+    dispatch_float(x.scalar_type(), kMine, [&](auto tag) { each_variant(tag, run); });
     return;
   }
   const int64_t chunk = chunks::chunk_rows(n, 4 * n, 0, static_cast<int64_t>(x.nbytes()), 1, kMinChunkRows);
@@ -230,7 +231,7 @@ TileMineInputs tile_inputs(const at::Tensor& x, const at::Tensor& labels, const 
                            const at::Tensor& sq) {
   return TileMineInputs{x.const_data_ptr(), labels.const_data_ptr<int64_t>(), sq.const_data_ptr<float>(),
                         inv_norm.has_value() ? inv_norm->const_data_ptr<float>() : nullptr, x.size(0), x.size(1),
-                        x.size(1) % 8 == 0 && aligned16(x)};
+                        packet_rows(x)};
 }
 
 void triplet_semi_hard_mine_cuda(const at::Tensor& x, const at::Tensor& labels,
@@ -245,9 +246,8 @@ void triplet_semi_hard_mine_cuda(const at::Tensor& x, const at::Tensor& labels,
   check_dense(kSemiHardMine, "chosen_dist", chosen_dist, x, {n, kPosSlots}, at::kFloat);
   const int kind = checked_distance(kSemiHardMine, distance, inv_norm);
   const size_t smem = mine_tiles_smem_for(x);
-  TORCH_CHECK_VALUE(smem > 0, kSemiHardMine, ": x must be bf16 or fp16 with at most ", max_tile_width(x),
-                    " features on this device (the anchors stay in shared memory), got ", x.scalar_type(), " and ",
-                    x.size(1));
+  TORCH_CHECK_VALUE(smem > 0, kSemiHardMine, ": x must have at most ", max_tile_width(x), " features (",
+                    x.scalar_type(), ") on this device (the anchors stay in shared memory), got ", x.size(1));
   if (n == 0) return;
   const at::Tensor sq = row_sq_norms(x);
   SemiHardArgs a{};
@@ -262,7 +262,7 @@ void triplet_semi_hard_mine_cuda(const at::Tensor& x, const at::Tensor& labels,
              grid_for((n + kMineTileRows - 1) / kMineTileRows), kMineTileThreads, smem, a);
     });
   };
-  dispatch_half(x.scalar_type(), kSemiHardMine, run);
+  dispatch_float(x.scalar_type(), kSemiHardMine, run);
 }
 
 // batch_all's tiles' dynamic shared memory for x, or 0 where they do not take x (fp32, or too wide).

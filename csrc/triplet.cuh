@@ -3,9 +3,10 @@
 // products and the launches are in triplet.cu.
 //
 // Mining keeps per anchor the farthest positive and nearest negative, ties to the smallest column, and
-// never holds the B x B matrix. bf16/fp16 (triplet_mine_tiles_kernel): one launch whose blocks form
-// the Gram tiles on the tensor cores (csrc/tiles.cuh) and fold them into distances in registers.
-// fp32 (full-precision products): for each chunk of anchor rows, triplet.cu has cuBLAS make the C x B
+// never holds the B x B matrix. triplet_mine_tiles_kernel: one launch whose blocks form the Gram
+// tiles on the tensor cores (csrc/tiles.cuh; fp32 rows as three tf32 products, to about fp32's
+// precision) and fold them into distances in registers. Rows too wide for the tiles' shared memory:
+// for each chunk of anchor rows, triplet.cu has cuBLAS make the C x B
 // Gram block in fp32, and a reduction kernel turns each block of 8 rows into distances; each thread
 // reads a column's label, norm, inverse norm and non-finite flag once for the 8 rows. Both end in
 // write_mined (one warp per anchor), which takes the two mined distances again from the rows'
@@ -23,7 +24,7 @@
 // ops/triplet.py makes with a matrix product: O(P_a B) work per row (P_a its positives, taken 4
 // (semi_hard) or 8 (batch_all) at a time after an ordered compaction of each 256-column tile), every
 // sum in a fixed order.
-// semi_hard's register path (bf16/fp16): triplet_semi_hard_tiles_kernel mines each anchor's 16
+// semi_hard's register path: triplet_semi_hard_tiles_kernel mines each anchor's 16
 // positive slots on the batch-hard tiles' sweep; then the pair distances (one warp per pair: Gram form
 // and exact from one pass over both rows) and the list gradient (one warp per row, lanes over the
 // features, its list in order). batch_all's register path (bf16/fp16): triplet_batch_all_tiles_kernel, last
@@ -266,7 +267,7 @@ __global__ void __launch_bounds__(kMineThreads, 2) triplet_mine_kernel(const Min
   write_mined<T, kKind, kInvNorm, kSoft>(a, a.row0 + local0 + r, p, q, poisoned);
 }
 
-// Batch-hard mining for bf16/fp16 on tensor-core tiles (tile_product, csrc/tiles.cuh): a block of 4
+// Batch-hard mining on tensor-core tiles (tile_product, csrc/tiles.cuh): a block of 4
 // warps owns 64 anchors, staged once over the full width in dynamic shared memory, and sweeps all n
 // rows in tiles of 64; each warp forms its 16 x 64 block of the Gram matrix in fp32 fragments, turns
 // it into distances and keeps, per anchor and lane, the farthest positive and nearest negative. The
@@ -278,9 +279,9 @@ constexpr int kMineTileRows = 16 * kMineTileWarps;  // anchors per block
 constexpr int64_t kMineTileStaticSmem = sizeof(StagedTile) + kTileCols * (sizeof(int64_t) + 2 * sizeof(float)) +
                                         2 * kMineTileRows * (sizeof(float) + sizeof(int));
 
-// The resident anchors' dynamic shared memory at width d.
-__host__ __device__ constexpr int64_t mine_tiles_smem(int64_t d) {
-  return kMineTileRows * resident_stride(d) * static_cast<int64_t>(sizeof(uint32_t));
+// The resident anchors' dynamic shared memory at width d (per_word elements per operand word).
+__host__ __device__ constexpr int64_t mine_tiles_smem(int64_t d, int per_word) {
+  return kMineTileRows * resident_stride(d, per_word) * static_cast<int64_t>(sizeof(uint32_t));
 }
 
 // What the tiled mining kernels read of x.
@@ -290,7 +291,7 @@ struct TileMineInputs {
   const float* sq;        // squared row norms, then per row 1 if it holds a NaN or inf (2n values)
   const float* inv_norm;  // per row 1 / max(|x_i|, eps), or nullptr
   int64_t n, d;
-  bool vec;  // 16-byte loads: d % 8 == 0, x 16-byte aligned
+  bool vec;  // 16-byte loads: rows a multiple of 16 bytes, x 16-byte aligned
 };
 
 // The lane's two anchors: rows g and g + 8 of its warp's 16 (rows past n mine too, unwritten).
@@ -352,7 +353,7 @@ __device__ __forceinline__ bool sweep_tiles(const TileMineInputs& in, const Tile
   bool poison = false;
   for (int64_t j0 = 0; j0 < in.n; j0 += kTileCols) {
     float acc[8][4] = {};
-    tile_product<T, kMineTileRows, true>(acc, s_own, static_cast<int>(resident_stride(in.d)), s_other, op, j0,
+    tile_product<T, kMineTileRows, true>(acc, s_own, static_cast<int>(resident_stride<T>(in.d)), s_other, op, j0,
                                          warp * 16, 0, lane, [&] {
       if (threadIdx.x < kTileCols) {
         const bool inside = stage_column_values(in, j0, kInvNorm, s_label, s_inv, s_e);
@@ -1005,7 +1006,7 @@ __host__ __device__ constexpr int64_t batch_all_acc_stride(int64_t d) { return (
 
 // Dynamic shared memory at width d: the anchors and the tile (resident_stride words per row), the accumulator.
 __host__ __device__ constexpr int64_t batch_all_tiles_smem(int64_t d) {
-  return ((kAllRows + kTileCols) * resident_stride(d) + kAllRows * batch_all_acc_stride(d)) *
+  return ((kAllRows + kTileCols) * resident_stride(d, 2) + kAllRows * batch_all_acc_stride(d)) *
          static_cast<int64_t>(sizeof(float));
 }
 
@@ -1034,7 +1035,7 @@ __global__ void __launch_bounds__(kAllThreads, 1) triplet_batch_all_tiles_kernel
   const TileMineInputs& in = a.in;
   const T* x = static_cast<const T*>(in.x);
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kAllRows;
-  const int stride = static_cast<int>(resident_stride(in.d));
+  const int stride = static_cast<int>(resident_stride<T>(in.d));
   const bool grad = a.grad_rows != nullptr, has_inv = in.inv_norm != nullptr, soft = a.soft;  // grid-uniform
   LOSSFORGE_DYNAMIC_SMEM(uint32_t, smem);
   uint32_t* s_own = smem;

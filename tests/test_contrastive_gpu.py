@@ -67,11 +67,11 @@ def test_gpu_bf16_at_scale_matches_the_reference(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("b,d,budget_mib", [(16384, 768, 16), (65536, 512, 64)])
 def test_gpu_extra_memory_targets(backend, b, d, budget_mib, dtype):
     # Peak memory of a symmetric fwd+bwd with a learnable scale beyond the inputs and their gradients
-    # (CUDA, half inputs: the tiled forward and backward, about 8 (B + M) bytes of inverse norms).
+    # (CUDA, every dtype: the tiled forward and backward, about 8 (B + M) bytes of inverse norms).
     _need(backend)
     q, k, _, s, _ = _inputs(b, b, d, dtype=dtype)
     lf.info_nce(q, k, logit_scale=s, backend=backend).backward()  # warm up (kernels compiled, allocator)

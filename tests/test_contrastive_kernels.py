@@ -253,6 +253,8 @@ test_siglip_retained_graph = harness.retained_graph(SIGLIP)
 
 # ---- what the fusion is for: no (B, M) tensor --------------------------------------------------------
 
+TILE_DTYPES = [torch.bfloat16, torch.float16, torch.float32]  # what CUDA's tensor-core tiles take
+
 CALLS = {
     "info_nce": lambda q, k, labels, s, b, r, backend: lf.info_nce(q, k, logit_scale=s, reduction=r, backend=backend),
     "info_nce_extra": lambda q, k, labels, s, b, r, backend: lf.info_nce(q, k, logit_scale=s, symmetric=False,
@@ -282,6 +284,33 @@ def test_no_tensor_of_b_by_m_elements(kernel_backend, loss, reduction):
     want = CALLS[loss](q.detach().double(), k.detach().double(), labels, s.detach().double(), bias.detach().double(),
                        reduction, "reference")
     assert_close_rel(out, want, 2e-5, "loss")
+
+
+@pytest.mark.parametrize("dtype", TILE_DTYPES)
+@pytest.mark.parametrize("width", [24, 1700])
+def test_cuda_ops_allocate_no_similarity_chunk(dtype, width):
+    """Inside the CUDA ops nothing of B x M is allocated: the similarities stay on chip at every dtype,
+    fp32 too. Rows wider than the backward's shared accumulator (1700 on the emulation's H100) take the
+    chunked pass, whose fp32 similarity chunk the record must see: the control that shows it can fail."""
+    _need_cuda_backend()
+    from torch.profiler import ProfilerActivity, profile
+
+    device = device_for("cuda")
+    b = 150
+    gen = torch.Generator().manual_seed(5)
+    q, k = (torch.randn(b, width, generator=gen).to(dtype).to(device).requires_grad_(True) for _ in range(2))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        lf.info_nce(q, k, backend="cuda").backward()
+    inside = {"lossforge::contrastive_fwd_cuda": 0, "lossforge::contrastive_bwd_cuda": 0}  # largest allocation
+    for e in prof.events():
+        op = e.cpu_parent
+        while op is not None and op.name not in inside:
+            op = op.cpu_parent
+        if op is not None:
+            inside[op.name] = max(inside[op.name], e.self_cpu_memory_usage)
+    chunk = b * b * 4 // 4  # a quarter of the fp32 similarities
+    assert inside["lossforge::contrastive_fwd_cuda"] < chunk, inside
+    assert (inside["lossforge::contrastive_bwd_cuda"] >= chunk) == (width > 1664), inside
 
 
 # ---- determinism, edge cases, dispatch ---------------------------------------------------------------
@@ -527,15 +556,16 @@ def test_fp16_gradients_at_large_batch_magnitudes(kernel_backend, symmetric):
     assert _excess_row_error(k.grad.cpu(), k64.grad) < 3e-3
 
 
-# ---- the CUDA forward for half inputs: similarity tiles from tensor-core products ----------------
-# (csrc/contrastive.cuh tile_stats_kernel: blocks of 64 rows, tiles of 64 columns, 64 features staged
-# at a time). The kernel op against the dense float64 contract on the same rounded inputs: only fp32
-# accumulation separates them, so the tolerance is fp32's. 70 rows and 83 columns cross the 64-row
-# blocks and tiles; D = 33 has a tail of 1 past two 16-wide k steps, D = 520 runs 9 staging steps with
-# a tail of 8 (element loads), D = 24 the 16-byte loads.
+# ---- the CUDA forward: similarity tiles from tensor-core products -------------------------------
+# (csrc/contrastive.cuh tile_stats_kernel: blocks of 64 rows, tiles of 64 columns, 64 bf16/fp16 or 32
+# fp32 features staged at a time; fp32 as three tf32 products). The kernel op against the dense float64
+# contract on the same rounded inputs: only fp32 accumulation (and, for fp32 inputs, the tf32 split's
+# 2^-21) separates them, so the tolerance is fp32's. 70 rows and 83 columns cross the 64-row blocks and
+# tiles; D = 33 has a tail of 1 past two 16-wide k steps (fp32: five 8-wide), D = 520 runs 9 staging
+# steps with a tail of 8 (element loads; fp32 17), D = 24 the 16-byte loads.
 
 
-_HALF_TILE_CASES = [
+_TILE_CASES = [
     Case(Kind.INFO_NCE, 70, 70, 33, symmetric=True),
     Case(Kind.INFO_NCE, 70, 83, 520),
     Case(Kind.INFO_NCE, 70, 70, 24, normalize=False, symmetric=True),
@@ -572,9 +602,9 @@ def _need_cuda_backend():
         pytest.skip("needs the CUDA backend (a GPU, or LOSSFORGE_CUDA_EMULATE=1)")
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("base", _HALF_TILE_CASES, ids=str)
-def test_cuda_half_forward_on_tensor_core_tiles(base, dtype):
+@pytest.mark.parametrize("dtype", TILE_DTYPES)
+@pytest.mark.parametrize("base", _TILE_CASES, ids=str)
+def test_cuda_forward_on_tensor_core_tiles(base, dtype):
     _need_cuda_backend()
     case = dataclasses.replace(base, dtype=dtype)
     x = make_inputs(case, device_for("cuda"))
@@ -588,7 +618,7 @@ def test_cuda_half_forward_on_tensor_core_tiles(base, dtype):
             assert torch.all(stats[row].cpu() == SENTINEL), f"{case}: stats[{row}] was written"
 
 
-def _non_finite_half_case(kind, dtype):
+def _non_finite_case(kind, dtype):
     """70 x 70 x 33 with +inf in query row 3 and NaN in row 66 (SupCon: key = query)."""
     case = Case(kind, 70, 70, 33, normalize=False, symmetric=kind == Kind.INFO_NCE, dtype=dtype)
     x = make_inputs(case, device_for("cuda"))
@@ -599,12 +629,12 @@ def _non_finite_half_case(kind, dtype):
     return case, x
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", TILE_DTYPES)
 @pytest.mark.parametrize("kind", list(Kind))
-def test_cuda_half_forward_non_finite_inputs(kind, dtype):
+def test_cuda_forward_non_finite_inputs(kind, dtype):
     # +inf in one query row and NaN in another row reach the rows (and columns) torch gives them.
     _need_cuda_backend()
-    case, x = _non_finite_half_case(kind, dtype)
+    case, x = _non_finite_case(kind, dtype)
     loss, stats = _cuda_forward_op(case, x)
     rows, want_stats = _dense_forward(case, x)
     torch.testing.assert_close(loss.cpu().double(), rows, rtol=2e-5, atol=1e-5, equal_nan=True)
@@ -612,15 +642,16 @@ def test_cuda_half_forward_non_finite_inputs(kind, dtype):
         torch.testing.assert_close(stats[row].cpu().double(), want.double(), rtol=2e-5, atol=1e-5, equal_nan=True)
 
 
-# ---- the CUDA backward for half inputs: similarity tiles from tensor-core products ----------------
+# ---- the CUDA backward: similarity tiles from tensor-core products -------------------------------
 # (csrc/contrastive.cuh tile_grad_kernel: blocks of 32 own rows, tiles of 64 other rows, 64 features
 # staged at a time, the gradient accumulated in shared memory). The kernel op against the dense
 # float64 contract on the same rounded inputs: the pair weights W are rounded to the inputs' dtype
-# before the second product and the gradients are stored in it, so the tolerance is the dtype's.
+# before the second product and the gradients are stored in it, so the tolerance is the dtype's (fp32:
+# its own, W kept whole and both products split into tf32 parts).
 # 70 and 83 rows cross the 32-row blocks and the 64-row tiles; D = 33 is a tail of 1 past two k steps
 # (element loads), D = 520 nine staging steps with a tail of 8, D = 24 the 16-byte loads.
 
-_HALF_GRAD_CASES = _HALF_TILE_CASES + [
+_GRAD_CASES = _TILE_CASES + [
     Case(Kind.INFO_NCE, 70, 83, 33, symmetric=False),
     Case(Kind.INFO_NCE, 33, 33, 520, symmetric=True),
     Case(Kind.INFO_NCE, 17, 23, 16, duplicates=True),
@@ -630,7 +661,7 @@ _HALF_GRAD_CASES = _HALF_TILE_CASES + [
     Case(Kind.INFO_NCE, 20, 20, 1700, symmetric=True, duplicates=True),
     Case(Kind.SUPCON, 20, 20, 1700),
 ]
-_HALF_GRAD_TOL = {torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
+_GRAD_TOL = {torch.bfloat16: 1.5e-2, torch.float16: 3e-3, torch.float32: 2e-5}
 
 
 def _cuda_ops(case, x, want=("grad_query", "grad_key", "grad_coef")):
@@ -647,8 +678,8 @@ def _cuda_ops(case, x, want=("grad_query", "grad_key", "grad_coef")):
     return dict(loss=loss, stats=stats, grad_query=grad_query, grad_key=grad_key, grad_coef=grad_coef)
 
 
-def _check_half_grads(case, got, want):
-    tol = _HALF_GRAD_TOL[case.dtype]
+def _check_tile_grads(case, got, want):
+    tol = _GRAD_TOL[case.dtype]
     for name in ("grad_query", "grad_key"):
         if got[name] is not None:
             g, w = got[name].cpu(), want[name]
@@ -664,16 +695,16 @@ def _check_half_grads(case, got, want):
         assert_close_rel(coef[0].double().sum(), want["grad_logit_scale"], 2e-5, f"{case} logit_scale gradient")
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("base", _HALF_GRAD_CASES, ids=str)
-def test_cuda_half_backward_on_tensor_core_tiles(base, dtype):
+@pytest.mark.parametrize("dtype", TILE_DTYPES)
+@pytest.mark.parametrize("base", _GRAD_CASES, ids=str)
+def test_cuda_backward_on_tensor_core_tiles(base, dtype):
     _need_cuda_backend()
     case = dataclasses.replace(base, dtype=dtype)
     x = make_inputs(case, device_for("cuda"))
-    _check_half_grads(case, _cuda_ops(case, x), dense_expected(case, x))
+    _check_tile_grads(case, _cuda_ops(case, x), dense_expected(case, x))
 
 
-_NEARLY_IDENTICAL_TOL = [(torch.bfloat16, 1.5e-2), (torch.float16, 3e-3)]
+_NEARLY_IDENTICAL_TOL = [(torch.bfloat16, 1.5e-2), (torch.float16, 3e-3), (torch.float32, 1e-3)]
 
 
 def _check_nearly_identical_rows(backend, dtype, tol, b, d):
@@ -730,13 +761,13 @@ def test_cuda_half_backward_optional_outputs(case):
                 assert torch.equal(part[name], full[name]), f"{case} {name} alone differs"
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", TILE_DTYPES)
 @pytest.mark.parametrize("kind", list(Kind))
-def test_cuda_half_backward_non_finite_inputs(kind, dtype):
+def test_cuda_backward_non_finite_inputs(kind, dtype):
     # +inf in one query row and NaN in another: the gradients are NaN exactly where the dense float64
     # contract's are, and within the dtype's tolerance elsewhere.
     _need_cuda_backend()
-    case, x = _non_finite_half_case(kind, dtype)
+    case, x = _non_finite_case(kind, dtype)
     got, want = _cuda_ops(case, x), dense_expected(case, x)
     for name in ("grad_query", "grad_key"):
         if got[name] is None:
@@ -746,4 +777,4 @@ def test_cuda_half_backward_non_finite_inputs(kind, dtype):
         assert torch.equal(g.isinf(), w.isinf()), f"{case} {name}: inf differs"
         finite = w.isfinite().all(dim=1)
         if finite.any():
-            assert_close_rel(g[finite], w[finite], _HALF_GRAD_TOL[dtype], f"{case} {name} finite rows")
+            assert_close_rel(g[finite], w[finite], _GRAD_TOL[dtype], f"{case} {name} finite rows")

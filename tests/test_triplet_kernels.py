@@ -754,8 +754,8 @@ REGISTER_KERNELS = {"semi_hard": ops.SEMI_HARD_MINE, "batch_all": ops.BATCH_ALL_
     (mining, False, ops.POS_SLOTS + 2) for mining in MINED])  # beyond the slots: the hinge suffices
 def test_mined_register_path_for_small_classes_and_the_chunked_path_beyond(kernel_backend, mining, soft_margin,
                                                                           largest):
-    """Classes of up to POS_SLOTS + 1 rows (all slots filled at the limit) take the Triton register path,
-    a larger class the chunked row kernel; both as the reference, in every reduction."""
+    """Classes of up to POS_SLOTS + 1 rows (all slots filled at the limit) take the register path (Triton;
+    CUDA for semi_hard), a larger class the chunked row kernel; both as the reference, in every reduction."""
     device = device_for(kernel_backend)
     gen = torch.Generator().manual_seed(31)
     b = 64
@@ -766,8 +766,9 @@ def test_mined_register_path_for_small_classes_and_the_chunked_path_beyond(kerne
     for reduction, margin in zip(REDUCTIONS, (0.5, 0.3, 0.1)):
         _compare(kernel_backend, x, labels, reduction, tol=5e-5, mining=mining, soft_margin=soft_margin, margin=margin)
     ran = _launched(kernel_backend, x, labels, mining=mining, soft_margin=soft_margin)
-    register = kernel_backend == "triton" and largest <= ops.POS_SLOTS + 1
-    assert (harness.launch_name(REGISTER_KERNELS[mining], "triton") in ran) == register, ran
+    # CUDA: semi_hard's tiles take these fp32 rows, batch_all's take bf16/fp16 rows only
+    register = (kernel_backend == "triton" or mining == "semi_hard") and largest <= ops.POS_SLOTS + 1
+    assert (harness.launch_name(REGISTER_KERNELS[mining], kernel_backend) in ran) == register, ran
     assert (harness.launch_name(ops.ROW_LOSS, kernel_backend) in ran) != register, ran
 
 
@@ -842,9 +843,9 @@ def test_max_class_size_promise_is_checked(kernel_backend, mining, monkeypatch):
     monkeypatch.setattr("lossforge_kernels._checks.eager_value_checks", lambda t: False)
     assert_reference(both(small, max_class_size=4), small)  # broken, but every class fits the slots
     loss, grad = both(large, max_class_size=4)
-    if kernel_backend == "triton" and mining != "batch_hard":
+    if mining == "semi_hard" or (kernel_backend == "triton" and mining == "batch_all"):  # the register path
         assert loss.isnan() and grad.isnan().all(), (loss, grad)
-    else:  # the promise selects nothing here: the result stays exact
+    else:  # the promise selects nothing here (CUDA's fp32 batch_all is chunked): the result stays exact
         assert_reference((loss, grad), large)
 
 
@@ -1144,18 +1145,23 @@ TILE_CASES = (dict(distance="euclidean", margin=0.3), dict(distance="squared_euc
               dict(distance="cosine"), dict(distance="euclidean", normalize=True, soft_margin=True))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def _tile_tol(dtype):
+    return 1e-5 if dtype == torch.float32 else SPEC.half_tol(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape", [(150, 70), (130, 136), (200, 24)], ids=["d70", "d136", "d24"])
-def test_half_batch_hard_over_many_tiles(kernel_backend, dtype, shape):
-    """CUDA's bf16/fp16 mining from tensor-core tiles (blocks of 64 anchors, resident over the width,
-    against tiles of 64 rows): several blocks and tiles with a tail, widths of one and of several
-    64-feature slabs with a tail, and a width that is not a multiple of 8 (70: the staging without
-    16-byte loads). Triton's tiles have the grids and test_non_finite_rows_in_later_tiles."""
+def test_batch_hard_over_many_tiles(kernel_backend, dtype, shape):
+    """CUDA's mining from tensor-core tiles (blocks of 64 anchors, resident over the width, against
+    tiles of 64 rows; fp32 as three tf32 products): several blocks and tiles with a tail, widths of one
+    and of several slabs (64 bf16/fp16, 32 fp32 features) with a tail, and widths whose rows are not
+    whole 16-byte packets (70, and fp32's 70: the staging without 16-byte loads). Triton's tiles have the
+    grids and test_non_finite_rows_in_later_tiles."""
     if kernel_backend != "cuda":
         pytest.skip("CUDA's tiles")
     for opts, reduction in itertools.product(TILE_CASES, ("none", "mean")):
         result = harness.run_both(EXACT_SPEC, kernel_backend, opts, shape, reduction, dtype=dtype)
-        harness.assert_matches(result, SPEC.half_tol(dtype), f"{opts} {dtype} {reduction}")
+        harness.assert_matches(result, _tile_tol(dtype), f"{opts} {dtype} {reduction}")
 
 
 def _largest_allocation(fn, device):
@@ -1176,11 +1182,11 @@ def _largest_allocation(fn, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("width", [24, 1672])
-def test_half_batch_hard_allocates_no_gram_block(kernel_backend, dtype, width):
-    """Mining from tiles allocates nothing of B x tile rows: Triton at every dtype, CUDA for bf16/fp16 up
-    to 1664 features (the resident anchors' shared memory on an H100, the emulation's device). CUDA's
-    fp32 and wider half rows take fp32 Gram blocks of chunk x B from cuBLAS (here 300 x 300), which the
+@pytest.mark.parametrize("width", [24, 840, 1672])
+def test_batch_hard_allocates_no_gram_block(kernel_backend, dtype, width):
+    """Mining from tiles allocates nothing of B x tile rows: Triton at every dtype, CUDA up to 1664
+    bf16/fp16 or 832 fp32 features (the resident anchors' shared memory on an H100, the emulation's
+    device). CUDA's wider rows take fp32 Gram blocks of chunk x B from cuBLAS (here 300 x 300), which the
     record must see: the control that shows the record can fail."""
     device = device_for(kernel_backend)
     if kernel_backend == "triton" and width > 64:
@@ -1195,15 +1201,15 @@ def test_half_batch_hard_allocates_no_gram_block(kernel_backend, dtype, width):
     biggest = _largest_allocation(lambda: lf.triplet_loss(x, labels, mining="batch_hard", backend=kernel_backend),
                                   device)
     block = 64 * b * 4  # fp32 Gram rows of one block's anchors
-    expect_block = kernel_backend == "cuda" and (dtype == torch.float32 or width > 1664)
+    expect_block = kernel_backend == "cuda" and width > (832 if dtype == torch.float32 else 1664)
     assert (biggest >= block) == expect_block, (dtype, width, biggest, block)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_batch_hard_non_finite_rows_in_later_tiles(kernel_backend, dtype):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_batch_hard_non_finite_rows_in_later_tiles(kernel_backend, dtype):
     """CUDA's tiled mining's running choices take over a NaN row and a row at +inf distance (bf16: 1e20,
-    whose squared norm overflows; fp16: inf) far into the batch, past earlier blocks and tiles (Triton's:
-    test_non_finite_rows_in_later_tiles)."""
+    whose squared norm overflows; fp16 and fp32: inf, which passes the tf32 split through its head) far
+    into the batch, past earlier blocks and tiles (Triton's: test_non_finite_rows_in_later_tiles)."""
     if kernel_backend != "cuda":
         pytest.skip("CUDA's tiles")
     device = device_for(kernel_backend)
@@ -1211,7 +1217,7 @@ def test_half_batch_hard_non_finite_rows_in_later_tiles(kernel_backend, dtype):
     x = torch.round(torch.randn(150, 40, generator=gen) * 8) / 8
     labels = torch.randint(0, 30, (150,), generator=gen)
     x[131] = 1e20 if dtype == torch.bfloat16 else math.inf
-    rtol = SPEC.half_tol(dtype)
+    rtol = _tile_tol(dtype)
     for nan_row in (False, True):
         if nan_row:
             x[140, 3] = math.nan
@@ -1223,41 +1229,55 @@ def test_half_batch_hard_non_finite_rows_in_later_tiles(kernel_backend, dtype):
 
 # ---------------------------------------------------------------- CUDA's semi-hard register path (half rows)
 
-@pytest.mark.parametrize("mining", ["semi_hard", "batch_all"])
-def test_cuda_tile_widths_are_the_kernels(kernel_backend, mining):
-    """ops.cuda_tile_width (semi_hard's tiles) and ops.cuda_batch_all_width, which choose CUDA's register
-    paths, are the widths the tiles take: bf16 and fp16 rows of that width run, wider rows and fp32 rows
-    are refused by name."""
-    if kernel_backend != "cuda":
-        pytest.skip("CUDA's tiles")
+def _slot_call(kernel_backend):
+    """A small labels/slots call of CUDA's semi_hard or batch_all tiles: (device, call(op, x, ...))."""
     device = torch.device(device_for(kernel_backend))
     labels = torch.tensor([0, 1, 0, 1, 2]).to(device)
     pos, n_pos, _, _ = ops.positive_slots(labels, ops.POS_SLOTS)
     slots = torch.rand(pos.shape).to(device)
-    if mining == "semi_hard":
-        op, width, emulated = "triplet_semi_hard_mine_cuda", ops.cuda_tile_width(device), 1664
+    calls = {
+        "semi_hard": lambda x: ops.SEMI_HARD_MINE[kernel_backend](
+            x, labels, None, Distance.EUCLIDEAN, n_pos, slots, torch.empty_like(pos), torch.empty_like(slots)),
+        "batch_all": lambda x: ops.BATCH_ALL_ROWS[kernel_backend](
+            x, labels, None, Distance.EUCLIDEAN, 0.2, False, n_pos, slots, None, torch.empty(5, device=device),
+            torch.empty_like(labels), torch.empty_like(slots), None),
+    }
+    return device, calls
 
-        def run(x):
-            ops.SEMI_HARD_MINE[kernel_backend](x, labels, None, Distance.EUCLIDEAN, n_pos, slots,
-                                               torch.empty_like(pos), torch.empty_like(slots))
-    else:
-        op, width, emulated = "triplet_batch_all_rows_cuda", ops.cuda_batch_all_width(device), 640
 
-        def run(x):
-            ops.BATCH_ALL_ROWS[kernel_backend](x, labels, None, Distance.EUCLIDEAN, 0.2, False, n_pos, slots, None,
-                                               torch.empty(5, device=device), torch.empty_like(labels),
-                                               torch.empty_like(slots), None)
+@pytest.mark.parametrize("dtype,emulated", [(torch.bfloat16, 1664), (torch.float16, 1664), (torch.float32, 832)])
+def test_cuda_semi_hard_tile_widths_are_the_kernels(kernel_backend, dtype, emulated):
+    """ops.cuda_tile_width, which chooses CUDA's semi_hard register path, is the width its tiles take
+    for each dtype: rows of that width run, wider rows are refused by name."""
+    if kernel_backend != "cuda":
+        pytest.skip("CUDA's tiles")
+    device, calls = _slot_call(kernel_backend)
+    width = ops.cuda_tile_width(device, dtype)
     if device.type == "cpu":
         assert width == emulated  # the emulated H100
+    calls["semi_hard"](torch.randn(5, width).to(dtype).to(device))
+    with pytest.raises(ValueError, match=rf"triplet_semi_hard_mine_cuda: x must have at most {width} features \("):
+        calls["semi_hard"](torch.randn(5, width + 16).to(dtype).to(device))
+
+
+def test_cuda_batch_all_widths_are_the_kernels(kernel_backend):
+    """ops.cuda_batch_all_width, which chooses CUDA's batch_all register path, is the width its tiles
+    take: bf16 and fp16 rows of that width run, wider rows and fp32 rows are refused by name."""
+    if kernel_backend != "cuda":
+        pytest.skip("CUDA's tiles")
+    device, calls = _slot_call(kernel_backend)
+    op, width = "triplet_batch_all_rows_cuda", ops.cuda_batch_all_width(device)
+    if device.type == "cpu":
+        assert width == 640  # the emulated H100
     for dtype in (torch.bfloat16, torch.float16):
-        run(torch.randn(5, width).to(dtype).to(device))
+        calls["batch_all"](torch.randn(5, width).to(dtype).to(device))
     with pytest.raises(ValueError, match=f"{op}: x must be bf16 or fp16 with at most {width} features"):
-        run(torch.randn(5, width + 16).to(torch.bfloat16).to(device))
+        calls["batch_all"](torch.randn(5, width + 16).to(torch.bfloat16).to(device))
     with pytest.raises(ValueError, match="x must be bf16 or fp16"):
-        run(torch.randn(5, 8).to(device))
+        calls["batch_all"](torch.randn(5, 8).to(device))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape", [(100, 70), (70, 136), (40, 24)], ids=["d70", "d136", "d24"])
 def test_cuda_semi_hard_mine_is_tritons(kernel_backend, dtype, shape):
     """CUDA's tiled semi-hard choices are the Triton kernel's, index for index, on rows whose Gram
@@ -1286,11 +1306,11 @@ def test_cuda_semi_hard_mine_is_tritons(kernel_backend, dtype, shape):
         torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_semi_hard_register_path_for_half_rows(kernel_backend, dtype, monkeypatch):
-    """bf16/fp16 semi_hard on CUDA takes the register path (the tiled choices, the pair distances and the
-    list gradient) for classes within the slots, as the reference does, in every reduction and with a
-    promise and no value read; a class beyond the slots, and fp32 rows, take the chunked row kernel."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cuda_semi_hard_register_path(kernel_backend, dtype, monkeypatch):
+    """semi_hard on CUDA takes the register path (the tiled choices, the pair distances and the list
+    gradient) for classes within the slots, as the reference does, in every reduction and with a promise
+    and no value read; a class beyond the slots takes the chunked row kernel."""
     if kernel_backend != "cuda":
         pytest.skip("CUDA's path choice")
     device = device_for(kernel_backend)
@@ -1312,9 +1332,9 @@ def test_cuda_semi_hard_register_path_for_half_rows(kernel_backend, dtype, monke
     large[:ops.POS_SLOTS + 2] = 0
     mine = harness.launch_name(ops.SEMI_HARD_MINE, kernel_backend)
     rows = harness.launch_name(ops.ROW_LOSS, kernel_backend)
-    for rows_dtype, labels, register in ((dtype, small, True), (dtype, large, False), (torch.float32, small, False)):
-        ran = _launched(kernel_backend, x.to(rows_dtype).to(device), labels.to(device), mining="semi_hard")
-        assert (mine in ran, rows in ran) == (register, not register), (rows_dtype, register, ran)
+    for labels, register in ((small, True), (large, False)):
+        ran = _launched(kernel_backend, x.to(dtype).to(device), labels.to(device), mining="semi_hard")
+        assert (mine in ran, rows in ran) == (register, not register), (register, ran)
     monkeypatch.setattr("lossforge_kernels._checks.eager_value_checks", lambda t: False)
     ran = _launched(kernel_backend, x.to(dtype).to(device), small.to(device), mining="semi_hard", max_class_size=4)
     assert mine in ran and rows not in ran, ran

@@ -85,6 +85,8 @@ unsigned warp_ballot(unsigned mask, bool pred, const char* file, int line);
 // mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: d += a b for the calling lane's fragments
 // (operand 0 bf16, 1 fp16; csrc/mma.cuh has the layout), a collective of the whole warp.
 void warp_mma_m16n8k16(int operand, float* d, const uint32_t* a, const uint32_t* b, const char* file, int line);
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, the same collective on fp32 words read as tf32.
+void warp_mma_m16n8k8_tf32(float* d, const uint32_t* a, const uint32_t* b, const char* file, int line);
 void* dynamic_smem_base();
 using Body = void (*)(void* closure);
 void run_grid(dim3 grid, dim3 block, size_t smem, const void* kernel, Body body, void* closure);
@@ -107,6 +109,14 @@ T from_bits(uint64_t b) {
   T v;
   std::memcpy(&v, &b, sizeof(T));
   return v;
+}
+
+// cvt.rna.tf32.f32: x rounded to 10 fraction bits, ties away from zero; inf and NaN pass as they are.
+inline uint32_t round_tf32(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7f800000u) == 0x7f800000u) return u;
+  return (u + 0x1000u) & 0xffffe000u;  // a carry into the exponent is the rounding up (to inf at the top)
 }
 
 inline int lane_id() {

@@ -427,6 +427,31 @@ void warp_mma_m16n8k16(int operand, float* d, const uint32_t* a, const uint32_t*
   }
 }
 
+// m16n8k8 tf32 (PTX ISA): A(r, k) in lane (r % 8) * 4 + k % 4, register (r >= 8) + 2 (k >= 4); B(k, n)
+// in lane n * 4 + k % 4, register 4 + (k >= 4). The hardware ignores a word's low 13 bits; the products
+// of two tf32 values are exact in fp32 and added in k order with fp32 rounding, as above.
+void warp_mma_m16n8k8_tf32(float* d, const uint32_t* a, const uint32_t* b, const char* file, int line) {
+  Warp& warp = g_block->warps[g_block->current / kWarp];
+  const int lane = lane_id();
+  const uint32_t gen = warp.gen;
+  uint32_t* mine = warp.fragments[gen & 1][lane];
+  for (int i = 0; i < 4; ++i) mine[i] = a[i];
+  for (int i = 0; i < 2; ++i) mine[4 + i] = b[i];
+  arrive_warp(0xffffffffu, 0, {"mma.m16n8k8.tf32", file, line});
+  const uint32_t (*f)[6] = warp.fragments[gen & 1];
+  auto tf32 = [](uint32_t word) { return from_bits<float>(word & 0xffffe000u); };
+  const int g = lane / 4, t = lane % 4;
+  for (int i = 0; i < 4; ++i) {
+    const int r = g + (i >= 2 ? 8 : 0), n = 2 * t + (i & 1);
+    float acc = d[i];
+    for (int k = 0; k < 8; ++k) {
+      const float a_rk = tf32(f[(r % 8) * 4 + k % 4][(r >= 8 ? 1 : 0) + (k >= 4 ? 2 : 0)]);
+      acc += a_rk * tf32(f[n * 4 + k % 4][4 + (k >= 4 ? 1 : 0)]);
+    }
+    d[i] = acc;
+  }
+}
+
 void* dynamic_smem_base() { return g_smem.data(); }
 
 void set_max_dynamic_smem(const void* kernel, int bytes) {

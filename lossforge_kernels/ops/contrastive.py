@@ -2,7 +2,8 @@
 
 One pair of kernel ops serves the three losses; `kind` (reference/contrastive.py: Kind) picks the
 per-pair term. The (B, M) similarity matrix never exists in device memory: the kernels rebuild tiles
-of it on chip (Triton) or in bounded chunks (CUDA), in the forward and again in the backward.
+of it on chip, in the forward and again in the backward (CUDA: bounded chunks in the backward of rows
+too wide for its shared accumulator).
 
 Kernel contract, the same for the Triton and the CUDA implementation:
 

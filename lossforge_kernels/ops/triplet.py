@@ -530,8 +530,8 @@ def _rows_pass(backend, tensors, params, row_weight, grad_x):
 #   distances in slots 0 .. n_pos - 1; writes chosen (B, S) int64 per filled slot semi_hard's negative
 #   (reference/triplet.py: the nearest farther than d_ap, ties to the smallest index, else the
 #   farthest; a NaN negative is every slot's choice), -1 for an empty slot or an anchor without a
-#   negative, and chosen_dist (B, S) fp32 its Gram-form distance (0 where -1). CUDA: bf16/fp16 x of
-#   at most cuda_tile_width(device) features only (S = POS_SLOTS), else ValueError naming x.
+#   negative, and chosen_dist (B, S) fp32 its Gram-form distance (0 where -1). CUDA: x of at most
+#   cuda_tile_width(device, x.dtype) features only (S = POS_SLOTS), else ValueError naming x.
 # triplet_batch_all_rows_<b>(x, labels, inv_norm, distance, margin, soft_margin, n_pos, pos_dist, row_weight,
 #                           loss, count, pos_slope, grad_rows) -> ()
 #   n_pos, pos_dist as above (pos_dist: the exact distances); writes loss (B,) fp32 each anchor's sum
@@ -550,8 +550,9 @@ def _rows_pass(backend, tensors, params, row_weight, grad_x):
 #   inv_norm) in x's dtype, fp32 with inv_norm (as triplet_pair_grad's), and grad_inv_norm[r] = x_r . g_r;
 #   either may be None. Deterministic.
 #
-# Triton takes this path for both minings. CUDA takes it for bf16/fp16 rows that its tiles take
-# (_takes_register_path); its fp32 rows keep the chunked path.
+# Triton takes this path for both minings. CUDA takes it for rows that its tiles take
+# (_takes_register_path): semi_hard's of every dtype, batch_all's of bf16/fp16 (fp32 rows keep the chunked
+# path there).
 POS_SLOTS = 16  # positives per anchor (class size - 1) the register path takes
 
 
@@ -836,9 +837,10 @@ def _register_pass(backend, tensors, params, row_weight, grad_x):
     return _batch_all_register_pass(backend, tensors, params, row_weight, grad_x)
 
 
-# CUDA's tiled mining keeps a block's 64 anchors in shared memory (csrc/triplet.cu max_tile_width): 4
-# bytes per pair of features per anchor in 64-feature slabs, plus 4 words of padding per row, beside
-# 11 KiB of static shared memory and the 1 KiB the system reserves per block.
+# CUDA's tiled mining keeps a block's 64 anchors in shared memory (csrc/triplet.cu max_tile_width): a
+# 4-byte word per pair of bf16/fp16 features (per fp32 feature) per anchor in 32-word slabs, plus 4
+# words of padding per row, beside 11 KiB of static shared memory and the 1 KiB the system reserves per
+# block.
 _TILE_ANCHORS, _TILE_STATIC_SMEM, _RESERVED_SMEM = 64, 11264, 1024
 _EMULATED_SMEM_OPTIN = 232448  # the CUDA emulation's device: an H100
 
@@ -848,10 +850,11 @@ def _smem_optin(device: torch.device) -> int:
             else _EMULATED_SMEM_OPTIN)
 
 
-def cuda_tile_width(device: torch.device) -> int:
-    """The widest bf16/fp16 rows CUDA's tiled mining takes on `device` (1664 on an H100)."""
+def cuda_tile_width(device: torch.device, dtype: torch.dtype) -> int:
+    """The widest rows of `dtype` CUDA's tiled mining takes on `device` (on an H100: 1664 bf16/fp16,
+    832 fp32)."""
     words = (_smem_optin(device) - _RESERVED_SMEM - _TILE_STATIC_SMEM) // (_TILE_ANCHORS * 4) - 4
-    return max(0, words // 32 * 64)
+    return max(0, words // 32 * 32 * (4 // dtype.itemsize))
 
 
 # CUDA's batch_all tiles (csrc/triplet.cuh batch_all_tiles_smem, triplet.cu max_batch_all_width): 32
@@ -873,12 +876,15 @@ def cuda_batch_all_width(device: torch.device) -> int:
 
 
 def _takes_register_path(backend, tensors, params):
-    """Triton: every minings' register path. CUDA: bf16/fp16 rows of the widths its tiles take (fp32 rows
-    keep the chunked path there)."""
+    """Triton: every minings' register path. CUDA: rows of the widths its tiles take, of every dtype for
+    semi_hard, bf16/fp16 for batch_all (fp32 rows keep the chunked path there)."""
     x = tensors[0]
     if backend == "cuda":
-        width = cuda_tile_width if params.mining == Mining.SEMI_HARD else cuda_batch_all_width
-        if x.dtype not in (torch.bfloat16, torch.float16) or x.shape[1] > width(x.device):
+        if params.mining == Mining.SEMI_HARD:
+            width = cuda_tile_width(x.device, x.dtype)
+        else:
+            width = cuda_batch_all_width(x.device) if x.dtype in (torch.bfloat16, torch.float16) else -1
+        if x.shape[1] > width:
             return False
     return _largest_class_fits(tensors[1], params.max_class_size)
 
