@@ -455,8 +455,14 @@ __device__ __forceinline__ TilePass pick_pass(const TileFwd& f, bool second) {
                   second ? c.npos : r.npos};
 }
 
+// fp32 asks for 1 block per SM: with the default bounds ptxas chose 72-133 registers and spilled in
+// SupCon and SigLIP with `normalize`, and at 3 blocks (170 registers) spilled in all six; at 1 it takes
+// 179-215 and spills none. bf16/fp16 keep the default (0: no minimum).
+template <typename T>
+constexpr int kTileStatsMinBlocks = mma::kPerWord<T> == 1 ? 1 : 0;
+
 template <typename T, int kKind, bool kNorm>
-__global__ void __launch_bounds__(kTileThreads) tile_stats_kernel(const TileFwd f) {
+__global__ void __launch_bounds__(kTileThreads, kTileStatsMinBlocks<T>) tile_stats_kernel(const TileFwd f) {
   const bool second = blockIdx.x >= f.first_blocks;
   const TilePass p = pick_pass(f, second);
   const int64_t row0 = (static_cast<int64_t>(blockIdx.x) - (second ? f.first_blocks : 0)) * kTileRows;
@@ -567,10 +573,6 @@ struct TileGrad {
   bool vec;        // 16-byte loads: rows a multiple of 16 bytes and both inputs 16-byte aligned
 };
 
-// Words per row of a tile's 64 other rows as operand words (W's A fragments; the transposed tile: one
-// row per feature), +4 for the banks as kTileStride.
-template <typename T>
-constexpr int kAcrossStride = kTileCols / mma::kPerWord<T> + 4;
 // The other tile's buffer: its rows for S (StagedRows), then its kTileK features transposed.
 template <typename T>
 constexpr int kOtherWords = kTileCols * kTileStride > kTileK * kAcrossStride<T> ? kTileCols * kTileStride
@@ -778,11 +780,17 @@ __global__ void __launch_bounds__(kGradThreads, 1) tile_grad_kernel(const TileGr
     }
 
     __syncthreads();  // W is complete; every warp is done with the staged rows
+    // W's A fragments: held for the whole tile for half inputs; fp32's (twice the k steps, each split
+    // three ways in mma_step) are loaded again per feature chunk, or ptxas spills them.
+    constexpr bool kHoldW = mma::kPerWord<T> == 2;
     uint32_t wa[kGradRowTiles][kWSteps][4];
-#pragma unroll
-    for (int rt = 0; rt < kGradRowTiles; ++rt) {
+    auto load_w = [&](int rt) {
 #pragma unroll
       for (int ks = 0; ks < kWSteps; ++ks) mma::load_a(wa[rt][ks], &s_w[rt * 16][ks * 8], kAcross, lane);
+    };
+    if constexpr (kHoldW) {
+#pragma unroll
+      for (int rt = 0; rt < kGradRowTiles; ++rt) load_w(rt);
     }
     for (int64_t c0 = 0; c0 < f.d; c0 += kTileK) {
       if (c0 > 0) __syncthreads();  // the previous chunk's fragment loads are done
@@ -792,6 +800,7 @@ __global__ void __launch_bounds__(kGradThreads, 1) tile_grad_kernel(const TileGr
       if (f0 >= f.d) continue;
 #pragma unroll
       for (int rt = 0; rt < kGradRowTiles; ++rt) {
+        if constexpr (!kHoldW) load_w(rt);
 #pragma unroll
         for (int n = 0; n < kGradWarpFeatures / 8; ++n) {
           accumulate_rows<T>(grad_acc, f.acc_stride, rt * 16, f0 + n * 8, wa[rt], lane,

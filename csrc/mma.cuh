@@ -99,17 +99,16 @@ __device__ __forceinline__ uint32_t to_tf32(float x) {
 // An fp32 word as head + tail, both tf32: the head carries 11 significant bits, the tail the next 11,
 // so head * head' + head * tail' + tail * head' misses only tail * tail' (2^-22 of the product) and the
 // tail's own rounding. An infinite or NaN x has tail 0 and passes through head * head' alone: the cross
-// terms take `part`, the head with such values zeroed (inf * 0 there would be NaN, and a tail of the
-// other sign would make inf - inf).
-struct Tf32Split {
-  uint32_t head, part, tail;
-};
-__device__ __forceinline__ Tf32Split split_tf32(uint32_t word) {
+// terms take the head with such values zeroed (`finite_part`; inf * 0 there would be NaN, and a tail of
+// the other sign would make inf - inf), formed where it is used, to keep one register less per word.
+__device__ __forceinline__ void split_tf32(uint32_t word, uint32_t& head, uint32_t& tail) {
   const float x = __uint_as_float(word);
-  const uint32_t head = to_tf32(x);
+  head = to_tf32(x);
   const float h = __uint_as_float(head);
-  const bool finite = isfinite(h);
-  return {head, finite ? head : 0u, finite ? to_tf32(x - h) : 0u};
+  tail = isfinite(h) ? to_tf32(x - h) : 0u;
+}
+__device__ __forceinline__ uint32_t finite_part(uint32_t head) {
+  return isfinite(__uint_as_float(head)) ? head : 0u;
 }
 
 // One k step of d += A B on fragments of 32-bit words: m16n8k16 for bf16/fp16 (16 k), three m16n8k8
@@ -120,18 +119,14 @@ __device__ __forceinline__ void mma_step(float (&d)[4], const uint32_t (&a)[4], 
     mma_m16n8k16<T>(d, a, b);
   } else {
     static_assert(OperandOf<T>::value == kTf32, "fp32 operand words");
-    uint32_t ah[4], ap[4], at[4], bh[2], bp[2], bt[2];
+    uint32_t ah[4], at[4], bh[2], bt[2];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const Tf32Split v = split_tf32(a[i]);
-      ah[i] = v.head, ap[i] = v.part, at[i] = v.tail;
-    }
+    for (int i = 0; i < 4; ++i) split_tf32(a[i], ah[i], at[i]);
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const Tf32Split v = split_tf32(b[i]);
-      bh[i] = v.head, bp[i] = v.part, bt[i] = v.tail;
-    }
+    for (int i = 0; i < 2; ++i) split_tf32(b[i], bh[i], bt[i]);
+    const uint32_t bp[2] = {finite_part(bh[0]), finite_part(bh[1])};
     mma_m16n8k8_tf32(d, at, bp);
+    const uint32_t ap[4] = {finite_part(ah[0]), finite_part(ah[1]), finite_part(ah[2]), finite_part(ah[3])};
     mma_m16n8k8_tf32(d, ap, bt);
     mma_m16n8k8_tf32(d, ah, bh);
   }

@@ -28,6 +28,10 @@ constexpr int kTileStride = kTileWords + 4;
 
 template <int kRows>
 using Staged = uint32_t[kRows][kTileStride];
+// Words per row of a tile's 64 rows as operand words along the rows (weights as A fragments over the
+// tile's rows; a tile transposed, one row per feature), +4 for the banks as kTileStride.
+template <typename T>
+constexpr int kAcrossStride = kTileCols / mma::kPerWord<T> + 4;
 using StagedTile = Staged<kTileCols>;
 
 constexpr int kWeightTopExp = 14;  // a row's scaled weights (half A operands) stay below 2^14
@@ -134,16 +138,25 @@ __device__ __forceinline__ void store_pair(uint32_t* row, int col, float lo, flo
   }
 }
 
-// B's fragment of W . R for rows R staged as element pairs along the features (rows[r * stride + f / 2],
-// as stage_slab writes them): k runs over the rows r0 .. r0 + 16, the 8 columns over the features f0 ..
-// f0 + 8 (f0 even); each word pairs two rows' halves.
-__device__ __forceinline__ void load_b_across_rows(uint32_t (&b)[2], const uint32_t* rows, int stride, int r0, int f0,
-                                                   int lane) {
-  const int f = f0 + lane / 4, t = lane % 4, shift = (f & 1) * 16;
-  const uint32_t* column = rows + r0 * stride + f / 2;
-  auto elem = [&](int r) { return (column[r * stride] >> shift) & 0xffffu; };
-  b[0] = elem(2 * t) | (elem(2 * t + 1) << 16);
-  b[1] = elem(2 * t + 8) | (elem(2 * t + 9) << 16);
+// B's fragment of W . R for rows R staged as operand words along the features (stage_slab's layout):
+// k runs over the rows r0 .. r0 + kStepK<T>, the 8 columns over the features f0 .. f0 + 8 (f0 even).
+// bf16/fp16: each word pairs two rows' halves (k 2t, 2t + 1 and 2t + 8, 2t + 9); fp32: rows r0 + t and
+// r0 + t + 4, as load_a reads the weights' words t and t + 4.
+template <typename T>
+__device__ __forceinline__ void load_b_across_rows(uint32_t (&b)[2], const uint32_t* rows, int stride, int r0,
+                                                   int f0, int lane) {
+  const int f = f0 + lane / 4, t = lane % 4;
+  if constexpr (mma::kPerWord<T> == 2) {
+    const int shift = (f & 1) * 16;
+    const uint32_t* column = rows + r0 * stride + f / 2;
+    auto elem = [&](int r) { return (column[r * stride] >> shift) & 0xffffu; };
+    b[0] = elem(2 * t) | (elem(2 * t + 1) << 16);
+    b[1] = elem(2 * t + 8) | (elem(2 * t + 9) << 16);
+  } else {
+    const uint32_t* column = rows + r0 * stride + f;
+    b[0] = column[t * stride];
+    b[1] = column[(t + 4) * stride];
+  }
 }
 
 // Running per-row scaling of fp16 weights before they are rounded to A operands (batch_all's

@@ -3,7 +3,7 @@
 // keeps the checks that guard memory): the checks, the chunk loop of the mining products, the launches, and
 // the registration for the CUDA key. The kernels, and the traffic designed for, are in triplet.cuh.
 // Last, the register path's ops (ops/triplet.py's second contract block): the pair distances, the list
-// gradient, and batch_all's tiles for bf16/fp16 rows (widths up to 640 on an H100).
+// gradient, and batch_all's tiles (widths up to 640 bf16/fp16 or 400 fp32 features on an H100).
 //
 // Mining is one launch of the tiled kernel (anchors resident in shared memory: bf16/fp16 widths up to
 // 1664 on an H100, 1152 on an A100; fp32 half those). Wider rows walk the anchors in
@@ -135,12 +135,12 @@ int64_t max_tile_width(const at::Tensor& x) {
   return std::max<int64_t>(0, (room / (kMineTileRows * 4) - 4) / kTileWords * kTileWords * per_word(x));
 }
 
-// The widest bf16/fp16 rows batch_all's tiles take on x's device (a multiple of 16).
+// The widest rows batch_all's tiles take on x's device (a multiple of 16).
 int64_t max_batch_all_width(const at::Tensor& x) {
   const DeviceLimits limits = device_limits(x.device().index());
-  const int64_t room = limits.optin - limits.reserved - kAllStaticSmem;
+  const int64_t room = limits.optin - limits.reserved - batch_all_static_smem(per_word(x));
   int64_t d = 0;  // batch_all_tiles_smem grows with d: the largest multiple of 16 that fits
-  while (batch_all_tiles_smem(d + 16) <= room) d += 16;
+  while (batch_all_tiles_smem(d + 16, per_word(x)) <= room) d += 16;
   return d;
 }
 
@@ -245,9 +245,11 @@ void triplet_semi_hard_mine_cuda(const at::Tensor& x, const at::Tensor& labels,
   check_dense(kSemiHardMine, "chosen", chosen, x, {n, kPosSlots}, at::kLong);
   check_dense(kSemiHardMine, "chosen_dist", chosen_dist, x, {n, kPosSlots}, at::kFloat);
   const int kind = checked_distance(kSemiHardMine, distance, inv_norm);
-  const size_t smem = mine_tiles_smem_for(x);
-  TORCH_CHECK_VALUE(smem > 0, kSemiHardMine, ": x must have at most ", max_tile_width(x), " features (",
-                    x.scalar_type(), ") on this device (the anchors stay in shared memory), got ", x.size(1));
+  // fp32 stays on the chunked path: its tf32 split pushed the kernel's 16 slots past 255 registers
+  const size_t smem = x.scalar_type() == at::kFloat ? 0 : mine_tiles_smem_for(x);
+  TORCH_CHECK_VALUE(smem > 0, kSemiHardMine, ": x must be bf16 or fp16 with at most ", max_tile_width(x),
+                    " features on this device (the anchors stay in shared memory), got ", x.scalar_type(), " and ",
+                    x.size(1));
   if (n == 0) return;
   const at::Tensor sq = row_sq_norms(x);
   SemiHardArgs a{};
@@ -262,15 +264,15 @@ void triplet_semi_hard_mine_cuda(const at::Tensor& x, const at::Tensor& labels,
              grid_for((n + kMineTileRows - 1) / kMineTileRows), kMineTileThreads, smem, a);
     });
   };
-  dispatch_float(x.scalar_type(), kSemiHardMine, run);
+  dispatch_half(x.scalar_type(), kSemiHardMine, run);
 }
 
-// batch_all's tiles' dynamic shared memory for x, or 0 where they do not take x (fp32, or too wide).
+// batch_all's tiles' dynamic shared memory for x, or 0 where they do not take x (too wide).
 size_t batch_all_smem_for(const at::Tensor& x) {
-  if (x.scalar_type() == at::kFloat) return 0;
-  const int64_t bytes = batch_all_tiles_smem(x.size(1));
+  const int64_t bytes = batch_all_tiles_smem(x.size(1), per_word(x));
   const DeviceLimits limits = device_limits(x.device().index());
-  return bytes + kAllStaticSmem + limits.reserved <= limits.optin ? static_cast<size_t>(bytes) : 0;
+  const int64_t fixed = batch_all_static_smem(per_word(x));
+  return bytes + fixed + limits.reserved <= limits.optin ? static_cast<size_t>(bytes) : 0;
 }
 
 void triplet_batch_all_rows_cuda(const at::Tensor& x, const at::Tensor& labels,
@@ -295,9 +297,9 @@ void triplet_batch_all_rows_cuda(const at::Tensor& x, const at::Tensor& labels,
   }
   const int kind = checked_distance(kBatchAllRows, distance, inv_norm);
   const size_t smem = batch_all_smem_for(x);
-  TORCH_CHECK_VALUE(smem > 0, kBatchAllRows, ": x must be bf16 or fp16 with at most ", max_batch_all_width(x),
-                    " features on this device (the anchors, a tile and the gradient stay in shared memory), got ",
-                    x.scalar_type(), " and ", x.size(1));
+  TORCH_CHECK_VALUE(smem > 0, kBatchAllRows, ": x must have at most ", max_batch_all_width(x), " features (",
+                    x.scalar_type(), ") on this device (the anchors, a tile and the gradient stay in shared memory), "
+                    "got ", x.size(1));
   if (n == 0) return;
   const at::Tensor sq = row_sq_norms(x);
   BatchAllArgs a{};
@@ -312,7 +314,7 @@ void triplet_batch_all_rows_cuda(const at::Tensor& x, const at::Tensor& labels,
   a.margin = static_cast<float>(margin);
   a.acc_stride = static_cast<int>(batch_all_acc_stride(x.size(1)));
   a.soft = soft_margin;
-  dispatch_half(x.scalar_type(), kBatchAllRows, [&](auto tag) {
+  dispatch_float(x.scalar_type(), kBatchAllRows, [&](auto tag) {
     with_kind(kind, [&](auto k) {
       launch(x.device(), &triplet_batch_all_tiles_kernel<decltype(tag), decltype(k)::value>,
              grid_for((n + kAllRows - 1) / kAllRows), kAllThreads, smem, a);

@@ -24,7 +24,7 @@
 // ops/triplet.py makes with a matrix product: O(P_a B) work per row (P_a its positives, taken 4
 // (semi_hard) or 8 (batch_all) at a time after an ordered compaction of each 256-column tile), every
 // sum in a fixed order.
-// semi_hard's register path: triplet_semi_hard_tiles_kernel mines each anchor's 16
+// semi_hard's register path (bf16/fp16): triplet_semi_hard_tiles_kernel mines each anchor's 16
 // positive slots on the batch-hard tiles' sweep; then the pair distances (one warp per pair: Gram form
 // and exact from one pass over both rows) and the list gradient (one warp per row, lanes over the
 // features, its list in order). batch_all's register path (bf16/fp16): triplet_batch_all_tiles_kernel, last
@@ -996,17 +996,19 @@ constexpr int kAllRows = 16 * kAllRowTiles;                      // anchors per 
 constexpr int kAllWarpsPerRowTile = kAllWarps / kAllRowTiles;    // the column groups
 constexpr int kAllSimTiles = kTileCols / 8 / kAllWarpsPerRowTile;  // 8-column Gram tiles per warp
 constexpr int kAllAccPad = 8;                                    // floats past each accumulator row
-constexpr int64_t kAllStaticSmem = sizeof(Staged<kAllRows>) +
-                                   kTileCols * (sizeof(int64_t) + 3 * sizeof(float) + sizeof(int) +
-                                                kPosSlots * sizeof(float)) +
-                                   kAllWarpsPerRowTile * kAllRows * (2 * sizeof(float) + sizeof(int)) +
-                                   kAllRows * sizeof(float);  // (fp16: the rows' unscaling)
+// Static shared memory (per_word elements per operand word: the coefficients' words per row).
+constexpr int64_t batch_all_static_smem(int per_word) {
+  return kAllRows * (kTileCols / per_word + 4) * static_cast<int64_t>(sizeof(uint32_t)) +
+         kTileCols * (sizeof(int64_t) + 3 * sizeof(float) + sizeof(int) + kPosSlots * sizeof(float)) +
+         kAllWarpsPerRowTile * kAllRows * (2 * sizeof(float) + sizeof(int)) +
+         kAllRows * sizeof(float);  // (fp16: the rows' unscaling)
+}
 
 __host__ __device__ constexpr int64_t batch_all_acc_stride(int64_t d) { return (d + 15) / 16 * 16 + kAllAccPad; }
 
 // Dynamic shared memory at width d: the anchors and the tile (resident_stride words per row), the accumulator.
-__host__ __device__ constexpr int64_t batch_all_tiles_smem(int64_t d) {
-  return ((kAllRows + kTileCols) * resident_stride(d, 2) + kAllRows * batch_all_acc_stride(d)) *
+__host__ __device__ constexpr int64_t batch_all_tiles_smem(int64_t d, int per_word) {
+  return ((kAllRows + kTileCols) * resident_stride(d, per_word) + kAllRows * batch_all_acc_stride(d)) *
          static_cast<int64_t>(sizeof(float));
 }
 
@@ -1041,7 +1043,9 @@ __global__ void __launch_bounds__(kAllThreads, 1) triplet_batch_all_tiles_kernel
   uint32_t* s_own = smem;
   uint32_t* s_tile = s_own + kAllRows * stride;
   float* s_acc = reinterpret_cast<float*>(s_tile + kTileCols * stride);
-  __shared__ Staged<kAllRows> s_w;  // the tile's coefficients as A fragments: 32 anchors x 64 columns
+  constexpr int kAcross = kAcrossStride<T>;
+  constexpr int kWSteps = kTileCols / mma::kStepK<T>;  // k steps of the coefficients' product
+  __shared__ uint32_t s_w[kAllRows][kAcross];  // the tile's coefficients as A fragments: 32 anchors x 64 columns
   __shared__ int64_t s_label[kTileCols];
   __shared__ float s_inv[kTileCols], s_e[kTileCols], s_wc[kTileCols];
   __shared__ int s_npos[kTileCols];
@@ -1093,14 +1097,15 @@ __global__ void __launch_bounds__(kAllThreads, 1) triplet_batch_all_tiles_kernel
 
     float sim[kAllSimTiles][4] = {};
     const uint32_t* a_rows = s_own + rt * 16 * stride;
-    for (int ks = 0; ks < static_cast<int>((in.d + 15) / 16); ++ks) {
+    constexpr int kStep = mma::kStepK<T>;
+    for (int ks = 0; ks < static_cast<int>((in.d + kStep - 1) / kStep); ++ks) {
       uint32_t fa[4];
       mma::load_a(fa, a_rows + ks * 8, stride, lane);
 #pragma unroll
       for (int n = 0; n < kAllSimTiles; ++n) {
         uint32_t fb[2];
         mma::load_b(fb, s_tile + (col0 + n * 8) * stride + ks * 8, stride, lane);
-        mma::mma_m16n8k16<T>(sim[n], fa, fb);
+        mma::mma_step<T>(sim[n], fa, fb);
       }
     }
 
@@ -1163,18 +1168,25 @@ __global__ void __launch_bounds__(kAllThreads, 1) triplet_batch_all_tiles_kernel
           w[e] = as_stored<T>(coef[n][h][e]);
           if constexpr (kKind != kCosine) g_sum[h] += w[e] * down / s_inv[col0 + n * 8 + 2 * t + e];
         }
-        s_w[rt * 16 + g + 8 * h][(col0 + n * 8) / 2 + t] = pack_pair<T>(w[0], w[1]);
+        store_pair<T>(s_w[rt * 16 + g + 8 * h], col0 + n * 8 + 2 * t, w[0], w[1]);
       }
     }
 
     __syncthreads();  // the coefficients are complete
-    uint32_t wa[kTileCols / 16][4];
+    // the coefficients' A fragments: held for the sweep of the features for half rows; fp32's (twice
+    // the k steps, each split three ways in mma_step) are loaded per feature tile, or ptxas spills them
+    constexpr bool kHoldW = mma::kPerWord<T> == 2;
+    uint32_t wa[kWSteps][4];
+    auto load_w = [&] {
 #pragma unroll
-    for (int ks = 0; ks < kTileCols / 16; ++ks) mma::load_a(wa[ks], &s_w[rt * 16][ks * 8], kTileStride, lane);
+      for (int ks = 0; ks < kWSteps; ++ks) mma::load_a(wa[ks], &s_w[rt * 16][ks * 8], kAcross, lane);
+    };
+    if constexpr (kHoldW) load_w();
     const int feature_tiles = static_cast<int>((in.d + 7) / 8);
     for (int ft = part; ft < feature_tiles; ft += kAllWarpsPerRowTile) {
+      if constexpr (!kHoldW) load_w();
       accumulate_rows<T>(s_acc, a.acc_stride, rt * 16, ft * 8, wa, lane, [&](uint32_t (&fb)[2], int ks) {
-        load_b_across_rows(fb, s_tile, stride, ks * 16, ft * 8, lane);
+        load_b_across_rows<T>(fb, s_tile, stride, ks * kStep, ft * 8, lane);
       }, rescale[0][0], rescale[0][1]);
     }
   }

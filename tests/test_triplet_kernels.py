@@ -754,8 +754,9 @@ REGISTER_KERNELS = {"semi_hard": ops.SEMI_HARD_MINE, "batch_all": ops.BATCH_ALL_
     (mining, False, ops.POS_SLOTS + 2) for mining in MINED])  # beyond the slots: the hinge suffices
 def test_mined_register_path_for_small_classes_and_the_chunked_path_beyond(kernel_backend, mining, soft_margin,
                                                                           largest):
-    """Classes of up to POS_SLOTS + 1 rows (all slots filled at the limit) take the register path (Triton;
-    CUDA for semi_hard), a larger class the chunked row kernel; both as the reference, in every reduction."""
+    """Classes of up to POS_SLOTS + 1 rows (all slots filled at the limit) take the register path (not
+    CUDA's fp32 semi_hard), a larger class the chunked row kernel; both as the reference, in every
+    reduction."""
     device = device_for(kernel_backend)
     gen = torch.Generator().manual_seed(31)
     b = 64
@@ -766,8 +767,8 @@ def test_mined_register_path_for_small_classes_and_the_chunked_path_beyond(kerne
     for reduction, margin in zip(REDUCTIONS, (0.5, 0.3, 0.1)):
         _compare(kernel_backend, x, labels, reduction, tol=5e-5, mining=mining, soft_margin=soft_margin, margin=margin)
     ran = _launched(kernel_backend, x, labels, mining=mining, soft_margin=soft_margin)
-    # CUDA: semi_hard's tiles take these fp32 rows, batch_all's take bf16/fp16 rows only
-    register = (kernel_backend == "triton" or mining == "semi_hard") and largest <= ops.POS_SLOTS + 1
+    # CUDA's semi_hard takes bf16/fp16 rows only on its tiles: these are fp32
+    register = largest <= ops.POS_SLOTS + 1 and not (kernel_backend == "cuda" and mining == "semi_hard")
     assert (harness.launch_name(REGISTER_KERNELS[mining], kernel_backend) in ran) == register, ran
     assert (harness.launch_name(ops.ROW_LOSS, kernel_backend) in ran) != register, ran
 
@@ -843,9 +844,9 @@ def test_max_class_size_promise_is_checked(kernel_backend, mining, monkeypatch):
     monkeypatch.setattr("lossforge_kernels._checks.eager_value_checks", lambda t: False)
     assert_reference(both(small, max_class_size=4), small)  # broken, but every class fits the slots
     loss, grad = both(large, max_class_size=4)
-    if mining == "semi_hard" or (kernel_backend == "triton" and mining == "batch_all"):  # the register path
+    if mining == "batch_all" or (mining == "semi_hard" and kernel_backend == "triton"):  # the register path
         assert loss.isnan() and grad.isnan().all(), (loss, grad)
-    else:  # the promise selects nothing here (CUDA's fp32 batch_all is chunked): the result stays exact
+    else:  # the promise selects nothing here (CUDA's fp32 semi_hard is chunked): the result stays exact
         assert_reference((loss, grad), large)
 
 
@@ -1245,39 +1246,41 @@ def _slot_call(kernel_backend):
     return device, calls
 
 
-@pytest.mark.parametrize("dtype,emulated", [(torch.bfloat16, 1664), (torch.float16, 1664), (torch.float32, 832)])
-def test_cuda_semi_hard_tile_widths_are_the_kernels(kernel_backend, dtype, emulated):
-    """ops.cuda_tile_width, which chooses CUDA's semi_hard register path, is the width its tiles take
-    for each dtype: rows of that width run, wider rows are refused by name."""
+def test_cuda_semi_hard_tile_widths_are_the_kernels(kernel_backend):
+    """ops.cuda_tile_width, which chooses CUDA's semi_hard register path, is the width its tiles take:
+    bf16 and fp16 rows of that width run, wider rows and fp32 rows are refused by name (the mining tiles
+    take fp32 rows of up to 832 features; semi_hard's do not)."""
     if kernel_backend != "cuda":
         pytest.skip("CUDA's tiles")
     device, calls = _slot_call(kernel_backend)
-    width = ops.cuda_tile_width(device, dtype)
+    width = ops.cuda_tile_width(device, torch.bfloat16)
+    if device.type == "cpu":
+        assert (width, ops.cuda_tile_width(device, torch.float32)) == (1664, 832)  # the emulated H100
+    for dtype in (torch.bfloat16, torch.float16):
+        calls["semi_hard"](torch.randn(5, width).to(dtype).to(device))
+    op = "triplet_semi_hard_mine_cuda"
+    with pytest.raises(ValueError, match=f"{op}: x must be bf16 or fp16 with at most {width} features"):
+        calls["semi_hard"](torch.randn(5, width + 16).to(torch.bfloat16).to(device))
+    with pytest.raises(ValueError, match=f"{op}: x must be bf16 or fp16"):
+        calls["semi_hard"](torch.randn(5, 8).to(device))
+
+
+@pytest.mark.parametrize("dtype,emulated", [(torch.bfloat16, 640), (torch.float16, 640), (torch.float32, 400)])
+def test_cuda_batch_all_widths_are_the_kernels(kernel_backend, dtype, emulated):
+    """ops.cuda_batch_all_width, which chooses CUDA's batch_all register path, is the width its tiles
+    take for each dtype: rows of that width run, wider rows are refused by name."""
+    if kernel_backend != "cuda":
+        pytest.skip("CUDA's tiles")
+    device, calls = _slot_call(kernel_backend)
+    width = ops.cuda_batch_all_width(device, dtype)
     if device.type == "cpu":
         assert width == emulated  # the emulated H100
-    calls["semi_hard"](torch.randn(5, width).to(dtype).to(device))
-    with pytest.raises(ValueError, match=rf"triplet_semi_hard_mine_cuda: x must have at most {width} features \("):
-        calls["semi_hard"](torch.randn(5, width + 16).to(dtype).to(device))
+    calls["batch_all"](torch.randn(5, width).to(dtype).to(device))
+    with pytest.raises(ValueError, match=rf"triplet_batch_all_rows_cuda: x must have at most {width} features \("):
+        calls["batch_all"](torch.randn(5, width + 16).to(dtype).to(device))
 
 
-def test_cuda_batch_all_widths_are_the_kernels(kernel_backend):
-    """ops.cuda_batch_all_width, which chooses CUDA's batch_all register path, is the width its tiles
-    take: bf16 and fp16 rows of that width run, wider rows and fp32 rows are refused by name."""
-    if kernel_backend != "cuda":
-        pytest.skip("CUDA's tiles")
-    device, calls = _slot_call(kernel_backend)
-    op, width = "triplet_batch_all_rows_cuda", ops.cuda_batch_all_width(device)
-    if device.type == "cpu":
-        assert width == 640  # the emulated H100
-    for dtype in (torch.bfloat16, torch.float16):
-        calls["batch_all"](torch.randn(5, width).to(dtype).to(device))
-    with pytest.raises(ValueError, match=f"{op}: x must be bf16 or fp16 with at most {width} features"):
-        calls["batch_all"](torch.randn(5, width + 16).to(torch.bfloat16).to(device))
-    with pytest.raises(ValueError, match="x must be bf16 or fp16"):
-        calls["batch_all"](torch.randn(5, 8).to(device))
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(100, 70), (70, 136), (40, 24)], ids=["d70", "d136", "d24"])
 def test_cuda_semi_hard_mine_is_tritons(kernel_backend, dtype, shape):
     """CUDA's tiled semi-hard choices are the Triton kernel's, index for index, on rows whose Gram
@@ -1306,11 +1309,11 @@ def test_cuda_semi_hard_mine_is_tritons(kernel_backend, dtype, shape):
         torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_cuda_semi_hard_register_path(kernel_backend, dtype, monkeypatch):
-    """semi_hard on CUDA takes the register path (the tiled choices, the pair distances and the list
-    gradient) for classes within the slots, as the reference does, in every reduction and with a promise
-    and no value read; a class beyond the slots takes the chunked row kernel."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_semi_hard_register_path_for_half_rows(kernel_backend, dtype, monkeypatch):
+    """bf16/fp16 semi_hard on CUDA takes the register path (the tiled choices, the pair distances and the
+    list gradient) for classes within the slots, as the reference does, in every reduction and with a
+    promise and no value read; a class beyond the slots, and fp32 rows, take the chunked row kernel."""
     if kernel_backend != "cuda":
         pytest.skip("CUDA's path choice")
     device = device_for(kernel_backend)
@@ -1332,9 +1335,9 @@ def test_cuda_semi_hard_register_path(kernel_backend, dtype, monkeypatch):
     large[:ops.POS_SLOTS + 2] = 0
     mine = harness.launch_name(ops.SEMI_HARD_MINE, kernel_backend)
     rows = harness.launch_name(ops.ROW_LOSS, kernel_backend)
-    for labels, register in ((small, True), (large, False)):
-        ran = _launched(kernel_backend, x.to(dtype).to(device), labels.to(device), mining="semi_hard")
-        assert (mine in ran, rows in ran) == (register, not register), (register, ran)
+    for rows_dtype, labels, register in ((dtype, small, True), (dtype, large, False), (torch.float32, small, False)):
+        ran = _launched(kernel_backend, x.to(rows_dtype).to(device), labels.to(device), mining="semi_hard")
+        assert (mine in ran, rows in ran) == (register, not register), (rows_dtype, register, ran)
     monkeypatch.setattr("lossforge_kernels._checks.eager_value_checks", lambda t: False)
     ran = _launched(kernel_backend, x.to(dtype).to(device), small.to(device), mining="semi_hard", max_class_size=4)
     assert mine in ran and rows not in ran, ran
@@ -1343,7 +1346,7 @@ def test_cuda_semi_hard_register_path(kernel_backend, dtype, monkeypatch):
     assert loss.isnan(), loss  # a broken promise: NaN, never a wrong number
 
 
-# ---------------------------------------------------------------- CUDA's batch-all register path (bf16 rows)
+# ---------------------------------------------------------------- CUDA's batch-all register path
 
 def _slot_inputs(x, labels, inv, distance):
     pos, n_pos, _, _ = ops.positive_slots(labels, ops.POS_SLOTS)
@@ -1354,7 +1357,9 @@ def _slot_inputs(x, labels, inv, distance):
 
 
 @pytest.mark.parametrize("shape,dtype", [((70, 70), torch.bfloat16), ((40, 24), torch.bfloat16),
-                                         ((70, 70), torch.float16)], ids=["d70", "d24", "d70-fp16"])
+                                         ((70, 70), torch.float16), ((70, 70), torch.float32),
+                                         ((40, 24), torch.float32)], ids=["d70", "d24", "d70-fp16", "d70-fp32",
+                                                                         "d24-fp32"])
 def test_cuda_batch_all_rows_are_tritons(kernel_backend, shape, dtype):
     """CUDA's tiled batch_all pass gives the Triton pass's losses, counts, slot slopes and negative-pair
     gradient (the latter within the half rounding of CUDA's coefficients; Triton's interpreter keeps them
@@ -1386,8 +1391,8 @@ def test_cuda_batch_all_rows_are_tritons(kernel_backend, shape, dtype):
         assert soft or got[1].sum() > b, case  # most anchors have active triplets
         torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-4, msg=lambda m: f"{case} slopes: {m}")
         if with_grad:
-            scale = want[3].abs().max()
-            torch.testing.assert_close(got[3], want[3], rtol=1e-2, atol=1e-2 * float(scale),
+            scale, tol = want[3].abs().max(), 1e-5 if dtype == torch.float32 else 1e-2  # fp32: W kept whole
+            torch.testing.assert_close(got[3], want[3], rtol=tol, atol=tol * float(scale),
                                        msg=lambda m: f"{case} grad_rows: {m}")
 
 
@@ -1452,10 +1457,10 @@ def test_batch_all_gradient_of_close_negatives(kernel_backend, dtype, tol, path,
     assert err.max() < tol, f"largest row error {err.max():.2e}"
 
 
-def test_cuda_batch_all_register_path_for_half_rows(kernel_backend):
-    """bf16/fp16 batch_all on CUDA takes the register path (its tiles, the pair distances and the list
-    gradient) for classes within the slots, as the reference does, in every reduction; fp32 rows, and a
-    class beyond the slots, take the chunked row kernel."""
+def test_cuda_batch_all_register_path(kernel_backend):
+    """batch_all on CUDA takes the register path (its tiles, the pair distances and the list gradient)
+    for classes within the slots, as the reference does, in every reduction and dtype; a class beyond
+    the slots takes the chunked row kernel."""
     if kernel_backend != "cuda":
         pytest.skip("CUDA's path choice")
     device = device_for(kernel_backend)
@@ -1463,11 +1468,13 @@ def test_cuda_batch_all_register_path_for_half_rows(kernel_backend):
         shape, dict(opts, large_class=False), *a))
     for opts, shape, dtype in ((dict(distance="euclidean", margin=0.3), (70, 40), torch.bfloat16),
                                (dict(distance="cosine", soft_margin=True, normalize=True), (40, 24), torch.bfloat16),
-                               (dict(distance="euclidean", margin=0.3), (40, 24), torch.float16)):
+                               (dict(distance="euclidean", margin=0.3), (40, 24), torch.float16),
+                               (dict(distance="squared_euclidean", margin=0.3), (70, 40), torch.float32),
+                               (dict(distance="cosine", soft_margin=True), (40, 24), torch.float32)):
         for reduction in REDUCTIONS:
             result = harness.run_both(spec, kernel_backend, dict(opts, mining="batch_all"), shape, reduction,
                                       dtype=dtype)
-            harness.assert_matches(result, SPEC.half_tol(dtype), f"{opts} {reduction} {dtype}")
+            harness.assert_matches(result, _tile_tol(dtype), f"{opts} {reduction} {dtype}")
     gen = torch.Generator().manual_seed(36)
     x = _grid_rows(96, 24, gen)
     small = torch.arange(96).div(4, rounding_mode="floor")
@@ -1476,7 +1483,7 @@ def test_cuda_batch_all_register_path_for_half_rows(kernel_backend):
     tiles = harness.launch_name(ops.BATCH_ALL_ROWS, kernel_backend)
     rows = harness.launch_name(ops.ROW_LOSS, kernel_backend)
     for dtype, labels, register in ((torch.bfloat16, small, True), (torch.bfloat16, large, False),
-                                    (torch.float16, small, True), (torch.float32, small, False)):
+                                    (torch.float16, small, True), (torch.float32, small, True)):
         ran = _launched(kernel_backend, x.to(dtype).to(device), labels.to(device), mining="batch_all")
         assert (tiles in ran, rows in ran) == (register, not register), (dtype, register, ran)
 

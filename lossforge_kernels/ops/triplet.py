@@ -530,8 +530,8 @@ def _rows_pass(backend, tensors, params, row_weight, grad_x):
 #   distances in slots 0 .. n_pos - 1; writes chosen (B, S) int64 per filled slot semi_hard's negative
 #   (reference/triplet.py: the nearest farther than d_ap, ties to the smallest index, else the
 #   farthest; a NaN negative is every slot's choice), -1 for an empty slot or an anchor without a
-#   negative, and chosen_dist (B, S) fp32 its Gram-form distance (0 where -1). CUDA: x of at most
-#   cuda_tile_width(device, x.dtype) features only (S = POS_SLOTS), else ValueError naming x.
+#   negative, and chosen_dist (B, S) fp32 its Gram-form distance (0 where -1). CUDA: bf16/fp16 x of
+#   at most cuda_tile_width(device, x.dtype) features only (S = POS_SLOTS), else ValueError naming x.
 # triplet_batch_all_rows_<b>(x, labels, inv_norm, distance, margin, soft_margin, n_pos, pos_dist, row_weight,
 #                           loss, count, pos_slope, grad_rows) -> ()
 #   n_pos, pos_dist as above (pos_dist: the exact distances); writes loss (B,) fp32 each anchor's sum
@@ -540,8 +540,8 @@ def _rows_pass(backend, tensors, params, row_weight, grad_x):
 #   negatives of d loss / d d_ap (0 in empty slots). row_weight (B,) fp32 and grad_rows (B, D) fp32 come
 #   together or not at all: grad_rows is then the gradient w.r.t. the rows v = inv_norm * x of
 #   sum(row_weight * loss) through the negative pairs' distances, each pair seen from both its anchors
-#   (the column's positives from pos_dist), summed per row in one program. CUDA: bf16/fp16 x of at most
-#   cuda_batch_all_width(device) features only (S = POS_SLOTS), else ValueError naming x.
+#   (the column's positives from pos_dist), summed per row in one program. CUDA: x of at most
+#   cuda_batch_all_width(device, x.dtype) features only (S = POS_SLOTS), else ValueError naming x.
 # triplet_list_grad_<b>(x, inv_norm, grad_rows, offsets, others, coef, centered, grad_x, grad_inv_norm) -> ()
 #   grad_rows None or (B, D) fp32; offsets (B + 1,) int64, non-decreasing, offsets[B] <= len(others): row
 #   r's list is entries offsets[r] .. offsets[r + 1] - 1 of others (int64, a row index; -1: skipped) and
@@ -550,9 +550,8 @@ def _rows_pass(backend, tensors, params, row_weight, grad_x):
 #   inv_norm) in x's dtype, fp32 with inv_norm (as triplet_pair_grad's), and grad_inv_norm[r] = x_r . g_r;
 #   either may be None. Deterministic.
 #
-# Triton takes this path for both minings. CUDA takes it for rows that its tiles take
-# (_takes_register_path): semi_hard's of every dtype, batch_all's of bf16/fp16 (fp32 rows keep the chunked
-# path there).
+# Both backends take this path for both minings, CUDA for rows that its tiles take
+# (_takes_register_path): not semi_hard's fp32 rows (the chunked path there).
 POS_SLOTS = 16  # positives per anchor (class size - 1) the register path takes
 
 
@@ -859,31 +858,36 @@ def cuda_tile_width(device: torch.device, dtype: torch.dtype) -> int:
 
 # CUDA's batch_all tiles (csrc/triplet.cuh batch_all_tiles_smem, triplet.cu max_batch_all_width): 32
 # anchors and a 64-row tile staged as the mining's anchors are, and a 32 x D fp32 accumulator whose rows
-# are padded to 16 features + 8, beside 11.6 KiB of static shared memory (fp16: the rows' unscaling).
-_ALL_ANCHORS, _ALL_STATIC_SMEM = 32, 11904
+# are padded to 16 features + 8, beside static shared memory: 11.6 KiB, and 4 KiB more for fp32 (the
+# coefficients' words, one per element).
+_ALL_ANCHORS, _ALL_STATIC_SMEM = 32, {2: 11904, 1: 16000}  # by elements per 32-bit word
 
 
-def cuda_batch_all_width(device: torch.device) -> int:
-    """The widest bf16/fp16 rows CUDA's batch_all tiles take on `device` (a multiple of 16)."""
+def cuda_batch_all_width(device: torch.device, dtype: torch.dtype) -> int:
+    """The widest rows of `dtype` CUDA's batch_all tiles take on `device` (a multiple of 16; on an H100
+    640 bf16/fp16, 400 fp32)."""
+    per_word = 4 // dtype.itemsize
+
     def smem(d):
-        staged = (_ALL_ANCHORS + 64) * (max(1, -(-d // 64)) * 32 + 4)
+        slab = 32 * per_word
+        staged = (_ALL_ANCHORS + 64) * (max(1, -(-d // slab)) * 32 + 4)
         return 4 * (staged + _ALL_ANCHORS * (-(-d // 16) * 16 + 8))
 
-    room, d = _smem_optin(device) - _RESERVED_SMEM - _ALL_STATIC_SMEM, 0
+    room, d = _smem_optin(device) - _RESERVED_SMEM - _ALL_STATIC_SMEM[per_word], 0
     while smem(d + 16) <= room:
         d += 16
     return d
 
 
 def _takes_register_path(backend, tensors, params):
-    """Triton: every minings' register path. CUDA: rows of the widths its tiles take, of every dtype for
-    semi_hard, bf16/fp16 for batch_all (fp32 rows keep the chunked path there)."""
+    """Triton: every minings' register path. CUDA: rows of the widths its tiles take, but not semi_hard's
+    fp32 rows (its tiles keep 16 slots per anchor in registers, which fp32's tf32 split leaves no room for)."""
     x = tensors[0]
     if backend == "cuda":
         if params.mining == Mining.SEMI_HARD:
-            width = cuda_tile_width(x.device, x.dtype)
+            width = cuda_tile_width(x.device, x.dtype) if x.dtype != torch.float32 else -1
         else:
-            width = cuda_batch_all_width(x.device) if x.dtype in (torch.bfloat16, torch.float16) else -1
+            width = cuda_batch_all_width(x.device, x.dtype)
         if x.shape[1] > width:
             return False
     return _largest_class_fits(tensors[1], params.max_class_size)
