@@ -318,13 +318,13 @@ __global__ void __launch_bounds__(kThreads) finish_grad_kernel(const FinishGrad 
   }
 }
 
-// ---- the forward for half inputs: similarity tiles on chip (tile_product, csrc/tiles.cuh) ----
+// ---- the forward: similarity tiles on chip (tile_product, csrc/tiles.cuh) ----
 //
 // tile_stats_kernel: a block of 4 warps owns 64 rows of its own side (16 per warp) and sweeps the
 // other side in tiles of 64 rows. Per tile, both sides' rows are staged through shared memory 64
-// features at a time (zero beyond D and beyond the last row, so any D runs the same 16-wide k
-// steps) and each warp forms its 16 x 64 block of S with 8 m16n8k16 products per k step, in fp32
-// registers. The tile then folds into the lane's two rows (g and g + 8 of the warp's 16) with the
+// bf16/fp16 or 32 fp32 features at a time (zero beyond D and beyond the last row, so any D runs the
+// same k steps) and each warp forms its 16 x 64 block of S with 8 m16n8k16 products per k step (fp32:
+// 8 x 3 m16n8k8 tf32), in fp32 registers. The tile then folds into the lane's two rows (g and g + 8 of the warp's 16) with the
 // row kernel's arithmetic: the online (max, sum-exp) without +inf logits, the diagonal, SupCon's
 // positives and SigLIP's softplus sums. At the end the 4 lanes of a row merge in a fixed order; no
 // similarity is written to device memory, and nothing is accumulated across blocks (no atomics).
@@ -515,7 +515,7 @@ __global__ void __launch_bounds__(kThreads) finish_symmetric_tiles_kernel(int64_
 }
 
 
-// ---- the backward for half inputs: similarity tiles on chip (tensor-core products) ----
+// ---- the backward: similarity tiles on chip (tensor-core products; fp32 as three tf32 products) ----
 //
 // tile_grad_kernel: a block of 8 warps owns kGradRows (32) rows of its own side and sweeps the other side
 // in tiles of 64 rows, two products per tile, no similarity or weight in device memory:
@@ -525,10 +525,11 @@ __global__ void __launch_bounds__(kThreads) finish_symmetric_tiles_kernel(int64_
 //   2. Each lane turns its S entries into the row's pair weights W = s dZ_ij r'_j (pair_grad_kernel's
 //      arithmetic) and the row sums for grad_coef, and writes W, rounded to the inputs' dtype (fp16:
 //      times the row's running power of two, scale_row_weights), to shared memory in the A-operand
-//      layout: the fp32 C fragments of two adjacent 8-column tiles are one 16-wide k step of A.
+//      layout: the fp32 C fragments of two adjacent 8-column tiles are one 16-wide k step of A (fp32
+//      inputs: W kept in fp32, one word per column, eight 8-wide k steps).
 //   3. acc (kGradRows x D, fp32, in shared memory) += W . other: the other tile is staged again 64
-//      features at a time as it is (exact), transposed (pairs of other rows per feature: the B operand),
-//      and each warp takes 8 of each 64 features for all of the block's rows.
+//      features at a time as it is (exact), transposed (pairs of other rows per feature, fp32 one row
+//      per word: the B operand), and each warp takes 8 of each 64 features for all of the block's rows.
 // The normalisation's radial sum r_i sum_j W_ij S_ij takes each W_ij as the product holds it, so that
 // grad = r (acc - (acc . x^) x^) is formed from one value of each weight: with the fp32 W there (and the
 // other rows staged times r' and rounded), nearly identical rows lost their small tangential gradient

@@ -27,7 +27,7 @@
 // semi_hard's register path (bf16/fp16): triplet_semi_hard_tiles_kernel mines each anchor's 16
 // positive slots on the batch-hard tiles' sweep; then the pair distances (one warp per pair: Gram form
 // and exact from one pass over both rows) and the list gradient (one warp per row, lanes over the
-// features, its list in order). batch_all's register path (bf16/fp16): triplet_batch_all_tiles_kernel, last
+// features, its list in order). batch_all's register path (fp32 too): triplet_batch_all_tiles_kernel, last
 // in this file, takes the losses, counts, slot slopes and the negative pairs' gradient from tiles on chip.
 #pragma once
 
