@@ -8,6 +8,7 @@ that program and in one small call of every kernel family of the real extension.
 The kernel families themselves are tested against the references by every test that takes
 `kernel_backend` (the "cuda" backend runs on CPU tensors under the emulation).
 """
+import math
 import os
 import pathlib
 import shutil
@@ -214,6 +215,80 @@ def test_mma_fragment_loads_from_shared_memory(program, dtype, k):
     assert done.returncode == 0, done.stdout + done.stderr
     got = torch.tensor(_floats(done.stdout), dtype=torch.float64).reshape(16, 8)
     torch.testing.assert_close(got, x.double() @ y.double().T, rtol=1e-5, atol=1e-5)
+
+
+# ---- fp32 operands: mma.sync m16n8k8 tf32, and mma_step's three products on a tf32 split ----
+
+def _tf32(x):
+    """x with the low 13 bits of each float cleared: values a tf32 operand carries exactly."""
+    return (x.float().view(torch.int32) & -8192).view(torch.float32)
+
+
+def _words(x):
+    return (x.float().view(torch.int32).to(torch.int64) & 0xFFFFFFFF).tolist()
+
+
+def _run_tf32_mma(program, seed, swap_a=False):
+    g = torch.Generator().manual_seed(seed)
+    a, b = _tf32(torch.randn(16, 8, generator=g)), _tf32(torch.randn(8, 8, generator=g))
+    c = torch.randn(16, 8, generator=g)
+    aw, bw, cw = _words(a), _words(b), _words(c)
+    lanes = []
+    for lane in range(32):  # the PTX ISA's m16n8k8 tf32 layout
+        gr, t = lane // 4, lane % 4
+        regs_a = [aw[gr][t], aw[gr + 8][t], aw[gr][t + 4], aw[gr + 8][t + 4]]
+        if swap_a:
+            regs_a[1], regs_a[2] = regs_a[2], regs_a[1]
+        lanes.append(regs_a + [bw[t][gr], bw[t + 4][gr]] + [cw[gr][2 * t], cw[gr][2 * t + 1], cw[gr + 8][2 * t],
+                                                          cw[gr + 8][2 * t + 1]])
+    text = "\n".join(" ".join(f"{w:x}" for w in lane) for lane in lanes)
+    done = subprocess.run([str(program), "mma_fragments_tf32"], input=text, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return _mma_d(done.stdout.split()), a.double() @ b.double() + c.double()
+
+
+def test_tf32_mma_fragments_follow_the_ptx_layout(program):
+    # tf32 operands (exact products): every lane's D elements against the float64 product; A's
+    # registers 1 and 2 exchanged give another product (the comparison can fail).
+    for seed in range(3):
+        got, want = _run_tf32_mma(program, seed)
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    got, want = _run_tf32_mma(program, 0, swap_a=True)
+    assert (got.double() - want).abs().max() > 0.1
+
+
+def _run_fp32_tile(program, x, y):
+    text = f"{x.shape[1]}\n" + " ".join(f"{w:x}" for w in sum(_words(x), []) + sum(_words(y), []))
+    done = subprocess.run([str(program), "mma_tile_fp32"], input=text, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return torch.tensor(_floats(done.stdout), dtype=torch.float64).reshape(16, 8)
+
+
+@pytest.mark.parametrize("k", [8, 48])
+def test_fp32_mma_step_keeps_fp32_precision(program, k):
+    # Full fp32 operands through mma_step's head/tail split: within fp32's accumulation error of the
+    # float64 product, where one tf32 product (the heads alone) is 100x further off.
+    g = torch.Generator().manual_seed(k)
+    x, y = torch.randn(16, k, generator=g), torch.randn(8, k, generator=g)
+    want = x.double() @ y.double().T
+    torch.testing.assert_close(_run_fp32_tile(program, x, y), want, rtol=1e-5, atol=1e-5)
+    heads = _tf32(x).double() @ _tf32(y).double().T
+    assert (heads - want).abs().max() > 1e-3  # what a single tf32 product would miss
+
+
+def test_fp32_mma_step_passes_inf_and_nan(program):
+    # An inf feature makes its row +-inf against rows that are nonzero there (as the float64 product),
+    # never NaN from inf times a zero or opposite-signed tail; a NaN makes its row NaN.
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(16, 16, generator=g), torch.randn(8, 16, generator=g)
+    y[:, 5] = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 1.0 + 2.0**-20, 2.0, -0.25])  # tails zero and not
+    x[3, 5], x[9, 2] = math.inf, math.nan
+    got, want = _run_fp32_tile(program, x, y), x.double() @ y.double().T
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf()), got[[3, 9]]
+    assert torch.equal(got[3].sign(), want[3].sign())
+    finite = want.isfinite()
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-5)
 
 
 def test_mma_needs_the_whole_warp(program):

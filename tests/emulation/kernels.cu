@@ -92,34 +92,38 @@ __global__ void out_of_bounds_kernel(const float* in, float* out) {
 
 __global__ void empty_kernel() {}
 
-// One m16n8k16 product per warp from given fragments: frags holds a[0..3], b[0..1] and C's d[0..3]
-// (as float bits) of each lane; D's elements come back in place of C.
+// One m16n8k16 product (fp32: m16n8k8 tf32) per warp from given fragments: frags holds a[0..3], b[0..1]
+// and C's d[0..3] (as float bits) of each lane; D's elements come back in place of C.
 template <typename T>
 __global__ void mma_fragments_kernel(uint32_t* frags) {
   uint32_t* mine = frags + threadIdx.x * 10;
   const uint32_t a[4] = {mine[0], mine[1], mine[2], mine[3]}, b[2] = {mine[4], mine[5]};
   float d[4];
   for (int i = 0; i < 4; ++i) d[i] = __uint_as_float(mine[6 + i]);
-  lossforge::mma::mma_m16n8k16<T>(d, a, b);
+  if constexpr (sizeof(T) == 4) {
+    lossforge::mma::mma_m16n8k8_tf32(d, a, b);
+  } else {
+    lossforge::mma::mma_m16n8k16<T>(d, a, b);
+  }
   for (int i = 0; i < 4; ++i) mine[6 + i] = __float_as_uint(d[i]);
 }
 
-// D (16 x 8) = X (16 x k) Y (8 x k)^T through shared memory and the fragment loads, k a multiple of 16:
-// x and y hold element pairs by row (k / 2 pairs a row).
+// D (16 x 8) = X (16 x k) Y (8 x k)^T through shared memory, the fragment loads and mma_step, k a
+// multiple of a k step (16; fp32 8): x and y hold operand words by row (element pairs; fp32 bits).
 template <typename T>
 __global__ void mma_tile_kernel(const uint32_t* x, const uint32_t* y, int k, float* out) {
-  constexpr int kMaxPairs = 64;
-  __shared__ uint32_t sx[16][kMaxPairs + 4], sy[8][kMaxPairs + 4];
-  const int lane = threadIdx.x, pairs = k / 2;
-  for (int i = lane; i < 16 * pairs; i += 32) sx[i / pairs][i % pairs] = x[i];
-  for (int i = lane; i < 8 * pairs; i += 32) sy[i / pairs][i % pairs] = y[i];
+  constexpr int kMaxWords = 64;
+  __shared__ uint32_t sx[16][kMaxWords + 4], sy[8][kMaxWords + 4];
+  const int lane = threadIdx.x, words = k / lossforge::mma::kPerWord<T>;
+  for (int i = lane; i < 16 * words; i += 32) sx[i / words][i % words] = x[i];
+  for (int i = lane; i < 8 * words; i += 32) sy[i / words][i % words] = y[i];
   __syncwarp();
   float d[4] = {0.f, 0.f, 0.f, 0.f};
-  for (int p = 0; p < pairs; p += 8) {
+  for (int p = 0; p < words; p += 8) {
     uint32_t a[4], b[2];
-    lossforge::mma::load_a(a, &sx[0][p], kMaxPairs + 4, lane);
-    lossforge::mma::load_b(b, &sy[0][p], kMaxPairs + 4, lane);
-    lossforge::mma::mma_m16n8k16<T>(d, a, b);
+    lossforge::mma::load_a(a, &sx[0][p], kMaxWords + 4, lane);
+    lossforge::mma::load_b(b, &sy[0][p], kMaxWords + 4, lane);
+    lossforge::mma::mma_step<T>(d, a, b);
   }
   const int g = lane / 4, t = lane % 4;
   for (int i = 0; i < 4; ++i) out[(g + (i >= 2 ? 8 : 0)) * 8 + 2 * t + (i & 1)] = d[i];
@@ -184,7 +188,7 @@ int run(const std::string& c) {
                 __half_as_ushort(__float2half_rn(h_above)), __bfloat16_as_ushort(__float2bfloat16_rn(b_tie)),
                 __bfloat16_as_ushort(__float2bfloat16_rn(b_above)), __half2float(__ushort_as_half(0x7bff)),
                 __expf(-100.f));
-  } else if (c == "mma_fragments_bf16" || c == "mma_fragments_fp16") {
+  } else if (c == "mma_fragments_bf16" || c == "mma_fragments_fp16" || c == "mma_fragments_tf32") {
     // stdin: 32 lanes x 10 hex words (a[0..3], b[0..1], C's d[0..3] as float bits); stdout: D's words
     std::vector<uint32_t> frags(32 * 10);
     for (uint32_t& w : frags) {
@@ -192,18 +196,22 @@ int run(const std::string& c) {
     }
     if (c == "mma_fragments_bf16") {
       launch(mma_fragments_kernel<c10::BFloat16>, dim3(1), dim3(32), 0, frags.data());
-    } else {
+    } else if (c == "mma_fragments_fp16") {
       launch(mma_fragments_kernel<c10::Half>, dim3(1), dim3(32), 0, frags.data());
+    } else {
+      launch(mma_fragments_kernel<float>, dim3(1), dim3(32), 0, frags.data());
     }
     for (int l = 0; l < 32; ++l) {
       for (int i = 0; i < 4; ++i) std::printf("%08x ", frags[l * 10 + 6 + i]);
     }
     std::printf("\n");
-  } else if (c == "mma_tile_bf16" || c == "mma_tile_fp16") {
-    // stdin: k, then X (16 x k) and Y (8 x k) as k / 2 hex element pairs a row; stdout: D row by row
+  } else if (c == "mma_tile_bf16" || c == "mma_tile_fp16" || c == "mma_tile_fp32") {
+    // stdin: k, then X (16 x k) and Y (8 x k) as hex operand words a row (k / 2 element pairs; fp32: k
+    // float bits); stdout: D row by row
+    const int per_word = c == "mma_tile_fp32" ? 1 : 2;
     int k = 0;
-    if (std::scanf("%d", &k) != 1 || k % 16 != 0 || k > 128) return 2;
-    std::vector<uint32_t> x(16 * k / 2), y(8 * k / 2);
+    if (std::scanf("%d", &k) != 1 || k % (8 * per_word) != 0 || k > 64 * per_word) return 2;
+    std::vector<uint32_t> x(16 * k / per_word), y(8 * k / per_word);
     for (uint32_t& w : x) {
       if (std::scanf("%x", &w) != 1) return 2;
     }
@@ -213,8 +221,10 @@ int run(const std::string& c) {
     std::vector<float> d(16 * 8);
     if (c == "mma_tile_bf16") {
       launch(mma_tile_kernel<c10::BFloat16>, dim3(1), dim3(32), 0, x.data(), y.data(), k, d.data());
-    } else {
+    } else if (c == "mma_tile_fp16") {
       launch(mma_tile_kernel<c10::Half>, dim3(1), dim3(32), 0, x.data(), y.data(), k, d.data());
+    } else {
+      launch(mma_tile_kernel<float>, dim3(1), dim3(32), 0, x.data(), y.data(), k, d.data());
     }
     for (float v : d) std::printf("%.9g ", v);
     std::printf("\n");
