@@ -14,8 +14,8 @@
 // grad_query walks chunks of query rows; grad_key walks chunks of key rows on S^T = k_c @ q^T (a
 // fifth product, so that no fp32 (M, D) accumulator is needed).
 //
-// The products go through at::mm_out (its out_dtype overload for half inputs): torch's cuBLAS
-// handle, stream and workspace, and torch's matmul precision setting for fp32 inputs.
+// The chunked pass's products go through at::mm_out (its out_dtype overload for half inputs): torch's
+// cuBLAS handle, stream and workspace, and torch's matmul precision setting for fp32 inputs.
 
 #include <algorithm>
 #include <cstdint>
@@ -119,7 +119,7 @@ void inverse_norms(const at::Tensor& x, float* inv, float* proj) {
   });
 }
 
-// The forward for half inputs on tile_stats_kernel: no similarity chunk, one launch (plus the
+// The forward on tile_stats_kernel (every dtype): no similarity chunk, one launch (plus the
 // symmetric average).
 void tiled_forward(const at::Tensor& query, const at::Tensor& key, const std::optional<at::Tensor>& labels,
                    const at::Tensor& logit_scale, const at::Tensor& logit_bias, const at::Tensor& loss,
