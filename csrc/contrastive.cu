@@ -221,7 +221,7 @@ void with_pass_flags(int64_t kind, bool normalize, bool has_own, bool has_other,
 size_t tiled_gradient_smem(const at::Tensor& x) {
   const int64_t bytes = grad_acc_bytes(x.size(1));
   const DeviceLimits limits = device_limits(x.device().index());
-  const int64_t fixed = grad_static_smem(static_cast<int>(4 / x.element_size()));
+  const int64_t fixed = grad_static_smem(per_word(x));
   return bytes + fixed + limits.reserved <= limits.optin ? static_cast<size_t>(bytes) : 0;
 }
 

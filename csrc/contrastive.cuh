@@ -46,12 +46,12 @@
 //             (32 x D) is read and written in shared memory once per tile; one launch per pass
 //             (tile_grad), device memory beyond the outputs: the inverse norms.
 //
-// Compile facts (nvcc 13.0, -O3, ptxas -v, sm_80 / sm_90): registers tile_stats 72-142 (InfoNCE 72,
-// SigLIP 72-80, SupCon 105-142; 18.3 KiB of static shared memory), finish_symmetric_tiles 10, row_stats 27-46, col_stats 30-32,
-// pair_grad 30-52 (SupCon 69-76; sm_90), finish_grad 27-32, inv_norm 32, finish_symmetric 12-17,
-// weight_bound 20 (sm_90), tile_grad 72-106 (20.1-21.6 KiB of static shared memory, plus 128 bytes per
-// feature of dynamic); no stack frame, no spills, no local memory in the SASS; about 2 minutes to
-// compile on an idle machine (contrastive.cu, the one file that includes this header).
+// Compile facts (nvcc 13.0, -O3, ptxas -v, sm_90): registers tile_stats 72-139 for bf16/fp16
+// (InfoNCE 72, SigLIP 72-80, SupCon 105-139) and 179-215 for fp32 (one block per SM asked; 18.3-18.8
+// KiB of static shared memory), tile_grad 72-106 for bf16/fp16 and 179-212 for fp32 (20.1-21.6 and
+// 32.1-33.6 KiB of static shared memory, plus the fp32 accumulator's 128 bytes per feature of
+// dynamic), pair_grad 30-76, finish_grad 28-32, inv_norm 32, finish_symmetric_tiles 10, weight_bound
+// 20; no stack frame, no spills, no local memory in the SASS.
 #pragma once
 
 #include <cmath>

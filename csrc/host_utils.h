@@ -95,6 +95,8 @@ inline void check_grad_buffer(const char* op, const at::Tensor& grad, const at::
 inline bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 // 16-byte loads of a contiguous (rows, d) tensor: 16-byte aligned, and each row whole 16-byte packets.
 inline bool packet_rows(const at::Tensor& t) { return t.size(-1) * t.element_size() % 16 == 0 && aligned16(t); }
+// Elements of t per 32-bit operand word of the tensor-core tiles (2 for bf16/fp16, 1 for fp32).
+inline int per_word(const at::Tensor& t) { return static_cast<int>(4 / t.element_size()); }
 
 // ---- dispatch ----
 

@@ -117,9 +117,6 @@ at::Tensor row_sq_norms(const at::Tensor& x) {
   return sq;
 }
 
-// Elements of x per 32-bit operand word of the tiles (2 for bf16/fp16, 1 for fp32).
-int per_word(const at::Tensor& x) { return static_cast<int>(4 / x.element_size()); }
-
 // The tiled mining kernel's dynamic shared memory for x, or 0 where its resident anchors do not fit
 // (above 1664 bf16/fp16 or 832 fp32 features on an H100).
 size_t mine_tiles_smem_for(const at::Tensor& x) {

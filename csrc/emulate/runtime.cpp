@@ -2,8 +2,9 @@
 // on the calling thread, switched at barriers and warp collectives; blocks run one after another.
 // On x86-64 a fiber switch is a few instructions (callee-saved registers and the stack pointer);
 // elsewhere, and under AddressSanitizer (which follows ucontext's stack switches), it is swapcontext,
-// whose signal-mask system call made it several times slower. A launch whose threads can make no progress (a barrier or collective that some
-// thread never reaches) is stopped with an exception that says who waits where.
+// whose signal-mask system call made it several times slower. A launch whose threads can make no
+// progress (a barrier or collective that some thread never reaches) is stopped with an exception that
+// says who waits where.
 #include "lossforge_emulate.h"
 
 #include <dlfcn.h>
@@ -404,52 +405,48 @@ float b_at(const uint32_t (*f)[6], int operand, int k, int n) {
   return operand_value(operand, f[n * 4 + (k % 8) / 2][4 + (k >= 8 ? 1 : 0)], k & 1);
 }
 
-}  // namespace
-
 // Each lane's D elements from the whole warp's fragments: D(r, n) = C(r, n) + sum_k A(r, k) B(k, n),
-// the products exact in fp32 (8- or 11-bit significands) and added in k order with fp32 rounding.
-// The hardware's order and rounding of the additions are not documented: this is one fp32 order.
-void warp_mma_m16n8k16(int operand, float* d, const uint32_t* a, const uint32_t* b, const char* file, int line) {
+// `a_elem(f, r, k)` and `b_elem(f, k, n)` reading the posted fragments. The products are exact in fp32 (8-,
+// 11- or 10-bit significands) and added in k order with fp32 rounding; the hardware's order and
+// rounding of the additions are not documented: this is one fp32 order.
+template <int K, class A, class B>
+void warp_mma(const char* what, float* d, const uint32_t* a, const uint32_t* b, A a_elem, B b_elem, const char* file,
+              int line) {
   Warp& warp = g_block->warps[g_block->current / kWarp];
   const int lane = lane_id();
   const uint32_t gen = warp.gen;
   uint32_t* mine = warp.fragments[gen & 1][lane];
   for (int i = 0; i < 4; ++i) mine[i] = a[i];
   for (int i = 0; i < 2; ++i) mine[4 + i] = b[i];
-  arrive_warp(0xffffffffu, 0, {operand == 0 ? "mma.m16n8k16.bf16" : "mma.m16n8k16.f16", file, line});
+  arrive_warp(0xffffffffu, 0, {what, file, line});
   const uint32_t (*f)[6] = warp.fragments[gen & 1];
   const int g = lane / 4, t = lane % 4;
   for (int i = 0; i < 4; ++i) {
     const int r = g + (i >= 2 ? 8 : 0), n = 2 * t + (i & 1);
     float acc = d[i];
-    for (int k = 0; k < 16; ++k) acc += a_at(f, operand, r, k) * b_at(f, operand, k, n);
+    for (int k = 0; k < K; ++k) acc += a_elem(f, r, k) * b_elem(f, k, n);
     d[i] = acc;
   }
 }
 
+}  // namespace
+
+void warp_mma_m16n8k16(int operand, float* d, const uint32_t* a, const uint32_t* b, const char* file, int line) {
+  warp_mma<16>(operand == 0 ? "mma.m16n8k16.bf16" : "mma.m16n8k16.f16", d, a, b,
+               [operand](const uint32_t (*f)[6], int r, int k) { return a_at(f, operand, r, k); },
+               [operand](const uint32_t (*f)[6], int k, int n) { return b_at(f, operand, k, n); }, file, line);
+}
+
 // m16n8k8 tf32 (PTX ISA): A(r, k) in lane (r % 8) * 4 + k % 4, register (r >= 8) + 2 (k >= 4); B(k, n)
-// in lane n * 4 + k % 4, register 4 + (k >= 4). The hardware ignores a word's low 13 bits; the products
-// of two tf32 values are exact in fp32 and added in k order with fp32 rounding, as above.
+// in lane n * 4 + k % 4, register 4 + (k >= 4). The hardware ignores a word's low 13 bits.
 void warp_mma_m16n8k8_tf32(float* d, const uint32_t* a, const uint32_t* b, const char* file, int line) {
-  Warp& warp = g_block->warps[g_block->current / kWarp];
-  const int lane = lane_id();
-  const uint32_t gen = warp.gen;
-  uint32_t* mine = warp.fragments[gen & 1][lane];
-  for (int i = 0; i < 4; ++i) mine[i] = a[i];
-  for (int i = 0; i < 2; ++i) mine[4 + i] = b[i];
-  arrive_warp(0xffffffffu, 0, {"mma.m16n8k8.tf32", file, line});
-  const uint32_t (*f)[6] = warp.fragments[gen & 1];
   auto tf32 = [](uint32_t word) { return from_bits<float>(word & 0xffffe000u); };
-  const int g = lane / 4, t = lane % 4;
-  for (int i = 0; i < 4; ++i) {
-    const int r = g + (i >= 2 ? 8 : 0), n = 2 * t + (i & 1);
-    float acc = d[i];
-    for (int k = 0; k < 8; ++k) {
-      const float a_rk = tf32(f[(r % 8) * 4 + k % 4][(r >= 8 ? 1 : 0) + (k >= 4 ? 2 : 0)]);
-      acc += a_rk * tf32(f[n * 4 + k % 4][4 + (k >= 4 ? 1 : 0)]);
-    }
-    d[i] = acc;
-  }
+  warp_mma<8>("mma.m16n8k8.tf32", d, a, b,
+              [tf32](const uint32_t (*f)[6], int r, int k) {
+                return tf32(f[(r % 8) * 4 + k % 4][(r >= 8 ? 1 : 0) + (k >= 4 ? 2 : 0)]);
+              },
+              [tf32](const uint32_t (*f)[6], int k, int n) { return tf32(f[n * 4 + k % 4][4 + (k >= 4 ? 1 : 0)]); },
+              file, line);
 }
 
 void* dynamic_smem_base() { return g_smem.data(); }
