@@ -964,6 +964,20 @@ def test_batch_all_pass_reads_each_column_tile_once_per_row_block(distance, monk
     assert sum(read) == reads * x.numel() * x.element_size(), (sum(read), x.numel() * x.element_size())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_batch_all_gpu_pass_takes_512_features_per_block(dtype, monkeypatch):
+    """batch_all's GPU launch (not the interpreter's 32-wide blocks): one feature block up to 512 features
+    for every dtype, so a fwd+bwd at D = 512 is 2 B x B x D products (the tests above count them per
+    block), and each further 512 features add one Gram recomputation. (fp32 took 256-wide blocks: 3.)"""
+    pytest.importorskip("triton")
+    from lossforge_kernels.triton_kernels import triplet as kernels
+
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)
+    for d, blocks in ((24, 1), (256, 1), (512, 1), (520, 2), (1024, 2), (1032, 3)):
+        block_m, _, _, block_dg = kernels._batch_all_config(dtype, d)[:4]
+        assert (block_m, -(-d // block_dg)) == (32, blocks), (d, block_m, block_dg)
+
+
 def test_row_kernel_refuses_bad_input_by_name(kernel_backend):
     device = device_for(kernel_backend)
     x, labels = torch.randn(6, 4).to(device), torch.tensor([0, 1, 0, 1, 2, 2]).to(device)

@@ -234,6 +234,9 @@ def _cases():
         ("triplet batch_all hinge fp16 D=600", triplet(torch.float16, 600, mining="batch_all", reduction="sum")),
         ("triplet batch_all hinge bf16 D=600", triplet(bf16, 600, mining="batch_all", reduction="sum")),
         ("triplet batch_all hinge bf16 D=512", triplet(bf16, 512, mining="batch_all")),  # the whole-width pass
+        ("triplet batch_all hinge fp32 D=512", triplet(f32, 512, mining="batch_all")),
+        ("triplet batch_all soft euclidean normalized fp32 D=256", triplet(f32, 256, mining="batch_all",
+                                                                          soft_margin=True, normalize=True)),
         # ... and a class of more than 17 rows: the chunked row kernel
         ("triplet semi_hard chunked bf16", lambda: backward(lf.triplet_loss(
             randn(40, 64, dtype=bf16), classes(40, 2), mining="semi_hard", backend=T), 2.0)),
@@ -622,14 +625,17 @@ def test_recording_ran_every_case(records):
     assert not records["failures"], "entry points failed while recording:\n" + "\n".join(records["failures"])
 
 
-# Local memory (spilled registers) a thread may use, by kernel module and input dtype: the contrastive
-# tiles (triton_kernels/contrastive.py GRAD_TILES, tiles_for) keep half inputs in registers and fp32
-# within 256 bytes.
-SPILL_BUDGETS = {"contrastive": {"bf16": 0, "fp16": 0, "fp32": 256}}
+# Local memory (spilled registers) a thread may use, by kernel module (or module:kernel) and input dtype:
+# the contrastive tiles (triton_kernels/contrastive.py GRAD_TILES, tiles_for) keep half inputs in
+# registers and fp32 within 256 bytes; triplet's batch_all pass keeps half inputs in registers and fp32
+# (its whole-width pass at D = 256 and 512, 8-24 B where B is not a multiple of 16) within 32 bytes.
+SPILL_BUDGETS = {"contrastive": {"bf16": 0, "fp16": 0, "fp32": 256},
+                 "triplet:_batch_all_kernel": {"bf16": 0, "fp16": 0, "fp32": 32}}
 
 
 def _spill_budget(config):
-    budgets = SPILL_BUDGETS.get(config["kernel"].split(":")[0].rsplit(".", 1)[-1])
+    module = config["kernel"].split(":")[0].rsplit(".", 1)[-1]
+    budgets = SPILL_BUDGETS.get(f"{module}:{config['kernel'].split(':')[1]}", SPILL_BUDGETS.get(module))
     if budgets is None:
         return None
     dtypes = {t[1:] for t in config["signature"] if t.startswith("*")}

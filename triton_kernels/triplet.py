@@ -852,11 +852,17 @@ def _batch_all_config(dtype, d):
     if interpreting():  # 32-wide feature blocks: the tests' widths reach both WHOLE and the feature blocks;
         # fp32 dots on the coefficients rounded as a GPU's product holds them
         return 32, 32, 32, min(width, 32), 4, 1, True, "ieee", True, "ieee", coef
-    if dtype == torch.float32:
-        return 64, 32, 32, min(width, 256), 8, 2, False, "ieee", True, "ieee", coef
+    if dtype == torch.float32:  # as bf16, with exact fp32 products (CUDA cores)
+        return 32, 16, 32, min(width, 512), 8, 2, False, "ieee", True, "ieee", coef
     if dtype == torch.float16:  # fp32 operands for the gradient product (tf32), as bf16 otherwise
         return 32, 16, 64, min(width, 512), 8, 2, False, "tf32", True, "tf32", coef
     return 32, 16, 64, min(width, 512), 8, 2, False, "tf32", False, "tf32", coef
+
+
+def _register_cap(dtype):
+    """Launch options: fp32 rows may take every register (ptxas otherwise held the fp32 pass at 128 at
+    D = 256 and spilled up to 56 B)."""
+    return {"maxnreg": 255} if dtype == torch.float32 else {}
 
 
 def triplet_batch_all_rows(x, labels, inv_norm, distance, margin, soft_margin, n_pos, pos_dist, row_weight, loss,
@@ -877,7 +883,7 @@ def triplet_batch_all_rows(x, labels, inv_norm, distance, margin, soft_margin, n
         DISTANCE=distance, HAS_INV_NORM=inv_norm is not None, HAS_GRAD=has_grad, DOT_F32=upcast, PRECISION=precision,
         GRAD_F32=grad_f32 or upcast, GRAD_PRECISION=grad_precision, COEF_ROUND=coef, SLOTS=slots, BLOCK_M=bm,
         BLOCK_N=bn, BLOCK_K=bk, BLOCK_DG=bdg, WHOLE=bdg >= d, D_IN_EIGHTS=in_eights, num_warps=warps,
-        num_stages=stages)
+        num_stages=stages, **_register_cap(x.dtype))
 
 
 def triplet_list_grad(x, inv_norm, grad_rows, offsets, others, coef, centered, grad_x, grad_inv_norm):
