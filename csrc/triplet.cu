@@ -122,13 +122,13 @@ at::Tensor row_sq_norms(const at::Tensor& x) {
 size_t mine_tiles_smem_for(const at::Tensor& x) {
   const int64_t bytes = mine_tiles_smem(x.size(1), per_word(x));
   const DeviceLimits limits = device_limits(x.device().index());
-  return bytes + kMineTileStaticSmem + limits.reserved <= limits.optin ? static_cast<size_t>(bytes) : 0;
+  return bytes + mine_tiles_static_smem(per_word(x)) + limits.reserved <= limits.optin ? static_cast<size_t>(bytes) : 0;
 }
 
 // The widest rows the tiled kernels take on x's device (a multiple of their slab width).
 int64_t max_tile_width(const at::Tensor& x) {
   const DeviceLimits limits = device_limits(x.device().index());
-  const int64_t room = limits.optin - limits.reserved - kMineTileStaticSmem;
+  const int64_t room = limits.optin - limits.reserved - mine_tiles_static_smem(per_word(x));
   return std::max<int64_t>(0, (room / (kMineTileRows * 4) - 4) / kTileWords * kTileWords * per_word(x));
 }
 
@@ -242,11 +242,9 @@ void triplet_semi_hard_mine_cuda(const at::Tensor& x, const at::Tensor& labels,
   check_dense(kSemiHardMine, "chosen", chosen, x, {n, kPosSlots}, at::kLong);
   check_dense(kSemiHardMine, "chosen_dist", chosen_dist, x, {n, kPosSlots}, at::kFloat);
   const int kind = checked_distance(kSemiHardMine, distance, inv_norm);
-  // fp32 stays on the chunked path: its tf32 split pushed the kernel's 16 slots past 255 registers
-  const size_t smem = x.scalar_type() == at::kFloat ? 0 : mine_tiles_smem_for(x);
-  TORCH_CHECK_VALUE(smem > 0, kSemiHardMine, ": x must be bf16 or fp16 with at most ", max_tile_width(x),
-                    " features on this device (the anchors stay in shared memory), got ", x.scalar_type(), " and ",
-                    x.size(1));
+  const size_t smem = mine_tiles_smem_for(x);
+  TORCH_CHECK_VALUE(smem > 0, kSemiHardMine, ": x must have at most ", max_tile_width(x), " features of ",
+                    x.scalar_type(), " on this device (the anchors stay in shared memory), got ", x.size(1));
   if (n == 0) return;
   const at::Tensor sq = row_sq_norms(x);
   SemiHardArgs a{};
@@ -261,7 +259,7 @@ void triplet_semi_hard_mine_cuda(const at::Tensor& x, const at::Tensor& labels,
              grid_for((n + kMineTileRows - 1) / kMineTileRows), kMineTileThreads, smem, a);
     });
   };
-  dispatch_half(x.scalar_type(), kSemiHardMine, run);
+  dispatch_float(x.scalar_type(), kSemiHardMine, run);
 }
 
 // batch_all's tiles' dynamic shared memory for x, or 0 where they do not take x (too wide).

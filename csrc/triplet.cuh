@@ -427,7 +427,19 @@ __global__ void __launch_bounds__(kMineTileThreads) triplet_mine_tiles_kernel(co
 // beyond d_ap[p] (Gram-form distances throughout), ties to the smallest column, else the anchor's
 // farthest negative, which is also every slot's choice when it is a NaN. Each lane keeps its two
 // anchors' slots in registers over the columns it holds; the 4 lanes of an anchor merge at the end.
+// The slots' d_ap stay in registers for bf16/fp16 rows; for fp32 rows, whose three-way split of the tile
+// product needs more registers, in shared memory (in registers they took fp32 to 255 and spills), and
+// the kernel asks for one block per SM (ptxas otherwise held it at 168 registers, and spilled).
 constexpr int kPosSlots = 16;  // ops/triplet.py's POS_SLOTS
+template <typename T>
+constexpr bool kSlotsInSmem = mma::kPerWord<T> == 1;
+
+// The tiled mining kernels' static shared memory (per_word elements per operand word), the larger of
+// the two: sweep_tiles' staged tile and column values, with the mining kernel's merge arrays or, for
+// fp32, semi_hard's slot thresholds.
+__host__ __device__ constexpr int64_t mine_tiles_static_smem(int per_word) {
+  return kMineTileStaticSmem + (per_word == 1 ? kMineTileRows * kPosSlots * static_cast<int64_t>(sizeof(float)) : 0);
+}
 
 struct SemiHardArgs {
   TileMineInputs in;
@@ -438,18 +450,28 @@ struct SemiHardArgs {
 };
 
 template <typename T, int kKind, bool kInvNorm>
-__global__ void __launch_bounds__(kMineTileThreads) triplet_semi_hard_tiles_kernel(const SemiHardArgs a) {
+__global__ void __launch_bounds__(kMineTileThreads, kSlotsInSmem<T> ? 1 : 0)
+    triplet_semi_hard_tiles_kernel(const SemiHardArgs a) {
   const int lane = threadIdx.x % kWarpSize;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kMineTileRows;
   const TileAnchors an = tile_anchors<kInvNorm>(a.in, row0);
-  float d_ap[2][kPosSlots];
+  constexpr bool kShared = kSlotsInSmem<T>;
+  float d_ap[2][kShared ? 1 : kPosSlots];
+  alignas(16) __shared__ float s_dap[kShared ? kMineTileRows : 1][kPosSlots];  // rows of 16-byte vectors
+  const int first = threadIdx.x / kWarpSize * 16 + lane / 4;  // the lane's anchors: first, first + 8
   int64_t used[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int64_t c = an.row[h] < a.in.n ? an.row[h] : a.in.n - 1;
     used[h] = a.n_pos[c];
+    if constexpr (kShared) {  // the anchor's 4 lanes write a quarter each (read after sweep_tiles' barriers)
+      for (int p = lane % 4; p < kPosSlots; p += 4) {
+        s_dap[first + 8 * h][p] = p < used[h] ? a.pos_dist[c * kPosSlots + p] : 0.f;
+      }
+    } else {
 #pragma unroll
-    for (int p = 0; p < kPosSlots; ++p) d_ap[h][p] = p < used[h] ? a.pos_dist[c * kPosSlots + p] : 0.f;
+      for (int p = 0; p < kPosSlots; ++p) d_ap[h][p] = p < used[h] ? a.pos_dist[c * kPosSlots + p] : 0.f;
+    }
   }
   Best<false> near[2][kPosSlots];
   Best<true> far[2];
@@ -458,7 +480,13 @@ __global__ void __launch_bounds__(kMineTileThreads) triplet_semi_hard_tiles_kern
     far[h].take(d, static_cast<int>(j));
 #pragma unroll
     for (int p = 0; p < kPosSlots; ++p) {  // an empty slot's work is discarded below (no branch per slot)
-      if (d > d_ap[h][p]) near[h][p].take(d, static_cast<int>(j));  // never a NaN
+      float threshold;
+      if constexpr (kShared) {
+        threshold = s_dap[first + 8 * h][p];
+      } else {
+        threshold = d_ap[h][p];
+      }
+      if (d > threshold) near[h][p].take(d, static_cast<int>(j));  // never a NaN
     }
   });
 #pragma unroll

@@ -754,9 +754,8 @@ REGISTER_KERNELS = {"semi_hard": ops.SEMI_HARD_MINE, "batch_all": ops.BATCH_ALL_
     (mining, False, ops.POS_SLOTS + 2) for mining in MINED])  # beyond the slots: the hinge suffices
 def test_mined_register_path_for_small_classes_and_the_chunked_path_beyond(kernel_backend, mining, soft_margin,
                                                                           largest):
-    """Classes of up to POS_SLOTS + 1 rows (all slots filled at the limit) take the register path (not
-    CUDA's fp32 semi_hard), a larger class the chunked row kernel; both as the reference, in every
-    reduction."""
+    """Classes of up to POS_SLOTS + 1 rows (all slots filled at the limit) take the register path, a larger
+    class the chunked row kernel; both as the reference, in every reduction (fp32 rows)."""
     device = device_for(kernel_backend)
     gen = torch.Generator().manual_seed(31)
     b = 64
@@ -767,8 +766,7 @@ def test_mined_register_path_for_small_classes_and_the_chunked_path_beyond(kerne
     for reduction, margin in zip(REDUCTIONS, (0.5, 0.3, 0.1)):
         _compare(kernel_backend, x, labels, reduction, tol=5e-5, mining=mining, soft_margin=soft_margin, margin=margin)
     ran = _launched(kernel_backend, x, labels, mining=mining, soft_margin=soft_margin)
-    # CUDA's semi_hard takes bf16/fp16 rows only on its tiles: these are fp32
-    register = largest <= ops.POS_SLOTS + 1 and not (kernel_backend == "cuda" and mining == "semi_hard")
+    register = largest <= ops.POS_SLOTS + 1
     assert (harness.launch_name(REGISTER_KERNELS[mining], kernel_backend) in ran) == register, ran
     assert (harness.launch_name(ops.ROW_LOSS, kernel_backend) in ran) != register, ran
 
@@ -844,9 +842,9 @@ def test_max_class_size_promise_is_checked(kernel_backend, mining, monkeypatch):
     monkeypatch.setattr("lossforge_kernels._checks.eager_value_checks", lambda t: False)
     assert_reference(both(small, max_class_size=4), small)  # broken, but every class fits the slots
     loss, grad = both(large, max_class_size=4)
-    if mining == "batch_all" or (mining == "semi_hard" and kernel_backend == "triton"):  # the register path
+    if mining != "batch_hard":  # the register path, promised 4 and given 18
         assert loss.isnan() and grad.isnan().all(), (loss, grad)
-    else:  # the promise selects nothing here (CUDA's fp32 semi_hard is chunked): the result stays exact
+    else:  # batch_hard ignores the bound: the result stays exact
         assert_reference((loss, grad), large)
 
 
@@ -1260,23 +1258,21 @@ def _slot_call(kernel_backend):
     return device, calls
 
 
-def test_cuda_semi_hard_tile_widths_are_the_kernels(kernel_backend):
-    """ops.cuda_tile_width, which chooses CUDA's semi_hard register path, is the width its tiles take:
-    bf16 and fp16 rows of that width run, wider rows and fp32 rows are refused by name (the mining tiles
-    take fp32 rows of up to 832 features; semi_hard's do not)."""
+@pytest.mark.parametrize("dtype,emulated", [(torch.bfloat16, 1664), (torch.float16, 1664), (torch.float32, 832)])
+def test_cuda_semi_hard_tile_widths_are_the_kernels(kernel_backend, dtype, emulated):
+    """ops.cuda_tile_width, which chooses CUDA's semi_hard register path, is the width its tiles take for
+    each dtype: rows of that width run, wider rows are refused by name."""
     if kernel_backend != "cuda":
         pytest.skip("CUDA's tiles")
     device, calls = _slot_call(kernel_backend)
-    width = ops.cuda_tile_width(device, torch.bfloat16)
+    width = ops.cuda_tile_width(device, dtype)
     if device.type == "cpu":
-        assert (width, ops.cuda_tile_width(device, torch.float32)) == (1664, 832)  # the emulated H100
-    for dtype in (torch.bfloat16, torch.float16):
-        calls["semi_hard"](torch.randn(5, width).to(dtype).to(device))
-    op = "triplet_semi_hard_mine_cuda"
-    with pytest.raises(ValueError, match=f"{op}: x must be bf16 or fp16 with at most {width} features"):
-        calls["semi_hard"](torch.randn(5, width + 16).to(torch.bfloat16).to(device))
-    with pytest.raises(ValueError, match=f"{op}: x must be bf16 or fp16"):
-        calls["semi_hard"](torch.randn(5, 8).to(device))
+        assert width == emulated  # the emulated H100
+    calls["semi_hard"](torch.randn(5, width).to(dtype).to(device))
+    name = {torch.bfloat16: "BFloat16", torch.float16: "Half", torch.float32: "Float"}[dtype]
+    with pytest.raises(ValueError, match=f"triplet_semi_hard_mine_cuda: x must have at most {width} features of "
+                                         f"{name} on this device"):
+        calls["semi_hard"](torch.randn(5, width + 16).to(dtype).to(device))
 
 
 @pytest.mark.parametrize("dtype,emulated", [(torch.bfloat16, 640), (torch.float16, 640), (torch.float32, 400)])
@@ -1294,12 +1290,12 @@ def test_cuda_batch_all_widths_are_the_kernels(kernel_backend, dtype, emulated):
         calls["batch_all"](torch.randn(5, width + 16).to(dtype).to(device))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape", [(100, 70), (70, 136), (40, 24)], ids=["d70", "d136", "d24"])
 def test_cuda_semi_hard_mine_is_tritons(kernel_backend, dtype, shape):
     """CUDA's tiled semi-hard choices are the Triton kernel's, index for index, on rows whose Gram
-    products are exact in fp32 (multiples of 1/8): several blocks and tiles with tails, empty slots,
-    widths of one and three slabs, and one that is not a multiple of 8."""
+    products are exact in fp32 (multiples of 1/8; fp32 rows as three tf32 products): several blocks and
+    tiles with tails, empty slots, widths of one and several slabs, and one that is not a multiple of 8."""
     if kernel_backend != "cuda" or "triton" not in kernel_backends():
         pytest.skip("compares the CUDA op with the Triton op")
     device = device_for(kernel_backend)
@@ -1323,11 +1319,11 @@ def test_cuda_semi_hard_mine_is_tritons(kernel_backend, dtype, shape):
         torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_semi_hard_register_path_for_half_rows(kernel_backend, dtype, monkeypatch):
-    """bf16/fp16 semi_hard on CUDA takes the register path (the tiled choices, the pair distances and the
-    list gradient) for classes within the slots, as the reference does, in every reduction and with a
-    promise and no value read; a class beyond the slots, and fp32 rows, take the chunked row kernel."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cuda_semi_hard_register_path(kernel_backend, dtype, monkeypatch):
+    """semi_hard on CUDA takes the register path (the tiled choices, the pair distances and the list
+    gradient) for classes within the slots, as the reference does, in every reduction and with a promise
+    and no value read; a class beyond the slots takes the chunked row kernel."""
     if kernel_backend != "cuda":
         pytest.skip("CUDA's path choice")
     device = device_for(kernel_backend)
@@ -1341,7 +1337,8 @@ def test_cuda_semi_hard_register_path_for_half_rows(kernel_backend, dtype, monke
         for reduction in REDUCTIONS:
             result = harness.run_both(spec, kernel_backend, dict(opts, mining="semi_hard"), shape, reduction,
                                       dtype=dtype)
-            harness.assert_matches(result, SPEC.half_tol(dtype), f"{opts} {dtype} {reduction}")
+            tol = 1e-5 if dtype == torch.float32 else SPEC.half_tol(dtype)
+            harness.assert_matches(result, tol, f"{opts} {dtype} {reduction}")
     gen = torch.Generator().manual_seed(35)
     x = _grid_rows(96, 24, gen)
     small = torch.arange(96).div(4, rounding_mode="floor")
@@ -1349,9 +1346,9 @@ def test_cuda_semi_hard_register_path_for_half_rows(kernel_backend, dtype, monke
     large[:ops.POS_SLOTS + 2] = 0
     mine = harness.launch_name(ops.SEMI_HARD_MINE, kernel_backend)
     rows = harness.launch_name(ops.ROW_LOSS, kernel_backend)
-    for rows_dtype, labels, register in ((dtype, small, True), (dtype, large, False), (torch.float32, small, False)):
-        ran = _launched(kernel_backend, x.to(rows_dtype).to(device), labels.to(device), mining="semi_hard")
-        assert (mine in ran, rows in ran) == (register, not register), (rows_dtype, register, ran)
+    for labels, register in ((small, True), (large, False)):
+        ran = _launched(kernel_backend, x.to(dtype).to(device), labels.to(device), mining="semi_hard")
+        assert (mine in ran, rows in ran) == (register, not register), (register, ran)
     monkeypatch.setattr("lossforge_kernels._checks.eager_value_checks", lambda t: False)
     ran = _launched(kernel_backend, x.to(dtype).to(device), small.to(device), mining="semi_hard", max_class_size=4)
     assert mine in ran and rows not in ran, ran

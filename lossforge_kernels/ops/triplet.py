@@ -530,8 +530,8 @@ def _rows_pass(backend, tensors, params, row_weight, grad_x):
 #   distances in slots 0 .. n_pos - 1; writes chosen (B, S) int64 per filled slot semi_hard's negative
 #   (reference/triplet.py: the nearest farther than d_ap, ties to the smallest index, else the
 #   farthest; a NaN negative is every slot's choice), -1 for an empty slot or an anchor without a
-#   negative, and chosen_dist (B, S) fp32 its Gram-form distance (0 where -1). CUDA: bf16/fp16 x of
-#   at most cuda_tile_width(device, x.dtype) features only (S = POS_SLOTS), else ValueError naming x.
+#   negative, and chosen_dist (B, S) fp32 its Gram-form distance (0 where -1). CUDA: x of at most
+#   cuda_tile_width(device, x.dtype) features only (S = POS_SLOTS), else ValueError naming x.
 # triplet_batch_all_rows_<b>(x, labels, inv_norm, distance, margin, soft_margin, n_pos, pos_dist, row_weight,
 #                           loss, count, pos_slope, grad_rows) -> ()
 #   n_pos, pos_dist as above (pos_dist: the exact distances); writes loss (B,) fp32 each anchor's sum
@@ -550,8 +550,8 @@ def _rows_pass(backend, tensors, params, row_weight, grad_x):
 #   inv_norm) in x's dtype, fp32 with inv_norm (as triplet_pair_grad's), and grad_inv_norm[r] = x_r . g_r;
 #   either may be None. Deterministic.
 #
-# Both backends take this path for both minings, CUDA for rows that its tiles take
-# (_takes_register_path): not semi_hard's fp32 rows (the chunked path there).
+# Both backends take this path for both minings, CUDA for rows as wide as its tiles take
+# (_takes_register_path).
 POS_SLOTS = 16  # positives per anchor (class size - 1) the register path takes
 
 
@@ -838,9 +838,9 @@ def _register_pass(backend, tensors, params, row_weight, grad_x):
 
 # CUDA's tiled mining keeps a block's 64 anchors in shared memory (csrc/triplet.cu max_tile_width): a
 # 4-byte word per pair of bf16/fp16 features (per fp32 feature) per anchor in 32-word slabs, plus 4
-# words of padding per row, beside 11 KiB of static shared memory and the 1 KiB the system reserves per
-# block.
-_TILE_ANCHORS, _TILE_STATIC_SMEM, _RESERVED_SMEM = 64, 11264, 1024
+# words of padding per row, beside static shared memory (11 KiB, and 4 KiB more for fp32: semi_hard's
+# slot thresholds; triplet.cuh mine_tiles_static_smem) and the 1 KiB the system reserves per block.
+_TILE_ANCHORS, _TILE_STATIC_SMEM, _RESERVED_SMEM = 64, {2: 11264, 1: 15360}, 1024  # by elements per word
 _EMULATED_SMEM_OPTIN = 232448  # the CUDA emulation's device: an H100
 
 
@@ -852,8 +852,9 @@ def _smem_optin(device: torch.device) -> int:
 def cuda_tile_width(device: torch.device, dtype: torch.dtype) -> int:
     """The widest rows of `dtype` CUDA's tiled mining takes on `device` (on an H100: 1664 bf16/fp16,
     832 fp32)."""
-    words = (_smem_optin(device) - _RESERVED_SMEM - _TILE_STATIC_SMEM) // (_TILE_ANCHORS * 4) - 4
-    return max(0, words // 32 * 32 * (4 // dtype.itemsize))
+    per_word = 4 // dtype.itemsize
+    words = (_smem_optin(device) - _RESERVED_SMEM - _TILE_STATIC_SMEM[per_word]) // (_TILE_ANCHORS * 4) - 4
+    return max(0, words // 32 * 32 * per_word)
 
 
 # CUDA's batch_all tiles (csrc/triplet.cuh batch_all_tiles_smem, triplet.cu max_batch_all_width): 32
@@ -880,12 +881,11 @@ def cuda_batch_all_width(device: torch.device, dtype: torch.dtype) -> int:
 
 
 def _takes_register_path(backend, tensors, params):
-    """Triton: every minings' register path. CUDA: rows of the widths its tiles take, but not semi_hard's
-    fp32 rows (its tiles keep 16 slots per anchor in registers, which fp32's tf32 split leaves no room for)."""
+    """Triton: every minings' register path. CUDA: rows of the widths its tiles take."""
     x = tensors[0]
     if backend == "cuda":
         if params.mining == Mining.SEMI_HARD:
-            width = cuda_tile_width(x.device, x.dtype) if x.dtype != torch.float32 else -1
+            width = cuda_tile_width(x.device, x.dtype)
         else:
             width = cuda_batch_all_width(x.device, x.dtype)
         if x.shape[1] > width:
