@@ -1,5 +1,6 @@
 """Triplet loss suite: batch-hard, semi-hard and batch-all mining over a batch of embeddings (D=512,
-bf16, and fp16 for one batch_all case; 4 rows per class, promised to the kernels by max_class_size=4),
+bf16; fp16 for one batch_all case and fp32 for each mining at B=32768; 4 rows per class, promised to the
+kernels by max_class_size=4),
 Euclidean distances, fwd+bwd.
 
 FLOPs model: the mining's Gram matrix, 2 B^2 D (the kernels never store it; torch and the
@@ -35,6 +36,8 @@ def cases(profile: str) -> list[Case]:
     if not profile.endswith("quick"):
         # fp16 batch_all: CUDA's tiles scale each row's coefficients (bf16 needs no scaling)
         out.append(Case("batch_all fp16", (32768, D), torch.float16, "fwd+bwd", _opts("batch_all")))
+        # fp32 rows: CUDA's tiles as three tf32 products, Triton's exact fp32 products
+        out += [Case(f"{m} fp32", (32768, D), torch.float32, "fwd+bwd", _opts(m)) for m in MININGS]
         # batch-hard only: the chunked reference below checks it
         out.append(Case("batch_hard", (262144, D), torch.bfloat16, "fwd+bwd", _opts("batch_hard")))
     return out
