@@ -976,6 +976,32 @@ def test_batch_all_gpu_pass_takes_512_features_per_block(dtype, monkeypatch):
         assert (block_m, -(-d // block_dg)) == (32, blocks), (d, block_m, block_dg)
 
 
+@pytest.mark.parametrize("d", [100, 520])
+def test_batch_all_gpu_blocks_give_the_reference_for_fp32(d, monkeypatch):
+    """fp32 rows through the GPU launch configuration (32-row blocks, 16-row column tiles, one feature
+    block up to 512: the interpreter's own blocks are 32 wide), run by the interpreter, whose fp32 dots
+    it can take: one whole-width block (100) and two blocks with a width in eighths (520), against the
+    float64 reference for each distance, soft and hinge, with and without normalize."""
+    pytest.importorskip("triton")
+    if "triton" not in kernel_backends() or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the GPU blocks under the Triton interpreter")
+    from lossforge_kernels.triton_kernels import triplet as kernels
+
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)
+    gen = torch.Generator().manual_seed(d)
+    x = _grid_rows(50, d, gen)
+    labels = torch.arange(50).div(4, rounding_mode="floor")[torch.randperm(50, generator=gen)]
+    for opts in (dict(), dict(distance="cosine", margin=0.1),
+                 dict(distance="squared_euclidean", soft_margin=True, normalize=True)):
+        got, want = x.clone().requires_grad_(True), x.double().requires_grad_(True)
+        loss = lf.triplet_loss(got, labels, mining="batch_all", backend="triton", **opts)
+        expected = lf.triplet_loss(want, labels, mining="batch_all", backend="reference", **opts)
+        loss.backward()
+        expected.backward()
+        assert_close_rel(loss, expected, 1e-5)
+        assert_close_rel(got.grad, want.grad, 1e-5)
+
+
 def test_row_kernel_refuses_bad_input_by_name(kernel_backend):
     device = device_for(kernel_backend)
     x, labels = torch.randn(6, 4).to(device), torch.tensor([0, 1, 0, 1, 2, 2]).to(device)
