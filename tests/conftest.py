@@ -50,6 +50,28 @@ def any_backend(request):
     return request.param
 
 
+@pytest.fixture
+def gpu_launch_choices(monkeypatch):
+    """The Triton launchers make their GPU choices (block sizes, feature blocks, dot modes) while the
+    kernels still run in the interpreter, as tests/test_triton_compile.py's recorder does: fp32 inputs,
+    whose dots the interpreter takes, then run the blocks a GPU would, which the interpreter's own
+    smaller blocks leave out."""
+    if "triton" not in kernel_backends() or not INTERPRET or HAS_GPU:
+        pytest.skip("runs the GPU launch choices under the Triton interpreter")
+    import importlib
+    import pkgutil
+
+    import triton
+
+    from lossforge_kernels import _backends, triton_kernels
+
+    for info in pkgutil.iter_modules(triton_kernels.__path__):  # decorated while interpreting, first
+        importlib.import_module(f"{triton_kernels.__name__}.{info.name}")
+    monkeypatch.setattr(triton.knobs.runtime, "interpret", True)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # what the launchers read
+    monkeypatch.setattr(_backends, "triton_interpreter", lambda: True)  # CPU tensors still go to Triton
+
+
 def family_fixtures(family: str):
     """(kernels, kernel, backend) for a test module of one family: the family's kernel backends here, a
     fixture over them (skipped where there are none) and one over them and the reference. A module

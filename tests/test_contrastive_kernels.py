@@ -264,6 +264,35 @@ CALLS = {
 }
 
 
+@pytest.mark.parametrize("loss", list(CALLS))
+@pytest.mark.parametrize("d", [100, 520])
+def test_fp32_gpu_tiles_give_the_reference(gpu_launch_choices, loss, d):
+    """fp32 rows through the Triton launchers' GPU choices (the joint forward's row and column ranges,
+    the gradient tiles of GRAD_TILES and their two width segments, the norm pre-pass's blocks; the
+    interpreter's own are smaller), run by the interpreter, against the float64 reference: more rows
+    than one tile, a width that is not a power of two and one in eighths (520 = 512 + 8)."""
+    from lossforge_kernels.triton_kernels import contrastive as kernels
+
+    assert not kernels.interpreting()  # the launchers read the GPU choice
+    g = torch.Generator().manual_seed(d)
+    b = 70
+    m = b + 17 if loss == "info_nce_extra" else b
+    q = torch.randn(b, d, generator=g).requires_grad_(True)
+    k = torch.randn(m, d, generator=g).requires_grad_(True)
+    labels = torch.randint(0, 20, (b,), generator=g)
+    s = torch.tensor(5.0, requires_grad=True)
+    bias = torch.tensor(-2.0, requires_grad=True)
+    out = CALLS[loss](q, k, labels, s, bias, "mean", "triton")
+    leaves = [t.detach().double().requires_grad_(True) for t in (q, k, s, bias)]
+    want = CALLS[loss](leaves[0], leaves[1], labels, leaves[2], leaves[3], "mean", "reference")
+    got_grads = torch.autograd.grad(out, (q, k, s, bias), allow_unused=True)
+    want_grads = torch.autograd.grad(want, leaves, allow_unused=True)
+    assert_close_rel(out, want, 2e-5, "loss")
+    for name, got, expected in zip("qksb", got_grads, want_grads):
+        if expected is not None:
+            assert_close_rel(got, expected, 2e-5, f"{loss} d={d} grad {name}")
+
+
 @pytest.mark.parametrize("reduction", ("none", "mean"))  # 'sum' takes the fused path as 'mean' does
 @pytest.mark.parametrize("loss", list(CALLS))
 def test_no_tensor_of_b_by_m_elements(kernel_backend, loss, reduction):

@@ -976,26 +976,26 @@ def test_batch_all_gpu_pass_takes_512_features_per_block(dtype, monkeypatch):
         assert (block_m, -(-d // block_dg)) == (32, blocks), (d, block_m, block_dg)
 
 
+@pytest.mark.parametrize("mining", ["batch_hard", *MINED])
 @pytest.mark.parametrize("d", [100, 520])
-def test_batch_all_gpu_blocks_give_the_reference_for_fp32(d, monkeypatch):
-    """fp32 rows through the GPU launch configuration (32-row blocks, 16-row column tiles, one feature
-    block up to 512: the interpreter's own blocks are 32 wide), run by the interpreter, whose fp32 dots
-    it can take: one whole-width block (100) and two blocks with a width in eighths (520), against the
-    float64 reference for each distance, soft and hinge, with and without normalize."""
-    pytest.importorskip("triton")
-    if "triton" not in kernel_backends() or os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("runs the GPU blocks under the Triton interpreter")
+def test_fp32_gpu_blocks_give_the_reference(gpu_launch_choices, mining, d):
+    """fp32 rows through the Triton launchers' GPU choices (the mining's 64 x 64 tiles, batch_all's
+    32-row blocks and one feature block up to 512, the pair and list gradients' blocks; the interpreter's
+    own are 32 wide), run by the interpreter: one whole-width block (100) and two with a width in eighths
+    (520), a batch that is not a multiple of the blocks, against the float64 reference for each distance,
+    soft and hinge, with and without normalize."""
     from lossforge_kernels.triton_kernels import triplet as kernels
 
-    monkeypatch.setattr(kernels, "interpreting", lambda: False)
+    assert kernels._mine_config(torch.float32)[0] == 64  # the GPU's blocks (the interpreter's: 32)
     gen = torch.Generator().manual_seed(d)
-    x = _grid_rows(50, d, gen)
-    labels = torch.arange(50).div(4, rounding_mode="floor")[torch.randperm(50, generator=gen)]
-    for opts in (dict(), dict(distance="cosine", margin=0.1),
-                 dict(distance="squared_euclidean", soft_margin=True, normalize=True)):
+    x = _grid_rows(70, d, gen)
+    labels = torch.arange(70).div(4, rounding_mode="floor")[torch.randperm(70, generator=gen)]
+    every = (dict(), dict(distance="cosine", margin=0.1),
+             dict(distance="squared_euclidean", soft_margin=True, normalize=True))
+    for opts in every if d < 512 else every[:1]:  # (the wide rows: the blocks, not the options)
         got, want = x.clone().requires_grad_(True), x.double().requires_grad_(True)
-        loss = lf.triplet_loss(got, labels, mining="batch_all", backend="triton", **opts)
-        expected = lf.triplet_loss(want, labels, mining="batch_all", backend="reference", **opts)
+        loss = lf.triplet_loss(got, labels, mining=mining, backend="triton", **opts)
+        expected = lf.triplet_loss(want, labels, mining=mining, backend="reference", **opts)
         loss.backward()
         expected.backward()
         assert_close_rel(loss, expected, 1e-5)
