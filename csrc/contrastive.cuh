@@ -324,10 +324,11 @@ __global__ void __launch_bounds__(kThreads) finish_grad_kernel(const FinishGrad 
 // other side in tiles of 64 rows. Per tile, both sides' rows are staged through shared memory 64
 // bf16/fp16 or 32 fp32 features at a time (zero beyond D and beyond the last row, so any D runs the
 // same k steps) and each warp forms its 16 x 64 block of S with 8 m16n8k16 products per k step (fp32:
-// 8 x 3 m16n8k8 tf32), in fp32 registers. The tile then folds into the lane's two rows (g and g + 8 of the warp's 16) with the
-// row kernel's arithmetic: the online (max, sum-exp) without +inf logits, the diagonal, SupCon's
-// positives and SigLIP's softplus sums. At the end the 4 lanes of a row merge in a fixed order; no
-// similarity is written to device memory, and nothing is accumulated across blocks (no atomics).
+// 8 x 3 m16n8k8 tf32), in fp32 registers. The tile then folds into the lane's two rows (g and g + 8
+// of the warp's 16) with the row kernel's arithmetic: the online (max, sum-exp) without +inf logits,
+// the diagonal, SupCon's positives and SigLIP's softplus sums. At the end the 4 lanes of a row merge
+// in a fixed order; no similarity is written to device memory, and nothing is accumulated across
+// blocks (no atomics).
 // Symmetric InfoNCE: blocks past `first_blocks` take the column role (own = key, other = query, the
 // same products in the same order, so S^T's entries are S's), and write the column lse and the
 // column loss, which finish_symmetric_tiles_kernel averages with the row loss.

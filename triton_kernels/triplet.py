@@ -91,7 +91,8 @@ def _fold_best(best_v, best_i, d, cand, cols, LARGEST: tl.constexpr):
 @triton.jit
 def _tile_distances(dot, inv_r, e_r, inv_c, e_c, DISTANCE: tl.constexpr, HAS_INV_NORM: tl.constexpr):
     """Distances from the tile's dot products; e_* are the rows' squared norms (times inv_*^2)."""
-    if HAS_INV_NORM:  # one factor at a time: inv_r inv_c overflows for two zero rows (cosine of normalised rows: 1e24 each)
+    # one factor at a time: inv_r inv_c overflows for two zero rows (cosine of normalised rows: 1e24 each)
+    if HAS_INV_NORM:
         dot = dot * inv_r[:, None] * inv_c[None, :]
     if DISTANCE == COSINE:
         return 1.0 - dot
