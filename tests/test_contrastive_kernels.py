@@ -265,12 +265,13 @@ CALLS = {
 
 
 @pytest.mark.parametrize("loss", list(CALLS))
-@pytest.mark.parametrize("d", [100, 520])
+@pytest.mark.parametrize("d", [100, 520, 768])
 def test_fp32_gpu_tiles_give_the_reference(gpu_launch_choices, loss, d):
     """fp32 rows through the Triton launchers' GPU choices (the joint forward's row and column ranges,
     the gradient tiles of GRAD_TILES and their two width segments, the norm pre-pass's blocks; the
     interpreter's own are smaller), run by the interpreter, against the float64 reference: more rows
-    than one tile, a width that is not a power of two and one in eighths (520 = 512 + 8)."""
+    than one tile, a width that is not a power of two, one in eighths (520 = 512 + 8) and two
+    segments (768 = 512 + 256)."""
     from lossforge_kernels.triton_kernels import contrastive as kernels
 
     assert not kernels.interpreting()  # the launchers read the GPU choice
