@@ -58,18 +58,9 @@ def gpu_launch_choices(monkeypatch):
     smaller blocks leave out."""
     if "triton" not in kernel_backends() or not INTERPRET or HAS_GPU:
         pytest.skip("runs the GPU launch choices under the Triton interpreter")
-    import importlib
-    import pkgutil
+    from tests.test_triton_compile import choose_as_on_a_gpu
 
-    import triton
-
-    from lossforge_kernels import _backends, triton_kernels
-
-    for info in pkgutil.iter_modules(triton_kernels.__path__):  # decorated while interpreting, first
-        importlib.import_module(f"{triton_kernels.__name__}.{info.name}")
-    monkeypatch.setattr(triton.knobs.runtime, "interpret", True)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # what the launchers read
-    monkeypatch.setattr(_backends, "triton_interpreter", lambda: True)  # CPU tensors still go to Triton
+    choose_as_on_a_gpu(monkeypatch.setattr, monkeypatch.setenv)
 
 
 def family_fixtures(family: str):

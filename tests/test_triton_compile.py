@@ -307,28 +307,35 @@ def _specialize(jit_fn, args, kwargs, arch):
     return backend, target, kwargs, bound, spec, options
 
 
-def _record(out_path):
+def choose_as_on_a_gpu(set_attr=setattr, set_env=os.environ.__setitem__):
+    """From a process under TRITON_INTERPRET=1: the launchers make their GPU choices from now on while
+    the kernels still run in the interpreter and CPU tensors still go to the Triton ops (set_attr and
+    set_env: monkeypatch's, to undo it after a test)."""
     import pkgutil
 
-    import torch  # noqa: F401
     import triton
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
 
     import lossforge_kernels as lf
     import lossforge_kernels.triton_kernels as package
     from lossforge_kernels import _backends
 
-    assert triton.knobs.runtime.interpret, "the recorder must start under TRITON_INTERPRET=1"
+    assert triton.knobs.runtime.interpret, "must start under TRITON_INTERPRET=1"
     # Everything that reads TRITON_INTERPRET at import (jit decoration, the ops' CPU registration) first.
     for pkg in (package, lf.ops, lf.losses):
         for info in pkgutil.iter_modules(pkg.__path__):
             importlib.import_module(f"{pkg.__name__}.{info.name}")
     assert lf.available_backends()["triton"].available  # probed (and cached) while interpreting
-    triton.knobs.runtime.interpret = True  # any later @triton.jit still makes an InterpretedFunction
-    os.environ["TRITON_INTERPRET"] = "0"  # launchers: make the GPU choices
-    _backends.triton_interpreter = lambda: True  # dispatch: CPU tensors still go to the Triton ops
+    set_attr(triton.knobs.runtime, "interpret", True)  # any later @triton.jit still makes an InterpretedFunction
+    set_env("TRITON_INTERPRET", "0")  # launchers: make the GPU choices
+    set_attr(_backends, "triton_interpreter", lambda: True)  # dispatch: CPU tensors still go to the Triton ops
 
+
+def _record(out_path):
+    import torch  # noqa: F401
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    choose_as_on_a_gpu()
     configs = {}
     current = {"case": None}
     shadows = {}  # InterpretedFunction -> a JITFunction of the same source, for its parameters and binder
