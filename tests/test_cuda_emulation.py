@@ -146,11 +146,16 @@ def _bits(x, dtype):
     return (x.to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF).tolist()
 
 
+def _words(x):
+    """x's fp32 bits as unsigned ints, nested as x is."""
+    return (x.float().view(torch.int32).to(torch.int64) & 0xFFFFFFFF).tolist()
+
+
 def _mma_fragments(a, b, c, dtype, swap_a=False):
     """Each lane's registers of A (16 x 16), B (16 x 8) and C (16 x 8, fp32) as the PTX ISA lays them
     out for m16n8k16 (g = lane // 4, t = lane % 4); swap_a exchanges a[1] and a[2] (a wrong layout)."""
     ab, bb = _bits(a, dtype), _bits(b, dtype)
-    cw = c.float().view(torch.int32).to(torch.int64).__and__(0xFFFFFFFF).tolist()
+    cw = _words(c)
     lanes = []
     for lane in range(32):
         g, t = lane // 4, lane % 4
@@ -175,15 +180,20 @@ def _mma_d(words):
     return d
 
 
+def _post_fragments(program, case, lanes):
+    """D (16 x 8) from the program's warp product on each lane's posted registers."""
+    text = "\n".join(" ".join(f"{w:x}" for w in lane) for lane in lanes)
+    done = subprocess.run([str(program), case], input=text, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return _mma_d(done.stdout.split())
+
+
 def _run_mma(program, name, dtype, swap_a=False, seed=0):
     g = torch.Generator().manual_seed(seed)
     a, b, c = torch.randn(16, 16, generator=g), torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g)
     a, b = a.to(MMA_DTYPES[dtype]), b.to(MMA_DTYPES[dtype])
-    text = "\n".join(" ".join(f"{w:x}" for w in lane) for lane in _mma_fragments(a, b, c, MMA_DTYPES[dtype], swap_a))
-    done = subprocess.run([str(program), f"mma_fragments_{dtype}"], input=text, capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return _mma_d(done.stdout.split()), a.double() @ b.double() + c.double()
+    got = _post_fragments(program, f"mma_fragments_{dtype}", _mma_fragments(a, b, c, MMA_DTYPES[dtype], swap_a))
+    return got, a.double() @ b.double() + c.double()
 
 
 @pytest.mark.parametrize("dtype", list(MMA_DTYPES))
@@ -209,12 +219,16 @@ def test_mma_fragment_loads_from_shared_memory(program, dtype, k):
     x = torch.randn(16, k, generator=g).to(MMA_DTYPES[dtype])
     y = torch.randn(8, k, generator=g).to(MMA_DTYPES[dtype])
     pairs = lambda m: [r[i] | r[i + 1] << 16 for r in _bits(m, MMA_DTYPES[dtype]) for i in range(0, k, 2)]  # noqa: E731
-    text = f"{k}\n" + " ".join(f"{w:x}" for w in pairs(x) + pairs(y))
-    done = subprocess.run([str(program), f"mma_tile_{dtype}"], input=text, capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
-    got = torch.tensor(_floats(done.stdout), dtype=torch.float64).reshape(16, 8)
+    got = _run_tile(program, f"mma_tile_{dtype}", k, pairs(x) + pairs(y))
     torch.testing.assert_close(got, x.double() @ y.double().T, rtol=1e-5, atol=1e-5)
+
+
+def _run_tile(program, case, k, words):
+    """D (16 x 8, float64) of the program's tile product on X and Y given as operand words, row by row."""
+    text = f"{k}\n" + " ".join(f"{w:x}" for w in words)
+    done = subprocess.run([str(program), case], input=text, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return torch.tensor(_floats(done.stdout), dtype=torch.float64).reshape(16, 8)
 
 
 # ---- fp32 operands: mma.sync m16n8k8 tf32, and mma_step's three products on a tf32 split ----
@@ -222,10 +236,6 @@ def test_mma_fragment_loads_from_shared_memory(program, dtype, k):
 def _tf32(x):
     """x with the low 13 bits of each float cleared: values a tf32 operand carries exactly."""
     return (x.float().view(torch.int32) & -8192).view(torch.float32)
-
-
-def _words(x):
-    return (x.float().view(torch.int32).to(torch.int64) & 0xFFFFFFFF).tolist()
 
 
 def _run_tf32_mma(program, seed, swap_a=False):
@@ -241,11 +251,7 @@ def _run_tf32_mma(program, seed, swap_a=False):
             regs_a[1], regs_a[2] = regs_a[2], regs_a[1]
         lanes.append(regs_a + [bw[t][gr], bw[t + 4][gr]] + [cw[gr][2 * t], cw[gr][2 * t + 1], cw[gr + 8][2 * t],
                                                           cw[gr + 8][2 * t + 1]])
-    text = "\n".join(" ".join(f"{w:x}" for w in lane) for lane in lanes)
-    done = subprocess.run([str(program), "mma_fragments_tf32"], input=text, capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return _mma_d(done.stdout.split()), a.double() @ b.double() + c.double()
+    return _post_fragments(program, "mma_fragments_tf32", lanes), a.double() @ b.double() + c.double()
 
 
 def test_tf32_mma_fragments_follow_the_ptx_layout(program):
@@ -259,10 +265,7 @@ def test_tf32_mma_fragments_follow_the_ptx_layout(program):
 
 
 def _run_fp32_tile(program, x, y):
-    text = f"{x.shape[1]}\n" + " ".join(f"{w:x}" for w in sum(_words(x), []) + sum(_words(y), []))
-    done = subprocess.run([str(program), "mma_tile_fp32"], input=text, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return torch.tensor(_floats(done.stdout), dtype=torch.float64).reshape(16, 8)
+    return _run_tile(program, "mma_tile_fp32", x.shape[1], sum(_words(x), []) + sum(_words(y), []))
 
 
 @pytest.mark.parametrize("k", [8, 48])
