@@ -13,6 +13,7 @@ import torch
 
 import lossforge_kernels as lf
 from lossforge_kernels.ops import contrastive as cops
+from lossforge_kernels.reference import contrastive as reference
 from lossforge_kernels.reference.contrastive import Kind
 from tests import harness
 from tests.conftest import assert_close_rel, device_for, kernel_backends
@@ -26,14 +27,20 @@ def _rows(shape, generator, scale=1.0):
     return torch.randn(shape, generator=generator, dtype=torch.float64) * scale
 
 
-def _tol(opts, shape):
-    # With one row the scale's gradient, sum_j (P_j - [j == 0]) c_j, is a difference of two nearly equal
-    # numbers: fp32 leaves it a few 1e-8 off in absolute terms, more than 2e-5 of its small size.
-    return 1e-4 if shape[0] == 1 else 2e-5
-
-
 def _scalar(value, learn, device):
     return torch.tensor(value, dtype=torch.float32, device=device) if learn else value
+
+
+def _tol(opts, shape):
+    # the learnable scalars' gradients are judged against their terms' magnitudes (Sample.terms)
+    return 2e-5
+
+
+def _per_pair(ts, names):
+    """The named 0-dim tensors of ts as (B, M) leaves, one per logit (Sample.terms)."""
+    shape = (ts["query"].shape[0], ts["key"].shape[0])
+    return {k: (ts[k].expand(shape).clone().requires_grad_(True) if k in names else ts[k])
+            for k in ("logit_scale", "logit_bias") if k in ts}
 
 
 # ---- InfoNCE / CLIP ---------------------------------------------------------------------------------
@@ -57,7 +64,12 @@ def make_info_nce(shape, opts, dtype, device, generator):
         return lf.info_nce(ts["query"], ts["key"], logit_scale=ts["logit_scale"], symmetric=symmetric,
                            normalize=normalize, reduction=reduction, backend=backend)
 
-    return harness.Sample({"query": q, "key": k, "logit_scale": logit_scale}, names, call)
+    def terms(ts, reduction):
+        leaves = _per_pair(ts, names)
+        return reference.info_nce(ts["query"], ts["key"], leaves["logit_scale"], symmetric=symmetric,
+                                  normalize=normalize, reduction=reduction), leaves
+
+    return harness.Sample({"query": q, "key": k, "logit_scale": logit_scale}, names, call, terms)
 
 
 def _contract_inputs(device, b=6, m=6, d=5, labels=False):
@@ -213,7 +225,13 @@ def make_siglip(shape, opts, dtype, device, generator):
         return lf.siglip_loss(ts["query"], ts["key"], ts["logit_scale"], ts["logit_bias"], normalize=normalize,
                               reduction=reduction, backend=backend)
 
-    return harness.Sample({"query": q, "key": k, "logit_scale": logit_scale, "logit_bias": logit_bias}, names, call)
+    def terms(ts, reduction):
+        leaves = _per_pair(ts, names)
+        return reference.siglip_loss(ts["query"], ts["key"], leaves["logit_scale"], leaves["logit_bias"],
+                                     normalize=normalize, reduction=reduction), leaves
+
+    return harness.Sample({"query": q, "key": k, "logit_scale": logit_scale, "logit_bias": logit_bias}, names, call,
+                          terms)
 
 
 def _siglip_op_inputs(device):
@@ -248,6 +266,20 @@ test_siglip_launches_few_ops_and_never_syncs = harness.launches(SIGLIP)
 test_siglip_opcheck = harness.opcheck(SIGLIP)
 test_siglip_compile_fullgraph = harness.compile_fullgraph(SIGLIP)
 test_siglip_double_backward_is_refused = harness.double_backward(SIGLIP)
+
+
+def test_scalar_gradients_are_judged_against_their_terms(kernel_backend):
+    # This seed's scale gradient, -9.9e-5, is a sum of B x M terms whose magnitudes add to 0.108: fp32
+    # on CUDA's three-tf32 tiles (csrc/mma.cuh) was 2.9e-5 of the sum off, 2.7e-8 of the magnitudes.
+    result = harness.run_both(SIGLIP, kernel_backend, {}, (37, 33), "mean", seed=257152771)
+    assert set(result.magnitudes) == {"logit_scale", "logit_bias"}
+    harness.assert_matches(result, _tol({}, (37, 33)))
+    # an error of 1e-4 of the magnitudes in either scalar still fails
+    for name in result.magnitudes:
+        wrong = dict(result[2], **{name: result[2][name] + 1e-4 * result.magnitudes[name].to(result[2][name])})
+        planted = harness.RunResult(result[0], result[1], wrong, result[3], result.seed, result.magnitudes)
+        with pytest.raises(AssertionError, match=f"grad of {name}: error"):
+            harness.assert_matches(planted, _tol({}, (37, 33)))
 test_siglip_retained_graph = harness.retained_graph(SIGLIP)
 
 
