@@ -1,5 +1,6 @@
-// The triplet family's CUDA ops: batch-hard mining, its kept-anchor count and pair gradient, and the
-// semi_hard / batch_all row loss (contract: ops/triplet.py's docstring, checked in Python before every call; C++
+// The triplet family's CUDA ops: batch-hard mining, its kept-anchor count and pair gradient, the
+// normalisation's row norms and finishing op, and the semi_hard / batch_all row loss (contract:
+// ops/triplet.py's docstring, checked in Python before every call; C++
 // keeps the checks that guard memory): the checks, the chunk loop of the mining products, the launches, and
 // the registration for the CUDA key. The kernels, and the traffic designed for, are in triplet.cuh.
 // Last, the register path's ops (ops/triplet.py's second contract block): the pair distances, the list
@@ -35,6 +36,8 @@ constexpr int64_t kMinChunkRows = 256;  // below this the products are bound by 
 constexpr const char* kMine = "triplet_mine_cuda";
 constexpr const char* kPairGrad = "triplet_pair_grad_cuda";
 constexpr const char* kKept = "triplet_kept_cuda";
+constexpr const char* kRowNorms = "triplet_row_norms_cuda";
+constexpr const char* kFinish = "triplet_finish_normalised_cuda";
 constexpr const char* kSemiHardMine = "triplet_semi_hard_mine_cuda";
 constexpr const char* kPairDistances = "triplet_pair_distances_cuda";
 constexpr const char* kListGrad = "triplet_list_grad_cuda";
@@ -152,10 +155,43 @@ void triplet_kept_cuda(const at::Tensor& labels, const at::Tensor& kept) {
          labels.const_data_ptr<int64_t>(), kept.data_ptr<float>(), n);
 }
 
+void triplet_row_norms_cuda(const at::Tensor& x, bool twice, const at::Tensor& inv_norm, const at::Tensor& radial) {
+  check_rows(kRowNorms, x, inv_norm);
+  const int64_t n = x.size(0), d = x.size(1);
+  check_vector(kRowNorms, "radial", radial, x, n, at::kFloat);
+  if (n == 0) return;
+  dispatch_float(x.scalar_type(), kRowNorms, [&](auto tag) {
+    using T = decltype(tag);
+    with_flag(twice, [&](auto t) {
+      launch(x.device(), &row_norms_kernel<T, decltype(t)::value>,
+             grid_for((n + kNormRowsPerBlock - 1) / kNormRowsPerBlock), kNormRowsPerBlock * kWarpSize, 0,
+             static_cast<const T*>(x.const_data_ptr()), inv_norm.data_ptr<float>(), radial.data_ptr<float>(), n, d);
+    });
+  });
+}
+
+void triplet_finish_normalised_cuda(const at::Tensor& partial, const at::Tensor& grad_inv_norm, const at::Tensor& x,
+                                    const at::Tensor& inv_norm, const at::Tensor& radial, const at::Tensor& grad_x) {
+  check_rows(kFinish, x, inv_norm);
+  const int64_t n = x.size(0), d = x.size(1);
+  check_dense(kFinish, "partial", partial, x, x.sizes(), at::kFloat);
+  check_vector(kFinish, "grad_inv_norm", grad_inv_norm, x, n, at::kFloat);
+  check_vector(kFinish, "radial", radial, x, n, at::kFloat);
+  check_dense(kFinish, "grad_x", grad_x, x, x.sizes(), x.scalar_type());
+  if (n == 0 || d == 0) return;
+  dispatch_float(x.scalar_type(), kFinish, [&](auto tag) {
+    using T = decltype(tag);
+    launch(x.device(), &finish_normalised_kernel<T>, grid_for(n), kFinishThreads, 0, partial.const_data_ptr<float>(),
+           grad_inv_norm.const_data_ptr<float>(), static_cast<const T*>(x.const_data_ptr()),
+           inv_norm.const_data_ptr<float>(), radial.const_data_ptr<float>(), static_cast<T*>(grad_x.data_ptr()), n,
+           d);
+  });
+}
+
 void triplet_mine_cuda(const at::Tensor& x, const at::Tensor& labels, const std::optional<at::Tensor>& inv_norm,
                        int64_t distance, double margin, bool soft_margin, const at::Tensor& pos_index,
                        const at::Tensor& pos_dist, const at::Tensor& neg_index, const at::Tensor& neg_dist,
-                       const at::Tensor& loss, const at::Tensor& slope) {
+                       const at::Tensor& loss, const at::Tensor& slope, const std::optional<at::Tensor>& kept) {
   check_rows(kMine, x, inv_norm);
   const int64_t n = x.size(0);
   check_vector(kMine, "labels", labels, x, n, at::kLong);
@@ -165,6 +201,7 @@ void triplet_mine_cuda(const at::Tensor& x, const at::Tensor& labels, const std:
   check_vector(kMine, "neg_dist", neg_dist, x, n, at::kFloat);
   check_vector(kMine, "loss", loss, x, n, at::kFloat);
   check_vector(kMine, "slope", slope, x, n, at::kFloat);
+  if (kept.has_value()) check_vector(kMine, "kept", *kept, x, n, at::kFloat);
   const int kind = checked_distance(kMine, distance, inv_norm);
   if (n == 0) return;
 
@@ -180,6 +217,7 @@ void triplet_mine_cuda(const at::Tensor& x, const at::Tensor& labels, const std:
   a.neg_dist = neg_dist.data_ptr<float>();
   a.loss = loss.data_ptr<float>();
   a.slope = slope.data_ptr<float>();
+  a.kept = kept.has_value() ? kept->data_ptr<float>() : nullptr;
   a.n = n;
   a.d = x.size(1);
   a.margin = static_cast<float>(margin);
@@ -502,6 +540,8 @@ void triplet_list_grad_cuda(const at::Tensor& x, const std::optional<at::Tensor>
 
 TORCH_LIBRARY_IMPL(lossforge, LOSSFORGE_DISPATCH_KEY, m) {
   m.impl("triplet_kept_cuda", TORCH_FN(lossforge::triplet::triplet_kept_cuda));
+  m.impl("triplet_row_norms_cuda", TORCH_FN(lossforge::triplet::triplet_row_norms_cuda));
+  m.impl("triplet_finish_normalised_cuda", TORCH_FN(lossforge::triplet::triplet_finish_normalised_cuda));
   m.impl("triplet_mine_cuda", TORCH_FN(lossforge::triplet::triplet_mine_cuda));
   m.impl("triplet_semi_hard_mine_cuda", TORCH_FN(lossforge::triplet::triplet_semi_hard_mine_cuda));
   m.impl("triplet_pair_grad_cuda", TORCH_FN(lossforge::triplet::triplet_pair_grad_cuda));

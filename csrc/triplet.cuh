@@ -16,7 +16,9 @@
 //           bytes in device memory; 17 GB at B = 32768, D = 512, bf16;
 //   chunks  8 B^2 bytes of Gram blocks (written, read once), 20 B^2 / 8 bytes of per-column values.
 // Kept count: one thread per anchor against tiles of labels, until each anchor of the block has a
-// positive and a negative (B^2 integer compares at worst).
+// positive and a negative (B^2 integer compares at worst); a fused 'mean' takes the mining's kept flags
+// instead. The normalisation around every mining: row_norms_kernel (inv_norm and radial, one warp per
+// row) and finish_normalised_kernel (the gradient's radial part off, rounded once; a block per row).
 // The pair gradient: a block owns 32 rows x 256 features; after the rows' own pairs it scans every
 // anchor's partner indices (16 B bytes per block, from L2) and adds the anchors that chose one of its
 // rows in anchor order (fp32 in shared memory, deterministic, no atomics).
@@ -70,6 +72,57 @@ __global__ void __launch_bounds__(kNormRowsPerBlock * kWarpSize)
   if (lane == 0) {
     out[row] = acc;
     out[n + row] = bad > 0.f ? 1.f : 0.f;
+  }
+}
+
+// ---- the normalisation around every mining (ops/triplet.py's row-norm and finishing ops) ----
+
+constexpr float kNormEps = 1e-12f;  // reference/triplet.py's NORM_EPS
+constexpr int kFinishThreads = 256;
+
+// max(v, eps) that keeps a NaN, as torch's clamp_min.
+__device__ __forceinline__ float at_least_norm_eps(float v) { return v < kNormEps ? kNormEps : v; }
+
+// inv_norm and radial per row, one warp per row; kTwice: of the normalised rows normalised again.
+template <typename T, bool kTwice>
+__global__ void __launch_bounds__(kNormRowsPerBlock * kWarpSize)
+    row_norms_kernel(const T* __restrict__ x, float* __restrict__ inv_norm, float* __restrict__ radial, int64_t n,
+                     int64_t d) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kNormRowsPerBlock + threadIdx.x / kWarpSize;
+  if (row >= n) return;
+  float acc = 0.f;
+  for (int64_t k = threadIdx.x % kWarpSize; k < d; k += kWarpSize) {
+    const float v = load_elem(x + row * d + k);
+    acc = fmaf(v, v, acc);
+  }
+  acc = warp_sum(acc);
+  if (threadIdx.x % kWarpSize != 0) return;
+  const float norm = sqrtf(acc);
+  float inv = 1.f / at_least_norm_eps(norm);
+  float rad = norm < kNormEps ? 0.f : inv;
+  if constexpr (kTwice) {  // the rows' norm is now 1, or |x| / eps where the first clamp held
+    const float unit = norm * inv;
+    inv = inv / at_least_norm_eps(unit);
+    rad = unit < kNormEps ? 0.f : 1.f / norm;
+  }
+  inv_norm[row] = inv;
+  radial[row] = rad;
+}
+
+// grad_x = partial - (grad_inv_norm radial^2) (inv_norm x) in fp32, rounded once; a block per row at a
+// time. grad_x may be partial itself (fp32).
+template <typename T>
+__global__ void __launch_bounds__(kFinishThreads)
+    finish_normalised_kernel(const float* partial, const float* __restrict__ grad_inv_norm, const T* __restrict__ x,
+                             const float* __restrict__ inv_norm, const float* __restrict__ radial, T* grad_x,
+                             int64_t n, int64_t d) {
+  for (int64_t row = blockIdx.x; row < n; row += gridDim.x) {
+    const float r = radial[row], inv = inv_norm[row];
+    const float along = grad_inv_norm[row] * r * r;
+    for (int64_t k = threadIdx.x; k < d; k += kFinishThreads) {
+      const int64_t i = row * d + k;
+      store_elem(grad_x + i, partial[i] - load_elem(x + i) * inv * along);
+    }
   }
 }
 
@@ -149,6 +202,7 @@ struct MineArgs {
   float* neg_dist;
   float* loss;
   float* slope;
+  float* kept;  // 1 for an anchor with both partners, else 0; or nullptr
   int64_t n, d, row0, rows;  // the chunk: rows row0 .. row0 + rows
   float margin;
   bool vec;  // the tiled kernel: 16-byte loads (d % 8 == 0, x 16-byte aligned)
@@ -203,6 +257,7 @@ __device__ __forceinline__ void write_mined(const MineArgs& a, int64_t g, const 
   a.neg_dist[g] = d_n;
   a.loss[g] = kept ? term : 0.f;
   a.slope[g] = poisoned ? NAN : (kept ? slope : 0.f);
+  if (a.kept != nullptr) a.kept[g] = kept ? 1.f : 0.f;
 }
 
 // Two blocks per SM declared: without it ptxas spilled 4 bytes in the euclidean soft-margin variants

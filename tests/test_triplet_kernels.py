@@ -2,6 +2,7 @@
 chunked row kernels), each through the harness grid, ties, degenerate label sets, label dtypes, bad
 input, determinism, and no B x B tensor."""
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -61,7 +62,11 @@ def _kernel_op_samples(device):
     mined = _mined(n, gen, device)
     weight = torch.rand(n, generator=gen).to(device)
     return [(ops.KEPT, (labels, torch.empty(n, device=device))),
-            (ops.MINE, (x, labels, inv_norm, Distance.COSINE, 0.2, True, *outs())),
+            (ops.ROW_NORMS, (x, True, torch.empty(n, device=device), torch.empty(n, device=device))),
+            (ops.FINISH, (torch.randn(x.shape, generator=gen).to(device), torch.randn(n, generator=gen).to(device), x,
+                          inv_norm, inv_norm * 0.5, torch.empty_like(x))),
+            (ops.MINE, (x, labels, inv_norm, Distance.COSINE, 0.2, True, *outs(), None)),
+            (ops.MINE, (x, labels, None, Distance.EUCLIDEAN, 0.2, False, *outs(), torch.empty(n, device=device))),
             (ops.PAIR_GRAD, (x, inv_norm, *mined, weight, Distance.EUCLIDEAN, torch.empty_like(x),
                              torch.empty_like(inv_norm))),
             (ops.PAIR_GRAD, (x, None, *mined, weight[0], Distance.SQUARED_EUCLIDEAN, torch.empty_like(x), None))]
@@ -87,10 +92,12 @@ SPEC = harness.KernelSpec(
     half_cases=(dict(), dict(distance="cosine", soft_margin=True)),
     half_shape=(40, 24),
     fwd_kernel=ops.MINE,
-    # the kept-anchor count and its sum, the builder's reciprocal, the mining (its epilogue: the exact
-    # distances, losses and slopes), the pair gradient, the loss's sum and division; backward: autograd's
-    # ones_like and the rescale (9 launches in all, was 72)
-    fwd_budget=7,
+    # the mining (its epilogue: the exact distances, losses, slopes and kept flags), one sum of the
+    # losses and the flags, the gradient factor's reciprocal, the pair gradient, the loss's division;
+    # backward: autograd's ones_like and the rescale (7 launches in all; 9 before the mining flagged the
+    # kept anchors, 72 at first). With the normalisation: test_normalised_launches.
+    fwd_budget=5,
+    fwd_exact=(ops.MINE, "sum", "reciprocal", ops.PAIR_GRAD, "div"),
     bwd_budget=2,
     launch_shape=(48, 16),
     compile_cases=(dict(distance="cosine", normalize=True, soft_margin=True),),
@@ -168,19 +175,23 @@ def test_half_gradients_of_a_nearly_collapsed_batch(kernel_backend, mining, dtyp
 
 
 @pytest.mark.parametrize("twice", [False, True], ids=["normalize", "cosine+normalize"])
-def test_the_gradient_through_the_normalisation_is_autograds(twice):
-    """finish_normalised against autograd through F.normalize (twice for cosine with normalize, as the
-    reference) in float64, on rows of every clamp regime: the first clamp only (|x| < 1e-12), both
-    (|x| < 1e-24: constant), neither, and a zero row; for a gradient g w.r.t. the rows the kernels see."""
+def test_the_gradient_through_the_normalisation_is_autograds(kernel_backend, twice):
+    """The row-norm and finishing ops against autograd through F.normalize (twice for cosine with
+    normalize, as the reference) in float64, on rows of every clamp regime: the first clamp only
+    (|x| < 1e-12), both (|x| < 1e-24: constant), neither, and a zero row; for a gradient g w.r.t. the
+    rows the kernels see."""
+    device = device_for(kernel_backend)
     gen = torch.Generator().manual_seed(5)
-    norms = torch.tensor([3.0, 1e-6, 5e-13, 1e-18, 1e-30, 0.0])
-    x = torch.randn(6, 7, generator=gen, dtype=torch.float64)
+    norms = torch.tensor([3.0, 1e-6, 5e-13, 1e-18, 1e-30, 0.0, 2.5, 40.0, 0.7])
+    x = torch.randn(9, 37, generator=gen, dtype=torch.float64)
     x = (x / x.norm(dim=1, keepdim=True) * norms.double()[:, None]).float()
-    g = torch.randn(6, 7, generator=gen)
+    g = torch.randn(9, 37, generator=gen)
     distance = Distance.COSINE if twice else Distance.EUCLIDEAN
-    norm = ops.row_norm_factors(x, distance, True)
-    grad_x = torch.empty_like(x)
-    ops.finish_normalised(g * norm[0][:, None], (x * g).sum(1), x, norm, grad_x)
+    norm = tuple(t.cpu() for t in ops.row_norm_factors(kernel_backend, x.to(device), distance, True))
+    grad_x = torch.empty_like(x).to(device)
+    ops.finish_normalised(kernel_backend, (g * norm[0][:, None]).to(device), (x * g).sum(1).to(device), x.to(device),
+                          tuple(t.to(device) for t in norm), grad_x)
+    grad_x = grad_x.cpu()
     leaf = x.double().requires_grad_(True)
     v = torch.nn.functional.normalize(leaf, dim=1, eps=ref.NORM_EPS)
     if twice:
@@ -189,6 +200,42 @@ def test_the_gradient_through_the_normalisation_is_autograds(twice):
     for name, got, expected in (("grad_x", grad_x, want), ("rows", norm[0][:, None] * x, v.detach())):
         err = (got.double() - expected).norm(dim=1) / expected.norm(dim=1).clamp_min(1e-300)
         assert (err < 1e-6).all(), f"{name}: row errors {err.tolist()}"
+
+
+@pytest.mark.parametrize("distance,normalize", [("cosine", False), ("cosine", True), ("squared_euclidean", True)])
+def test_normalised_launches(kernel_backend, monkeypatch, distance, normalize):
+    """A fused 'mean' fwd+bwd through the normalisation is 9 launches: the row-norm op and the finishing op
+    around SPEC's 7 (was 18 for cosine, 22 for cosine with normalize: the norms and the finish in torch).
+    At 100 features: Triton's pair gradient takes two feature slices."""
+    monkeypatch.setattr("lossforge_kernels._checks.eager_value_checks", lambda t: False)
+    device = device_for(kernel_backend)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(48, 100, generator=gen).to(torch.bfloat16).to(device).requires_grad_(True)
+    labels = torch.randint(0, 6, (48,), generator=gen).to(device)
+    with harness.LaunchLog() as fwd:
+        loss = lf.triplet_loss(x, labels, mining="batch_hard", distance=distance, normalize=normalize,
+                               backend=kernel_backend)
+    with harness.LaunchLog() as bwd:
+        loss.backward()
+    name = functools.partial(harness.launch_name, backend=kernel_backend)
+    assert fwd.ops == [name(ops.ROW_NORMS), name(ops.MINE), "sum", "reciprocal", name(ops.PAIR_GRAD), name(ops.FINISH),
+                       "div"], fwd.ops
+    assert bwd.ops == ["ones_like", name(harness.SCALE_GRAD)], bwd.ops
+
+
+def test_mining_flags_the_kept_anchors(kernel_backend):
+    """The mining's kept flags: 1 exactly for an anchor whose class has 2 to B - 1 members, as the
+    kept-anchor op gives them."""
+    device = device_for(kernel_backend)
+    gen = torch.Generator().manual_seed(4)
+    labels = torch.cat([torch.arange(5), torch.randint(5, 9, (30,), generator=gen)])[torch.randperm(35, generator=gen)]
+    x = torch.randn(35, 20, generator=gen).to(device)
+    rows = torch.full((2, 35), -1.0, device=device)
+    ops._mine(kernel_backend, x, labels.to(device), None, Distance.EUCLIDEAN, 0.2, kept=rows)
+    want = torch.empty(35, device=device)
+    ops.KEPT[kernel_backend](labels.to(device), want)
+    assert 0 < want.sum() < 35
+    assert torch.equal(rows[1], want), (rows[1], want)
 
 
 def _reference_choice(x, labels, distance, normalize):
@@ -223,7 +270,7 @@ def test_ties_go_to_the_smallest_index(kernel_backend, distance, normalize, data
         base = torch.arange(9).repeat(5)[torch.randperm(45, generator=gen)]
         x, labels = (torch.randint(-8, 9, (9, 6), generator=gen) / 4)[base], base % 4
     kind = ref.DISTANCE_IDS[distance]
-    inv_norm, _ = ops.row_norm_factors(x.to(device), kind, normalize)
+    inv_norm, _ = ops.row_norm_factors(kernel_backend, x.to(device), kind, normalize)
     pos_index, _, neg_index, *_ = ops._mine(kernel_backend, x.to(device), labels.to(device), inv_norm, kind)
     want_pos, want_neg = _reference_choice(x, labels, distance, normalize)
     assert torch.equal(pos_index.cpu(), want_pos), (pos_index, want_pos)
@@ -1587,6 +1634,7 @@ def test_half_gradient_products_at_large_batch_magnitudes(fp32_out_products_on_c
     percent)."""
     from types import SimpleNamespace
 
+    backend = kernel_backends()[0]
     gen = torch.Generator().manual_seed(batch % 1000 + len(mining))
     n, d, step = 96, 40, 40  # three chunks, the last one short
     x = torch.randn(n, d, generator=gen).to(dtype)
@@ -1614,9 +1662,18 @@ def test_half_gradient_products_at_large_batch_magnitudes(fp32_out_products_on_c
             size = torch.einsum("rj,rjk->rk", both, (v[:, None, :] - v[None, :, :]).abs())
         error = ((sink.g.double() - want).abs() / size).max()
         assert error < 2 * unit, f"{distance}, {part}: largest error {float(error):.2e} of the terms' size"
-        grad_x = torch.empty_like(x)
+        # the finish through the normalisation, on a kernel backend's device
+        device = device_for(backend)
+        chunks.backend, chunks.x = backend, x.to(device)
+        chunks.inv_norm, chunks.norm = _to(inv_norm, device), tuple(_to(t, device) for t in chunks.norm)
+        sink.g = sink.g.to(device)
+        grad_x = torch.empty_like(chunks.x)
         sink.write(grad_x)
         assert torch.isfinite(grad_x).all()
+
+
+def _to(t, device):
+    return None if t is None else t.to(device)
 
 
 # ---------------------------------------------------------------- offline compile of the mining kernel
@@ -1633,7 +1690,7 @@ def facts(d):
     k._mine_kernel.run = lambda *a, grid, warmup, **kw: seen.update(args=a, kwargs=kw)
     x = torch.empty(n, d, dtype=torch.bfloat16)
     f32, i64 = torch.empty(n), torch.empty(n, dtype=torch.int64)
-    k.triplet_mine(x, i64, None, 0, 0.2, False, i64, f32, i64, f32, f32, f32)
+    k.triplet_mine(x, i64, None, 0, 0.2, False, i64, f32, i64, f32, f32, f32, None)
     backend, target, kwargs, bound, spec, options = tc._specialize(k._mine_kernel, seen["args"], seen["kwargs"], 90)
     options, signature, constexprs, attrs = k._mine_kernel._pack_args(backend, kwargs, bound, spec, options)
     c = triton.compile(ASTSource(k._mine_kernel, signature, constexprs, attrs), target=target, options=options.__dict__)

@@ -224,6 +224,10 @@ def _cases():
         ("triplet euclidean bf16", triplet(bf16, 64)),
         ("triplet squared soft_margin fp32", triplet(f32, 64, distance="squared_euclidean", soft_margin=True)),
         ("triplet cosine bf16 D=600", triplet(bf16, 600, distance="cosine")),
+        # 'mean' without a gradient: the kept-anchor count before the mining (a fused 'mean' takes the
+        # mining's kept flags)
+        ("triplet mean without gradient bf16", lambda: lf.triplet_loss(randn(12, 64, dtype=bf16, grad=False),
+                                                                       classes(12, 3), backend=T)),
         # triplet semi_hard / batch_all, small classes: the register path (pair distances, the semi-hard
         # mining, the batch-all row pass and the list gradient)
         ("triplet semi_hard euclidean bf16", triplet(bf16, 64, mining="semi_hard")),

@@ -15,6 +15,8 @@
 # then scans every anchor's two partner indices for those inside its rows (a range test: 16 B bytes
 # per program from L2) and adds each hit's pair in anchor order (one read of the anchor's slice).
 # Deterministic (no atomics, a fixed order), nothing built or sorted beforehand.
+# The normalisation around every mining: the row norms (inv_norm and radial per row) and the
+# finishing pass (the gradient's radial part off, rounded once to x's dtype), elementwise.
 from __future__ import annotations
 
 import torch
@@ -37,6 +39,7 @@ NO_INDEX = tl.constexpr(2147483647)  # jit code may read only constexpr globals
 # A Euclidean distance at most this had its Gram clamp active: no gradient (ops/triplet.py's CLAMPED_EUCLIDEAN).
 CLAMPED_EUCLIDEAN = tl.constexpr(1.000001e-6)
 EUCLIDEAN_EPS = tl.constexpr(1e-12)
+NORM_EPS = tl.constexpr(1e-12)  # the normalisation's floor on |x| (reference/triplet.py's NORM_EPS)
 
 
 @triton.jit
@@ -139,8 +142,9 @@ def _exact_distance(d, sq, has, DISTANCE: tl.constexpr):
 
 
 @triton.jit
-def _mine_kernel(x_ptr, lab_ptr, sq_ptr, inv_ptr, pi_ptr, pd_ptr, ni_ptr, nd_ptr, loss_ptr, slope_ptr, B, D, margin,
-                 DISTANCE: tl.constexpr, HAS_INV_NORM: tl.constexpr, SOFT: tl.constexpr, DOT_F32: tl.constexpr,
+def _mine_kernel(x_ptr, lab_ptr, sq_ptr, inv_ptr, pi_ptr, pd_ptr, ni_ptr, nd_ptr, loss_ptr, slope_ptr, kept_ptr, B, D,
+                 margin, DISTANCE: tl.constexpr, HAS_INV_NORM: tl.constexpr, SOFT: tl.constexpr,
+                 HAS_KEPT: tl.constexpr, DOT_F32: tl.constexpr,
                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  D_IN_EIGHTS: tl.constexpr):
     if D_IN_EIGHTS:  # D came as features / 8, so the compiler knows the multiple: aligned rows and whole
@@ -199,6 +203,8 @@ def _mine_kernel(x_ptr, lab_ptr, sq_ptr, inv_ptr, pi_ptr, pd_ptr, ni_ptr, nd_ptr
     tl.store(nd_ptr + rows, d_n, mask=rmask)
     tl.store(loss_ptr + rows, tl.where(kept, term, 0.0), mask=rmask)
     tl.store(slope_ptr + rows, slope, mask=rmask)
+    if HAS_KEPT:
+        tl.store(kept_ptr + rows, tl.where(kept, 1.0, 0.0), mask=rmask)
 
 
 @triton.jit
@@ -328,7 +334,7 @@ def _width_arg(d):
 
 
 def triplet_mine(x, labels, inv_norm, distance, margin, soft_margin, pos_index, pos_dist, neg_index, neg_dist, loss,
-                 slope):
+                 slope, kept=None):
     """The mining op (contract: lossforge_kernels/ops/triplet.py, checked there)."""
     n, d = x.shape
     if n == 0:
@@ -338,9 +344,9 @@ def triplet_mine(x, labels, inv_norm, distance, margin, soft_margin, pos_index, 
     has_inv_norm = inv_norm is not None
     d_arg, in_eights = _width_arg(d)
     _mine_kernel[(triton.cdiv(n, bm),)](
-        x, labels, sq, inv_norm if has_inv_norm else sq, pos_index, pos_dist, neg_index, neg_dist, loss, slope, n,
-        d_arg, float(margin), DISTANCE=distance, HAS_INV_NORM=has_inv_norm, SOFT=bool(soft_margin),
-        DOT_F32=upcast, PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, D_IN_EIGHTS=in_eights,
+        x, labels, sq, inv_norm if has_inv_norm else sq, pos_index, pos_dist, neg_index, neg_dist, loss, slope,
+        loss if kept is None else kept, n, d_arg, float(margin), DISTANCE=distance, HAS_INV_NORM=has_inv_norm,
+        SOFT=bool(soft_margin), HAS_KEPT=kept is not None, DOT_F32=upcast, PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, D_IN_EIGHTS=in_eights,
         num_warps=warps, num_stages=stages)
 
 
@@ -364,6 +370,67 @@ def triplet_pair_grad(x, inv_norm, pos_index, pos_dist, neg_index, neg_dist, slo
         BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_A=32 if interpreting() else 256, num_warps=4)
     if ginv is not None and slices > 1:
         torch.sum(ginv, dim=1, out=grad_inv_norm)
+
+
+@triton.jit
+def _at_least_norm_eps(v):
+    return tl.where(v < NORM_EPS, NORM_EPS, v)  # max(v, eps) that keeps a NaN, as torch's clamp_min
+
+
+@triton.jit
+def _row_norms_kernel(x_ptr, inv_ptr, radial_ptr, B, D, TWICE: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < B
+    sq = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for k in range(0, D, BLOCK_D):
+        ks = k + tl.arange(0, BLOCK_D)
+        v = tl.load(x_ptr + rows.to(tl.int64)[:, None] * D + ks[None, :], mask=rmask[:, None] & (ks < D)[None, :],
+                    other=0.0).to(tl.float32)
+        sq += tl.sum(v * v, axis=1)
+    norm = tl.sqrt_rn(sq)
+    inv = tl.div_rn(1.0, _at_least_norm_eps(norm))
+    radial = tl.where(norm < NORM_EPS, 0.0, inv)
+    if TWICE:  # normalised again: the rows' norm is now 1, or |x| / eps where the first clamp held
+        unit = norm * inv
+        inv = tl.div_rn(inv, _at_least_norm_eps(unit))
+        radial = tl.where(unit < NORM_EPS, 0.0, tl.div_rn(1.0, norm))
+    tl.store(inv_ptr + rows, inv, mask=rmask)
+    tl.store(radial_ptr + rows, radial, mask=rmask)
+
+
+def triplet_row_norms(x, twice, inv_norm, radial):
+    """The row-norm op (contract: lossforge_kernels/ops/triplet.py, checked there)."""
+    n, d = x.shape
+    if n == 0:
+        return
+    _row_norms_kernel[(triton.cdiv(n, 16),)](x, inv_norm, radial, n, d, TWICE=bool(twice), BLOCK_R=16,
+                                             BLOCK_D=min(triton.next_power_of_2(max(d, 1)), 256), num_warps=4)
+
+
+@triton.jit
+def _finish_normalised_kernel(partial_ptr, ginv_ptr, x_ptr, inv_ptr, radial_ptr, out_ptr, B, D,
+                              BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < B
+    ks = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    tile = rmask[:, None] & (ks < D)[None, :]
+    at = rows.to(tl.int64)[:, None] * D + ks[None, :]
+    radial = tl.load(radial_ptr + rows, mask=rmask, other=0.0)
+    along = tl.load(ginv_ptr + rows, mask=rmask, other=0.0) * radial * radial
+    v = tl.load(x_ptr + at, mask=tile, other=0.0).to(tl.float32) * tl.load(inv_ptr + rows, mask=rmask, other=0.0)[:, None]
+    g = tl.load(partial_ptr + at, mask=tile, other=0.0) - v * along[:, None]
+    tl.store(out_ptr + at, g.to(out_ptr.dtype.element_ty), mask=tile)
+
+
+def triplet_finish_normalised(partial, grad_inv_norm, x, inv_norm, radial, grad_x):
+    """The normalisation's finishing op (contract: lossforge_kernels/ops/triplet.py, checked there)."""
+    n, d = x.shape
+    if n == 0 or d == 0:
+        return
+    block_d = min(triton.next_power_of_2(d), 128)
+    _finish_normalised_kernel[(triton.cdiv(n, 16), triton.cdiv(d, block_d))](
+        partial, grad_inv_norm, x, inv_norm, radial, grad_x, n, d, BLOCK_R=16, BLOCK_D=block_d, num_warps=4)
 
 
 # ---- semi_hard and batch_all: per anchor row of a C x B Gram block ----------------------------

@@ -5,15 +5,15 @@ The B x B distances never reach device memory: a mining kernel keeps, per anchor
 farthest positive and nearest negative over tiles of the Gram matrix and, in its epilogue, takes
 the two mined distances again from the rows' differences and writes the anchor's loss and slope;
 a pair-gradient kernel turns the 2B mined (anchor, other) pairs into the embeddings' gradient.
-Nothing per anchor runs in torch between them: a 'mean' 'fwd+bwd' is 9 launches (the kept-anchor
-count and its sum, the builder's reciprocal, the mining, the pair gradient, the loss's sum and
-division; autograd's ones_like and the rescale); 18 through the row norms (their factors 5, the
-gradient's finish 4).
+Nothing per anchor runs in torch between them: a fused 'mean' 'fwd+bwd' is 7 ops (the mining, which
+also flags the kept anchors; one sum of the losses and the flags; the factor's reciprocal; the pair
+gradient; the loss's division; autograd's ones_like and the rescale), 9 through the normalisation
+(its row-norm op and its finishing op).
 
 Normalisation (normalize=True, and always for cosine) enters as a per-row fp32 inverse norm
-inv_norm (the rows are v = inv_norm * x, inv_norm = 1 / max(|x|, 1e-12); `row_norm_factors`): the
+inv_norm (the rows are v = inv_norm * x, inv_norm = 1 / max(|x|, 1e-12); the row-norm op): the
 kernels see x in its own dtype and inv_norm. The gradient goes through the normalisation inside the
-op, in fp32: the gradient kernels write inv_norm * g (fp32) and x . g, and `finish_normalised` takes
+op, in fp32: the gradient kernels write inv_norm * g (fp32) and x . g, and the finishing op takes
 off the radial part and rounds once to x's dtype. Rounded apart (autograd through inv_norm), the two
 nearly cancelling terms of a nearly collapsed batch lost most of its gradient on half rows.
 
@@ -26,8 +26,20 @@ Kernel contract, the same for the Triton and the CUDA implementation (B rows, D 
 triplet_kept_<b>(labels, kept) -> ()
   labels (B,) contiguous int64; writes kept (B,) fp32: 1 where the anchor has a positive and a
   negative (its class has 2 to B - 1 members), else 0. Integer work only: exact and deterministic.
+triplet_row_norms_<b>(x, twice, inv_norm, radial) -> ()
+  x (B, D) contiguous fp32/fp16/bf16; with n = |x_i| (fp32) writes inv_norm (B,) fp32 = 1 / max(n, 1e-12)
+  and radial (B,) fp32 = inv_norm where n >= 1e-12, else 0 (where the clamp holds inv_norm constant).
+  twice (cosine of normalize=True rows, which the reference normalises again): with u = n inv_norm, the
+  norm of the normalised row, inv_norm = (1 / max(n, 1e-12)) / max(u, 1e-12) and radial = 1 / n where
+  u >= 1e-12, else 0. A NaN n gives NaN in both (as torch's clamp_min and comparisons would).
+triplet_finish_normalised_<b>(partial, grad_inv_norm, x, inv_norm, radial, grad_x) -> ()
+  partial (B, D) fp32 = inv_norm * g and grad_inv_norm (B,) fp32 = x . g, as the gradient kernels
+  write them with inv_norm (g the gradient w.r.t. the rows v = inv_norm * x); inv_norm, radial as the
+  row-norm op wrote them. Writes grad_x (x's shape and dtype; partial itself may be given for fp32 x)
+  = partial - (grad_inv_norm radial^2) (inv_norm x), the gradient w.r.t. x less the normalisation's
+  radial part, in fp32 and rounded once.
 triplet_mine_<b>(x, labels, inv_norm, distance, margin, soft_margin, pos_index, pos_dist, neg_index,
-                 neg_dist, loss, slope) -> ()
+                 neg_dist, loss, slope, kept) -> ()
   x        (B, D) contiguous fp32/fp16/bf16; labels (B,) contiguous int64 on x's device
   inv_norm None, or (B,) contiguous fp32: the rows are v_i = inv_norm[i] * x[i] (required for COSINE)
   distance a Distance: EUCLIDEAN, SQUARED_EUCLIDEAN or COSINE. The mining compares the Gram form in
@@ -44,6 +56,7 @@ triplet_mine_<b>(x, labels, inv_norm, distance, margin, soft_margin, pos_index, 
            (sigmoid(gap), or 1 where the hinge's loss > 0, else 0) for an anchor with both, else 0;
            NaN for every anchor when x holds a NaN or inf (then every row's gradient is NaN, as in the
            reference, whose Gram-form backward multiplies every row by every other).
+           kept None or (B,) fp32: 1 for an anchor with both partners, else 0 ('mean''s divisor).
 triplet_pair_grad_<b>(x, inv_norm, pos_index, pos_dist, neg_index, neg_dist, slope, weight, distance,
                       grad_x, grad_inv_norm) -> ()
   x, inv_norm, distance as above; pos_index .. slope as the mining wrote them; weight fp32, () (every
@@ -110,7 +123,7 @@ def _check_kept(labels, kept):
 
 
 def _check_mine(x, labels, inv_norm, distance, margin, soft_margin, pos_index, pos_dist, neg_index, neg_dist, loss,
-                slope):
+                slope, kept=None):
     op = "triplet_mine"
     _check_rows(op, x, inv_norm)
     _check_distance(op, distance, inv_norm)
@@ -119,6 +132,8 @@ def _check_mine(x, labels, inv_norm, distance, margin, soft_margin, pos_index, p
     _check_mined(op, x, (pos_index, pos_dist, neg_index, neg_dist))
     require_tensor(op, "loss", loss, (n,), x, F32)
     require_tensor(op, "slope", slope, (n,), x, F32)
+    if kept is not None:
+        require_tensor(op, "kept", kept, (n,), x, F32)
 
 
 def _check_pair_grad(x, inv_norm, pos_index, pos_dist, neg_index, neg_dist, slope, weight, distance, grad_x,
@@ -146,11 +161,35 @@ def _check_grads(op, x, inv_norm, grad_x, grad_inv_norm):
         require_tensor(op, "grad_inv_norm", grad_inv_norm, (x.shape[0],), x, F32)
 
 
+def _check_row_norms(x, twice, inv_norm, radial):
+    op = "triplet_row_norms"
+    _check_rows(op, x, None)
+    require_tensor(op, "inv_norm", inv_norm, (x.shape[0],), x, F32)
+    require_tensor(op, "radial", radial, (x.shape[0],), x, F32)
+
+
+def _check_finish(partial, grad_inv_norm, x, inv_norm, radial, grad_x):
+    op = "triplet_finish_normalised"
+    _check_rows(op, x, inv_norm)
+    require_tensor(op, "partial", partial, tuple(x.shape), x, F32)
+    require_tensor(op, "grad_inv_norm", grad_inv_norm, (x.shape[0],), x, F32)
+    require_tensor(op, "radial", radial, (x.shape[0],), x, F32)
+    require_tensor(op, "grad_x", grad_x, tuple(x.shape), x, x.dtype)
+
+
 KEPT = KernelOp("triplet_kept", "(Tensor labels, Tensor(a!) kept) -> ()", check=_check_kept)
+ROW_NORMS = KernelOp("triplet_row_norms", "(Tensor x, bool twice, Tensor(a!) inv_norm, Tensor(b!) radial) -> ()",
+                     check=_check_row_norms)
+FINISH = KernelOp(
+    "triplet_finish_normalised",
+    "(Tensor partial, Tensor grad_inv_norm, Tensor x, Tensor inv_norm, Tensor radial, Tensor(a!) grad_x) -> ()",
+    check=_check_finish,
+)
 MINE = KernelOp(
     "triplet_mine",
     "(Tensor x, Tensor labels, Tensor? inv_norm, int distance, float margin, bool soft_margin, Tensor(a!) pos_index,"
-    " Tensor(b!) pos_dist, Tensor(c!) neg_index, Tensor(d!) neg_dist, Tensor(e!) loss, Tensor(f!) slope) -> ()",
+    " Tensor(b!) pos_dist, Tensor(c!) neg_index, Tensor(d!) neg_dist, Tensor(e!) loss, Tensor(f!) slope,"
+    " Tensor(g!)? kept=None) -> ()",
     check=_check_mine,
 )
 PAIR_GRAD = KernelOp(
@@ -168,44 +207,34 @@ def _triton():
 
 
 KEPT.implement_triton(lambda *args: _triton().triplet_kept(*args))
+ROW_NORMS.implement_triton(lambda *args: _triton().triplet_row_norms(*args))
+FINISH.implement_triton(lambda *args: _triton().triplet_finish_normalised(*args))
 MINE.implement_triton(lambda *args: _triton().triplet_mine(*args))
 PAIR_GRAD.implement_triton(lambda *args: _triton().triplet_pair_grad(*args))
 
 
 # ---- torch around the kernels: no per-anchor work, no host sync ------------------------------
 
-def row_norm_factors(x: torch.Tensor, distance: int, normalize: bool):
-    """(inv_norm, radial), fp32 (B,) each, of the rows the kernels see, v = inv_norm * x; (None, None):
-    the rows as they are. inv_norm = 1 / max(|x|, eps) (cosine with normalize: of the normalised rows
-    again, as the reference normalises twice); radial = 1 / |x| where inv_norm is 1 / |x| (up to its
-    rounding), 0 where a clamp holds it constant. Not differentiated: the ops take the gradient
-    through the normalisation themselves (finish_normalised)."""
+def row_norm_factors(backend, x: torch.Tensor, distance: int, normalize: bool):
+    """(inv_norm, radial) of the row-norm op, fp32 (B,) each, for the rows the kernels see, v = inv_norm * x
+    (cosine with normalize: the normalised rows normalised again, as the reference does); (None, None): the
+    rows as they are. Not differentiated: the ops take the gradient through the normalisation themselves."""
     cosine = distance == Distance.COSINE
     if not cosine and not normalize:
         return None, None
-    with torch.no_grad():
-        norm = torch.linalg.vector_norm(x, dim=1, dtype=F32)
-        inv_norm = torch.reciprocal(norm.clamp_min(ref.NORM_EPS))
-        if not (cosine and normalize):  # (clamp_min passes the gradient at the bound, as autograd does)
-            return inv_norm, inv_norm * (norm >= ref.NORM_EPS)
-        # normalised again: the rows' norm is now 1, or |x| / eps where the first clamp held
-        unit_norm = norm * inv_norm
-        inv_norm = inv_norm / unit_norm.clamp_min(ref.NORM_EPS)
-        return inv_norm, torch.reciprocal(norm).masked_fill_(unit_norm < ref.NORM_EPS, 0.0)  # (1 / 0 is inf)
+    out = torch.empty((2, x.shape[0]), device=x.device, dtype=F32)
+    ROW_NORMS[backend](x, cosine and normalize, out[0], out[1])
+    return out[0], out[1]
 
 
-def finish_normalised(partial, grad_inv_norm, x, norm, grad_x):
+def finish_normalised(backend, partial, grad_inv_norm, x, norm, grad_x):
     """grad_x (x's dtype) = the gradient w.r.t. x of a loss of the rows v = inv_norm * x, from the
-    kernels' fp32 partial = inv_norm * g and grad_inv_norm = x . g (g the gradient w.r.t. v): partial
-    less the normalisation's radial part (u . g) inv_norm u, u = x / |x| (where inv_norm varies),
-    in fp32, rounded once. grad_x may be partial itself."""
-    inv_norm, radial = norm
-    # (u . g) u inv_norm = (x . g) / |x|^2 v: divided in this order, no overflow for rows of norm near eps
-    along = grad_inv_norm * radial * radial
-    torch.addcmul(partial, torch.mul(x, inv_norm[:, None]), along[:, None], value=-1, out=grad_x)  # (fp32 math)
+    kernels' fp32 partial = inv_norm * g and grad_inv_norm = x . g (the finishing op); grad_x may be
+    partial itself."""
+    FINISH[backend](partial, grad_inv_norm, x, norm[0], norm[1], grad_x)
 
 
-def _normalised_gradient(x, norm, grad_x, write):
+def _normalised_gradient(backend, x, norm, grad_x, write):
     """write(inv_norm, grad_x, grad_inv_norm) runs a gradient kernel; through the normalisation where
     there is one (finish_normalised)."""
     if norm[0] is None:
@@ -214,22 +243,27 @@ def _normalised_gradient(x, norm, grad_x, write):
     partial = grad_x if grad_x.dtype == F32 else torch.empty(x.shape, device=x.device, dtype=F32)
     grad_inv_norm = torch.empty(x.shape[0], device=x.device, dtype=F32)
     write(norm[0], partial, grad_inv_norm)
-    finish_normalised(partial, grad_inv_norm, x, norm, grad_x)
+    finish_normalised(backend, partial, grad_inv_norm, x, norm, grad_x)
 
 
 def _kept_count(backend, labels):
-    """'mean''s divisor: the anchors with a positive and a negative (fp32, 0-dim; two launches, no sort)."""
+    """'mean''s divisor without a mining: the anchors with a positive and a negative (fp32, 0-dim; two
+    launches, no sort)."""
     kept = labels.new_empty(labels.shape, dtype=F32)
     KEPT[backend](labels, kept)
     return kept.sum()
 
 
-def _mine(backend, x, labels, inv_norm, distance, margin=0.0, soft_margin=False):
-    """(pos_index, pos_dist, neg_index, neg_dist, loss, slope) of the mining op's contract."""
+def _mine(backend, x, labels, inv_norm, distance, margin=0.0, soft_margin=False, kept=None):
+    """(pos_index, pos_dist, neg_index, neg_dist, loss, slope) of the mining op's contract; loss may be
+    given (with kept: a (2, B) buffer's rows, summed in one launch)."""
     n = x.shape[0]
-    out = tuple(torch.empty(n, device=x.device, dtype=dtype) for dtype in (I64, F32, I64, F32, F32, F32))
+    loss = torch.empty(n, device=x.device, dtype=F32) if kept is None else kept[0]
+    out = tuple(torch.empty(n, device=x.device, dtype=dtype) for dtype in (I64, F32, I64, F32)) + \
+        (loss, torch.empty(n, device=x.device, dtype=F32))
     MINE[backend](x, labels, inv_norm, distance=distance, margin=margin, soft_margin=soft_margin, pos_index=out[0],
-                  pos_dist=out[1], neg_index=out[2], neg_dist=out[3], loss=out[4], slope=out[5])
+                  pos_dist=out[1], neg_index=out[2], neg_dist=out[3], loss=out[4], slope=out[5],
+                  kept=None if kept is None else kept[1])
     return out
 
 
@@ -239,12 +273,12 @@ def _pair_gradient(backend, x, norm, saved, weight, distance, grad_x):
         PAIR_GRAD[backend](x, inv_norm, *saved, weight=weight, distance=distance, grad_x=out,
                            grad_inv_norm=grad_inv_norm)
 
-    _normalised_gradient(x, norm, grad_x, write)
+    _normalised_gradient(backend, x, norm, grad_x, write)
 
 
 def _forward(backend, tensors, params, grads, grad_factor, reduce):
     x, labels = tensors
-    norm = row_norm_factors(x, params.distance, params.normalize)
+    norm = row_norm_factors(backend, x, params.distance, params.normalize)
     *mined, loss, slope = _mine(backend, x, labels, norm[0], params.distance, params.margin, params.soft_margin)
     saved = (*mined, slope)
     if grads is not None:  # 'mean' of nothing: the factor is inf, every weight 0 (no anchor is kept)
@@ -252,9 +286,24 @@ def _forward(backend, tensors, params, grads, grad_factor, reduce):
     return (loss.sum() if reduce else loss), saved
 
 
+def _counted_mean(backend, tensors, params, grads):
+    """A fused 'mean': the mining flags the kept anchors beside their losses, one sum gives the loss's
+    total and the divisor, and no separate kept-anchor pass runs."""
+    x, labels = tensors
+    norm = row_norm_factors(backend, x, params.distance, params.normalize)
+    rows = torch.empty((2, x.shape[0]), device=x.device, dtype=F32)  # the losses, the kept flags
+    *mined, _, slope = _mine(backend, x, labels, norm[0], params.distance, params.margin, params.soft_margin,
+                             kept=rows)
+    sums = rows.sum(dim=1)
+    total, divisor = sums[0], sums[1]
+    # 'mean' of nothing: the factor is inf, every weight 0 (no anchor is kept)
+    _pair_gradient(backend, x, norm, (*mined, slope), torch.reciprocal(divisor), params.distance, grads[0])
+    return total, divisor
+
+
 def _backward(backend, grad_rows, tensors, saved, params, grads):
     x = tensors[0]
-    _pair_gradient(backend, x, row_norm_factors(x, params.distance, params.normalize), saved,
+    _pair_gradient(backend, x, row_norm_factors(backend, x, params.distance, params.normalize), saved,
                    grad_rows.to(F32).contiguous(), params.distance, grads[0])
 
 
@@ -267,6 +316,7 @@ SPEC = FusedLoss(
     forward=_forward,
     backward=_backward,
     mean_divisor=lambda backend, tensors, params: _kept_count(backend, tensors[1]),
+    counted_mean=_counted_mean,
 )
 triplet_kernels = build(SPEC)
 
@@ -422,6 +472,7 @@ class _RowChunks:
     def __init__(self, backend, tensors, params):
         self.x, self.labels, self.norm = tensors
         self.inv_norm = self.norm[0]
+        self.backend = backend
         self.params = params
         n = self.x.shape[0]
         # one C x B fp32 block within the budget
@@ -495,7 +546,8 @@ class _RowGradient:
             grad_x.copy_(self.g)
             return
         grad_inv_norm = torch.sum(x * self.g, dim=1)
-        finish_normalised(self.g.mul_(inv[:, None]), grad_inv_norm, x, self.chunks.norm, grad_x)
+        finish_normalised(self.chunks.backend, self.g.mul_(inv[:, None]), grad_inv_norm, x, self.chunks.norm,
+                          grad_x)
 
 
 def _rows_pass(backend, tensors, params, row_weight, grad_x):
@@ -753,7 +805,7 @@ def _slot_gradient(backend, x, norm, anchors, mined, weight, distance, grad_x, p
         LIST_GRAD[backend](x, inv_norm, None, offsets, others, coef, centered=distance != Distance.COSINE,
                            grad_x=out, grad_inv_norm=grad_inv_norm)
 
-    _normalised_gradient(x, norm, grad_x, write)
+    _normalised_gradient(backend, x, norm, grad_x, write)
 
 
 def _semi_hard_register_pass(backend, tensors, params, row_weight, grad_x):
@@ -801,7 +853,7 @@ def _batch_all_slot_gradient(backend, tensors, params, slots, row_weight, grad_r
         LIST_GRAD[backend](x, inv_norm, grad_rows, offsets, pos.reshape(-1), coef.reshape(-1),
                            centered=distance != Distance.COSINE, grad_x=out, grad_inv_norm=grad_inv_norm)
 
-    _normalised_gradient(x, tensors[2], grad_x, write)
+    _normalised_gradient(backend, x, tensors[2], grad_x, write)
 
 
 def _batch_all_register_pass(backend, tensors, params, row_weight, grad_x):
@@ -818,7 +870,7 @@ def _rows_counted_mean(backend, tensors, params, grads):
     kernel rounds them to x's dtype, as the weighted pass would give them. None elsewhere."""
     if params.mining != Mining.BATCH_ALL or params.soft_margin or not _takes_register_path(backend, tensors, params):
         return None
-    tensors = _with_norm(tensors, params)
+    tensors = _with_norm(backend, tensors, params)
     n = tensors[0].shape[0]
     loss, count, slots, grad_rows = _batch_all_rows(backend, tensors, params,
                                                     torch.ones(n, device=tensors[0].device, dtype=F32))
@@ -893,14 +945,14 @@ def _takes_register_path(backend, tensors, params):
     return _largest_class_fits(tensors[1], params.max_class_size)
 
 
-def _with_norm(tensors, params):
+def _with_norm(backend, tensors, params):
     """The spec's (embeddings, labels) as the passes take them: (x, labels, row_norm_factors)."""
     x, labels = tensors
-    return x, labels, row_norm_factors(x, params.distance, params.normalize)
+    return x, labels, row_norm_factors(backend, x, params.distance, params.normalize)
 
 
 def _rows_forward(backend, tensors, params, grads, grad_factor, reduce):
-    tensors = _with_norm(tensors, params)
+    tensors = _with_norm(backend, tensors, params)
     weight, grad_x = (None, None) if grads is None else (grad_factor_rows(grad_factor, tensors[0].shape[0]), grads[0])
     if _takes_register_path(backend, tensors, params):
         loss = _register_pass(backend, tensors, params, weight, grad_x)
@@ -910,7 +962,7 @@ def _rows_forward(backend, tensors, params, grads, grad_factor, reduce):
 
 
 def _rows_backward(backend, grad_rows, tensors, saved, params, grads):
-    tensors = _with_norm(tensors, params)
+    tensors = _with_norm(backend, tensors, params)
     weight = grad_rows.reshape(-1).to(F32).contiguous()
     if _takes_register_path(backend, tensors, params):
         _register_pass(backend, tensors, params, weight, grads[0])
@@ -927,7 +979,7 @@ def _rows_mean_divisor(backend, tensors, params):
     n = labels.shape[0]
     mining, soft_margin = params.mining, params.soft_margin
     if mining == Mining.BATCH_ALL and not soft_margin:
-        tensors = _with_norm(tensors, params)
+        tensors = _with_norm(backend, tensors, params)
         with torch.no_grad():
             if _takes_register_path(backend, tensors, params):
                 _, count, _, _ = _batch_all_rows(backend, tensors, params, None)
