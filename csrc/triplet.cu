@@ -20,7 +20,6 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/sum.h>
 #include <torch/library.h>
 
 #include "chunks.h"
@@ -56,17 +55,11 @@ void check_vector(const char* op, const char* name, const at::Tensor& t, const a
   check_dense(op, name, t, x, {n}, dtype);
 }
 
-// The gradient outputs of the pair and list kernels: grad_x like x (fp32 with inv_norm: a partial gradient,
-// which the caller completes through the normalisation), grad_inv_norm (n,) fp32 with inv_norm.
-void check_grads(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& inv_norm,
-                 const std::optional<at::Tensor>& grad_x, const std::optional<at::Tensor>& grad_inv_norm) {
-  if (grad_x.has_value()) {
-    check_dense(op, "grad_x", *grad_x, x, x.sizes(), inv_norm.has_value() ? at::kFloat : x.scalar_type());
-  }
-  if (grad_inv_norm.has_value()) {
-    TORCH_CHECK_VALUE(inv_norm.has_value(), op, ": grad_inv_norm needs inv_norm");
-    check_vector(op, "grad_inv_norm", *grad_inv_norm, x, x.size(0), at::kFloat);
-  }
+// The gradient output of the pair and list kernels: like x (fp32 with inv_norm: a partial gradient, which the
+// caller completes through the normalisation).
+void check_grad_x(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& inv_norm,
+                  const at::Tensor& grad_x) {
+  check_dense(op, "grad_x", grad_x, x, x.sizes(), inv_norm.has_value() ? at::kFloat : x.scalar_type());
 }
 
 void check_rows(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& inv_norm) {
@@ -170,21 +163,19 @@ void triplet_row_norms_cuda(const at::Tensor& x, bool twice, const at::Tensor& i
   });
 }
 
-void triplet_finish_normalised_cuda(const at::Tensor& partial, const at::Tensor& grad_inv_norm, const at::Tensor& x,
-                                    const at::Tensor& inv_norm, const at::Tensor& radial, const at::Tensor& grad_x) {
-  check_rows(kFinish, x, inv_norm);
+void triplet_finish_normalised_cuda(const at::Tensor& partial, const at::Tensor& x, const at::Tensor& radial,
+                                    const at::Tensor& grad_x) {
+  check_rows(kFinish, x, std::nullopt);
   const int64_t n = x.size(0), d = x.size(1);
   check_dense(kFinish, "partial", partial, x, x.sizes(), at::kFloat);
-  check_vector(kFinish, "grad_inv_norm", grad_inv_norm, x, n, at::kFloat);
   check_vector(kFinish, "radial", radial, x, n, at::kFloat);
   check_dense(kFinish, "grad_x", grad_x, x, x.sizes(), x.scalar_type());
   if (n == 0 || d == 0) return;
   dispatch_float(x.scalar_type(), kFinish, [&](auto tag) {
     using T = decltype(tag);
     launch(x.device(), &finish_normalised_kernel<T>, grid_for(n), kFinishThreads, 0, partial.const_data_ptr<float>(),
-           grad_inv_norm.const_data_ptr<float>(), static_cast<const T*>(x.const_data_ptr()),
-           inv_norm.const_data_ptr<float>(), radial.const_data_ptr<float>(), static_cast<T*>(grad_x.data_ptr()), n,
-           d);
+           static_cast<const T*>(x.const_data_ptr()), radial.const_data_ptr<float>(),
+           static_cast<T*>(grad_x.data_ptr()), n, d);
   });
 }
 
@@ -358,8 +349,7 @@ void triplet_batch_all_rows_cuda(const at::Tensor& x, const at::Tensor& labels,
 void triplet_pair_grad_cuda(const at::Tensor& x, const std::optional<at::Tensor>& inv_norm,
                             const at::Tensor& pos_index, const at::Tensor& pos_dist, const at::Tensor& neg_index,
                             const at::Tensor& neg_dist, const at::Tensor& slope, const at::Tensor& weight,
-                            int64_t distance, const std::optional<at::Tensor>& grad_x,
-                            const std::optional<at::Tensor>& grad_inv_norm) {
+                            int64_t distance, const at::Tensor& grad_x) {
   check_rows(kPairGrad, x, inv_norm);
   const int64_t n = x.size(0);
   const int kind = checked_distance(kPairGrad, distance, inv_norm);
@@ -370,16 +360,10 @@ void triplet_pair_grad_cuda(const at::Tensor& x, const std::optional<at::Tensor>
   check_vector(kPairGrad, "slope", slope, x, n, at::kFloat);
   TORCH_CHECK_VALUE(weight.dim() <= 1, kPairGrad, ": weight must be 0-dim or (B,), got shape ", weight.sizes());
   check_vector(kPairGrad, "weight", weight.reshape({-1}), x, weight.dim() == 0 ? 1 : n, at::kFloat);
-  check_grads(kPairGrad, x, inv_norm, grad_x, grad_inv_norm);
-  if (n == 0 || (!grad_x.has_value() && !grad_inv_norm.has_value())) return;
+  check_grad_x(kPairGrad, x, inv_norm, grad_x);
+  if (n == 0 || x.size(1) == 0) return;
 
-  // one slice at least: a width of 0 still writes grad_inv_norm (0)
-  const int64_t slices = std::max<int64_t>(1, (x.size(1) + kGradThreads - 1) / kGradThreads);
-  // grad_inv_norm's dot products per feature slice, summed in slice order (one slice: written in place)
-  at::Tensor partial;
-  if (grad_inv_norm.has_value()) {
-    partial = slices == 1 ? *grad_inv_norm : at::empty({n, slices}, x.options().dtype(at::kFloat));
-  }
+  const int64_t slices = (x.size(1) + kGradThreads - 1) / kGradThreads;
   PairGradArgs a{};
   a.x = x.const_data_ptr();
   a.inv_norm = inv_norm.has_value() ? inv_norm->const_data_ptr<float>() : nullptr;
@@ -390,8 +374,7 @@ void triplet_pair_grad_cuda(const at::Tensor& x, const std::optional<at::Tensor>
   a.slope = slope.const_data_ptr<float>();
   a.weight = weight.const_data_ptr<float>();
   a.weight_step = weight.dim() == 0 ? 0 : 1;
-  a.grad_x = grad_x.has_value() ? grad_x->data_ptr() : nullptr;
-  a.grad_inv_norm = grad_inv_norm.has_value() ? partial.data_ptr<float>() : nullptr;
+  a.grad_x = grad_x.data_ptr();
   a.n = n;
   a.d = x.size(1);
   TORCH_CHECK_VALUE(slices < 65536, kPairGrad, ": at most ", 65535 * kGradThreads, " features, got ", a.d);
@@ -403,10 +386,6 @@ void triplet_pair_grad_cuda(const at::Tensor& x, const std::optional<at::Tensor>
              0, a);
     });
   });
-  if (grad_inv_norm.has_value() && slices > 1) {
-    at::Tensor out = *grad_inv_norm;  // (a handle onto the caller's buffer)
-    at::sum_out(out, partial, {1});
-  }
 }
 
 constexpr const char* kRowLoss = "triplet_row_loss_cuda";
@@ -501,7 +480,7 @@ void triplet_pair_distances_cuda(const at::Tensor& x, const std::optional<at::Te
 void triplet_list_grad_cuda(const at::Tensor& x, const std::optional<at::Tensor>& inv_norm,
                             const std::optional<at::Tensor>& grad_rows, const at::Tensor& offsets,
                             const at::Tensor& others, const at::Tensor& coef, bool centered,
-                            const std::optional<at::Tensor>& grad_x, const std::optional<at::Tensor>& grad_inv_norm) {
+                            const at::Tensor& grad_x) {
   check_rows(kListGrad, x, inv_norm);
   const int64_t n = x.size(0);
   if (grad_rows.has_value()) check_dense(kListGrad, "grad_rows", *grad_rows, x, x.sizes(), at::kFloat);
@@ -509,8 +488,8 @@ void triplet_list_grad_cuda(const at::Tensor& x, const std::optional<at::Tensor>
   TORCH_CHECK_VALUE(others.dim() == 1, kListGrad, ": others must be 1-D, got shape ", others.sizes());
   check_dense(kListGrad, "others", others, x, others.sizes(), at::kLong);
   check_dense(kListGrad, "coef", coef, x, others.sizes(), at::kFloat);
-  check_grads(kListGrad, x, inv_norm, grad_x, grad_inv_norm);
-  if (n == 0 || (!grad_x.has_value() && !grad_inv_norm.has_value())) return;
+  check_grad_x(kListGrad, x, inv_norm, grad_x);
+  if (n == 0 || x.size(1) == 0) return;
 
   ListGradArgs a{};
   a.x = x.const_data_ptr();
@@ -519,8 +498,7 @@ void triplet_list_grad_cuda(const at::Tensor& x, const std::optional<at::Tensor>
   a.offsets = offsets.const_data_ptr<int64_t>();
   a.others = others.const_data_ptr<int64_t>();
   a.coef = coef.const_data_ptr<float>();
-  a.grad_x = grad_x.has_value() ? grad_x->data_ptr() : nullptr;
-  a.grad_inv_norm = grad_inv_norm.has_value() ? grad_inv_norm->data_ptr<float>() : nullptr;
+  a.grad_x = grad_x.data_ptr();
   a.n = n;
   a.d = x.size(1);
   dispatch_float(x.scalar_type(), kListGrad, [&](auto tag) {

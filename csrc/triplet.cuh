@@ -109,19 +109,29 @@ __global__ void __launch_bounds__(kNormRowsPerBlock * kWarpSize)
   radial[row] = rad;
 }
 
-// grad_x = partial - (grad_inv_norm radial^2) (inv_norm x) in fp32, rounded once; a block per row at a
-// time. grad_x may be partial itself (fp32).
+// grad_x = partial - (u . partial) u, u = radial x, in fp32 and rounded once; a block per row at a time:
+// the dot product first (per-thread sums in feature order, then the warps' in order), then the row.
+// grad_x may be partial itself (fp32): a row's reads all precede its writes.
 template <typename T>
 __global__ void __launch_bounds__(kFinishThreads)
-    finish_normalised_kernel(const float* partial, const float* __restrict__ grad_inv_norm, const T* __restrict__ x,
-                             const float* __restrict__ inv_norm, const float* __restrict__ radial, T* grad_x,
-                             int64_t n, int64_t d) {
+    finish_normalised_kernel(const float* partial, const T* __restrict__ x, const float* __restrict__ radial,
+                             T* grad_x, int64_t n, int64_t d) {
+  constexpr int kWarps = kFinishThreads / kWarpSize;
+  __shared__ float sums[kWarps];
   for (int64_t row = blockIdx.x; row < n; row += gridDim.x) {
-    const float r = radial[row], inv = inv_norm[row];
-    const float along = grad_inv_norm[row] * r * r;
+    const float r = radial[row];
+    const float* p = partial + row * d;
+    const T* xr = x + row * d;
+    float dot = 0.f;
+    for (int64_t k = threadIdx.x; k < d; k += kFinishThreads) dot = fmaf(load_elem(xr + k) * r, p[k], dot);
+    dot = warp_sum(dot);
+    if (threadIdx.x % kWarpSize == 0) sums[threadIdx.x / kWarpSize] = dot;
+    __syncthreads();
+    float along = 0.f;
+    for (int w = 0; w < kWarps; ++w) along += sums[w];
+    __syncthreads();  // read by every thread before the next row's sums
     for (int64_t k = threadIdx.x; k < d; k += kFinishThreads) {
-      const int64_t i = row * d + k;
-      store_elem(grad_x + i, partial[i] - load_elem(x + i) * inv * along);
+      store_elem(grad_x + row * d + k, p[k] - along * (load_elem(xr + k) * r));
     }
   }
 }
@@ -604,8 +614,7 @@ struct PairGradArgs {
   const float* slope;
   const float* weight;
   int64_t weight_step;    // 0: one weight for every anchor
-  void* grad_x;           // GradOut<T, kInvNorm>, or nullptr
-  float* grad_inv_norm;   // (n, gridDim.y) partial dot products, or nullptr
+  void* grad_x;           // GradOut<T, kInvNorm>
   int64_t n, d;
 };
 
@@ -685,22 +694,10 @@ __global__ void __launch_bounds__(kGradThreads) triplet_pair_grad_kernel(const P
     }
     __syncthreads();  // before the next chunk's hits are written
   }
-  if (live && a.grad_x != nullptr) {
-    for (int r = 0; r < rows; ++r) {
-      const float inv_r = kInvNorm ? a.inv_norm[r0 + r] : 1.f;
-      store_elem(static_cast<GradOut<T, kInvNorm>*>(a.grad_x) + (r0 + r) * a.d + k, g[r][threadIdx.x] * inv_r);
-    }
-  }
-  if (a.grad_inv_norm == nullptr) return;
-  for (int r = 0; r < rows; ++r) {  // x_r . g_r over the block's features, a fixed order
-    g[r][threadIdx.x] = live ? g[r][threadIdx.x] * load_elem(static_cast<const T*>(a.x) + (r0 + r) * a.d + k) : 0.f;
-  }
-  __syncthreads();
-  for (int r = warp; r < rows; r += kWarps) {
-    float dot = 0.f;
-    for (int t = lane; t < kGradThreads; t += kWarpSize) dot += g[r][t];
-    dot = warp_sum(dot);
-    if (lane == 0) a.grad_inv_norm[(r0 + r) * gridDim.y + blockIdx.y] = dot;
+  if (!live) return;
+  for (int r = 0; r < rows; ++r) {
+    const float inv_r = kInvNorm ? a.inv_norm[r0 + r] : 1.f;
+    store_elem(static_cast<GradOut<T, kInvNorm>*>(a.grad_x) + (r0 + r) * a.d + k, g[r][threadIdx.x] * inv_r);
   }
 }
 
@@ -1001,15 +998,13 @@ struct ListGradArgs {
   const int64_t* offsets;
   const int64_t* others;
   const float* coef;
-  void* grad_x;            // GradOut<T, kInvNorm>, or nullptr
-  float* grad_inv_norm;    // or nullptr
+  void* grad_x;            // GradOut<T, kInvNorm>
   int64_t n, d;
 };
 
 // Row r, one warp, lanes over the features: g = grad_rows[r] (or 0) plus the entries of r's list in
 // list order, coef * (v_r - v_other) (centered) or -coef * v_other, an entry of other < 0 skipped;
-// writes inv_norm_r * g in x's dtype (fp32 with inv_norm) and x_r . g (per-lane sums in feature order,
-// then the warp's shuffle tree: a fixed order, no atomics).
+// writes inv_norm_r * g in x's dtype (fp32 with inv_norm).
 template <typename T, bool kInvNorm, bool kCentered>
 __global__ void __launch_bounds__(kListRows * kWarpSize) triplet_list_grad_kernel(const ListGradArgs a) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kListRows + threadIdx.x / kWarpSize;
@@ -1018,7 +1013,6 @@ __global__ void __launch_bounds__(kListRows * kWarpSize) triplet_list_grad_kerne
   const int lane = threadIdx.x % kWarpSize;
   const int64_t begin = a.offsets[row], end = a.offsets[row + 1];
   const float inv_r = kInvNorm ? a.inv_norm[row] : 1.f;
-  float dot = 0.f;
   for (int64_t k0 = lane; k0 < a.d; k0 += kWarpSize * kListUnroll) {
     const int64_t at = row * a.d + k0;  // this lane's features: at + u * kWarpSize
     bool live[kListUnroll];
@@ -1041,16 +1035,9 @@ __global__ void __launch_bounds__(kListRows * kWarpSize) triplet_list_grad_kerne
     }
 #pragma unroll
     for (int u = 0; u < kListUnroll; ++u) {
-      if (!live[u]) continue;
-      if (a.grad_x != nullptr) {
-        store_elem(static_cast<GradOut<T, kInvNorm>*>(a.grad_x) + at + u * kWarpSize, g[u] * inv_r);
-      }
-      dot = fmaf(load_elem(x + at + u * kWarpSize), g[u], dot);  // (x_r again: from L1)
+      if (live[u]) store_elem(static_cast<GradOut<T, kInvNorm>*>(a.grad_x) + at + u * kWarpSize, g[u] * inv_r);
     }
   }
-  if (a.grad_inv_norm == nullptr) return;
-  dot = warp_sum(dot);
-  if (lane == 0) a.grad_inv_norm[row] = dot;
 }
 
 

@@ -63,13 +63,11 @@ def _kernel_op_samples(device):
     weight = torch.rand(n, generator=gen).to(device)
     return [(ops.KEPT, (labels, torch.empty(n, device=device))),
             (ops.ROW_NORMS, (x, True, torch.empty(n, device=device), torch.empty(n, device=device))),
-            (ops.FINISH, (torch.randn(x.shape, generator=gen).to(device), torch.randn(n, generator=gen).to(device), x,
-                          inv_norm, inv_norm * 0.5, torch.empty_like(x))),
+            (ops.FINISH, (torch.randn(x.shape, generator=gen).to(device), x, inv_norm * 0.5, torch.empty_like(x))),
             (ops.MINE, (x, labels, inv_norm, Distance.COSINE, 0.2, True, *outs(), None)),
             (ops.MINE, (x, labels, None, Distance.EUCLIDEAN, 0.2, False, *outs(), torch.empty(n, device=device))),
-            (ops.PAIR_GRAD, (x, inv_norm, *mined, weight, Distance.EUCLIDEAN, torch.empty_like(x),
-                             torch.empty_like(inv_norm))),
-            (ops.PAIR_GRAD, (x, None, *mined, weight[0], Distance.SQUARED_EUCLIDEAN, torch.empty_like(x), None))]
+            (ops.PAIR_GRAD, (x, inv_norm, *mined, weight, Distance.EUCLIDEAN, torch.empty_like(x))),
+            (ops.PAIR_GRAD, (x, None, *mined, weight[0], Distance.SQUARED_EUCLIDEAN, torch.empty_like(x)))]
 
 
 def _op_inputs(device):
@@ -189,7 +187,7 @@ def test_the_gradient_through_the_normalisation_is_autograds(kernel_backend, twi
     distance = Distance.COSINE if twice else Distance.EUCLIDEAN
     norm = tuple(t.cpu() for t in ops.row_norm_factors(kernel_backend, x.to(device), distance, True))
     grad_x = torch.empty_like(x).to(device)
-    ops.finish_normalised(kernel_backend, (g * norm[0][:, None]).to(device), (x * g).sum(1).to(device), x.to(device),
+    ops.finish_normalised(kernel_backend, (g * norm[0][:, None]).to(device), x.to(device),
                           tuple(t.to(device) for t in norm), grad_x)
     grad_x = grad_x.cpu()
     leaf = x.double().requires_grad_(True)
@@ -373,14 +371,24 @@ def test_bad_input_is_refused_by_name(kernel_backend):
         ops.KEPT[kernel_backend](labels, torch.empty(5, device=device))
     mined = _mined(6, torch.Generator().manual_seed(3), device)
     grad = ops.PAIR_GRAD[kernel_backend]
-    with pytest.raises(ValueError, match="triplet_pair_grad: grad_inv_norm needs inv_norm"):
-        grad(x, None, *mined, torch.ones((), device=device), Distance.EUCLIDEAN, None, torch.empty(6, device=device))
+    with pytest.raises(ValueError, match=r"triplet_pair_grad: grad_x must be contiguous, shaped like x .* "
+                                         r"torch.float32 .*\(with inv_norm\)"):
+        grad(x, torch.ones(6, device=device), *mined, torch.ones((), device=device), Distance.EUCLIDEAN,
+             torch.empty_like(x).double())
     with pytest.raises(ValueError, match=r"triplet_pair_grad: weight must be a contiguous torch.float32 tensor of "
                                          r"shape \(6,\)"):
-        grad(x, None, *mined, torch.ones(5, device=device), Distance.EUCLIDEAN, torch.empty_like(x), None)
+        grad(x, None, *mined, torch.ones(5, device=device), Distance.EUCLIDEAN, torch.empty_like(x))
     with pytest.raises(ValueError, match=r"triplet_pair_grad: neg_index must be a contiguous torch.int64 tensor"):
         grad(x, None, *mined[:2], mined[2].int(), *mined[3:], torch.ones((), device=device), Distance.EUCLIDEAN,
-             torch.empty_like(x), None)
+             torch.empty_like(x))
+    finish = ops.FINISH[kernel_backend]
+    with pytest.raises(ValueError, match=r"triplet_finish_normalised: radial must be a contiguous torch.float32 "
+                                         r"tensor of shape \(6,\)"):
+        finish(x.clone(), x, torch.ones(5, device=device), torch.empty_like(x))
+    with pytest.raises(ValueError, match=r"triplet_finish_normalised: grad_x must be a contiguous torch.float16"):
+        finish(x.clone(), x.half(), torch.ones(6, device=device), torch.empty_like(x))
+    with pytest.raises(ValueError, match=r"triplet_row_norms: radial must be a contiguous torch.float32"):
+        ops.ROW_NORMS[kernel_backend](x, False, torch.empty(6, device=device), torch.empty(6, 1, device=device))
 
 
 @pytest.mark.parametrize("n", [1, 2, 37, 300])
@@ -401,7 +409,7 @@ def test_kept_count_is_the_class_size_rule(kernel_backend, n):
 
 
 def _pair_gradient_float64(x, inv_norm, mined, weight, distance):
-    """The pair-gradient contract in float64, pair by pair: (grad_x, grad_inv_norm)."""
+    """The pair-gradient contract in float64, pair by pair: grad_x."""
     pos, d_pos, neg, d_neg, slope = (t.cpu() for t in mined)
     x = x.cpu().double()
     inv = torch.ones(len(x), dtype=torch.float64) if inv_norm is None else inv_norm.cpu().double()
@@ -425,7 +433,7 @@ def _pair_gradient_float64(x, inv_norm, mined, weight, distance):
             else:
                 g[a] += c * (v[a] - v[o])
                 g[o] += c * (v[o] - v[a])
-    return g * inv[:, None], (x * g).sum(1)
+    return g * inv[:, None]
 
 
 @pytest.mark.parametrize("distance", list(Distance))
@@ -448,15 +456,11 @@ def test_pair_gradient_sums_every_anchor_that_chose_a_row(kernel_backend, distan
     mined = (pos, d_pos, neg, d_neg, torch.rand(n, generator=gen))
     for weight in (torch.rand(n, generator=gen) + 0.5, torch.tensor(0.25)):
         for inv in ((inv_norm,) if distance == Distance.COSINE else (None, inv_norm)):
-            want_x, want_inv = _pair_gradient_float64(x, inv, mined, weight, distance)
+            want_x = _pair_gradient_float64(x, inv, mined, weight, distance)
             grad_x = torch.empty(n, d, device=device)
-            grad_inv = None if inv is None else torch.empty(n, device=device)
             ops.PAIR_GRAD[kernel_backend](x.to(device), None if inv is None else inv.to(device),
-                                          *(t.to(device) for t in mined), weight.to(device), distance, grad_x,
-                                          grad_inv)
+                                          *(t.to(device) for t in mined), weight.to(device), distance, grad_x)
             assert_close_rel(grad_x, want_x, 1e-5, f"grad_x {distance} {weight.dim()}")
-            if inv is not None:
-                assert_close_rel(grad_inv, want_inv, 1e-5, f"grad_inv_norm {distance} {weight.dim()}")
 
 
 def test_mining_writes_the_losses_and_slopes(kernel_backend):
@@ -618,7 +622,7 @@ def _mined_kernel_op_samples(device):
                                   torch.empty_like(x))),
             (ops.LIST_GRAD, (x, inv_norm, torch.randn(x.shape, generator=gen).to(device),
                              torch.arange(0, pos.numel() + 1, pos.shape[1], device=device), pos.reshape(-1),
-                             slots.reshape(-1), True, torch.empty_like(x), torch.empty(n, device=device)))]
+                             slots.reshape(-1), True, torch.empty_like(x)))]
 
 
 def _mined_op_inputs(device):
@@ -911,11 +915,11 @@ def test_register_kernels_refuse_bad_input_by_name(kernel_backend):
     with pytest.raises(ValueError, match="triplet_pair_distances: cosine distances need inv_norm"):
         ops.PAIR_DISTANCES[kernel_backend](x, None, pos, pos, Distance.COSINE, slots.clone(), slots.clone())
     offsets = torch.arange(0, pos.numel() + 1, 4, device=device)
-    with pytest.raises(ValueError, match="triplet_list_grad: grad_inv_norm needs inv_norm"):
-        ops.LIST_GRAD[kernel_backend](x, None, None, offsets, pos.reshape(-1), slots.reshape(-1), True, None, loss)
+    with pytest.raises(ValueError, match="triplet_list_grad: grad_x must be contiguous, shaped like x"):
+        ops.LIST_GRAD[kernel_backend](x, None, None, offsets, pos.reshape(-1), slots.reshape(-1), True, x[:, :2])
     with pytest.raises(ValueError, match="triplet_list_grad: offsets must be"):
         ops.LIST_GRAD[kernel_backend](x, None, None, offsets[:-1], pos.reshape(-1), slots.reshape(-1), True,
-                                      torch.empty_like(x), None)
+                                      torch.empty_like(x))
     if kernel_backend == "cuda":
         with pytest.raises(ValueError, match=r"triplet_batch_all_rows_cuda: pos_dist must have shape \[6, 16\]"):
             ops.BATCH_ALL_ROWS["cuda"](x, labels, None, Distance.EUCLIDEAN, 0.2, False, n_pos, slots, None, loss,
@@ -1794,7 +1798,7 @@ def test_pair_distances_on_every_backend(dtype, d):
 
 
 def _list_grad_float64(x, inv_norm, grad_rows, offsets, others, coef, centered):
-    """The list-gradient contract in float64: (grad_x, grad_inv_norm)."""
+    """The list-gradient contract in float64: grad_x."""
     x, offsets, others, coef = x.double(), offsets.cpu(), others.cpu(), coef.cpu().double()
     inv = torch.ones(len(x), dtype=torch.float64) if inv_norm is None else inv_norm.cpu().double()
     v = x * inv[:, None]
@@ -1805,7 +1809,7 @@ def _list_grad_float64(x, inv_norm, grad_rows, offsets, others, coef, centered):
     live = o >= 0
     rows, o, c = rows[live], o[live], c[live]
     g = g.index_add(0, rows, c[:, None] * (v[rows] - v[o]) if centered else -c[:, None] * v[o])
-    return g * inv[:, None], (x * g).sum(1)
+    return g * inv[:, None]
 
 
 def _list_inputs(n, gen, long_rows=(), empty_rows=()):
@@ -1823,23 +1827,22 @@ def _list_inputs(n, gen, long_rows=(), empty_rows=()):
     return offsets, others, coef
 
 
-def _run_list_grad(backend, x, inv_norm, grad_rows, lists, centered, want_x, want_inv):
+def _run_list_grad(backend, x, inv_norm, grad_rows, lists, centered):
     device = device_for(backend)
     dtype = x.dtype if inv_norm is None else torch.float32  # with inv_norm: the partial gradient, fp32
-    grad_x = torch.full(x.shape, math.nan, dtype=dtype, device=device) if want_x else None
-    grad_inv = torch.full((len(x),), math.nan, device=device) if want_inv else None
+    grad_x = torch.full(x.shape, math.nan, dtype=dtype, device=device)
     ops.LIST_GRAD[backend](x.to(device), None if inv_norm is None else inv_norm.to(device),
                            None if grad_rows is None else grad_rows.to(device), *(t.to(device) for t in lists),
-                           centered, grad_x, grad_inv)
-    return None if grad_x is None else grad_x.cpu(), None if grad_inv is None else grad_inv.cpu()
+                           centered, grad_x)
+    return grad_x.cpu()
 
 
 @pytest.mark.parametrize("dtype, d", [(torch.float32, 5), (torch.float32, 70), (torch.float32, 300),
                                       (torch.bfloat16, 37), (torch.float16, 136)], ids=str)
 def test_list_gradient_on_every_backend(dtype, d):
     # Rows with empty lists, rows with 70 entries (several of Triton's row blocks and, at d = 136 and 300,
-    # several of CUDA's 128-feature steps), skipped entries, grad_rows given or not, centered or not,
-    # either output left out: each backend against the contract in float64, and CUDA against Triton.
+    # several of CUDA's 128-feature steps), skipped entries, grad_rows given or not, centered or not:
+    # each backend against the contract in float64, and CUDA against Triton.
     backends = _register_backends()
     gen = torch.Generator().manual_seed(100 + d)
     n = 37
@@ -1847,25 +1850,18 @@ def test_list_gradient_on_every_backend(dtype, d):
     inv_norm = torch.rand(n, generator=gen) + 0.5
     lists = _list_inputs(n, gen, long_rows=(2, 33), empty_rows=(0, 5, 36))
     grad_rows = torch.randn(n, d, generator=gen)
-    cases = [(inv, rows, centered, outs) for inv in (None, inv_norm) for rows in (None, grad_rows)
-             for centered in (True, False) for outs in ((True, True), (True, False), (False, True))
-             if inv is not None or outs[1] is False]
-    cases = cases[d % 2::2]  # half of the option sets per width, each set at two or three widths
-    for inv, rows, centered, (want_x, want_inv) in cases:
+    cases = [(inv, rows, centered) for inv in (None, inv_norm) for rows in (None, grad_rows)
+             for centered in (True, False)]
+    cases = cases[d % 2::2] + cases[1 - d % 2::4]  # three quarters of the option sets per width
+    for inv, rows, centered in cases:
         want = _list_grad_float64(x, inv, rows, *lists, centered)
-        got = {backend: _run_list_grad(backend, x, inv, rows, lists, centered, want_x, want_inv)
-               for backend in backends}
+        got = {backend: _run_list_grad(backend, x, inv, rows, lists, centered) for backend in backends}
         what = f"{dtype} d={d} inv_norm={inv is not None} grad_rows={rows is not None} centered={centered}"
         x_tol = HALF_TOL[dtype] if inv is None else 1e-5  # (fp32 with inv_norm)
-        for backend, (grad_x, grad_inv) in got.items():
-            if want_x:
-                assert_close_rel(grad_x, want[0], x_tol, f"{backend} grad_x {what}")
-            if want_inv:
-                assert_close_rel(grad_inv, want[1], 1e-5, f"{backend} grad_inv_norm {what}")
+        for backend, grad_x in got.items():
+            assert_close_rel(grad_x, want, x_tol, f"{backend} grad_x {what}")
         if len(got) == 2:
-            for i, (name, tol) in enumerate((("grad_x", x_tol), ("grad_inv_norm", 1e-5))):
-                if got["cuda"][i] is not None:
-                    assert_close_rel(got["cuda"][i], got["triton"][i], tol, f"cuda vs triton {name} {what}")
+            assert_close_rel(got["cuda"], got["triton"], x_tol, f"cuda vs triton grad_x {what}")
 
 
 def test_list_gradient_skips_entries_in_a_non_finite_row():
@@ -1882,25 +1878,23 @@ def test_list_gradient_skips_entries_in_a_non_finite_row():
     others = torch.randint(4, n, (int(offsets[-1]),), generator=gen)  # finite partners
     others[offsets[3]] = -1
     lists = (offsets, others, torch.randn(len(others), generator=gen))
-    want = _list_grad_float64(x, None, None, *lists, True)[0]
+    want = _list_grad_float64(x, None, None, *lists, True)
     assert (want[2:4] == 0).all() and not x[2:4].isfinite().all(1).any()  # (the case tests something)
     for backend in backends:
-        got = _run_list_grad(backend, x, None, None, lists, True, True, False)[0]
+        got = _run_list_grad(backend, x, None, None, lists, True)
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6, equal_nan=True,
                                    msg=lambda m: f"{backend}: {m}")
 
 
-def test_list_gradient_is_deterministic_and_writes_nothing_without_outputs():
+def test_list_gradient_is_deterministic():
     backends = _register_backends()
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(40, 70, generator=gen)
     inv_norm = torch.rand(40, generator=gen) + 0.5
     lists = _list_inputs(40, gen, long_rows=(1, 2, 3))
     for backend in backends:
-        runs = [_run_list_grad(backend, x, inv_norm, None, lists, True, True, True) for _ in range(2)]
-        assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1]), backend
-        ops.LIST_GRAD[backend](x.to(device_for(backend)), None, None, *(t.to(device_for(backend)) for t in lists),
-                               True, None, None)  # nothing to write: no launch, no error
+        runs = [_run_list_grad(backend, x, inv_norm, None, lists, True) for _ in range(2)]
+        assert torch.equal(runs[0], runs[1]), backend
 
 
 @pytest.mark.parametrize("op", LIST_OPS)
@@ -1937,9 +1931,8 @@ def test_register_path_ops_propagate_nan_and_inf_like_triton(op):
         lists = (offsets, others, torch.randn(4 * n, generator=gen))
         for centered in (True, False):
             want = _list_grad_float64(x, inv, None, *lists, centered)
-            results.append(((centered, inv is not None), want if inv is not None else (want[0], None),
-                            {b: _run_list_grad(b, x, inv, None, lists, centered, True, inv is not None)
-                             for b in backends}))
+            results.append(((centered, inv is not None), (want,),
+                            {b: (_run_list_grad(b, x, inv, None, lists, centered),) for b in backends}))
     for key, want, got in results:
         assert not torch.isfinite(want[0]).all(), key  # (the case tests something)
         for backend, values in [*got.items()] + ([("cuda vs triton", got["triton"])] if len(got) == 2 else []):
@@ -1970,35 +1963,32 @@ def test_register_path_ops_refuse_bad_input_by_name_on_cuda():
     offsets = torch.arange(0, pos.numel() + 1, 4, device=device)
     lists = (offsets, pos.reshape(-1), slots.reshape(-1))
     grad = ops.LIST_GRAD["cuda"]
-    with pytest.raises(ValueError, match="triplet_list_grad: grad_inv_norm needs inv_norm"):
-        grad(x, None, None, *lists, True, None, torch.empty(6, device=device))
     with pytest.raises(ValueError, match="triplet_list_grad: offsets must be"):
-        grad(x, None, None, offsets[:-1], *lists[1:], True, torch.empty_like(x), None)
+        grad(x, None, None, offsets[:-1], *lists[1:], True, torch.empty_like(x))
     with pytest.raises(ValueError, match=r"triplet_list_grad: grad_rows must be a contiguous torch.float32 tensor"):
-        grad(x, None, x.half(), *lists, True, torch.empty_like(x), None)
+        grad(x, None, x.half(), *lists, True, torch.empty_like(x))
     with pytest.raises(ValueError, match=r"triplet_list_grad: grad_x must be contiguous, shaped like x"):
-        grad(x, None, None, *lists, True, torch.empty_like(x).t(), None)
+        grad(x, None, None, *lists, True, torch.empty_like(x).t())
     with pytest.raises(ValueError, match=r"triplet_list_grad: grad_x must be .* torch.float32 .*\(with inv_norm\)"):
-        grad(x.half(), torch.ones(6, device=device), None, *lists, True, torch.empty_like(x.half()), None)
+        grad(x.half(), torch.ones(6, device=device), None, *lists, True, torch.empty_like(x.half()))
     # the C++ checks that guard memory, behind no Python check
     with pytest.raises(ValueError, match=r"triplet_pair_distances_cuda: second must have shape \[6, 4\]"):
         ops.PAIR_DISTANCES.overloads["cuda"](x, None, anchors, pos[:, :3].contiguous(), Distance.EUCLIDEAN,
                                              slots.clone(), slots.clone())
     with pytest.raises(ValueError, match=r"triplet_list_grad_cuda: coef must have shape \[24\]"):
-        ops.LIST_GRAD.overloads["cuda"](x, None, None, offsets, lists[1], lists[2][:-1], True, torch.empty_like(x),
-                                        None)
+        ops.LIST_GRAD.overloads["cuda"](x, None, None, offsets, lists[1], lists[2][:-1], True, torch.empty_like(x))
     # with inv_norm the kernels store fp32: a half grad_x would be written past its end
     half, inv = x.half(), torch.ones(6, device=device)
     with pytest.raises(TypeError, match=r"triplet_list_grad_cuda: grad_x must have dtype Float, got Half"):
-        ops.LIST_GRAD.overloads["cuda"](half, inv, None, *lists, True, torch.empty_like(half), None)
+        ops.LIST_GRAD.overloads["cuda"](half, inv, None, *lists, True, torch.empty_like(half))
     with pytest.raises(TypeError, match=r"triplet_pair_grad_cuda: grad_x must have dtype Float, got Half"):
         ops.PAIR_GRAD.overloads["cuda"](half, inv, *_mined(6, torch.Generator().manual_seed(3), device),
-                                        torch.ones((), device=device), Distance.COSINE, torch.empty_like(half), None)
+                                        torch.ones((), device=device), Distance.COSINE, torch.empty_like(half))
 
 
 def test_opcheck_register_path_ops_on_every_backend():
-    # The variants _mined_kernel_op_samples leaves out: no inv_norm, no grad_rows, one output, not
-    # centered, a 1-D pair list with -1 entries, half-precision rows, and the cosine distance.
+    # The variants _mined_kernel_op_samples leaves out: no inv_norm, no grad_rows, not centered, a 1-D
+    # pair list with -1 entries, half-precision rows, and the cosine distance.
     gen = torch.Generator().manual_seed(9)
     for backend in _register_backends():
         device = device_for(backend)
@@ -2012,8 +2002,8 @@ def test_opcheck_register_path_ops_on_every_backend():
                                          torch.empty(12, device=device), torch.empty(12, device=device))),
                    (ops.PAIR_DISTANCES, (x.bfloat16(), inv_norm, first, second, Distance.COSINE,
                                          torch.empty(12, device=device), torch.empty(12, device=device))),
-                   (ops.LIST_GRAD, (x, None, None, offsets, others, coef, False, torch.empty_like(x), None)),
+                   (ops.LIST_GRAD, (x, None, None, offsets, others, coef, False, torch.empty_like(x))),
                    (ops.LIST_GRAD, (x.half(), inv_norm, torch.randn(9, 7, generator=gen).to(device), offsets, others,
-                                    coef, True, None, torch.empty(9, device=device)))]
+                                    coef, True, torch.empty(9, 7, device=device)))]
         for op, args in samples:
             torch.library.opcheck(op.overloads[backend], args)

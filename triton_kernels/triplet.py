@@ -245,9 +245,9 @@ def _pair_term(c, v_r, v_o, CENTERED: tl.constexpr):
 
 
 @triton.jit
-def _pair_grad_kernel(x_ptr, inv_ptr, pi_ptr, pd_ptr, ni_ptr, nd_ptr, slope_ptr, w_ptr, w_step, gx_ptr, ginv_ptr,
-                      B, D, DISTANCE: tl.constexpr, HAS_INV_NORM: tl.constexpr, HAS_GX: tl.constexpr,
-                      HAS_GINV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr):
+def _pair_grad_kernel(x_ptr, inv_ptr, pi_ptr, pd_ptr, ni_ptr, nd_ptr, slope_ptr, w_ptr, w_step, gx_ptr, B, D,
+                      DISTANCE: tl.constexpr, HAS_INV_NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                      BLOCK_A: tl.constexpr):
     CENTERED: tl.constexpr = DISTANCE != COSINE
     r0 = tl.program_id(0) * BLOCK_R
     rows = r0 + tl.arange(0, BLOCK_R)
@@ -292,11 +292,7 @@ def _pair_grad_kernel(x_ptr, inv_ptr, pi_ptr, pd_ptr, ni_ptr, nd_ptr, slope_ptr,
             chosen = (rows == pa) | (rows == na)
             c = tl.where(rows == pa, ca_p, 0.0) + tl.where(rows == na, ca_n, 0.0)
             g = tl.where(chosen[:, None], g + _pair_term(c, v_r, v_a[None, :], CENTERED), g)
-    if HAS_GX:
-        tl.store(gx_ptr + rows64[:, None] * D + ks[None, :], (g * inv_r[:, None]).to(gx_ptr.dtype.element_ty),
-                 mask=tile)
-    if HAS_GINV:
-        tl.store(ginv_ptr + rows * tl.num_programs(1) + tl.program_id(1), tl.sum(x_r * g, axis=1), mask=rmask)
+    tl.store(gx_ptr + rows64[:, None] * D + ks[None, :], (g * inv_r[:, None]).to(gx_ptr.dtype.element_ty), mask=tile)
 
 
 def _mine_config(dtype):
@@ -350,26 +346,18 @@ def triplet_mine(x, labels, inv_norm, distance, margin, soft_margin, pos_index, 
         num_warps=warps, num_stages=stages)
 
 
-def triplet_pair_grad(x, inv_norm, pos_index, pos_dist, neg_index, neg_dist, slope, weight, distance, grad_x,
-                      grad_inv_norm):
+def triplet_pair_grad(x, inv_norm, pos_index, pos_dist, neg_index, neg_dist, slope, weight, distance, grad_x):
     """The pair-gradient op (contract: lossforge_kernels/ops/triplet.py, checked there)."""
     n, d = x.shape
-    if n == 0 or (grad_x is None and grad_inv_norm is None):
+    if n == 0 or d == 0:
         return
     has_inv_norm = inv_norm is not None
     block_r = 32 if interpreting() or has_inv_norm else 64  # (inv_norm's 64 x 64 tiles: 255 registers and spills)
-    block_d = min(triton.next_power_of_2(max(d, 1)), 64)
-    slices = triton.cdiv(d, block_d)
-    # grad_inv_norm's dot products per feature slice, summed in slice order (one slice: written in place)
-    ginv = None if grad_inv_norm is None else grad_inv_norm if slices == 1 else \
-        torch.empty((n, slices), device=x.device, dtype=torch.float32)
-    _pair_grad_kernel[(triton.cdiv(n, block_r), slices)](
+    block_d = min(triton.next_power_of_2(d), 64)
+    _pair_grad_kernel[(triton.cdiv(n, block_r), triton.cdiv(d, block_d))](
         x, inv_norm if has_inv_norm else slope, pos_index, pos_dist, neg_index, neg_dist, slope, weight,
-        0 if weight.dim() == 0 else 1, x if grad_x is None else grad_x, slope if ginv is None else ginv, n, d,
-        DISTANCE=distance, HAS_INV_NORM=has_inv_norm, HAS_GX=grad_x is not None, HAS_GINV=ginv is not None,
-        BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_A=32 if interpreting() else 256, num_warps=4)
-    if ginv is not None and slices > 1:
-        torch.sum(ginv, dim=1, out=grad_inv_norm)
+        0 if weight.dim() == 0 else 1, grad_x, n, d, DISTANCE=distance, HAS_INV_NORM=has_inv_norm, BLOCK_R=block_r,
+        BLOCK_D=block_d, BLOCK_A=32 if interpreting() else 256, num_warps=4)
 
 
 @triton.jit
@@ -409,28 +397,36 @@ def triplet_row_norms(x, twice, inv_norm, radial):
 
 
 @triton.jit
-def _finish_normalised_kernel(partial_ptr, ginv_ptr, x_ptr, inv_ptr, radial_ptr, out_ptr, B, D,
-                              BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _finish_normalised_kernel(partial_ptr, x_ptr, radial_ptr, out_ptr, B, D, BLOCK_R: tl.constexpr,
+                              BLOCK_D: tl.constexpr):
+    """Two passes over the program's rows: u . partial (u = radial x), then partial - (u . partial) u."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < B
-    ks = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    tile = rmask[:, None] & (ks < D)[None, :]
-    at = rows.to(tl.int64)[:, None] * D + ks[None, :]
+    rows64 = rows.to(tl.int64)
     radial = tl.load(radial_ptr + rows, mask=rmask, other=0.0)
-    along = tl.load(ginv_ptr + rows, mask=rmask, other=0.0) * radial * radial
-    v = tl.load(x_ptr + at, mask=tile, other=0.0).to(tl.float32) * tl.load(inv_ptr + rows, mask=rmask, other=0.0)[:, None]
-    g = tl.load(partial_ptr + at, mask=tile, other=0.0) - v * along[:, None]
-    tl.store(out_ptr + at, g.to(out_ptr.dtype.element_ty), mask=tile)
+    along = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for k in range(0, D, BLOCK_D):
+        ks = k + tl.arange(0, BLOCK_D)
+        tile = rmask[:, None] & (ks < D)[None, :]
+        at = rows64[:, None] * D + ks[None, :]
+        u = tl.load(x_ptr + at, mask=tile, other=0.0).to(tl.float32) * radial[:, None]
+        along += tl.sum(u * tl.load(partial_ptr + at, mask=tile, other=0.0), axis=1)
+    for k in range(0, D, BLOCK_D):
+        ks = k + tl.arange(0, BLOCK_D)
+        tile = rmask[:, None] & (ks < D)[None, :]
+        at = rows64[:, None] * D + ks[None, :]
+        u = tl.load(x_ptr + at, mask=tile, other=0.0).to(tl.float32) * radial[:, None]
+        g = tl.load(partial_ptr + at, mask=tile, other=0.0) - along[:, None] * u
+        tl.store(out_ptr + at, g.to(out_ptr.dtype.element_ty), mask=tile)
 
 
-def triplet_finish_normalised(partial, grad_inv_norm, x, inv_norm, radial, grad_x):
+def triplet_finish_normalised(partial, x, radial, grad_x):
     """The normalisation's finishing op (contract: lossforge_kernels/ops/triplet.py, checked there)."""
     n, d = x.shape
     if n == 0 or d == 0:
         return
-    block_d = min(triton.next_power_of_2(d), 128)
-    _finish_normalised_kernel[(triton.cdiv(n, 16), triton.cdiv(d, block_d))](
-        partial, grad_inv_norm, x, inv_norm, radial, grad_x, n, d, BLOCK_R=16, BLOCK_D=block_d, num_warps=4)
+    _finish_normalised_kernel[(triton.cdiv(n, 16),)](partial, x, radial, grad_x, n, d, BLOCK_R=16,
+                                                     BLOCK_D=min(triton.next_power_of_2(d), 128), num_warps=4)
 
 
 # ---- semi_hard and batch_all: per anchor row of a C x B Gram block ----------------------------
@@ -872,12 +868,12 @@ def _batch_all_kernel(x_ptr, lab_ptr, sq_ptr, inv_ptr, npos_ptr, dap_ptr, w_ptr,
 
 
 @triton.jit
-def _list_grad_kernel(x_ptr, inv_ptr, g_ptr, off_ptr, other_ptr, coef_ptr, gx_ptr, ginv_ptr, B, D,
-                      HAS_G: tl.constexpr, HAS_INV_NORM: tl.constexpr, CENTERED: tl.constexpr, HAS_GX: tl.constexpr,
-                      HAS_GINV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _list_grad_kernel(x_ptr, inv_ptr, g_ptr, off_ptr, other_ptr, coef_ptr, gx_ptr, B, D, HAS_G: tl.constexpr,
+                      HAS_INV_NORM: tl.constexpr, CENTERED: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
     """g_r (fp32, w.r.t. v_r; 0 without HAS_G) plus each of row r's list entries, in order,
     coef * (v_r - v_other) (cosine: - coef * v_other; other < 0: skipped); writes inv_norm_r * g_r in
-    x's dtype and x_r . g_r. BLOCK_R rows side by side: step j adds each row's j-th entry."""
+    x's dtype (fp32 with inv_norm). BLOCK_R rows side by side: step j adds each row's j-th entry."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < B
     rows64 = rows.to(tl.int64)
@@ -885,7 +881,6 @@ def _list_grad_kernel(x_ptr, inv_ptr, g_ptr, off_ptr, other_ptr, coef_ptr, gx_pt
     count = tl.load(off_ptr + rows + 1, mask=rmask, other=0) - start
     longest = tl.max(count, axis=0)
     inv_r = tl.load(inv_ptr + rows, mask=rmask, other=0.0) if HAS_INV_NORM else tl.full([BLOCK_R], 1.0, tl.float32)
-    dot = tl.zeros([BLOCK_R], dtype=tl.float32)
     for k in range(0, D, BLOCK_D):
         ks = k + tl.arange(0, BLOCK_D)
         kmask = ks < D
@@ -904,12 +899,8 @@ def _list_grad_kernel(x_ptr, inv_ptr, g_ptr, off_ptr, other_ptr, coef_ptr, gx_pt
             # a skipped entry (and a row's padding up to the block's longest list) adds nothing, not 0 * v_r
             # (NaN for a non-finite row)
             g += tl.where(live[:, None], _pair_term(c, v_r, v_o, CENTERED), 0.0)
-        if HAS_GX:
-            tl.store(gx_ptr + rows64[:, None] * D + ks[None, :], (g * inv_r[:, None]).to(gx_ptr.dtype.element_ty),
-                     mask=tile)
-        dot += tl.sum(x_r * g, axis=1)
-    if HAS_GINV:
-        tl.store(ginv_ptr + rows, dot, mask=rmask)
+        tl.store(gx_ptr + rows64[:, None] * D + ks[None, :], (g * inv_r[:, None]).to(gx_ptr.dtype.element_ty),
+                 mask=tile)
 
 
 def _batch_all_config(dtype, d):
@@ -954,16 +945,14 @@ def triplet_batch_all_rows(x, labels, inv_norm, distance, margin, soft_margin, n
         num_stages=stages, **_register_cap(x.dtype))
 
 
-def triplet_list_grad(x, inv_norm, grad_rows, offsets, others, coef, centered, grad_x, grad_inv_norm):
+def triplet_list_grad(x, inv_norm, grad_rows, offsets, others, coef, centered, grad_x):
     """Each row's list of pairs added to its gradient (contract: ops/triplet.py, checked there)."""
     n, d = x.shape
-    if n == 0 or (grad_x is None and grad_inv_norm is None):
+    if n == 0 or d == 0:
         return
     has_inv_norm = inv_norm is not None
     block_r = 32 if interpreting() else 8
     _list_grad_kernel[(triton.cdiv(n, block_r),)](
         x, inv_norm if has_inv_norm else coef, coef if grad_rows is None else grad_rows, offsets, others, coef,
-        x if grad_x is None else grad_x, coef if grad_inv_norm is None else grad_inv_norm, n, d,
-        HAS_G=grad_rows is not None, HAS_INV_NORM=has_inv_norm, CENTERED=bool(centered), HAS_GX=grad_x is not None,
-        HAS_GINV=grad_inv_norm is not None, BLOCK_R=block_r, BLOCK_D=min(triton.next_power_of_2(max(d, 1)), 256),
-        num_warps=4)
+        grad_x, n, d, HAS_G=grad_rows is not None, HAS_INV_NORM=has_inv_norm, CENTERED=bool(centered),
+        BLOCK_R=block_r, BLOCK_D=min(triton.next_power_of_2(d), 256), num_warps=4)

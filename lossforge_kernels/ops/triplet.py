@@ -13,8 +13,8 @@ gradient; the loss's division; autograd's ones_like and the rescale), 9 through 
 Normalisation (normalize=True, and always for cosine) enters as a per-row fp32 inverse norm
 inv_norm (the rows are v = inv_norm * x, inv_norm = 1 / max(|x|, 1e-12); the row-norm op): the
 kernels see x in its own dtype and inv_norm. The gradient goes through the normalisation inside the
-op, in fp32: the gradient kernels write inv_norm * g (fp32) and x . g, and the finishing op takes
-off the radial part and rounds once to x's dtype. Rounded apart (autograd through inv_norm), the two
+op, in fp32: the gradient kernels write inv_norm * g (fp32), and the finishing op takes off the
+radial part and rounds once to x's dtype. Rounded apart (autograd through inv_norm), the two
 nearly cancelling terms of a nearly collapsed batch lost most of its gradient on half rows.
 
 The options travel as the values of reference/triplet.py's enums: `distance` a Distance (EUCLIDEAN 0,
@@ -32,12 +32,13 @@ triplet_row_norms_<b>(x, twice, inv_norm, radial) -> ()
   twice (cosine of normalize=True rows, which the reference normalises again): with u = n inv_norm, the
   norm of the normalised row, inv_norm = (1 / max(n, 1e-12)) / max(u, 1e-12) and radial = 1 / n where
   u >= 1e-12, else 0. A NaN n gives NaN in both (as torch's clamp_min and comparisons would).
-triplet_finish_normalised_<b>(partial, grad_inv_norm, x, inv_norm, radial, grad_x) -> ()
-  partial (B, D) fp32 = inv_norm * g and grad_inv_norm (B,) fp32 = x . g, as the gradient kernels
-  write them with inv_norm (g the gradient w.r.t. the rows v = inv_norm * x); inv_norm, radial as the
-  row-norm op wrote them. Writes grad_x (x's shape and dtype; partial itself may be given for fp32 x)
-  = partial - (grad_inv_norm radial^2) (inv_norm x), the gradient w.r.t. x less the normalisation's
-  radial part, in fp32 and rounded once.
+triplet_finish_normalised_<b>(partial, x, radial, grad_x) -> ()
+  partial (B, D) fp32 = inv_norm * g, as the gradient kernels write it with inv_norm (g the gradient
+  w.r.t. the rows v = inv_norm * x); radial as the row-norm op wrote it. With u = radial * x (the unit
+  row where inv_norm varies, else 0) writes grad_x (x's shape and dtype; partial itself may be given
+  for fp32 x) = partial - (u . partial) u, the gradient w.r.t. x less the normalisation's radial part,
+  in fp32 and rounded once ((u . partial) u = (x . g) radial^2 inv_norm x: no dot product to carry
+  between the ops, and no overflow for rows near the norm floor).
 triplet_mine_<b>(x, labels, inv_norm, distance, margin, soft_margin, pos_index, pos_dist, neg_index,
                  neg_dist, loss, slope, kept) -> ()
   x        (B, D) contiguous fp32/fp16/bf16; labels (B,) contiguous int64 on x's device
@@ -58,7 +59,7 @@ triplet_mine_<b>(x, labels, inv_norm, distance, margin, soft_margin, pos_index, 
            reference, whose Gram-form backward multiplies every row by every other).
            kept None or (B,) fp32: 1 for an anchor with both partners, else 0 ('mean''s divisor).
 triplet_pair_grad_<b>(x, inv_norm, pos_index, pos_dist, neg_index, neg_dist, slope, weight, distance,
-                      grad_x, grad_inv_norm) -> ()
+                      grad_x) -> ()
   x, inv_norm, distance as above; pos_index .. slope as the mining wrote them; weight fp32, () (every
   anchor's) or (B,) (per anchor). The gradient of sum over kept anchors a of w_a (d_ap - d_an), with
   w_a = slope[a] * weight[a]: each pair (a, o) of coefficient c (d distance / d its squared form times
@@ -66,8 +67,7 @@ triplet_pair_grad_<b>(x, inv_norm, pos_index, pos_dist, neg_index, neg_dist, slo
   when slope[a] is NaN) adds c (v_r - v_other) (cosine: -c v_other) to g_r of both its rows. Row r
   sums, in fp32 and in this order, its own two pairs, then the pairs of the anchors that chose it,
   by anchor (deterministic, no atomics). Writes grad_x[r] = inv_norm[r] * g_r (g_r without inv_norm),
-  in x's dtype, or fp32 with inv_norm (a partial gradient: finish_normalised completes it), and
-  grad_inv_norm[r] = x_r . g_r (fp32, (B,)); either output may be None.
+  in x's dtype, or fp32 with inv_norm (a partial gradient: the finishing op completes it).
 """
 from __future__ import annotations
 
@@ -136,8 +136,7 @@ def _check_mine(x, labels, inv_norm, distance, margin, soft_margin, pos_index, p
         require_tensor(op, "kept", kept, (n,), x, F32)
 
 
-def _check_pair_grad(x, inv_norm, pos_index, pos_dist, neg_index, neg_dist, slope, weight, distance, grad_x,
-                     grad_inv_norm):
+def _check_pair_grad(x, inv_norm, pos_index, pos_dist, neg_index, neg_dist, slope, weight, distance, grad_x):
     op = "triplet_pair_grad"
     _check_rows(op, x, inv_norm)
     _check_distance(op, distance, inv_norm)
@@ -145,20 +144,15 @@ def _check_pair_grad(x, inv_norm, pos_index, pos_dist, neg_index, neg_dist, slop
     _check_mined(op, x, (pos_index, pos_dist, neg_index, neg_dist))
     require_tensor(op, "slope", slope, (n,), x, F32)
     require_tensor(op, "weight", weight, () if weight.dim() == 0 else (n,), x, F32)
-    _check_grads(op, x, inv_norm, grad_x, grad_inv_norm)
+    _check_grad_x(op, x, inv_norm, grad_x)
 
 
-def _check_grads(op, x, inv_norm, grad_x, grad_inv_norm):
+def _check_grad_x(op, x, inv_norm, grad_x):
     dtype = x.dtype if inv_norm is None else F32  # with inv_norm, a partial gradient kept in fp32
-    if grad_x is not None and (grad_x.shape != x.shape or grad_x.dtype != dtype or not grad_x.is_contiguous()
-                               or grad_x.device != x.device):
+    if grad_x.shape != x.shape or grad_x.dtype != dtype or not grad_x.is_contiguous() or grad_x.device != x.device:
         fail(op, f"grad_x must be contiguous, shaped like x {tuple(x.shape)}, {dtype} on {x.device}"
                  f"{'' if inv_norm is None else ' (with inv_norm)'}, got shape {tuple(grad_x.shape)}, dtype "
                  f"{grad_x.dtype} on {grad_x.device}")
-    if grad_inv_norm is not None:
-        if inv_norm is None:
-            fail(op, "grad_inv_norm needs inv_norm")
-        require_tensor(op, "grad_inv_norm", grad_inv_norm, (x.shape[0],), x, F32)
 
 
 def _check_row_norms(x, twice, inv_norm, radial):
@@ -168,11 +162,10 @@ def _check_row_norms(x, twice, inv_norm, radial):
     require_tensor(op, "radial", radial, (x.shape[0],), x, F32)
 
 
-def _check_finish(partial, grad_inv_norm, x, inv_norm, radial, grad_x):
+def _check_finish(partial, x, radial, grad_x):
     op = "triplet_finish_normalised"
-    _check_rows(op, x, inv_norm)
+    _check_rows(op, x, None)
     require_tensor(op, "partial", partial, tuple(x.shape), x, F32)
-    require_tensor(op, "grad_inv_norm", grad_inv_norm, (x.shape[0],), x, F32)
     require_tensor(op, "radial", radial, (x.shape[0],), x, F32)
     require_tensor(op, "grad_x", grad_x, tuple(x.shape), x, x.dtype)
 
@@ -182,7 +175,7 @@ ROW_NORMS = KernelOp("triplet_row_norms", "(Tensor x, bool twice, Tensor(a!) inv
                      check=_check_row_norms)
 FINISH = KernelOp(
     "triplet_finish_normalised",
-    "(Tensor partial, Tensor grad_inv_norm, Tensor x, Tensor inv_norm, Tensor radial, Tensor(a!) grad_x) -> ()",
+    "(Tensor partial, Tensor x, Tensor radial, Tensor(a!) grad_x) -> ()",
     check=_check_finish,
 )
 MINE = KernelOp(
@@ -195,7 +188,7 @@ MINE = KernelOp(
 PAIR_GRAD = KernelOp(
     "triplet_pair_grad",
     "(Tensor x, Tensor? inv_norm, Tensor pos_index, Tensor pos_dist, Tensor neg_index, Tensor neg_dist,"
-    " Tensor slope, Tensor weight, int distance, Tensor(a!)? grad_x, Tensor(b!)? grad_inv_norm) -> ()",
+    " Tensor slope, Tensor weight, int distance, Tensor(a!) grad_x) -> ()",
     check=_check_pair_grad,
 )
 
@@ -227,23 +220,21 @@ def row_norm_factors(backend, x: torch.Tensor, distance: int, normalize: bool):
     return out[0], out[1]
 
 
-def finish_normalised(backend, partial, grad_inv_norm, x, norm, grad_x):
+def finish_normalised(backend, partial, x, norm, grad_x):
     """grad_x (x's dtype) = the gradient w.r.t. x of a loss of the rows v = inv_norm * x, from the
-    kernels' fp32 partial = inv_norm * g and grad_inv_norm = x . g (the finishing op); grad_x may be
-    partial itself."""
-    FINISH[backend](partial, grad_inv_norm, x, norm[0], norm[1], grad_x)
+    kernels' fp32 partial = inv_norm * g (the finishing op); grad_x may be partial itself."""
+    FINISH[backend](partial, x, norm[1], grad_x)
 
 
 def _normalised_gradient(backend, x, norm, grad_x, write):
-    """write(inv_norm, grad_x, grad_inv_norm) runs a gradient kernel; through the normalisation where
-    there is one (finish_normalised)."""
+    """write(inv_norm, grad_x) runs a gradient kernel; through the normalisation where there is one
+    (finish_normalised)."""
     if norm[0] is None:
-        write(None, grad_x, None)
+        write(None, grad_x)
         return
     partial = grad_x if grad_x.dtype == F32 else torch.empty(x.shape, device=x.device, dtype=F32)
-    grad_inv_norm = torch.empty(x.shape[0], device=x.device, dtype=F32)
-    write(norm[0], partial, grad_inv_norm)
-    finish_normalised(backend, partial, grad_inv_norm, x, norm, grad_x)
+    write(norm[0], partial)
+    finish_normalised(backend, partial, x, norm, grad_x)
 
 
 def _kept_count(backend, labels):
@@ -269,9 +260,8 @@ def _mine(backend, x, labels, inv_norm, distance, margin=0.0, soft_margin=False,
 
 def _pair_gradient(backend, x, norm, saved, weight, distance, grad_x):
     """grad_x: the gradient of sum(weight * slope * (d_ap - d_an)) over the kept anchors."""
-    def write(inv_norm, out, grad_inv_norm):
-        PAIR_GRAD[backend](x, inv_norm, *saved, weight=weight, distance=distance, grad_x=out,
-                           grad_inv_norm=grad_inv_norm)
+    def write(inv_norm, out):
+        PAIR_GRAD[backend](x, inv_norm, *saved, weight=weight, distance=distance, grad_x=out)
 
     _normalised_gradient(backend, x, norm, grad_x, write)
 
@@ -545,9 +535,7 @@ class _RowGradient:
         if inv is None:
             grad_x.copy_(self.g)
             return
-        grad_inv_norm = torch.sum(x * self.g, dim=1)
-        finish_normalised(self.chunks.backend, self.g.mul_(inv[:, None]), grad_inv_norm, x, self.chunks.norm,
-                          grad_x)
+        finish_normalised(self.chunks.backend, self.g.mul_(inv[:, None]), x, self.chunks.norm, grad_x)
 
 
 def _rows_pass(backend, tensors, params, row_weight, grad_x):
@@ -594,13 +582,12 @@ def _rows_pass(backend, tensors, params, row_weight, grad_x):
 #   sum(row_weight * loss) through the negative pairs' distances, each pair seen from both its anchors
 #   (the column's positives from pos_dist), summed per row in one program. CUDA: x of at most
 #   cuda_batch_all_width(device, x.dtype) features only (S = POS_SLOTS), else ValueError naming x.
-# triplet_list_grad_<b>(x, inv_norm, grad_rows, offsets, others, coef, centered, grad_x, grad_inv_norm) -> ()
+# triplet_list_grad_<b>(x, inv_norm, grad_rows, offsets, others, coef, centered, grad_x) -> ()
 #   grad_rows None or (B, D) fp32; offsets (B + 1,) int64, non-decreasing, offsets[B] <= len(others): row
 #   r's list is entries offsets[r] .. offsets[r + 1] - 1 of others (int64, a row index; -1: skipped) and
 #   coef (fp32, of others' length). With g_r = grad_rows[r] (0 without) + the sum over r's list, in order,
 #   of coef * (centered * v_r - v_other) in fp32, writes grad_x[r] = inv_norm[r] * g_r (g_r without
-#   inv_norm) in x's dtype, fp32 with inv_norm (as triplet_pair_grad's), and grad_inv_norm[r] = x_r . g_r;
-#   either may be None. Deterministic.
+#   inv_norm) in x's dtype, fp32 with inv_norm (as triplet_pair_grad's). Deterministic.
 #
 # Both backends take this path for both minings, CUDA for rows as wide as its tiles take
 # (_takes_register_path).
@@ -661,7 +648,7 @@ def _check_batch_all_rows(x, labels, inv_norm, distance, margin, soft_margin, n_
         require_tensor(op, "grad_rows", grad_rows, tuple(x.shape), x, F32)
 
 
-def _check_list_grad(x, inv_norm, grad_rows, offsets, others, coef, centered, grad_x, grad_inv_norm):
+def _check_list_grad(x, inv_norm, grad_rows, offsets, others, coef, centered, grad_x):
     op = "triplet_list_grad"
     _check_rows(op, x, inv_norm)
     if grad_rows is not None:
@@ -670,7 +657,7 @@ def _check_list_grad(x, inv_norm, grad_rows, offsets, others, coef, centered, gr
     entries = others.shape[0] if others.dim() == 1 else -1
     require_tensor(op, "others", others, (entries,), x, I64)
     require_tensor(op, "coef", coef, (entries,), x, F32)
-    _check_grads(op, x, inv_norm, grad_x, grad_inv_norm)
+    _check_grad_x(op, x, inv_norm, grad_x)
     if _checks.eager_value_checks(offsets) and offsets.numel() > 1:  # they index others: where reading is free
         if bool((offsets[1:] < offsets[:-1]).any()) or int(offsets[0]) < 0 or int(offsets[-1]) > entries:
             fail(op, f"offsets must be non-decreasing within [0, {entries}]")
@@ -686,7 +673,7 @@ BATCH_ALL_ROWS = KernelOp(
 LIST_GRAD = KernelOp(
     "triplet_list_grad",
     "(Tensor x, Tensor? inv_norm, Tensor? grad_rows, Tensor offsets, Tensor others, Tensor coef, bool centered,"
-    " Tensor(a!)? grad_x, Tensor(b!)? grad_inv_norm) -> ()",
+    " Tensor(a!) grad_x) -> ()",
     check=_check_list_grad,
 )
 PAIR_DISTANCES.implement_triton(lambda *args: _triton().triplet_pair_distances(*args))
@@ -801,9 +788,9 @@ def _slot_gradient(backend, x, norm, anchors, mined, weight, distance, grad_x, p
     coef = coef[order] + poison
     offsets = torch.searchsorted(rows, torch.arange(n + 1, device=x.device))
 
-    def write(inv_norm, out, grad_inv_norm):
+    def write(inv_norm, out):
         LIST_GRAD[backend](x, inv_norm, None, offsets, others, coef, centered=distance != Distance.COSINE,
-                           grad_x=out, grad_inv_norm=grad_inv_norm)
+                           grad_x=out)
 
     _normalised_gradient(backend, x, norm, grad_x, write)
 
@@ -849,9 +836,9 @@ def _batch_all_slot_gradient(backend, tensors, params, slots, row_weight, grad_r
     coef = coef + (_nan_if_non_finite(x) + too_large)
     offsets = torch.arange(0, pos.numel() + 1, pos.shape[1], device=x.device)  # the slots as lists
 
-    def write(inv_norm, out, grad_inv_norm):
+    def write(inv_norm, out):
         LIST_GRAD[backend](x, inv_norm, grad_rows, offsets, pos.reshape(-1), coef.reshape(-1),
-                           centered=distance != Distance.COSINE, grad_x=out, grad_inv_norm=grad_inv_norm)
+                           centered=distance != Distance.COSINE, grad_x=out)
 
     _normalised_gradient(backend, x, tensors[2], grad_x, write)
 
