@@ -229,7 +229,7 @@ def test_mining_flags_the_kept_anchors(kernel_backend):
     labels = torch.cat([torch.arange(5), torch.randint(5, 9, (30,), generator=gen)])[torch.randperm(35, generator=gen)]
     x = torch.randn(35, 20, generator=gen).to(device)
     rows = torch.full((2, 35), -1.0, device=device)
-    ops._mine(kernel_backend, x, labels.to(device), None, Distance.EUCLIDEAN, 0.2, kept=rows)
+    ops._mine(kernel_backend, x, labels.to(device), None, Distance.EUCLIDEAN, 0.2, rows=rows)
     want = torch.empty(35, device=device)
     ops.KEPT[kernel_backend](labels.to(device), want)
     assert 0 < want.sum() < 35

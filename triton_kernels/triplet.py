@@ -16,7 +16,7 @@
 # per program from L2) and adds each hit's pair in anchor order (one read of the anchor's slice).
 # Deterministic (no atomics, a fixed order), nothing built or sorted beforehand.
 # The normalisation around every mining: the row norms (inv_norm and radial per row) and the
-# finishing pass (the gradient's radial part off, rounded once to x's dtype), elementwise.
+# finishing pass (the gradient's radial part off, rounded once to x's dtype; two passes per row).
 from __future__ import annotations
 
 import torch

@@ -76,7 +76,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..reference import triplet as ref
 from ..reference.triplet import Distance, Mining
 from ._chunks import chunk_rows, fp32_out_products
 from ._labels import class_sizes
@@ -245,16 +244,16 @@ def _kept_count(backend, labels):
     return kept.sum()
 
 
-def _mine(backend, x, labels, inv_norm, distance, margin=0.0, soft_margin=False, kept=None):
-    """(pos_index, pos_dist, neg_index, neg_dist, loss, slope) of the mining op's contract; loss may be
-    given (with kept: a (2, B) buffer's rows, summed in one launch)."""
+def _mine(backend, x, labels, inv_norm, distance, margin=0.0, soft_margin=False, rows=None):
+    """(pos_index, pos_dist, neg_index, neg_dist, loss, slope) of the mining op's contract; with rows, a
+    (2, B) fp32 buffer, the losses go to rows[0] and the kept flags to rows[1] (one sum for both)."""
     n = x.shape[0]
-    loss = torch.empty(n, device=x.device, dtype=F32) if kept is None else kept[0]
+    loss = torch.empty(n, device=x.device, dtype=F32) if rows is None else rows[0]
     out = tuple(torch.empty(n, device=x.device, dtype=dtype) for dtype in (I64, F32, I64, F32)) + \
         (loss, torch.empty(n, device=x.device, dtype=F32))
     MINE[backend](x, labels, inv_norm, distance=distance, margin=margin, soft_margin=soft_margin, pos_index=out[0],
                   pos_dist=out[1], neg_index=out[2], neg_dist=out[3], loss=out[4], slope=out[5],
-                  kept=None if kept is None else kept[1])
+                  kept=None if rows is None else rows[1])
     return out
 
 
@@ -283,7 +282,7 @@ def _counted_mean(backend, tensors, params, grads):
     norm = row_norm_factors(backend, x, params.distance, params.normalize)
     rows = torch.empty((2, x.shape[0]), device=x.device, dtype=F32)  # the losses, the kept flags
     *mined, _, slope = _mine(backend, x, labels, norm[0], params.distance, params.margin, params.soft_margin,
-                             kept=rows)
+                             rows=rows)
     sums = rows.sum(dim=1)
     total, divisor = sums[0], sums[1]
     # 'mean' of nothing: the factor is inf, every weight 0 (no anchor is kept)
