@@ -21,8 +21,8 @@ MININGS = ("batch_hard", "semi_hard", "batch_all")
 ONLY_OURS = 1 << 16  # from this batch size on, only the kernels run (and the chunked reference checks them)
 
 
-def _opts(mining):
-    return {"margin": 0.2, "mining": mining, "distance": "euclidean", "reduction": "mean",
+def _opts(mining, distance="euclidean"):
+    return {"margin": 0.2, "mining": mining, "distance": distance, "reduction": "mean",
             "max_class_size": PER_CLASS}
 
 
@@ -33,6 +33,8 @@ def cases(profile: str) -> list[Case]:
         return [Case(m, (1024, 64), torch.float32, "fwd+bwd", _opts(m)) for m in MININGS]
     sizes = (8192,) if profile.endswith("quick") else (8192, 32768)
     out = [Case(m, (b, D), torch.bfloat16, "fwd+bwd", _opts(m)) for b in sizes for m in MININGS]
+    # the normalisation's two ops around the mining (10 launches per fwd+bwd) at the small-batch target
+    out.append(Case("batch_hard cosine", (8192, D), torch.bfloat16, "fwd+bwd", _opts("batch_hard", "cosine")))
     if not profile.endswith("quick"):
         # fp16 batch_all: CUDA's tiles scale each row's coefficients (bf16 needs no scaling)
         out.append(Case("batch_all fp16", (32768, D), torch.float16, "fwd+bwd", _opts("batch_all")))
@@ -123,14 +125,23 @@ def reference(case, inputs):
 def _metric_learning(settings) -> Provider | str:
     miners = imported("pytorch_metric_learning.miners", "BatchHardMiner", settings)
     losses = imported("pytorch_metric_learning.losses", "TripletMarginLoss", settings)
-    if isinstance(miners, str) or isinstance(losses, str):
-        return miners if isinstance(miners, str) else losses
+    cosine = imported("pytorch_metric_learning.distances", "CosineSimilarity", settings)
+    lp = imported("pytorch_metric_learning.distances", "LpDistance", settings)
+    for found in (miners, losses, cosine, lp):
+        if isinstance(found, str):
+            return found
 
     def bind(case):
         _options(case)
         if case.options["mining"] != "batch_hard":
             raise Unsupported("its semi-hard and all-triplet miners follow other rules")
-        miner, loss = miners(), losses(margin=case.options["margin"])  # its default distance: Euclidean
+        distance = case.options["distance"]
+        if distance == "squared_euclidean":
+            raise Unsupported("no squared Euclidean distance")
+        # ours, as its distances: its default normalises the rows first (the Euclidean distance of unit
+        # rows); with cosine similarities its margin works on 1 - cos, as ours does
+        picked = {"distance": cosine() if distance == "cosine" else lp(normalize_embeddings=False)}
+        miner, loss = miners(**picked), losses(margin=case.options["margin"], **picked)
         return lambda inputs: loss(inputs["input"].float(), inputs["target"],
                                    miner(inputs["input"].float(), inputs["target"]))
 

@@ -157,6 +157,22 @@ def test_bytes_models_and_gpu_cases_follow_the_plan():
     assert sigmoid_focal.bytes_model(sf[0])[0] == 3 * 2 * 262144 * 80
 
 
+@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+def test_the_metric_learning_yardstick_computes_our_loss(distance):
+    """pytorch-metric-learning's batch-hard miner and triplet loss as the triplet suite binds them give
+    the reference's loss: its default distance normalises the rows first, which is another loss."""
+    pytest.importorskip("pytorch_metric_learning")
+    from bench import triplet
+
+    provider = triplet._metric_learning(_settings())
+    assert isinstance(provider, harness.Provider), provider
+    case = harness.Case("batch_hard", (96, 16), torch.float32, "fwd+bwd", triplet._opts("batch_hard", distance))
+    x = torch.randn(96, 16, generator=torch.Generator().manual_seed(0))
+    inputs = {"input": x, "target": torch.arange(96) // triplet.PER_CLASS}
+    got = provider.bind(case)(inputs)
+    torch.testing.assert_close(got, triplet.reference(case, inputs), rtol=1e-5, atol=1e-6)
+
+
 def test_row_plan_sweep_says_what_it_needs_without_a_gpu(capsys):
     from bench import sweep_rows
 
