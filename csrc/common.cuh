@@ -21,6 +21,26 @@ namespace lossforge {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kWarpSize = 32;
 constexpr int kMaxThreads = 1024;
+constexpr float kNormEps = 1e-12f;  // the normalisation's floor on |x| (F.normalize's eps in the references)
+
+// max(v, eps) that keeps a NaN, as torch's clamp_min.
+__device__ __forceinline__ float at_least_norm_eps(float v) { return v < kNormEps ? kNormEps : v; }
+
+// The normalisation's factors of a row of norm n (every family's inverse-norm kernel): inv = 1 / max(n,
+// eps), and radial = inv where the clamp is off, else 0 (inv is then constant: no radial gradient).
+// kTwice, rows normalised twice (triplet cosine with normalize): with u = n inv the once-normalised
+// row's norm, inv = (1 / max(n, eps)) / max(u, eps), radial = 1 / n where u >= eps, else 0. A NaN n
+// gives NaN in both.
+template <bool kTwice = false>
+__device__ __forceinline__ void norm_factors(float n, float& inv, float& radial) {
+  inv = 1.f / at_least_norm_eps(n);
+  radial = n < kNormEps ? 0.f : inv;
+  if constexpr (kTwice) {
+    const float u = n * inv;
+    inv = inv / at_least_norm_eps(u);
+    radial = u < kNormEps ? 0.f : 1.f / n;
+  }
+}
 
 // How one element type is stored and converted. All arithmetic is in float.
 template <typename T>

@@ -69,7 +69,6 @@ namespace contrastive {
 
 constexpr int kThreads = 256;
 constexpr int kUnroll = 4;  // loads in flight per thread in the row loops
-constexpr float kNormEps = 1e-12f;
 
 template <bool kNorm>
 __device__ __forceinline__ float inv_norm_at(const float* inv, int64_t i) {
@@ -157,10 +156,10 @@ __global__ void __launch_bounds__(kThreads) inv_norm_kernel(const T* x, int64_t 
     }
     ss = warp_sum(ss);
     if (lane == 0) {
-      const float norm = sqrtf(ss);
-      const float r = 1.f / fmaxf(norm, kNormEps);
+      float r, radial;
+      norm_factors(sqrtf(ss), r, radial);
       inv[row] = r;
-      if (proj != nullptr) proj[row] = norm >= kNormEps ? r * r : 0.f;  // clamped rows: d r / d x = 0
+      if (proj != nullptr) proj[row] = radial * radial;  // r^2, 0 for clamped rows: d r / d x = 0
     }
   }
 }

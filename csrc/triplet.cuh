@@ -77,13 +77,9 @@ __global__ void __launch_bounds__(kNormRowsPerBlock * kWarpSize)
 
 // ---- the normalisation around every mining (ops/triplet.py's row-norm and finishing ops) ----
 
-constexpr float kNormEps = 1e-12f;  // reference/triplet.py's NORM_EPS
 constexpr int kFinishThreads = 256;
 
-// max(v, eps) that keeps a NaN, as torch's clamp_min.
-__device__ __forceinline__ float at_least_norm_eps(float v) { return v < kNormEps ? kNormEps : v; }
-
-// inv_norm and radial per row, one warp per row; kTwice: of the normalised rows normalised again.
+// inv_norm and radial per row (common.cuh's norm_factors), one warp per row.
 template <typename T, bool kTwice>
 __global__ void __launch_bounds__(kNormRowsPerBlock * kWarpSize)
     row_norms_kernel(const T* __restrict__ x, float* __restrict__ inv_norm, float* __restrict__ radial, int64_t n,
@@ -97,14 +93,8 @@ __global__ void __launch_bounds__(kNormRowsPerBlock * kWarpSize)
   }
   acc = warp_sum(acc);
   if (threadIdx.x % kWarpSize != 0) return;
-  const float norm = sqrtf(acc);
-  float inv = 1.f / at_least_norm_eps(norm);
-  float rad = norm < kNormEps ? 0.f : inv;
-  if constexpr (kTwice) {  // the rows' norm is now 1, or |x| / eps where the first clamp held
-    const float unit = norm * inv;
-    inv = inv / at_least_norm_eps(unit);
-    rad = unit < kNormEps ? 0.f : 1.f / norm;
-  }
+  float inv, rad;
+  norm_factors<kTwice>(sqrtf(acc), inv, rad);
   inv_norm[row] = inv;
   radial[row] = rad;
 }

@@ -32,8 +32,10 @@ def _scalar(value, learn, device):
 
 
 def _tol(opts, shape):
-    # the learnable scalars' gradients are judged against their terms' magnitudes (Sample.terms)
-    return 2e-5
+    # The learnable scalars' gradients are judged against their terms' magnitudes (Sample.terms). With
+    # one row every gradient is a difference of nearly equal numbers (symmetric: P = 1, so all are 0 and
+    # the error is absolute): fp32's P - 1 leaves them a few 1e-5 off.
+    return 1e-4 if shape[0] == 1 else 2e-5
 
 
 def _per_pair(ts, names):

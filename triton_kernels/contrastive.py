@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from . import interpreting
-from .math import as_operand, operand_rounding
+from .math import as_operand, norm_factors, operand_rounding
 from .row_softmax import NEG_INF as _NEG_INF_VALUE, finish_lse, fold_tile_lse, merge_lse, softplus
 
 NEG_INF = tl.constexpr(_NEG_INF_VALUE)  # jit code may only read constexpr globals
@@ -44,7 +44,6 @@ NEG_INF = tl.constexpr(_NEG_INF_VALUE)  # jit code may only read constexpr globa
 INFO_NCE = tl.constexpr(0)
 SUPCON = tl.constexpr(1)
 SIGLIP = tl.constexpr(2)
-NORM_EPS = tl.constexpr(1e-12)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,18 +210,17 @@ def _pair_grad(z, same, valid, positive, g_i, lse_i, aux_i, g_j, lse_j, aux_j, K
 @triton.jit
 def _inv_norm_kernel(x_ptr, out_ptr, N, D_UNITS, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                      D_MULTIPLE: tl.constexpr):
-    """out[0] = 1 / max(|x_i|, 1e-12), out[1] = the same where |x_i| >= 1e-12, else 0."""
+    """out[0] = 1 / max(|x_i|, 1e-12), out[1] = the same where |x_i| >= 1e-12, else 0 (norm_factors)."""
     D = D_UNITS * D_MULTIPLE  # vector loads at widths of 8 mod 16 too (row_multiple)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     sq = tl.zeros([BLOCK_R], tl.float32)
     for d0 in range(0, D, BLOCK_C):
         x = _load_tile(x_ptr, rows, N, d0 + tl.arange(0, BLOCK_C), D, True)
         sq += tl.sum(x * x, axis=1)
-    norm = tl.sqrt_rn(sq)
-    r = 1.0 / tl.maximum(norm, NORM_EPS)
+    r, radial = norm_factors(tl.sqrt_rn(sq), False)
     mask = rows < N
     tl.store(out_ptr + rows, r, mask=mask)
-    tl.store(out_ptr + N + rows, tl.where(norm >= NORM_EPS, r, 0.0), mask=mask)
+    tl.store(out_ptr + N + rows, radial, mask=mask)
 
 
 @triton.jit

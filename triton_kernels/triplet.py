@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from . import interpreting
-from .math import as_operand, operand_rounding
+from .math import as_operand, norm_factors, operand_rounding
 from .row_softmax import softplus
 
 # The `distance` and `mining` values of the contract (reference/triplet.py: Distance, Mining;
@@ -39,7 +39,6 @@ NO_INDEX = tl.constexpr(2147483647)  # jit code may read only constexpr globals
 # A Euclidean distance at most this had its Gram clamp active: no gradient (ops/triplet.py's CLAMPED_EUCLIDEAN).
 CLAMPED_EUCLIDEAN = tl.constexpr(1.000001e-6)
 EUCLIDEAN_EPS = tl.constexpr(1e-12)
-NORM_EPS = tl.constexpr(1e-12)  # the normalisation's floor on |x| (reference/triplet.py's NORM_EPS)
 
 
 @triton.jit
@@ -342,8 +341,8 @@ def triplet_mine(x, labels, inv_norm, distance, margin, soft_margin, pos_index, 
     _mine_kernel[(triton.cdiv(n, bm),)](
         x, labels, sq, inv_norm if has_inv_norm else sq, pos_index, pos_dist, neg_index, neg_dist, loss, slope,
         loss if kept is None else kept, n, d_arg, float(margin), DISTANCE=distance, HAS_INV_NORM=has_inv_norm,
-        SOFT=bool(soft_margin), HAS_KEPT=kept is not None, DOT_F32=upcast, PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, D_IN_EIGHTS=in_eights,
-        num_warps=warps, num_stages=stages)
+        SOFT=bool(soft_margin), HAS_KEPT=kept is not None, DOT_F32=upcast, PRECISION=precision, BLOCK_M=bm,
+        BLOCK_N=bn, BLOCK_K=bk, D_IN_EIGHTS=in_eights, num_warps=warps, num_stages=stages)
 
 
 def triplet_pair_grad(x, inv_norm, pos_index, pos_dist, neg_index, neg_dist, slope, weight, distance, grad_x):
@@ -361,11 +360,6 @@ def triplet_pair_grad(x, inv_norm, pos_index, pos_dist, neg_index, neg_dist, slo
 
 
 @triton.jit
-def _at_least_norm_eps(v):
-    return tl.where(v < NORM_EPS, NORM_EPS, v)  # max(v, eps) that keeps a NaN, as torch's clamp_min
-
-
-@triton.jit
 def _row_norms_kernel(x_ptr, inv_ptr, radial_ptr, B, D, TWICE: tl.constexpr, BLOCK_R: tl.constexpr,
                       BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -376,13 +370,7 @@ def _row_norms_kernel(x_ptr, inv_ptr, radial_ptr, B, D, TWICE: tl.constexpr, BLO
         v = tl.load(x_ptr + rows.to(tl.int64)[:, None] * D + ks[None, :], mask=rmask[:, None] & (ks < D)[None, :],
                     other=0.0).to(tl.float32)
         sq += tl.sum(v * v, axis=1)
-    norm = tl.sqrt_rn(sq)
-    inv = tl.div_rn(1.0, _at_least_norm_eps(norm))
-    radial = tl.where(norm < NORM_EPS, 0.0, inv)
-    if TWICE:  # normalised again: the rows' norm is now 1, or |x| / eps where the first clamp held
-        unit = norm * inv
-        inv = tl.div_rn(inv, _at_least_norm_eps(unit))
-        radial = tl.where(unit < NORM_EPS, 0.0, tl.div_rn(1.0, norm))
+    inv, radial = norm_factors(tl.sqrt_rn(sq), TWICE)
     tl.store(inv_ptr + rows, inv, mask=rmask)
     tl.store(radial_ptr + rows, radial, mask=rmask)
 
