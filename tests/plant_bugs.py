@@ -32,6 +32,11 @@ BUGS = [
     ("wrong row stride (logits rows taken as contiguous)", "cross_entropy.cu",
      "a.sx = logits.stride(0);", "a.sx = logits.size(1);",
      "tests/test_cross_entropy_kernels.py tests/test_cross_entropy_gpu.py"),
+    ("kept flag from the positive alone (triplet mining)", "triplet.cuh",
+     "a.kept[g] = kept ? 1.f : 0.f;", "a.kept[g] = p.found() ? 1.f : 0.f;", "tests/test_triplet_kernels.py"),
+    ("radial part added, not taken off (triplet finish)", "triplet.cuh",
+     "p[k] - along * (load_elem(xr + k) * r)", "p[k] + along * (load_elem(xr + k) * r)",
+     "tests/test_triplet_kernels.py"),
 ]
 
 

@@ -204,7 +204,7 @@ def test_the_gradient_through_the_normalisation_is_autograds(kernel_backend, twi
 def test_normalised_launches(kernel_backend, monkeypatch, distance, normalize):
     """A fused 'mean' fwd+bwd through the normalisation is 9 launches: the row-norm op and the finishing op
     around SPEC's 7 (was 18 for cosine, 22 for cosine with normalize: the norms and the finish in torch).
-    At 100 features: Triton's pair gradient takes two feature slices."""
+    At 100 features, where Triton's pair gradient takes two feature slices: no sum of per-slice parts."""
     monkeypatch.setattr("lossforge_kernels._checks.eager_value_checks", lambda t: False)
     device = device_for(kernel_backend)
     gen = torch.Generator().manual_seed(3)
@@ -222,18 +222,20 @@ def test_normalised_launches(kernel_backend, monkeypatch, distance, normalize):
 
 
 def test_mining_flags_the_kept_anchors(kernel_backend):
-    """The mining's kept flags: 1 exactly for an anchor whose class has 2 to B - 1 members, as the
-    kept-anchor op gives them."""
+    """The mining's kept flags: 1 exactly for an anchor with a positive and a negative, as the
+    kept-anchor op gives them: singletons beside classes (no positive), one class (no negative), and
+    singletons only."""
     device = device_for(kernel_backend)
     gen = torch.Generator().manual_seed(4)
-    labels = torch.cat([torch.arange(5), torch.randint(5, 9, (30,), generator=gen)])[torch.randperm(35, generator=gen)]
     x = torch.randn(35, 20, generator=gen).to(device)
-    rows = torch.full((2, 35), -1.0, device=device)
-    ops._mine(kernel_backend, x, labels.to(device), None, Distance.EUCLIDEAN, 0.2, rows=rows)
-    want = torch.empty(35, device=device)
-    ops.KEPT[kernel_backend](labels.to(device), want)
-    assert 0 < want.sum() < 35
-    assert torch.equal(rows[1], want), (rows[1], want)
+    mixed = torch.cat([torch.arange(5), torch.randint(5, 9, (30,), generator=gen)])[torch.randperm(35, generator=gen)]
+    for labels, kept in ((mixed, 30), (torch.full((35,), 3), 0), (torch.arange(35), 0)):
+        rows = torch.full((2, 35), -1.0, device=device)
+        ops._mine(kernel_backend, x, labels.to(device), None, Distance.EUCLIDEAN, 0.2, rows=rows)
+        want = torch.empty(35, device=device)
+        ops.KEPT[kernel_backend](labels.to(device), want)
+        assert want.sum() == kept
+        assert torch.equal(rows[1], want), (labels, rows[1], want)
 
 
 def _reference_choice(x, labels, distance, normalize):
