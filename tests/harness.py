@@ -6,7 +6,8 @@ module-level names, e.g. `test_matches_reference = harness.matches_reference(SPE
 test runs on every kernel backend available here (`kernel_backend`) or on every backend
 (`any_backend`), against the float64 reference on the same (rounded) inputs, and can fail:
 
-- matches_reference: every option x reduction x shape in fp32, loss and every gradient
+- matches_reference: every option x reduction x shape in fp32, loss and every gradient (a learnable
+  scalar's against the sum of its terms' magnitudes, where the sample gives its terms: Sample.terms)
 - matches_reference_half: bf16/fp16 at the output rounding's tolerance
 - launches: one eager 'mean' fwd+bwd runs the kernel once, few other launches, nothing that
   reads a device value back to the host
