@@ -36,7 +36,8 @@ import triton
 import triton.language as tl
 
 from . import interpreting
-from .math import as_operand, norm_factors, operand_rounding
+from .math import as_operand, operand_rounding
+from .norms import row_multiple, row_norms
 from .row_softmax import NEG_INF as _NEG_INF_VALUE, finish_lse, fold_tile_lse, merge_lse, softplus
 
 NEG_INF = tl.constexpr(_NEG_INF_VALUE)  # jit code may only read constexpr globals
@@ -206,22 +207,6 @@ def _pair_grad(z, same, valid, positive, g_i, lse_i, aux_i, g_j, lse_j, aux_j, K
 
 
 # ---- kernels ---------------------------------------------------------------------------------------
-
-@triton.jit
-def _inv_norm_kernel(x_ptr, out_ptr, N, D_UNITS, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                     D_MULTIPLE: tl.constexpr):
-    """out[0] = 1 / max(|x_i|, 1e-12), out[1] = the same where |x_i| >= 1e-12, else 0 (norm_factors)."""
-    D = D_UNITS * D_MULTIPLE  # vector loads at widths of 8 mod 16 too (row_multiple)
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    sq = tl.zeros([BLOCK_R], tl.float32)
-    for d0 in range(0, D, BLOCK_C):
-        x = _load_tile(x_ptr, rows, N, d0 + tl.arange(0, BLOCK_C), D, True)
-        sq += tl.sum(x * x, axis=1)
-    r, radial = norm_factors(tl.sqrt_rn(sq), False)
-    mask = rows < N
-    tl.store(out_ptr + rows, r, mask=mask)
-    tl.store(out_ptr + N + rows, radial, mask=mask)
-
 
 @triton.jit
 def _fwd_sweep(own_ptr, r_own_ptr, n_own, other_ptr, r_other_ptr, n_other, labels_ptr, logit_scale, logit_bias,
@@ -501,13 +486,8 @@ def _inverse_norms(x: torch.Tensor, normalize: bool, dummy: torch.Tensor) -> tor
     """The (2, rows) inverse-norm buffer of x, or a placeholder that is never read."""
     if not normalize or x.shape[0] == 0:
         return dummy
-    n, d = x.shape
-    out = torch.empty(2, n, dtype=torch.float32, device=x.device)
-    block_r = 16 if interpreting() else 32
-    block_c = min(triton.next_power_of_2(max(d, 1)), 128 if interpreting() else 256)
-    multiple = row_multiple(d)
-    _inv_norm_kernel[(triton.cdiv(n, block_r),)](x, out, n, d // multiple, BLOCK_R=block_r, BLOCK_C=max(block_c, 16),
-                                                 D_MULTIPLE=multiple)
+    out = torch.empty(2, x.shape[0], dtype=torch.float32, device=x.device)
+    row_norms(x, False, out[0], out[1])
     return out
 
 
@@ -550,13 +530,6 @@ def _joint_stats(query, key, logit_scale, loss, stats, rq, rk, normalize, t, mod
     block = 1024
     _joint_stats_merge_kernel[(triton.cdiv(b, block),)](row_part, col_part, loss, stats, b, n_row_parts, n_col_parts,
                                                         BLOCK=block)
-
-
-def row_multiple(d: int) -> int:
-    """The largest of 16, 8, 4, 2, 1 dividing the row length D. Kernels take D as D_UNITS * D_MULTIPLE:
-    Triton proves aligned rows (vector and asynchronous copies) only for integer arguments it sees as
-    multiples of 16, though 8 suffices for 16-byte half rows (D = 520, 600)."""
-    return next(m for m in (16, 8, 4, 2, 1) if d % m == 0)
 
 
 def _setup(query, key, kind, normalize, placeholder):

@@ -12,29 +12,6 @@ def log1p(u):
     return tl.where(d == 0.0, u, tl.log(v) * (u / tl.where(d == 0.0, 1.0, d)))
 
 
-NORM_EPS = tl.constexpr(1e-12)  # the normalisation's floor on |x| (F.normalize's eps in the references)
-
-
-@triton.jit
-def _at_least_norm_eps(v):
-    return tl.where(v < NORM_EPS, NORM_EPS, v)  # max(v, eps) that keeps a NaN, as torch's clamp_min
-
-
-@triton.jit
-def norm_factors(n, TWICE: tl.constexpr):
-    """(inv, radial) of rows of norm n (every family's inverse-norm kernel): inv = 1 / max(n, eps), and
-    radial = inv where the clamp is off, else 0 (inv is then constant: no radial gradient). TWICE, rows
-    normalised twice (triplet cosine with normalize): with u = n inv the once-normalised row's norm,
-    inv = (1 / max(n, eps)) / max(u, eps), radial = 1 / n where u >= eps, else 0. NaN n: NaN in both."""
-    inv = tl.div_rn(1.0, _at_least_norm_eps(n))
-    radial = tl.where(n < NORM_EPS, 0.0, inv)
-    if TWICE:
-        u = n * inv
-        inv = tl.div_rn(inv, _at_least_norm_eps(u))
-        radial = tl.where(u < NORM_EPS, 0.0, tl.div_rn(1.0, tl.where(n == 0.0, 1.0, n)))  # (no 1 / 0 computed)
-    return inv, radial
-
-
 @triton.jit
 def tanh_and_slope(z):
     """tanh(z) and 1 - tanh(z)^2, both to fp32 precision (tl has no portable tanh).

@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from . import interpreting
-from .math import as_operand, norm_factors, operand_rounding
+from .math import as_operand, operand_rounding
+from .norms import row_norms
 from .row_softmax import softplus
 
 # The `distance` and `mining` values of the contract (reference/triplet.py: Distance, Mining;
@@ -359,29 +360,7 @@ def triplet_pair_grad(x, inv_norm, pos_index, pos_dist, neg_index, neg_dist, slo
         BLOCK_D=block_d, BLOCK_A=32 if interpreting() else 256, num_warps=4)
 
 
-@triton.jit
-def _row_norms_kernel(x_ptr, inv_ptr, radial_ptr, B, D, TWICE: tl.constexpr, BLOCK_R: tl.constexpr,
-                      BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < B
-    sq = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for k in range(0, D, BLOCK_D):
-        ks = k + tl.arange(0, BLOCK_D)
-        v = tl.load(x_ptr + rows.to(tl.int64)[:, None] * D + ks[None, :], mask=rmask[:, None] & (ks < D)[None, :],
-                    other=0.0).to(tl.float32)
-        sq += tl.sum(v * v, axis=1)
-    inv, radial = norm_factors(tl.sqrt_rn(sq), TWICE)
-    tl.store(inv_ptr + rows, inv, mask=rmask)
-    tl.store(radial_ptr + rows, radial, mask=rmask)
-
-
-def triplet_row_norms(x, twice, inv_norm, radial):
-    """The row-norm op (contract: lossforge_kernels/ops/triplet.py, checked there)."""
-    n, d = x.shape
-    if n == 0:
-        return
-    _row_norms_kernel[(triton.cdiv(n, 16),)](x, inv_norm, radial, n, d, TWICE=bool(twice), BLOCK_R=16,
-                                             BLOCK_D=min(triton.next_power_of_2(max(d, 1)), 256), num_warps=4)
+triplet_row_norms = row_norms  # the row-norm op (contract: ops/triplet.py, checked there), shared with contrastive
 
 
 @triton.jit
